@@ -1,0 +1,245 @@
+"""msgpack codec for ``protocol.messages``.
+
+``encode(msg) -> list[bytes]`` and ``decode(frames) -> message``. Frame 0 is a msgpack
+array ``[PROTOCOL_VERSION, TYPE, *fields]``; a message class with a ``BLOB`` field sends
+that field as frame 1 (no copy through msgpack).
+
+Rule: ``decode`` of *any* input either returns a valid message or raises
+``RemoteProtocolError``; nothing else escapes (a hypothesis test holds us to it).
+Field checks are compiled once per class from its type hints, so a field of the wrong
+type is refused at the boundary and the cores can trust what they receive.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import msgpack
+
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.messages import (
+    ALL_MESSAGE_TYPES,
+    DATA_REQUEST_TYPES,
+    PROTOCOL_VERSION,
+    Entry,
+    GetRequest,
+    Message,
+)
+
+#: Bounds on what a single header may contain, so a hostile frame cannot make us
+#: allocate without limit while decoding (values travel in the BLOB frame).
+HEADER_BYTES_MAX = 64 * 1024 * 1024
+_UNPACK_LIMITS = dict(
+    max_bin_len=HEADER_BYTES_MAX,
+    max_str_len=1024 * 1024,
+    max_array_len=1_000_000,
+    max_map_len=100_000,
+    max_ext_len=0,
+)
+
+Check = Callable[[Any], Any]
+
+
+def _check_int(v: Any) -> int:
+    if type(v) is not int:
+        raise RemoteProtocolError(f"expected int, got {type(v).__name__}")
+    return v
+
+
+def _check_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise RemoteProtocolError(f"expected bool, got {type(v).__name__}")
+    return v
+
+
+def _check_bytes(v: Any) -> bytes:
+    if type(v) is not bytes:
+        raise RemoteProtocolError(f"expected bytes, got {type(v).__name__}")
+    return v
+
+
+def _check_str(v: Any) -> str:
+    if type(v) is not str:
+        raise RemoteProtocolError(f"expected str, got {type(v).__name__}")
+    return v
+
+
+def _check_dict(v: Any) -> dict[str, Any]:
+    if type(v) is not dict or any(type(k) is not str for k in v):
+        raise RemoteProtocolError("expected a map with str keys")
+    return v
+
+
+def _check_entry(v: Any) -> Entry:
+    if type(v) is not list or len(v) != 3:
+        raise RemoteProtocolError("expected an entry [term, index, data]")
+    return Entry(_check_int(v[0]), _check_int(v[1]), _check_bytes(v[2]))
+
+
+def _enum_check(cls: type[enum.IntEnum]) -> Check:
+    def check(v: Any) -> enum.IntEnum:
+        try:
+            return cls(_check_int(v))
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad {cls.__name__} value {v!r}") from exc
+
+    return check
+
+
+def _tuple_check(item: Check) -> Check:
+    def check(v: Any) -> tuple[Any, ...]:
+        if type(v) is not list:
+            raise RemoteProtocolError(f"expected array, got {type(v).__name__}")
+        return tuple(item(x) for x in v)
+
+    return check
+
+
+_SCALAR_CHECKS: dict[Any, Check] = {
+    int: _check_int,
+    bool: _check_bool,
+    bytes: _check_bytes,
+    str: _check_str,
+    Entry: _check_entry,
+}
+
+
+def _check_for(hint: Any) -> Check:
+    if hint in _SCALAR_CHECKS:
+        return _SCALAR_CHECKS[hint]
+    if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
+        return _enum_check(hint)
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        return _check_dict
+    if origin is tuple:
+        return _tuple_check(_check_for(typing.get_args(hint)[0]))
+    if origin is types.UnionType:  # pragma: no cover - no optional fields today
+        raise TypeError(f"unions are not supported on the wire: {hint}")
+    raise TypeError(f"no wire check for {hint!r}")
+
+
+class _Schema:
+    """What the codec needs to know of one message class, computed once."""
+
+    __slots__ = ("cls", "names", "checks", "blob", "min_fields")
+
+    def __init__(self, cls: type) -> None:
+        hints = typing.get_type_hints(cls)
+        blob = getattr(cls, "BLOB", None)
+        flds = [f for f in fields(cls) if f.name != blob]
+        self.cls = cls
+        self.names = tuple(f.name for f in flds)
+        self.checks = tuple(_check_for(hints[f.name]) for f in flds)
+        self.blob: str | None = blob
+        # Trailing fields with defaults may be omitted by an older sender.
+        required = [
+            f for f in flds if f.default is f.default_factory  # both MISSING
+        ]
+        self.min_fields = len(required)
+
+
+_SCHEMAS: dict[int, _Schema] = {}
+for _cls in ALL_MESSAGE_TYPES:
+    _code = _cls.TYPE  # type: ignore[attr-defined]
+    assert _code not in _SCHEMAS, f"duplicate message type {_code}"
+    _SCHEMAS[_code] = _Schema(_cls)
+
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def _wire_value(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_wire_value(x) for x in v]
+    if isinstance(v, Entry):
+        return [v.term, v.index, v.data]
+    return v
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames for ``msg``. Raises ``LocalProtocolError`` if it cannot be encoded."""
+    try:
+        schema = _SCHEMAS[msg.TYPE]
+    except (AttributeError, KeyError) as exc:
+        raise LocalProtocolError(f"not a zkv message: {msg!r}") from exc
+    header = [PROTOCOL_VERSION, schema.cls.TYPE]  # type: ignore[attr-defined]
+    header.extend(_wire_value(getattr(msg, name)) for name in schema.names)
+    try:
+        head = _pack(header)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+    if schema.blob is None:
+        return [head]
+    blob = getattr(msg, schema.blob)
+    if type(blob) is not bytes:
+        raise LocalProtocolError(f"{type(msg).__name__}.{schema.blob} must be bytes")
+    return [head, blob]
+
+
+def _unpack_header(frame: bytes) -> list[Any]:
+    if type(frame) is not bytes:
+        raise RemoteProtocolError("frame is not bytes")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises many types on garbage; all mean "bad input"
+        raise RemoteProtocolError(f"undecodable header: {exc.__class__.__name__}") from exc
+    if type(header) is not list or len(header) < 2:
+        raise RemoteProtocolError("header is not [version, type, ...]")
+    if header[0] != PROTOCOL_VERSION or type(header[0]) is not int:
+        raise RemoteProtocolError(f"unsupported protocol version {header[0]!r}")
+    return header
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse frames into a message; any defect raises ``RemoteProtocolError``."""
+    if not frames:
+        raise RemoteProtocolError("no frames")
+    header = _unpack_header(frames[0])
+    schema = _SCHEMAS.get(header[1]) if type(header[1]) is int else None
+    if schema is None:
+        raise RemoteProtocolError(f"unknown message type {header[1]!r}")
+    values = header[2:]
+    if not schema.min_fields <= len(values) <= len(schema.names):
+        raise RemoteProtocolError(f"{schema.cls.__name__}: wrong number of fields")
+    expected_frames = 1 if schema.blob is None else 2
+    if len(frames) != expected_frames:
+        raise RemoteProtocolError(f"{schema.cls.__name__}: expected {expected_frames} frames")
+    kwargs = {name: check(v) for name, check, v in zip(schema.names, schema.checks, values)}
+    if schema.blob is not None:
+        kwargs[schema.blob] = _check_bytes(frames[1])
+    try:
+        return schema.cls(**kwargs)  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:  # pragma: no cover - checks above should catch
+        raise RemoteProtocolError(f"{schema.cls.__name__}: {exc}") from exc
+
+
+def route_fields(header: bytes) -> tuple[int, bytes, int]:
+    """The broker's fast path: ``(type, key, consistency)`` from a data request header
+    without building the message. Non-data requests return ``(type, b"", 0)``."""
+    values = _unpack_header(header)
+    kind = values[1]
+    if kind not in DATA_REQUEST_TYPES:
+        if type(kind) is not int:
+            raise RemoteProtocolError("message type is not an int")
+        return kind, b"", 0
+    if len(values) < 5 or type(values[4]) is not bytes:
+        raise RemoteProtocolError("data request without a key")
+    consistency = 0
+    if kind == GetRequest.TYPE and len(values) > 5:
+        consistency = values[5] if type(values[5]) is int else 0
+    return kind, values[4], consistency
+
+
+def request_id_of(header: bytes) -> int:
+    """Best-effort request id of a (possibly malformed) request, for an error reply."""
+    try:
+        values = msgpack.unpackb(header, raw=False, **_UNPACK_LIMITS)
+        rid = values[3]
+        return rid if type(rid) is int else 0
+    except Exception:
+        return 0

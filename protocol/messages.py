@@ -1,0 +1,321 @@
+"""Every message that crosses a zkv socket: one frozen, slotted dataclass per type.
+
+Wire shape (see ``protocol.codec``): frame 0 is a msgpack array
+``[PROTOCOL_VERSION, TYPE, field, field, ...]`` in the field order declared here; a
+message with a ``BLOB`` field (a value or a snapshot chunk) carries it as frame 1, so
+large values are never copied through msgpack.
+
+Data requests put ``key`` at header position 4 (``[v, type, client_id, request_id, key]``)
+so the broker can route from the header alone (``codec.route_fields``).
+
+Flows:
+  client  -> broker frontend : *Request
+  broker  -> node            : *Request (forwarded, client identity in front), Campaign
+  node    -> broker          : *Reply (addressed to the client identity)
+  node    -> broker SUB      : Heartbeat
+  node   <-> node            : VoteRequest/VoteReply, AppendEntries/AppendReply,
+                               InstallSnapshot/SnapshotReply
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NewType
+
+PROTOCOL_VERSION = 1
+
+NodeId = NewType("NodeId", str)
+ShardId = NewType("ShardId", int)
+Term = NewType("Term", int)
+LogIndex = NewType("LogIndex", int)
+
+
+class Role(enum.IntEnum):
+    FOLLOWER = 0
+    CANDIDATE = 1
+    LEADER = 2
+
+
+class Consistency(enum.IntEnum):
+    """Read consistency. LINEARIZABLE confirms leadership with a majority round."""
+
+    LINEARIZABLE = 0
+    LEADER = 1
+    STALE = 2
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    TYPE: ClassVar[int] = 1
+    client_id: bytes
+    request_id: int
+    key: bytes
+    consistency: Consistency = Consistency.LINEARIZABLE
+
+
+@dataclass(frozen=True, slots=True)
+class PutRequest:
+    """A write; (client_id, request_id) makes a retry idempotent.
+
+    ``lowest_pending`` is the smallest request id this client still awaits an answer
+    for: the server may forget the client's replies below it (RIFL-style sessions).
+    """
+
+    TYPE: ClassVar[int] = 2
+    BLOB: ClassVar[str] = "value"
+    client_id: bytes
+    request_id: int
+    key: bytes
+    lowest_pending: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRequest:
+    TYPE: ClassVar[int] = 3
+    client_id: bytes
+    request_id: int
+    key: bytes
+    lowest_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class CasRequest:
+    """Compare-and-set: write ``value`` only if the key's version is ``expected_version``
+    (0 means "the key must not exist")."""
+
+    TYPE: ClassVar[int] = 4
+    BLOB: ClassVar[str] = "value"
+    client_id: bytes
+    request_id: int
+    key: bytes
+    lowest_pending: int
+    expected_version: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Answered by the broker from its heartbeat table."""
+
+    TYPE: ClassVar[int] = 5
+    client_id: bytes
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest:
+    TYPE: ClassVar[int] = 6
+    client_id: bytes
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetReply:
+    TYPE: ClassVar[int] = 20
+    BLOB: ClassVar[str] = "value"
+    request_id: int
+    found: bool
+    version: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PutReply:
+    TYPE: ClassVar[int] = 21
+    request_id: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteReply:
+    TYPE: ClassVar[int] = 22
+    request_id: int
+    deleted: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class CasReply:
+    """``version`` is the key's version after the call (the new one when swapped)."""
+
+    TYPE: ClassVar[int] = 23
+    request_id: int
+    swapped: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    TYPE: ClassVar[int] = 24
+    request_id: int
+    code: int
+    message: str = ""
+    leader_hint: str = ""
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """``nodes`` holds one dict per live node: the fields of its latest Heartbeat plus
+    ``age_ms``; ``ring`` holds the adopted ring config (epoch, shards, vnodes)."""
+
+    TYPE: ClassVar[int] = 25
+    request_id: int
+    broker_id: str
+    nodes: tuple[dict[str, Any], ...]
+    ring: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PongReply:
+    TYPE: ClassVar[int] = 26
+    request_id: int
+    broker_id: str
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Published by every node every ``heartbeat_ms``; the broker's only source of truth."""
+
+    TYPE: ClassVar[int] = 40
+    node_id: str
+    shard_id: int
+    role: Role
+    term: int
+    leader_id: str
+    last_log_term: int
+    last_index: int
+    commit_index: int
+    applied_index: int
+    key_count: int
+    pid: int
+    peer_addr: str
+    members: tuple[str, ...]
+    ring_epoch: int
+    ring_shards: tuple[int, ...]
+    ring_vnodes: int
+    heartbeat_ms: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """Broker -> node: the shard's leader is gone, stand for election.
+
+    ``term`` is the highest term the broker has seen for the shard; a node whose term is
+    already above it, or that hears a live leader, ignores the request.
+    """
+
+    TYPE: ClassVar[int] = 41
+    shard_id: int
+    term: int
+    broker_id: str
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One log entry; ``data`` is an encoded state-machine command (opaque here)."""
+
+    term: int
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VoteRequest:
+    TYPE: ClassVar[int] = 50
+    term: int
+    candidate_id: str
+    last_log_index: int
+    last_log_term: int
+
+
+@dataclass(frozen=True, slots=True)
+class VoteReply:
+    TYPE: ClassVar[int] = 51
+    term: int
+    voter_id: str
+    granted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntries:
+    """Also the leader's heartbeat to followers (empty ``entries``). ``read_seq`` lets a
+    majority of replies confirm leadership for a batch of linearizable reads."""
+
+    TYPE: ClassVar[int] = 52
+    term: int
+    leader_id: str
+    prev_index: int
+    prev_term: int
+    entries: tuple[Entry, ...]
+    commit_index: int
+    read_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendReply:
+    """On failure ``match_index`` is a hint: the follower's last index (or a conflict)."""
+
+    TYPE: ClassVar[int] = 53
+    term: int
+    follower_id: str
+    success: bool
+    match_index: int
+    read_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    TYPE: ClassVar[int] = 54
+    BLOB: ClassVar[str] = "data"
+    term: int
+    leader_id: str
+    last_index: int
+    last_term: int
+    offset: int
+    done: bool
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotReply:
+    """``offset`` is the next byte the follower expects (the total size once done)."""
+
+    TYPE: ClassVar[int] = 55
+    term: int
+    follower_id: str
+    last_index: int
+    offset: int
+    success: bool
+
+
+ClientRequest = GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
+WriteRequest = PutRequest | DeleteRequest | CasRequest
+ClientReply = GetReply | PutReply | DeleteReply | CasReply | ErrorReply | StatusReply | PongReply
+PeerMessage = (
+    VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
+)
+Message = ClientRequest | ClientReply | Heartbeat | Campaign | PeerMessage
+
+ALL_MESSAGE_TYPES: tuple[type, ...] = (
+    GetRequest, PutRequest, DeleteRequest, CasRequest, StatusRequest, PingRequest,
+    GetReply, PutReply, DeleteReply, CasReply, ErrorReply, StatusReply, PongReply,
+    Heartbeat, Campaign,
+    VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
+)  # fmt: skip
+
+DATA_REQUEST_TYPES: frozenset[int] = frozenset(
+    {GetRequest.TYPE, PutRequest.TYPE, DeleteRequest.TYPE, CasRequest.TYPE}
+)

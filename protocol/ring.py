@@ -1,0 +1,79 @@
+"""The blake3 virtual-node ring: which shard owns a key.
+
+Each shard places ``vnodes`` tokens at ``blake3(f"{shard_id}:{i}")[:8]`` (big-endian
+u64); a key sits at ``blake3(key)[:8]`` and belongs to the shard owning the first token
+clockwise (at or after the key's position, wrapping). Ties between tokens (vanishingly
+rare) go to the lower shard id so every process computes the same owner.
+
+The ring is pure and immutable; brokers and nodes both build it from a ``RingConfig``
+(epoch, shards, vnodes), which is cluster state kept by the storage nodes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from blake3 import blake3
+
+DEFAULT_VNODES = 256
+
+
+def position(key: bytes) -> int:
+    """A key's place on the ring: the first 8 bytes of its blake3 hash."""
+    return int.from_bytes(blake3(key).digest(8), "big")
+
+
+def token(shard_id: int, i: int) -> int:
+    return int.from_bytes(blake3(f"{shard_id}:{i}".encode()).digest(8), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class RingConfig:
+    epoch: int
+    shards: tuple[int, ...]
+    vnodes: int = DEFAULT_VNODES
+
+    def as_dict(self) -> dict[str, object]:
+        return {"epoch": self.epoch, "shards": list(self.shards), "vnodes": self.vnodes}
+
+
+class Ring:
+    """Shard lookup over sorted tokens: ``shard_for`` is one hash and one bisect."""
+
+    __slots__ = ("config", "_tokens", "_owners")
+
+    def __init__(self, config: RingConfig) -> None:
+        if not config.shards:
+            raise ValueError("a ring needs at least one shard")
+        if config.vnodes < 1:
+            raise ValueError("vnodes must be >= 1")
+        points = sorted(
+            (token(s, i), s) for s in set(config.shards) for i in range(config.vnodes)
+        )
+        self.config = config
+        self._tokens = [t for t, _ in points]
+        self._owners = [s for _, s in points]
+
+    @classmethod
+    def of(cls, shards: Iterable[int], vnodes: int = DEFAULT_VNODES, epoch: int = 1) -> Ring:
+        return cls(RingConfig(epoch, tuple(sorted(set(shards))), vnodes))
+
+    def shard_for(self, key: bytes) -> int:
+        i = bisect.bisect_left(self._tokens, position(key))
+        return self._owners[i if i < len(self._owners) else 0]
+
+    def owner_of_position(self, pos: int) -> int:
+        i = bisect.bisect_left(self._tokens, pos)
+        return self._owners[i if i < len(self._owners) else 0]
+
+    def shares(self) -> dict[int, float]:
+        """Fraction of the hash space each shard owns (for ``zkv status``)."""
+        space = 1 << 64
+        share = dict.fromkeys(self.config.shards, 0.0)
+        prev = self._tokens[-1] - space
+        for t, s in zip(self._tokens, self._owners):
+            share[s] += (t - prev) / space
+            prev = t
+        return share
