@@ -1,0 +1,52 @@
+"""zkv Python SDK: ``KVClient`` (sync), ``AsyncKVClient`` (asyncio), and the errors.
+
+    from client import KVClient
+    with KVClient("tcp://127.0.0.1:5555") as kv:
+        version = kv.put("greeting", "hello")
+        assert kv.get("greeting") == b"hello"
+"""
+
+from client.aio import AsyncKVClient
+from client.sdk import ClientClosed, KVClient
+from protocol.errors import (
+    BadRequest,
+    ErrorCode,
+    InternalError,
+    KVError,
+    LocalProtocolError,
+    NoLeader,
+    NotLeader,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestError,
+    SessionExpired,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    UnsupportedVersion,
+    WrongShard,
+)
+from protocol.messages import Consistency
+
+__all__ = [
+    "AsyncKVClient",
+    "BadRequest",
+    "ClientClosed",
+    "Consistency",
+    "ErrorCode",
+    "InternalError",
+    "KVClient",
+    "KVError",
+    "LocalProtocolError",
+    "NoLeader",
+    "NotLeader",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RequestError",
+    "SessionExpired",
+    "Timeout",
+    "TooLarge",
+    "Unavailable",
+    "UnsupportedVersion",
+    "WrongShard",
+]

@@ -234,11 +234,15 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class VoteRequest:
+    """``pre_vote`` asks "would you vote for me at ``term``?" without anyone changing
+    state, so a node that cannot win never bumps the cluster's term (Raft thesis 9.6)."""
+
     TYPE: ClassVar[int] = 50
     term: int
     candidate_id: str
     last_log_index: int
     last_log_term: int
+    pre_vote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +251,7 @@ class VoteReply:
     term: int
     voter_id: str
     granted: bool
+    pre_vote: bool = False
 
 
 @dataclass(frozen=True, slots=True)

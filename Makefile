@@ -1,0 +1,53 @@
+# zkv: the verbs. `make run` and `make test` work on a fresh machine with Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SEEDS  ?= 500
+ARGS   ?=
+
+.PHONY: venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,lint]'
+	@rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+venv: $(STAMP)
+
+## run: start a local cluster (2 shards x 3 replicas, 1 broker) on tcp://127.0.0.1:5555
+run: venv
+	$(VENV)/bin/zkv cluster up $(ARGS)
+
+## test: every layer this machine can run (containers need a Docker engine)
+test: venv
+	SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+test-sim: venv
+	SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q tests/sim
+
+sim: venv
+	SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q tests/sim
+
+test-process: venv
+	$(PY) -m pytest -q tests/process
+
+lint: venv
+	$(VENV)/bin/ruff check protocol broker storage_node client tests bench
+	$(VENV)/bin/mypy protocol storage_node/replica.py storage_node/progress.py
+
+## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
+bench: venv
+	$(PY) -m bench.compare $(ARGS)
+
+bench-failover: venv
+	$(PY) -m bench.failover $(ARGS)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache build dist *.egg-info
+
+include mk/containers.mk

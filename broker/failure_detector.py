@@ -1,0 +1,165 @@
+"""Decides when the broker asks a storage node to stand for election.
+
+Theory of operation (elections are started by brokers, voted by nodes under Raft rules):
+
+- A shard is *due* for an election when it has live nodes but no live leader and
+  * it had a leader known to this broker whose last heartbeat is ``election_timeout`` old
+    (when the leader's heartbeats stop, it stops being live at exactly that moment, so the
+    campaign goes out at the first tick after), or
+  * it never had a leader known to this broker, and either a majority of its members
+    (``Heartbeat.members``) has been heard while none of them names a leader (a fresh
+    cluster elects at once, a 1-replica shard too), or ``election_timeout`` has passed
+    since the broker first heard the shard (a restarted broker first waits to hear the
+    leader that the followers name).
+- The request goes to the most up-to-date live member: highest
+  ``(last_log_term, last_index)``, ties by node id. It carries the highest term the
+  broker has seen in the shard; a node above that term, or hearing a live leader, ignores
+  it, so a redundant request (several brokers, stale view) is harmless.
+- While the shard stays leaderless, the request is repeated at most once per heartbeat
+  interval; after ``tries_per_candidate`` unanswered tries the candidate is skipped in
+  favour of the next best, so one stuck node cannot block the shard. When every live
+  member has been skipped, the rotation starts again from the best.
+- A leader appearing ends the episode and clears its state.
+
+Config relation: ``election_timeout_ms >= 3 x heartbeat_ms`` (ValueError otherwise), so
+one or two lost heartbeats never look like a dead leader.
+
+Pure: no clock, no sockets; ``now`` is monotonic seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker.node_table import NodeRecord, NodeTable, ShardView
+from protocol.messages import Campaign
+
+TRIES_PER_CANDIDATE = 3
+
+
+def check_timing(heartbeat_ms: int, election_timeout_ms: int) -> None:
+    """Raise ValueError unless the heartbeat and election timeout fit together."""
+    if heartbeat_ms <= 0:
+        raise ValueError(f"heartbeat_ms must be > 0, got {heartbeat_ms}")
+    if election_timeout_ms < 3 * heartbeat_ms:
+        raise ValueError(
+            f"election_timeout_ms ({election_timeout_ms}) must be >= 3 x heartbeat_ms "
+            f"({heartbeat_ms}): a leader must be able to miss two heartbeats without "
+            "being declared dead"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignOrder:
+    """Ask ``node_id`` (routing id ``ident``) to stand; ``reason`` is for the log."""
+
+    node_id: str
+    ident: bytes
+    campaign: Campaign
+    reason: str
+
+
+@dataclass(slots=True)
+class _Episode:
+    """One leaderless stretch of a shard, from the first campaign to a leader."""
+
+    candidate: str | None = None
+    tries: int = 0
+    last_sent: float | None = None
+    skipped: set[str] = field(default_factory=set)
+
+
+class FailureDetector:
+    def __init__(
+        self,
+        broker_id: str,
+        heartbeat_ms: int = 100,
+        election_timeout_ms: int = 1000,
+        tries_per_candidate: int = TRIES_PER_CANDIDATE,
+    ) -> None:
+        check_timing(heartbeat_ms, election_timeout_ms)
+        if tries_per_candidate < 1:
+            raise ValueError("tries_per_candidate must be >= 1")
+        self.broker_id = broker_id
+        self.heartbeat_s = heartbeat_ms / 1000
+        self.election_timeout_s = election_timeout_ms / 1000
+        self.tries_per_candidate = tries_per_candidate
+        self._episodes: dict[int, _Episode] = {}
+
+    def tick(self, table: NodeTable, now: float) -> list[CampaignOrder]:
+        """Campaign requests to send now (call after ``table.tick(now)``)."""
+        orders: list[CampaignOrder] = []
+        for shard_id in [s for s in self._episodes if s not in table.shards]:
+            del self._episodes[shard_id]
+        for shard_id, view in table.shards.items():
+            if view.leader_id is not None:
+                self._episodes.pop(shard_id, None)
+                continue
+            live = table.live_nodes(shard_id, now)
+            if not live:
+                continue
+            reason = self._due(view, live, now)
+            if not reason:
+                continue
+            order = self._order(view, live, now, reason)
+            if order is not None:
+                orders.append(order)
+        return orders
+
+    # ------------------------------------------------------------------ internals
+
+    def _due(self, view: ShardView, live: list[NodeRecord], now: float) -> str:
+        timeout = self.election_timeout_s
+        if view.leader_last_seen is not None:
+            if now - view.leader_last_seen >= timeout:
+                return "leader silent"
+            return ""
+        members = set(view.members)
+        if members:
+            heard = sum(1 for r in live if r.heartbeat.node_id in members)
+            named = any(r.heartbeat.leader_id for r in live)
+            if heard >= len(members) // 2 + 1 and not named:
+                return "new shard, majority heard"
+        if now - view.first_heard >= timeout:
+            return "no leader"
+        return ""
+
+    def _order(
+        self, view: ShardView, live: list[NodeRecord], now: float, reason: str
+    ) -> CampaignOrder | None:
+        ep = self._episodes.get(view.shard_id)
+        if ep is None:
+            ep = self._episodes[view.shard_id] = _Episode()
+        elif ep.last_sent is not None and now - ep.last_sent < self.heartbeat_s:
+            return None
+        members = set(view.members)
+        pool = [r for r in live if r.heartbeat.node_id in members] or live
+        pool.sort(key=_rank)
+        pick = self._pick(ep, [r.heartbeat.node_id for r in pool])
+        rec = next(r for r in pool if r.heartbeat.node_id == pick)
+        ep.last_sent = now
+        campaign = Campaign(view.shard_id, view.max_term, self.broker_id)
+        if ep.tries > 1:
+            reason = f"{reason}, try {ep.tries}"
+        return CampaignOrder(pick, rec.ident, campaign, reason)
+
+    def _pick(self, ep: _Episode, ranked: list[str]) -> str:
+        if ep.candidate is not None and ep.tries >= self.tries_per_candidate:
+            ep.skipped.add(ep.candidate)
+        choices = [n for n in ranked if n not in ep.skipped]
+        if not choices:  # everyone had their tries: start the rotation again
+            ep.skipped.clear()
+            ep.candidate = None
+            choices = ranked
+        pick = choices[0]
+        if pick == ep.candidate:
+            ep.tries += 1
+        else:
+            ep.candidate = pick
+            ep.tries = 1
+        return pick
+
+
+def _rank(rec: NodeRecord) -> tuple[int, int, str]:
+    hb = rec.heartbeat
+    return (-hb.last_log_term, -hb.last_index, hb.node_id)

@@ -1,0 +1,104 @@
+"""``zkv-broker``: the command line entry point of the stateless broker tier.
+
+Ports: ``--port P`` gives frontend P, backend P+1, heartbeats P+2 on ``--host``; each can
+be overridden with a full endpoint (``--frontend/--backend/--heartbeat-endpoint``; port
+``*`` lets the OS choose, the ready line shows the result). SIGTERM and SIGINT close the
+sockets and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from loguru import logger
+
+from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
+from broker.server import BrokerConfig, BrokerServer
+
+_TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[component]}</cyan> {message}"
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="zkv-broker", description="zkv stateless broker")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5555, help="base port P: frontend P, backend P+1, heartbeats P+2")
+    p.add_argument("--frontend", help="frontend endpoint, overrides --host/--port")
+    p.add_argument("--backend", help="backend endpoint, overrides --host/--port")
+    p.add_argument("--heartbeat-endpoint", help="heartbeat endpoint, overrides --host/--port")
+    p.add_argument("--broker-id", help="name reported in Pong/Status/Campaign (default host:port)")
+    p.add_argument("--heartbeat-ms", type=int, default=100)
+    p.add_argument("--election-timeout-ms", type=int, default=1000, help="must be >= 3 x heartbeat")
+    p.add_argument("--key-bytes-max", type=int, default=KEY_BYTES_MAX)
+    p.add_argument("--value-bytes-max", type=int, default=VALUE_BYTES_MAX)
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    host = "*" if args.host in ("*", "0.0.0.0") else args.host
+    base = f"tcp://{host}"
+    return BrokerConfig(
+        broker_id=args.broker_id or f"{socket.gethostname()}:{args.port}",
+        frontend=args.frontend or f"{base}:{args.port}",
+        backend=args.backend or f"{base}:{args.port + 1}",
+        heartbeats=args.heartbeat_endpoint or f"{base}:{args.port + 2}",
+        heartbeat_ms=args.heartbeat_ms,
+        election_timeout_ms=args.election_timeout_ms,
+        key_bytes_max=args.key_bytes_max,
+        value_bytes_max=args.value_bytes_max,
+    )
+
+
+def configure_logging(level: str, json: bool) -> None:
+    logger.remove()
+    logger.configure(extra={"component": "-"})
+    if json:
+        logger.add(sys.stderr, level=level.upper(), serialize=True)
+    else:
+        logger.add(sys.stderr, level=level.upper(), format=_TEXT_FORMAT)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    log = logger.bind(component="broker")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("bad configuration: {}", exc)
+        return 2
+    server = BrokerServer(config)
+    try:
+        endpoints = server.bind()
+    except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
+        log.error("cannot bind: {}", exc)
+        server.close()
+        return 1
+
+    def on_signal(signum: int, _frame: object) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "broker {} ready frontend={} backend={} heartbeats={}",
+        config.broker_id, endpoints["frontend"], endpoints["backend"], endpoints["heartbeats"],
+    )  # fmt: skip
+    try:
+        server.run()
+    finally:
+        server.close()
+    log.info("broker {} stopped", config.broker_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

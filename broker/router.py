@@ -1,0 +1,163 @@
+"""Where a client's frames go: to a node, answered here, or refused with an error.
+
+Theory of operation:
+
+- Input is what the frontend ROUTER delivered: ``[client_ident, header, (blob)]``.
+- Data requests (get, put, delete, cas) are routed from the header alone with
+  ``codec.route_fields`` (one msgpack unpack, one blake3, one bisect): to the leader of
+  ``ring.shard_for(key)``, or for a ``STALE`` get round-robin over the shard's live
+  replicas. No dataclass is built on this path: it runs once per request.
+- ``StatusRequest`` and ``PingRequest`` are decoded and answered by the broker itself.
+- Refusals are typed ``ErrorReply`` frames, never exceptions:
+  ``NO_LEADER`` (no ring yet or no live leader), ``BAD_REQUEST`` (undecodable, wrong frame
+  count, not a client request; the request id is recovered best-effort with
+  ``request_id_of``), ``TOO_LARGE`` (key over ``key_bytes_max``, value over
+  ``value_bytes_max``, or a header too long to hold only a key and small fields).
+- The router keeps no per-request state; the only state is the STALE round-robin counter.
+
+``route`` returns ``bytes`` (the node routing id to forward to), ``list[bytes]`` (reply
+frames to send back after the client identity), or ``None`` (drop). Pure: no sockets, no
+clock; ``now`` only ages the status rows.
+"""
+
+from __future__ import annotations
+
+from broker.node_table import NodeTable
+from protocol import codec
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import (
+    DATA_REQUEST_TYPES,
+    CasRequest,
+    Consistency,
+    ErrorReply,
+    GetRequest,
+    PingRequest,
+    PongReply,
+    PutRequest,
+    StatusReply,
+    StatusRequest,
+)
+
+KEY_BYTES_MAX = 16 * 1024
+VALUE_BYTES_MAX = 1024 * 1024
+#: Room in a data request header beside the key: client id, request id, small ints.
+HEADER_OVERHEAD_BYTES = 4096
+
+_BLOB_TYPES = frozenset({PutRequest.TYPE, CasRequest.TYPE})
+_GET = GetRequest.TYPE
+_STALE = int(Consistency.STALE)
+
+_route_fields = codec.route_fields
+
+RouteResult = bytes | list[bytes] | None
+
+
+class Router:
+    __slots__ = (
+        "_table", "broker_id", "key_bytes_max", "value_bytes_max", "_header_bytes_max",
+        "_rr", "_leaders", "_replicas", "rejected", "last_rejection",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        table: NodeTable,
+        broker_id: str,
+        key_bytes_max: int = KEY_BYTES_MAX,
+        value_bytes_max: int = VALUE_BYTES_MAX,
+    ) -> None:
+        if key_bytes_max < 1 or value_bytes_max < 0:
+            raise ValueError("key_bytes_max must be >= 1 and value_bytes_max >= 0")
+        self._table = table
+        self.broker_id = broker_id
+        self.key_bytes_max = key_bytes_max
+        self.value_bytes_max = value_bytes_max
+        self._header_bytes_max = key_bytes_max + HEADER_OVERHEAD_BYTES
+        self._rr = 0
+        #: Requests refused as BAD_REQUEST or TOO_LARGE, and why the last one was: the
+        #: shell reports these as rate-limited warnings instead of logging per message.
+        self.rejected = 0
+        self.last_rejection = ""
+        # The table mutates these dicts in place, so holding them saves lookups per call.
+        self._leaders = table.leaders
+        self._replicas = table.replicas
+
+    def route(self, frames: list[bytes], now: float) -> RouteResult:
+        """Decide for ``[client_ident, header, (blob)]``; never raises on any input."""
+        n = len(frames)
+        if n != 2 and n != 3:
+            return self._bad(frames[1] if n > 1 else b"", "expected [header] or [header, blob]")
+        header = frames[1]
+        if len(header) > self._header_bytes_max:
+            return self._too_large(header, "header too large")
+        try:
+            kind, key, consistency = _route_fields(header)
+        except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
+            return self._bad(header, "undecodable request")
+        if kind not in DATA_REQUEST_TYPES:
+            return self._local(kind, frames, now)
+        if len(key) > self.key_bytes_max:
+            return self._too_large(header, "key too large")
+        if n == 3:
+            if kind not in _BLOB_TYPES:
+                return self._bad(header, "unexpected value frame")
+            if len(frames[2]) > self.value_bytes_max:
+                return self._too_large(header, "value too large")
+        elif kind in _BLOB_TYPES:
+            return self._bad(header, "missing value frame")
+        ring = self._table.ring
+        if ring is None:
+            return self.no_leader(header, "no ring known yet")
+        shard = ring.shard_for(key)
+        if consistency == _STALE and kind == _GET:
+            replicas = self._replicas.get(shard)
+            if replicas:
+                self._rr += 1
+                return replicas[self._rr % len(replicas)]
+        ident = self._leaders.get(shard)
+        if ident is None:
+            return self.no_leader(header, f"no leader for shard {shard}", ring.config.epoch)
+        return ident
+
+    # ------------------------------------------------------------------ replies
+
+    def error(
+        self, request_id: int, code: ErrorCode, message: str = "", epoch: int = 0
+    ) -> list[bytes]:
+        return codec.encode(ErrorReply(request_id, int(code), message, "", epoch))
+
+    def no_leader(self, header: bytes, message: str = "no leader", epoch: int = 0) -> list[bytes]:
+        """The reply for a request whose shard has no reachable leader."""
+        return self.error(codec.request_id_of(header), ErrorCode.NO_LEADER, message, epoch)
+
+    def unavailable(self, header: bytes, message: str) -> list[bytes]:
+        return self.error(codec.request_id_of(header), ErrorCode.UNAVAILABLE, message)
+
+    def _bad(self, header: bytes, message: str) -> list[bytes]:
+        self.rejected += 1
+        self.last_rejection = message
+        rid = codec.request_id_of(header) if type(header) is bytes else 0
+        return self.error(rid, ErrorCode.BAD_REQUEST, message)
+
+    def _too_large(self, header: bytes, message: str) -> list[bytes]:
+        self.rejected += 1
+        self.last_rejection = message
+        return self.error(codec.request_id_of(header), ErrorCode.TOO_LARGE, message)
+
+    def _local(self, kind: int, frames: list[bytes], now: float) -> RouteResult:
+        if kind != PingRequest.TYPE and kind != StatusRequest.TYPE:
+            return self._bad(frames[1], f"message type {kind} is not a client request")
+        try:
+            msg = codec.decode(frames[1:])
+        except RemoteProtocolError as exc:
+            return self._bad(frames[1], str(exc))
+        if type(msg) is PingRequest:
+            return codec.encode(PongReply(msg.request_id, self.broker_id))
+        assert type(msg) is StatusRequest  # decode checked the type code above
+        table = self._table
+        reply = StatusReply(
+            msg.request_id,
+            self.broker_id,
+            tuple(table.status_rows(now)),
+            table.ring_dict(),
+        )
+        return codec.encode(reply)

@@ -1,0 +1,389 @@
+"""The broker's zmq shell: sockets, the poll loop, and the one place that sends.
+
+Loop: poll until the next housekeeping deadline (one heartbeat interval), read the clock
+once, drain each ready socket in bounded non-blocking batches, route and send; when the
+deadline has passed, tick the node table and the failure detector and send the campaign
+requests they decide. The pure cores (``node_table``, ``failure_detector``, ``router``)
+make every decision; this module only moves frames.
+
+Frames (docs/internals.md):
+  frontend ROUTER  in  [client, header, (blob)]        out [client, reply, (blob)]
+  backend ROUTER   out [node, client, header, (blob)]  in  [node, client, reply, (blob)]
+                   out [node, b"", Campaign]
+  heartbeat SUB    in  [Heartbeat]
+
+Both ROUTERs are ``ROUTER_MANDATORY``: an unknown node is ``EHOSTUNREACH`` (the client gets
+``NO_LEADER``), an unknown client drops the reply. Sends never block (a full peer queue
+gives ``UNAVAILABLE`` to the client for a node, a dropped reply for a client), so one slow
+peer cannot stall the broker. Any input, however malformed, is caught at the boundary and
+logged as a rate-limited warning; nothing from the network stops the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from broker.failure_detector import FailureDetector, check_timing
+from broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
+from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
+from protocol import codec
+from protocol.errors import RemoteProtocolError
+from protocol.messages import Heartbeat
+
+#: Messages taken from one socket per wake-up before looking at the others.
+BATCH_MAX = 256
+#: Per-pipe queue bound, generous so bursts are absorbed rather than dropped.
+HWM = 100_000
+#: Inbound frame bound on the heartbeat socket (a heartbeat is a few hundred bytes).
+HEARTBEAT_BYTES_MAX = 1024 * 1024
+WARNINGS_PER_WINDOW = 10
+WARNING_WINDOW_S = 10.0
+
+_NOBLOCK = zmq.NOBLOCK
+_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+_EHOSTUNREACH = zmq.EHOSTUNREACH
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    broker_id: str
+    frontend: str = "tcp://*:5555"
+    backend: str = "tcp://*:5556"
+    heartbeats: str = "tcp://*:5557"
+    heartbeat_ms: int = 100
+    election_timeout_ms: int = 1000
+    key_bytes_max: int = KEY_BYTES_MAX
+    value_bytes_max: int = VALUE_BYTES_MAX
+    batch_max: int = BATCH_MAX
+    hwm: int = HWM
+
+    def __post_init__(self) -> None:
+        check_timing(self.heartbeat_ms, self.election_timeout_ms)
+        if self.batch_max < 1:
+            raise ValueError("batch_max must be >= 1")
+
+
+class WarningLimiter:
+    """At most ``limit`` warnings per ``window_s``; the rest are counted and summarized."""
+
+    def __init__(
+        self,
+        log: Any,
+        source: str,
+        limit: int = WARNINGS_PER_WINDOW,
+        window_s: float = WARNING_WINDOW_S,
+    ) -> None:
+        self._log = log
+        self._source = source
+        self._limit = limit
+        self._window_s = window_s
+        self._window_start = -math.inf
+        self._count = 0
+        self._suppressed = 0
+
+    def warn(self, now: float, message: str, *args: Any) -> None:
+        if now - self._window_start >= self._window_s:
+            self.flush(now)
+            self._window_start = now
+            self._count = 0
+        if self._count < self._limit:
+            self._count += 1
+            self._log.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+    def flush(self, now: float) -> None:
+        if self._suppressed and now - self._window_start >= self._window_s:
+            self._log.warning(
+                "{}: {} more warnings suppressed in the last {:.0f} s",
+                self._source, self._suppressed, self._window_s,
+            )  # fmt: skip
+            self._suppressed = 0
+
+
+def _discard_rest(sock: zmq.Socket[Any]) -> int:
+    """Receive and drop the remaining parts of the current message; returns how many."""
+    n = 0
+    while sock.get(zmq.RCVMORE):
+        sock.recv(_NOBLOCK, False)
+        n += 1
+    return n
+
+
+class BrokerServer:
+    """Owns the three sockets; ``bind()``, then ``run()`` until ``stop()``; ``close()``."""
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config
+        self.log = logger.bind(component="broker", broker=config.broker_id)
+        self.table = NodeTable(config.election_timeout_ms / 1000)
+        self.detector = FailureDetector(
+            config.broker_id, config.heartbeat_ms, config.election_timeout_ms
+        )
+        self.router = Router(
+            self.table, config.broker_id, config.key_bytes_max, config.value_bytes_max
+        )
+        # One budget per source, so garbage on one socket cannot hide warnings of another.
+        self._warn_back = WarningLimiter(self.log, "backend")
+        self._warn_hb = WarningLimiter(self.log, "heartbeats")
+        self._warn_front = WarningLimiter(self.log, "frontend")
+        self._rejected_reported = 0
+        self._own_context = context is None
+        self._ctx = context if context is not None else zmq.Context()
+        self._stopping = False
+        self.frontend = self._router_socket()
+        self.backend = self._router_socket()
+        self.heartbeats = self._ctx.socket(zmq.SUB)
+        self.heartbeats.setsockopt(zmq.LINGER, 0)
+        self.heartbeats.setsockopt(zmq.RCVHWM, config.hwm)
+        self.heartbeats.setsockopt(zmq.MAXMSGSIZE, HEARTBEAT_BYTES_MAX)
+        self.heartbeats.setsockopt(zmq.SUBSCRIBE, b"")
+        # A client may send a value over the limit and must get TOO_LARGE back, not a
+        # disconnect; still bound what one frame may make us buffer.
+        frame_bytes_max = max(64 << 20, 4 * (config.key_bytes_max + config.value_bytes_max))
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, frame_bytes_max)
+        self.endpoints: dict[str, str] = {}
+        #: Replies for clients that were gone or not reading (never an error).
+        self.replies_dropped = 0
+
+    def _router_socket(self) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted peer reconnecting with the same identity takes over the old pipe
+        # instead of being refused while the dead connection lingers.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        return sock
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self) -> dict[str, str]:
+        """Bind the three sockets; returns the actual endpoints (ports resolved)."""
+        cfg = self.config
+        for name, sock, endpoint in (
+            ("frontend", self.frontend, cfg.frontend),
+            ("backend", self.backend, cfg.backend),
+            ("heartbeats", self.heartbeats, cfg.heartbeats),
+        ):
+            sock.bind(endpoint)
+            last = sock.getsockopt(zmq.LAST_ENDPOINT)
+            self.endpoints[name] = last.decode() if isinstance(last, bytes) else str(last)
+        return dict(self.endpoints)
+
+    def stop(self) -> None:
+        """Ask ``run`` to return within one poll timeout (safe from a signal handler)."""
+        self._stopping = True
+
+    def close(self) -> None:
+        for sock in (self.frontend, self.backend, self.heartbeats):
+            sock.close(linger=0)
+        if self._own_context:
+            self._ctx.term()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.heartbeats, zmq.POLLIN)
+        frontend, backend, heartbeats = self.frontend, self.backend, self.heartbeats
+        interval_s = self.config.heartbeat_ms / 1000
+        clock = time.monotonic
+        now = clock()
+        next_tick = now + interval_s
+        while not self._stopping:
+            timeout_ms = max(0, math.ceil((next_tick - now) * 1000))
+            try:
+                ready = poller.poll(timeout_ms)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    return
+                raise
+            now = clock()
+            for sock, _ in ready:
+                if sock is frontend:
+                    self._drain_frontend(now)
+                elif sock is backend:
+                    self._drain_backend(now)
+                elif sock is heartbeats:
+                    self._drain_heartbeats(now)
+            if now >= next_tick:
+                self.housekeeping(now)
+                next_tick = now + interval_s
+
+    # ------------------------------------------------------------------ sockets
+
+    def _drain_frontend(self, now: float) -> None:
+        # Hot path. Frames are received without copying (zmq.Frame) and forwarded as
+        # they are; only the small header is copied to bytes for route_fields. Plain
+        # send/recv per part is markedly cheaper than send_multipart/recv_multipart.
+        sock = self.frontend
+        recv = sock.recv
+        forward = self.backend.send
+        route = self.router.route
+        for _ in range(self.config.batch_max):
+            try:
+                client = recv(_NOBLOCK, False)
+            except zmq.Again:
+                return
+            if not client.more:
+                continue  # a bare routing id: nothing to route, nobody to answer
+            head = recv(_NOBLOCK, False)
+            if not head.more:
+                msg = [client, head.bytes]
+            else:
+                blob = recv(_NOBLOCK, False)
+                msg = [client, head.bytes, blob]
+                if blob.more:  # too many frames: the router answers BAD_REQUEST
+                    _discard_rest(sock)
+                    msg.append(b"")
+            try:
+                dest = route(msg, now)  # type: ignore[arg-type]
+            except Exception as exc:  # a router bug must not take the broker down
+                self._warn_front.warn(now, "frontend: cannot route a message: {!r}", exc)
+                continue
+            if type(dest) is bytes:
+                try:
+                    forward(dest, _SNDMORE_NOBLOCK)
+                except zmq.ZMQError as exc:
+                    self._forward_failed(dest, client, msg[1], exc, now)
+                    continue
+                # The routing id was accepted, so the rest of the message is too.
+                forward(client, _SNDMORE_NOBLOCK)
+                if len(msg) == 2:
+                    forward(head, _NOBLOCK)
+                else:
+                    forward(head, _SNDMORE_NOBLOCK)
+                    forward(msg[2], _NOBLOCK)
+            elif dest is not None:
+                self._reply(client, dest)
+
+    def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None:
+        send = self.frontend.send
+        try:
+            send(client, _SNDMORE_NOBLOCK)
+        except zmq.ZMQError:  # the client is gone or not reading: drop its reply
+            self.replies_dropped += 1
+            return
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK)
+
+    def _forward_failed(
+        self, node: bytes, client: zmq.Frame, header: bytes, exc: zmq.ZMQError, now: float
+    ) -> None:
+        if exc.errno == _EHOSTUNREACH:
+            frames = self.router.no_leader(header, f"leader {node.decode(errors='replace')} unreachable")
+        elif exc.errno == zmq.EAGAIN:
+            frames = self.router.unavailable(header, f"node {node.decode(errors='replace')} is not keeping up")
+        else:
+            self._warn_back.warn(now, "backend: cannot forward to {!r}: {}", node, exc)
+            frames = self.router.unavailable(header, "cannot forward")
+        self._reply(client, frames)
+
+    def _drain_backend(self, now: float) -> None:
+        # Replies stream through part by part, never decoded: [node, client, reply...].
+        sock = self.backend
+        recv = sock.recv
+        send = self.frontend.send
+        for _ in range(self.config.batch_max):
+            try:
+                node = recv(_NOBLOCK, False)
+            except zmq.Again:
+                return
+            if not node.more:
+                self._warn_back.warn(now, "backend: dropped a bare routing id {!r}", node.bytes[:64])
+                continue
+            client = recv(_NOBLOCK, False)
+            if not client.more or not len(client):
+                parts = 2 + _discard_rest(sock) if client.more else 2
+                self._warn_back.warn(
+                    now, "backend: dropped a {}-frame message from {!r} without a client",
+                    parts, node.bytes[:64],
+                )  # fmt: skip
+                continue
+            part = recv(_NOBLOCK, False)
+            try:
+                send(client, _SNDMORE_NOBLOCK)
+            except zmq.ZMQError:  # the client is gone: drop its reply
+                self.replies_dropped += 1
+                if part.more:
+                    _discard_rest(sock)
+                continue
+            while part.more:
+                send(part, _SNDMORE_NOBLOCK)
+                part = recv(_NOBLOCK, False)
+            send(part, _NOBLOCK)
+
+    def _drain_heartbeats(self, now: float) -> None:
+        recv = self.heartbeats.recv_multipart
+        observe = self.table.observe
+        for _ in range(self.config.batch_max):
+            try:
+                msg = recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                hb = codec.decode(msg)
+            except RemoteProtocolError as exc:
+                self._warn_hb.warn(now, "heartbeats: undecodable message: {}", exc)
+                continue
+            if type(hb) is not Heartbeat:
+                self._warn_hb.warn(now, "heartbeats: ignored a {}", type(hb).__name__)
+                continue
+            try:
+                observe(hb, now)
+            except Exception as exc:  # a table bug must not take the broker down
+                self._warn_hb.warn(now, "heartbeats: cannot record {}: {!r}", hb.node_id[:64], exc)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeeping(self, now: float) -> None:
+        """Expire liveness, log what changed, send the campaign requests decided now."""
+        self._log_events(self.table.tick(now), now)
+        for order in self.detector.tick(self.table, now):
+            c = order.campaign
+            self.log.info(
+                "shard {} has no leader ({}): asking {} to campaign above term {}",
+                c.shard_id, order.reason, order.node_id, c.term,
+            )  # fmt: skip
+            try:
+                self.backend.send_multipart([order.ident, b"", *codec.encode(c)], _NOBLOCK)
+            except zmq.ZMQError as exc:
+                self._warn_back.warn(now, "cannot send campaign to {}: {}", order.node_id, exc)
+        router = self.router
+        if router.rejected != self._rejected_reported:
+            self._warn_front.warn(
+                now, "frontend: refused {} requests (last: {})",
+                router.rejected - self._rejected_reported, router.last_rejection,
+            )  # fmt: skip
+            self._rejected_reported = router.rejected
+        for limiter in (self._warn_back, self._warn_hb, self._warn_front):
+            limiter.flush(now)
+
+    def _log_events(self, events: list[TableEvent], now: float) -> None:
+        for ev in events:
+            if isinstance(ev, LeaderChange):
+                if ev.leader_id:
+                    self.log.info(
+                        "shard {} leader is {} at term {}", ev.shard_id, ev.leader_id, ev.term
+                    )
+                else:
+                    self.log.info("shard {} has no live leader (last term {})", ev.shard_id, ev.term)
+            elif isinstance(ev, RingAdopted):
+                cfg = ev.config
+                self.log.info(
+                    "adopted ring epoch {}: shards {} x {} vnodes",
+                    cfg.epoch, list(cfg.shards), cfg.vnodes,
+                )  # fmt: skip
+            elif isinstance(ev, HeartbeatRefused):
+                self._warn_hb.warn(now, "heartbeat from {!r} refused: {}", ev.node_id, ev.reason)

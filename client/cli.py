@@ -1,0 +1,270 @@
+"""The ``zkv`` command line: data operations, status, bench and the local cluster.
+
+Exit codes: 0 success; 1 a negative answer (key missing, CAS not swapped) or an error
+answered by the cluster; 2 usage; 3 timeout (no answer: for a write the outcome is
+unknown); 130 interrupted. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from client.sdk import DEFAULT_ENDPOINT, KVClient
+from protocol.errors import KVError, RequestError, Timeout
+from protocol.messages import Consistency, Role
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like argparse but terser
+        self.print_usage(sys.stderr)
+        print(f"zkv: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="zkv", description="zkv: a sharded, replicated key-value store.")
+    p.add_argument("--endpoint", default=os.environ.get("ZKV_ENDPOINT") or DEFAULT_ENDPOINT,
+                   help="broker endpoint(s), comma-separated (env ZKV_ENDPOINT)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
+    # The global options are accepted after the subcommand too (`zkv get k --timeout 1`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    s = sub.add_parser("put", help="store a value")
+    s.add_argument("key")
+    s.add_argument("value")
+
+    s = sub.add_parser("get", help="print a value (exit 1 if missing)")
+    s.add_argument("key")
+    s.add_argument("--consistency", choices=["linearizable", "leader", "stale"],
+                   default="linearizable")
+    s.add_argument("--show-version", action="store_true", help="print the version too")
+
+    s = sub.add_parser("delete", help="remove a key")
+    s.add_argument("key")
+
+    s = sub.add_parser("cas", help="write only if the version matches (0: key absent)")
+    s.add_argument("key")
+    s.add_argument("expected_version", type=int)
+    s.add_argument("value")
+
+    s = sub.add_parser("status", help="cluster status per shard and node")
+    s.add_argument("--json", action="store_true")
+
+    sub.add_parser("ping", help="round trip to the broker")
+
+    from client import bench
+
+    s = sub.add_parser("bench", help="pipelined load generator")
+    bench.add_arguments(s)
+
+    from client import cluster
+
+    s = sub.add_parser("cluster", help="run a local cluster")
+    csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
+    cluster.add_arguments(csub.add_parser("up", help="start (or restart) a local cluster"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except Timeout as exc:
+        _fail(f"timeout: {exc}")
+        return EXIT_TIMEOUT
+    except RequestError as exc:
+        _fail(f"{exc.code.name}: {exc.message or exc.code.name}")
+        return EXIT_NEGATIVE
+    except KVError as exc:
+        _fail(str(exc))
+        return EXIT_NEGATIVE
+    except (ValueError, TypeError, OSError, zmq.ZMQError) as exc:
+        _fail(str(exc))
+        return EXIT_NEGATIVE
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str) -> None:
+    print(f"zkv: error: {message}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        from client import bench
+
+        return bench.run_cli(args, args.endpoint)
+    if args.command == "cluster":
+        from client import cluster
+
+        return cluster.run_cli(args)
+    with KVClient(args.endpoint, timeout_s=args.timeout) as kv:
+        return _COMMANDS[args.command](kv, args)
+
+
+def _put(kv: KVClient, args: argparse.Namespace) -> int:
+    print(f"OK version {kv.put(args.key, args.value)}")
+    return EXIT_OK
+
+
+def _get(kv: KVClient, args: argparse.Namespace) -> int:
+    found = kv.get_versioned(args.key, consistency=Consistency[args.consistency.upper()])
+    if found is None:
+        print("(nil)", file=sys.stderr)
+        return EXIT_NEGATIVE
+    value, version = found
+    _print_value(value)
+    if args.show_version:
+        print(f"version {version}")
+    return EXIT_OK
+
+
+def _print_value(value: bytes) -> None:
+    try:
+        print(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(value + b"\n")
+        sys.stdout.buffer.flush()
+
+
+def _delete(kv: KVClient, args: argparse.Namespace) -> int:
+    # Deleting an absent key is not a failure: the key is absent either way.
+    print("deleted" if kv.delete(args.key) else "(not found)")
+    return EXIT_OK
+
+
+def _cas(kv: KVClient, args: argparse.Namespace) -> int:
+    swapped, version = kv.cas_versioned(args.key, args.expected_version, args.value)
+    if swapped:
+        print(f"OK version {version}")
+        return EXIT_OK
+    print(f"not swapped: current version {version}, expected {args.expected_version}",
+          file=sys.stderr)
+    return EXIT_NEGATIVE
+
+
+def _ping(kv: KVClient, args: argparse.Namespace) -> int:
+    print(f"pong from {kv.ping()} at {kv.endpoint}")
+    return EXIT_OK
+
+
+def _status(kv: KVClient, args: argparse.Namespace) -> int:
+    status = annotate_status(kv.status())
+    if args.json:
+        print(json.dumps(status, default=_json_default, sort_keys=True))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+_COMMANDS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "ping": _ping,
+             "status": _status}
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _role_name(role: Any) -> str:
+    try:
+        return Role(role).name.lower()
+    except (ValueError, TypeError):
+        return str(role).lower()
+
+
+def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
+    """Add per shard its leader, and per node ``role`` as a name and ``lag`` (entries
+    behind the shard leader's last index; None without a leader)."""
+    shards: dict[int, dict[str, Any]] = {}
+    for node in status.get("nodes", []):
+        node["role"] = _role_name(node.get("role"))
+        shard = shards.setdefault(int(node.get("shard_id", -1)), {"leader": None, "nodes": []})
+        shard["nodes"].append(node)
+        if node["role"] == "leader":
+            best = shard["leader"]
+            if best is None or node.get("term", 0) > best.get("term", 0):
+                shard["leader"] = node
+    for shard in shards.values():
+        leader = shard["leader"]
+        for node in shard["nodes"]:
+            node["lag"] = (None if leader is None else
+                           max(0, leader.get("last_index", 0) - node.get("last_index", 0)))
+        shard["leader"] = None if leader is None else leader.get("node_id")
+        shard["nodes"].sort(key=lambda n: str(n.get("node_id")))
+    for sid in status.get("ring", {}).get("shards", []):
+        shards.setdefault(int(sid), {"leader": None, "nodes": []})
+    status["shards"] = {str(k): v for k, v in sorted(shards.items())}
+    status.pop("nodes", None)
+    return status
+
+
+_COLUMNS = (("node", "node_id"), ("role", "role"), ("term", "term"),
+            ("last", "last_index"), ("commit", "commit_index"), ("applied", "applied_index"),
+            ("lag", "lag"), ("keys", "key_count"), ("pid", "pid"), ("age", "age"))
+
+
+def format_status(status: dict[str, Any]) -> str:
+    ring = status.get("ring", {})
+    lines = [f"broker {status.get('broker_id', '?')}  ring epoch {ring.get('epoch', '?')}  "
+             f"shards {ring.get('shards', '?')}  vnodes {ring.get('vnodes', '?')}"]
+    for sid, shard in status.get("shards", {}).items():
+        leader = shard["leader"] or "NONE"
+        lines.append(f"\nshard {sid}  leader {leader}  ({len(shard['nodes'])} live nodes)")
+        rows = [[h for h, _ in _COLUMNS]]
+        for node in shard["nodes"]:
+            row = []
+            for _, name in _COLUMNS:
+                v = _age(node) if name == "age" else node.get(name)
+                row.append("-" if v is None else str(v))
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+        for row in rows:
+            lines.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
+                                          for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    return "\n".join(lines)
+
+
+def _age(node: dict[str, Any]) -> str | None:
+    """Process uptime if the node reports one in ``extra``, and heartbeat age."""
+    extra = node.get("extra") or {}
+    up = extra.get("uptime_s")
+    hb = node.get("age_ms")
+    hb_s = None if hb is None else f"hb {hb}ms"
+    if up is None:
+        return hb_s
+    up_s = f"up {float(up):.0f}s"
+    return up_s if hb_s is None else f"{up_s}/{hb_s}"
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

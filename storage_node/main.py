@@ -1,0 +1,115 @@
+"""``zkv-node``: run one replica of one shard. Flags are documented in docs/internals.md."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from protocol.ring import DEFAULT_VNODES, RingConfig
+from storage_node.fsync_policy import FsyncPolicy
+from storage_node.logging_setup import configure_logging
+from storage_node.node import NodeConfig, StorageNode
+
+
+def _peers(text: str) -> dict[str, str]:
+    peers: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, endpoint = item.partition("=")
+        if not sep or not name or not endpoint:
+            raise argparse.ArgumentTypeError(f"peer {item!r} is not NAME=ENDPOINT")
+        peers[name] = endpoint
+    return peers
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (e.strip() for e in text.split(","))))
+
+
+def _shards(text: str) -> tuple[int, ...]:
+    try:
+        shards = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad shard list {text!r}") from exc
+    if not shards:
+        raise argparse.ArgumentTypeError("the ring needs at least one shard")
+    return shards
+
+
+def _fsync(text: str) -> FsyncPolicy:
+    try:
+        return FsyncPolicy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _heartbeat_port(endpoint: str) -> str:
+    host, _, port = endpoint.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zkv-node", description=__doc__)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--listen", required=True, help="peer ROUTER endpoint to bind")
+    p.add_argument("--advertise", default="", help="peer address others use (default: --listen)")
+    p.add_argument("--peers", type=_peers, default={}, help="NAME=ENDPOINT,... of the group")
+    p.add_argument("--brokers", type=_endpoints, required=True, help="broker backend endpoints")
+    p.add_argument("--heartbeat-endpoints", type=_endpoints, default=(),
+                   help="broker heartbeat endpoints (default: each broker's port + 1)")
+    p.add_argument("--shards", type=_shards, default=None,
+                   help="initial ring shard ids, e.g. 0,1 (default: this shard only)")
+    p.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
+    p.add_argument("--fsync", type=_fsync, default=FsyncPolicy.parse("always"))
+    p.add_argument("--snapshot-entries", type=int, default=50_000)
+    p.add_argument("--heartbeat-ms", type=int, default=100)
+    p.add_argument("--election-timeout-ms", type=int, default=1000)
+    p.add_argument("--key-bytes-max", type=int, default=16 * 1024)
+    p.add_argument("--value-bytes-max", type=int, default=1024 * 1024)
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    if args.election_timeout_ms < 3 * args.heartbeat_ms:
+        logger.error("--election-timeout-ms must be at least 3 x --heartbeat-ms")
+        return 2
+    config = NodeConfig(
+        node_id=args.node_id,
+        shard_id=args.shard,
+        data_dir=args.data_dir,
+        listen=args.listen,
+        advertise=args.advertise or args.listen,
+        peers={k: v for k, v in args.peers.items() if k != args.node_id},
+        brokers=args.brokers,
+        heartbeat_endpoints=args.heartbeat_endpoints or tuple(map(_heartbeat_port, args.brokers)),
+        ring=RingConfig(1, args.shards or (args.shard,), args.vnodes),
+        fsync=args.fsync,
+        snapshot_entries=args.snapshot_entries,
+        heartbeat_ms=args.heartbeat_ms,
+        election_timeout_ms=args.election_timeout_ms,
+        key_bytes_max=args.key_bytes_max,
+        value_bytes_max=args.value_bytes_max,
+    )
+    try:
+        node = StorageNode(config)
+    except RuntimeError as exc:  # corrupt WAL or state: refuse to start, say why
+        logger.error("refusing to start: {}", exc)
+        return 3
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGINT, lambda *_: node.stop())
+    node.run()
+    logger.info("node {} stopped", args.node_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The storage node shell: sockets, files and the clock around the replica core.
+
+One thread, one loop (the Paranoid Pirate shape): poll until the next deadline, read the
+clock once, drain each ready socket in bounded batches, feed the core, then handle its
+``Ready`` in the order the core demands (persist, sync, send, apply, answer). Draining a
+whole batch before handling ``Ready`` is what makes group commit work: every write that
+arrived meanwhile shares one WAL write and one fsync, and one append per follower.
+
+Requests and replies carry the client identity, so the node answers on the broker
+socket a request came from without the broker remembering anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+from loguru import logger
+
+from protocol import codec
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import (
+    Campaign,
+    CasRequest,
+    Consistency,
+    DeleteRequest,
+    ErrorReply,
+    GetReply,
+    GetRequest,
+    Heartbeat,
+    PeerMessage,
+    PingRequest,
+    PongReply,
+    PutRequest,
+    Role,
+)
+from protocol.ring import Ring, RingConfig
+from storage_node import durable_state
+from storage_node.commands import CasCommand, DeleteCommand, PutCommand, encode_command
+from storage_node.fsync_policy import FsyncPolicy
+from storage_node.replica import Ready, Replica, ReplicaConfig
+from storage_node.snapshot import load_latest_snapshot, save_snapshot
+from storage_node.state_machine import KVStateMachine
+from storage_node.wal import WriteAheadLog
+
+BATCH_MAX = 512  # messages drained from one socket per wake-up
+PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    shard_id: int
+    data_dir: Path
+    listen: str
+    advertise: str
+    peers: dict[str, str]
+    brokers: tuple[str, ...]
+    heartbeat_endpoints: tuple[str, ...]
+    ring: RingConfig
+    fsync: FsyncPolicy
+    snapshot_entries: int = 50_000
+    heartbeat_ms: int = 100
+    election_timeout_ms: int = 1000
+    key_bytes_max: int = 16 * 1024
+    value_bytes_max: int = 1024 * 1024
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Where to send the answer for a proposed write or a queued read."""
+
+    sock: zmq.Socket  # type: ignore[type-arg]
+    ident: bytes
+    request_id: int
+    key: bytes = b""
+
+
+class StorageNode:
+    def __init__(self, config: NodeConfig, ctx: zmq.Context | None = None) -> None:  # type: ignore[type-arg]
+        self.config = config
+        self.log = logger.bind(component="node", node=config.node_id, shard=config.shard_id)
+        self._ctx = ctx or zmq.Context.instance()
+        self._running = True
+        self._recover()
+        self._pending_writes: dict[int, _Pending] = {}
+        self._waiting_reads: list[tuple[int, _Pending]] = []
+        self._was_leader = False
+        self._next_heartbeat = 0.0
+        self._last_snapshot_index = self.core.snap_index
+
+    # ------------------------------------------------------------------ startup
+
+    def _recover(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        ring = durable_state.load_ring(cfg.data_dir)
+        if ring is None:
+            ring = cfg.ring
+            durable_state.save_ring(cfg.data_dir, ring)
+        self.ring = Ring(ring)
+        hard = durable_state.load_hard_state(cfg.data_dir)
+        self.state = KVStateMachine()
+        snap = load_latest_snapshot(cfg.data_dir)
+        snapshot = None
+        if snap is not None:
+            self.state.restore(snap.data)
+            snapshot = (snap.last_index, snap.last_term, snap.data)
+        self.wal, entries = WriteAheadLog.open(cfg.data_dir / "wal", cfg.fsync)
+        if snap is not None and entries and entries[0].index > snap.last_index + 1:
+            raise RuntimeError(
+                f"{cfg.data_dir}: the log starts at {entries[0].index} but the snapshot ends "
+                f"at {snap.last_index}; remove the data directory to rebuild from peers"
+            )
+        members = tuple(sorted({cfg.node_id, *cfg.peers}))
+        self.core = Replica(
+            ReplicaConfig(
+                cfg.node_id, members, cfg.heartbeat_ms, cfg.election_timeout_ms,
+            ),
+            hard,
+            entries,
+            snapshot,
+        )
+        self.log.info(
+            "recovered term={} log={}..{} snapshot={} keys={}",
+            hard.term, self.core.snap_index + 1, self.core.last_index,
+            self.core.snap_index, self.state.key_count,
+        )
+
+    def _open_sockets(self) -> None:
+        cfg, ctx = self.config, self._ctx
+        ident = cfg.node_id.encode()
+        self.broker_socks = []
+        for endpoint in cfg.brokers:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, ident)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 100_000)
+            s.setsockopt(zmq.RCVHWM, 100_000)
+            s.connect(endpoint)
+            self.broker_socks.append(s)
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        for endpoint in cfg.heartbeat_endpoints:
+            self.pub.connect(endpoint)
+        self.peer_router = ctx.socket(zmq.ROUTER)
+        self.peer_router.setsockopt(zmq.LINGER, 0)
+        self.peer_router.setsockopt(zmq.RCVHWM, 100_000)
+        self.peer_router.bind(cfg.listen)
+        self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
+        for peer, endpoint in cfg.peers.items():
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, ident)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
+            s.setsockopt(zmq.SNDHWM, 10_000)
+            s.connect(endpoint)
+            self.peer_socks[peer] = s
+        self.poller = zmq.Poller()
+        for s in self.broker_socks:
+            self.poller.register(s, zmq.POLLIN)
+        self.poller.register(self.peer_router, zmq.POLLIN)
+
+    def close(self) -> None:
+        for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values()]:
+            s.close(linger=0)
+        self.wal.close()
+
+    def stop(self) -> None:
+        self._running = False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        self._open_sockets()
+        self.log.info("node {} ready shard={} listen={}", self.config.node_id,
+                      self.config.shard_id, self.config.listen)
+        tick_ms = max(5, self.config.heartbeat_ms // 4)
+        try:
+            while self._running:
+                events = dict(self.poller.poll(tick_ms))
+                now = time.monotonic()
+                for sock in self.broker_socks:
+                    if sock in events:
+                        self._drain_broker(sock, now)
+                if self.peer_router in events:
+                    self._drain_peers(now)
+                self.core.tick(now)
+                self._handle_ready(now)
+                if now >= self._next_heartbeat:
+                    self._next_heartbeat = now + self.config.heartbeat_ms / 1000
+                    self._publish_heartbeat()
+                    self.wal.sync(now)  # interval policy: sync even when idle
+                self._maybe_snapshot()
+        finally:
+            self.close()
+
+    def _drain_broker(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
+        for _ in range(BATCH_MAX):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_broker_frames(sock, frames, now)
+            except RemoteProtocolError as exc:
+                self.log.warning("bad frames from broker: {}", exc)
+
+    def _drain_peers(self, now: float) -> None:
+        for _ in range(BATCH_MAX):
+            try:
+                frames = self.peer_router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            try:
+                msg = codec.decode(frames[1:])
+            except RemoteProtocolError as exc:
+                self.log.warning("bad peer frames: {}", exc)
+                continue
+            if getattr(msg, "TYPE", None) not in PEER_TYPES:
+                self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
+                continue
+            sender = frames[0].decode(errors="replace")
+            self.core.step(sender, msg, now)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_broker_frames(self, sock: zmq.Socket, frames: list[bytes], now: float) -> None:  # type: ignore[type-arg]
+        if len(frames) < 2:
+            raise RemoteProtocolError("too few frames")
+        ident = frames[0]
+        if ident == b"":
+            msg = codec.decode(frames[1:])
+            if isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id:
+                self.log.info("broker {} asks us to stand (term {})", msg.broker_id, msg.term)
+                self.core.campaign(now, msg.term)
+            return
+        try:
+            req = codec.decode(frames[1:])
+        except RemoteProtocolError:
+            rid = codec.request_id_of(frames[1])
+            self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
+            return
+        if isinstance(req, GetRequest):
+            self._on_get(sock, ident, req, now)
+        elif isinstance(req, (PutRequest, DeleteRequest, CasRequest)):
+            self._on_write(sock, ident, req, now)
+        elif isinstance(req, PingRequest):
+            self._reply(sock, ident, PongReply(req.request_id, self.config.node_id))
+        else:
+            rid = getattr(req, "request_id", 0)
+            self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "not a data request"))
+
+    def _check_key(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes) -> bool:  # type: ignore[type-arg]
+        if len(key) > self.config.key_bytes_max:
+            self._reply(sock, ident, ErrorReply(
+                request_id, ErrorCode.TOO_LARGE,
+                f"key of {len(key)} bytes is over the limit of {self.config.key_bytes_max}",
+            ))  # fmt: skip
+            return False
+        if self.ring.shard_for(key) != self.config.shard_id:
+            self._reply(sock, ident, ErrorReply(
+                request_id, ErrorCode.WRONG_SHARD, "key not owned by this shard",
+                epoch=self.ring.config.epoch,
+            ))  # fmt: skip
+            return False
+        return True
+
+    def _not_leader(self, request_id: int) -> ErrorReply:
+        leader = self.core.leader_id
+        code = ErrorCode.NOT_LEADER if leader else ErrorCode.NO_LEADER
+        return ErrorReply(request_id, code, "not the leader", leader_hint=leader)
+
+    def _on_get(self, sock: zmq.Socket, ident: bytes, req: GetRequest, now: float) -> None:  # type: ignore[type-arg]
+        if not self._check_key(sock, ident, req.request_id, req.key):
+            return
+        if req.consistency is Consistency.STALE:
+            self._answer_get(sock, ident, req.request_id, req.key)
+        elif self.core.role is not Role.LEADER:
+            self._reply(sock, ident, self._not_leader(req.request_id))
+        elif req.consistency is Consistency.LEADER:
+            self._answer_get(sock, ident, req.request_id, req.key)
+        elif not self.core.read_index(_Pending(sock, ident, req.request_id, req.key), now):
+            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.UNAVAILABLE, "busy"))
+
+    def _answer_get(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes) -> None:  # type: ignore[type-arg]
+        found = self.state.get(key)
+        if found is None:
+            self._reply(sock, ident, GetReply(request_id, False, 0, b""))
+        else:
+            self._reply(sock, ident, GetReply(request_id, True, found[1], found[0]))
+
+    def _on_write(self, sock: zmq.Socket, ident: bytes, req: PutRequest | DeleteRequest | CasRequest, now: float) -> None:  # type: ignore[type-arg]
+        if not self._check_key(sock, ident, req.request_id, req.key):
+            return
+        if isinstance(req, (PutRequest, CasRequest)) and len(req.value) > self.config.value_bytes_max:
+            self._reply(sock, ident, ErrorReply(
+                req.request_id, ErrorCode.TOO_LARGE,
+                f"value of {len(req.value)} bytes is over the limit of {self.config.value_bytes_max}",
+            ))  # fmt: skip
+            return
+        if self.core.role is not Role.LEADER:
+            self._reply(sock, ident, self._not_leader(req.request_id))
+            return
+        ts_ms = int(time.time() * 1000)
+        if isinstance(req, PutRequest):
+            cmd = PutCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key, req.value)
+        elif isinstance(req, DeleteRequest):
+            cmd = DeleteCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key)  # type: ignore[assignment]
+        else:
+            cmd = CasCommand(  # type: ignore[assignment]
+                req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key,
+                req.expected_version, req.value,
+            )
+        index = self.core.propose(encode_command(cmd), now)
+        assert index is not None  # we checked the role just above
+        self._pending_writes[index] = _Pending(sock, ident, req.request_id)
+
+    def _reply(self, sock: zmq.Socket, ident: bytes, reply: object) -> None:  # type: ignore[type-arg]
+        try:
+            sock.send_multipart([ident, *codec.encode(reply)], zmq.NOBLOCK)  # type: ignore[arg-type]
+        except zmq.Again:
+            self.log.warning("broker socket full: reply dropped (the client will retry)")
+
+    # ------------------------------------------------------------------ ready
+
+    def _handle_ready(self, now: float) -> None:
+        core = self.core
+        while core.has_ready():
+            rd = core.ready()
+            self._persist(rd, now)
+            for to, msg in rd.messages:
+                self._send_peer(to, msg)
+            for entry in rd.committed:
+                reply = self.state.apply(entry.index, entry.data)
+                pending = self._pending_writes.pop(entry.index, None)
+                if pending is not None and reply is not None:
+                    self._reply(pending.sock, pending.ident, reply)
+            if rd.committed:
+                core.applied(rd.committed[-1].index)
+            for token, index in rd.reads:
+                self._waiting_reads.append((index, token))  # type: ignore[arg-type]
+            for token in rd.failed_reads:
+                p: _Pending = token  # type: ignore[assignment]
+                self._reply(p.sock, p.ident, self._not_leader(p.request_id))
+        self._serve_reads()
+        is_leader = core.role is Role.LEADER
+        if is_leader != self._was_leader:
+            self._was_leader = is_leader
+            if is_leader:
+                self.log.info("became leader of shard {} at term {}", self.config.shard_id, core.term)
+            else:
+                self.log.info("stepped down in shard {} at term {}", self.config.shard_id, core.term)
+                for pending in self._pending_writes.values():
+                    self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
+                self._pending_writes.clear()
+
+    def _persist(self, rd: Ready, now: float) -> None:
+        if rd.hard_state is not None:
+            durable_state.save_hard_state(self.config.data_dir, rd.hard_state)
+        if rd.snapshot is not None:
+            index, term, data = rd.snapshot
+            save_snapshot(self.config.data_dir, index, term, data)
+            self.state.restore(data)
+            self.wal.reset(index + 1)
+            self._last_snapshot_index = index
+            self.log.info("installed snapshot at index {} from the leader", index)
+        if rd.truncate_from is not None:
+            self.wal.truncate_from(rd.truncate_from)
+        if rd.entries:
+            self.wal.append(rd.entries)
+        if rd.entries or rd.truncate_from is not None:
+            self.wal.sync(now)
+            self.core.persisted(self.wal.last_index)
+
+    def _serve_reads(self) -> None:
+        if not self._waiting_reads:
+            return
+        applied = self.state.applied_index
+        keep = []
+        for index, p in self._waiting_reads:
+            if index <= applied:
+                self._answer_get(p.sock, p.ident, p.request_id, p.key)
+            else:
+                keep.append((index, p))
+        self._waiting_reads = keep
+
+    def _send_peer(self, to: str, msg: PeerMessage) -> None:
+        sock = self.peer_socks.get(to)
+        if sock is None:
+            return
+        try:
+            sock.send_multipart(codec.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # peer away or slow: Raft tolerates loss, the leader resends
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _publish_heartbeat(self) -> None:
+        core, cfg = self.core, self.config
+        hb = Heartbeat(
+            cfg.node_id, cfg.shard_id, core.role, core.term, core.leader_id, core.last_term,
+            core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
+            os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
+            self.ring.config.epoch, self.ring.config.shards, self.ring.config.vnodes,
+            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
+        )
+        try:
+            self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _maybe_snapshot(self) -> None:
+        applied = self.state.applied_index
+        if applied - self._last_snapshot_index < self.config.snapshot_entries:
+            return
+        term = self.core.term_at(applied)
+        if term is None:
+            return
+        started = time.monotonic()
+        data = self.state.snapshot_bytes()
+        save_snapshot(self.config.data_dir, applied, term, data)
+        self.core.compacted(applied, term, data)
+        self.wal.compact(applied)
+        self._last_snapshot_index = applied
+        self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", applied, len(data),
+                      (time.monotonic() - started) * 1000)
+

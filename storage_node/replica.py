@@ -1,0 +1,654 @@
+"""The replica core: Raft's log, votes and commit for one member of a shard. Pure.
+
+No sockets, clock, threads or global random: the shell feeds events with the time
+(``step``, ``tick``, ``propose``, ``read_index``, ``campaign``) and drains ``ready()``:
+
+1. persist ``hard_state``; drop the log from ``truncate_from``; append ``entries``; sync
+   (per the fsync policy) and report ``persisted(last_index)``;
+2. only then send ``messages`` (a vote or an append ack promises durable state);
+3. install ``snapshot`` if any, apply ``committed`` in order, then ``applied(index)``;
+4. serve each of ``reads`` once the state machine has applied its read index.
+
+Rules (Raft, with the changes zkv's design asks for):
+- Elections are started by the broker (``campaign``), never by a local timer. A campaign
+  first runs a pre-vote at term+1 that changes nobody's state; only a candidate that a
+  majority would elect bumps its term, so a node cut off from the group cannot inflate
+  terms and depose a healthy leader when it returns.
+- A voter refuses (ignores) any vote while it hears a live leader: it is the leader, or
+  it heard one within ``election_timeout``. It refuses a candidate whose log is behind
+  its own (last term, then last index). Term and vote are persisted before answering.
+- Any message at a higher term makes us a follower at that term (except a vote refused
+  under a live leader, which is ignored whole). Messages from older terms are answered
+  with our term, so a deposed leader learns it and can never commit.
+- The leader commits index N once a majority (itself counted only up to what it has
+  persisted) holds N and ``term_at(N) == term``; followers learn the commit index from
+  appends, bounded by what the append proved they match.
+- A leader that has not heard a majority for ``election_timeout`` steps down.
+- Linearizable reads (read index): a read arriving at commit index C is given the next
+  ``read_seq``; it is safe once a majority echoed that seq at our term (we were still
+  leader after it arrived) and we have committed an entry of our term (so C covers
+  every write acknowledged by any earlier leader). Reads are batched per ``ready()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocol.messages import (
+    AppendEntries,
+    AppendReply,
+    Entry,
+    InstallSnapshot,
+    PeerMessage,
+    Role,
+    SnapshotReply,
+    VoteReply,
+    VoteRequest,
+)
+from storage_node.durable_state import HardState
+from storage_node.progress import Progress, ProgressState
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    node_id: str
+    members: tuple[str, ...]
+    heartbeat_interval_ms: int = 100
+    election_timeout_ms: int = 1000
+    #: data of the entry a new leader appends to commit something of its own term
+    noop_data: bytes = b"\x91\x00"
+    entries_per_append_max: int = 512
+    append_bytes_max: int = 1 << 20
+    inflight_appends_max: int = 256
+    snapshot_chunk_bytes: int = 1 << 20
+    snapshot_bytes_max: int = 4 << 30
+    reads_pending_max: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.node_id not in self.members:
+            raise ValueError(f"{self.node_id} is not among the members {self.members}")
+        if self.election_timeout_ms < 3 * self.heartbeat_interval_ms:
+            raise ValueError("election_timeout_ms must be >= 3 x heartbeat_interval_ms")
+
+
+@dataclass(slots=True)
+class Ready:
+    hard_state: HardState | None = None
+    truncate_from: int | None = None
+    entries: list[Entry] = field(default_factory=list)
+    messages: list[tuple[str, PeerMessage]] = field(default_factory=list)
+    committed: list[Entry] = field(default_factory=list)
+    reads: list[tuple[object, int]] = field(default_factory=list)
+    failed_reads: list[object] = field(default_factory=list)
+    #: (last_index, last_term, data): install before applying ``committed``
+    snapshot: tuple[int, int, bytes] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.hard_state or self.truncate_from is not None or self.entries
+            or self.messages or self.committed or self.reads or self.failed_reads
+            or self.snapshot
+        )  # fmt: skip
+
+
+class Replica:
+    """One member of a shard's replica group. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        config: ReplicaConfig,
+        hard_state: HardState,
+        entries: list[Entry],
+        snapshot: tuple[int, int, bytes] | None = None,
+    ) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self._peers = tuple(m for m in config.members if m != config.node_id)
+        self._quorum = len(config.members) // 2 + 1
+        self._heartbeat_s = config.heartbeat_interval_ms / 1000
+        self._election_s = config.election_timeout_ms / 1000
+        self.term = hard_state.term
+        self.voted_for = hard_state.voted_for
+        self.role = Role.FOLLOWER
+        self.leader_id = ""
+        self.snap_index, self.snap_term, self._snap_data = snapshot or (0, 0, b"")
+        self._log: list[Entry] = [e for e in entries if e.index > self.snap_index]
+        for offset, e in enumerate(self._log):
+            assert e.index == self.snap_index + 1 + offset, "log indexes must be contiguous"
+        self.commit_index = self.snap_index
+        self._delivered = self.snap_index  # highest index handed out in Ready.committed
+        self._persisted = self.last_index  # what we recovered was durable
+        self._unstable_from = self.last_index + 1  # first index not yet handed to the shell
+        self._truncate_from: int | None = None
+        self._hard_state_dirty = False
+        self._messages: list[tuple[str, PeerMessage]] = []
+        self._install: tuple[int, int, bytes] | None = None
+        self._last_heard_leader = -1e18
+        # candidate / pre-candidate
+        self._prevote = False
+        self._prevote_term = 0
+        self._votes: set[str] = set()
+        self._election_started = 0.0
+        # leader
+        self._progress: dict[str, Progress] = {}
+        self._became_leader_at = 0.0
+        self._noop_index = 0
+        self._last_heartbeat = -1e18
+        self._read_seq = 0
+        self._reads_unsent: list[tuple[object, int]] = []  # (token, commit at arrival)
+        self._reads_waiting: list[tuple[object, int, int]] = []  # (token, index, seq)
+        self._reads_ready: list[tuple[object, int]] = []
+        self._reads_failed: list[object] = []
+        # follower snapshot reception
+        self._incoming: tuple[int, int] | None = None
+        self._incoming_data = bytearray()
+        self._now = 0.0  # time of the latest event, for work done in ready()
+
+    # ------------------------------------------------------------------ log access
+
+    @property
+    def last_index(self) -> int:
+        return self._log[-1].index if self._log else self.snap_index
+
+    @property
+    def last_term(self) -> int:
+        return self._log[-1].term if self._log else self.snap_term
+
+    def term_at(self, index: int) -> int | None:
+        """Term of the entry at ``index``; None if compacted away or beyond the log."""
+        if index == self.snap_index:
+            return self.snap_term
+        if index < self.snap_index or index > self.last_index:
+            return None
+        return self._log[index - self.snap_index - 1].term
+
+    def entries_from(self, index: int, count_max: int, bytes_max: int) -> list[Entry]:
+        start = index - self.snap_index - 1
+        out: list[Entry] = []
+        size = 0
+        for e in self._log[start : start + count_max]:
+            size += len(e.data) + 24
+            if out and size > bytes_max:
+                break
+            out.append(e)
+        return out
+
+    def _append(self, entries: list[Entry]) -> None:
+        self._log.extend(entries)
+
+    def _truncate(self, index: int) -> None:
+        assert index > self.commit_index, "a committed entry must never be truncated"
+        del self._log[index - self.snap_index - 1 :]
+        self._persisted = min(self._persisted, index - 1)
+        if index < self._unstable_from:
+            self._truncate_from = (
+                index if self._truncate_from is None else min(self._truncate_from, index)
+            )
+            self._unstable_from = index
+
+    # ------------------------------------------------------------------ shell API
+
+    def propose(self, data: bytes, now: float) -> int | None:
+        """Append a command as leader; its index, or None when not the leader."""
+        if self.role is not Role.LEADER:
+            return None
+        self._now = now
+        index = self.last_index + 1
+        self._log.append(Entry(self.term, index, data))
+        return index
+
+    def read_index(self, token: object, now: float) -> bool:
+        """Queue a linearizable read; False when not the leader or too many are pending."""
+        if self.role is not Role.LEADER:
+            return False
+        if len(self._reads_unsent) + len(self._reads_waiting) >= self.config.reads_pending_max:
+            return False
+        self._reads_unsent.append((token, self.commit_index))
+        return True
+
+    def campaign(self, now: float, known_term: int = 0) -> None:
+        """The broker thinks our leader is gone: start a pre-vote."""
+        if self.role is Role.LEADER or self._in_lease(now) or self._prevote:
+            return
+        if self.role is Role.CANDIDATE and now - self._election_started < self._election_s:
+            return
+        self._now = now
+        self._prevote = True
+        self._prevote_term = max(self.term, known_term) + 1
+        self._votes = {self.node_id}
+        self._election_started = now
+        request = VoteRequest(
+            self._prevote_term, self.node_id, self.last_index, self.last_term, True
+        )
+        for peer in self._peers:
+            self._send(peer, request)
+        self._check_prevote(now)
+
+    def tick(self, now: float) -> None:
+        self._now = now
+        if self.role is Role.LEADER:
+            self._leader_tick(now)
+        elif (self._prevote or self.role is Role.CANDIDATE) and (
+            now - self._election_started >= self._election_s
+        ):
+            self._prevote = False
+            if self.role is Role.CANDIDATE:
+                self.role = Role.FOLLOWER
+
+    def persisted(self, index: int) -> None:
+        self._persisted = max(self._persisted, min(index, self.last_index))
+        if self.role is Role.LEADER:
+            self._maybe_commit()
+
+    def applied(self, index: int) -> None:
+        """The state machine reached ``index`` (informational; reads are served by the
+        shell once applied >= their read index)."""
+
+    def compacted(self, index: int, term: int, data: bytes) -> None:
+        """The shell snapshotted the state at ``index``: drop the log up to it."""
+        if index <= self.snap_index:
+            return
+        assert index <= self._delivered and self.term_at(index) == term
+        del self._log[: index - self.snap_index]
+        self.snap_index, self.snap_term, self._snap_data = index, term, data
+
+    def ready(self) -> Ready:
+        if self.role is Role.LEADER:
+            if self._unstable_from <= self.last_index:
+                self._broadcast_append(self._now)  # one batched append per follower
+            if self._reads_unsent:
+                self._start_read_round()
+        rd = Ready()
+        if self._hard_state_dirty:
+            rd.hard_state = HardState(self.term, self.voted_for)
+            self._hard_state_dirty = False
+        rd.truncate_from, self._truncate_from = self._truncate_from, None
+        if self._unstable_from <= self.last_index:
+            rd.entries = self._log[self._unstable_from - self.snap_index - 1 :]
+            self._unstable_from = self.last_index + 1
+        rd.messages, self._messages = self._messages, []
+        rd.snapshot, self._install = self._install, None
+        if self.commit_index > self._delivered:
+            lo = self._delivered - self.snap_index
+            rd.committed = self._log[lo : self.commit_index - self.snap_index]
+            self._delivered = self.commit_index
+        rd.reads, self._reads_ready = self._reads_ready, []
+        rd.failed_reads, self._reads_failed = self._reads_failed, []
+        return rd
+
+    def has_ready(self) -> bool:
+        return bool(
+            self._hard_state_dirty or self._truncate_from is not None
+            or self._unstable_from <= self.last_index or self._messages or self._install
+            or self.commit_index > self._delivered or self._reads_ready or self._reads_failed
+            or (self._reads_unsent and self.role is Role.LEADER)
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ messages in
+
+    def step(self, sender: str, msg: PeerMessage, now: float) -> None:
+        self._now = now
+        if sender not in self._peers:
+            return  # not a member of this group: ignore rather than trust
+        if isinstance(msg, VoteRequest):
+            self._on_vote_request(sender, msg, now)
+            return
+        if isinstance(msg, VoteReply) and msg.pre_vote:
+            self._on_prevote_reply(sender, msg, now)
+            return
+        if msg.term > self.term:
+            leader = sender if isinstance(msg, (AppendEntries, InstallSnapshot)) else ""
+            self._become_follower(msg.term, leader, now)
+        elif msg.term < self.term:
+            if isinstance(msg, (AppendEntries, InstallSnapshot)):
+                # tell a deposed leader about the newer term
+                self._send(sender, AppendReply(self.term, self.node_id, False, self.last_index, 0))
+            return
+        if isinstance(msg, AppendEntries):
+            self._on_append(sender, msg, now)
+        elif isinstance(msg, AppendReply):
+            self._on_append_reply(sender, msg, now)
+        elif isinstance(msg, VoteReply):
+            self._on_vote_reply(sender, msg, now)
+        elif isinstance(msg, InstallSnapshot):
+            self._on_snapshot(sender, msg, now)
+        elif isinstance(msg, SnapshotReply):
+            self._on_snapshot_reply(sender, msg, now)
+
+    # ------------------------------------------------------------------ elections
+
+    def _in_lease(self, now: float) -> bool:
+        """True while we are or hear a live leader: votes are then refused."""
+        if self.role is Role.LEADER:
+            return True
+        return bool(self.leader_id) and now - self._last_heard_leader < self._election_s
+
+    def _log_ok(self, last_index: int, last_term: int) -> bool:
+        return (last_term, last_index) >= (self.last_term, self.last_index)
+
+    def _on_vote_request(self, sender: str, msg: VoteRequest, now: float) -> None:
+        if msg.pre_vote:
+            grant = msg.term > self.term and not self._in_lease(now) and self._log_ok(
+                msg.last_log_index, msg.last_log_term
+            )
+            term = msg.term if grant else self.term
+            self._send(sender, VoteReply(term, self.node_id, grant, True))
+            return
+        if msg.term > self.term:
+            if self._in_lease(now):
+                return  # a live leader exists: ignore whole, keep our term
+            self._become_follower(msg.term, "", now)
+        if msg.term < self.term:
+            self._send(sender, VoteReply(self.term, self.node_id, False))
+            return
+        grant = self.voted_for in ("", sender) and self._log_ok(
+            msg.last_log_index, msg.last_log_term
+        )
+        if grant and self.voted_for != sender:
+            self.voted_for = sender
+            self._hard_state_dirty = True
+        self._send(sender, VoteReply(self.term, self.node_id, grant))
+
+    def _on_prevote_reply(self, sender: str, msg: VoteReply, now: float) -> None:
+        if not self._prevote:
+            return
+        if msg.granted and msg.term == self._prevote_term:
+            self._votes.add(sender)
+            self._check_prevote(now)
+        elif not msg.granted and msg.term > self.term:
+            self._become_follower(msg.term, "", now)
+
+    def _check_prevote(self, now: float) -> None:
+        if len(self._votes) >= self._quorum:
+            self._become_candidate(now)
+
+    def _become_candidate(self, now: float) -> None:
+        self._prevote = False
+        self.role = Role.CANDIDATE
+        self.term = max(self.term + 1, self._prevote_term)
+        self.voted_for = self.node_id
+        self._hard_state_dirty = True
+        self.leader_id = ""
+        self._votes = {self.node_id}
+        self._election_started = now
+        request = VoteRequest(self.term, self.node_id, self.last_index, self.last_term)
+        for peer in self._peers:
+            self._send(peer, request)
+        if len(self._votes) >= self._quorum:
+            self._become_leader(now)
+
+    def _on_vote_reply(self, sender: str, msg: VoteReply, now: float) -> None:
+        if self.role is not Role.CANDIDATE or not msg.granted:
+            return
+        self._votes.add(sender)
+        if len(self._votes) >= self._quorum:
+            self._become_leader(now)
+
+    def _become_follower(self, term: int, leader: str, now: float) -> None:
+        if term > self.term:
+            self.term = term
+            self.voted_for = ""
+            self._hard_state_dirty = True
+        was_leader = self.role is Role.LEADER
+        self.role = Role.FOLLOWER
+        self._prevote = False
+        self.leader_id = leader
+        if leader:
+            self._last_heard_leader = now
+        if was_leader:
+            self._progress.clear()
+            self._reads_failed.extend(t for t, _ in self._reads_unsent)
+            self._reads_failed.extend(t for t, _, _ in self._reads_waiting)
+            self._reads_unsent.clear()
+            self._reads_waiting.clear()
+
+    def _become_leader(self, now: float) -> None:
+        self.role = Role.LEADER
+        self.leader_id = self.node_id
+        self._became_leader_at = now
+        self._progress = {
+            p: Progress(next_index=self.last_index + 1, last_ack=now, last_progress=now)
+            for p in self._peers
+        }
+        self._noop_index = self.propose(self.config.noop_data, now) or 0
+        self._broadcast_append(now)
+        self._maybe_commit()
+
+    # ------------------------------------------------------------------ replication
+
+    def _leader_tick(self, now: float) -> None:
+        live = 1 + sum(1 for pr in self._progress.values() if now - pr.last_ack < self._election_s)
+        if live < self._quorum and now - self._became_leader_at >= self._election_s:
+            self._become_follower(self.term, "", now)
+            return
+        if now - self._last_heartbeat >= self._heartbeat_s:
+            self._last_heartbeat = now
+            for peer, pr in self._progress.items():
+                stalled = now - pr.last_progress >= 2 * self._heartbeat_s
+                if pr.state is ProgressState.REPLICATE and pr.inflight and stalled:
+                    pr.become_probe(now)  # an append was probably lost: find the gap
+                self._send_append(peer, now, heartbeat=True)
+
+    def _broadcast_append(self, now: float) -> None:
+        for peer in self._progress:
+            self._send_append(peer, now)
+
+    def _send_append(self, peer: str, now: float, heartbeat: bool = False) -> None:
+        pr = self._progress[peer]
+        if pr.state is ProgressState.SNAPSHOT:
+            if heartbeat:
+                self._send_snapshot_chunk(peer, pr, now)
+            return
+        if pr.next_index <= self.snap_index:
+            pr.become_snapshot(now)
+            self._send_snapshot_chunk(peer, pr, now)
+            return
+        if pr.state is ProgressState.PROBE:
+            if pr.probe_sent and not heartbeat:
+                return
+            pr.probe_sent = True
+            self._send_entries(peer, pr, pr.next_index)
+            return
+        if pr.next_index <= self.last_index and len(pr.inflight) < self.config.inflight_appends_max:
+            self._send_entries(peer, pr, pr.next_index)
+        elif heartbeat:
+            # empty append at a point the follower is known to match
+            prev_term = self.term_at(pr.match_index)
+            if prev_term is None:
+                pr.become_snapshot(now)
+                self._send_snapshot_chunk(peer, pr, now)
+                return
+            self._send(peer, AppendEntries(
+                self.term, self.node_id, pr.match_index, prev_term, (),
+                min(self.commit_index, pr.match_index), self._read_seq,
+            ))  # fmt: skip
+
+    def _send_entries(self, peer: str, pr: Progress, next_index: int) -> None:
+        prev = next_index - 1
+        prev_term = self.term_at(prev)
+        assert prev_term is not None
+        entries = self.entries_from(
+            next_index, self.config.entries_per_append_max, self.config.append_bytes_max
+        )
+        self._send(peer, AppendEntries(
+            self.term, self.node_id, prev, prev_term, tuple(entries), self.commit_index,
+            self._read_seq,
+        ))  # fmt: skip
+        if entries and pr.state is ProgressState.REPLICATE:
+            pr.next_index = entries[-1].index + 1
+            pr.inflight.append(entries[-1].index)
+
+    def _on_append(self, sender: str, msg: AppendEntries, now: float) -> None:
+        if self.role is not Role.FOLLOWER or self.leader_id != sender:
+            self._become_follower(self.term, sender, now)
+        self._last_heard_leader = now
+        prev, prev_term, entries = msg.prev_index, msg.prev_term, msg.entries
+        if prev < self.snap_index:  # the part we compacted is committed, hence matching
+            entries = tuple(e for e in entries if e.index > self.snap_index)
+            prev, prev_term = self.snap_index, self.snap_term
+            if entries and entries[0].index != prev + 1:
+                entries = ()
+        if prev > self.last_index or self.term_at(prev) != prev_term:
+            hint = self._conflict_hint(prev)
+            self._send(sender, AppendReply(self.term, self.node_id, False, hint, msg.read_seq))
+            return
+        new_entries: list[Entry] = []
+        for i, e in enumerate(entries):
+            if e.index > self.last_index:
+                new_entries = list(entries[i:])
+                break
+            if self.term_at(e.index) != e.term:
+                self._truncate(e.index)
+                new_entries = list(entries[i:])
+                break
+        if new_entries:
+            self._append(new_entries)
+        matched = max(prev + len(entries), self.snap_index)
+        commit = min(msg.commit_index, matched)
+        if commit > self.commit_index:
+            self.commit_index = commit
+        self._send(sender, AppendReply(self.term, self.node_id, True, matched, msg.read_seq))
+
+    def _conflict_hint(self, prev: int) -> int:
+        """Where the leader should retry after our log failed to match at ``prev``: our
+        end if we are short, else before the whole run of the conflicting term."""
+        if prev > self.last_index:
+            return self.last_index
+        conflict_term = self.term_at(prev)
+        i = prev
+        while i - 1 > max(self.commit_index, self.snap_index) and self.term_at(i - 1) == conflict_term:
+            i -= 1
+        return i - 1
+
+    def _on_append_reply(self, sender: str, msg: AppendReply, now: float) -> None:
+        pr = self._progress.get(sender)
+        if self.role is not Role.LEADER or pr is None:
+            return
+        pr.last_ack = now
+        if msg.read_seq > pr.read_ack:
+            pr.read_ack = msg.read_seq
+            self._confirm_reads()
+        if msg.success:
+            if pr.acknowledge(msg.match_index, now):
+                self._maybe_commit()
+            if pr.state is ProgressState.PROBE or (
+                pr.state is ProgressState.SNAPSHOT and pr.match_index >= self.snap_index
+            ):
+                pr.become_replicate(now)
+            self._send_append(sender, now)
+        elif pr.state is not ProgressState.SNAPSHOT and msg.match_index < pr.next_index:
+            pr.reject(msg.match_index, now)
+            self._send_append(sender, now)
+
+    def _maybe_commit(self) -> None:
+        matches = sorted(
+            [self._persisted, *(pr.match_index for pr in self._progress.values())],
+            reverse=True,
+        )
+        candidate = matches[self._quorum - 1]
+        if candidate > self.commit_index and self.term_at(candidate) == self.term:
+            self.commit_index = candidate
+            if self._reads_waiting:
+                self._confirm_reads()
+
+    # ------------------------------------------------------------------ reads
+
+    def _start_read_round(self) -> None:
+        self._read_seq += 1
+        for token, index in self._reads_unsent:
+            self._reads_waiting.append((token, index, self._read_seq))
+        self._reads_unsent.clear()
+        for peer in self._progress:
+            prev_term = self.term_at(self._progress[peer].match_index)
+            pr = self._progress[peer]
+            if prev_term is None:
+                continue
+            self._send(peer, AppendEntries(
+                self.term, self.node_id, pr.match_index, prev_term, (),
+                min(self.commit_index, pr.match_index), self._read_seq,
+            ))  # fmt: skip
+        self._confirm_reads()
+
+    def _confirm_reads(self) -> None:
+        if self.term_at(self.commit_index) != self.term:
+            return  # nothing of our term committed yet: our commit index may be stale
+        acks = sorted([self._read_seq, *(p.read_ack for p in self._progress.values())], reverse=True)
+        confirmed_seq = acks[self._quorum - 1]
+        keep: list[tuple[object, int, int]] = []
+        for token, index, seq in self._reads_waiting:
+            if seq <= confirmed_seq:
+                self._reads_ready.append((token, max(index, self._noop_index)))
+            else:
+                keep.append((token, index, seq))
+        self._reads_waiting = keep
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _send_snapshot_chunk(self, peer: str, pr: Progress, now: float) -> None:
+        size = self.config.snapshot_chunk_bytes
+        chunk = self._snap_data[pr.snapshot_offset : pr.snapshot_offset + size]
+        done = pr.snapshot_offset + len(chunk) >= len(self._snap_data)
+        pr.snapshot_sent_at = now
+        self._send(peer, InstallSnapshot(
+            self.term, self.node_id, self.snap_index, self.snap_term, pr.snapshot_offset,
+            done, bytes(chunk),
+        ))  # fmt: skip
+
+    def _on_snapshot(self, sender: str, msg: InstallSnapshot, now: float) -> None:
+        if self.role is not Role.FOLLOWER or self.leader_id != sender:
+            self._become_follower(self.term, sender, now)
+        self._last_heard_leader = now
+        if msg.last_index <= self.commit_index:
+            # we already hold everything it contains; committed entries match the leader
+            self._send(sender, AppendReply(self.term, self.node_id, True, self.commit_index, 0))
+            return
+        key = (msg.last_index, msg.last_term)
+        if msg.offset == 0:
+            self._incoming, self._incoming_data = key, bytearray()
+        if self._incoming != key or msg.offset != len(self._incoming_data):
+            expected = len(self._incoming_data) if self._incoming == key else 0
+            self._send(sender, SnapshotReply(self.term, self.node_id, msg.last_index, expected, False))
+            return
+        if len(self._incoming_data) + len(msg.data) > self.config.snapshot_bytes_max:
+            self._incoming, self._incoming_data = None, bytearray()
+            return
+        self._incoming_data += msg.data
+        offset = len(self._incoming_data)
+        if msg.done:
+            self._install_snapshot(msg.last_index, msg.last_term, bytes(self._incoming_data))
+            self._incoming, self._incoming_data = None, bytearray()
+        self._send(sender, SnapshotReply(self.term, self.node_id, msg.last_index, offset, True))
+
+    def _install_snapshot(self, index: int, term: int, data: bytes) -> None:
+        """Replace our state by the leader's snapshot; our whole log is discarded."""
+        self._log.clear()
+        self.snap_index, self.snap_term, self._snap_data = index, term, data
+        self.commit_index = max(self.commit_index, index)
+        self._delivered = index
+        self._persisted = index
+        self._unstable_from = index + 1
+        self._truncate_from = None
+        self._install = (index, term, data)
+
+    def _on_snapshot_reply(self, sender: str, msg: SnapshotReply, now: float) -> None:
+        pr = self._progress.get(sender)
+        if self.role is not Role.LEADER or pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        pr.last_ack = now
+        if msg.last_index != self.snap_index:
+            pr.snapshot_offset = 0  # we compacted again meanwhile: start over
+        elif msg.success and msg.offset >= len(self._snap_data):
+            pr.match_index = max(pr.match_index, self.snap_index)
+            pr.become_probe(now)
+            self._maybe_commit()
+            self._send_append(sender, now)
+            return
+        else:
+            pr.snapshot_offset = msg.offset
+        pr.last_progress = now
+        self._send_snapshot_chunk(sender, pr, now)
+
+    # ------------------------------------------------------------------ out
+
+    def _send(self, to: str, msg: PeerMessage) -> None:
+        self._messages.append((to, msg))

@@ -1,0 +1,130 @@
+"""Snapshots of the state machine: ``<data dir>/snap/<last index, 20 digits>.snap``.
+
+File: a 36-byte header ``magic "ZKVSNAP1" | u64 last_index | u64 last_term |
+u64 length | u32 crc32(data)`` (little-endian), then ``data``.
+
+A snapshot is written to ``<name>.tmp``, fsynced, renamed and the directory fsynced,
+so a file with a ``.snap`` name is complete unless the disk itself damaged it.
+
+We keep the newest ``SNAPSHOTS_KEPT`` files, and loading skips a damaged newest file
+(with a warning) in favour of an older good one. That fallback is only sound if the log
+still holds every entry after the older snapshot: a replica that silently lost entries
+it had acknowledged could elect a leader missing a committed write. So the shell
+compacts the WAL only up to ``compactable_index`` (the oldest snapshot kept), never up
+to the snapshot it just wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from storage_node.durable_state import fsync_directory
+
+SNAP_DIR = "snap"
+SNAPSHOTS_KEPT = 2
+MAGIC = b"ZKVSNAP1"
+_HEADER = struct.Struct("<8sQQQI")
+_SNAP_NAME = re.compile(r"^(\d{20})\.snap$")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    last_index: int
+    last_term: int
+    data: bytes
+
+
+def snapshot_name(last_index: int) -> str:
+    return f"{last_index:020d}.snap"
+
+
+def save_snapshot(
+    directory: str | os.PathLike[str], last_index: int, last_term: int, data: bytes
+) -> Path:
+    """Write the snapshot durably, then delete all but the newest ``SNAPSHOTS_KEPT``.
+
+    ``directory`` is the node's data directory. Returns the snapshot's path.
+    """
+    if last_index < 0 or last_term < 0:
+        raise ValueError(f"bad snapshot position ({last_index}, {last_term})")
+    snap_dir = Path(directory) / SNAP_DIR
+    snap_dir.mkdir(parents=True, exist_ok=True)
+    path = snap_dir / snapshot_name(last_index)
+    tmp = path.with_name(path.name + ".tmp")
+    header = _HEADER.pack(MAGIC, last_index, last_term, len(data), zlib.crc32(data))
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(snap_dir)
+    _prune(snap_dir)
+    return path
+
+
+def _snapshot_files(snap_dir: Path) -> list[tuple[int, Path]]:
+    """(last index, path) of every snapshot file, newest first."""
+    if not snap_dir.is_dir():
+        return []
+    found = []
+    for p in snap_dir.iterdir():
+        m = _SNAP_NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    found.sort(reverse=True)
+    return found
+
+
+def _prune(snap_dir: Path) -> None:
+    """Delete snapshots beyond the newest ``SNAPSHOTS_KEPT`` and leftover temp files
+    (a crash between write and rename leaves one behind)."""
+    for _, p in _snapshot_files(snap_dir)[SNAPSHOTS_KEPT:]:
+        p.unlink(missing_ok=True)
+    for p in snap_dir.glob("*.snap.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _read_snapshot(index: int, path: Path) -> Snapshot | str:
+    """The snapshot in ``path``, or why it cannot be trusted."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if len(raw) < _HEADER.size:
+        return "shorter than its header"
+    magic, last_index, last_term, length, crc = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        return "bad magic"
+    if last_index != index:
+        return f"header says last index {last_index}, the name says {index}"
+    data = raw[_HEADER.size :]
+    if len(data) != length:
+        return f"{len(data)} bytes of data, the header says {length}"
+    if zlib.crc32(data) != crc:
+        return "checksum mismatch"
+    return Snapshot(last_index, last_term, data)
+
+
+def compactable_index(directory: str | os.PathLike[str]) -> int:
+    """Highest log index the WAL may be compacted up to: the oldest snapshot kept, so
+    falling back from a damaged newest snapshot still meets a contiguous log."""
+    files = _snapshot_files(Path(directory) / SNAP_DIR)[:SNAPSHOTS_KEPT]
+    return files[-1][0] if files else 0
+
+
+def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:
+    """The newest intact snapshot under ``directory/snap``, or ``None`` if there is none."""
+    for index, path in _snapshot_files(Path(directory) / SNAP_DIR):
+        found = _read_snapshot(index, path)
+        if isinstance(found, Snapshot):
+            return found
+        logger.warning("snapshot {} is damaged ({}); trying an older one", path, found)
+    return None

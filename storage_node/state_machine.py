@@ -1,0 +1,172 @@
+"""The key-value state machine a shard's replicas apply committed log entries to.
+
+State: ``key -> (value, version)``, where a key's version is the log index of the entry
+that last wrote it, plus the session table (``sessions.py``) that makes retried writes
+apply once. Everything here is a pure function of the log, so every replica that
+applied the same prefix holds the same state and the same snapshot.
+
+Semantics (``apply``):
+- PUT stores the value at version = index: ``PutReply(version=index)``.
+- DELETE removes the key: ``DeleteReply(True, index)``, or ``DeleteReply(False, 0)`` if
+  it did not exist (nothing was written).
+- CAS writes only if the key's version equals ``expected_version`` (0: the key must not
+  exist): ``CasReply(True, index)``, else ``CasReply(False, current version or 0)``.
+- A write whose (client id, request id) was seen returns the cached reply and changes
+  nothing; one the session table has forgotten returns ``ErrorReply(SESSION_EXPIRED)``.
+- NOOP, and an entry that does not decode (it is in the log already: skipping it is
+  the only way forward, and every replica skips it alike), return ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from loguru import logger
+
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
+from storage_node.commands import DeleteCommand, Noop, PutCommand, WriteCommand, decode_command
+from storage_node.sessions import (
+    CLIENTS_MAX,
+    REPLIES_PER_CLIENT_MAX,
+    SESSION_TTL_MS,
+    SessionStatus,
+    SessionTable,
+)
+
+ApplyReply = PutReply | DeleteReply | CasReply | ErrorReply
+
+#: Snapshot layout version: ``[1, applied_index, keys, (value, version)s, sessions]``.
+SNAPSHOT_FORMAT = 1
+
+
+class KVStateMachine:
+    """Keys, values, versions and sessions; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        replies_per_client_max: int = REPLIES_PER_CLIENT_MAX,
+        clients_max: int = CLIENTS_MAX,
+        session_ttl_ms: int = SESSION_TTL_MS,
+    ) -> None:
+        self._data: dict[bytes, tuple[bytes, int]] = {}
+        self._sessions = SessionTable(replies_per_client_max, clients_max, session_ttl_ms)
+        self._applied_index = 0
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    @property
+    def key_count(self) -> int:
+        return len(self._data)
+
+    @property
+    def sessions(self) -> SessionTable:
+        return self._sessions
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        """``(value, version)`` of ``key``, or ``None`` if it does not exist."""
+        return self._data.get(key)
+
+    def apply(self, index: int, data: bytes) -> ApplyReply | None:
+        """Apply the committed entry at ``index``; the reply for its client, if any."""
+        if index <= self._applied_index:
+            raise AssertionError(f"apply of index {index} after {self._applied_index}")
+        self._applied_index = index
+        try:
+            cmd = decode_command(data)
+        except RemoteProtocolError as exc:
+            logger.error("log entry {} is not a valid command ({}); skipped", index, exc)
+            return None
+        if isinstance(cmd, Noop):
+            return None
+        return self._apply_write(index, cmd)
+
+    def _apply_write(self, index: int, cmd: WriteCommand) -> ApplyReply:
+        sessions = self._sessions
+        seen = sessions.lookup(cmd.client_id, cmd.request_id, cmd.ts_ms)
+        if seen is not SessionStatus.NEW:
+            if seen is SessionStatus.EXPIRED:
+                return ErrorReply(
+                    cmd.request_id, ErrorCode.SESSION_EXPIRED,
+                    "this write's session was forgotten; its outcome is unknown",
+                )  # fmt: skip
+            return seen
+        data = self._data
+        reply: PutReply | DeleteReply | CasReply
+        if isinstance(cmd, PutCommand):
+            data[cmd.key] = (cmd.value, index)
+            reply = PutReply(cmd.request_id, index)
+        elif isinstance(cmd, DeleteCommand):
+            if data.pop(cmd.key, None) is None:
+                reply = DeleteReply(cmd.request_id, False, 0)
+            else:
+                reply = DeleteReply(cmd.request_id, True, index)
+        else:
+            current = data.get(cmd.key)
+            version = 0 if current is None else current[1]
+            if version == cmd.expected_version:
+                data[cmd.key] = (cmd.value, index)
+                reply = CasReply(cmd.request_id, True, index)
+            else:
+                reply = CasReply(cmd.request_id, False, version)
+        sessions.record(cmd.client_id, cmd.request_id, cmd.lowest_pending, reply)
+        return reply
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot_bytes(self) -> bytes:
+        """The whole state as msgpack. Flat lists packed in C: no per-key objects."""
+        data = self._data
+        state = [
+            SNAPSHOT_FORMAT,
+            self._applied_index,
+            list(data.keys()),
+            list(data.values()),
+            self._sessions.to_state(),
+        ]
+        packed: bytes = msgpack.packb(state, use_bin_type=True)
+        return packed
+
+    def restore(self, snapshot: bytes) -> None:
+        """Replace the whole state by a snapshot's. A malformed snapshot raises
+        ``RemoteProtocolError`` (it may come from a peer) and changes nothing."""
+        try:
+            state: Any = msgpack.unpackb(snapshot, raw=False, use_list=False)
+            fmt, applied, keys, values, sessions_state = state
+        except Exception as exc:  # msgpack raises many types on garbage
+            raise RemoteProtocolError(f"undecodable snapshot: {exc.__class__.__name__}") from exc
+        if fmt != SNAPSHOT_FORMAT or type(applied) is not int or applied < 0:
+            raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
+        if type(keys) is not tuple or type(values) is not tuple or len(keys) != len(values):
+            raise RemoteProtocolError("snapshot keys and values do not match")
+        if not all(type(k) is bytes for k in keys) or not all(
+            type(v) is tuple and len(v) == 2 for v in values
+        ):
+            raise RemoteProtocolError("snapshot holds a malformed key or value")
+        sessions = SessionTable(
+            self._sessions.replies_per_client_max,
+            self._sessions.clients_max,
+            self._sessions.session_ttl_ms,
+        )
+        try:
+            sessions.load_state(sessions_state)
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc)) from exc
+        self._data = dict(zip(keys, values, strict=True))
+        self._sessions = sessions
+        self._applied_index = applied
+
+    def __eq__(self, other: object) -> bool:
+        """Same keys, values, versions, sessions and applied index (for tests)."""
+        if not isinstance(other, KVStateMachine):
+            return NotImplemented
+        return (
+            self._applied_index == other._applied_index
+            and self._data == other._data
+            and self._sessions == other._sessions
+        )
+
+    __hash__ = None  # type: ignore[assignment]

@@ -1,0 +1,452 @@
+"""The write-ahead log: Raft's log entries on disk, in segment files.
+
+Layout: ``<wal dir>/<first index, 20 digits>.seg``, the WAL directory being
+``<data dir>/wal`` (``WAL_DIR``; the shell passes the full path). A segment is a run of records
+``u32 length | u32 crc32(payload) | payload`` (little-endian), payload = msgpack
+``[term, index, data]``. Indexes are contiguous within and across segments.
+
+Rules and invariants:
+- Only the last segment is written to; it rolls over once it would exceed
+  ``segment_bytes_max``. Before a roll the old segment is fsynced (unless the policy is
+  ``never``), so a torn record can only ever sit in the last segment.
+- Every segment on disk holds at least one record, except an instant after it is
+  created; recovery deletes an empty last segment.
+- Recovery: a short or bad record with nothing valid after it in the last segment is a
+  torn tail (a write cut by a crash): truncated with a warning. A bad record in any other
+  segment, or followed by a valid record, is corruption: ``CorruptLogError``, the node
+  refuses to start, because silently dropping acknowledged entries would break Raft.
+- ``append`` buffers; ``sync`` is the group commit: one flush and (per the policy) one
+  fsync cover every entry appended since the previous one.
+- ``truncate_from`` is always durable before it returns, whatever the policy: a deleted
+  segment that came back after a crash would leave a hole in the log.
+- Appends continue ``last_index`` (``reset(i)`` restarts the log at ``i`` after a snapshot
+  install). Only a log that recovered no entry at all accepts any first index: the WAL
+  cannot know where the node's snapshot ends.
+- Any ``OSError`` while writing poisons the log (memory and disk may disagree): every
+  later call raises. The node must exit; recovery repairs the torn tail on restart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+from loguru import logger
+
+from protocol.messages import Entry
+from storage_node.durable_state import fsync_directory
+from storage_node.fsync_policy import FsyncMode, FsyncPolicy
+
+WAL_DIR = "wal"
+SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+#: Largest payload one record may hold: far above a command (1 MiB value), far below
+#: what would let a corrupt length field make recovery allocate without limit.
+RECORD_BYTES_MAX = 64 * 1024 * 1024
+
+_HEADER = struct.Struct("<II")
+_HEADER_BYTES = _HEADER.size
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+#: msgpack "fixarray of 3": the first byte of every payload we write; the corruption
+#: scan only tries offsets whose payload would start with it.
+_PAYLOAD_TAG = 0x93
+_REPAIR = "remove this replica's data directory and let it rebuild from its peers"
+
+
+class CorruptLogError(RuntimeError):
+    """The log is damaged beyond a torn tail: the node must not start on it."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(
+            f"write-ahead log corrupt in {path} at byte offset {offset}: {reason}. "
+            f"To repair, {_REPAIR}."
+        )
+        self.path = path
+        self.offset = offset
+
+
+def segment_name(first_index: int) -> str:
+    return f"{first_index:020d}.seg"
+
+
+class _Segment:
+    """One segment file and where each of its records starts (so truncation is a seek)."""
+
+    __slots__ = ("path", "first_index", "offsets", "size")
+
+    def __init__(self, path: Path, first_index: int) -> None:
+        self.path = path
+        self.first_index = first_index
+        self.offsets = array("Q")  # offsets[i] = byte offset of entry first_index + i
+        self.size = 0
+
+    @property
+    def last_index(self) -> int:
+        return self.first_index + len(self.offsets) - 1
+
+
+def _parse_payload(payload: bytes | memoryview) -> tuple[int, int, bytes] | None:
+    """``(term, index, data)`` if ``payload`` is a plausible entry, else ``None``."""
+    try:
+        value = msgpack.unpackb(payload, raw=False, use_list=False)
+    except Exception:  # garbage makes msgpack raise many types
+        return None
+    if type(value) is not tuple or len(value) != 3:
+        return None
+    term, index, data = value
+    if type(term) is not int or type(index) is not int or type(data) is not bytes:
+        return None
+    if term < 0 or index < 1:
+        return None
+    return term, index, data
+
+
+def _read_record(buf: bytes, pos: int) -> tuple[int, tuple[int, int, bytes] | None, str]:
+    """Parse the record at ``pos``: (its size, its entry or None, why it is bad)."""
+    if len(buf) - pos < _HEADER_BYTES:
+        return 0, None, "short record header"
+    length, crc = _HEADER.unpack_from(buf, pos)
+    if length == 0 or length > RECORD_BYTES_MAX:
+        return 0, None, f"implausible record length {length}"
+    end = pos + _HEADER_BYTES + length
+    if end > len(buf):
+        return 0, None, "record runs past the end of the file"
+    payload = memoryview(buf)[pos + _HEADER_BYTES : end]
+    if zlib.crc32(payload) != crc:
+        return 0, None, "checksum mismatch"
+    parsed = _parse_payload(payload)
+    if parsed is None:
+        return 0, None, "checksum matches but the payload is not [term, index, data]"
+    return end - pos, parsed, ""
+
+
+def _valid_record_after(buf: bytes, pos: int, expected_index: int) -> int | None:
+    """Offset of a valid record after ``pos`` continuing the log, if any.
+
+    A record only parses with a good checksum where one was really written, so finding
+    one behind a bad record means the bad one is damage in the middle of the log, not a
+    write cut short by a crash.
+    """
+    start = pos + 1 + _HEADER_BYTES
+    while True:
+        tag = buf.find(_PAYLOAD_TAG, start)
+        if tag < 0:
+            return None
+        candidate = tag - _HEADER_BYTES
+        _, parsed, _ = _read_record(buf, candidate)
+        if parsed is not None and parsed[1] >= expected_index:
+            return candidate
+        start = tag + 1
+
+
+class WriteAheadLog:
+    """Append-only Raft log on disk; see the module docstring for the rules."""
+
+    def __init__(self, directory: Path, policy: FsyncPolicy, segment_bytes_max: int) -> None:
+        self._dir = directory
+        self._policy = policy
+        self._segment_bytes_max = segment_bytes_max
+        self._segments: list[_Segment] = []
+        self._file: BinaryIO | None = None  # the last segment, open for appending
+        self._next_index = 1  # index the next append must carry, once known
+        self._next_known = False  # False only while a log recovered empty is untouched
+        self._dirty = False  # bytes written since the last fsync
+        self._last_sync: float | None = None
+        self._broken: str | None = None
+        self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+    # ------------------------------------------------------------------ recovery
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        policy: FsyncPolicy,
+        segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT,
+    ) -> tuple[WriteAheadLog, list[Entry]]:
+        """Open (creating if needed) the log in ``directory`` and recover it.
+
+        Returns the log and every entry it holds, in order. Raises ``CorruptLogError``
+        if the log is damaged beyond a torn tail.
+        """
+        if segment_bytes_max < 1:
+            raise ValueError("segment_bytes_max must be >= 1")
+        wal_dir = Path(directory)
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        wal = cls(wal_dir, policy, segment_bytes_max)
+        entries: list[Entry] = []
+        names = sorted(p.name for p in wal_dir.iterdir() if _SEGMENT_NAME.match(p.name))
+        for i, name in enumerate(names):
+            first = int(name[:20])
+            if wal._segments and first != wal._next_index:
+                raise CorruptLogError(
+                    wal_dir / name, 0,
+                    f"segment starts at index {first}, expected {wal._next_index}"
+                )  # fmt: skip
+            wal._recover_segment(wal_dir / name, first, entries, last=i == len(names) - 1)
+        if wal._segments:
+            wal._file = open(wal._segments[-1].path, "ab")  # noqa: SIM115 - owned by the WAL
+            wal._next_known = True
+        return wal, entries
+
+    def _recover_segment(self, path: Path, first: int, out: list[Entry], last: bool) -> None:
+        buf = path.read_bytes()
+        seg = _Segment(path, first)
+        pos, expected = 0, first
+        while pos < len(buf):
+            size, parsed, reason = _read_record(buf, pos)
+            if parsed is None:
+                self._bad_record(path, buf, pos, expected, reason, last)
+                break
+            term, index, data = parsed
+            if index != expected:
+                raise CorruptLogError(path, pos, f"entry index {index}, expected {expected}")
+            seg.offsets.append(pos)
+            out.append(Entry(term, index, data))
+            pos += size
+            expected += 1
+        seg.size = pos
+        if not seg.offsets and not last:
+            raise CorruptLogError(path, 0, "empty segment that is not the last")
+        if not seg.offsets:
+            logger.warning("WAL {}: no complete record, removing the empty segment", path)
+            path.unlink()
+            fsync_directory(self._dir)
+            return
+        self._segments.append(seg)
+        self._next_index = expected
+
+    def _bad_record(
+        self, path: Path, buf: bytes, pos: int, expected: int, reason: str, last: bool
+    ) -> None:
+        """Torn tail (truncate it) or corruption (raise)."""
+        if not last:
+            raise CorruptLogError(path, pos, f"{reason} in a segment that is not the last")
+        after = _valid_record_after(buf, pos, expected)
+        if after is not None:
+            raise CorruptLogError(
+                path, pos, f"{reason}, yet a valid record follows at byte offset {after}"
+            )
+        logger.warning(
+            "WAL {}: torn record at byte offset {} ({}); truncating {} bytes",
+            path, pos, reason, len(buf) - pos,
+        )  # fmt: skip
+        with open(path, "r+b") as f:
+            f.truncate(pos)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ------------------------------------------------------------------ reading state
+
+    @property
+    def first_index(self) -> int:
+        """Index of the oldest entry held (``last_index + 1`` when the log is empty)."""
+        return self._segments[0].first_index if self._segments else self._next_index
+
+    @property
+    def last_index(self) -> int:
+        """Index of the newest entry held (``first_index - 1`` when the log is empty)."""
+        return self._next_index - 1
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def policy(self) -> FsyncPolicy:
+        return self._policy
+
+    def sync_deadline(self) -> float | None:
+        """When ``sync`` would next fsync the pending writes (``None``: nothing pending
+        or policy ``never``): the shell's poll timeout must not sleep past it."""
+        if not self._dirty:
+            return None
+        return self._policy.next_sync_at(self._last_sync)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """Buffer ``entries`` (contiguous, following ``last_index``) for the next sync.
+
+        The hot path is one msgpack pack, one crc32 and one struct pack per entry and one
+        ``write`` per batch (per segment touched). Entries are checked and encoded before
+        anything changes, so a refused batch leaves the log as it was.
+        """
+        self._check_usable()
+        if not entries:
+            return
+        expected = self._next_index if self._next_known else entries[0].index
+        pack = self._packer.pack
+        payloads: list[bytes] = []
+        for e in entries:
+            if e.index != expected:
+                raise AssertionError(f"WAL append of index {e.index}, expected {expected}")
+            if type(e.data) is not bytes:
+                raise TypeError(f"entry {e.index}: data must be bytes")
+            payloads.append(pack((e.term, e.index, e.data)))
+            expected += 1
+        if max(map(len, payloads)) > RECORD_BYTES_MAX:
+            raise ValueError(f"an entry is larger than {RECORD_BYTES_MAX} bytes")
+        try:
+            self._write_records(entries[0].index, payloads)
+        except OSError as exc:
+            self._poison(f"append failed: {exc}")
+            raise
+        self._next_index = expected
+        self._next_known = True
+
+    def _write_records(self, first_index: int, payloads: list[bytes]) -> None:
+        header, crc32, limit = _HEADER.pack, zlib.crc32, self._segment_bytes_max
+        seg = self._segments[-1] if self._segments else None
+        parts: list[bytes] = []
+        pending = 0  # bytes in parts, not yet written
+        for i, payload in enumerate(payloads):
+            size = _HEADER_BYTES + len(payload)
+            if seg is None or (seg.size + pending > 0 and seg.size + pending + size > limit):
+                if parts:
+                    self._write(seg, parts, pending)
+                    parts, pending = [], 0
+                seg = self._roll(first_index + i)
+            seg.offsets.append(seg.size + pending)
+            parts.append(header(len(payload), crc32(payload)))
+            parts.append(payload)
+            pending += size
+        self._write(seg, parts, pending)
+
+    def _write(self, seg: _Segment | None, parts: list[bytes], size: int) -> None:
+        assert seg is not None and self._file is not None
+        self._file.write(b"".join(parts))
+        seg.size += size
+        self._dirty = True
+
+    def _roll(self, first_index: int) -> _Segment:
+        """Close the current segment durably and start ``<first_index>.seg``."""
+        if self._file is not None:
+            self._file.flush()
+            if self._policy.mode is not FsyncMode.NEVER:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        seg = _Segment(self._dir / segment_name(first_index), first_index)
+        self._file = open(seg.path, "xb")  # noqa: SIM115 - owned by the WAL
+        if self._policy.mode is not FsyncMode.NEVER:
+            fsync_directory(self._dir)
+        self._segments.append(seg)
+        return seg
+
+    def sync(self, now: float, force: bool = False) -> bool:
+        """Group commit: flush what ``append`` buffered, and fsync it if the policy says
+        so at ``now`` (or ``force``). Returns whether it fsynced."""
+        self._check_usable()
+        if self._file is None:
+            return False
+        try:
+            self._file.flush()
+            if not self._dirty or not (force or self._policy.sync_due(now, self._last_sync)):
+                return False
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._poison(f"sync of {self._segments[-1].path} failed: {exc}")
+            raise
+        self._dirty = False
+        self._last_sync = now
+        return True
+
+    def truncate_from(self, index: int) -> None:
+        """Drop every entry with an index >= ``index`` (Raft conflict resolution), durably."""
+        self._check_usable()
+        if index > self.last_index:
+            return
+        try:
+            self._truncate(index)
+        except OSError as exc:
+            self._poison(f"truncate_from({index}) failed: {exc}")
+            raise
+
+    def _truncate(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()  # flushes; the segment reopened below is the new last
+            self._file = None
+        # Newest first, each unlink made durable before the next, so a crash part-way
+        # leaves a prefix of the old log, never a hole (that would be CorruptLogError).
+        while self._segments and self._segments[-1].first_index >= index:
+            self._segments.pop().path.unlink()
+            fsync_directory(self._dir)
+        if self._segments:
+            seg = self._segments[-1]
+            keep = index - seg.first_index
+            if keep < len(seg.offsets):  # else ``index`` starts the segment deleted above
+                seg.size = seg.offsets[keep]
+                del seg.offsets[keep:]
+                with open(seg.path, "r+b") as f:
+                    f.truncate(seg.size)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._file = open(seg.path, "ab")  # noqa: SIM115 - owned by the WAL
+        self._next_index = index
+        self._next_known = True
+        self._dirty = False
+
+    def reset(self, next_index: int) -> None:
+        """Drop the whole log, durably, and expect ``next_index`` next: a snapshot
+        ending at ``next_index - 1`` was installed and replaces everything we had."""
+        self._check_usable()
+        if next_index < 1:
+            raise ValueError(f"next_index must be >= 1, got {next_index}")
+        if self._segments:
+            try:
+                self._truncate(self._segments[0].first_index)
+            except OSError as exc:
+                self._poison(f"reset({next_index}) failed: {exc}")
+                raise
+        self._next_index = next_index
+        self._next_known = True
+
+    def compact(self, upto_index: int) -> None:
+        """Delete whole segments whose entries are all <= ``upto_index`` (covered by a
+        durable snapshot). The last segment is never deleted. Oldest first, each unlink
+        made durable before the next: a crash part-way leaves a suffix of the log, never
+        a hole. (Usually one segment per snapshot, so the fsyncs cost nothing.)"""
+        self._check_usable()
+        try:
+            while len(self._segments) > 1 and self._segments[0].last_index <= upto_index:
+                self._segments.pop(0).path.unlink(missing_ok=True)
+                fsync_directory(self._dir)
+        except OSError as exc:
+            self._poison(f"compact({upto_index}) failed: {exc}")
+            raise
+
+    def close(self) -> None:
+        """Flush, fsync pending writes (unless the policy is ``never``) and close."""
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+            if self._dirty and self._policy.mode is not FsyncMode.NEVER and not self._broken:
+                os.fsync(self._file.fileno())
+                self._dirty = False
+        finally:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ failure
+
+    def _poison(self, reason: str) -> None:
+        self._broken = reason
+        logger.error("WAL {}: {}; the log is unusable until the node restarts", self._dir, reason)
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise OSError(f"write-ahead log unusable after an earlier failure: {self._broken}")

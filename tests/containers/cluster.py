@@ -1,0 +1,595 @@
+"""ContainerCluster: a zkv cluster in Docker containers, with fault helpers.
+
+Theory of operation:
+- Every cluster gets its own bridge network with a readable name; each member is a
+  container named ``<network>-<member>`` that also answers to ``<member>`` (a network
+  alias), so nodes address each other and the brokers by service name, as in compose.
+- Everything we create carries our labels (``zkv.test=1``, session, pid, host; never
+  ``org.testcontainers*``). Ryuk is off, so ``sweep()`` is the only reaper: the session
+  sweeps its own objects at the end, and objects of dead sessions at the start.
+- Ready means: the member's "<role> ... ready" log line appeared (counted, so a restart
+  waits for a *new* line), then every broker answers a ping through its host port on
+  127.0.0.1, then (for real clusters) every broker's status lists every node and a
+  leader for every shard.
+- Broker frontends are published on 127.0.0.1 at a host port chosen once per cluster, so
+  a restarted broker comes back on the same port and clients keep their endpoints; the
+  port is still read from Docker on every call (``broker_endpoint``), never cached.
+- Faults: SIGKILL + start (the writable layer, hence the WAL, survives), pause/unpause,
+  disconnect/reconnect (aliases given again), iptables DROP rules in a ``ZKV`` chain for
+  partial partitions (containers run with NET_ADMIN; rules name peer IPs at the time of
+  the call, so re-apply them after a reconnect).
+"""
+
+from __future__ import annotations
+
+import os
+
+# testcontainers reads its configuration at import time: set it first.
+for _key, _value in {
+    "TESTCONTAINERS_RYUK_DISABLED": "true",
+    "TESTCONTAINERS_CONNECTION_MODE": "docker_host",
+    "TC_HOST": "127.0.0.1",
+    "TC_POOLING_INTERVAL": "0.1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import docker  # noqa: E402
+import docker.errors  # noqa: E402
+import zmq  # noqa: E402
+from testcontainers.core.config import testcontainers_config as _tc_config  # noqa: E402
+from testcontainers.core.container import DockerContainer  # noqa: E402
+from testcontainers.core.network import Network  # noqa: E402
+
+from protocol import codec  # noqa: E402
+from protocol.messages import PingRequest, PongReply, Role  # noqa: E402
+
+# In case testcontainers was imported before us (its config is a process singleton).
+_tc_config.ryuk_disabled = True
+_tc_config.tc_host_override = "127.0.0.1"
+_tc_config.sleep_time = 0.1
+
+log = logging.getLogger("zkv.containers")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+IMAGE = os.environ.get("ZKV_TEST_IMAGE", "zkv:dev")
+BASE_IMAGE = os.environ.get("ZKV_TEST_BASE_IMAGE", "zkv-base:bookworm")
+LABEL = "zkv.test"
+SESSION = secrets.token_hex(4)
+BROKER_PORT = 5555
+NODE_PORT = 7100
+IPTABLES_CHAIN = "ZKV"
+
+
+def our_labels(**extra: str) -> dict[str, str]:
+    return {
+        LABEL: "1",
+        f"{LABEL}.session": SESSION,
+        f"{LABEL}.pid": str(os.getpid()),
+        f"{LABEL}.host": socket.gethostname(),
+        **{f"{LABEL}.{k}": v for k, v in extra.items()},
+    }
+
+
+# --------------------------------------------------------------------------- sweeping
+
+
+def _owner_dead(labels: dict[str, str]) -> bool:
+    """True if the session that created an object is gone (same host, pid not alive)."""
+    if labels.get(f"{LABEL}.host") != socket.gethostname():
+        return False  # another machine's session: not ours to judge
+    try:
+        pid = int(labels.get(f"{LABEL}.pid", "0"))
+    except ValueError:
+        return True
+    if pid <= 0:
+        return True
+    if pid == os.getpid():
+        return labels.get(f"{LABEL}.session") != SESSION
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep(client: docker.DockerClient, *, session: str | None = None) -> int:
+    """Remove our containers, networks and volumes: those of ``session`` if given,
+    else those whose creating process is dead. Returns how many objects went."""
+
+    def mine(labels: dict[str, str] | None) -> bool:
+        labels = labels or {}
+        if LABEL not in labels:
+            return False
+        if session is not None:
+            return labels.get(f"{LABEL}.session") == session
+        return _owner_dead(labels)
+
+    removed = 0
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        if mine(c.labels):
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True, v=True)
+                removed += 1
+    for n in client.networks.list(filters={"label": LABEL}):
+        if mine(n.attrs.get("Labels")):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                n.remove()
+                removed += 1
+    for v in client.volumes.list(filters={"label": LABEL}):
+        if mine(v.attrs.get("Labels")):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                v.remove(force=True)
+                removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the broker's host port for a cluster)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ping(endpoint: str, timeout_ms: int = 1000) -> str | None:
+    """Raw PingRequest to one broker (no SDK, no retry): its broker id, or None."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(codec.encode(PingRequest(client_id=os.urandom(8), request_id=1)))
+        if not sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        reply = codec.decode(sock.recv_multipart())
+        return reply.broker_id if isinstance(reply, PongReply) else None
+    except Exception:  # a probe: any failure means "not answering"
+        return None
+    finally:
+        sock.close(0)
+
+
+# --------------------------------------------------------------------------- SDK adapter
+
+
+def make_client(endpoints: Sequence[str], timeout_s: float = 5.0) -> Any:
+    """A ``client.KVClient`` on ``endpoints``; the one place that knows its constructor."""
+    from client import KVClient
+
+    params = inspect.signature(KVClient).parameters
+    kwargs: dict[str, Any] = {}
+    for name, value in (
+        ("timeout_s", timeout_s),
+        ("timeout", timeout_s),
+        ("deadline_s", timeout_s),
+        ("timeout_ms", int(timeout_s * 1000)),
+    ):
+        if name in params:
+            kwargs[name] = value
+            break
+    first = next(iter(params), "")
+    if first in ("endpoint", "broker", "address", "url"):
+        return KVClient(endpoints[0], **kwargs)
+    return KVClient(list(endpoints), **kwargs)
+
+
+def close_client(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        client.close()
+
+
+def status_nodes(status: Any) -> list[dict[str, Any]]:
+    """The node entries of a status answer, whatever the SDK wraps them in."""
+    nodes = status.get("nodes") if isinstance(status, dict) else getattr(status, "nodes", status)
+    out = []
+    for n in nodes or ():
+        if isinstance(n, dict):
+            out.append(dict(n))
+        else:
+            out.append({k: getattr(n, k) for k in dir(n) if not k.startswith("_")})
+    return out
+
+
+def is_leader(role: Any) -> bool:
+    if isinstance(role, str):
+        return role.upper().rsplit(".", 1)[-1] == "LEADER"
+    try:
+        return int(role) == int(Role.LEADER)
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@dataclass
+class Member:
+    name: str
+    kind: str  # "broker" or "node"
+    shard: int | None
+    command: list[str]
+    ready_re: re.Pattern[str]
+    tc: DockerContainer | None = None
+
+    @property
+    def container(self) -> Any:
+        assert self.tc is not None, f"{self.name} was never started"
+        return self.tc.get_wrapped_container()
+
+
+BrokerCommand = Callable[[str], list[str]]
+NodeCommand = Callable[[str, int, dict[str, str], list[str]], list[str]]
+
+
+@dataclass
+class ClusterConfig:
+    shards: int = 2
+    replicas: int = 3
+    brokers: int = 2
+    heartbeat_ms: int = 100
+    election_timeout_ms: int = 1000
+    fsync: str = "always"
+    image: str = IMAGE
+    broker_command: BrokerCommand | None = None
+    node_command: NodeCommand | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # path in container -> content
+    expect_leaders: bool = True  # False for the harness self-test with fake processes
+
+
+class ContainerCluster:
+    def __init__(self, docker_client: docker.DockerClient, name: str, config: ClusterConfig):
+        self.docker = docker_client
+        self.name = name
+        self.cfg = config
+        self.network: Network | None = None
+        self.host_ports: dict[str, int] = {}
+        self.members: dict[str, Member] = {}
+        self.brokers = [f"broker{b}" for b in range(config.brokers)]
+        self.nodes_by_shard = {
+            s: [f"s{s}r{r}" for r in range(config.replicas)] for s in range(config.shards)
+        }
+        for b in self.brokers:
+            self._add(b, "broker", None, self._broker_command(b))
+        for s, names in self.nodes_by_shard.items():
+            for n in names:
+                peers = {p: f"tcp://{p}:{NODE_PORT}" for p in names if p != n}
+                backends = [f"tcp://{b}:{BROKER_PORT + 1}" for b in self.brokers]
+                self._add(n, "node", s, self._node_command(n, s, peers, backends))
+
+    # ----------------------------------------------------------------- construction
+
+    def _add(self, name: str, kind: str, shard: int | None, command: list[str]) -> None:
+        pattern = r"\bbroker\b.*\bready\b" if kind == "broker" else rf"\bnode\s+{name}\b.*\bready\b"
+        self.members[name] = Member(name, kind, shard, command, re.compile(pattern))
+
+    def _broker_command(self, broker_id: str) -> list[str]:
+        if self.cfg.broker_command:
+            return self.cfg.broker_command(broker_id)
+        return [
+            "zkv-broker", "--host", "0.0.0.0", "--port", str(BROKER_PORT),
+            "--broker-id", broker_id,
+            "--heartbeat-ms", str(self.cfg.heartbeat_ms),
+            "--election-timeout-ms", str(self.cfg.election_timeout_ms),
+        ]  # fmt: skip
+
+    def _node_command(
+        self, node_id: str, shard: int, peers: dict[str, str], backends: list[str]
+    ) -> list[str]:
+        if self.cfg.node_command:
+            return self.cfg.node_command(node_id, shard, peers, backends)
+        return [
+            "zkv-node", "--node-id", node_id, "--shard", str(shard),
+            "--data-dir", "/data",
+            "--listen", f"tcp://0.0.0.0:{NODE_PORT}",
+            "--advertise", f"tcp://{node_id}:{NODE_PORT}",
+            "--peers", ",".join(f"{p}={a}" for p, a in peers.items()),
+            "--brokers", ",".join(backends),
+            "--shards", ",".join(str(s) for s in range(self.cfg.shards)),
+            "--fsync", self.cfg.fsync,
+            "--heartbeat-ms", str(self.cfg.heartbeat_ms),
+            "--election-timeout-ms", str(self.cfg.election_timeout_ms),
+        ]  # fmt: skip
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> ContainerCluster:
+        try:
+            self.start_all()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_all(self, timeout_s: float = 60.0) -> None:
+        try:
+            self.docker.images.get(self.cfg.image)
+        except docker.errors.ImageNotFound:
+            raise RuntimeError(
+                f"image {self.cfg.image} is missing and cannot be pulled here: build it "
+                "with `make image` (compose/build-base.sh + compose/build-wheelhouse.sh)"
+            ) from None
+        started = time.monotonic()
+        self.network = Network(docker_network_kw={"labels": our_labels(cluster=self.name)})
+        self.network.name = self.name
+        self.network.create()
+        for name in self.brokers:
+            self.host_ports[name] = free_port()
+        for m in self.members.values():
+            m.tc = self._container_for(m)
+            m.tc.start()
+        self.wait_ready(list(self.members), timeout_s=timeout_s)
+        if self.cfg.expect_leaders:
+            self.wait_converged(timeout_s=timeout_s)
+        log.info("cluster %s up in %.1fs", self.name, time.monotonic() - started)
+
+    def _container_for(self, m: Member) -> DockerContainer:
+        tc = (
+            DockerContainer(self.cfg.image)
+            .with_name(f"{self.name}-{m.name}")
+            .with_command(m.command)
+            .with_network(self.network)  # type: ignore[arg-type]
+            .with_network_aliases(m.name)
+            .with_kwargs(
+                init=True,
+                cap_add=["NET_ADMIN"],
+                hostname=m.name,
+                labels=our_labels(cluster=self.name, member=m.name),
+            )
+        )
+        if m.kind == "broker":
+            # Loopback only, at a fixed port: a restarted broker comes back on it.
+            tc.ports[f"{BROKER_PORT}/tcp"] = ("127.0.0.1", self.host_ports[m.name])  # type: ignore[assignment]
+        for path, content in self.cfg.files.items():
+            tc.with_copy_into_container(content, path, 0o755)
+        return tc
+
+    def close(self) -> None:
+        """Remove every container and the network, even after a partial start."""
+        for m in self.members.values():
+            if m.tc is not None:
+                with contextlib.suppress(Exception):
+                    m.container.remove(force=True, v=True)
+        if self.network is not None:
+            with contextlib.suppress(Exception):
+                self.network.remove()
+
+    # ----------------------------------------------------------------- readiness
+
+    def _ready_count(self, m: Member) -> int:
+        logs = m.container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
+        return len(m.ready_re.findall(logs))
+
+    def logs(self, name: str, tail: int = 60) -> str:
+        c = self.members[name].container
+        return str(c.logs(stdout=True, stderr=True, tail=tail).decode("utf-8", "replace"))
+
+    def wait_ready(
+        self, names: Iterable[str], timeout_s: float = 30.0, baseline: dict[str, int] | None = None
+    ) -> None:
+        """Wait for a new ready line from each member, then for brokers to answer pings."""
+        pending = set(names)
+        baseline = baseline or {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for name in sorted(pending):
+                m = self.members[name]
+                if self._ready_count(m) > baseline.get(name, 0):
+                    pending.discard(name)
+                    continue
+                m.container.reload()
+                if m.container.status in ("exited", "dead"):
+                    raise RuntimeError(f"{name} exited before ready:\n{self.logs(name)}")
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"not ready after {timeout_s}s: {sorted(pending)}\n"
+                    + "\n".join(f"--- {n}\n{self.logs(n)}" for n in sorted(pending))
+                )
+            if pending:
+                time.sleep(0.1)
+        for name in names:
+            if self.members[name].kind == "broker":
+                self.wait_ping(name, timeout_s=max(1.0, deadline - time.monotonic()))
+
+    def wait_ping(self, broker: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while ping(self.broker_endpoint(broker), timeout_ms=500) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{broker} does not answer pings:\n{self.logs(broker)}")
+            time.sleep(0.1)
+
+    def wait_converged(
+        self,
+        timeout_s: float = 30.0,
+        *,
+        brokers: Iterable[str] | None = None,
+        down: Iterable[str] = (),
+    ) -> None:
+        """Every broker lists every node (except those ``down``) and knows a leader for
+        every shard."""
+        everyone = {n for names in self.nodes_by_shard.values() for n in names} - set(down)
+        deadline = time.monotonic() + timeout_s
+        for broker in brokers or self.brokers:
+            while True:
+                try:
+                    nodes = self.status(broker)
+                    seen = {n.get("node_id") for n in nodes}
+                    led = {n.get("shard_id") for n in nodes if is_leader(n.get("role"))}
+                    if everyone <= seen and set(self.nodes_by_shard) <= led:
+                        break
+                    why = f"missing nodes {sorted(everyone - seen)}, shards without leader {sorted(set(self.nodes_by_shard) - led)}"
+                except Exception as exc:  # the SDK may time out while the cluster forms
+                    why = repr(exc)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster {self.name} did not converge via {broker}: {why}")
+                time.sleep(0.2)
+
+    # ----------------------------------------------------------------- addressing
+
+    def broker_endpoint(self, broker: str) -> str:
+        """The broker's frontend as seen from the host, looked up from Docker each time."""
+        c = self.members[broker].container
+        c.reload()
+        bindings = (c.attrs["NetworkSettings"]["Ports"] or {}).get(f"{BROKER_PORT}/tcp")
+        port = int(bindings[0]["HostPort"]) if bindings else self.host_ports[broker]
+        return f"tcp://127.0.0.1:{port}"
+
+    def endpoints(self, brokers: Iterable[str] | None = None) -> list[str]:
+        return [self.broker_endpoint(b) for b in (brokers or self.brokers)]
+
+    def client(self, brokers: Iterable[str] | None = None, timeout_s: float = 5.0) -> Any:
+        return make_client(self.endpoints(brokers), timeout_s=timeout_s)
+
+    def ip(self, name: str) -> str:
+        c = self.members[name].container
+        c.reload()
+        assert self.network is not None
+        return str(c.attrs["NetworkSettings"]["Networks"][self.name]["IPAddress"])
+
+    # ----------------------------------------------------------------- cluster state
+
+    def status(self, broker: str | None = None, timeout_s: float = 2.0) -> list[dict[str, Any]]:
+        """Node entries from ``KVClient.status()`` through one broker (default: the first)."""
+        client = make_client([self.broker_endpoint(broker or self.brokers[0])], timeout_s)
+        try:
+            return status_nodes(client.status())
+        finally:
+            close_client(client)
+
+    def leader_of(self, shard: int, broker: str | None = None) -> str | None:
+        """The node claiming leadership of ``shard`` at the highest term, per a broker."""
+        leaders = [
+            n
+            for n in self.status(broker)
+            if n.get("shard_id") == shard and is_leader(n.get("role"))
+        ]
+        if not leaders:
+            return None
+        return str(max(leaders, key=lambda n: n.get("term", 0))["node_id"])
+
+    def wait_for_leader(
+        self,
+        shard: int,
+        *,
+        not_in: Iterable[str] = (),
+        broker: str | None = None,
+        timeout_s: float = 20.0,
+    ) -> str:
+        excluded = set(not_in)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(Exception):
+                leader = self.leader_of(shard, broker)
+                if leader is not None and leader not in excluded:
+                    return leader
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no leader of shard {shard} outside {sorted(excluded)}")
+            time.sleep(0.1)
+
+    def wait_caught_up(self, shard: int, node: str, timeout_s: float = 20.0) -> dict[str, Any]:
+        """Wait until ``node`` follows the shard's leader and has applied everything the
+        leader had committed; returns its status entry."""
+        deadline = time.monotonic() + timeout_s
+        me: dict[str, Any] | None = None
+        leader = None
+        while True:
+            with contextlib.suppress(Exception):
+                nodes = {n["node_id"]: n for n in self.status()}
+                leader = self.leader_of(shard)
+                me = nodes.get(node)
+                if me and leader and leader != node and not is_leader(me.get("role")):
+                    target = nodes[leader].get("commit_index", 0)
+                    if me.get("applied_index", -1) >= target > 0:
+                        return me
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{node} did not catch up with {leader}: {me}")
+            time.sleep(0.2)
+
+    def followers_of(self, shard: int, leader: str) -> list[str]:
+        return [n for n in self.nodes_by_shard[shard] if n != leader]
+
+    # ----------------------------------------------------------------- faults
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the member's process tree; the container (and its data) stays."""
+        c = self.members[name].container
+        c.kill(signal="SIGKILL")
+        c.wait(timeout=10)
+
+    def start(self, name: str, timeout_s: float = 30.0) -> None:
+        """Start a killed member again and wait for its new ready line (and ping)."""
+        m = self.members[name]
+        baseline = {name: self._ready_count(m)}
+        m.container.start()
+        self.wait_ready([name], timeout_s=timeout_s, baseline=baseline)
+
+    def restart(self, name: str, timeout_s: float = 30.0) -> None:
+        self.kill(name)
+        self.start(name, timeout_s=timeout_s)
+
+    def pause(self, name: str) -> None:
+        self.members[name].container.pause()
+
+    def unpause(self, name: str) -> None:
+        self.members[name].container.unpause()
+
+    def disconnect(self, name: str) -> None:
+        """Take the member off the cluster network entirely (a full partition)."""
+        self.docker.networks.get(self.name).disconnect(self.members[name].container, force=True)
+
+    def reconnect(self, name: str) -> None:
+        """Put it back, with its alias (lost otherwise). Its IP may change."""
+        self.docker.networks.get(self.name).connect(self.members[name].container, aliases=[name])
+
+    def exec(self, name: str, script: str) -> tuple[int, str]:
+        rc, out = self.members[name].container.exec_run(["sh", "-c", script], user="root")
+        return int(rc), out.decode("utf-8", "replace")
+
+    def iptables_drop(
+        self, name: str, from_names: Iterable[str], *, direction: str = "both"
+    ) -> None:
+        """Drop traffic between ``name`` and each of ``from_names`` (in, out or both), by
+        rules inside ``name``. Other links stay up: a partial partition."""
+        rules = []
+        for other in from_names:
+            ip = self.ip(other)
+            if direction in ("both", "in"):
+                rules.append(f"iptables -w -A {IPTABLES_CHAIN} -s {ip} -j DROP")
+            if direction in ("both", "out"):
+                rules.append(f"iptables -w -A {IPTABLES_CHAIN} -d {ip} -j DROP")
+        script = " && ".join(
+            [
+                f"(iptables -w -N {IPTABLES_CHAIN} 2>/dev/null || true)",
+                f"(iptables -w -C INPUT -j {IPTABLES_CHAIN} 2>/dev/null || iptables -w -I INPUT -j {IPTABLES_CHAIN})",
+                f"(iptables -w -C OUTPUT -j {IPTABLES_CHAIN} 2>/dev/null || iptables -w -I OUTPUT -j {IPTABLES_CHAIN})",
+                *rules,
+            ]
+        )
+        rc, out = self.exec(name, script)
+        if rc != 0:
+            raise RuntimeError(f"iptables in {name} failed ({rc}): {out}")
+
+    def iptables_heal(self, name: str) -> None:
+        rc, out = self.exec(name, f"iptables -w -F {IPTABLES_CHAIN} 2>/dev/null || true")
+        if rc != 0:
+            raise RuntimeError(f"iptables flush in {name} failed ({rc}): {out}")
+
+    def iptables_rules(self, name: str) -> str:
+        return self.exec(name, f"iptables -w -S {IPTABLES_CHAIN} 2>&1")[1]

@@ -1,0 +1,449 @@
+"""The broker as a real process on 127.0.0.1, against fake storage nodes in threads.
+
+A fake node is a DEALER (IDENTITY = node id) on the broker's backend that answers data
+requests itself, plus a PUB on the heartbeat port publishing ``Heartbeat``. Every test has
+a deadline and the broker subprocess is killed in a ``finally`` even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from protocol import codec
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import (
+    Campaign,
+    ErrorReply,
+    GetReply,
+    GetRequest,
+    Heartbeat,
+    PingRequest,
+    PongReply,
+    PutReply,
+    PutRequest,
+    Role,
+    StatusReply,
+    StatusRequest,
+)
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(90)]
+
+ROOT = Path(__file__).resolve().parents[2]
+HEARTBEAT_MS = 50
+ELECTION_TIMEOUT_MS = 300
+READY_RE = re.compile(r"ready frontend=(\S+) backend=(\S+) heartbeats=(\S+)")
+
+
+# --------------------------------------------------------------------------- broker
+
+
+class BrokerProcess:
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.frontend = self.backend = self.heartbeats = ""
+
+    def start(self, frontend: str = "", backend: str = "", heartbeats: str = "") -> None:
+        any_port = "tcp://127.0.0.1:*"
+        args = [
+            sys.executable, "-m", "broker.main", "--broker-id", "tb",
+            "--frontend", frontend or any_port, "--backend", backend or any_port,
+            "--heartbeat-endpoint", heartbeats or any_port,
+            "--heartbeat-ms", str(HEARTBEAT_MS), "--election-timeout-ms", str(ELECTION_TIMEOUT_MS),
+            "--key-bytes-max", "1024", "--value-bytes-max", "65536", "--log-level", "DEBUG",
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            m = READY_RE.search(self.log(), self._seen)
+            if m and self.proc.poll() is None:
+                self._seen = m.end()
+                self.frontend, self.backend, self.heartbeats = m.groups()
+                return
+            assert self.proc.poll() is None, f"broker exited early:\n{self.log()}"
+            time.sleep(0.02)
+        raise AssertionError(f"broker not ready in time:\n{self.log()}")
+
+    _seen = 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+
+    def wait_for_log(self, text: str, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()[-3000:]}"
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(tmp_path / "broker.log")
+    try:
+        b.start()
+        yield b
+    finally:
+        b.kill()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    c: zmq.Context[Any] = zmq.Context()
+    try:
+        yield c
+    finally:
+        c.destroy(linger=0)
+
+
+# --------------------------------------------------------------------------- fake node
+
+
+class FakeNode:
+    """A storage node stand-in: heartbeats, echoes data requests, records Campaigns."""
+
+    def __init__(
+        self,
+        broker: BrokerProcess,
+        node_id: str,
+        role: Role = Role.FOLLOWER,
+        term: int = 1,
+        log: tuple[int, int] = (1, 1),
+        members: tuple[str, ...] | None = None,
+        shard: int = 0,
+    ) -> None:
+        self.node_id, self.shard, self.role, self.term, self.log = node_id, shard, role, term, log
+        self.members = members if members is not None else (node_id,)
+        self.backend, self.heartbeats = broker.backend, broker.heartbeats
+        self.beating = True
+        self.campaigns: list[Campaign] = []
+        self.requests: list[list[bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fake-{node_id}", daemon=True)
+        self._thread.start()
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            node_id=self.node_id, shard_id=self.shard, role=self.role, term=self.term,
+            leader_id=self.node_id if self.role == Role.LEADER else "",
+            last_log_term=self.log[0], last_index=self.log[1], commit_index=self.log[1],
+            applied_index=self.log[1], key_count=0, pid=os.getpid(), peer_addr="",
+            members=self.members, ring_epoch=1, ring_shards=(0,), ring_vnodes=16,
+            heartbeat_ms=HEARTBEAT_MS,
+        )  # fmt: skip
+
+    def _run(self) -> None:
+        ctx: zmq.Context[Any] = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, self.node_id.encode())
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.backend)
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(self.heartbeats)
+        next_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                if time.monotonic() >= next_beat:
+                    if self.beating:
+                        pub.send_multipart(codec.encode(self.heartbeat()))
+                    next_beat = time.monotonic() + HEARTBEAT_MS / 1000
+                if dealer.poll(10):
+                    self._serve(dealer, dealer.recv_multipart())
+        finally:
+            ctx.destroy(linger=0)
+
+    def _serve(self, dealer: zmq.Socket[Any], msg: list[bytes]) -> None:
+        if msg[0] == b"":
+            campaign = codec.decode(msg[1:])
+            assert isinstance(campaign, Campaign)
+            self.campaigns.append(campaign)
+            return
+        self.requests.append(msg)
+        client = msg[0]
+        try:
+            req = codec.decode(msg[1:])
+        except RemoteProtocolError:  # the broker forwards what it can route; we check
+            bad = ErrorReply(codec.request_id_of(msg[1]), ErrorCode.BAD_REQUEST)
+            dealer.send_multipart([client, *codec.encode(bad)])
+            return
+        if isinstance(req, GetRequest):
+            reply: Any = GetReply(req.request_id, True, 1, self.node_id.encode() + b":" + req.key)
+        elif isinstance(req, PutRequest):
+            reply = PutReply(req.request_id, len(req.value))
+        else:
+            reply = ErrorReply(req.request_id, ErrorCode.BAD_REQUEST)  # type: ignore[union-attr]
+        dealer.send_multipart([client, *codec.encode(reply)])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def nodes() -> Iterator[Callable[..., FakeNode]]:
+    made: list[FakeNode] = []
+
+    def make(*args: Any, **kwargs: Any) -> FakeNode:
+        node = FakeNode(*args, **kwargs)
+        made.append(node)
+        return node
+
+    try:
+        yield make
+    finally:
+        for node in made:
+            node.close()
+
+
+# --------------------------------------------------------------------------- client
+
+
+class Client:
+    def __init__(self, ctx: zmq.Context[Any], frontend: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(frontend)
+        self.rid = 0
+
+    def call(self, make: Callable[[int], Any], timeout_s: float = 2.0) -> Any:
+        """Send ``make(request_id)``; return the decoded reply carrying that id."""
+        self.rid += 1
+        rid = self.rid
+        self.sock.send_multipart(codec.encode(make(rid)))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sock.poll(int(left * 1000) + 1):
+                reply = codec.decode(self.sock.recv_multipart())
+                if reply.request_id == rid:  # type: ignore[union-attr]
+                    return reply
+        raise AssertionError(f"no reply to request {rid} within {timeout_s}s")
+
+    def until(self, make: Callable[[int], Any], ok: Callable[[Any], bool], timeout_s: float) -> Any:
+        """Repeat a request until ``ok(reply)``; return that reply and the time taken."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            reply = self.call(make)
+            if ok(reply):
+                return reply, time.monotonic() - start
+            time.sleep(0.01)
+        raise AssertionError(f"condition not met within {timeout_s}s; last reply {reply}")
+
+
+def get(key: bytes) -> Callable[[int], GetRequest]:
+    return lambda rid: GetRequest(b"cid", rid, key)
+
+
+def is_get_reply(reply: Any) -> bool:
+    return isinstance(reply, GetReply)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_forward_and_reply_round_trip(broker: BrokerProcess, ctx: Any, nodes: Any) -> None:
+    node = nodes(broker, "s0r0", Role.LEADER)
+    client = Client(ctx, broker.frontend)
+    reply, _ = client.until(get(b"hello"), is_get_reply, timeout_s=5)
+    assert reply.value == b"s0r0:hello" and reply.found
+    put = client.call(lambda rid: PutRequest(b"cid", rid, b"k", 0, b"x" * 5000))
+    assert isinstance(put, PutReply) and put.version == 5000
+    assert node.requests[-1][-1] == b"x" * 5000  # the blob frame travels untouched
+    too_big = client.call(lambda rid: PutRequest(b"cid", rid, b"k", 0, b"x" * 65537))
+    assert isinstance(too_big, ErrorReply) and too_big.code == ErrorCode.TOO_LARGE
+
+
+def test_no_leader_answered_at_once(broker: BrokerProcess, ctx: Any) -> None:
+    client = Client(ctx, broker.frontend)
+    start = time.monotonic()
+    reply = client.call(get(b"k"))
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_LEADER
+    assert time.monotonic() - start < 0.5
+
+
+def test_status_and_ping(broker: BrokerProcess, ctx: Any, nodes: Any) -> None:
+    nodes(broker, "s0r0", Role.LEADER, term=3)
+    client = Client(ctx, broker.frontend)
+    assert client.call(lambda rid: PingRequest(b"cid", rid)) == PongReply(client.rid, "tb")
+    status, _ = client.until(
+        lambda rid: StatusRequest(b"cid", rid), lambda r: len(r.nodes) == 1, timeout_s=5
+    )
+    assert isinstance(status, StatusReply) and status.broker_id == "tb"
+    row = status.nodes[0]
+    assert row["node_id"] == "s0r0" and row["term"] == 3 and row["live"]
+    assert 0 <= row["age_ms"] < ELECTION_TIMEOUT_MS
+    assert status.ring["epoch"] == 1
+
+
+def test_campaign_sent_to_best_follower_when_leader_stops(
+    broker: BrokerProcess, ctx: Any, nodes: Any
+) -> None:
+    members = ("s0r0", "s0r1", "s0r2")
+    leader = nodes(broker, "s0r0", Role.LEADER, term=4, log=(4, 20), members=members)
+    r1 = nodes(broker, "s0r1", term=4, log=(4, 18), members=members)
+    r2 = nodes(broker, "s0r2", term=4, log=(4, 19), members=members)
+    client = Client(ctx, broker.frontend)
+    client.until(get(b"k"), is_get_reply, timeout_s=5)
+    time.sleep(0.2)
+    assert leader.campaigns == r1.campaigns == r2.campaigns == []
+    stopped = time.monotonic()
+    leader.beating = False
+    deadline = stopped + 5
+    while not r2.campaigns and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r2.campaigns, broker.log()
+    took = time.monotonic() - stopped
+    assert ELECTION_TIMEOUT_MS / 1000 * 0.8 <= took < ELECTION_TIMEOUT_MS / 1000 + 1.0
+    assert r2.campaigns[0] == Campaign(shard_id=0, term=4, broker_id="tb")
+    assert r1.campaigns == [] and leader.campaigns == []
+    # the shard has no leader now: requests fail fast with NO_LEADER
+    reply = client.call(get(b"k"))
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_LEADER
+    # r2 "wins": no more campaigns, routing goes to it
+    r2.role, r2.term = Role.LEADER, 5
+    reply, _ = client.until(get(b"k"), is_get_reply, timeout_s=5)
+    assert reply.value == b"s0r2:k"
+    broker.wait_for_log("shard 0 leader is s0r2 at term 5")
+
+
+def test_restarted_broker_routes_again_within_a_few_heartbeats(
+    broker: BrokerProcess, ctx: Any, nodes: Any
+) -> None:
+    nodes(broker, "s0r0", Role.LEADER, term=2)
+    client = Client(ctx, broker.frontend)
+    client.until(get(b"k"), is_get_reply, timeout_s=5)
+    broker.kill(signal.SIGKILL)
+    broker.start(broker.frontend, broker.backend, broker.heartbeats)
+    reply, took = client.until(get(b"k"), is_get_reply, timeout_s=5)
+    assert reply.value == b"s0r0:k"
+    assert took < 20 * HEARTBEAT_MS / 1000, f"took {took:.2f}s"
+
+
+def test_sigterm_exits_zero(broker: BrokerProcess) -> None:
+    assert broker.kill(signal.SIGTERM) == 0
+    broker.wait_for_log("broker tb stopped")
+
+
+def test_bad_config_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.main", "--heartbeat-ms", "100",
+         "--election-timeout-ms", "200", "--port", "1"],
+        cwd=ROOT, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert b"3 x heartbeat" in proc.stderr
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+def random_frames(rng: random.Random) -> list[bytes]:
+    """Random multipart input: garbage, truncated valid headers, fields of wrong types."""
+    valid = [
+        codec.encode(GetRequest(b"cid", 7, b"key")),
+        codec.encode(PutRequest(b"cid", 8, b"key", 0, b"value")),
+        codec.encode(PingRequest(b"cid", 9)),
+        codec.encode(StatusRequest(b"cid", 10)),
+        codec.encode(Campaign(0, 1, "x")),
+        codec.encode(PongReply(1, "x")),
+    ]
+    junk: list[Any] = [None, True, 1.5, -1, 2**63, "s", b"b", [], {}, [1, [2]], {"k": [1]}]
+    kind = rng.randrange(5)
+    if kind == 0:  # pure garbage, random frame count
+        return [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 6))]
+    frames = list(rng.choice(valid))
+    if kind == 1:  # truncated header
+        frames[0] = frames[0][: rng.randint(0, len(frames[0]))]
+    elif kind == 2:  # a field replaced by a value of the wrong type
+        fields = msgpack.unpackb(frames[0])
+        fields[rng.randrange(len(fields))] = rng.choice(junk)
+        frames[0] = msgpack.packb(fields)
+    elif kind == 3:  # frames added or dropped
+        if rng.random() < 0.5 and len(frames) > 1:
+            frames.pop()
+        else:
+            frames += [rng.randbytes(rng.randint(0, 16)) for _ in range(rng.randint(1, 3))]
+    else:  # random bytes flipped, sometimes a big frame
+        b = bytearray(frames[0])
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        frames[0] = bytes(b)
+        if rng.random() < 0.01:
+            frames.append(rng.randbytes(200_000))
+    return frames
+
+
+def test_malformed_input_on_every_socket_never_crashes(
+    broker: BrokerProcess, ctx: Any, nodes: Any
+) -> None:
+    nodes(broker, "s0r0", Role.LEADER)
+    client = Client(ctx, broker.frontend)
+    client.until(get(b"k"), is_get_reply, timeout_s=5)
+    rng = random.Random(20240611)
+
+    front = ctx.socket(zmq.DEALER)
+    back = ctx.socket(zmq.DEALER)
+    back.setsockopt(zmq.IDENTITY, b"fuzzer")
+    pub = ctx.socket(zmq.PUB)
+    for sock, endpoint in ((front, broker.frontend), (back, broker.backend),
+                           (pub, broker.heartbeats)):  # fmt: skip
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 50_000)
+        sock.setsockopt(zmq.RCVHWM, 50_000)
+        sock.connect(endpoint)
+    time.sleep(0.3)  # let the PUB's subscription arrive
+
+    count = 10_000
+    replies = 0
+    for _ in range(count):
+        for sock in (front, back, pub):
+            sock.send_multipart(random_frames(rng))
+        while front.poll(0):  # the broker answers the frontend garbage with BAD_REQUEST
+            front.recv_multipart()
+            replies += 1
+    # every frontend message gets a reply (an error, or the fake node's answer)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and broker.alive():
+        if not front.poll(500):
+            break
+        front.recv_multipart()
+        replies += 1
+
+    assert broker.alive(), broker.log()[-5000:]
+    assert replies == count
+    assert client.call(lambda rid: PingRequest(b"cid", rid)) == PongReply(client.rid, "tb")
+    reply = client.call(get(b"after"))
+    assert isinstance(reply, GetReply) and reply.value == b"s0r0:after"
+    log = broker.log()
+    assert "Traceback" not in log
+    warnings = log.count("WARNING")
+    assert 0 < warnings < 200, f"{warnings} warning lines: rate limit not applied"

@@ -1,0 +1,446 @@
+"""The simulated shard: one seed in, one verdict out (FoundationDB / VOPR style).
+
+Everything runs in one thread on a SimClock: node ticks, heartbeats, broker checks,
+client operations and faults are timers on one heap; messages are deliveries on the
+SimNetwork's heap; the loop always takes the earliest. All randomness comes from
+``random.Random`` streams derived from the seed (one per concern, so a change in how
+often clients draw does not reshuffle the fault schedule), hence ``SIM_SEED=n``
+replays a run exactly.
+
+A run: 3 replicas (5 on every fourth seed), clients issuing ~200 operations over ~20 simulated seconds while
+the fault plan (drawn from the seed) crashes and restarts nodes, partitions the
+network (often isolating the leader), pauses processes and sets loss, duplication and
+delay. Then everything heals, the cluster quiesces, clients read every key, and the
+verdict is taken.
+
+Invariants, checked after every step (``check_*``, raising ``Violation``):
+- at most one leader per term, ever;
+- an applied entry (index, term, data) is the same on every node, forever: the first
+  application of an index is recorded and every later one (any node, any incarnation,
+  after snapshots) must match; no node truncates below what it applied, nor installs a
+  snapshot below it, nor sees its commit index go back within an incarnation;
+- a node's term never decreases across restarts (with fsync=always);
+- at quiescence: one leader, every replica caught up, equal state digests;
+- every acknowledged write is in the committed log; the client history is linearizable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import Role
+from tests.sim import kv as kvmod
+from tests.sim.broker import ADDR as BROKER
+from tests.sim.broker import SimBroker
+from tests.sim.client import SimClient
+from tests.sim.clock import SimClock
+from tests.sim.network import NetConfig, SimNetwork
+from tests.sim.node import SimNode
+from tests.support.history import History
+from tests.support.lincheck import check
+
+TRACE_LEN = 400
+
+
+class Violation(AssertionError):
+    """An invariant broke: most likely a bug in the replica core (or in its shell here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    seed: int = 0
+    nodes: int = 3
+    duration_s: float = 20.0
+    quiesce_s_max: float = 15.0
+    clients: int = 4
+    keys: int = 3
+    ops_max: int = 200
+    heartbeat_ms: int = 100
+    election_timeout_ms: int = 1000
+    tick_ms: float = 20.0
+    fsync: str = "always"
+    snapshot_entries: int = 40
+    client_timeout_s: float = 1.0
+    client_deadline_s: float = 4.0
+    faults: bool = True
+    events_max: int = 2_000_000
+
+
+@dataclass(slots=True)
+class SimResult:
+    seed: int
+    ok: bool
+    kind: str = "ok"  # ok | violation | crash | liveness | linearizability | unknown
+    message: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    trace: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        head = f"seed {self.seed}: {self.kind}"
+        return head if self.ok else f"{head}: {self.message.splitlines()[0] if self.message else ''}"
+
+
+class World:
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        master = random.Random(cfg.seed)
+        self.rng = random.Random(master.getrandbits(64))  # node timer jitter
+        self.fault_rng = random.Random(master.getrandbits(64))
+        self.client_rng = random.Random(master.getrandbits(64))
+        self.net = SimNetwork(random.Random(master.getrandbits(64)), NetConfig())
+        self.clock = SimClock()
+        self.history = History(clock=self.clock.ns)
+        self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._timer_seq = 0
+        self.trace: deque[tuple[float, str, Any]] = deque(maxlen=TRACE_LEN)
+        self.node_ids = [f"n{i + 1}" for i in range(cfg.nodes)]
+        members = tuple(self.node_ids)
+        self.nodes = {nid: SimNode(self, nid, members) for nid in self.node_ids}
+        self.broker = SimBroker(self)
+        self.clients = [SimClient(self, i) for i in range(cfg.clients)]
+        self.endpoints: dict[str, Any] = {**self.nodes, BROKER: self.broker}
+        self.endpoints.update({c.addr: c for c in self.clients})
+        self.ops_left = cfg.ops_max
+        self.acked: list[tuple[int, int, str, str, Any]] = []
+        self.leaders_by_term: dict[int, str] = {}
+        self.committed: dict[int, tuple[int, bytes]] = {}
+        self.events = 0
+        self.faults_log: list[str] = []
+        for node in self.nodes.values():
+            node.start()
+
+    # ------------------------------------------------------------------ scheduling
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    def at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, fn, args))
+
+    def take_op_budget(self) -> bool:
+        if self.ops_left <= 0:
+            return False
+        self.ops_left -= 1
+        return True
+
+    def run_until(self, t_end: float, stop: Callable[[], bool] | None = None) -> None:
+        net, timers = self.net, self._timers
+        while True:
+            t_net = net.next_time()
+            t_timer = timers[0][0] if timers else None
+            if t_net is None and t_timer is None:
+                self.clock.advance_to(max(self.now, t_end))
+                return
+            if t_timer is None or (t_net is not None and t_net <= t_timer):
+                t = t_net
+                is_net = True
+            else:
+                t, is_net = t_timer, False
+            assert t is not None
+            if t > t_end:
+                self.clock.advance_to(t_end)
+                return
+            self.clock.advance_to(t)
+            self.events += 1
+            if self.events > self.cfg.events_max:
+                raise Violation(f"more than {self.cfg.events_max} events: runaway simulation")
+            if is_net:
+                item = net.pop_due(t)
+                if item is not None:
+                    src, dst, msg = item
+                    self.trace.append((t, f"{src}->{dst}", msg))
+                    self.endpoints[dst].deliver(src, msg)
+            else:
+                _, _, fn, args = heapq.heappop(timers)
+                fn(*args)
+            self.check_leaders()
+            if stop is not None and stop():
+                return
+
+    # ------------------------------------------------------------------ invariants
+
+    def violation(self, message: str) -> None:
+        raise Violation(f"t={self.now:.3f}s: {message}")
+
+    def check_leaders(self) -> None:
+        for node in self.nodes.values():
+            core = node.core
+            if core is not None and core.role is Role.LEADER:
+                other = self.leaders_by_term.setdefault(core.term, node.id)
+                if other != node.id:
+                    self.violation(f"two leaders in term {core.term}: {other} and {node.id}")
+
+    def check_node(self, node: SimNode) -> None:
+        core = node.core
+        assert core is not None
+        if core.commit_index < node.max_commit:
+            self.violation(
+                f"{node.id}: commit index went back from {node.max_commit} to {core.commit_index}"
+            )
+        node.max_commit = core.commit_index
+        if core.term < node.max_term and self.cfg.fsync == "always":
+            self.violation(f"{node.id}: term went back from {node.max_term} to {core.term}")
+        node.max_term = max(node.max_term, core.term)
+
+    def check_commit(self, node: SimNode, index: int, term: int, data: bytes) -> None:
+        seen = self.committed.setdefault(index, (term, data))
+        if seen != (term, data):
+            self.violation(
+                f"{node.id} applies index {index} as (term {term}, {_cmd(data)}) but it was "
+                f"applied elsewhere as (term {seen[0]}, {_cmd(seen[1])})"
+            )
+        self.trace.append((self.now, f"{node.id} apply", (index, term, _cmd(data))))
+
+    def check_snapshot(self, node: SimNode, index: int, term: int, kv: kvmod.KV) -> None:
+        seen = self.committed.get(index)
+        if seen is not None and seen[0] != term:
+            self.violation(f"{node.id}: snapshot at {index} has term {term}, applied {seen[0]}")
+        self.trace.append((self.now, f"{node.id} install snapshot", (index, term)))
+
+    # ------------------------------------------------------------------ faults
+
+    def plan_faults(self) -> None:
+        rng, cfg = self.fault_rng, self.cfg
+        self.net.config = NetConfig(
+            delay_ms_min=rng.choice([0.2, 1.0, 2.0]),
+            delay_ms_mean=rng.choice([1.0, 3.0, 10.0, 25.0]),
+            spike_p=rng.choice([0.0, 0.01, 0.05]),
+            spike_ms=rng.choice([100.0, 500.0, 1500.0]),
+            loss_p=rng.choice([0.0, 0.0, 0.01, 0.05, 0.15]),
+            dup_p=rng.choice([0.0, 0.0, 0.02, 0.1]),
+        )
+        t = rng.uniform(1.0, 3.0)
+        end = cfg.duration_s - 2.0
+        while t < end:
+            kind = rng.choices(
+                ["crash", "crash_leader", "crash_all", "isolate_leader", "split", "cut",
+                 "pause", "pause_leader"],
+                weights=[3, 3, 1, 4, 2, 1, 2, 2],
+            )[0]  # fmt: skip
+            length = rng.uniform(0.3, 4.0)
+            self.at(t, self._fault, kind, length, rng.random())
+            t += rng.uniform(0.5, 4.0)
+
+    def _leader_or_random(self, draw: float) -> SimNode:
+        for node in self.nodes.values():
+            if node.core is not None and node.core.role is Role.LEADER:
+                return node
+        return self.nodes[self.node_ids[int(draw * len(self.node_ids))]]
+
+    def _fault(self, kind: str, length: float, draw: float) -> None:
+        ids = self.node_ids
+        victim = (
+            self._leader_or_random(draw)
+            if kind.endswith("_leader")
+            else self.nodes[ids[int(draw * len(ids))]]
+        )
+        self.faults_log.append(f"{self.now:.2f}s {kind} {victim.id} for {length:.2f}s")
+        self.trace.append((self.now, "FAULT", (kind, victim.id, round(length, 2))))
+        if kind in ("crash", "crash_leader"):
+            if victim.up:
+                victim.crash()
+                self.at(self.now + length, self._restart, victim.id)
+        elif kind == "crash_all":
+            for node in self.nodes.values():
+                if node.up:
+                    node.crash()
+                    self.at(self.now + length + self.fault_rng.uniform(0, 0.5), self._restart, node.id)
+        elif kind == "isolate_leader":
+            others = [n for n in ids if n != victim.id] + [BROKER]
+            self.net.isolate(victim.id, others)
+            self.at(self.now + length, self._heal)
+        elif kind == "split":
+            shuffled = ids[:]
+            self.fault_rng.shuffle(shuffled)
+            cut_at = self.fault_rng.randrange(1, len(ids))
+            self.net.partition(shuffled[:cut_at], shuffled[cut_at:])
+            self.at(self.now + length, self._heal)
+        elif kind == "cut":
+            dst = self.fault_rng.choice([n for n in ids if n != victim.id])
+            self.net.cut(victim.id, dst)
+            self.at(self.now + length, self._heal)
+        elif kind.startswith("pause"):
+            victim.pause(self.now + length)
+
+    def _restart(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if not node.up:
+            self.trace.append((self.now, "RESTART", node_id))
+            node.start()
+
+    def _heal(self) -> None:
+        self.trace.append((self.now, "HEAL", None))
+        self.net.heal()
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> SimResult:
+        cfg = self.cfg
+        if cfg.faults:
+            self.plan_faults()
+        self.run_until(cfg.duration_s)
+        self.ops_left = 0
+        self._heal_everything()
+        self.run_until(self.now + cfg.client_deadline_s + 0.5, stop=self._clients_idle)
+        self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
+        problem = self._convergence_problem()
+        if problem:
+            return self._result(False, "liveness", problem)
+        self._final_reads()
+        self._check_acked_writes()
+        self._check_states_equal()
+        res = check(self.history)
+        if not res.ok:
+            kind = "unknown" if res.unknown else "linearizability"
+            return self._result(res.unknown, kind, res.explanation)
+        return self._result(True, "ok", "")
+
+    def _heal_everything(self) -> None:
+        self._timers = [t for t in self._timers if t[2] != self._fault]
+        heapq.heapify(self._timers)
+        self.net.heal()
+        self.net.config = NetConfig()
+        for node in self.nodes.values():
+            node.paused_until = 0.0
+            if not node.up:
+                node.start()
+        self.trace.append((self.now, "HEAL ALL", None))
+
+    def _clients_idle(self) -> bool:
+        return all(c.idle for c in self.clients)
+
+    def leader(self) -> SimNode | None:
+        best = None
+        for node in self.nodes.values():
+            core = node.core
+            if core is not None and core.role is Role.LEADER and (
+                best is None or core.term > best.core.term  # type: ignore[union-attr]
+            ):
+                best = node
+        return best
+
+    def _converged(self) -> bool:
+        return not self._convergence_problem()
+
+    def _convergence_problem(self) -> str:
+        leader = self.leader()
+        if leader is None or leader.core is None:
+            return "no leader after healing everything"
+        lc = leader.core
+        if lc.commit_index < lc.last_index or lc.term_at(lc.commit_index) != lc.term:
+            return f"leader {leader.id} has not committed its log ({lc.commit_index}/{lc.last_index})"
+        for node in self.nodes.values():
+            if node.kv.applied != lc.last_index:
+                return (
+                    f"{node.id} applied {node.kv.applied}, leader {leader.id} at {lc.last_index} "
+                    f"(term {lc.term}) after healing everything"
+                )
+        return ""
+
+    def _final_reads(self) -> None:
+        """Read every key through the normal path so a lost write shows in the history."""
+        client = self.clients[0]
+        for k in range(self.cfg.keys):
+            client.seq += 1
+            client.start("get", f"k{k}")
+            self.run_until(self.now + self.cfg.client_deadline_s + 0.5, stop=self._clients_idle)
+
+    def _check_acked_writes(self) -> None:
+        applied_cmds = set()
+        for _, data in self.committed.values():
+            cmd = kvmod.decode(data)
+            if cmd[0] != kvmod.NOOP:
+                applied_cmds.add((cmd[1], cmd[2]))
+        for client, seq, op, key, result in self.acked:
+            if op != "get" and (client, seq) not in applied_cmds:
+                self.violation(f"acknowledged {op} c{client}#{seq} on {key} -> {result} is not in the log")
+
+    def _check_states_equal(self) -> None:
+        digests = {n.id: (n.kv.applied, n.kv.digest()) for n in self.nodes.values()}
+        if len(set(digests.values())) != 1:
+            self.violation(f"replicas differ at quiescence: {digests}")
+
+    def _result(self, ok: bool, kind: str, message: str) -> SimResult:
+        return SimResult(self.cfg.seed, ok, kind, message, self.stats(), self.format_trace())
+
+    def stats(self) -> dict[str, Any]:
+        ops = self.history.operations()
+        by_status: dict[str, int] = {}
+        for op in ops:
+            by_status[op.status] = by_status.get(op.status, 0) + 1
+        return {
+            "sim_s": round(self.now, 2),
+            "events": self.events,
+            "ops": by_status,
+            "terms": len(self.leaders_by_term),
+            "committed": len(self.committed),
+            "campaigns": self.broker.campaigns,
+            "net": self.net.stats,
+            "faults": list(self.faults_log),
+        }
+
+    def format_trace(self, last: int = 80) -> list[str]:
+        return [f"{t:9.4f} {what:>20} {_short(msg)}" for t, what, msg in list(self.trace)[-last:]]
+
+
+def _cmd(data: bytes) -> Any:
+    try:
+        return kvmod.decode(data)
+    except Exception:  # noqa: BLE001 - a trace must never fail
+        return data
+
+
+def _short(msg: Any) -> str:
+    text = repr(msg)
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def run_seed(seed: int, **overrides: Any) -> SimResult:
+    """Run one seed; never raises: a violation or a core exception becomes the result.
+
+    Every fourth seed runs a 5-replica group (quorum 3) instead of 3."""
+    overrides.setdefault("nodes", 5 if seed % 4 == 3 else 3)
+    world: World | None = None
+    try:
+        world = World(SimConfig(seed=seed, **overrides))
+        return world.run()
+    except Violation as exc:
+        if world is None:
+            raise
+        return world._result(False, "violation", str(exc))
+    except Exception:  # noqa: BLE001 - a core crash is a finding, not a harness error
+        text = traceback.format_exc()
+        if world is None:
+            return SimResult(seed, False, "crash", text)
+        return world._result(False, "crash", f"t={world.now:.3f}s: exception\n{text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="replay one simulation seed")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--fsync", default="always")
+    parser.add_argument("--trace", type=int, default=80, help="trace lines to print")
+    args = parser.parse_args(argv)
+    res = run_seed(args.seed, fsync=args.fsync)
+    print(res.summary())
+    for k, v in res.stats.items():
+        print(f"  {k}: {v}")
+    if not res.ok:
+        print(res.message)
+        print("--- last events ---")
+        print("\n".join(res.trace[-args.trace :]))
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

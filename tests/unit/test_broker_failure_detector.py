@@ -1,0 +1,218 @@
+"""FailureDetector: when to ask for an election, whom, how often, and the rotation."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.failure_detector import FailureDetector, check_timing
+from broker.node_table import NodeTable
+from protocol.messages import Campaign, Heartbeat, Role
+
+pytestmark = pytest.mark.unit
+
+F, L = Role.FOLLOWER, Role.LEADER
+HB_S = 0.1
+TIMEOUT_S = 1.0
+
+
+def hb(
+    node: str,
+    role: Role = F,
+    term: int = 1,
+    log: tuple[int, int] = (1, 10),
+    leader: str = "",
+    members: tuple[str, ...] = ("s0r0", "s0r1", "s0r2"),
+    shard: int = 0,
+) -> Heartbeat:
+    return Heartbeat(
+        node_id=node, shard_id=shard, role=role, term=term, leader_id=leader,
+        last_log_term=log[0], last_index=log[1], commit_index=0, applied_index=0,
+        key_count=0, pid=1, peer_addr="", members=members,
+        ring_epoch=1, ring_shards=(0,), ring_vnodes=8, heartbeat_ms=100,
+    )  # fmt: skip
+
+
+class Cluster:
+    """Fake time driving a table and a detector: heartbeats from the named nodes only."""
+
+    def __init__(self) -> None:
+        self.table = NodeTable(TIMEOUT_S)
+        self.fd = FailureDetector("b1", heartbeat_ms=100, election_timeout_ms=1000)
+        self.now = 0.0
+
+    def beat(self, *beats: Heartbeat) -> None:
+        for b in beats:
+            self.table.observe(b, self.now)
+
+    def tick(self) -> list[tuple[str, Campaign]]:
+        self.table.tick(self.now)
+        return [(o.node_id, o.campaign) for o in self.fd.tick(self.table, self.now)]
+
+    def run(self, seconds: float, beats: list[Heartbeat]) -> list[tuple[float, str, int]]:
+        """Advance in heartbeat steps, beating each step; return (time, node, term) sent."""
+        sent = []
+        for _ in range(round(seconds / HB_S)):
+            self.now = round(self.now + HB_S, 6)
+            self.beat(*beats)
+            sent += [(self.now, node, c.term) for node, c in self.tick()]
+        return sent
+
+
+@pytest.mark.parametrize(
+    ("hb_ms", "timeout_ms", "ok"),
+    [(100, 1000, True), (100, 300, True), (100, 299, False), (50, 100, False), (0, 1000, False)],
+)
+def test_timing_relation(hb_ms: int, timeout_ms: int, ok: bool) -> None:
+    if ok:
+        check_timing(hb_ms, timeout_ms)
+        FailureDetector("b", hb_ms, timeout_ms)
+    else:
+        with pytest.raises(ValueError, match="heartbeat"):
+            FailureDetector("b", hb_ms, timeout_ms)
+
+
+def test_live_leader_means_no_campaign() -> None:
+    c = Cluster()
+    sent = c.run(5.0, [hb("s0r0", L, 3), hb("s0r1", term=3), hb("s0r2", term=3)])
+    assert sent == []
+
+
+def test_leader_silent_for_timeout_then_best_follower_asked() -> None:
+    c = Cluster()
+    c.run(1.0, [hb("s0r0", L, 3), hb("s0r1", term=3, log=(3, 7)), hb("s0r2", term=3, log=(3, 9))])
+    leader_last = c.now
+    sent = c.run(1.5, [hb("s0r1", term=3, log=(3, 7)), hb("s0r2", term=3, log=(3, 9))])
+    first_time, node, term = sent[0]
+    assert node == "s0r2" and term == 3  # the longer log
+    assert first_time == pytest.approx(leader_last + TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    ("logs", "best"),
+    [
+        ({"s0r1": (3, 7), "s0r2": (3, 9)}, "s0r2"),
+        ({"s0r1": (4, 2), "s0r2": (3, 9)}, "s0r1"),  # last log term first
+        ({"s0r1": (3, 9), "s0r2": (3, 9)}, "s0r1"),  # tie: node id
+        ({"s0r2": (0, 0), "s0r1": (0, 0), "s0r0": (0, 0)}, "s0r0"),
+    ],
+)
+def test_candidate_ranking(logs: dict[str, tuple[int, int]], best: str) -> None:
+    c = Cluster()
+    c.beat(*(hb(n, log=lg, leader="gone") for n, lg in logs.items()))
+    c.now = TIMEOUT_S
+    c.beat(*(hb(n, log=lg, leader="gone") for n, lg in logs.items()))
+    assert [n for n, _ in c.tick()] == [best]
+
+
+def test_campaign_carries_highest_term_seen_and_broker_id() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L, 3), hb("s0r1", term=5), hb("s0r2", term=4))
+    c.now = 1.0
+    c.beat(hb("s0r1", term=5), hb("s0r2", term=4))
+    [(node, camp)] = c.tick()
+    assert camp == Campaign(shard_id=0, term=5, broker_id="b1")
+
+
+def test_repeats_once_per_heartbeat_and_rotates_after_three_tries() -> None:
+    c = Cluster()
+    beats = [hb("s0r1", log=(1, 9), leader="x"), hb("s0r2", log=(1, 5), leader="x")]
+    sent = c.run(3.0, beats)
+    nodes = [n for _, n, _ in sent]
+    times = [t for t, _, _ in sent]
+    assert all(b - a >= HB_S - 1e-9 for a, b in zip(times, times[1:], strict=False))
+    assert nodes[:9] == ["s0r1"] * 3 + ["s0r2"] * 3 + ["s0r1"] * 3
+
+
+def test_at_most_once_per_heartbeat_even_with_frequent_ticks() -> None:
+    c = Cluster()
+    beats = [hb("s0r1", leader="x"), hb("s0r2", leader="x")]
+    c.beat(*beats)
+    sent = []
+    for i in range(1, 200):
+        c.now = 1.0 + i * 0.01
+        c.beat(*beats)
+        sent += c.tick()
+    assert 19 <= len(sent) <= 20  # ~2 s of ticks every 10 ms
+
+
+def test_leader_appearing_ends_the_episode() -> None:
+    c = Cluster()
+    beats = [hb("s0r1", log=(1, 9), leader="x"), hb("s0r2", leader="x")]
+    assert c.run(1.2, beats)
+    assert c.run(1.0, [hb("s0r1", L, 2), hb("s0r2", term=2)]) == []
+    # the new leader dies: a fresh episode starts with the best candidate again
+    sent = c.run(1.5, [hb("s0r2", term=2, log=(2, 3))])
+    assert sent[0][1] == "s0r2" and sent[0][2] == 2
+
+
+def test_fresh_shard_elects_once_majority_heard() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", term=0, log=(0, 0)))
+    assert c.tick() == []  # 1 of 3 members: wait
+    c.now = 0.05
+    c.beat(hb("s0r1", term=0, log=(0, 0)))
+    assert c.tick() == [("s0r0", Campaign(0, 0, "b1"))]
+
+
+def test_single_replica_shard_elects_at_once() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", term=0, log=(0, 0), members=("s0r0",)))
+    assert c.tick() == [("s0r0", Campaign(0, 0, "b1"))]
+
+
+def test_restarted_broker_waits_for_the_named_leader() -> None:
+    c = Cluster()
+    # followers are heard first and name a leader: no fast path
+    c.beat(hb("s0r1", term=4, leader="s0r0"), hb("s0r2", term=4, leader="s0r0"))
+    assert c.tick() == []
+    c.now = 0.05
+    c.beat(hb("s0r0", L, 4))
+    assert c.run(3.0, [hb("s0r0", L, 4), hb("s0r1", term=4, leader="s0r0")]) == []
+
+
+def test_named_leader_never_shows_up() -> None:
+    c = Cluster()
+    sent = c.run(2.0, [hb("s0r1", term=4, leader="s0r0"), hb("s0r2", term=4, leader="s0r0")])
+    assert sent and sent[0][0] == pytest.approx(0.1 + TIMEOUT_S)
+
+
+def test_no_members_known_waits_full_timeout() -> None:
+    c = Cluster()
+    sent = c.run(2.0, [hb("s0r0", members=())])
+    assert sent[0][0] == pytest.approx(0.1 + TIMEOUT_S)
+
+
+def test_non_members_are_not_asked() -> None:
+    c = Cluster()
+    beats = [hb("s0r0", log=(9, 9), members=("s0r1",)), hb("s0r1", members=("s0r1",))]
+    c.beat(*beats)
+    assert [n for n, _ in c.tick()] == ["s0r1"]
+
+
+def test_no_live_nodes_no_campaign() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L))
+    c.now = 5.0
+    assert c.tick() == []
+
+
+def test_shards_are_independent() -> None:
+    c = Cluster()
+    c.beat(
+        hb("s0r0", L), hb("s0r1"),
+        hb("s1r0", shard=1, members=("s1r0",), log=(0, 0)),
+    )  # fmt: skip
+    assert c.tick() == [("s1r0", Campaign(1, 1, "b1"))]
+
+
+def test_leader_stepping_down_waits_timeout_from_last_claim() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2), hb("s0r1", term=2))
+    c.now = 0.1
+    c.beat(hb("s0r0", F, 2), hb("s0r1", term=2))
+    assert c.tick() == []
+    c.now = 0.99
+    c.beat(hb("s0r0", F, 2), hb("s0r1", term=2))
+    assert c.tick() == []
+    c.now = 1.0
+    assert [n for n, _ in c.tick()] == ["s0r0"]

@@ -1,0 +1,71 @@
+"""LocalCluster layout and cluster.json handling, without starting processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.cli import main
+from client.cluster import ClusterError, LocalCluster, load_or_create_spec
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
+
+
+def test_spec_is_written_then_reused(tmp_path: Path) -> None:
+    spec = load_or_create_spec(tmp_path, 2, 3, 1)
+    assert [n["id"] for n in spec["nodes"]] == ["s0r0", "s0r1", "s0r2", "s1r0", "s1r1", "s1r2"]
+    on_disk = json.loads((tmp_path / "cluster.json").read_text())
+    assert on_disk["shards"] == [0, 1] and on_disk["replicas"] == 3
+    again = load_or_create_spec(tmp_path, None, None, 2)  # defaults come from the file
+    assert again["nodes"] == spec["nodes"] and again["brokers"] == 2
+
+
+@pytest.mark.parametrize(("shards", "replicas", "word"), [(3, None, "shards"), (None, 5, "replicas")])
+def test_spec_mismatch_is_a_clear_error(
+    tmp_path: Path, shards: int | None, replicas: int | None, word: str
+) -> None:
+    load_or_create_spec(tmp_path, 2, 3, 1)
+    with pytest.raises(ClusterError, match=word):
+        load_or_create_spec(tmp_path, shards, replicas, 1)
+
+
+def test_cli_reports_mismatch_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load_or_create_spec(tmp_path, 1, 1, 1)
+    assert main(["cluster", "up", "--data-dir", str(tmp_path), "--shards", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zkv: error:") and "1 shards, not 2" in err
+
+
+def test_layout_and_process_flags(tmp_path: Path) -> None:
+    c = LocalCluster(tmp_path, shards=2, replicas=3, brokers=2, port=6000, fsync="never",
+                     heartbeat_ms=50, election_timeout_ms=300)
+    assert c.endpoints == ["tcp://127.0.0.1:6000", "tcp://127.0.0.1:6003"]
+    assert c.backend_endpoints() == ["tcp://127.0.0.1:6001", "tcp://127.0.0.1:6004"]
+    c._choose_peer_ports()
+    argv = c._node_argv({"id": "s1r2", "shard": 1, "replica": 2})
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert argv[1:3] == ["-m", "storage_node.main"]
+    assert flags["--node-id"] == "s1r2" and flags["--shard"] == "1"
+    assert flags["--data-dir"] == str(tmp_path / "s1r2")
+    assert flags["--listen"] == f"tcp://127.0.0.1:{c.peer_ports['s1r2']}"
+    assert flags["--peers"] == (f"s1r0=tcp://127.0.0.1:{c.peer_ports['s1r0']},"
+                                f"s1r1=tcp://127.0.0.1:{c.peer_ports['s1r1']}")
+    assert flags["--brokers"] == "tcp://127.0.0.1:6001,tcp://127.0.0.1:6004"
+    assert flags["--shards"] == "0,1" and flags["--fsync"] == "never"
+    assert flags["--heartbeat-ms"] == "50" and flags["--election-timeout-ms"] == "300"
+    assert len(set(c.peer_ports.values())) == 6
+    b = c._broker_argv(1)
+    bflags = dict(zip(b[3::2], b[4::2], strict=False))
+    assert b[1:3] == ["-m", "broker.main"]
+    assert bflags["--port"] == "6003" and bflags["--broker-id"] == "b1"
+
+
+def test_single_replica_has_no_peers_flag(tmp_path: Path) -> None:
+    c = LocalCluster(tmp_path, shards=1, replicas=1, port=0)
+    c._choose_peer_ports()
+    assert "--peers" not in c._node_argv({"id": "s0r0", "shard": 0, "replica": 0})
+    assert 20000 <= c.port < 60000

@@ -1,0 +1,239 @@
+"""Scenario tests of the replica core: messages delivered by hand, time passed by hand."""
+
+from __future__ import annotations
+
+from protocol.messages import AppendEntries, AppendReply, Entry, Role, VoteReply, VoteRequest
+from storage_node.durable_state import HardState
+from storage_node.replica import Ready, Replica, ReplicaConfig
+
+MEMBERS = ("a", "b", "c")
+
+
+class Group:
+    """Three cores and a mailbox; ``deliver`` moves messages, ``drop`` cuts links."""
+
+    def __init__(self, members: tuple[str, ...] = MEMBERS) -> None:
+        self.now = 0.0
+        self.cores = {
+            m: Replica(ReplicaConfig(m, members), HardState(0, ""), []) for m in members
+        }
+        self.log: dict[str, list[Entry]] = {m: [] for m in members}
+        self.applied: dict[str, list[Entry]] = {m: [] for m in members}
+        self.reads: dict[str, list[tuple[object, int]]] = {m: [] for m in members}
+        self.failed_reads: dict[str, list[object]] = {m: [] for m in members}
+        self.down: set[str] = set()
+        self.cut: set[frozenset[str]] = set()
+
+    def process(self, node: str) -> list[tuple[str, str, object]]:
+        core = self.cores[node]
+        out: list[tuple[str, str, object]] = []
+        while core.has_ready():
+            rd: Ready = core.ready()
+            if rd.truncate_from is not None:
+                del self.log[node][rd.truncate_from - 1 :]
+            self.log[node].extend(rd.entries)
+            core.persisted(len(self.log[node]))
+            out.extend((node, to, m) for to, m in rd.messages)
+            self.applied[node].extend(rd.committed)
+            self.reads[node].extend(rd.reads)
+            self.failed_reads[node].extend(rd.failed_reads)
+        return out
+
+    def settle(self, steps: int = 50) -> None:
+        pending: list[tuple[str, str, object]] = []
+        for n in self.cores:
+            if n not in self.down:
+                pending += self.process(n)
+        for _ in range(steps):
+            if not pending:
+                return
+            nxt: list[tuple[str, str, object]] = []
+            for frm, to, msg in pending:
+                if to in self.down or frozenset((frm, to)) in self.cut:
+                    continue
+                self.cores[to].step(frm, msg, self.now)  # type: ignore[arg-type]
+                nxt += self.process(to)
+            pending = nxt
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = round(self.now + step, 6)
+            for n, core in self.cores.items():
+                if n not in self.down:
+                    core.tick(self.now)
+            self.settle()
+
+    def elect(self, node: str) -> None:
+        self.cores[node].campaign(self.now)
+        self.settle()
+
+    def leader(self) -> str | None:
+        leaders = [n for n, c in self.cores.items() if c.role is Role.LEADER and n not in self.down]
+        return leaders[0] if len(leaders) == 1 else None
+
+
+def test_single_member_elects_itself_and_commits() -> None:
+    g = Group(("a",))
+    g.elect("a")
+    assert g.cores["a"].role is Role.LEADER
+    idx = g.cores["a"].propose(b"x", g.now)
+    g.settle()
+    assert idx == 2  # 1 is the new leader's no-op
+    assert [e.data for e in g.applied["a"]] == [b"\x91\x00", b"x"]
+
+
+def test_campaign_elects_and_replicates_to_all() -> None:
+    g = Group()
+    g.elect("a")
+    assert g.leader() == "a"
+    assert all(c.term == 1 for c in g.cores.values())
+    for i in range(10):
+        g.cores["a"].propose(b"v%d" % i, g.now)
+    g.settle()
+    g.advance(0.2)
+    for n in MEMBERS:
+        assert [e.data for e in g.applied[n]][1:] == [b"v%d" % i for i in range(10)]
+
+
+def test_voter_ignores_candidate_while_leader_is_live() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.3)
+    g.cores["b"].campaign(g.now)  # broker's mistaken view: a is alive to its followers
+    g.settle()
+    assert g.leader() == "a" and g.cores["a"].term == 1 and g.cores["b"].term == 1
+
+
+def test_prevote_does_not_bump_terms_of_an_isolated_node() -> None:
+    g = Group()
+    g.elect("a")
+    g.cut |= {frozenset(("c", "a")), frozenset(("c", "b"))}
+    g.advance(1.5)
+    for _ in range(5):
+        g.cores["c"].campaign(g.now)
+        g.advance(1.1)
+    assert g.cores["c"].term == 1  # never became a candidate
+    g.cut.clear()
+    g.advance(0.5)
+    assert g.leader() == "a" and g.cores["a"].term == 1
+
+
+def test_new_leader_after_leader_dies_and_log_is_kept() -> None:
+    g = Group()
+    g.elect("a")
+    g.cores["a"].propose(b"keep", g.now)
+    g.settle()
+    g.advance(0.2)
+    g.down.add("a")
+    g.advance(1.1)
+    g.elect("b")
+    assert g.leader() == "b" and g.cores["b"].term == 2
+    g.cores["b"].propose(b"after", g.now)
+    g.settle()
+    assert [e.data for e in g.applied["b"]][-3:] == [b"keep", b"\x91\x00", b"after"]
+
+
+def test_leader_without_majority_steps_down_and_commits_nothing() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.2)
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    before = len(g.applied["a"])
+    g.cores["a"].propose(b"lost", g.now)
+    g.advance(1.2)
+    assert g.cores["a"].role is Role.FOLLOWER
+    assert len(g.applied["a"]) == before
+
+
+def test_deposed_leader_truncates_its_uncommitted_suffix() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.2)
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    g.cores["a"].propose(b"orphan", g.now)
+    g.settle()
+    g.advance(1.2)
+    g.elect("b")
+    g.cores["b"].propose(b"winner", g.now)
+    g.settle()
+    g.cut.clear()
+    g.advance(0.5)
+    datas = [e.data for e in g.log["a"]]
+    assert b"orphan" not in datas and b"winner" in datas
+    assert [e.data for e in g.applied["a"]] == [e.data for e in g.applied["b"]]
+
+
+def test_vote_refused_to_candidate_with_shorter_log() -> None:
+    core = Replica(ReplicaConfig("a", MEMBERS), HardState(1, ""), [Entry(1, 1, b"x")])
+    core.step("b", VoteRequest(2, "b", 0, 0), 10.0)
+    rd = core.ready()
+    replies = [m for _, m in rd.messages if isinstance(m, VoteReply)]
+    assert replies and not replies[0].granted
+    assert rd.hard_state == HardState(2, "")  # term adopted, no vote given
+
+
+def test_vote_is_persisted_before_the_reply_is_sent() -> None:
+    core = Replica(ReplicaConfig("a", MEMBERS), HardState(1, ""), [])
+    core.step("b", VoteRequest(2, "b", 0, 0), 10.0)
+    rd = core.ready()
+    assert rd.hard_state == HardState(2, "b")
+    assert any(isinstance(m, VoteReply) and m.granted for _, m in rd.messages)
+
+
+def test_stale_term_append_is_answered_with_our_term() -> None:
+    core = Replica(ReplicaConfig("a", MEMBERS), HardState(5, ""), [])
+    core.step("b", AppendEntries(3, "b", 0, 0, (), 0, 0), 1.0)
+    (to, reply), = core.ready().messages
+    assert to == "b" and isinstance(reply, AppendReply) and reply.term == 5 and not reply.success
+
+
+def test_linearizable_read_waits_for_majority_confirmation() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.2)
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    assert g.cores["a"].read_index("r1", g.now)
+    g.settle()
+    assert g.reads["a"] == []  # no majority heard the round
+    g.cut.clear()
+    g.advance(0.2)
+    assert [t for t, _ in g.reads["a"]] == ["r1"]
+
+
+def test_reads_fail_when_leadership_is_lost() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.2)
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    g.cores["a"].read_index("r1", g.now)
+    g.advance(1.2)
+    assert g.failed_reads["a"] == ["r1"]
+
+
+def test_lagging_follower_catches_up_by_snapshot() -> None:
+    g = Group()
+    g.elect("a")
+    g.down.add("c")
+    for i in range(20):
+        g.cores["a"].propose(b"%d" % i, g.now)
+    g.settle()
+    leader = g.cores["a"]
+    snap_index = leader.commit_index
+    leader.compacted(snap_index, leader.term_at(snap_index) or 0, b"STATE")
+    assert leader.snap_index == snap_index
+    g.down.discard("c")
+    installed: list[tuple[int, int, bytes]] = []
+    original = g.cores["c"].ready
+
+    def spy() -> Ready:
+        rd = original()
+        if rd.snapshot:
+            installed.append(rd.snapshot)
+            g.log["c"] = [Entry(0, i + 1, b"") for i in range(rd.snapshot[0])]
+        return rd
+
+    g.cores["c"].ready = spy  # type: ignore[method-assign]
+    g.advance(0.5)
+    assert installed and installed[0][0] == snap_index and installed[0][2] == b"STATE"
+    assert g.cores["c"].commit_index == leader.commit_index

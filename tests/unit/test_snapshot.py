@@ -1,0 +1,101 @@
+"""Snapshot files: durable writes, retention, and falling back past a damaged one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from loguru import logger
+
+from storage_node.snapshot import (
+    SNAP_DIR,
+    Snapshot,
+    compactable_index,
+    load_latest_snapshot,
+    save_snapshot,
+    snapshot_name,
+)
+
+
+@pytest.fixture
+def warnings_logged():
+    messages: list[str] = []
+    handler = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    yield messages
+    logger.remove(handler)
+
+
+def names(data_dir) -> list[str]:
+    return sorted(p.name for p in (data_dir / SNAP_DIR).iterdir())
+
+
+def test_no_snapshot(tmp_path):
+    assert load_latest_snapshot(tmp_path) is None
+    assert compactable_index(tmp_path) == 0
+
+
+def test_round_trip(tmp_path):
+    path = save_snapshot(tmp_path, 4096, 3, b"state" * 1000)
+    assert path.name == snapshot_name(4096) == "00000000000000004096.snap"
+    assert load_latest_snapshot(tmp_path) == Snapshot(4096, 3, b"state" * 1000)
+
+
+def test_empty_data_round_trips(tmp_path):
+    save_snapshot(tmp_path, 1, 1, b"")
+    assert load_latest_snapshot(tmp_path) == Snapshot(1, 1, b"")
+
+
+def test_keeps_the_newest_two(tmp_path):
+    for index in (10, 20, 30, 40):
+        save_snapshot(tmp_path, index, 1, b"at %d" % index)
+    assert names(tmp_path) == [snapshot_name(30), snapshot_name(40)]
+    assert load_latest_snapshot(tmp_path) == Snapshot(40, 1, b"at 40")
+    assert compactable_index(tmp_path) == 30
+
+
+def test_write_is_fsynced_before_rename(tmp_path, monkeypatch):
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b)))
+    save_snapshot(tmp_path, 5, 1, b"x")
+    assert calls == ["fsync", "replace", "fsync"]
+
+
+def test_leftover_tmp_files_are_ignored_and_cleaned(tmp_path):
+    (tmp_path / SNAP_DIR).mkdir()
+    (tmp_path / SNAP_DIR / (snapshot_name(99) + ".tmp")).write_bytes(b"partial")
+    assert load_latest_snapshot(tmp_path) is None
+    save_snapshot(tmp_path, 5, 1, b"x")
+    assert names(tmp_path) == [snapshot_name(5)]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[:-1],  # cut short
+        lambda raw: raw[:10],  # shorter than the header
+        lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]),  # flipped bit in the data
+        lambda raw: b"NOTASNAP" + raw[8:],  # bad magic
+        lambda raw: raw + b"extra",
+    ],
+)
+def test_a_damaged_newest_falls_back_to_an_older_one(tmp_path, warnings_logged, damage):
+    save_snapshot(tmp_path, 10, 1, b"older state")
+    newest = save_snapshot(tmp_path, 20, 2, b"newer state")
+    newest.write_bytes(damage(newest.read_bytes()))
+    assert load_latest_snapshot(tmp_path) == Snapshot(10, 1, b"older state")
+    assert any(newest.name in m for m in warnings_logged)
+
+
+def test_a_file_whose_name_disagrees_with_its_header_is_skipped(tmp_path):
+    save_snapshot(tmp_path, 10, 1, b"a")
+    path = save_snapshot(tmp_path, 20, 1, b"b")
+    path.rename(path.with_name(snapshot_name(30)))
+    assert load_latest_snapshot(tmp_path) == Snapshot(10, 1, b"a")
+
+
+def test_all_damaged_is_none(tmp_path):
+    path = save_snapshot(tmp_path, 10, 1, b"a")
+    path.write_bytes(b"junk")
+    assert load_latest_snapshot(tmp_path) is None
