@@ -21,6 +21,7 @@ logged as a rate-limited warning; nothing from the network stops the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -210,15 +211,27 @@ class BrokerServer:
                 raise
             now = clock()
             for sock, _ in ready:
-                if sock is frontend:
-                    self._drain_frontend(now)
-                elif sock is backend:
-                    self._drain_backend(now)
-                elif sock is heartbeats:
-                    self._drain_heartbeats(now)
+                try:
+                    if sock is frontend:
+                        self._drain_frontend(now)
+                    elif sock is backend:
+                        self._drain_backend(now)
+                    elif sock is heartbeats:
+                        self._drain_heartbeats(now)
+                except Exception as exc:  # the boundary: nothing from the network stops us
+                    self._recover(sock, exc, now)
             if now >= next_tick:
-                self.housekeeping(now)
+                try:
+                    self.housekeeping(now)
+                except Exception as exc:
+                    self.log.opt(exception=exc).error("housekeeping failed; continuing")
                 next_tick = now + interval_s
+
+    def _recover(self, sock: zmq.Socket[Any], exc: Exception, now: float) -> None:
+        """An unexpected error mid-message: drop the rest of it so frames stay aligned."""
+        with contextlib.suppress(zmq.ZMQError):
+            _discard_rest(sock)
+        self._warn_back.warn(now, "unexpected error while draining a socket: {!r}", exc)
 
     # ------------------------------------------------------------------ sockets
 
@@ -238,6 +251,7 @@ class BrokerServer:
             if not client.more:
                 continue  # a bare routing id: nothing to route, nobody to answer
             head = recv(_NOBLOCK, False)
+            msg: list[Any]
             if not head.more:
                 msg = [client, head.bytes]
             else:
@@ -247,7 +261,7 @@ class BrokerServer:
                     _discard_rest(sock)
                     msg.append(b"")
             try:
-                dest = route(msg, now)  # type: ignore[arg-type]
+                dest = route(msg, now)
             except Exception as exc:  # a router bug must not take the broker down
                 self._warn_front.warn(now, "frontend: cannot route a message: {!r}", exc)
                 continue
@@ -265,7 +279,7 @@ class BrokerServer:
                     forward(head, _SNDMORE_NOBLOCK)
                     forward(msg[2], _NOBLOCK)
             elif dest is not None:
-                self._reply(client, dest)
+                self._reply(client, dest)  # type: ignore[arg-type]  # bytes handled above
 
     def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None:
         send = self.frontend.send

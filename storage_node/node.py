@@ -12,6 +12,7 @@ socket a request came from without the broker remembering anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from loguru import logger
 from protocol import codec
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import (
+    AppendReply,
     Campaign,
     CasRequest,
     Consistency,
@@ -36,18 +38,22 @@ from protocol.messages import (
     PongReply,
     PutRequest,
     Role,
+    SnapshotReply,
 )
 from protocol.ring import Ring, RingConfig
 from storage_node import durable_state
 from storage_node.commands import CasCommand, DeleteCommand, PutCommand, encode_command
-from storage_node.fsync_policy import FsyncPolicy
+from storage_node.fsync_policy import FsyncMode, FsyncPolicy
 from storage_node.replica import Ready, Replica, ReplicaConfig
 from storage_node.snapshot import load_latest_snapshot, save_snapshot
 from storage_node.state_machine import KVStateMachine
+from storage_node.syncer import BackgroundSyncer
 from storage_node.wal import WriteAheadLog
 
 BATCH_MAX = 512  # messages drained from one socket per wake-up
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
+#: replies that promise durable log state: held until the fsync they depend on is done
+_DURABLE_REPLIES = (AppendReply, SnapshotReply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,12 @@ class StorageNode:
         self._was_leader = False
         self._next_heartbeat = 0.0
         self._last_snapshot_index = self.core.snap_index
+        # group commit with a background fsync (fsync=always): sequence -> log index it
+        # makes durable, and the acks held until then
+        self._syncer = BackgroundSyncer() if config.fsync.mode is FsyncMode.ALWAYS else None
+        self._sync_seq = 0
+        self._sync_index: dict[int, int] = {}
+        self._held: list[tuple[int, str, PeerMessage]] = []
 
     # ------------------------------------------------------------------ startup
 
@@ -164,10 +176,14 @@ class StorageNode:
         for s in self.broker_socks:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
+        if self._syncer is not None:
+            self.poller.register(self._syncer.fileno, zmq.POLLIN)
 
     def close(self) -> None:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values()]:
             s.close(linger=0)
+        if self._syncer is not None:
+            self._syncer.close()
         self.wal.close()
 
     def stop(self) -> None:
@@ -189,6 +205,8 @@ class StorageNode:
                         self._drain_broker(sock, now)
                 if self.peer_router in events:
                     self._drain_peers(now)
+                if self._syncer is not None and self._syncer.fileno in events:
+                    self._on_synced()
                 self.core.tick(now)
                 self._handle_ready(now)
                 if now >= self._next_heartbeat:
@@ -334,9 +352,12 @@ class StorageNode:
         core = self.core
         while core.has_ready():
             rd = core.ready()
-            self._persist(rd, now)
+            seq = self._persist(rd, now)
             for to, msg in rd.messages:
-                self._send_peer(to, msg)
+                if seq is not None and isinstance(msg, _DURABLE_REPLIES):
+                    self._held.append((seq, to, msg))
+                else:
+                    self._send_peer(to, msg)
             for entry in rd.committed:
                 reply = self.state.apply(entry.index, entry.data)
                 pending = self._pending_writes.pop(entry.index, None)
@@ -361,7 +382,9 @@ class StorageNode:
                     self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
                 self._pending_writes.clear()
 
-    def _persist(self, rd: Ready, now: float) -> None:
+    def _persist(self, rd: Ready, now: float) -> int | None:
+        """Make ``rd``'s state durable per the fsync policy. Returns the sequence number
+        of the background fsync that the acks of this Ready must wait for, if any."""
         if rd.hard_state is not None:
             durable_state.save_hard_state(self.config.data_dir, rd.hard_state)
         if rd.snapshot is not None:
@@ -369,15 +392,52 @@ class StorageNode:
             save_snapshot(self.config.data_dir, index, term, data)
             self.state.restore(data)
             self.wal.reset(index + 1)
+            self._forget_unsynced(index + 1)
             self._last_snapshot_index = index
             self.log.info("installed snapshot at index {} from the leader", index)
         if rd.truncate_from is not None:
             self.wal.truncate_from(rd.truncate_from)
+            self._forget_unsynced(rd.truncate_from)
         if rd.entries:
             self.wal.append(rd.entries)
-        if rd.entries or rd.truncate_from is not None:
+        if not rd.entries and rd.truncate_from is None:
+            return None
+        if self._syncer is None:
             self.wal.sync(now)
             self.core.persisted(self.wal.last_index)
+            return None
+        fd = self.wal.begin_sync()
+        if fd is None:
+            return None
+        self._sync_seq += 1
+        self._sync_index[self._sync_seq] = self.wal.last_index
+        self._syncer.submit(fd, self._sync_seq)
+        return self._sync_seq
+
+    def _forget_unsynced(self, truncated_from: int) -> None:
+        """Entries from ``truncated_from`` on are gone: a pending fsync can no longer make
+        them durable, and an ack held for them would now be a lie: drop those acks."""
+        for seq, index in self._sync_index.items():
+            self._sync_index[seq] = min(index, truncated_from - 1)
+        self._held.clear()
+
+    def _on_synced(self) -> None:
+        assert self._syncer is not None
+        if self._syncer.error is not None:
+            raise self._syncer.error  # the disk failed: stop rather than ack
+        done = self._syncer.completed()
+        if done is None:
+            return
+        durable = [self._sync_index.pop(s) for s in list(self._sync_index) if s <= done]
+        if durable:
+            self.core.persisted(max(durable))
+        keep = []
+        for seq, to, msg in self._held:
+            if seq <= done:
+                self._send_peer(to, msg)
+            else:
+                keep.append((seq, to, msg))
+        self._held = keep
 
     def _serve_reads(self) -> None:
         if not self._waiting_reads:
@@ -411,10 +471,8 @@ class StorageNode:
             self.ring.config.epoch, self.ring.config.shards, self.ring.config.vnodes,
             cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
         )
-        try:
+        with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index

@@ -140,7 +140,9 @@ class FakeNode:
         log: tuple[int, int] = (1, 1),
         members: tuple[str, ...] | None = None,
         shard: int = 0,
+        serve: bool = True,
     ) -> None:
+        self.serve = serve  # False: heartbeats only, no DEALER on the backend
         self.node_id, self.shard, self.role, self.term, self.log = node_id, shard, role, term, log
         self.members = members if members is not None else (node_id,)
         self.backend, self.heartbeats = broker.backend, broker.heartbeats
@@ -166,7 +168,8 @@ class FakeNode:
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, self.node_id.encode())
         dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(self.backend)
+        if self.serve:
+            dealer.connect(self.backend)
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.connect(self.heartbeats)
@@ -288,6 +291,16 @@ def test_no_leader_answered_at_once(broker: BrokerProcess, ctx: Any) -> None:
     reply = client.call(get(b"k"))
     assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_LEADER
     assert time.monotonic() - start < 0.5
+
+
+def test_unreachable_leader_gets_no_leader(broker: BrokerProcess, ctx: Any, nodes: Any) -> None:
+    nodes(broker, "s0r0", Role.LEADER, serve=False)
+    client = Client(ctx, broker.frontend)
+    reply, _ = client.until(
+        get(b"k"), lambda r: "unreachable" in getattr(r, "message", ""), timeout_s=5
+    )
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_LEADER
+    assert reply.request_id == client.rid
 
 
 def test_status_and_ping(broker: BrokerProcess, ctx: Any, nodes: Any) -> None:

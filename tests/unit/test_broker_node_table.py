@@ -212,3 +212,22 @@ def test_restarted_table_rebuilds_from_one_round_of_heartbeats() -> None:
         t.observe(b, 100.0)
     assert t.leaders == {0: b"s0r0", 1: b"s1r0"}
     assert t.ring is not None and t.ring.config.epoch == 1
+
+
+@pytest.mark.parametrize("module", ["node_table", "failure_detector", "router"])
+def test_cores_are_pure(module: str) -> None:
+    """The cores never touch sockets, clocks, threads or the global random module."""
+    import ast
+    from pathlib import Path
+
+    import broker
+
+    path = Path(broker.__file__).parent / f"{module}.py"
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    forbidden = {"zmq", "time", "threading", "asyncio", "random", "socket", "loguru", "os"}
+    assert not imported & forbidden
