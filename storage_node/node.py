@@ -45,7 +45,7 @@ from storage_node import durable_state
 from storage_node.commands import CasCommand, DeleteCommand, PutCommand, encode_command
 from storage_node.fsync_policy import FsyncMode, FsyncPolicy
 from storage_node.replica import Ready, Replica, ReplicaConfig
-from storage_node.snapshot import load_latest_snapshot, save_snapshot
+from storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
 from storage_node.state_machine import KVStateMachine
 from storage_node.syncer import BackgroundSyncer
 from storage_node.wal import WriteAheadLog
@@ -485,7 +485,9 @@ class StorageNode:
         data = self.state.snapshot_bytes()
         save_snapshot(self.config.data_dir, applied, term, data)
         self.core.compacted(applied, term, data)
-        self.wal.compact(applied)
+        # keep the log back to the older kept snapshot, so falling back to it (if the
+        # newest is ever damaged) still meets a contiguous log
+        self.wal.compact(compactable_index(self.config.data_dir))
         self._last_snapshot_index = applied
         self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", applied, len(data),
                       (time.monotonic() - started) * 1000)

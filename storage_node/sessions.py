@@ -30,8 +30,8 @@ from protocol.messages import CasReply, DeleteReply, PutReply
 
 SessionReply = PutReply | DeleteReply | CasReply
 
-REPLIES_PER_CLIENT_MAX = 4096
-CLIENTS_MAX = 100_000
+REPLIES_PER_CLIENT_MAX = 2048  # >= the SDK's in-flight bound (1024)
+CLIENTS_MAX = 20_000  # with the reply bound: a hard ceiling on session memory
 SESSION_TTL_MS = 3_600_000
 
 

@@ -56,8 +56,18 @@ class BrokerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.frontend = self.backend = self.heartbeats = ""
+        self._seen = 0  # log offset after the last ready line (restarts append)
 
     def start(self, frontend: str = "", backend: str = "", heartbeats: str = "") -> None:
+        # A restart rebinds the same ports; another process may briefly hold one of them
+        # (e.g. as an ephemeral source port), so a failed bind is retried a few times.
+        for attempt in range(5):
+            if self._start_once(frontend, backend, heartbeats):
+                return
+            time.sleep(0.2 * (attempt + 1))
+        raise AssertionError(f"broker could not bind:\n{self.log()}")
+
+    def _start_once(self, frontend: str, backend: str, heartbeats: str) -> bool:
         any_port = "tcp://127.0.0.1:*"
         args = [
             sys.executable, "-m", "broker.main", "--broker-id", "tb",
@@ -75,12 +85,13 @@ class BrokerProcess:
             if m and self.proc.poll() is None:
                 self._seen = m.end()
                 self.frontend, self.backend, self.heartbeats = m.groups()
-                return
-            assert self.proc.poll() is None, f"broker exited early:\n{self.log()}"
+                return True
+            if self.proc.poll() is not None:
+                assert "cannot bind" in self.log()[self._seen :], f"broker exited:\n{self.log()}"
+                self._seen = len(self.log())
+                return False
             time.sleep(0.02)
         raise AssertionError(f"broker not ready in time:\n{self.log()}")
-
-    _seen = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -335,7 +346,7 @@ def test_campaign_sent_to_best_follower_when_leader_stops(
         time.sleep(0.01)
     assert r2.campaigns, broker.log()
     took = time.monotonic() - stopped
-    assert ELECTION_TIMEOUT_MS / 1000 * 0.8 <= took < ELECTION_TIMEOUT_MS / 1000 + 1.0
+    assert ELECTION_TIMEOUT_MS / 1000 * 0.8 <= took < ELECTION_TIMEOUT_MS / 1000 + 2.0
     assert r2.campaigns[0] == Campaign(shard_id=0, term=4, broker_id="tb")
     assert r1.campaigns == [] and leader.campaigns == []
     # the shard has no leader now: requests fail fast with NO_LEADER
@@ -358,7 +369,8 @@ def test_restarted_broker_routes_again_within_a_few_heartbeats(
     broker.start(broker.frontend, broker.backend, broker.heartbeats)
     reply, took = client.until(get(b"k"), is_get_reply, timeout_s=5)
     assert reply.value == b"s0r0:k"
-    assert took < 20 * HEARTBEAT_MS / 1000, f"took {took:.2f}s"
+    # Typically ~0.2 s: zmq reconnect intervals (100 ms) plus one heartbeat.
+    assert took < 30 * HEARTBEAT_MS / 1000, f"took {took:.2f}s"
 
 
 def test_sigterm_exits_zero(broker: BrokerProcess) -> None:
