@@ -13,6 +13,7 @@ type is refused at the boundary and the cores can trust what they receive.
 from __future__ import annotations
 
 import enum
+import functools
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -42,12 +43,22 @@ _UNPACK_LIMITS = dict(
     max_ext_len=0,
 )
 
+_unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+
 Check = Callable[[Any], Any]
+
+
+#: Every integer on the wire (ids, terms, indexes, versions, sizes) is non-negative and
+#: below 2**63: a peer cannot push a term or index to where arithmetic on it (term + 1)
+#: no longer fits the wire or the disk format.
+INT_MAX = (1 << 63) - 1
 
 
 def _check_int(v: Any) -> int:
     if type(v) is not int:
         raise RemoteProtocolError(f"expected int, got {type(v).__name__}")
+    if not 0 <= v <= INT_MAX:
+        raise RemoteProtocolError(f"integer {v} out of range")
     return v
 
 
@@ -82,11 +93,12 @@ def _check_entry(v: Any) -> Entry:
 
 
 def _enum_check(cls: type[enum.IntEnum]) -> Check:
+    members = {int(m): m for m in cls}  # a dict lookup is much cheaper than cls(v)
+
     def check(v: Any) -> enum.IntEnum:
-        try:
-            return cls(_check_int(v))
-        except ValueError as exc:
-            raise RemoteProtocolError(f"bad {cls.__name__} value {v!r}") from exc
+        if type(v) is not int or v not in members:  # (bool is refused: True == 1)
+            raise RemoteProtocolError(f"bad {cls.__name__} value {v!r}")
+        return members[v]
 
     return check
 
@@ -133,6 +145,8 @@ class _Schema:
         hints = typing.get_type_hints(cls)
         blob = getattr(cls, "BLOB", None)
         flds = [f for f in fields(cls) if f.name != blob]
+        # decode passes fields positionally with the blob last
+        assert blob is None or fields(cls)[-1].name == blob, f"{cls}: BLOB must be last"
         self.cls = cls
         self.names = tuple(f.name for f in flds)
         self.checks = tuple(_check_for(hints[f.name]) for f in flds)
@@ -185,7 +199,7 @@ def _unpack_header(frame: bytes) -> list[Any]:
     if type(frame) is not bytes:
         raise RemoteProtocolError("frame is not bytes")
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        header = _unpack(frame)
     except Exception as exc:  # msgpack raises many types on garbage; all mean "bad input"
         raise RemoteProtocolError(f"undecodable header: {exc.__class__.__name__}") from exc
     if type(header) is not list or len(header) < 2:
@@ -209,11 +223,11 @@ def decode(frames: Sequence[bytes]) -> Message:
     expected_frames = 1 if schema.blob is None else 2
     if len(frames) != expected_frames:
         raise RemoteProtocolError(f"{schema.cls.__name__}: expected {expected_frames} frames")
-    kwargs = {name: check(v) for name, check, v in zip(schema.names, schema.checks, values)}
+    args = [check(v) for check, v in zip(schema.checks, values)]
     if schema.blob is not None:
-        kwargs[schema.blob] = _check_bytes(frames[1])
+        args.append(_check_bytes(frames[1]))
     try:
-        return schema.cls(**kwargs)  # type: ignore[no-any-return]
+        return schema.cls(*args)  # type: ignore[no-any-return]
     except (TypeError, ValueError) as exc:  # pragma: no cover - checks above should catch
         raise RemoteProtocolError(f"{schema.cls.__name__}: {exc}") from exc
 
@@ -223,9 +237,9 @@ def route_fields(header: bytes) -> tuple[int, bytes, int]:
     without building the message. Non-data requests return ``(type, b"", 0)``."""
     values = _unpack_header(header)
     kind = values[1]
+    if type(kind) is not int:
+        raise RemoteProtocolError("message type is not an int")
     if kind not in DATA_REQUEST_TYPES:
-        if type(kind) is not int:
-            raise RemoteProtocolError("message type is not an int")
         return kind, b"", 0
     if len(values) < 5 or type(values[4]) is not bytes:
         raise RemoteProtocolError("data request without a key")
@@ -238,8 +252,8 @@ def route_fields(header: bytes) -> tuple[int, bytes, int]:
 def request_id_of(header: bytes) -> int:
     """Best-effort request id of a (possibly malformed) request, for an error reply."""
     try:
-        values = msgpack.unpackb(header, raw=False, **_UNPACK_LIMITS)
+        values = _unpack(header)
         rid = values[3]
-        return rid if type(rid) is int else 0
+        return rid if type(rid) is int and 0 <= rid <= INT_MAX else 0
     except Exception:
         return 0

@@ -161,8 +161,8 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True)
 class StatusReply:
-    """``nodes`` holds one dict per live node: the fields of its latest Heartbeat plus
-    ``age_ms``; ``ring`` holds the adopted ring config (epoch, shards, vnodes)."""
+    """``nodes`` holds one dict per node the broker remembers: the fields of its latest
+    Heartbeat plus ``age_ms`` and ``live``; ``ring`` holds the adopted ring config (epoch, shards, vnodes)."""
 
     TYPE: ClassVar[int] = 25
     request_id: int

@@ -49,6 +49,11 @@ from storage_node.durable_state import HardState
 from storage_node.progress import Progress, ProgressState
 
 
+#: Terms stop here: the codec refuses integers from 2**63 on, so a term must always have
+#: room for +1 below that. Only a forged message could bring a term near it.
+TERM_MAX = (1 << 62)
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaConfig:
     node_id: str
@@ -210,6 +215,8 @@ class Replica:
         """The broker thinks our leader is gone: start a pre-vote."""
         if self.role is Role.LEADER or self._in_lease(now) or self._prevote:
             return
+        if known_term >= TERM_MAX or self.term >= TERM_MAX:
+            return  # no real cluster gets here; refuse rather than overflow the term
         if self.role is Role.CANDIDATE and now - self._election_started < self._election_s:
             return
         self._now = now
@@ -288,8 +295,8 @@ class Replica:
 
     def step(self, sender: str, msg: PeerMessage, now: float) -> None:
         self._now = now
-        if sender not in self._peers:
-            return  # not a member of this group: ignore rather than trust
+        if sender not in self._peers or msg.term >= TERM_MAX:
+            return  # not a member of this group, or a forged term: ignore rather than trust
         if isinstance(msg, VoteRequest):
             self._on_vote_request(sender, msg, now)
             return

@@ -26,7 +26,14 @@ from loguru import logger
 
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
-from storage_node.commands import DeleteCommand, Noop, PutCommand, WriteCommand, decode_command
+from storage_node.commands import (
+    Command,
+    DeleteCommand,
+    Noop,
+    PutCommand,
+    WriteCommand,
+    decode_command,
+)
 from storage_node.sessions import (
     CLIENTS_MAX,
     REPLIES_PER_CLIENT_MAX,
@@ -72,14 +79,22 @@ class KVStateMachine:
 
     def apply(self, index: int, data: bytes) -> ApplyReply | None:
         """Apply the committed entry at ``index``; the reply for its client, if any."""
-        if index <= self._applied_index:
-            raise AssertionError(f"apply of index {index} after {self._applied_index}")
-        self._applied_index = index
         try:
             cmd = decode_command(data)
         except RemoteProtocolError as exc:
+            if index <= self._applied_index:
+                raise AssertionError(f"apply of index {index} after {self._applied_index}") from exc
+            self._applied_index = index
             logger.error("log entry {} is not a valid command ({}); skipped", index, exc)
             return None
+        return self.apply_command(index, cmd)
+
+    def apply_command(self, index: int, cmd: Command) -> ApplyReply | None:
+        """``apply`` for a command already decoded: the leader keeps the commands it
+        proposed, so its hot path never decodes its own log entries again."""
+        if index <= self._applied_index:
+            raise AssertionError(f"apply of index {index} after {self._applied_index}")
+        self._applied_index = index
         if isinstance(cmd, Noop):
             return None
         return self._apply_write(index, cmd)

@@ -457,3 +457,16 @@ def test_storage_node_survives_garbage(lone_node: LoneNode) -> None:
             s.close(linger=0)
     print(f"node peer socket: {MESSAGES} messages in {time.monotonic() - started:.1f}s")
     node.assert_serves()
+
+
+@pytest.mark.parametrize("term", [2**64 - 1, 2**64 - 2, 2**63, -1])
+def test_storage_node_survives_extreme_campaign_terms(lone_node: LoneNode, term: int) -> None:
+    """A Campaign decodes with any msgpack int as its term; the node must not take a
+    term it cannot persist or publish (uint64 is the wire's limit), nor die of it."""
+    node = lone_node
+    node.router.send_multipart([NODE_ID.encode(), b"", *codec.encode(Campaign(0, term, "fuzz"))])
+    time.sleep(1.0)
+    assert node.alive(), f"a Campaign at term {term} killed the node:\n{node.log_tail()}"
+    hb = node.heartbeat(5)
+    assert 0 <= hb.term < 2**64
+    node.assert_serves()

@@ -128,3 +128,16 @@ def test_error_codes_map_to_exceptions() -> None:
     assert isinstance(err, NotLeader) and err.leader_hint == "s0r1"
     assert isinstance(error_for_code(ErrorCode.TIMEOUT), Timeout)
     assert type(error_for_code(12345)).__name__ == "InternalError"
+
+
+@pytest.mark.parametrize("kind", [[1], {"a": 1}, True, 1.5, None])
+def test_route_fields_refuses_a_non_int_type(kind: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        codec.route_fields(msgpack.packb([PROTOCOL_VERSION, kind, b"c", 1, b"k"]))
+
+
+@pytest.mark.parametrize("value", [-1, 2**63, 2**64 - 1])
+def test_integers_out_of_range_are_refused(value: int) -> None:
+    header = msgpack.packb([PROTOCOL_VERSION, 41, 0, value, "b"])  # Campaign(term=value)
+    with pytest.raises(RemoteProtocolError):
+        codec.decode([header])

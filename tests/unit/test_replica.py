@@ -237,3 +237,14 @@ def test_lagging_follower_catches_up_by_snapshot() -> None:
     g.advance(0.5)
     assert installed and installed[0][0] == snap_index and installed[0][2] == b"STATE"
     assert g.cores["c"].commit_index == leader.commit_index
+
+
+def test_absurd_terms_are_ignored_not_adopted() -> None:
+    from storage_node.replica import TERM_MAX
+
+    core = Replica(ReplicaConfig("a", ("a",)), HardState(1, ""), [])
+    core.campaign(1.0, known_term=TERM_MAX)
+    assert core.term == 1 and core.role is Role.FOLLOWER
+    core3 = Replica(ReplicaConfig("a", MEMBERS), HardState(1, ""), [])
+    core3.step("b", VoteRequest(TERM_MAX, "b", 0, 0), 1.0)
+    assert core3.term == 1 and not core3.ready().messages
