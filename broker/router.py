@@ -71,7 +71,7 @@ class Router:
         self.broker_id = broker_id
         self.key_bytes_max = key_bytes_max
         self.value_bytes_max = value_bytes_max
-        self._header_bytes_max = key_bytes_max + HEADER_OVERHEAD_BYTES
+        self._header_bytes_max = key_bytes_max + codec.INLINE_BLOB_BYTES_MAX + HEADER_OVERHEAD_BYTES
         self._rr = 0
         #: Requests refused as BAD_REQUEST or TOO_LARGE, and why the last one was: the
         #: shell reports these as rate-limited warnings instead of logging per message.
@@ -102,8 +102,8 @@ class Router:
                 return self._bad(header, "unexpected value frame")
             if len(frames[2]) > self.value_bytes_max:
                 return self._too_large(header, "value too large")
-        elif kind in _BLOB_TYPES:
-            return self._bad(header, "missing value frame")
+        # else a small value travels inside the header (codec.INLINE_BLOB_BYTES_MAX);
+        # the header bound covers it and the node checks the exact limit
         ring = self._table.ring
         if ring is None:
             return self.no_leader(header, "no ring known yet")

@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from protocol.codec import INLINE_BLOB_BYTES_MAX
 from protocol.errors import ErrorCode
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -133,6 +134,9 @@ class RequestCodec:
 
     def put(self, client_id: bytes, rid: int, key: bytes, lowest: int,
             value: bytes) -> list[bytes]:
+        if len(value) <= INLINE_BLOB_BYTES_MAX:  # small values ride in the header
+            return [self._pack([PROTOCOL_VERSION, PutRequest.TYPE, client_id, rid, key, lowest,
+                                value])]
         return [self._pack([PROTOCOL_VERSION, PutRequest.TYPE, client_id, rid, key, lowest]),
                 value]
 

@@ -73,7 +73,7 @@ class Ring:
         space = 1 << 64
         share = dict.fromkeys(self.config.shards, 0.0)
         prev = self._tokens[-1] - space
-        for t, s in zip(self._tokens, self._owners):
+        for t, s in zip(self._tokens, self._owners, strict=True):
             share[s] += (t - prev) / space
             prev = t
         return share

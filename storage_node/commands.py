@@ -85,24 +85,28 @@ WriteCommand = PutCommand | DeleteCommand | CasCommand
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
 
 
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_PUT, _DELETE, _CAS = int(Op.PUT), int(Op.DELETE), int(Op.CAS)  # no enum lookups per write
+
+
 def encode_command(cmd: Command) -> bytes:
-    """The log-entry bytes for ``cmd``."""
-    if isinstance(cmd, PutCommand):
-        fields: list[Any] = [Op.PUT.value, *_session_fields(cmd), cmd.key, cmd.value]
-    elif isinstance(cmd, DeleteCommand):
-        fields = [Op.DELETE.value, *_session_fields(cmd), cmd.key]
-    elif isinstance(cmd, CasCommand):
-        fields = [Op.CAS.value, *_session_fields(cmd), cmd.key, cmd.expected_version, cmd.value]
-    elif isinstance(cmd, Noop):
+    """The log-entry bytes for ``cmd`` (on every write's path: kept lean)."""
+    t = type(cmd)
+    if t is PutCommand:
+        c: Any = cmd
+        return _pack((_PUT, c.client_id, c.request_id, c.lowest_pending, c.ts_ms, c.key, c.value))  # type: ignore[no-any-return]
+    if t is DeleteCommand:
+        c = cmd
+        return _pack((_DELETE, c.client_id, c.request_id, c.lowest_pending, c.ts_ms, c.key))  # type: ignore[no-any-return]
+    if t is CasCommand:
+        c = cmd
+        return _pack((  # type: ignore[no-any-return]
+            _CAS, c.client_id, c.request_id, c.lowest_pending, c.ts_ms, c.key,
+            c.expected_version, c.value,
+        ))  # fmt: skip
+    if t is Noop:
         return NOOP_DATA
-    else:
-        raise TypeError(f"not a state-machine command: {cmd!r}")
-    packed: bytes = msgpack.packb(fields, use_bin_type=True)
-    return packed
-
-
-def _session_fields(cmd: WriteCommand) -> tuple[bytes, int, int, int]:
-    return cmd.client_id, cmd.request_id, cmd.lowest_pending, cmd.ts_ms
+    raise TypeError(f"not a state-machine command: {cmd!r}")
 
 
 def command_from_request(req: WriteRequest, ts_ms: int) -> WriteCommand:

@@ -42,7 +42,7 @@ from protocol.messages import (
 )
 from protocol.ring import Ring, RingConfig
 from storage_node import durable_state
-from storage_node.commands import CasCommand, Command, DeleteCommand, PutCommand, encode_command
+from storage_node.commands import Command, command_from_request, encode_command
 from storage_node.fsync_policy import FsyncMode, FsyncPolicy
 from storage_node.replica import Ready, Replica, ReplicaConfig
 from storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
@@ -329,16 +329,7 @@ class StorageNode:
         if self.core.role is not Role.LEADER:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
-        ts_ms = int(time.time() * 1000)
-        if isinstance(req, PutRequest):
-            cmd = PutCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key, req.value)
-        elif isinstance(req, DeleteRequest):
-            cmd = DeleteCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key)  # type: ignore[assignment]
-        else:
-            cmd = CasCommand(  # type: ignore[assignment]
-                req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key,
-                req.expected_version, req.value,
-            )
+        cmd = command_from_request(req, int(time.time() * 1000))
         index = self.core.propose(encode_command(cmd), now)
         assert index is not None  # we checked the role just above
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)

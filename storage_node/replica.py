@@ -48,7 +48,6 @@ from protocol.messages import (
 from storage_node.durable_state import HardState
 from storage_node.progress import Progress, ProgressState
 
-
 #: Terms stop here: the codec refuses integers from 2**63 on, so a term must always have
 #: room for +1 below that. Only a forged message could bring a term near it.
 TERM_MAX = (1 << 62)

@@ -71,6 +71,8 @@ def test_request_codec_emits_protocol_codec_bytes() -> None:
     assert c.get(cid, 5, b"k", 2) == codec.encode(GetRequest(cid, 5, b"k", 2))
     assert c.put(cid, 9, b"k", 3, b"v" * 100) == codec.encode(
         PutRequest(cid, 9, b"k", 3, b"v" * 100))
+    assert c.put(cid, 9, b"k", 3, b"v" * 10_000) == codec.encode(
+        PutRequest(cid, 9, b"k", 3, b"v" * 10_000))
     assert c.parse_reply(codec.encode(PutReply(9, 4))) == (9, 0)
     assert c.parse_reply(codec.encode(GetReply(5, True, 1, b"x"))) == (5, 0)
     assert c.parse_reply(codec.encode(ErrorReply(5, ErrorCode.NO_LEADER))) == (5, 4)

@@ -59,9 +59,18 @@ def test_every_message_type_has_a_sample_or_defaults() -> None:
     assert len(codes) == len(set(codes))
 
 
-def test_value_travels_in_its_own_frame() -> None:
-    frames = codec.encode(PutRequest(b"c", 1, b"k", 1, b"V" * 1000))
-    assert len(frames) == 2 and frames[1] == b"V" * 1000
+def test_large_value_travels_in_its_own_frame() -> None:
+    big = b"V" * (codec.INLINE_BLOB_BYTES_MAX + 1)
+    frames = codec.encode(PutRequest(b"c", 1, b"k", 1, big))
+    assert len(frames) == 2 and frames[1] == big
+
+
+def test_small_value_rides_in_the_header_and_both_forms_decode() -> None:
+    msg = PutRequest(b"c", 1, b"k", 1, b"V" * 1000)
+    frames = codec.encode(msg)
+    assert len(frames) == 1 and codec.decode(frames) == msg
+    head = msgpack.packb([PROTOCOL_VERSION, PutRequest.TYPE, b"c", 1, b"k", 1])
+    assert codec.decode([head, b"V" * 1000]) == msg
 
 
 def test_route_fields_reads_type_key_and_consistency() -> None:
