@@ -9,8 +9,14 @@ make every decision; this module only moves frames.
 Frames (docs/internals.md):
   frontend ROUTER  in  [client, header, (blob)]        out [client, reply, (blob)]
   backend ROUTER   out [node, client, header, (blob)]  in  [node, client, reply, (blob)]
+                   out [node, b"", RequestBatch]       in  [node, b"", ReplyBatch]
                    out [node, b"", Campaign]
   heartbeat SUB    in  [Heartbeat]
+
+Batching: the requests for one node taken in one drain of the frontend travel as one
+``RequestBatch`` frame (a single request goes as itself), and nodes answer with
+``ReplyBatch``. Each zmq message costs several microseconds of Python and syscalls on
+both sides; a batch costs about half a microsecond per item.
 
 Both ROUTERs are ``ROUTER_MANDATORY``: an unknown node is ``EHOSTUNREACH`` (the client gets
 ``NO_LEADER``), an unknown client drops the reply. Sends never block (a full peer queue
@@ -35,10 +41,13 @@ from broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdo
 from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
 from protocol import codec
 from protocol.errors import RemoteProtocolError
-from protocol.messages import Heartbeat
+from protocol.messages import Heartbeat, ReplyBatch, RequestBatch
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256
+#: Requests per RequestBatch: big enough to amortize a message, small enough that the
+#: node starts working while the broker is still draining (the two overlap on 2 cores).
+FORWARD_BATCH_MAX = 32
 #: Per-pipe queue bound, generous so bursts are absorbed rather than dropped.
 HWM = 100_000
 #: Inbound frame bound on the heartbeat socket (a heartbeat is a few hundred bytes).
@@ -243,6 +252,17 @@ class BrokerServer:
         recv = sock.recv
         forward = self.backend.send
         route = self.router.route
+        batches: dict[bytes, list[tuple[bytes, ...]]] = {}
+        try:
+            self._drain_frontend_into(now, sock, recv, forward, route, batches)
+        finally:
+            for node, items in batches.items():
+                self._forward_batch(node, items, now)
+
+    def _drain_frontend_into(
+        self, now: float, sock: Any, recv: Any, forward: Any, route: Any,
+        batches: dict[bytes, list[tuple[bytes, ...]]],
+    ) -> None:
         for _ in range(self.config.batch_max):
             try:
                 client = recv(_NOBLOCK, False)
@@ -265,7 +285,18 @@ class BrokerServer:
             except Exception as exc:  # a router bug must not take the broker down
                 self._warn_front.warn(now, "frontend: cannot route a message: {!r}", exc)
                 continue
-            if type(dest) is bytes:
+            if type(dest) is bytes and len(msg) == 2:
+                items = batches.get(dest)
+                if items is None:
+                    batches[dest] = [(client.bytes, msg[1])]
+                else:
+                    items.append((client.bytes, msg[1]))
+                    if len(items) >= FORWARD_BATCH_MAX:  # keep the node busy meanwhile
+                        self._forward_batch(dest, batches.pop(dest), now)
+            elif type(dest) is bytes:
+                pending = batches.pop(dest, None)
+                if pending:  # keep this client's requests in order
+                    self._forward_batch(dest, pending, now)
                 try:
                     forward(dest, _SNDMORE_NOBLOCK)
                 except zmq.ZMQError as exc:
@@ -281,6 +312,23 @@ class BrokerServer:
             elif dest is not None:
                 self._reply(client, dest)  # type: ignore[arg-type]  # bytes handled above
 
+    def _forward_batch(self, node: bytes, items: list[tuple[bytes, ...]], now: float) -> None:
+        """Send the requests collected for ``node``: alone as itself, else one batch."""
+        send = self.backend.send
+        try:
+            send(node, _SNDMORE_NOBLOCK)
+        except zmq.ZMQError as exc:
+            for client, header, *_ in items:
+                self._forward_failed(node, client, header, exc, now)
+            return
+        if len(items) == 1:
+            client, header = items[0]
+            send(client, _SNDMORE_NOBLOCK)
+            send(header, _NOBLOCK)
+        else:
+            send(b"", _SNDMORE_NOBLOCK)
+            send(codec.encode(RequestBatch(tuple(items)))[0], _NOBLOCK)
+
     def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None:
         send = self.frontend.send
         try:
@@ -293,7 +341,8 @@ class BrokerServer:
             send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK)
 
     def _forward_failed(
-        self, node: bytes, client: zmq.Frame, header: bytes, exc: zmq.ZMQError, now: float
+        self, node: bytes, client: zmq.Frame | bytes, header: bytes, exc: zmq.ZMQError,
+        now: float,
     ) -> None:
         if exc.errno == _EHOSTUNREACH:
             frames = self.router.no_leader(header, f"leader {node.decode(errors='replace')} unreachable")
@@ -318,6 +367,9 @@ class BrokerServer:
                 self._warn_back.warn(now, "backend: dropped a bare routing id {!r}", node.bytes[:64])
                 continue
             client = recv(_NOBLOCK, False)
+            if client.more and not len(client):
+                self._on_node_control(node, recv(_NOBLOCK, False), now)
+                continue
             if not client.more or not len(client):
                 parts = 2 + _discard_rest(sock) if client.more else 2
                 self._warn_back.warn(
@@ -337,6 +389,35 @@ class BrokerServer:
                 send(part, _SNDMORE_NOBLOCK)
                 part = recv(_NOBLOCK, False)
             send(part, _NOBLOCK)
+
+    def _on_node_control(self, node: zmq.Frame, part: zmq.Frame, now: float) -> None:
+        """``[node, b"", ReplyBatch]``: fan the replies out to their clients."""
+        if part.more:
+            _discard_rest(self.backend)
+            self._warn_back.warn(now, "backend: dropped an over-long control message")
+            return
+        try:
+            batch = codec.decode([part.bytes])
+        except RemoteProtocolError as exc:
+            self._warn_back.warn(now, "backend: undecodable control message: {}", exc)
+            return
+        if type(batch) is not ReplyBatch:
+            self._warn_back.warn(now, "backend: ignored a {} from a node", type(batch).__name__)
+            return
+        send = self.frontend.send
+        for item in batch.items:
+            if len(item) < 2 or not item[0]:
+                self._warn_back.warn(now, "backend: dropped a malformed batched reply")
+                continue
+            try:
+                send(item[0], _SNDMORE_NOBLOCK)
+            except zmq.ZMQError:  # the client is gone: drop its reply
+                self.replies_dropped += 1
+                continue
+            last = len(item) - 1
+            for i in range(1, last):
+                send(item[i], _SNDMORE_NOBLOCK)
+            send(item[last], _NOBLOCK)
 
     def _drain_heartbeats(self, now: float) -> None:
         recv = self.heartbeats.recv_multipart

@@ -220,6 +220,27 @@ class Campaign:
     broker_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class RequestBatch:
+    """Broker -> node: client requests for one node taken in one drain of the frontend,
+    sent as one frame. Each item is ``(client_ident, header[, blob])`` exactly as the
+    single-request form would carry them. Per-message cost dominates in pyzmq, so one
+    message for many requests is most of the broker's and the node's savings under load.
+    """
+
+    TYPE: ClassVar[int] = 42
+    items: tuple[tuple[bytes, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyBatch:
+    """Node -> broker: the replies of one loop iteration, ``(client_ident, reply[, blob])``
+    each; the broker sends every item to its client as a separate message."""
+
+    TYPE: ClassVar[int] = 43
+    items: tuple[tuple[bytes, ...], ...]
+
+
 # --------------------------------------------------------------------------- peers
 
 
@@ -312,12 +333,14 @@ ClientReply = GetReply | PutReply | DeleteReply | CasReply | ErrorReply | Status
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
 )
-Message = ClientRequest | ClientReply | Heartbeat | Campaign | PeerMessage
+Message = (
+    ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | PeerMessage
+)
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
     GetRequest, PutRequest, DeleteRequest, CasRequest, StatusRequest, PingRequest,
     GetReply, PutReply, DeleteReply, CasReply, ErrorReply, StatusReply, PongReply,
-    Heartbeat, Campaign,
+    Heartbeat, Campaign, RequestBatch, ReplyBatch,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
 )  # fmt: skip
 

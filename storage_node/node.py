@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from protocol.messages import (
     PingRequest,
     PongReply,
     PutRequest,
+    ReplyBatch,
+    RequestBatch,
     Role,
     SnapshotReply,
 )
@@ -96,6 +99,7 @@ class StorageNode:
         self._running = True
         self._recover()
         self._pending_writes: dict[int, _Pending] = {}
+        self._outbox: dict[zmq.Socket, list[tuple[bytes, ...]]] = {}  # type: ignore[type-arg]
         self._waiting_reads: list[tuple[int, _Pending]] = []
         self._was_leader = False
         self._next_heartbeat = 0.0
@@ -212,6 +216,7 @@ class StorageNode:
                     self._on_synced()
                 self.core.tick(now)
                 self._handle_ready(now)
+                self._flush_replies()
                 if now >= self._next_heartbeat:
                     self._next_heartbeat = now + self.config.heartbeat_ms / 1000
                     self._publish_heartbeat()
@@ -258,14 +263,21 @@ class StorageNode:
         ident = frames[0]
         if ident == b"":
             msg = codec.decode(frames[1:])
-            if isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id:
+            if isinstance(msg, RequestBatch):
+                for item in msg.items:
+                    if len(item) >= 2 and item[0]:
+                        self._on_request(sock, item[0], item[1:], now)
+            elif isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id:
                 self.log.info("broker {} asks us to stand (term {})", msg.broker_id, msg.term)
                 self.core.campaign(now, msg.term)
             return
+        self._on_request(sock, ident, frames[1:], now)
+
+    def _on_request(self, sock: zmq.Socket, ident: bytes, frames: Sequence[bytes], now: float) -> None:  # type: ignore[type-arg]
         try:
-            req = codec.decode(frames[1:])
+            req = codec.decode(frames)
         except RemoteProtocolError:
-            rid = codec.request_id_of(frames[1])
+            rid = codec.request_id_of(frames[0])
             self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
             return
         if isinstance(req, GetRequest):
@@ -335,8 +347,25 @@ class StorageNode:
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
 
     def _reply(self, sock: zmq.Socket, ident: bytes, reply: object) -> None:  # type: ignore[type-arg]
+        """Queue a reply; ``_flush_replies`` sends each socket's queue at the end of the
+        loop iteration, as one ``ReplyBatch`` when there are several."""
+        out = self._outbox.get(sock)
+        if out is None:
+            out = self._outbox[sock] = []
+        out.append((ident, *codec.encode(reply)))  # type: ignore[arg-type]
+
+    def _flush_replies(self) -> None:
+        for sock, items in self._outbox.items():
+            if len(items) == 1:
+                self._send_reply(sock, items[0])
+            elif items:
+                self._send_reply(sock, (b"", codec.encode(ReplyBatch(tuple(items)))[0]))
+        self._outbox.clear()
+
+    def _send_reply(self, sock: zmq.Socket, frames: tuple[bytes, ...]) -> None:  # type: ignore[type-arg]
         # part by part: markedly cheaper than send_multipart in pyzmq
-        frames = codec.encode(reply)  # type: ignore[arg-type]
+        ident = frames[0]
+        frames = frames[1:]
         try:
             sock.send(ident, _SNDMORE_NOBLOCK)
         except zmq.Again:

@@ -35,6 +35,7 @@ from protocol.messages import (
     PongReply,
     PutReply,
     PutRequest,
+    RequestBatch,
     Role,
     StatusReply,
     StatusRequest,
@@ -198,9 +199,13 @@ class FakeNode:
 
     def _serve(self, dealer: zmq.Socket[Any], msg: list[bytes]) -> None:
         if msg[0] == b"":
-            campaign = codec.decode(msg[1:])
-            assert isinstance(campaign, Campaign)
-            self.campaigns.append(campaign)
+            control = codec.decode(msg[1:])
+            if isinstance(control, RequestBatch):  # several requests in one frame
+                for item in control.items:
+                    self._serve(dealer, list(item))
+                return
+            assert isinstance(control, Campaign)
+            self.campaigns.append(control)
             return
         self.requests.append(msg)
         client = msg[0]
@@ -289,9 +294,11 @@ def test_forward_and_reply_round_trip(broker: BrokerProcess, ctx: Any, nodes: An
     client = Client(ctx, broker.frontend)
     reply, _ = client.until(get(b"hello"), is_get_reply, timeout_s=5)
     assert reply.value == b"s0r0:hello" and reply.found
-    put = client.call(lambda rid: PutRequest(b"cid", rid, b"k", 0, b"x" * 5000))
-    assert isinstance(put, PutReply) and put.version == 5000
-    assert node.requests[-1][-1] == b"x" * 5000  # the blob frame travels untouched
+    put = client.call(lambda rid: PutRequest(b"cid", rid, b"k", 0, b"x" * 10_000))
+    assert isinstance(put, PutReply) and put.version == 10_000
+    assert node.requests[-1][-1] == b"x" * 10_000  # a large blob frame travels untouched
+    small = client.call(lambda rid: PutRequest(b"cid", rid, b"k", 0, b"y" * 100))
+    assert isinstance(small, PutReply) and small.version == 100  # inline in the header
     too_big = client.call(lambda rid: PutRequest(b"cid", rid, b"k", 0, b"x" * 65537))
     assert isinstance(too_big, ErrorReply) and too_big.code == ErrorCode.TOO_LARGE
 
