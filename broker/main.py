@@ -18,6 +18,7 @@ from loguru import logger
 
 from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from broker.server import BrokerConfig, BrokerServer
+from protocol.gc_tuning import tune_gc
 
 _TEXT_FORMAT = (
     "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.broker_id, endpoints["frontend"], endpoints["backend"], endpoints["heartbeats"],
     )  # fmt: skip
     try:
+        tune_gc()
         server.run()
     finally:
         server.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from protocol.gc_tuning import tune_gc
 from protocol.ring import DEFAULT_VNODES, RingConfig
 from storage_node.fsync_policy import FsyncPolicy
 from storage_node.logging_setup import configure_logging
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
+    tune_gc()
     node.run()
     logger.info("node {} stopped", args.node_id)
     return 0

@@ -63,7 +63,9 @@ class ReplicaConfig:
     noop_data: bytes = b"\x91\x00"
     entries_per_append_max: int = 512
     append_bytes_max: int = 1 << 20
-    inflight_appends_max: int = 256
+    #: appends in flight per follower: few, so that under load entries pile up into
+    #: big batches (one fsync and one message for many writes) instead of many small ones
+    inflight_appends_max: int = 2
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_bytes_max: int = 4 << 30
     reads_pending_max: int = 100_000
