@@ -8,6 +8,8 @@ Theory of operation:
   ``ring.shard_for(key)``, or for a ``STALE`` get round-robin over the shard's live
   replicas. No dataclass is built on this path: it runs once per request.
 - ``StatusRequest`` and ``PingRequest`` are decoded and answered by the broker itself.
+- ``AdminRequest`` (ring changes) goes to the leader of the shard its header names
+  (position 4), like a data request but without a key; ``NO_LEADER`` if there is none.
 - Refusals are typed ``ErrorReply`` frames, never exceptions:
   ``NO_LEADER`` (no ring yet or no live leader), ``BAD_REQUEST`` (undecodable, wrong frame
   count, not a client request; the request id is recovered best-effort with
@@ -27,6 +29,7 @@ from protocol import codec
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import (
     DATA_REQUEST_TYPES,
+    AdminRequest,
     CasRequest,
     Consistency,
     ErrorReply,
@@ -48,6 +51,7 @@ _GET = GetRequest.TYPE
 _STALE = int(Consistency.STALE)
 
 _route_fields = codec.route_fields
+_ADMIN = AdminRequest.TYPE
 
 RouteResult = bytes | list[bytes] | None
 
@@ -94,6 +98,8 @@ class Router:
         except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
             return self._bad(header, "undecodable request")
         if kind not in DATA_REQUEST_TYPES:
+            if kind == _ADMIN:
+                return self._admin(header)
             return self._local(kind, frames, now)
         if len(key) > self.key_bytes_max:
             return self._too_large(header, "key too large")
@@ -142,6 +148,16 @@ class Router:
         self.rejected += 1
         self.last_rejection = message
         return self.error(codec.request_id_of(header), ErrorCode.TOO_LARGE, message)
+
+    def _admin(self, header: bytes) -> RouteResult:
+        try:
+            shard = codec.admin_shard(header)
+        except Exception:  # RemoteProtocolError, or anything odd in a hostile header
+            return self._bad(header, "undecodable admin request")
+        ident = self._leaders.get(shard)
+        if ident is None:
+            return self.no_leader(header, f"no leader for shard {shard}")
+        return ident
 
     def _local(self, kind: int, frames: list[bytes], now: float) -> RouteResult:
         if kind != PingRequest.TYPE and kind != StatusRequest.TYPE:

@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="pipelined load generator")
     bench.add_arguments(s)
 
+    s = sub.add_parser("admin", help="ring changes: add or remove a shard online")
+    asub = s.add_subparsers(dest="admin_command", required=True, parser_class=_Parser)
+    a = asub.add_parser("add-shard", parents=[common],
+                        help="add a shard group and move its share of the keys to it")
+    a.add_argument("--data-dir", help="the `zkv cluster up` data dir: its supervisor "
+                   "starts the new shard's nodes")
+    a.add_argument("--shard-id", type=int, help="instead: the id of a shard group you "
+                   "already started (not yet in the ring)")
+    a = asub.add_parser("remove-shard", parents=[common],
+                        help="move a shard's keys to the others, then retire it")
+    a.add_argument("shard_id", type=int)
+    a.add_argument("--data-dir", help="the `zkv cluster up` data dir: its supervisor "
+                   "stops the shard's nodes afterwards")
+    asub.add_parser("resume", parents=[common],
+                    help="finish a ring change whose coordinator died")
+
     from client import cluster
 
     s = sub.add_parser("cluster", help="run a local cluster")
@@ -122,6 +138,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from client import cluster
 
         return cluster.run_cli(args)
+    if args.command == "admin":
+        return _admin(args)
     with KVClient(args.endpoint, timeout_s=args.timeout) as kv:
         return _COMMANDS[args.command](kv, args)
 
@@ -173,6 +191,55 @@ def _ping(kv: KVClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client import cluster
+    from client.rebalance import Rebalancer
+
+    def say(line: str) -> None:
+        print(f"zkv admin: {line}", file=sys.stderr, flush=True)
+
+    with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
+        r = Rebalancer(kv, say)
+        if args.admin_command == "resume":
+            r.resume()
+            return EXIT_OK
+        if args.admin_command == "remove-shard":
+            r.remove_shard(args.shard_id)
+            if args.data_dir:
+                cluster.spec_remove_shard(Path(args.data_dir), args.shard_id)
+                say(f"shard {args.shard_id} removed from {args.data_dir}; the supervisor "
+                    "stops its nodes")
+            return EXIT_OK
+        if (args.data_dir is None) == (args.shard_id is None):
+            raise ValueError("add-shard needs --data-dir (a `zkv cluster up` dir) or "
+                             "--shard-id (a shard group you started)")
+        shard = args.shard_id
+        if args.data_dir:
+            r.current_ring()  # refuse early if there is no cluster to add to
+            if r.pending() is not None:
+                raise ValueError("a ring change is unfinished: run `zkv admin resume` first")
+            shard = cluster.spec_add_shard(Path(args.data_dir))
+            say(f"shard {shard} added to {args.data_dir}; waiting for its leader")
+        _wait_leader(kv, shard, 60.0)
+        r.add_shard(shard)
+        return EXIT_OK
+
+
+def _wait_leader(kv: KVClient, shard: int, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        nodes = kv.status()["nodes"]
+        if any(n["shard_id"] == shard and _role_name(n["role"]) == "leader" and n["live"]
+               for n in nodes):
+            return
+        time.sleep(0.2)
+    raise ValueError(f"shard {shard} has no leader after {timeout_s:g}s (is it running?)")
+
+
 def _status(kv: KVClient, args: argparse.Namespace) -> int:
     status = annotate_status(kv.status())
     if args.json:
@@ -215,8 +282,20 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
                            max(0, leader.get("last_index", 0) - node.get("last_index", 0)))
         shard["leader"] = None if leader is None else leader.get("node_id")
         shard["nodes"].sort(key=lambda n: str(n.get("node_id")))
-    for sid in status.get("ring", {}).get("shards", []):
+    ring = status.get("ring") or {}
+    for sid in ring.get("shards", []):
         shards.setdefault(int(sid), {"leader": None, "nodes": []})
+    shares: dict[int, float] = {}
+    if ring.get("shards") and ring.get("vnodes"):
+        from protocol.ring import Ring, RingConfig
+
+        shares = Ring(RingConfig(int(ring.get("epoch", 0)), tuple(ring["shards"]),
+                                 int(ring["vnodes"]))).shares()
+    for sid, shard in shards.items():
+        shard["share"] = shares.get(sid, 0.0)
+        leader_row = next((n for n in shard["nodes"] if n.get("node_id") == shard["leader"]
+                           and shard["leader"] is not None), None)
+        shard["keys"] = None if leader_row is None else leader_row.get("key_count")
     status["shards"] = {str(k): v for k, v in sorted(shards.items())}
     status.pop("nodes", None)
     return status
@@ -233,7 +312,10 @@ def format_status(status: dict[str, Any]) -> str:
              f"shards {ring.get('shards', '?')}  vnodes {ring.get('vnodes', '?')}"]
     for sid, shard in status.get("shards", {}).items():
         leader = shard["leader"] or "NONE"
-        lines.append(f"\nshard {sid}  leader {leader}  ({len(shard['nodes'])} live nodes)")
+        keys = shard.get("keys")
+        lines.append(f"\nshard {sid}  leader {leader}  ({len(shard['nodes'])} live nodes)  "
+                     f"ring share {shard.get('share', 0.0) * 100:.1f}%  "
+                     f"keys {'-' if keys is None else keys}")
         rows = [[h for h, _ in _COLUMNS]]
         for node in shard["nodes"]:
             row = []

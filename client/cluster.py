@@ -79,6 +79,8 @@ def load_or_create_spec(
     spec = {
         "format": CLUSTER_FORMAT,
         "shards": list(range(shards)),
+        "initial_shards": list(range(shards)),  # the epoch-1 ring every node starts from
+        "next_shard": shards,  # shard ids are never reused
         "replicas": replicas,
         "brokers": brokers,
         "nodes": [{"id": node_id(s, r), "shard": s, "replica": r}
@@ -202,6 +204,10 @@ class LocalCluster:
         return [int(s) for s in self.spec["shards"]]
 
     @property
+    def initial_shards(self) -> list[int]:
+        return [int(s) for s in self.spec.get("initial_shards", self.spec["shards"])]
+
+    @property
     def node_ids(self) -> list[str]:
         return [n["id"] for n in self.spec["nodes"]]
 
@@ -233,7 +239,7 @@ class LocalCluster:
                 "--data-dir", str(self.data_dir / nid),
                 "--listen", f"tcp://{self.host}:{self.peer_ports[nid]}",
                 "--brokers", ",".join(self.backend_endpoints()),
-                "--shards", ",".join(str(s) for s in self.shard_ids),
+                "--shards", ",".join(str(s) for s in self.initial_shards),
                 "--fsync", self.fsync, "--log-level", self.log_level]
         if peers:
             argv += ["--peers", peers]
@@ -271,10 +277,62 @@ class LocalCluster:
             raise
         return self
 
-    def _choose_peer_ports(self) -> None:
+    # ------------------------------------------------------------------ shards
+
+    def add_shard(self, progress: Callable[[str], None] | None = None,
+                  ready_timeout_s: float = 30.0, **rebalancer_kw: Any) -> int:
+        """Start a new shard group, wait for its leader, and move its share of the keys
+        to it online (``client/rebalance.py``). Returns the new shard id."""
+        from client.rebalance import Rebalancer
+
+        new_id = spec_add_shard(self.data_dir)
+        self.spec = json.loads((self.data_dir / CLUSTER_FILE).read_text())
+        self.sync_spec()
+        self.leader_of(new_id, ready_timeout_s)
+        with KVClient(self.endpoints, timeout_s=30) as kv:
+            Rebalancer(kv, progress, **rebalancer_kw).add_shard(new_id)
+        return new_id
+
+    def remove_shard(self, shard: int, progress: Callable[[str], None] | None = None,
+                     **rebalancer_kw: Any) -> None:
+        """Move the shard's keys to the others online, then stop its nodes."""
+        from client.rebalance import Rebalancer
+
+        with KVClient(self.endpoints, timeout_s=30) as kv:
+            Rebalancer(kv, progress, **rebalancer_kw).remove_shard(shard)
+        spec_remove_shard(self.data_dir, shard)
+        self.spec = json.loads((self.data_dir / CLUSTER_FILE).read_text())
+        self.sync_spec()
+
+    def sync_spec(self) -> list[str]:
+        """Start the nodes ``cluster.json`` names that do not run yet and stop the ones
+        it no longer names (``zkv admin add-shard/remove-shard --data-dir`` edits it).
+        Returns one line per change."""
+        self.spec = json.loads((self.data_dir / CLUSTER_FILE).read_text())
+        wanted = {n["id"]: n for n in self.spec["nodes"]}
+        changes = []
+        for nid in [n for n in self.nodes if n not in wanted]:
+            c = self.nodes.pop(nid)
+            _kill(c, signal.SIGTERM, self.grace_s)
+            if c.log is not None:
+                c.log.close()
+            changes.append(f"stopped {nid} (its shard left the cluster)")
+        new = [n for n in self.spec["nodes"] if n["id"] not in self.nodes]
+        if new:
+            self._choose_peer_ports([n["id"] for n in new])
+            logs = self.data_dir / "logs"
+            for n in new:
+                (self.data_dir / n["id"]).mkdir(exist_ok=True)
+                child = Child(n["id"], "node", self._node_argv(n), logs / f"{n['id']}.log")
+                self.nodes[n["id"]] = child
+                self._spawn(child)
+                changes.append(f"started {n['id']} for shard {n['shard']}")
+        return changes
+
+    def _choose_peer_ports(self, node_ids: list[str] | None = None) -> None:
         held = []
         try:
-            for nid in self.node_ids:
+            for nid in node_ids if node_ids is not None else self.node_ids:
                 s = socket.socket()
                 s.bind((self.host, 0))
                 held.append(s)
@@ -436,6 +494,30 @@ class LocalCluster:
         return self.brokers[i]
 
 
+def spec_add_shard(data_dir: Path) -> int:
+    """Add a shard group (not yet in the ring) to ``cluster.json``; returns its id."""
+    path = Path(data_dir) / CLUSTER_FILE
+    spec = json.loads(path.read_text())
+    spec.setdefault("initial_shards", list(spec["shards"]))
+    new_id = int(spec.get("next_shard", max(spec["shards"]) + 1))
+    spec["next_shard"] = new_id + 1
+    spec["shards"].append(new_id)
+    spec["nodes"] += [{"id": node_id(new_id, r), "shard": new_id, "replica": r}
+                      for r in range(int(spec["replicas"]))]
+    _write_json(path, spec)
+    return new_id
+
+
+def spec_remove_shard(data_dir: Path, shard: int) -> None:
+    """Drop a shard group from ``cluster.json`` (after its keys moved away)."""
+    path = Path(data_dir) / CLUSTER_FILE
+    spec = json.loads(path.read_text())
+    spec.setdefault("initial_shards", list(spec["shards"]))
+    spec["shards"] = [s for s in spec["shards"] if int(s) != shard]
+    spec["nodes"] = [n for n in spec["nodes"] if int(n["shard"]) != shard]
+    _write_json(path, spec)
+
+
 def _signal(c: Child, sig: int) -> None:
     if c.proc is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -500,8 +582,15 @@ def run_cli(args: argparse.Namespace) -> int:
         cluster.start()
         cluster.wait_ready(args.ready_timeout, progress=lambda s: say(f"waiting: {s}"))
         print(f"zkv cluster up: serving on {cluster.endpoint}", flush=True)
+        spec_path = cluster.data_dir / CLUSTER_FILE
+        spec_mtime = spec_path.stat().st_mtime_ns
         while True:
             time.sleep(0.5)
+            mtime = spec_path.stat().st_mtime_ns
+            if mtime != spec_mtime:  # `zkv admin add-shard/remove-shard --data-dir`
+                spec_mtime = mtime
+                for line in cluster.sync_spec():
+                    say(line)
             for c in cluster.dead_children():
                 say(f"{c.name} exited with code {c.proc.returncode if c.proc else '?'} "
                     f"(not restarted; log {c.log_path})")

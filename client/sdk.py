@@ -46,6 +46,8 @@ from protocol.errors import (
     error_for_code,
 )
 from protocol.messages import (
+    AdminReply,
+    AdminRequest,
     CasReply,
     CasRequest,
     Consistency,
@@ -261,6 +263,18 @@ class KVClient:
         """The broker's view: ``{"broker_id", "nodes": [heartbeat dicts + age_ms], "ring"}``."""
         reply = self._call(lambda rid: StatusRequest(self.client_id, rid), StatusReply, timeout)
         return status_dict(reply)
+
+    def admin(
+        self, shard_id: int, op: str, args: dict[str, Any] | None = None,
+        payload: bytes = b"", *, timeout: float | None = None,
+    ) -> tuple[dict[str, Any], bytes]:
+        """A ring-change admin op at the leader of ``shard_id`` (``client/rebalance.py``);
+        returns ``(result, payload)``. Retried like any request: every op is idempotent."""
+        reply = self._call(
+            lambda rid: AdminRequest(self.client_id, rid, shard_id, op, dict(args or {}), payload),
+            AdminReply, timeout,
+        )
+        return dict(reply.result), reply.payload
 
     def ping(self, *, timeout: float | None = None) -> str:
         """Round trip to a broker; returns its broker id."""

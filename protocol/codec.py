@@ -31,6 +31,7 @@ from protocol.messages import (
     ALL_MESSAGE_TYPES,
     DATA_REQUEST_TYPES,
     PROTOCOL_VERSION,
+    AdminRequest,
     Entry,
     GetRequest,
     Message,
@@ -269,6 +270,14 @@ def route_fields(header: bytes) -> tuple[int, bytes, int]:
     if kind == GetRequest.TYPE and len(values) > 5:
         consistency = values[5] if type(values[5]) is int else 0
     return kind, values[4], consistency
+
+
+def admin_shard(header: bytes) -> int:
+    """The shard an ``AdminRequest`` header names (position 4), for the broker."""
+    values = _unpack_header(header)
+    if values[1] != AdminRequest.TYPE or len(values) < 5:
+        raise RemoteProtocolError("not an admin request")
+    return _check_int(values[4])
 
 
 def request_id_of(header: bytes) -> int:

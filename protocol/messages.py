@@ -115,6 +115,24 @@ class PingRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminRequest:
+    """Ring-change administration (``client/rebalance.py``), routed by the broker to the
+    leader of ``shard_id`` (header position 4). ``op``: ``info``, ``scan``, ``sessions``
+    (answered by the leader from its state) or ``begin``, ``migrate``, ``merge_sessions``,
+    ``fence``, ``ring_set``, ``drop`` (proposed as a replicated command, answered once
+    applied). ``args`` are op-specific; ``payload`` carries a batch of moved keys."""
+
+    TYPE: ClassVar[int] = 7
+    BLOB: ClassVar[str] = "payload"
+    client_id: bytes
+    request_id: int
+    shard_id: int
+    op: str
+    args: dict[str, Any]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class GetReply:
     TYPE: ClassVar[int] = 20
     BLOB: ClassVar[str] = "value"
@@ -176,6 +194,17 @@ class PongReply:
     TYPE: ClassVar[int] = 26
     request_id: int
     broker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminReply:
+    """``result`` always holds ``ok`` (bool); ``payload`` a scan's items (msgpack)."""
+
+    TYPE: ClassVar[int] = 27
+    BLOB: ClassVar[str] = "payload"
+    request_id: int
+    result: dict[str, Any]
+    payload: bytes
 
 
 # --------------------------------------------------------------------------- cluster
@@ -327,9 +356,15 @@ class SnapshotReply:
     success: bool
 
 
-ClientRequest = GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
+ClientRequest = (
+    GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
+    | AdminRequest
+)
 WriteRequest = PutRequest | DeleteRequest | CasRequest
-ClientReply = GetReply | PutReply | DeleteReply | CasReply | ErrorReply | StatusReply | PongReply
+ClientReply = (
+    GetReply | PutReply | DeleteReply | CasReply | ErrorReply | StatusReply | PongReply
+    | AdminReply
+)
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
 )
@@ -339,7 +374,9 @@ Message = (
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
     GetRequest, PutRequest, DeleteRequest, CasRequest, StatusRequest, PingRequest,
+    AdminRequest,
     GetReply, PutReply, DeleteReply, CasReply, ErrorReply, StatusReply, PongReply,
+    AdminReply,
     Heartbeat, Campaign, RequestBatch, ReplyBatch,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
 )  # fmt: skip

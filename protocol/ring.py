@@ -77,3 +77,40 @@ class Ring:
             share[s] += (t - prev) / space
             prev = t
         return share
+
+    def boundaries(self) -> list[tuple[int, int]]:
+        """``(token, owner)`` pairs in ring order: the owner of every position in
+        ``(previous token, token]`` (the first pair also owns past the last token)."""
+        return list(zip(self._tokens, self._owners, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Positions in ``(lo, hi]`` (wrapping when ``lo >= hi``) change owner ``src -> dst``."""
+
+    lo: int
+    hi: int
+    src: int
+    dst: int
+
+    @property
+    def share(self) -> float:
+        return ((self.hi - self.lo) % (1 << 64)) / (1 << 64)
+
+
+def plan_moves(old: Ring, new: Ring) -> list[Move]:
+    """The ranges whose owner differs between ``old`` and ``new``, adjacent ranges with
+    the same (src, dst) merged. Pure; cost O(tokens log tokens)."""
+    points = sorted({t for t, _ in old.boundaries()} | {t for t, _ in new.boundaries()})
+    moves: list[Move] = []
+    prev = points[-1]
+    for p in points:
+        a, b = old.owner_of_position(p), new.owner_of_position(p)
+        if a != b:
+            last = moves[-1] if moves else None
+            if last is not None and last.hi == prev and (last.src, last.dst) == (a, b):
+                moves[-1] = Move(last.lo, p, a, b)
+            else:
+                moves.append(Move(prev, p, a, b))
+        prev = p
+    return moves

@@ -6,7 +6,15 @@ msgpack arrays, first element the op::
     [1, client_id, request_id, lowest_pending, ts_ms, key, value]         PUT
     [2, client_id, request_id, lowest_pending, ts_ms, key]                DELETE
     [3, client_id, request_id, lowest_pending, ts_ms, key, expected_version, value]  CAS
-    [4, ...]                                                              RING (reserved)
+    [4, ring]                                     RING_SET: adopt ``ring`` if its epoch is newer
+    [5, old_ring, new_ring]                       FENCE: refuse keys leaving this shard
+    [6, old_ring, new_ring]                       MIGRATE_BEGIN: expect keys from old owners
+    [7, new_epoch, src, phase, v0, done, cursor, items]   MIGRATE_IN: a batch of moved keys
+    [8, new_epoch, src, version_next, sessions]   MIGRATE_SESSIONS: the source's sessions
+    [9, epoch]                                    DROP_UNOWNED: forget keys not owned at epoch
+
+A ring travels as ``[epoch, [shard, ...], vnodes]``; ``items`` and ``sessions`` are
+msgpack blobs decoded by the state machine (see ``storage_node/migration.py``).
 
 ``ts_ms`` is stamped by the leader when it proposes, so every replica judges session
 expiry by the same clock. Entries come from the log, which peers fill: ``decode_command``
@@ -24,6 +32,7 @@ import msgpack
 
 from protocol.errors import RemoteProtocolError
 from protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
+from protocol.ring import RingConfig
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
 #: raised limits and for the future ring-change command. msgpack's ``unpackb`` already
@@ -39,7 +48,12 @@ class Op(enum.IntEnum):
     PUT = 1
     DELETE = 2
     CAS = 3
-    RING = 4  # reserved: ring change (add/remove a shard), not implemented yet
+    RING = 4  # RING_SET
+    FENCE = 5
+    MIGRATE_BEGIN = 6
+    MIGRATE_IN = 7
+    MIGRATE_SESSIONS = 8
+    DROP_UNOWNED = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +93,52 @@ class CasCommand:
     value: bytes
 
 
-Command = Noop | PutCommand | DeleteCommand | CasCommand
+@dataclass(frozen=True, slots=True)
+class RingSet:
+    ring: RingConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    old: RingConfig
+    new: RingConfig
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateBegin:
+    old: RingConfig
+    new: RingConfig
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateIn:
+    """Phase 1: ``items`` = ``[[key, value, version], ...]``; phase 2 adds bare ``[key]``
+    for keys unchanged since ``v0``; ``done`` closes the phase for ``src``."""
+
+    new_epoch: int
+    src: int
+    phase: int
+    v0: int
+    done: bool
+    cursor: bytes
+    items: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateSessions:
+    new_epoch: int
+    src: int
+    version_next: int
+    sessions: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DropUnowned:
+    epoch: int
+
+
+RingCommand = RingSet | Fence | MigrateBegin | MigrateIn | MigrateSessions | DropUnowned
+Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand
 WriteCommand = PutCommand | DeleteCommand | CasCommand
 
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
@@ -106,6 +165,29 @@ def encode_command(cmd: Command) -> bytes:
         ))  # fmt: skip
     if t is Noop:
         return NOOP_DATA
+    return _encode_ring_command(cmd)
+
+
+def _ring_wire(r: RingConfig) -> list[Any]:
+    return [r.epoch, list(r.shards), r.vnodes]
+
+
+def _encode_ring_command(cmd: Command) -> bytes:
+    t = type(cmd)
+    c: Any = cmd
+    if t is RingSet:
+        return _pack((int(Op.RING), _ring_wire(c.ring)))  # type: ignore[no-any-return]
+    if t is Fence or t is MigrateBegin:
+        op = Op.FENCE if t is Fence else Op.MIGRATE_BEGIN
+        return _pack((int(op), _ring_wire(c.old), _ring_wire(c.new)))  # type: ignore[no-any-return]
+    if t is MigrateIn:
+        return _pack((int(Op.MIGRATE_IN), c.new_epoch, c.src, c.phase, c.v0, c.done,  # type: ignore[no-any-return]
+                      c.cursor, c.items))
+    if t is MigrateSessions:
+        return _pack((int(Op.MIGRATE_SESSIONS), c.new_epoch, c.src, c.version_next,  # type: ignore[no-any-return]
+                      c.sessions))
+    if t is DropUnowned:
+        return _pack((int(Op.DROP_UNOWNED), c.epoch))  # type: ignore[no-any-return]
     raise TypeError(f"not a state-machine command: {cmd!r}")
 
 
@@ -182,12 +264,67 @@ def _decode_cas(v: list[Any]) -> Command:
     return CasCommand(*_head(v), _uint(v[6], "expected_version"), _bytes(v[7], "value"))
 
 
-#: op -> (array length, decoder). Op.RING gets its entry when ring changes land.
+def _ring(v: Any) -> RingConfig:
+    if type(v) is not list or len(v) != 3 or type(v[1]) is not list or not v[1]:
+        raise RemoteProtocolError(f"command ring must be [epoch, [shards], vnodes], got {v!r}")
+    shards = tuple(_uint(s, "shard") for s in v[1])
+    vnodes = _uint(v[2], "vnodes")
+    if vnodes < 1 or len(shards) * vnodes > RING_TOKENS_MAX:
+        raise RemoteProtocolError(f"implausible ring {v!r}")
+    return RingConfig(_uint(v[0], "epoch"), shards, vnodes)
+
+
+def _bool(v: Any, name: str) -> bool:
+    if type(v) is not bool:
+        raise RemoteProtocolError(f"command field {name} must be a bool, got {v!r}")
+    return v
+
+
+def _decode_ring_set(v: list[Any]) -> Command:
+    return RingSet(_ring(v[1]))
+
+
+def _decode_fence(v: list[Any]) -> Command:
+    return Fence(_ring(v[1]), _ring(v[2]))
+
+
+def _decode_begin(v: list[Any]) -> Command:
+    return MigrateBegin(_ring(v[1]), _ring(v[2]))
+
+
+def _decode_migrate_in(v: list[Any]) -> Command:
+    return MigrateIn(
+        _uint(v[1], "new_epoch"), _uint(v[2], "src"), _uint(v[3], "phase"), _uint(v[4], "v0"),
+        _bool(v[5], "done"), _bytes(v[6], "cursor"), _bytes(v[7], "items"),
+    )  # fmt: skip
+
+
+def _decode_sessions(v: list[Any]) -> Command:
+    return MigrateSessions(
+        _uint(v[1], "new_epoch"), _uint(v[2], "src"), _uint(v[3], "version_next"),
+        _bytes(v[4], "sessions"),
+    )  # fmt: skip
+
+
+def _decode_drop(v: list[Any]) -> Command:
+    return DropUnowned(_uint(v[1], "epoch"))
+
+
+#: Bound on a ring carried by a command (shards x vnodes), as the broker's.
+RING_TOKENS_MAX = 1 << 18
+
+#: op -> (array length, decoder).
 _DECODERS: dict[int, tuple[int, Callable[[list[Any]], Command]]] = {
     Op.NOOP: (1, _decode_noop),
     Op.PUT: (7, _decode_put),
     Op.DELETE: (6, _decode_delete),
     Op.CAS: (8, _decode_cas),
+    Op.RING: (2, _decode_ring_set),
+    Op.FENCE: (3, _decode_fence),
+    Op.MIGRATE_BEGIN: (3, _decode_begin),
+    Op.MIGRATE_IN: (8, _decode_migrate_in),
+    Op.MIGRATE_SESSIONS: (5, _decode_sessions),
+    Op.DROP_UNOWNED: (2, _decode_drop),
 }
 
 

@@ -25,6 +25,8 @@ from loguru import logger
 from protocol import codec
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import (
+    AdminReply,
+    AdminRequest,
     AppendReply,
     Campaign,
     CasRequest,
@@ -45,6 +47,7 @@ from protocol.messages import (
 )
 from protocol.ring import Ring, RingConfig
 from storage_node import durable_state
+from storage_node.admin import AdminError, ScanCache, admin_command, admin_read
 from storage_node.commands import Command, command_from_request, encode_command
 from storage_node.fsync_policy import FsyncMode, FsyncPolicy
 from storage_node.replica import Ready, Replica, ReplicaConfig
@@ -120,10 +123,12 @@ class StorageNode:
         if ring is None:
             ring = cfg.ring
             durable_state.save_ring(cfg.data_dir, ring)
-        self.ring = Ring(ring)
-        self._multi_shard = ring.shards != (cfg.shard_id,)  # else every key is ours
+        # The ring file holds the *initial* ring (the same on every replica); the ring in
+        # force is the state machine's, rebuilt from snapshot + log (ownership.py).
+        self.initial_ring = Ring(ring)
         hard = durable_state.load_hard_state(cfg.data_dir)
-        self.state = KVStateMachine()
+        self.state = KVStateMachine(shard_id=cfg.shard_id, ring=ring)
+        self._scans = ScanCache()
         snap = load_latest_snapshot(cfg.data_dir)
         snapshot = None
         if snap is not None:
@@ -286,6 +291,8 @@ class StorageNode:
             self._on_write(sock, ident, req, now)
         elif isinstance(req, PingRequest):
             self._reply(sock, ident, PongReply(req.request_id, self.config.node_id))
+        elif isinstance(req, AdminRequest):
+            self._on_admin(sock, ident, req, now)
         else:
             rid = getattr(req, "request_id", 0)
             self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "not a data request"))
@@ -297,13 +304,40 @@ class StorageNode:
                 f"key of {len(key)} bytes is over the limit of {self.config.key_bytes_max}",
             ))  # fmt: skip
             return False
-        if self._multi_shard and self.ring.shard_for(key) != self.config.shard_id:
-            self._reply(sock, ident, ErrorReply(
-                request_id, ErrorCode.WRONG_SHARD, "key not owned by this shard",
-                epoch=self.ring.config.epoch,
-            ))  # fmt: skip
+        return self._owned(sock, ident, request_id, key)
+
+    def _owned(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes) -> bool:  # type: ignore[type-arg]
+        ownership = self.state.ownership
+        refused = ownership.refusal(key)
+        if refused:
+            why = ("key not owned by this shard" if refused == ErrorCode.WRONG_SHARD
+                   else "key is moving to another shard; retry")
+            self._reply(sock, ident, ErrorReply(request_id, refused, why, epoch=ownership.epoch))
             return False
         return True
+
+    def _on_admin(self, sock: zmq.Socket, ident: bytes, req: AdminRequest, now: float) -> None:  # type: ignore[type-arg]
+        if req.shard_id != self.config.shard_id:
+            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.WRONG_SHARD,
+                                                f"this node serves shard {self.config.shard_id}"))
+            return
+        if self.core.role is not Role.LEADER:
+            self._reply(sock, ident, self._not_leader(req.request_id))
+            return
+        try:
+            read = admin_read(self.state, self._scans, req.op, req.args)
+            if read is not None:
+                result, payload = read
+                result.setdefault("node", self.config.node_id)
+                self._reply(sock, ident, AdminReply(req.request_id, result, payload))
+                return
+            cmd = admin_command(req.op, req.args, req.payload)
+        except AdminError as exc:
+            self._reply(sock, ident, ErrorReply(req.request_id, exc.code, str(exc)))
+            return
+        index = self.core.propose(encode_command(cmd), now)
+        assert index is not None  # we checked the role just above
+        self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
 
     def _not_leader(self, request_id: int) -> ErrorReply:
         leader = self.core.leader_id
@@ -397,6 +431,8 @@ class StorageNode:
                     continue
                 assert pending.command is not None
                 reply = self.state.apply_command(entry.index, pending.command)
+                if type(reply) is dict:  # a ring command: answer the coordinator
+                    reply = AdminReply(pending.request_id, reply, b"")
                 if reply is not None:
                     self._reply(pending.sock, pending.ident, reply)
             if rd.committed:
@@ -485,7 +521,10 @@ class StorageNode:
         keep = []
         for index, p in self._waiting_reads:
             if index <= applied:
-                self._answer_get(p.sock, p.ident, p.request_id, p.key)
+                # ownership again at serve time: a fence applied since the request came
+                # means the key may already be written at its new owner
+                if self._owned(p.sock, p.ident, p.request_id, p.key):
+                    self._answer_get(p.sock, p.ident, p.request_id, p.key)
             else:
                 keep.append((index, p))
         self._waiting_reads = keep
@@ -508,11 +547,13 @@ class StorageNode:
 
     def _publish_heartbeat(self) -> None:
         core, cfg = self.core, self.config
+        current = self.state.ownership.ring
+        ring = (current or self.initial_ring).config
         hb = Heartbeat(
             cfg.node_id, cfg.shard_id, core.role, core.term, core.leader_id, core.last_term,
             core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
             os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
-            self.ring.config.epoch, self.ring.config.shards, self.ring.config.vnodes,
+            ring.epoch, ring.shards, ring.vnodes,
             cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
         )
         with contextlib.suppress(zmq.Again):

@@ -185,3 +185,33 @@ class SessionTable:
         return self.to_state() == other.to_state()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def merge_session_state(table: SessionTable, state: Any) -> None:
+    """Fold another shard's ``to_state`` output into ``table`` (a migration moves keys
+    and, with them, the replies of writes to them). Per client: the union of cached
+    replies, the higher floor (request ids below a client's ``lowest_pending`` will
+    never be retried, so the max is safe) and the later activity. Deterministic, and
+    idempotent: merging the same state twice changes nothing more. Raises
+    ``ValueError`` on a malformed state and leaves the table unchanged."""
+    other = SessionTable(table.replies_per_client_max, table.clients_max, table.session_ttl_ms)
+    other.load_state(state)
+    clients = table._clients
+    for cid, s in other._clients.items():
+        mine = clients.get(cid)
+        if mine is None:
+            while len(clients) >= table.clients_max:
+                clients.popitem(last=False)
+            mine = clients[cid] = _Session(s.floor, s.last_active_ms)
+        mine.floor = max(mine.floor, s.floor)
+        mine.last_active_ms = max(mine.last_active_ms, s.last_active_ms)
+        merged = {rid: r for rid, r in mine.replies.items() if rid >= mine.floor}
+        for rid, r in s.replies.items():
+            if rid >= mine.floor and rid not in merged:
+                merged[rid] = r
+        ordered = sorted(merged.items())
+        keep = ordered[-table.replies_per_client_max:]
+        if len(keep) < len(ordered):  # dropped by the bound: now forgotten, so expired
+            mine.floor = max(mine.floor, ordered[len(ordered) - len(keep) - 1][0] + 1)
+        mine.replies = dict(keep)
+    table.now_ms = max(table.now_ms, other.now_ms)

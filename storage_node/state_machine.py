@@ -13,6 +13,12 @@ Semantics (``apply``):
   exist): ``CasReply(True, index)``, else ``CasReply(False, current version or 0)``.
 - A write whose (client id, request id) was seen returns the cached reply and changes
   nothing; one the session table has forgotten returns ``ErrorReply(SESSION_EXPIRED)``.
+- Ring commands (RING_SET, FENCE, MIGRATE_*, DROP_UNOWNED) go to ``ownership.py``,
+  whose docstring holds the rules of a ring change; they return a result dict.
+- A write to a key this shard does not serve (``Ownership.refusal``) answers
+  ``WRONG_SHARD`` / ``UNAVAILABLE`` and changes nothing (not even the session table).
+  A key's version is the entry's index plus ``Ownership.version_offset`` (0 unless
+  keys migrated in).
 - NOOP, and an entry that does not decode (it is in the log already: skipping it is
   the only way forward, and every replica skips it alike), return ``None``.
 """
@@ -26,7 +32,9 @@ from loguru import logger
 
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
+from protocol.ring import RingConfig
 from storage_node.commands import (
+    CasCommand,
     Command,
     DeleteCommand,
     Noop,
@@ -34,18 +42,22 @@ from storage_node.commands import (
     WriteCommand,
     decode_command,
 )
+from storage_node.ownership import Ownership
 from storage_node.sessions import (
     CLIENTS_MAX,
     REPLIES_PER_CLIENT_MAX,
     SESSION_TTL_MS,
     SessionStatus,
     SessionTable,
+    merge_session_state,
 )
 
 ApplyReply = PutReply | DeleteReply | CasReply | ErrorReply
 
-#: Snapshot layout version: ``[1, applied_index, keys, (value, version)s, sessions]``.
-SNAPSHOT_FORMAT = 1
+#: Snapshot layout: ``[2, applied_index, keys, (value, version)s, sessions, ownership]``;
+#: format 1 (without ``ownership``) is still read.
+SNAPSHOT_FORMAT = 2
+_SNAPSHOT_FORMATS = (1, 2)
 
 
 class KVStateMachine:
@@ -56,10 +68,14 @@ class KVStateMachine:
         replies_per_client_max: int = REPLIES_PER_CLIENT_MAX,
         clients_max: int = CLIENTS_MAX,
         session_ttl_ms: int = SESSION_TTL_MS,
+        shard_id: int | None = None,
+        ring: RingConfig | None = None,
     ) -> None:
         self._data: dict[bytes, tuple[bytes, int]] = {}
         self._sessions = SessionTable(replies_per_client_max, clients_max, session_ttl_ms)
         self._applied_index = 0
+        #: ring, fence and migration state; ``shard_id=None``: every key is ours
+        self.ownership = Ownership(shard_id, ring)
 
     @property
     def applied_index(self) -> int:
@@ -73,11 +89,16 @@ class KVStateMachine:
     def sessions(self) -> SessionTable:
         return self._sessions
 
+    @property
+    def data(self) -> dict[bytes, tuple[bytes, int]]:
+        """The key table itself (read-only by convention: migration scans it)."""
+        return self._data
+
     def get(self, key: bytes) -> tuple[bytes, int] | None:
         """``(value, version)`` of ``key``, or ``None`` if it does not exist."""
         return self._data.get(key)
 
-    def apply(self, index: int, data: bytes) -> ApplyReply | None:
+    def apply(self, index: int, data: bytes) -> ApplyReply | dict[str, Any] | None:
         """Apply the committed entry at ``index``; the reply for its client, if any."""
         try:
             cmd = decode_command(data)
@@ -89,15 +110,21 @@ class KVStateMachine:
             return None
         return self.apply_command(index, cmd)
 
-    def apply_command(self, index: int, cmd: Command) -> ApplyReply | None:
+    def apply_command(self, index: int, cmd: Command) -> ApplyReply | dict[str, Any] | None:
         """``apply`` for a command already decoded: the leader keeps the commands it
         proposed, so its hot path never decodes its own log entries again."""
         if index <= self._applied_index:
             raise AssertionError(f"apply of index {index} after {self._applied_index}")
         self._applied_index = index
-        if isinstance(cmd, Noop):
+        t = type(cmd)
+        if t is PutCommand or t is DeleteCommand or t is CasCommand:
+            return self._apply_write(index, cmd)  # type: ignore[arg-type]
+        if t is Noop:
             return None
-        return self._apply_write(index, cmd)
+        return self.ownership.apply(index, cmd, self._data, self._merge_sessions)  # type: ignore[arg-type]
+
+    def _merge_sessions(self, state: Any) -> None:
+        merge_session_state(self._sessions, state)
 
     def _apply_write(self, index: int, cmd: WriteCommand) -> ApplyReply:
         sessions = self._sessions
@@ -109,7 +136,12 @@ class KVStateMachine:
                     "this write's session was forgotten; its outcome is unknown",
                 )  # fmt: skip
             return seen
+        refused = self.ownership.refusal(cmd.key)
+        if refused:
+            return ErrorReply(cmd.request_id, refused, "key not served by this shard now",
+                              epoch=self.ownership.epoch)
         data = self._data
+        index += self.ownership.version_offset  # the version this write gives its key
         reply: PutReply | DeleteReply | CasReply
         if isinstance(cmd, PutCommand):
             data[cmd.key] = (cmd.value, index)
@@ -141,6 +173,7 @@ class KVStateMachine:
             list(data.keys()),
             list(data.values()),
             self._sessions.to_state(),
+            self.ownership.to_state(),
         ]
         packed: bytes = msgpack.packb(state, use_bin_type=True)
         return packed
@@ -150,10 +183,12 @@ class KVStateMachine:
         ``RemoteProtocolError`` (it may come from a peer) and changes nothing."""
         try:
             state: Any = msgpack.unpackb(snapshot, raw=False, use_list=False)
-            fmt, applied, keys, values, sessions_state = state
+            fmt, applied, keys, values, sessions_state, *rest = state
         except Exception as exc:  # msgpack raises many types on garbage
             raise RemoteProtocolError(f"undecodable snapshot: {exc.__class__.__name__}") from exc
-        if fmt != SNAPSHOT_FORMAT or type(applied) is not int or applied < 0:
+        if fmt not in _SNAPSHOT_FORMATS or len(rest) != fmt - 1:
+            raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
+        if type(applied) is not int or applied < 0:
             raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
         if type(keys) is not tuple or type(values) is not tuple or len(keys) != len(values):
             raise RemoteProtocolError("snapshot keys and values do not match")
@@ -170,6 +205,15 @@ class KVStateMachine:
             sessions.load_state(sessions_state)
         except ValueError as exc:
             raise RemoteProtocolError(str(exc)) from exc
+        ownership = Ownership(self.ownership.shard_id, None)
+        if rest:
+            try:
+                ownership.load_state(rest[0])
+            except ValueError as exc:
+                raise RemoteProtocolError(str(exc)) from exc
+        else:  # format 1 predates ring changes: the ring is the initial one
+            ownership = self.ownership
+        self.ownership = ownership
         self._data = dict(zip(keys, values, strict=True))
         self._sessions = sessions
         self._applied_index = applied
@@ -182,6 +226,7 @@ class KVStateMachine:
             self._applied_index == other._applied_index
             and self._data == other._data
             and self._sessions == other._sessions
+            and self.ownership.to_state() == other.ownership.to_state()
         )
 
     __hash__ = None  # type: ignore[assignment]

@@ -67,7 +67,7 @@ def test_commands_from_requests():
     [
         [],
         {},
-        [Op.RING.value, b"new ring"],  # reserved, not implemented yet
+        [Op.RING.value, b"new ring"],  # a ring must be [epoch, [shards], vnodes]
         [99],
         ["1"],
         [True],

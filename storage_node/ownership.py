@@ -1,0 +1,362 @@
+"""Which keys a shard owns, and the replicated state of a ring change (issue 4).
+
+This is part of the state machine (``state_machine.py`` applies the ring commands here),
+so every replica of a shard holds the same ring, fence and migration progress, derived
+only from the log, and it survives restarts through snapshots.
+
+Theory of operation (one migration moves the keys whose owner differs between ring
+``old`` at epoch E and ring ``new`` at epoch E+1; see ``client/rebalance.py`` for the
+coordinator that drives the steps):
+
+- Ownership. A shard serves key k iff ``ring.shard_for(k)`` is this shard and, while a
+  fence is up, ``fence.shard_for(k)`` is too. Otherwise it answers ``WRONG_SHARD`` (not
+  ours at this epoch, with the epoch) or ``UNAVAILABLE`` (fenced: moving right now,
+  retry). The node checks before proposing; the state machine checks again when a
+  write is applied, because a write accepted just before a FENCE entry is applied
+  after it. So after the FENCE entry, no write to a moving key takes effect at the
+  source, whatever a stale broker sends, and a refused write is not recorded in the
+  session table (it did not happen; its retry will be applied by the new owner).
+- MIGRATE_BEGIN (target): records ``incoming`` = (old, new) and, per source, progress:
+  phase 1 (bulk copy), phase 2 (delta after the fence), phase 3 (delta done), plus
+  ``sessions`` once the source's session table was merged. A new shard adopts ``old``
+  here (it started with no ring that names it).
+- MIGRATE_IN phase 1 (unfenced): ``[key, value, version]`` items, stored as they are;
+  ``v0`` is the lowest applied index of any source scan used (``min`` over batches).
+  Every key with version <= v0 still present at the source after the fence existed,
+  unchanged, when phase 1 read it, so phase 1 delivered it.
+- FENCE (source): from this entry on, moving keys are refused (reads too: the target
+  may flip and take writes any time after the fence commits).
+- MIGRATE_IN phase 2 (fenced): every moving key still at the source, the value only if
+  its version > v0 (``[key]`` otherwise). ``done`` deletes the keys received from that
+  source and not listed in phase 2 (deleted at the source meanwhile).
+- MIGRATE_SESSIONS: merges the source's session table (taken after the fence, so it
+  holds the replies of every write that ever applied to a moving key) and raises the
+  version offset past every version the source assigned. Exactly once: a client whose
+  write applied at the source but whose reply was lost retries; the source refuses it
+  (fenced or WRONG_SHARD, checked before the session lookup only by the node, which
+  never proposes it), the new owner finds the cached reply and does not apply it again.
+- RING_SET (every shard, targets first): adopt ``new``; clears the fence and
+  ``incoming``. A shard that gains keys refuses the flip unless every source of its
+  incoming keys reached phase 3 with sessions merged: no shard can own keys it lacks.
+- DROP_UNOWNED (after the flip): delete keys not owned under the current ring.
+- Versions: a key's version is the log index that wrote it plus ``version_offset``
+  (0 until keys migrate in). Migrated keys keep their version and raise the offset
+  so every later version at this shard exceeds it: per-key versions stay increasing.
+
+Every command is idempotent (a retried or resumed step applies as a no-op), and a
+command for a migration this shard does not know answers ``ok: False`` and changes
+nothing. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from protocol.errors import ErrorCode
+from protocol.ring import Ring, RingConfig, plan_moves, position
+from storage_node.commands import (
+    DropUnowned,
+    Fence,
+    MigrateBegin,
+    MigrateIn,
+    MigrateSessions,
+    RingCommand,
+    RingSet,
+)
+
+PHASE_COPY, PHASE_DELTA, PHASE_DONE = 1, 2, 3
+V0_NONE = (1 << 63) - 1
+
+
+@dataclass(slots=True)
+class SourceProgress:
+    phase: int = PHASE_COPY
+    cursor: bytes = b""
+    v0: int = V0_NONE
+    sessions: bool = False
+    missing: int = 0
+    received: set[bytes] = field(default_factory=set)
+    seen: set[bytes] = field(default_factory=set)
+
+    def to_state(self) -> list[Any]:
+        return [self.phase, self.cursor, self.v0, self.sessions, self.missing,
+                sorted(self.received), sorted(self.seen)]
+
+    @classmethod
+    def from_state(cls, v: Any) -> SourceProgress:
+        phase, cursor, v0, sessions, missing, received, seen = v
+        return cls(int(phase), bytes(cursor), int(v0), bool(sessions), int(missing),
+                   set(received), set(seen))
+
+
+@dataclass(slots=True)
+class Incoming:
+    old: RingConfig
+    new: RingConfig
+    sources: dict[int, SourceProgress]
+
+    def complete(self) -> bool:
+        return all(p.phase == PHASE_DONE and p.sessions for p in self.sources.values())
+
+
+def ring_wire(r: RingConfig | None) -> list[Any] | None:
+    return None if r is None else [r.epoch, list(r.shards), r.vnodes]
+
+
+def ring_from_wire(v: Any) -> RingConfig | None:
+    if v is None:
+        return None
+    return RingConfig(int(v[0]), tuple(int(s) for s in v[1]), int(v[2]))
+
+
+def moving(old: Ring, new: Ring, key: bytes) -> tuple[int, int]:
+    """(old owner, new owner) of ``key``."""
+    p = position(key)
+    return old.owner_of_position(p), new.owner_of_position(p)
+
+
+class Ownership:
+    """Ring, fence and incoming migration of one shard's state machine."""
+
+    def __init__(self, shard_id: int | None = None, ring: RingConfig | None = None) -> None:
+        self.shard_id = shard_id
+        self.ring: Ring | None = None
+        self.fence: Ring | None = None
+        self.incoming: Incoming | None = None
+        self.version_offset = 0
+        #: a RING_SET applied and no DROP_UNOWNED since: keys may linger (for resume)
+        self.undropped = False
+        self._all_mine = True
+        self._set_ring(ring)
+
+    # ------------------------------------------------------------------ hot path
+
+    def refusal(self, key: bytes) -> int:
+        """0 if this shard serves ``key`` now, else the ``ErrorCode`` to answer."""
+        if self._all_mine:
+            return 0
+        p = position(key)
+        assert self.ring is not None
+        if self.ring.owner_of_position(p) != self.shard_id:
+            return ErrorCode.WRONG_SHARD
+        if self.fence is not None and self.fence.owner_of_position(p) != self.shard_id:
+            return ErrorCode.UNAVAILABLE
+        return 0
+
+    @property
+    def epoch(self) -> int:
+        return self.ring.config.epoch if self.ring is not None else 0
+
+    def _set_ring(self, config: RingConfig | None) -> None:
+        self.ring = Ring(config) if config is not None else None
+        self._recompute()
+
+    def _recompute(self) -> None:
+        self._all_mine = self.shard_id is None or self.ring is None or (
+            set(self.ring.config.shards) == {self.shard_id} and self.fence is None
+        )
+
+    # ------------------------------------------------------------------ commands
+
+    def apply(self, index: int, cmd: RingCommand, data: dict[bytes, tuple[bytes, int]],
+              sessions_merge: Any) -> dict[str, Any]:
+        """Apply a ring command at log ``index``; the result for the coordinator."""
+        if self.shard_id is None:
+            return {"ok": False, "error": "this state machine has no shard id"}
+        try:
+            if isinstance(cmd, RingSet):
+                return self._ring_set(cmd.ring)
+            if isinstance(cmd, Fence):
+                return self._fence(cmd.old, cmd.new)
+            if isinstance(cmd, MigrateBegin):
+                return self._begin(cmd.old, cmd.new)
+            if isinstance(cmd, MigrateIn):
+                return self._migrate_in(index, cmd, data)
+            if isinstance(cmd, MigrateSessions):
+                return self._sessions(index, cmd, sessions_merge)
+            if isinstance(cmd, DropUnowned):
+                return self._drop(cmd.epoch, data)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            # malformed payload: in the log already, so every replica refuses it alike
+            return {"ok": False, "error": f"malformed {type(cmd).__name__}: {exc}"}
+        raise TypeError(f"not a ring command: {cmd!r}")
+
+    def _gains(self, old: RingConfig, new: RingConfig) -> set[int]:
+        """Sources this shard receives keys from when ``old`` becomes ``new``."""
+        return {m.src for m in plan_moves(Ring(old), Ring(new)) if m.dst == self.shard_id}
+
+    def _ring_set(self, new: RingConfig) -> dict[str, Any]:
+        if new.epoch <= self.epoch:
+            return {"ok": True, "epoch": self.epoch, "noop": True}
+        if self.ring is not None and self._gains(self.ring.config, new):
+            inc = self.incoming
+            if inc is None or inc.new != new or inc.old != self.ring.config or not inc.complete():
+                return {"ok": False, "error": "refusing to own keys whose migration is not "
+                        f"complete (epoch {new.epoch})"}
+        self._set_ring(new)
+        self.undropped = True
+        if self.fence is not None and self.fence.config.epoch <= new.epoch:
+            self.fence = None
+        if self.incoming is not None and self.incoming.new.epoch <= new.epoch:
+            self.incoming = None
+        self._recompute()
+        return {"ok": True, "epoch": self.epoch}
+
+    def _fence(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
+        if self.epoch >= new.epoch:
+            return {"ok": True, "noop": True, "epoch": self.epoch}
+        if self.ring is None or self.ring.config != old:
+            return {"ok": False, "error": f"fence for epoch {old.epoch}, ring is {self.epoch}"}
+        if self.fence is None or self.fence.config != new:
+            self.fence = Ring(new)
+            self._recompute()
+        return {"ok": True, "epoch": self.epoch}
+
+    def _begin(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
+        if self.epoch >= new.epoch:
+            return {"ok": True, "noop": True, "epoch": self.epoch}
+        if self.incoming is not None:
+            if (self.incoming.old, self.incoming.new) == (old, new):
+                return {"ok": True, "epoch": self.epoch}
+            return {"ok": False, "error": "another migration is in flight "
+                    f"(to epoch {self.incoming.new.epoch})"}
+        if self.epoch > old.epoch:
+            return {"ok": False, "error": f"ring is at epoch {self.epoch}, past {old.epoch}"}
+        if self.epoch < old.epoch:
+            self._set_ring(old)  # a new shard: it never held a ring that names it
+        self.incoming = Incoming(old, new, {s: SourceProgress() for s in self._gains(old, new)})
+        return {"ok": True, "epoch": self.epoch, "sources": sorted(self.incoming.sources)}
+
+    def _progress(self, new_epoch: int, src: int) -> SourceProgress | dict[str, Any]:
+        if self.epoch >= new_epoch:
+            return {"ok": True, "noop": True, "epoch": self.epoch}
+        inc = self.incoming
+        if inc is None or inc.new.epoch != new_epoch or src not in inc.sources:
+            return {"ok": False, "error": f"no migration from shard {src} to epoch {new_epoch}"}
+        return inc.sources[src]
+
+    def _migrate_in(self, index: int, cmd: MigrateIn,
+                    data: dict[bytes, tuple[bytes, int]]) -> dict[str, Any]:
+        p = self._progress(cmd.new_epoch, cmd.src)
+        if isinstance(p, dict):
+            return p
+        if cmd.phase != p.phase:  # a retry of a phase already closed, or out of order
+            return {"ok": cmd.phase < p.phase, "phase": p.phase, "stale": True}
+        assert self.incoming is not None
+        old, new = Ring(self.incoming.old), Ring(self.incoming.new)
+        items = msgpack.unpackb(cmd.items, raw=False, use_list=True)
+        stray = 0
+        top = 0
+        for item in items:
+            key = item[0]
+            if type(key) is not bytes or moving(old, new, key) != (cmd.src, self.shard_id):
+                stray += 1
+                continue
+            if len(item) == 3:
+                value, version = item[1], item[2]
+                if type(value) is not bytes or type(version) is not int or version < 0:
+                    raise ValueError("bad item")
+                data[key] = (value, version)
+                top = max(top, version)
+                p.received.add(key)
+                if cmd.phase == PHASE_DELTA:
+                    p.seen.add(key)
+            elif cmd.phase == PHASE_DELTA:
+                if key in data:
+                    p.seen.add(key)
+                else:
+                    p.missing += 1
+        self.version_offset = max(self.version_offset, top - index)
+        p.v0 = min(p.v0, cmd.v0)
+        p.cursor = max(p.cursor, cmd.cursor)
+        dropped = 0
+        if cmd.done:
+            if cmd.phase == PHASE_DELTA:
+                for key in p.received - p.seen:
+                    if data.pop(key, None) is not None:
+                        dropped += 1
+                p.received, p.seen = set(), set()
+            p.phase += 1
+            p.cursor = b""
+        return {"ok": True, "phase": p.phase, "stray": stray, "deleted": dropped,
+                "missing": p.missing}
+
+    def _sessions(self, index: int, cmd: MigrateSessions, merge: Any) -> dict[str, Any]:
+        p = self._progress(cmd.new_epoch, cmd.src)
+        if isinstance(p, dict):
+            return p
+        if p.phase != PHASE_DONE:
+            return {"ok": False, "error": f"sessions before the delta of shard {cmd.src}"}
+        if not p.sessions:
+            merge(msgpack.unpackb(cmd.sessions, raw=False, use_list=True))
+            self.version_offset = max(self.version_offset, cmd.version_next - index)
+            p.sessions = True
+        return {"ok": True, "phase": p.phase, "sessions": True}
+
+    def _drop(self, epoch: int, data: dict[bytes, tuple[bytes, int]]) -> dict[str, Any]:
+        if self.epoch < epoch or self.ring is None:
+            return {"ok": False, "error": f"ring is at epoch {self.epoch}, not {epoch}"}
+        ring, me = self.ring, self.shard_id
+        gone = [k for k in data if ring.shard_for(k) != me]
+        for k in gone:
+            del data[k]
+        self.undropped = False
+        return {"ok": True, "dropped": len(gone), "epoch": self.epoch}
+
+    # ------------------------------------------------------------------ state
+
+    def info(self) -> dict[str, Any]:
+        inc = self.incoming
+        return {
+            "shard": self.shard_id,
+            "ring": ring_wire(self.ring.config if self.ring else None),
+            "fence": ring_wire(self.fence.config if self.fence else None),
+            "incoming": None if inc is None else {
+                "old": ring_wire(inc.old), "new": ring_wire(inc.new),
+                "sources": {str(s): {"phase": p.phase, "cursor": p.cursor, "v0": p.v0,
+                                     "sessions": p.sessions, "missing": p.missing}
+                            for s, p in inc.sources.items()},
+            },
+            "version_offset": self.version_offset,
+            "undropped": self.undropped,
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        inc = self.incoming
+        return {
+            "ring": ring_wire(self.ring.config if self.ring else None),
+            "fence": ring_wire(self.fence.config if self.fence else None),
+            "incoming": None if inc is None else [
+                ring_wire(inc.old), ring_wire(inc.new),
+                [[s, p.to_state()] for s, p in sorted(inc.sources.items())],
+            ],
+            "offset": self.version_offset,
+            "undropped": self.undropped,
+        }
+
+    def load_state(self, state: Any) -> None:
+        """Replace by ``to_state`` output; ValueError if malformed (nothing changed)."""
+        try:
+            ring = ring_from_wire(state["ring"])
+            fence = ring_from_wire(state["fence"])
+            inc_state = state["incoming"]
+            incoming = None
+            if inc_state is not None:
+                old, new, sources = inc_state
+                incoming = Incoming(
+                    ring_from_wire(old), ring_from_wire(new),  # type: ignore[arg-type]
+                    {int(s): SourceProgress.from_state(p) for s, p in sources},
+                )
+            offset = int(state["offset"])
+            undropped = bool(state["undropped"])
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"malformed ownership state: {exc}") from exc
+        self._set_ring(ring)
+        self.fence = Ring(fence) if fence is not None else None
+        self.incoming = incoming
+        self.version_offset = offset
+        self.undropped = undropped
+        self._recompute()

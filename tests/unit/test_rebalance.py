@@ -1,0 +1,226 @@
+"""The ring-change protocol end to end on in-memory state machines: the real
+``Rebalancer`` drives ``storage_node.admin`` and ``KVStateMachine`` of every shard through
+a fake client (no sockets), with client writes interleaved at every step."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgpack
+import pytest
+
+from client.rebalance import Plan, RebalanceError, Rebalancer, ring_adding, ring_removing
+from protocol.errors import ErrorCode
+from protocol.messages import ErrorReply, PutReply
+from protocol.ring import Ring, RingConfig
+from storage_node.admin import AdminError, ScanCache, admin_command, admin_read
+from storage_node.commands import DropUnowned, PutCommand, RingSet
+from storage_node.state_machine import KVStateMachine
+
+
+class FakeCluster:
+    """One state machine per shard; ``admin`` is what a shard leader would do."""
+
+    def __init__(self, shards: list[int], vnodes: int = 16) -> None:
+        self.ring = RingConfig(1, tuple(shards), vnodes)
+        self.sms: dict[int, KVStateMachine] = {}
+        self.scans: dict[int, ScanCache] = {}
+        self.index: dict[int, int] = {}
+        for s in shards:
+            self.add(s)
+        self.hook: Any = None
+        self.cid = b"client"
+        self.rid = 0
+
+    def add(self, shard: int) -> None:
+        self.sms[shard] = KVStateMachine(shard_id=shard, ring=RingConfig(1, self.ring.shards,
+                                                                          self.ring.vnodes))
+        self.scans[shard] = ScanCache()
+        self.index[shard] = 0
+
+    def apply(self, shard: int, cmd: Any) -> Any:
+        self.index[shard] += 1
+        return self.sms[shard].apply_command(self.index[shard], cmd)
+
+    def owner(self, key: bytes) -> int:
+        """Where a broker with the newest ring would send ``key``."""
+        newest = max((sm.ownership.ring.config for sm in self.sms.values()),
+                     key=lambda r: r.epoch)
+        return Ring(newest).shard_for(key)
+
+    def put(self, key: bytes, value: bytes) -> Any:
+        self.rid += 1
+        cmd = PutCommand(self.cid, self.rid, self.rid, 1, key, value)
+        return self.apply(self.owner(key), cmd)
+
+    # the KVClient surface the Rebalancer uses
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        newest = max((sm.ownership.ring.config for sm in self.sms.values()),
+                     key=lambda r: r.epoch)
+        return {"ring": newest.as_dict(),
+                "nodes": [{"shard_id": s, "live": True} for s in self.sms]}
+
+    def admin(self, shard: int, op: str, args: dict[str, Any], payload: bytes = b"",
+              timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        if self.hook is not None:
+            self.hook(shard, op)
+        args = msgpack.unpackb(msgpack.packb(args, use_bin_type=True), raw=False)
+        sm = self.sms[shard]
+        read = admin_read(sm, self.scans[shard], op, args)
+        if read is not None:
+            return read
+        return self.apply(shard, admin_command(op, args, payload)), b""
+
+
+def _check_final(c: FakeCluster, expected: dict[bytes, bytes]) -> None:
+    ring = Ring(c.status()["ring"] and RingConfig(**{**c.status()["ring"],
+                                                       "shards": tuple(c.status()["ring"]["shards"])}))
+    for key, value in expected.items():
+        owner = ring.shard_for(key)
+        assert c.sms[owner].get(key) is not None and c.sms[owner].get(key)[0] == value, key
+    for s, sm in c.sms.items():
+        for key in sm.data:
+            assert ring.shard_for(key) == s, f"{key!r} left on shard {s}"
+        assert sm.ownership.fence is None and sm.ownership.incoming is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_add_then_remove_with_writes_at_every_step(seed: int) -> None:
+    rng = random.Random(seed)
+    c = FakeCluster([0, 1])
+    expected: dict[bytes, bytes] = {}
+    keys = [f"k{i}".encode() for i in range(300)]
+    n = 0
+
+    def write_some(shard: int, op: str) -> None:
+        nonlocal n
+        for _ in range(rng.randint(0, 5)):
+            key = rng.choice(keys)
+            n += 1
+            value = f"v{n}".encode()
+            reply = c.put(key, value)
+            if isinstance(reply, PutReply):
+                expected[key] = value
+            else:  # a fenced key: refused and not applied
+                assert isinstance(reply, ErrorReply)
+                assert reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.WRONG_SHARD)
+
+    for key in keys:
+        write_some(0, "")
+        c.put(key, b"initial" + key)
+        expected[key] = b"initial" + key
+    c.hook = write_some
+    c.add(2)
+    r = Rebalancer(c, batch_keys=7)  # type: ignore[arg-type]
+    r.add_shard(2)
+    _check_final(c, expected)
+    assert c.status()["ring"]["epoch"] == 2
+    assert any(c.sms[2].data.values())
+    r.remove_shard(0)
+    _check_final(c, expected)
+    assert not c.sms[0].data
+    assert c.status()["ring"]["shards"] == [1, 2]
+
+
+def test_versions_keep_increasing_after_a_move() -> None:
+    c = FakeCluster([0])
+    for i in range(50):
+        c.put(f"k{i}".encode(), b"x")
+    c.add(1)
+    before = {k: v[1] for k, v in c.sms[0].data.items()}
+    Rebalancer(c).add_shard(1)  # type: ignore[arg-type]
+    moved = [k for k in before if c.owner(k) == 1]
+    assert moved
+    for k in moved:
+        assert c.sms[1].get(k)[1] == before[k]
+        reply = c.put(k, b"new")
+        assert isinstance(reply, PutReply) and reply.version > before[k]
+
+
+def test_retried_write_after_the_move_is_not_applied_twice() -> None:
+    c = FakeCluster([0])
+    c.add(1)
+    key = next(f"k{i}".encode() for i in range(100)
+               if Ring.of([0, 1], 16, 2).shard_for(f"k{i}".encode()) == 1)
+    first = c.apply(0, PutCommand(b"cl", 5, 5, 1, key, b"once"))
+    Rebalancer(c).add_shard(1)  # type: ignore[arg-type]
+    c.apply(1, PutCommand(b"other", 1, 1, 1, key, b"later"))
+    retry = c.apply(1, PutCommand(b"cl", 5, 5, 1, key, b"once"))
+    assert retry == first  # the cached reply, carried with the sessions
+    assert c.sms[1].get(key)[0] == b"later"
+
+
+def test_resume_after_the_coordinator_died_mid_way() -> None:
+    for stop_at in ("fence", "delta", "ring_set", "drop", "batch1", "batch2"):
+        c = FakeCluster([0, 1])
+        for i in range(200):
+            c.put(f"k{i}".encode(), f"v{i}".encode())
+        c.add(2)
+
+        def die(step: str, stop_at: str = stop_at) -> None:
+            if step == stop_at:
+                raise RuntimeError("coordinator killed")
+
+        with pytest.raises(RuntimeError):
+            Rebalancer(c, batch_keys=5, on_step=die).add_shard(2)  # type: ignore[arg-type]
+        r = Rebalancer(c, batch_keys=5)  # type: ignore[arg-type]
+        with pytest.raises(RebalanceError, match="resume"):
+            r.add_shard(3)
+        assert r.resume() is not None, stop_at
+        assert r.pending() is None
+        _check_final(c, {f"k{i}".encode(): f"v{i}".encode() for i in range(200)})
+
+
+def test_a_target_refuses_to_flip_without_the_data() -> None:
+    c = FakeCluster([0])
+    c.put(b"a", b"1")
+    c.add(1)
+    new = ring_adding(c.ring, 1)
+    result = c.apply(1, RingSet(new))
+    assert not result["ok"]
+    assert c.sms[1].ownership.epoch == 1
+    assert c.apply(1, DropUnowned(2))["ok"] is False
+
+
+def test_plans() -> None:
+    old = RingConfig(3, (0, 1, 2), 32)
+    p = Plan.of(old, ring_adding(old, 5))
+    assert p.targets == [5] and set(p.sources) <= {0, 1, 2}
+    q = Plan.of(old, ring_removing(old, 1))
+    assert q.sources == [1] and set(q.targets) == {0, 2}
+    with pytest.raises(RebalanceError):
+        ring_removing(RingConfig(1, (0,), 8), 0)
+    with pytest.raises(ValueError):
+        Plan.of(old, RingConfig(5, (0, 1), 32))
+
+
+def test_admin_input_is_checked() -> None:
+    with pytest.raises(AdminError):
+        admin_command("fence", {"old": "x", "new": [1, [0], 8]}, b"")
+    with pytest.raises(AdminError):
+        admin_command("nope", {}, b"")
+    sm = KVStateMachine(shard_id=0, ring=RingConfig(1, (0,), 8))
+    with pytest.raises(AdminError):
+        admin_read(sm, ScanCache(), "scan", {"old": [1, [0], 8], "new": [2, [0, 1], 8],
+                                             "dst": 1, "phase": 2, "after": b"", "v0": 0,
+                                             "limit": 10, "bytes_max": 100})
+
+
+def test_snapshot_keeps_the_migration_state() -> None:
+    c = FakeCluster([0])
+    for i in range(30):
+        c.put(f"k{i}".encode(), b"x")
+    c.add(1)
+
+    def die(step: str) -> None:
+        if step == "delta":
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        Rebalancer(c, on_step=die).add_shard(1)  # type: ignore[arg-type]
+    for s in (0, 1):
+        copy = KVStateMachine(shard_id=s)
+        copy.restore(c.sms[s].snapshot_bytes())
+        assert copy == c.sms[s]
+        assert copy.ownership.info() == c.sms[s].ownership.info()
