@@ -42,7 +42,8 @@ lint: venv
 
 ## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
 bench: venv
-	$(PY) -m bench.compare $(ARGS)
+	$(PY) -m bench.compare --concurrency 64 $(ARGS)
+	$(PY) -m bench.compare --concurrency 256 $(ARGS)
 
 bench-failover: venv
 	$(PY) -m bench.failover $(ARGS)

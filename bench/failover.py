@@ -92,7 +92,10 @@ def max_terms(status: dict[str, Any]) -> dict[int, int]:
     return terms
 
 
-def settled(cluster: LocalCluster, status: dict[str, Any], shard: int) -> bool:
+def settled(cluster: LocalCluster, status: dict[str, Any], shard: int, target: int) -> bool:
+    """Every node heartbeats, every shard has a leader, and every replica of ``shard``
+    has applied ``target`` (a commit index seen earlier: under load the commit index
+    moves on while we look, so catching up with a fixed point is what counts)."""
     live = [n for n in status["nodes"] if n.get("live", True)
             and n["age_ms"] < 3 * (cluster.heartbeat_ms or 100)]
     if len(live) < len(cluster.node_ids):
@@ -101,18 +104,25 @@ def settled(cluster: LocalCluster, status: dict[str, Any], shard: int) -> bool:
     if set(leaders) != set(cluster.shard_ids):
         return False
     group = [n for n in live if int(n["shard_id"]) == shard]
-    commit = max(int(n["commit_index"]) for n in group)
-    return all(commit - int(n["applied_index"]) <= SETTLE_LAG_ENTRIES_MAX for n in group)
+    return all(int(n["applied_index"]) >= target for n in group)
 
 
 def wait_settled(cluster: LocalCluster, shard: int, timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
+    target: int | None = None
     while True:
         status = _status(cluster)
-        if status is not None and settled(cluster, status, shard):
+        if status is not None and target is None and shard in live_leaders(status):
+            group = [n for n in status["nodes"] if int(n["shard_id"]) == shard]
+            target = max(int(n["commit_index"]) for n in group) - SETTLE_LAG_ENTRIES_MAX
+        if status is not None and target is not None and settled(cluster, status, shard, target):
             return status
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"the cluster did not settle within {timeout_s:g}s")
+            rows = [] if status is None else [
+                (n["node_id"], n.get("role"), n["age_ms"], n["commit_index"], n["applied_index"])
+                for n in status["nodes"]
+            ]
+            raise TimeoutError(f"the cluster did not settle within {timeout_s:g}s: {rows}")
         time.sleep(0.1)
 
 
