@@ -27,7 +27,7 @@ from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import (
     AdminReply,
     AdminRequest,
-    AppendReply,
+    AppendEntries,
     Campaign,
     CasRequest,
     Consistency,
@@ -36,6 +36,7 @@ from protocol.messages import (
     GetReply,
     GetRequest,
     Heartbeat,
+    InstallSnapshot,
     PeerMessage,
     PingRequest,
     PongReply,
@@ -43,24 +44,24 @@ from protocol.messages import (
     ReplyBatch,
     RequestBatch,
     Role,
-    SnapshotReply,
 )
 from protocol.ring import Ring, RingConfig
 from storage_node import durable_state
 from storage_node.admin import AdminError, ScanCache, admin_command, admin_read
 from storage_node.commands import Command, command_from_request, encode_command
-from storage_node.fsync_policy import FsyncMode, FsyncPolicy
+from storage_node.fsync_policy import FsyncPolicy
 from storage_node.replica import Ready, Replica, ReplicaConfig
 from storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
 from storage_node.state_machine import KVStateMachine
-from storage_node.syncer import BackgroundSyncer
 from storage_node.wal import WriteAheadLog
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
-#: replies that promise durable log state: held until the fsync they depend on is done
-_DURABLE_REPLIES = (AppendReply, SnapshotReply)
+#: What a leader may send before its own log is durable (Raft allows it: the leader
+#: counts itself toward a commit only once persisted). Sending them first lets the
+#: followers' fsyncs run while the leader's own fsync does.
+_SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +108,6 @@ class StorageNode:
         self._was_leader = False
         self._next_heartbeat = 0.0
         self._last_snapshot_index = self.core.snap_index
-        # group commit with a background fsync (fsync=always): sequence -> log index it
-        # makes durable, and the acks held until then
-        self._syncer = BackgroundSyncer() if config.fsync.mode is FsyncMode.ALWAYS else None
-        self._sync_seq = 0
-        self._sync_index: dict[int, int] = {}
-        self._held: list[tuple[int, str, PeerMessage]] = []
 
     # ------------------------------------------------------------------ startup
 
@@ -188,14 +183,10 @@ class StorageNode:
         for s in self.broker_socks:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
-        if self._syncer is not None:
-            self.poller.register(self._syncer.fileno, zmq.POLLIN)
 
     def close(self) -> None:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values()]:
             s.close(linger=0)
-        if self._syncer is not None:
-            self._syncer.close()
         self.wal.close()
 
     def stop(self) -> None:
@@ -217,8 +208,6 @@ class StorageNode:
                         self._drain_broker(sock, now)
                 if self.peer_router in events:
                     self._drain_peers(now)
-                if self._syncer is not None and self._syncer.fileno in events:
-                    self._on_synced()
                 self.core.tick(now)
                 self._handle_ready(now)
                 self._flush_replies()
@@ -417,12 +406,17 @@ class StorageNode:
         core = self.core
         while core.has_ready():
             rd = core.ready()
-            seq = self._persist(rd, now)
-            for to, msg in rd.messages:
-                if seq is not None and isinstance(msg, _DURABLE_REPLIES):
-                    self._held.append((seq, to, msg))
-                else:
-                    self._send_peer(to, msg)
+            later = rd.messages
+            if rd.hard_state is None and rd.messages:
+                later = []
+                for to, msg in rd.messages:
+                    if isinstance(msg, _SEND_BEFORE_PERSIST):
+                        self._send_peer(to, msg)
+                    else:
+                        later.append((to, msg))
+            self._persist(rd, now)
+            for to, msg in later:  # votes and acks promise durable state: after persisting
+                self._send_peer(to, msg)
             pending_writes = self._pending_writes
             for entry in rd.committed:
                 pending = pending_writes.pop(entry.index, None) if pending_writes else None
@@ -454,9 +448,9 @@ class StorageNode:
                     self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
                 self._pending_writes.clear()
 
-    def _persist(self, rd: Ready, now: float) -> int | None:
-        """Make ``rd``'s state durable per the fsync policy. Returns the sequence number
-        of the background fsync that the acks of this Ready must wait for, if any."""
+    def _persist(self, rd: Ready, now: float) -> None:
+        """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
+        hard state, snapshot, truncation, new entries, then one sync."""
         if rd.hard_state is not None:
             durable_state.save_hard_state(self.config.data_dir, rd.hard_state)
         if rd.snapshot is not None:
@@ -464,55 +458,18 @@ class StorageNode:
             save_snapshot(self.config.data_dir, index, term, data)
             self.state.restore(data)
             self.wal.reset(index + 1)
-            self._forget_unsynced(index + 1)
             self._last_snapshot_index = index
             self.log.info("installed snapshot at index {} from the leader", index)
         if rd.truncate_from is not None:
             self.wal.truncate_from(rd.truncate_from)
-            self._forget_unsynced(rd.truncate_from)
         if rd.entries:
             self.wal.append(rd.entries)
-        if not rd.entries and rd.truncate_from is None:
-            return None
-        if self._syncer is None or self.core.role is not Role.LEADER:
-            # A follower has nothing better to do than wait for its disk: syncing
-            # inline costs no thread hand-offs, and what arrives meanwhile is the next
-            # batch. A leader keeps serving while the disk works (background sync).
+        if rd.entries or rd.truncate_from is not None:
+            # One write and (fsync=always) one fsync for everything this turn brought:
+            # group commit. The disk is fast next to a Python loop turn, so waiting for
+            # it inline costs less than handing it to a thread and back (measured).
             self.wal.sync(now)
             self.core.persisted(self.wal.last_index)
-            return None
-        fd = self.wal.begin_sync()
-        if fd is None:
-            return None
-        self._sync_seq += 1
-        self._sync_index[self._sync_seq] = self.wal.last_index
-        self._syncer.submit(fd, self._sync_seq)
-        return self._sync_seq
-
-    def _forget_unsynced(self, truncated_from: int) -> None:
-        """Entries from ``truncated_from`` on are gone: a pending fsync can no longer make
-        them durable, and an ack held for them would now be a lie: drop those acks."""
-        for seq, index in self._sync_index.items():
-            self._sync_index[seq] = min(index, truncated_from - 1)
-        self._held.clear()
-
-    def _on_synced(self) -> None:
-        assert self._syncer is not None
-        if self._syncer.error is not None:
-            raise self._syncer.error  # the disk failed: stop rather than ack
-        done = self._syncer.completed()
-        if done is None:
-            return
-        durable = [self._sync_index.pop(s) for s in list(self._sync_index) if s <= done]
-        if durable:
-            self.core.persisted(max(durable))
-        keep = []
-        for seq, to, msg in self._held:
-            if seq <= done:
-                self._send_peer(to, msg)
-            else:
-                keep.append((seq, to, msg))
-        self._held = keep
 
     def _serve_reads(self) -> None:
         if not self._waiting_reads:

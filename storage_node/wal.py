@@ -358,24 +358,6 @@ class WriteAheadLog:
         self._last_sync = now
         return True
 
-    def begin_sync(self) -> int | None:
-        """Flush and hand over the fsync of everything appended so far: returns a
-        duplicate of the segment's descriptor for the caller to ``os.fsync`` and close
-        (on another thread, so the node keeps serving while the disk works), or None
-        when nothing is waiting. A later roll or truncate fsyncs on its own, so the
-        duplicate may safely outlive the segment's own descriptor."""
-        self._check_usable()
-        if self._file is None or not self._dirty:
-            return None
-        try:
-            self._file.flush()
-            fd = os.dup(self._file.fileno())
-        except OSError as exc:
-            self._poison(f"sync of {self._segments[-1].path} failed: {exc}")
-            raise
-        self._dirty = False
-        return fd
-
     def truncate_from(self, index: int) -> None:
         """Drop every entry with an index >= ``index`` (Raft conflict resolution), durably."""
         self._check_usable()
