@@ -18,12 +18,7 @@ from loguru import logger
 
 from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from broker.server import BrokerConfig, BrokerServer
-from protocol.gc_tuning import tune_gc
-
-_TEXT_FORMAT = (
-    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-    "<cyan>{extra[component]}</cyan> {message}"
-)
+from protocol.runtime import configure_logging, tune_gc
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,15 +51,6 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         key_bytes_max=args.key_bytes_max,
         value_bytes_max=args.value_bytes_max,
     )
-
-
-def configure_logging(level: str, json: bool) -> None:
-    logger.remove()
-    logger.configure(extra={"component": "-"})
-    if json:
-        logger.add(sys.stderr, level=level.upper(), serialize=True)
-    else:
-        logger.add(sys.stderr, level=level.upper(), format=_TEXT_FORMAT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from protocol.gc_tuning import tune_gc
 from protocol.ring import DEFAULT_VNODES, RingConfig
+from protocol.runtime import configure_logging, tune_gc
 from storage_node.fsync_policy import FsyncPolicy
-from storage_node.logging_setup import configure_logging
 from storage_node.node import NodeConfig, StorageNode
 
 

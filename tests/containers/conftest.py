@@ -156,30 +156,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if report.when == "call":
         item.rep_call_failed = report.failed  # type: ignore[attr-defined]
     return report
-
-
-def require_sdk() -> None:
-    """Skip (fail in CI) when the SDK or the history tools are not written yet."""
-    missing = []
-    for module, attrs in (
-        ("client", ("KVClient",)),
-        ("tests.support.history", ("History",)),
-        ("tests.support.lincheck", ("check_linearizable", "check")),
-    ):
-        try:
-            mod = __import__(module, fromlist=list(attrs))
-        except ImportError as exc:
-            missing.append(f"{module} ({exc})")
-            continue
-        if not any(hasattr(mod, a) for a in attrs):
-            missing.append(f"{module}.{attrs[0]}")
-    if missing:
-        msg = "not available yet: " + ", ".join(missing)
-        if IN_CI:
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-
-
-@pytest.fixture
-def sdk() -> None:
-    require_sdk()

@@ -13,7 +13,7 @@ from tests.containers.workload import keys_for_shard, ring_from_status
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(150)]
 
 
-def test_boot_put_get(sdk: None, cluster_factory: Callable[..., ContainerCluster]) -> None:
+def test_boot_put_get(cluster_factory: Callable[..., ContainerCluster]) -> None:
     t0 = time.monotonic()
     c = cluster_factory(shards=2, replicas=3, brokers=2)
     print(f"2x3 cluster with 2 brokers converged in {time.monotonic() - t0:.2f}s")

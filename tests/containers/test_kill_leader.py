@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
 def test_kill_leader_under_load(
-    sdk: None, cluster_factory: Callable[..., ContainerCluster], record_property: Callable
+    cluster_factory: Callable[..., ContainerCluster], record_property: Callable
 ) -> None:
     from tests.support.history import History
 

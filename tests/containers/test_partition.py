@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
 def test_partition_leader_from_followers(
-    sdk: None, cluster_factory: Callable[..., ContainerCluster], record_property: Callable
+    cluster_factory: Callable[..., ContainerCluster], record_property: Callable
 ) -> None:
     from tests.support.history import History
 

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
 def test_pause_leader_no_stale_answers(
-    sdk: None, cluster_factory: Callable[..., ContainerCluster]
+    cluster_factory: Callable[..., ContainerCluster]
 ) -> None:
     from tests.support.history import History
 

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
 def test_restart_broker_and_follower(
-    sdk: None, cluster_factory: Callable[..., ContainerCluster], record_property: Callable
+    cluster_factory: Callable[..., ContainerCluster], record_property: Callable
 ) -> None:
     from tests.support.history import History
 

@@ -59,7 +59,7 @@ def ring_from_status(status: dict[str, Any], shards: int) -> Ring:
 def check_history(history: Any) -> Any:
     from tests.support import lincheck
 
-    checker = getattr(lincheck, "check_linearizable", None) or lincheck.check
+    checker = lincheck.check
     return checker(history)
 
 
