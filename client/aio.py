@@ -43,12 +43,12 @@ from client.sdk import (
     KEY_BYTES_MAX,
     VALUE_BYTES_MAX,
     ClientClosed,
-    _describe,
     _Limits,
-    backoff_s,
     check_reply,
     check_version,
+    give_up,
     parse_endpoints,
+    retry_pause,
     status_dict,
 )
 from protocol import codec
@@ -296,8 +296,8 @@ class AsyncKVClient:
                 last_error = error_for_code(
                     reply.code, reply.message, reply.leader_hint, reply.epoch
                 )
-                pause = backoff_s(attempt, self._rng)
-                if now + pause >= deadline:
+                pause = retry_pause(attempt, now, deadline, self._rng)
+                if pause is None:
                     now = deadline
                 else:
                     await asyncio.sleep(pause)
@@ -305,12 +305,9 @@ class AsyncKVClient:
             else:
                 return reply  # type: ignore[no-any-return]
             attempt += 1
-            out_of_retries = self.retries is not None and attempt > self.retries
-            if now >= deadline or out_of_retries:
-                raise Timeout(
-                    f"request {rid} got no answer after {attempt} attempts "
-                    f"({total_s:g}s; last: {_describe(last_error)})"
-                ) from last_error
+            failure = give_up(rid, attempt, now, deadline, self.retries, total_s, last_error)
+            if failure is not None:
+                raise failure from last_error
             self.resends += 1
 
     async def _send(self, pending: _Pending) -> None:

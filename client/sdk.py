@@ -134,6 +134,29 @@ def backoff_s(attempt: int, rng: random.Random) -> float:
     return ceiling / 2 + rng.random() * ceiling / 2
 
 
+def retry_pause(attempt: int, now: float, deadline: float, rng: random.Random) -> float | None:
+    """How long to back off before resending after a retryable error reply; None when
+    the pause would run past the deadline (give up now rather than sleep in vain)."""
+    pause = backoff_s(attempt, rng)
+    return None if now + pause >= deadline else pause
+
+
+def give_up(
+    rid: int, attempt: int, now: float, deadline: float, retries: int | None,
+    total_s: float, last_error: KVError | None,
+) -> Timeout | None:
+    """The ``Timeout`` to raise after ``attempt`` attempts, or None to keep trying.
+    Shared by the sync and asyncio clients so both give up by the same rules."""
+    out_of_retries = retries is not None and attempt > retries
+    if now < deadline and not out_of_retries:
+        return None
+    what = "retries" if out_of_retries and now < deadline else "deadline"
+    return Timeout(
+        f"request {rid} got no answer ({what} exhausted after {attempt} "
+        f"attempts, {total_s:g}s; last: {_describe(last_error)})"
+    )
+
+
 def check_reply(reply: Message, expected: type) -> Any:
     """Raise for an error reply or a reply of the wrong type; else return the reply."""
     if isinstance(reply, ErrorReply):
@@ -338,8 +361,8 @@ class KVClient:
                 last_error = error_for_code(
                     reply.code, reply.message, reply.leader_hint, reply.epoch
                 )
-                pause = backoff_s(attempt, self._rng)
-                if now + pause >= deadline:
+                pause = retry_pause(attempt, now, deadline, self._rng)
+                if pause is None:
                     now = deadline
                 else:
                     time.sleep(pause)
@@ -347,13 +370,9 @@ class KVClient:
             else:
                 return reply
             attempt += 1
-            out_of_retries = self.retries is not None and attempt > self.retries
-            if now >= deadline or out_of_retries:
-                what = "retries" if out_of_retries and now < deadline else "deadline"
-                raise Timeout(
-                    f"request {rid} got no answer ({what} exhausted after {attempt} "
-                    f"attempts, {total_s:g}s; last: {_describe(last_error)})"
-                ) from last_error
+            failure = give_up(rid, attempt, now, deadline, self.retries, total_s, last_error)
+            if failure is not None:
+                raise failure from last_error
             self.resends += 1
 
     def _await_reply(self, rid: int, until: float) -> Message | None:
