@@ -270,6 +270,25 @@ class ReplyBatch:
     items: tuple[tuple[bytes, ...], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Node -> broker, as ``[b"", Redirect]``: requests this node refused as not its
+    shard's at ring ``ring_epoch`` (``WRONG_SHARD``), handed back whole so the broker
+    re-routes them instead of failing the client. Each item is the request exactly as
+    it arrived, ``(client_ident, header[, blob])``. The broker adopts the ring if it is
+    newer than its own and forwards each item to the leader its ring now names; if that
+    is still ``shard_id`` (the refusing shard), the client gets ``WRONG_SHARD`` and its
+    SDK retries. So a request is re-routed at most once per ring epoch the broker
+    learns, and never bounces between two nodes."""
+
+    TYPE: ClassVar[int] = 44
+    shard_id: int
+    ring_epoch: int
+    ring_shards: tuple[int, ...]
+    ring_vnodes: int
+    items: tuple[tuple[bytes, ...], ...]
+
+
 # --------------------------------------------------------------------------- peers
 
 
@@ -356,6 +375,45 @@ class SnapshotReply:
     success: bool
 
 
+# --------------------------------------------------------------------------- migration
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateBatch:
+    """Source shard leader -> a node of the target shard (its peer port): the next
+    batch of a moving range stream (``storage_node/push.py``). ``after`` is the cursor
+    this batch continues from and ``cursor`` where it ends; the target applies a batch
+    only if ``after`` is exactly where its replicated progress stands, so a resent or
+    late duplicate is acknowledged without being applied twice. ``items`` is msgpack
+    ``[[key, value, version] | [key], ...]``."""
+
+    TYPE: ClassVar[int] = 56
+    BLOB: ClassVar[str] = "items"
+    seq: int
+    src_shard: int
+    dst_shard: int
+    new_epoch: int
+    phase: int
+    v0: int
+    after: bytes
+    cursor: bytes
+    done: bool
+    items: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateAck:
+    """Target -> source for ``MigrateBatch`` ``seq``: ``result`` is the applied
+    ``MigrateIn``'s (``ok``, ``phase``, ``cursor``, ``stale``...); when this node is not
+    the target's leader, ``ok`` is false and ``leader_hint`` names the one it knows."""
+
+    TYPE: ClassVar[int] = 57
+    seq: int
+    dst_shard: int
+    result: dict[str, Any]
+    leader_hint: str
+
+
 ClientRequest = (
     GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
     | AdminRequest
@@ -368,8 +426,10 @@ ClientReply = (
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
 )
+MigrationMessage = MigrateBatch | MigrateAck
 Message = (
-    ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | PeerMessage
+    ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | Redirect
+    | PeerMessage | MigrationMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -377,8 +437,9 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     AdminRequest,
     GetReply, PutReply, DeleteReply, CasReply, ErrorReply, StatusReply, PongReply,
     AdminReply,
-    Heartbeat, Campaign, RequestBatch, ReplyBatch,
+    Heartbeat, Campaign, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
+    MigrateBatch, MigrateAck,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
