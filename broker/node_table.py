@@ -9,8 +9,9 @@ Theory of operation:
 - The leader of a shard is the live node claiming ``Role.LEADER`` with the highest term
   (a stale claim at a lower term loses; equal terms, which Raft forbids, go to the lower
   node id so every broker decides alike).
-- The ring config is the one with the highest ``ring_epoch`` ever seen; the ``Ring`` is
-  rebuilt only when the epoch changes. Configs too large to build quickly are refused.
+- The ring config is the one with the highest ``ring_epoch`` ever seen, in a heartbeat
+  or in a node's ``Redirect`` (``adopt_ring``); the ``Ring`` is rebuilt only when the
+  epoch rises. Configs too large to build quickly are refused.
 - Nodes silent for ``forget_after`` (default 30 x election timeout) are dropped.
 - The hot-path maps ``leaders`` (shard -> node identity bytes) and ``replicas``
   (shard -> identities of live nodes) are mutated in place so the router can hold them.
@@ -129,6 +130,24 @@ class NodeTable:
         self._recompute(view, now)
         return True
 
+    def adopt_ring(self, config: RingConfig) -> bool:
+        """Adopt ``config`` if its epoch is above the current ring's; True if adopted.
+
+        Heartbeats and a refusing node's ``Redirect`` both carry a node's ring; either may
+        be the first to bring a newer epoch, and a lower or equal one never replaces what
+        we have (a lagging node cannot roll the broker back). A config without shards or
+        vnodes (a node with no ring yet) or over ``RING_TOKENS_MAX`` is refused.
+        """
+        if self.ring is not None and config.epoch <= self.ring.config.epoch:
+            return False
+        shards = tuple(sorted(set(config.shards)))
+        if not shards or config.vnodes < 1 or len(shards) * config.vnodes > RING_TOKENS_MAX:
+            return False
+        config = RingConfig(config.epoch, shards, config.vnodes)
+        self.ring = Ring(config)
+        self._events.append(RingAdopted(config))
+        return True
+
     def tick(self, now: float) -> list[TableEvent]:
         """Expire liveness, forget long-silent nodes; return events since the last tick."""
         for node_id in [n for n, r in self.nodes.items() if now - r.last_seen > self.forget_after_s]:
@@ -206,15 +225,11 @@ class NodeTable:
         return ""
 
     def _adopt_ring(self, hb: Heartbeat) -> None:
-        current = self.ring.config.epoch if self.ring is not None else None
-        if current is not None and hb.ring_epoch <= current:
+        # Nearly every heartbeat repeats the ring we have: decide that before building
+        # a RingConfig for it.
+        if self.ring is not None and hb.ring_epoch <= self.ring.config.epoch:
             return
-        shards = tuple(sorted(set(hb.ring_shards)))
-        if not shards or hb.ring_vnodes < 1 or len(shards) * hb.ring_vnodes > RING_TOKENS_MAX:
-            return  # a node without a ring yet, or a config we refuse to build
-        config = RingConfig(hb.ring_epoch, shards, hb.ring_vnodes)
-        self.ring = Ring(config)
-        self._events.append(RingAdopted(config))
+        self.adopt_ring(RingConfig(hb.ring_epoch, hb.ring_shards, hb.ring_vnodes))
 
     def _detach(self, node_id: str, shard_id: int, now: float) -> None:
         view = self.shards.get(shard_id)

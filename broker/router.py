@@ -17,12 +17,24 @@ Theory of operation:
   ``value_bytes_max``, or a header too long to hold only a key and small fields).
 - The router keeps no per-request state; the only state is the STALE round-robin counter.
 
+Re-routing (``reroute``): a node refuses a data request for a key its ring gives another
+shard and hands it back whole in a ``Redirect`` (with its ring, which the shell has the
+table adopt first if newer). The item is routed again like a fresh request, except that
+if the broker's ring still names the refusing shard, the client gets ``WRONG_SHARD`` with
+the broker's ring epoch instead. Invariant: a request moves to another shard only when
+the broker's ring disagrees with the refusing node's, and every hop after the first
+needs a strictly newer ring, so a request never bounces between two shards (nor tours
+the replicas of one, for a ``STALE`` get). Malformed items get ``BAD_REQUEST`` or, with
+no client identity to answer, are dropped; both count in ``rejected``.
+
 ``route`` returns ``bytes`` (the node routing id to forward to), ``list[bytes]`` (reply
 frames to send back after the client identity), or ``None`` (drop). Pure: no sockets, no
 clock; ``now`` only ages the status rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from broker.node_table import NodeTable
 from protocol import codec
@@ -59,7 +71,7 @@ RouteResult = bytes | list[bytes] | None
 class Router:
     __slots__ = (
         "_table", "broker_id", "key_bytes_max", "value_bytes_max", "_header_bytes_max",
-        "_rr", "_leaders", "_replicas", "rejected", "last_rejection",
+        "_rr", "_leaders", "_replicas", "rejected", "last_rejection", "wrong_shard",
     )  # fmt: skip
 
     def __init__(
@@ -81,6 +93,8 @@ class Router:
         #: shell reports these as rate-limited warnings instead of logging per message.
         self.rejected = 0
         self.last_rejection = ""
+        #: Redirected requests answered WRONG_SHARD (the ring still names the refuser).
+        self.wrong_shard = 0
         # The table mutates these dicts in place, so holding them saves lookups per call.
         self._leaders = table.leaders
         self._replicas = table.replicas
@@ -124,6 +138,46 @@ class Router:
             return self.no_leader(header, f"no leader for shard {shard}", ring.config.epoch)
         return ident
 
+    def reroute(self, frames: Sequence[bytes], refused_by_shard: int, now: float) -> RouteResult:
+        """Decide again for ``(client_ident, header[, blob])`` that a node of shard
+        ``refused_by_shard`` refused as not its own; never raises on any input.
+
+        Same results as ``route``, plus ``WRONG_SHARD`` when the ring still gives the key
+        to the refusing shard, and ``None`` when there is no client identity to answer.
+        Only data requests are ever redirected, so anything else is ``BAD_REQUEST``.
+        """
+        n = len(frames)
+        if n < 1 or type(frames[0]) is not bytes or not frames[0]:
+            self._reject("redirected request without a client identity")
+            return None
+        header = frames[1] if n > 1 else b""
+        if type(header) is not bytes:
+            self._reject("redirected request with a header that is not bytes")
+            return None
+        if (n != 2 and n != 3) or len(header) > self._header_bytes_max:
+            return self.route(list(frames), now)  # BAD_REQUEST or TOO_LARGE
+        if n == 3 and type(frames[2]) is not bytes:
+            return self._bad(header, "redirected request with a value that is not bytes")
+        try:
+            kind, key, _ = _route_fields(header)
+        except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
+            return self._bad(header, "undecodable redirected request")
+        if kind not in DATA_REQUEST_TYPES:
+            return self._bad(header, f"message type {kind} is not a redirectable request")
+        ring = self._table.ring
+        if (
+            ring is not None
+            and len(key) <= self.key_bytes_max  # else route answers TOO_LARGE
+            and ring.shard_for(key) == refused_by_shard
+        ):
+            self.wrong_shard += 1
+            epoch = ring.config.epoch
+            return self.error(
+                codec.request_id_of(header), ErrorCode.WRONG_SHARD,
+                f"key not owned by shard {refused_by_shard} at ring epoch {epoch}", epoch,
+            )  # fmt: skip
+        return self.route(list(frames), now)
+
     # ------------------------------------------------------------------ replies
 
     def error(
@@ -139,14 +193,16 @@ class Router:
         return self.error(codec.request_id_of(header), ErrorCode.UNAVAILABLE, message)
 
     def _bad(self, header: bytes, message: str) -> list[bytes]:
-        self.rejected += 1
-        self.last_rejection = message
+        self._reject(message)
         rid = codec.request_id_of(header) if type(header) is bytes else 0
         return self.error(rid, ErrorCode.BAD_REQUEST, message)
 
-    def _too_large(self, header: bytes, message: str) -> list[bytes]:
+    def _reject(self, message: str) -> None:
         self.rejected += 1
         self.last_rejection = message
+
+    def _too_large(self, header: bytes, message: str) -> list[bytes]:
+        self._reject(message)
         return self.error(codec.request_id_of(header), ErrorCode.TOO_LARGE, message)
 
     def _admin(self, header: bytes) -> RouteResult:

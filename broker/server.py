@@ -10,13 +10,20 @@ Frames (docs/internals.md):
   frontend ROUTER  in  [client, header, (blob)]        out [client, reply, (blob)]
   backend ROUTER   out [node, client, header, (blob)]  in  [node, client, reply, (blob)]
                    out [node, b"", RequestBatch]       in  [node, b"", ReplyBatch]
-                   out [node, b"", Campaign]
+                   out [node, b"", Campaign]           in  [node, b"", Redirect]
   heartbeat SUB    in  [Heartbeat]
 
 Batching: the requests for one node taken in one drain of the frontend travel as one
 ``RequestBatch`` frame (a single request goes as itself), and nodes answer with
 ``ReplyBatch``. Each zmq message costs several microseconds of Python and syscalls on
 both sides; a batch costs about half a microsecond per item.
+
+Redirect: a node hands back, whole, the requests it refused because its ring gives the
+key to another shard (``WRONG_SHARD``). The table adopts the node's ring if newer, the
+router decides each item again (``Router.reroute``: the new owner, or ``WRONG_SHARD`` to
+the client if the ring still names the refusing shard), and the items are forwarded the
+way the frontend forwards. Counts (``rerouted``, ``router.wrong_shard``) are logged at
+most every ``REROUTE_LOG_INTERVAL_S``, never per request.
 
 Both ROUTERs are ``ROUTER_MANDATORY``: an unknown node is ``EHOSTUNREACH`` (the client gets
 ``NO_LEADER``), an unknown client drops the reply. Sends never block (a full peer queue
@@ -41,7 +48,8 @@ from broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdo
 from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
 from protocol import codec
 from protocol.errors import RemoteProtocolError
-from protocol.messages import Heartbeat, ReplyBatch, RequestBatch
+from protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
+from protocol.ring import RingConfig
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256
@@ -53,6 +61,9 @@ HWM = 100_000
 #: Inbound frame bound on the heartbeat socket (a heartbeat is a few hundred bytes).
 HEARTBEAT_BYTES_MAX = 1024 * 1024
 WARNINGS_PER_WINDOW = 10
+#: At most one INFO line of re-routing counts per this many seconds (a ring change can
+#: redirect every request for a while; a line per request or per tick would flood).
+REROUTE_LOG_INTERVAL_S = 10.0
 WARNING_WINDOW_S = 10.0
 
 _NOBLOCK = zmq.NOBLOCK
@@ -144,6 +155,11 @@ class BrokerServer:
         self._warn_hb = WarningLimiter(self.log, "heartbeats")
         self._warn_front = WarningLimiter(self.log, "frontend")
         self._rejected_reported = 0
+        #: Redirected requests forwarded to another node; with ``router.wrong_shard``
+        #: (answered WRONG_SHARD instead), what was last logged and when.
+        self.rerouted = 0
+        self._reroutes_reported = (0, 0)
+        self._reroutes_logged_at = -math.inf
         self._own_context = context is None
         self._ctx = context if context is not None else zmq.Context()
         self._stopping = False
@@ -310,7 +326,7 @@ class BrokerServer:
                     forward(head, _SNDMORE_NOBLOCK)
                     forward(msg[2], _NOBLOCK)
             elif dest is not None:
-                self._reply(client, dest)  # type: ignore[arg-type]  # bytes handled above
+                self._reply(client, dest)
 
     def _forward_batch(self, node: bytes, items: list[tuple[bytes, ...]], now: float) -> None:
         """Send the requests collected for ``node``: alone as itself, else one batch."""
@@ -391,7 +407,8 @@ class BrokerServer:
             send(part, _NOBLOCK)
 
     def _on_node_control(self, node: zmq.Frame, part: zmq.Frame, now: float) -> None:
-        """``[node, b"", ReplyBatch]``: fan the replies out to their clients."""
+        """``[node, b"", ReplyBatch]``: fan the replies out to their clients;
+        ``[node, b"", Redirect]``: route the refused requests again."""
         if part.more:
             _discard_rest(self.backend)
             self._warn_back.warn(now, "backend: dropped an over-long control message")
@@ -402,7 +419,10 @@ class BrokerServer:
             self._warn_back.warn(now, "backend: undecodable control message: {}", exc)
             return
         if type(batch) is not ReplyBatch:
-            self._warn_back.warn(now, "backend: ignored a {} from a node", type(batch).__name__)
+            if type(batch) is Redirect:
+                self._on_redirect(node, batch, now)
+            else:
+                self._warn_back.warn(now, "backend: ignored a {} from a node", type(batch).__name__)
             return
         send = self.frontend.send
         for item in batch.items:
@@ -418,6 +438,67 @@ class BrokerServer:
             for i in range(1, last):
                 send(item[i], _SNDMORE_NOBLOCK)
             send(item[last], _NOBLOCK)
+
+    def _on_redirect(self, node: zmq.Frame, redirect: Redirect, now: float) -> None:
+        """Adopt the refusing node's ring if newer, then forward each refused request
+        where the router now sends it, or answer its client. Batched per node like the
+        frontend, with large values sent alone and each node's order kept."""
+        # Only a node we route to (so have heard) may move the ring: a stray peer on the
+        # backend must not pin a bogus epoch that no heartbeat could ever replace.
+        if node.bytes.decode(errors="replace") in self.table.nodes:
+            config = RingConfig(redirect.ring_epoch, redirect.ring_shards, redirect.ring_vnodes)
+            try:
+                self.table.adopt_ring(config)
+            except Exception as exc:  # a table bug must not take the broker down
+                self._warn_back.warn(now, "backend: cannot adopt a Redirect's ring: {!r}", exc)
+        else:
+            self._warn_back.warn(
+                now, "backend: Redirect from unknown node {!r}: ring ignored", node.bytes[:64]
+            )
+        reroute = self.router.reroute
+        refused_by = redirect.shard_id
+        batches: dict[bytes, list[tuple[bytes, ...]]] = {}
+        try:
+            for item in redirect.items:
+                try:
+                    dest = reroute(item, refused_by, now)
+                except Exception as exc:  # a router bug must not take the broker down
+                    self._warn_back.warn(now, "backend: cannot re-route a request: {!r}", exc)
+                    continue
+                if isinstance(dest, bytes):
+                    self.rerouted += 1
+                    self._batch_or_send(dest, item, batches, now)
+                elif dest is not None:
+                    self._reply(item[0], dest)
+                # else: nobody to answer; the router counted it in ``rejected``
+        finally:
+            for dest, items in batches.items():
+                self._forward_batch(dest, items, now)
+
+    def _batch_or_send(
+        self, node: bytes, item: tuple[bytes, ...], batches: dict[bytes, list[tuple[bytes, ...]]],
+        now: float,
+    ) -> None:
+        """Queue ``(client, header)`` for ``node``'s next RequestBatch; send an item with
+        a value frame alone (after what is queued for that node, to keep the order)."""
+        if len(item) == 2:
+            items = batches.setdefault(node, [])
+            items.append(item)
+            if len(items) >= FORWARD_BATCH_MAX:
+                self._forward_batch(node, batches.pop(node), now)
+            return
+        pending = batches.pop(node, None)
+        if pending:
+            self._forward_batch(node, pending, now)
+        send = self.backend.send
+        try:
+            send(node, _SNDMORE_NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._forward_failed(node, item[0], item[1], exc, now)
+            return
+        last = len(item) - 1
+        for i, frame in enumerate(item):
+            send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK)
 
     def _drain_heartbeats(self, now: float) -> None:
         recv = self.heartbeats.recv_multipart
@@ -462,8 +543,24 @@ class BrokerServer:
                 router.rejected - self._rejected_reported, router.last_rejection,
             )  # fmt: skip
             self._rejected_reported = router.rejected
+        self._log_reroutes(now)
         for limiter in (self._warn_back, self._warn_hb, self._warn_front):
             limiter.flush(now)
+
+    def _log_reroutes(self, now: float) -> None:
+        counts = (self.rerouted, self.router.wrong_shard)
+        if counts == self._reroutes_reported:
+            return
+        if now - self._reroutes_logged_at < REROUTE_LOG_INTERVAL_S:
+            return
+        (rerouted, wrong), (rerouted_0, wrong_0) = counts, self._reroutes_reported
+        self.log.info(
+            "re-routed {} requests refused by a node as another shard's, answered {} "
+            "WRONG_SHARD (totals {} and {})",
+            rerouted - rerouted_0, wrong - wrong_0, rerouted, wrong,
+        )  # fmt: skip
+        self._reroutes_reported = counts
+        self._reroutes_logged_at = now
 
     def _log_events(self, events: list[TableEvent], now: float) -> None:
         for ev in events:

@@ -9,19 +9,19 @@ coordinator stopped from the shards themselves and rolls the change forward.
 
 Steps for a change from ring ``old`` (epoch E) to ``new`` (epoch E+1):
 1. ``begin`` at every target (a shard gaining keys): it records what to expect.
-2. Phase 1, per (source, target): the coordinator pulls batches of moving keys from the
-   source leader (``scan``) and pushes each, unopened, to the target leader as one
-   replicated ``migrate`` write. Sources keep serving meanwhile. (The bytes travel
-   source leader -> coordinator -> target leader: the coordinator is the relay, so the
-   nodes need no sockets to other shards.)
+2. Phase 1: every source leader streams its moving keys straight to each target's
+   leader (``push``; ``storage_node/push.py``), all pairs at once; the coordinator
+   only watches progress (``info`` on both ends) and restarts a stream that a leader
+   change ended, from the cursor the target recorded. Sources keep serving meanwhile.
 3. ``fence`` at every source: from its log position on, the moving ranges are refused
    (UNAVAILABLE, retryable) at that source; ranges that do not move are not affected.
-4. Phase 2, per (source, target): the delta (values changed since phase 1, the list of
-   keys still present) and then the source's session table (exactly-once retries).
+4. Phase 2, the same way: the delta (values changed since phase 1, the list of keys
+   still present), then the source's session table (exactly-once retries) through the
+   coordinator (small).
 5. ``ring_set`` to ``new``: targets first (each refuses unless it has everything), then
    the other shards. Brokers adopt the new epoch from heartbeats; a request that still
-   reaches an old owner gets WRONG_SHARD and the SDK retries.
-6. ``drop`` at every shard: keys not owned at the new epoch are deleted.
+   reaches an old owner is handed back to the broker, which re-routes it.
+6. ``drop`` at every shard, a batch at a time: keys not owned at the new epoch.
 
 There is no rollback: before step 5 nothing is lost by stopping (fenced ranges stay
 unavailable until ``resume``), and from step 5 on only rolling forward is correct.
@@ -41,6 +41,11 @@ from protocol.ring import Ring, RingConfig, plan_moves
 BATCH_KEYS = 2000
 BATCH_BYTES = 2 * 1024 * 1024
 ADMIN_TIMEOUT_S = 30.0
+#: How often the coordinator looks at the streams, and says how far they are.
+POLL_S = 0.05
+PROGRESS_EVERY_S = 1.0
+#: A phase whose streams move no key for this long is reported, not waited on forever.
+STALL_S = 60.0
 
 
 class RebalanceError(KVError):
@@ -119,7 +124,7 @@ class Stats:
 class Rebalancer:
     def __init__(self, kv: KVClient, progress: Callable[[str], None] | None = None,
                  batch_keys: int = BATCH_KEYS, batch_bytes: int = BATCH_BYTES,
-                 on_step: Callable[[str], None] | None = None) -> None:
+                 on_step: Callable[[str], None] | None = None, poll_s: float = POLL_S) -> None:
         self.kv = kv
         self.say = progress or (lambda _line: None)
         self.batch_keys = batch_keys
@@ -127,6 +132,7 @@ class Rebalancer:
         #: called with a step name before it starts (tests inject faults here)
         self.on_step = on_step or (lambda _step: None)
         self.stats = Stats()
+        self.poll_s = poll_s
 
     # ------------------------------------------------------------------ public
 
@@ -197,9 +203,7 @@ class Rebalancer:
         self.say(f"ring epoch {new.epoch} in force on every shard")
         self.on_step("drop")
         for shard in plan.shards:
-            r = self._cmd(shard, "drop", epoch=new.epoch)
-            if r.get("dropped"):
-                self.say(f"shard {shard}: dropped {r['dropped']} moved keys")
+            self._drop(shard, new.epoch)
         self.stats.elapsed_s = time.monotonic() - self.stats.started
         self.say(f"done: {self.stats.keys} keys, {self.stats.bytes / 1e6:.1f} MB in "
                  f"{self.stats.elapsed_s:.1f} s")
@@ -212,23 +216,18 @@ class Rebalancer:
         self.on_step("begin")
         for t in plan.targets:
             self._cmd(t, "begin", old=ring_wire(old), new=ring_wire(new))
-        progress = {t: self._progress(t, new) for t in plan.targets}
         self.on_step("copy")
-        for s, t in plan.pairs:
-            p = progress[t][str(s)]
-            if p["phase"] == 1:
-                self._stream(plan, s, t, 1, p["cursor"], 0)
+        self._run_phase(plan, 1)
         self.on_step("fence")
         self.stats.fenced_s = time.monotonic()
         for s in plan.sources:
             self._cmd(s, "fence", old=ring_wire(old), new=ring_wire(new))
         self.say(f"fenced the moving ranges on shards {plan.sources}")
-        progress = {t: self._progress(t, new) for t in plan.targets}
         self.on_step("delta")
+        self._run_phase(plan, 2)
+        progress = {t: self._progress(t, new) for t in plan.targets}
         for s, t in plan.pairs:
             p = progress[t][str(s)]
-            if p["phase"] == 2:
-                self._stream(plan, s, t, 2, p["cursor"], p["v0"])
             if p.get("missing"):
                 raise RebalanceError(f"shard {t} lacks {p['missing']} keys of shard {s}")
             if not p["sessions"]:
@@ -244,28 +243,87 @@ class Rebalancer:
             if bad:
                 raise RebalanceError(f"shard {t} is missing keys from {bad}: not flipping")
 
-    def _stream(self, plan: Plan, src: int, dst: int, phase: int, cursor: bytes, v0: int) -> None:
-        sent = 0
+    def _run_phase(self, plan: Plan, phase: int) -> None:
+        """Run ``phase`` of every (source, target) stream at once, straight from source
+        leader to target leader; return once every target recorded the phase done."""
+        new = plan.new
+        todo = set(plan.pairs)
+        sent: dict[tuple[int, int], tuple[int, int]] = {}
+        last_change = time.monotonic()
+        next_report = last_change + PROGRESS_EVERY_S
         while True:
-            self.on_step(f"batch{phase}")
-            result, payload = self._admin(
-                src, "scan", old=ring_wire(plan.old), new=ring_wire(plan.new), dst=dst,
-                phase=phase, after=cursor, v0=v0, limit=self.batch_keys,
-                bytes_max=self.batch_bytes)
-            if result.get("flipped"):
-                raise _Flipped
-            r = self._cmd(dst, "migrate", payload, new_epoch=plan.new.epoch, src=src,
-                          phase=phase, v0=result["applied"] if phase == 1 else v0,
-                          done=bool(result["done"]), cursor=result["cursor"])
-            if r.get("stale"):
-                return  # the phase was closed meanwhile (a retried final batch)
-            cursor = result["cursor"]
-            sent += int(result["count"])
-            self.stats.keys += int(result["count"])
-            self.stats.bytes += len(payload)
-            if result["done"]:
-                self.say(f"phase {phase} {src}->{dst}: {sent} keys")
+            # the sources' counts first: a stream may finish between two looks
+            pushes: dict[tuple[int, int], dict[str, Any] | None] = {}
+            for s in sorted({s for s, _ in todo}):
+                running = self._info(s).get("pushes") or {}
+                for t in (t for src, t in todo if src == s):
+                    st = pushes[(s, t)] = running.get(f"{new.epoch}:{t}:{phase}")
+                    if st is None:
+                        continue
+                    now_sent = (int(st["sent"]), int(st["bytes"]))
+                    before = sent.get((s, t), (0, 0))
+                    if now_sent != before:
+                        if now_sent[0] >= before[0]:  # else a restarted stream counts anew
+                            self.stats.keys += now_sent[0] - before[0]
+                            self.stats.bytes += now_sent[1] - before[1]
+                        sent[(s, t)] = now_sent
+                        last_change = time.monotonic()
+                        self.on_step(f"batch{phase}")
+            progress = {t: self._progress(t, new) for t in sorted({t for _, t in todo})}
+            for s, t in sorted(todo):
+                if progress[t][str(s)]["phase"] > phase:
+                    todo.discard((s, t))
+                    self.say(f"phase {phase} {s}->{t}: {sent.get((s, t), (0, 0))[0]} keys")
+            if not todo:
                 return
+            for s, t in sorted(todo):
+                st = pushes.get((s, t))
+                if st is None or st["state"] == "failed":
+                    if st is not None:
+                        self.say(f"stream {s}->{t} failed ({st['error']}): restarting")
+                    self._start_push(plan, s, t, phase, progress[t][str(s)])
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + PROGRESS_EVERY_S
+                self.say(f"phase {phase}: " + ", ".join(
+                    f"{s}->{t} {sent.get((s, t), (0, 0))[0]} keys" for s, t in sorted(todo)))
+            if now - last_change > STALL_S:
+                raise RebalanceError(f"phase {phase} streams {sorted(todo)} made no progress "
+                                     f"for {STALL_S:.0f} s; run `zkv admin resume` to retry")
+            time.sleep(self.poll_s)
+
+    def _start_push(self, plan: Plan, src: int, dst: int, phase: int,
+                    progress: dict[str, Any]) -> None:
+        targets = self._peers(dst)
+        if not targets:
+            raise RebalanceError(f"no node of shard {dst} is known to the broker")
+        result, _ = self._admin(
+            src, "push", old=ring_wire(plan.old), new=ring_wire(plan.new), dst=dst,
+            phase=phase, v0=int(progress["v0"]) if phase == 2 else 0,
+            after=progress["cursor"], targets=targets, limit=self.batch_keys,
+            bytes_max=self.batch_bytes)
+        if result.get("flipped"):
+            raise _Flipped
+
+    def _peers(self, shard: int) -> list[list[str]]:
+        """``[node id, peer address]`` of the shard's live nodes, from the broker."""
+        nodes = self.kv.status(timeout=ADMIN_TIMEOUT_S).get("nodes", [])
+        return [[str(n["node_id"]), str(n["peer_addr"])] for n in nodes
+                if int(n["shard_id"]) == shard and n.get("live", True) and n.get("peer_addr")]
+
+    def _drop(self, shard: int, epoch: int) -> None:
+        """Drop the keys ``shard`` no longer owns: its leader lists them off its hot
+        path, then each request deletes a batch, until the last."""
+        dropped = 0
+        while True:
+            r = self._cmd(shard, "drop", epoch=epoch)
+            dropped += int(r.get("dropped", 0))
+            if r.get("done"):
+                break
+            if r.get("listing") is not None:
+                time.sleep(self.poll_s)
+        if dropped:
+            self.say(f"shard {shard}: dropped {dropped} moved keys")
 
     # ------------------------------------------------------------------ plumbing
 

@@ -9,9 +9,14 @@ msgpack arrays, first element the op::
     [4, ring]                                     RING_SET: adopt ``ring`` if its epoch is newer
     [5, old_ring, new_ring]                       FENCE: refuse keys leaving this shard
     [6, old_ring, new_ring]                       MIGRATE_BEGIN: expect keys from old owners
-    [7, new_epoch, src, phase, v0, done, cursor, items]   MIGRATE_IN: a batch of moved keys
+    [7, new_epoch, src, phase, v0, done, cursor, items(, after)]  MIGRATE_IN: a batch of moved keys
     [8, new_epoch, src, version_next, sessions]   MIGRATE_SESSIONS: the source's sessions
-    [9, epoch]                                    DROP_UNOWNED: forget keys not owned at epoch
+    [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
+
+``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
+only where the target's progress stands exactly there (``None``: no such check, the
+form written before streams were direct). DROP_UNOWNED with ``keys`` forgets those of
+them not owned, and with ``last`` marks the drop complete; without, it scans every key.
 
 A ring travels as ``[epoch, [shard, ...], vnodes]``; ``items`` and ``sessions`` are
 msgpack blobs decoded by the state machine (see ``storage_node/migration.py``).
@@ -122,6 +127,7 @@ class MigrateIn:
     done: bool
     cursor: bytes
     items: bytes
+    after: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +140,12 @@ class MigrateSessions:
 
 @dataclass(frozen=True, slots=True)
 class DropUnowned:
+    """``keys=None``: scan every key (small shards, and the older log form); else drop
+    just these (the leader lists them off the loop's hot path, a batch at a time)."""
+
     epoch: int
+    keys: tuple[bytes, ...] | None = None
+    last: bool = True
 
 
 RingCommand = RingSet | Fence | MigrateBegin | MigrateIn | MigrateSessions | DropUnowned
@@ -181,13 +192,16 @@ def _encode_ring_command(cmd: Command) -> bytes:
         op = Op.FENCE if t is Fence else Op.MIGRATE_BEGIN
         return _pack((int(op), _ring_wire(c.old), _ring_wire(c.new)))  # type: ignore[no-any-return]
     if t is MigrateIn:
-        return _pack((int(Op.MIGRATE_IN), c.new_epoch, c.src, c.phase, c.v0, c.done,  # type: ignore[no-any-return]
-                      c.cursor, c.items))
+        fields = (int(Op.MIGRATE_IN), c.new_epoch, c.src, c.phase, c.v0, c.done, c.cursor,
+                  c.items)
+        return _pack(fields if c.after is None else (*fields, c.after))  # type: ignore[no-any-return]
     if t is MigrateSessions:
         return _pack((int(Op.MIGRATE_SESSIONS), c.new_epoch, c.src, c.version_next,  # type: ignore[no-any-return]
                       c.sessions))
     if t is DropUnowned:
-        return _pack((int(Op.DROP_UNOWNED), c.epoch))  # type: ignore[no-any-return]
+        if c.keys is None:
+            return _pack((int(Op.DROP_UNOWNED), c.epoch))  # type: ignore[no-any-return]
+        return _pack((int(Op.DROP_UNOWNED), c.epoch, list(c.keys), c.last))  # type: ignore[no-any-return]
     raise TypeError(f"not a state-machine command: {cmd!r}")
 
 
@@ -296,6 +310,7 @@ def _decode_migrate_in(v: list[Any]) -> Command:
     return MigrateIn(
         _uint(v[1], "new_epoch"), _uint(v[2], "src"), _uint(v[3], "phase"), _uint(v[4], "v0"),
         _bool(v[5], "done"), _bytes(v[6], "cursor"), _bytes(v[7], "items"),
+        _bytes(v[8], "after") if len(v) > 8 else None,
     )  # fmt: skip
 
 
@@ -307,24 +322,29 @@ def _decode_sessions(v: list[Any]) -> Command:
 
 
 def _decode_drop(v: list[Any]) -> Command:
-    return DropUnowned(_uint(v[1], "epoch"))
+    if len(v) == 2:
+        return DropUnowned(_uint(v[1], "epoch"))
+    keys = v[2]
+    if type(keys) is not list or any(type(k) is not bytes for k in keys):
+        raise RemoteProtocolError("drop keys must be a list of bytes")
+    return DropUnowned(_uint(v[1], "epoch"), tuple(keys), _bool(v[3], "last"))
 
 
 #: Bound on a ring carried by a command (shards x vnodes), as the broker's.
 RING_TOKENS_MAX = 1 << 18
 
-#: op -> (array length, decoder).
-_DECODERS: dict[int, tuple[int, Callable[[list[Any]], Command]]] = {
-    Op.NOOP: (1, _decode_noop),
-    Op.PUT: (7, _decode_put),
-    Op.DELETE: (6, _decode_delete),
-    Op.CAS: (8, _decode_cas),
-    Op.RING: (2, _decode_ring_set),
-    Op.FENCE: (3, _decode_fence),
-    Op.MIGRATE_BEGIN: (3, _decode_begin),
-    Op.MIGRATE_IN: (8, _decode_migrate_in),
-    Op.MIGRATE_SESSIONS: (5, _decode_sessions),
-    Op.DROP_UNOWNED: (2, _decode_drop),
+#: op -> (array lengths accepted, decoder).
+_DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
+    Op.NOOP: ((1,), _decode_noop),
+    Op.PUT: ((7,), _decode_put),
+    Op.DELETE: ((6,), _decode_delete),
+    Op.CAS: ((8,), _decode_cas),
+    Op.RING: ((2,), _decode_ring_set),
+    Op.FENCE: ((3,), _decode_fence),
+    Op.MIGRATE_BEGIN: ((3,), _decode_begin),
+    Op.MIGRATE_IN: ((8, 9), _decode_migrate_in),
+    Op.MIGRATE_SESSIONS: ((5,), _decode_sessions),
+    Op.DROP_UNOWNED: ((2, 4), _decode_drop),
 }
 
 
@@ -343,7 +363,8 @@ def decode_command(data: bytes) -> Command:
     spec = _DECODERS.get(v[0])
     if spec is None:
         raise RemoteProtocolError(f"unknown or unsupported command op {v[0]}")
-    length, decode = spec
-    if len(v) != length:
-        raise RemoteProtocolError(f"command op {v[0]} needs {length} fields, got {len(v)}")
+    lengths, decode = spec
+    if len(v) not in lengths:
+        raise RemoteProtocolError(f"command op {v[0]} needs {' or '.join(map(str, lengths))} "
+                                  f"fields, got {len(v)}")
     return decode(v)

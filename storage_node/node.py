@@ -37,19 +37,23 @@ from protocol.messages import (
     GetRequest,
     Heartbeat,
     InstallSnapshot,
+    MigrateAck,
+    MigrateBatch,
     PeerMessage,
     PingRequest,
     PongReply,
     PutRequest,
+    Redirect,
     ReplyBatch,
     RequestBatch,
     Role,
 )
 from protocol.ring import Ring, RingConfig
 from storage_node import durable_state
-from storage_node.admin import AdminError, ScanCache, admin_command, admin_read
+from storage_node.admin import AdminError, admin_request
 from storage_node.commands import Command, command_from_request, encode_command
 from storage_node.fsync_policy import FsyncPolicy
+from storage_node.push import LeaderTasks, command_for, not_leader_ack
 from storage_node.replica import Ready, Replica, ReplicaConfig
 from storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
 from storage_node.state_machine import KVStateMachine
@@ -93,6 +97,7 @@ class _Pending:
     request_id: int
     key: bytes = b""
     command: Command | None = None  # a write's decoded command, applied without re-decoding
+    ack_shard: int = -1  # >= 0: a MigrateBatch from a source leader, answered by MigrateAck
 
 
 class StorageNode:
@@ -104,6 +109,8 @@ class StorageNode:
         self._recover()
         self._pending_writes: dict[int, _Pending] = {}
         self._outbox: dict[zmq.Socket, list[tuple[bytes, ...]]] = {}  # type: ignore[type-arg]
+        #: requests for keys another shard owns, handed back whole to their broker
+        self._redirects: dict[zmq.Socket, list[tuple[bytes, ...]]] = {}  # type: ignore[type-arg]
         self._waiting_reads: list[tuple[int, _Pending]] = []
         self._was_leader = False
         self._next_heartbeat = 0.0
@@ -123,7 +130,8 @@ class StorageNode:
         self.initial_ring = Ring(ring)
         hard = durable_state.load_hard_state(cfg.data_dir)
         self.state = KVStateMachine(shard_id=cfg.shard_id, ring=ring)
-        self._scans = ScanCache()
+        #: leader-only soft state: streams to other shards' leaders, drops in progress
+        self.tasks = LeaderTasks()
         snap = load_latest_snapshot(cfg.data_dir)
         snapshot = None
         if snap is not None:
@@ -179,13 +187,17 @@ class StorageNode:
             s.setsockopt(zmq.SNDHWM, 10_000)
             s.connect(endpoint)
             self.peer_socks[peer] = s
+        #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
+        self.migrate_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
+        self._migrate_addrs: dict[str, str] = {}
         self.poller = zmq.Poller()
         for s in self.broker_socks:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
 
     def close(self) -> None:
-        for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values()]:
+        for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
+                  *self.migrate_socks.values()]:
             s.close(linger=0)
         self.wal.close()
 
@@ -201,15 +213,21 @@ class StorageNode:
         tick_ms = max(5, self.config.heartbeat_ms // 4)
         try:
             while self._running:
-                events = dict(self.poller.poll(tick_ms))
+                # a listing in progress goes on at once; otherwise sleep until a message
+                events = dict(self.poller.poll(0 if self.tasks.busy() else tick_ms))
                 now = time.monotonic()
                 for sock in self.broker_socks:
                     if sock in events:
                         self._drain_broker(sock, now)
                 if self.peer_router in events:
                     self._drain_peers(now)
+                for sock in self.migrate_socks.values():
+                    if sock in events:
+                        self._drain_migrate_acks(sock, now)
                 self.core.tick(now)
                 self._handle_ready(now)
+                if self.tasks.pushes or self.tasks.drops:
+                    self._pump_tasks(now)
                 self._flush_replies()
                 if now >= self._next_heartbeat:
                     self._next_heartbeat = now + self.config.heartbeat_ms / 1000
@@ -243,6 +261,9 @@ class StorageNode:
             except RemoteProtocolError as exc:
                 self.log.warning("bad peer frames: {}", exc)
                 continue
+            if type(msg) is MigrateBatch:
+                self._on_migrate_batch(frames[0], msg, now)
+                continue
             if getattr(msg, "TYPE", None) not in PEER_TYPES:
                 self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
                 continue
@@ -275,9 +296,11 @@ class StorageNode:
             self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
             return
         if isinstance(req, GetRequest):
-            self._on_get(sock, ident, req, now)
+            if self._check_key(sock, ident, req.request_id, req.key, frames):
+                self._on_get(sock, ident, req, now)
         elif isinstance(req, (PutRequest, DeleteRequest, CasRequest)):
-            self._on_write(sock, ident, req, now)
+            if self._check_key(sock, ident, req.request_id, req.key, frames):
+                self._on_write(sock, ident, req, now)
         elif isinstance(req, PingRequest):
             self._reply(sock, ident, PongReply(req.request_id, self.config.node_id))
         elif isinstance(req, AdminRequest):
@@ -286,18 +309,26 @@ class StorageNode:
             rid = getattr(req, "request_id", 0)
             self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "not a data request"))
 
-    def _check_key(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes) -> bool:  # type: ignore[type-arg]
+    def _check_key(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes,  # type: ignore[type-arg]
+                   frames: Sequence[bytes]) -> bool:
         if len(key) > self.config.key_bytes_max:
             self._reply(sock, ident, ErrorReply(
                 request_id, ErrorCode.TOO_LARGE,
                 f"key of {len(key)} bytes is over the limit of {self.config.key_bytes_max}",
             ))  # fmt: skip
             return False
-        return self._owned(sock, ident, request_id, key)
+        return self._owned(sock, ident, request_id, key, frames)
 
-    def _owned(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes) -> bool:  # type: ignore[type-arg]
+    def _owned(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes,  # type: ignore[type-arg]
+               frames: Sequence[bytes] | None = None) -> bool:
+        """Whether this shard serves ``key`` now. If not: a request another shard owns
+        goes back to its broker whole (``Redirect``) to be re-routed; a moving key is
+        answered UNAVAILABLE (retry); with no frames to hand back, WRONG_SHARD."""
         ownership = self.state.ownership
         refused = ownership.refusal(key)
+        if refused == ErrorCode.WRONG_SHARD and frames is not None:
+            self._redirects.setdefault(sock, []).append((ident, *frames))
+            return False
         if refused:
             why = ("key not owned by this shard" if refused == ErrorCode.WRONG_SHARD
                    else "key is moving to another shard; retry")
@@ -314,16 +345,16 @@ class StorageNode:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
         try:
-            read = admin_read(self.state, self._scans, req.op, req.args)
-            if read is not None:
-                result, payload = read
-                result.setdefault("node", self.config.node_id)
-                self._reply(sock, ident, AdminReply(req.request_id, result, payload))
-                return
-            cmd = admin_command(req.op, req.args, req.payload)
+            answer = admin_request(self.state, self.tasks, req.op, req.args, req.payload)
         except AdminError as exc:
             self._reply(sock, ident, ErrorReply(req.request_id, exc.code, str(exc)))
             return
+        if isinstance(answer, tuple):
+            result, payload = answer
+            result.setdefault("node", self.config.node_id)
+            self._reply(sock, ident, AdminReply(req.request_id, result, payload))
+            return
+        cmd = answer
         index = self.core.propose(encode_command(cmd), now)
         assert index is not None  # we checked the role just above
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
@@ -334,8 +365,6 @@ class StorageNode:
         return ErrorReply(request_id, code, "not the leader", leader_hint=leader)
 
     def _on_get(self, sock: zmq.Socket, ident: bytes, req: GetRequest, now: float) -> None:  # type: ignore[type-arg]
-        if not self._check_key(sock, ident, req.request_id, req.key):
-            return
         if req.consistency is Consistency.STALE:
             self._answer_get(sock, ident, req.request_id, req.key)
         elif self.core.role is not Role.LEADER:
@@ -353,8 +382,6 @@ class StorageNode:
             self._reply(sock, ident, GetReply(request_id, True, found[1], found[0]))
 
     def _on_write(self, sock: zmq.Socket, ident: bytes, req: PutRequest | DeleteRequest | CasRequest, now: float) -> None:  # type: ignore[type-arg]
-        if not self._check_key(sock, ident, req.request_id, req.key):
-            return
         if isinstance(req, (PutRequest, CasRequest)) and len(req.value) > self.config.value_bytes_max:
             self._reply(sock, ident, ErrorReply(
                 req.request_id, ErrorCode.TOO_LARGE,
@@ -378,12 +405,24 @@ class StorageNode:
         out.append((ident, *codec.encode(reply)))  # type: ignore[arg-type]
 
     def _flush_replies(self) -> None:
+        if self._redirects:
+            self._flush_redirects()
         for sock, items in self._outbox.items():
             if len(items) == 1:
                 self._send_reply(sock, items[0])
             elif items:
                 self._send_reply(sock, (b"", codec.encode(ReplyBatch(tuple(items)))[0]))
         self._outbox.clear()
+
+    def _flush_redirects(self) -> None:
+        own = self.state.ownership
+        ring = (own.ring or self.initial_ring).config
+        for sock, items in self._redirects.items():
+            msg = Redirect(self.config.shard_id, ring.epoch, ring.shards, ring.vnodes,
+                           tuple(items))
+            with contextlib.suppress(zmq.Again):  # the broker is away: its clients retry
+                sock.send_multipart([b"", *codec.encode(msg)], zmq.NOBLOCK)
+        self._redirects.clear()
 
     def _send_reply(self, sock: zmq.Socket, frames: tuple[bytes, ...]) -> None:  # type: ignore[type-arg]
         # part by part: markedly cheaper than send_multipart in pyzmq
@@ -425,9 +464,13 @@ class StorageNode:
                     continue
                 assert pending.command is not None
                 reply = self.state.apply_command(entry.index, pending.command)
+                if pending.ack_shard >= 0:  # a stream batch: answer the source leader
+                    self._send_ack(pending, reply if type(reply) is dict else {"ok": False})
+                    continue
                 if type(reply) is dict:  # a ring command: answer the coordinator
-                    reply = AdminReply(pending.request_id, reply, b"")
-                if reply is not None:
+                    self._reply(pending.sock, pending.ident,
+                                AdminReply(pending.request_id, reply, b""))
+                elif reply is not None:
                     self._reply(pending.sock, pending.ident, reply)
             if rd.committed:
                 core.applied(rd.committed[-1].index)
@@ -445,8 +488,12 @@ class StorageNode:
             else:
                 self.log.info("stepped down in shard {} at term {}", self.config.shard_id, core.term)
                 for pending in self._pending_writes.values():
-                    self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
+                    if pending.ack_shard >= 0:
+                        self._send_ack(pending, {"ok": False, "not_leader": True})
+                    else:
+                        self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
                 self._pending_writes.clear()
+                self.tasks.clear()
 
     def _persist(self, rd: Ready, now: float) -> None:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
@@ -499,6 +546,67 @@ class StorageNode:
                 sock.send(frames[1], zmq.NOBLOCK)
         except zmq.Again:
             pass  # peer away or slow: Raft tolerates loss, the leader resends
+
+    # ------------------------------------------------------------------ migration
+
+    def _pump_tasks(self, now: float) -> None:
+        """Advance the leader's streams and drops (a listing slice, the next batch)."""
+        if self.core.role is not Role.LEADER:
+            self.tasks.clear()
+            return
+        for node, addr, batch in self.tasks.pump(self.state, now):
+            sock = self.migrate_socks.get(node)
+            if sock is None or self._migrate_addrs.get(node) != addr:
+                if sock is not None:
+                    self.poller.unregister(sock)
+                    sock.close(linger=0)
+                self._migrate_addrs[node] = addr
+                sock = self.migrate_socks[node] = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 100)
+                sock.connect(addr)
+                self.poller.register(sock, zmq.POLLIN)
+            with contextlib.suppress(zmq.Again):  # a slow peer: the ack timeout resends
+                sock.send_multipart(codec.encode(batch), zmq.NOBLOCK)
+
+    def _drain_migrate_acks(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
+        for _ in range(BATCH_MAX):
+            try:
+                frames = _recv_frames(sock)
+            except zmq.Again:
+                return
+            try:
+                ack = codec.decode(frames)
+            except RemoteProtocolError as exc:
+                self.log.warning("bad frames on a migration socket: {}", exc)
+                continue
+            if type(ack) is MigrateAck:
+                self.tasks.on_ack(ack, now)
+
+    def _on_migrate_batch(self, ident: bytes, batch: MigrateBatch, now: float) -> None:
+        """A source leader's stream batch: propose it, answer once applied."""
+        if batch.dst_shard != self.config.shard_id:
+            self._send_peer_reply(ident, MigrateAck(batch.seq, batch.dst_shard, {
+                "ok": False, "error": f"this node serves shard {self.config.shard_id}"}, ""))
+            return
+        if self.core.role is not Role.LEADER:
+            self._send_peer_reply(ident, not_leader_ack(batch, self.core.leader_id or ""))
+            return
+        cmd = command_for(batch)
+        index = self.core.propose(encode_command(cmd), now)
+        assert index is not None  # we checked the role just above
+        self._pending_writes[index] = _Pending(self.peer_router, ident, batch.seq, command=cmd,
+                                               ack_shard=batch.dst_shard)
+
+    def _send_ack(self, pending: _Pending, result: dict) -> None:  # type: ignore[type-arg]
+        hint = self.core.leader_id or "" if result.get("not_leader") else ""
+        self._send_peer_reply(pending.ident,
+                              MigrateAck(pending.request_id, pending.ack_shard, result, hint))
+
+    def _send_peer_reply(self, ident: bytes, msg: MigrateAck) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.peer_router.send_multipart([ident, *codec.encode(msg)], zmq.NOBLOCK)
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -38,7 +38,13 @@ coordinator that drives the steps):
 - RING_SET (every shard, targets first): adopt ``new``; clears the fence and
   ``incoming``. A shard that gains keys refuses the flip unless every source of its
   incoming keys reached phase 3 with sessions merged: no shard can own keys it lacks.
-- DROP_UNOWNED (after the flip): delete keys not owned under the current ring.
+- DROP_UNOWNED (after the flip): delete keys not owned under the current ring: the
+  listed ones (the leader lists them a slice per loop turn and proposes them in
+  batches, the last batch marking the drop complete), or all of them (unlisted form).
+- MIGRATE_IN of a direct stream carries ``after``: it applies only if the target's
+  cursor for that source and phase is exactly ``after``, so each batch applies once
+  and in order whatever the network repeats or delays; the answer carries the cursor
+  so the sender can resume from where the target really is.
 - Versions: a key's version is the log index that wrote it plus ``version_offset``
   (0 until keys migrate in). Migrated keys keep their version and raise the offset
   so every later version at this shard exceeds it: per-key versions stay increasing.
@@ -178,7 +184,7 @@ class Ownership:
             if isinstance(cmd, MigrateSessions):
                 return self._sessions(index, cmd, sessions_merge)
             if isinstance(cmd, DropUnowned):
-                return self._drop(cmd.epoch, data)
+                return self._drop(cmd, data)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # malformed payload: in the log already, so every replica refuses it alike
             return {"ok": False, "error": f"malformed {type(cmd).__name__}: {exc}"}
@@ -244,7 +250,11 @@ class Ownership:
         if isinstance(p, dict):
             return p
         if cmd.phase != p.phase:  # a retry of a phase already closed, or out of order
-            return {"ok": cmd.phase < p.phase, "phase": p.phase, "stale": True}
+            return {"ok": cmd.phase < p.phase, "phase": p.phase, "cursor": p.cursor,
+                    "stale": True}
+        if cmd.after is not None and cmd.after != p.cursor:
+            # a resent or late batch of a direct stream: applied already, or not next
+            return {"ok": True, "phase": p.phase, "cursor": p.cursor, "stale": True}
         assert self.incoming is not None
         old, new = Ring(self.incoming.old), Ring(self.incoming.new)
         items = msgpack.unpackb(cmd.items, raw=False, use_list=True)
@@ -281,8 +291,8 @@ class Ownership:
                 p.received, p.seen = set(), set()
             p.phase += 1
             p.cursor = b""
-        return {"ok": True, "phase": p.phase, "stray": stray, "deleted": dropped,
-                "missing": p.missing}
+        return {"ok": True, "phase": p.phase, "cursor": p.cursor, "stray": stray,
+                "deleted": dropped, "missing": p.missing}
 
     def _sessions(self, index: int, cmd: MigrateSessions, merge: Any) -> dict[str, Any]:
         p = self._progress(cmd.new_epoch, cmd.src)
@@ -296,15 +306,17 @@ class Ownership:
             p.sessions = True
         return {"ok": True, "phase": p.phase, "sessions": True}
 
-    def _drop(self, epoch: int, data: dict[bytes, tuple[bytes, int]]) -> dict[str, Any]:
-        if self.epoch < epoch or self.ring is None:
-            return {"ok": False, "error": f"ring is at epoch {self.epoch}, not {epoch}"}
+    def _drop(self, cmd: DropUnowned, data: dict[bytes, tuple[bytes, int]]) -> dict[str, Any]:
+        if self.epoch < cmd.epoch or self.ring is None:
+            return {"ok": False, "error": f"ring is at epoch {self.epoch}, not {cmd.epoch}"}
         ring, me = self.ring, self.shard_id
-        gone = [k for k in data if ring.shard_for(k) != me]
+        candidates = data if cmd.keys is None else cmd.keys
+        gone = [k for k in candidates if k in data and ring.shard_for(k) != me]
         for k in gone:
             del data[k]
-        self.undropped = False
-        return {"ok": True, "dropped": len(gone), "epoch": self.epoch}
+        if cmd.last:
+            self.undropped = False
+        return {"ok": True, "dropped": len(gone), "epoch": self.epoch, "done": cmd.last}
 
     # ------------------------------------------------------------------ state
 

@@ -35,11 +35,13 @@ from protocol.messages import (
     PongReply,
     PutReply,
     PutRequest,
+    Redirect,
     RequestBatch,
     Role,
     StatusReply,
     StatusRequest,
 )
+from protocol.ring import Ring, RingConfig
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(90)]
 
@@ -47,6 +49,13 @@ ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT_MS = 50
 ELECTION_TIMEOUT_MS = 300
 READY_RE = re.compile(r"ready frontend=(\S+) backend=(\S+) heartbeats=(\S+)")
+#: The fake nodes' heartbeats say ONE_SHARD; a resharding test moves some state to TWO_SHARDS.
+ONE_SHARD = RingConfig(1, (0,), 16)
+TWO_SHARDS = RingConfig(2, (0, 1), 16)
+#: A key the 1-shard ring gives shard 0 (as every key) and the 2-shard ring shard 1.
+MOVED = next(
+    k for k in (b"moved-%d" % i for i in range(10_000)) if Ring(TWO_SHARDS).shard_for(k) == 1
+)
 
 
 # --------------------------------------------------------------------------- broker
@@ -153,8 +162,14 @@ class FakeNode:
         members: tuple[str, ...] | None = None,
         shard: int = 0,
         serve: bool = True,
+        ring: RingConfig = ONE_SHARD,
+        owns: RingConfig | None = None,
     ) -> None:
         self.serve = serve  # False: heartbeats only, no DEALER on the backend
+        self.ring = ring  # what the heartbeats advertise
+        # Set: refuse a data request for a key this ring gives another shard, handing it
+        # back in a Redirect with this ring (a node whose heartbeats lag its state).
+        self.owns = owns
         self.node_id, self.shard, self.role, self.term, self.log = node_id, shard, role, term, log
         self.members = members if members is not None else (node_id,)
         self.backend, self.heartbeats = broker.backend, broker.heartbeats
@@ -171,8 +186,8 @@ class FakeNode:
             leader_id=self.node_id if self.role == Role.LEADER else "",
             last_log_term=self.log[0], last_index=self.log[1], commit_index=self.log[1],
             applied_index=self.log[1], key_count=0, pid=os.getpid(), peer_addr="",
-            members=self.members, ring_epoch=1, ring_shards=(0,), ring_vnodes=16,
-            heartbeat_ms=HEARTBEAT_MS,
+            members=self.members, ring_epoch=self.ring.epoch, ring_shards=self.ring.shards,
+            ring_vnodes=self.ring.vnodes, heartbeat_ms=HEARTBEAT_MS,
         )  # fmt: skip
 
     def _run(self) -> None:
@@ -214,6 +229,15 @@ class FakeNode:
         except RemoteProtocolError:  # the broker forwards what it can route; we check
             bad = ErrorReply(codec.request_id_of(msg[1]), ErrorCode.BAD_REQUEST)
             dealer.send_multipart([client, *codec.encode(bad)])
+            return
+        owns = self.owns
+        if (
+            owns is not None
+            and isinstance(req, GetRequest | PutRequest)
+            and Ring(owns).shard_for(req.key) != self.shard
+        ):
+            refused = Redirect(self.shard, owns.epoch, owns.shards, owns.vnodes, (tuple(msg),))
+            dealer.send_multipart([b"", *codec.encode(refused)])
             return
         if isinstance(req, GetRequest):
             reply: Any = GetReply(req.request_id, True, 1, self.node_id.encode() + b":" + req.key)
@@ -378,6 +402,71 @@ def test_restarted_broker_routes_again_within_a_few_heartbeats(
     assert reply.value == b"s0r0:k"
     # Typically ~0.2 s: zmq reconnect intervals (100 ms) plus one heartbeat.
     assert took < 30 * HEARTBEAT_MS / 1000, f"took {took:.2f}s"
+
+
+def two_shard_leaders(
+    broker: BrokerProcess, ctx: Any, nodes: Any, s1_owns: RingConfig | None = None
+) -> tuple[FakeNode, FakeNode, Client]:
+    """Leaders of shards 0 and 1 whose heartbeats still say epoch 1 (one shard), while
+    shard 0's state is at epoch 2 (two shards) and refuses what it gave shard 1."""
+    s0 = nodes(broker, "s0r0", Role.LEADER, shard=0, ring=ONE_SHARD, owns=TWO_SHARDS)
+    s1 = nodes(broker, "s1r0", Role.LEADER, shard=1, ring=ONE_SHARD, owns=s1_owns)
+    client = Client(ctx, broker.frontend)
+    client.until(
+        lambda rid: StatusRequest(b"cid", rid),
+        lambda r: sum(n["live"] for n in r.nodes) == 2 and r.ring.get("epoch") == 1,
+        timeout_s=5,
+    )
+    return s0, s1, client
+
+
+@pytest.mark.parametrize("value", [b"small", b"x" * 10_000], ids=["inline-value", "value-frame"])
+def test_wrong_shard_refusal_is_rerouted_to_the_new_owner(
+    broker: BrokerProcess, ctx: Any, nodes: Any, value: bytes
+) -> None:
+    s0, s1, client = two_shard_leaders(broker, ctx, nodes)
+    reply = client.call(lambda rid: PutRequest(b"cid", rid, MOVED, 0, value))
+    assert isinstance(reply, PutReply) and reply.version == len(value), reply
+    assert len(s0.requests) == len(s1.requests) == 1
+    assert s1.requests[0] == s0.requests[0]  # the very frames the client sent
+    assert len(s1.requests[0]) == (2 if len(value) < 8192 else 3)
+    # The Redirect's ring was adopted: the next request goes to shard 1 directly.
+    reply = client.call(lambda rid: PutRequest(b"cid", rid, MOVED, 0, value))
+    assert isinstance(reply, PutReply)
+    assert len(s0.requests) == 1 and len(s1.requests) == 2
+    status = client.call(lambda rid: StatusRequest(b"cid", rid))
+    assert status.ring == TWO_SHARDS.as_dict()
+    broker.wait_for_log("adopted ring epoch 2: shards [0, 1] x 16 vnodes")
+    broker.wait_for_log("re-routed 1 requests refused by a node as another shard's")
+
+
+def test_refusal_by_the_shard_the_ring_names_is_wrong_shard_not_a_loop(
+    broker: BrokerProcess, ctx: Any, nodes: Any
+) -> None:
+    # Shard 1's state lags at epoch 1 (one shard): it refuses MOVED in turn.
+    s0, s1, client = two_shard_leaders(broker, ctx, nodes, s1_owns=ONE_SHARD)
+    reply = client.call(lambda rid: PutRequest(b"cid", rid, MOVED, 0, b"v"))
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.WRONG_SHARD, reply
+    assert reply.epoch == 2 and reply.request_id == client.rid
+    assert reply.message == "key not owned by shard 1 at ring epoch 2"
+    time.sleep(0.2)  # nothing more may arrive anywhere
+    assert len(s0.requests) == 1 and len(s1.requests) == 1
+    broker.wait_for_log("answered 1 WRONG_SHARD")
+    assert client.call(lambda rid: PingRequest(b"cid", rid)) == PongReply(client.rid, "tb")
+
+
+def test_redirect_from_an_unknown_peer_cannot_move_the_ring(
+    broker: BrokerProcess, ctx: Any, nodes: Any
+) -> None:
+    _, _, client = two_shard_leaders(broker, ctx, nodes)
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.IDENTITY, b"stranger")
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(broker.backend)
+    stranger.send_multipart([b"", *codec.encode(Redirect(0, 99, (0, 1), 16, ()))])
+    broker.wait_for_log("Redirect from unknown node b'stranger': ring ignored")
+    status = client.call(lambda rid: StatusRequest(b"cid", rid))
+    assert status.ring == ONE_SHARD.as_dict()
 
 
 def test_sigterm_exits_zero(broker: BrokerProcess) -> None:

@@ -1,16 +1,23 @@
 """Online add/remove of a shard on real processes, Jepsen-style (issue 4).
 
 2 shards x 3 replicas and 2 brokers; 1,000 keys preloaded; 8 client threads put unique
-values and read random keys while shard 2 is added and then shard 0 removed (by
-``LocalCluster.add_shard`` / ``remove_shard``, the code ``zkv admin`` runs). Variants
-SIGKILL a broker, or the leader of source shard 0, in the middle of the first
-migration's bulk copy (the coordinator retries through the other broker / the new
-leader). Checks: the history is linearizable per key; every key's final value, read
-through the broker from the shard the final ring names, is the last acknowledged write
-when nothing raced it; the shards of the final ring hold exactly the 1,000 keys between
-them (each is served by its owner, so none is left behind on a shard that does not own
-it; nodes refuse keys they do not own), and shard 0 dropped every key it held before
-its nodes were stopped.
+values and read random keys while shard 2 (3 replicas) is added and then shard 0 removed
+(by ``LocalCluster.add_shard`` / ``remove_shard``, the code ``zkv admin`` runs).
+
+Faults, all during the add: SIGKILL a broker, the leader of source shard 0 or the leader
+of target shard 2 after two batches of the bulk copy, and restart it 2 s later (the
+coordinator retries through the other broker / the new leader); or run the coordinator
+as a real ``zkv admin add-shard`` process, SIGKILL it on a progress line (during the
+copy, or once the ranges are fenced) and finish the change with ``zkv admin resume``.
+One variant runs with ``fsync="always"``.
+
+Checks: the history is linearizable per key; every key's final value, read through the
+broker from the shard the final ring names, is the last acknowledged write when nothing
+raced it; the shards of the final ring hold exactly the 1,000 keys between them (each
+is served by its owner, so none is left behind on a shard that does not own it; nodes
+refuse keys they do not own); every replica of the final shards, a restarted one too,
+is live at the final epoch with its leader's key count; and the remove step dropped
+shard 0's keys before its nodes were stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from client import KVClient
 from client.cluster import LocalCluster
 from protocol.errors import KVError
 from tests.support import lincheck
+from tests.support.cli import ZkvCli
 from tests.support.history import History
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
@@ -71,63 +79,125 @@ def _shard_keys(kv: KVClient, shard: int) -> int:
     return int(kv.admin(shard, "info", timeout=10)[0]["keys"])
 
 
-def sharding_run(tmp_path: Path, fault: str | None) -> None:
+class Faults:
+    """Crashes one process during the first migration's bulk copy, at its second
+    ``batch1`` step (a batch relayed, or a progress poll that saw keys move), or at the
+    ``fence`` step if the copy finished before that; restarts it 2 s later, same data and
+    ports. ``fault``: "broker" (b0), "source" (the leader of shard 0, sending keys) or
+    "target" (the leader of the new shard, receiving them)."""
+
+    BATCH = 2
+
+    def __init__(self, cluster: LocalCluster, fault: str | None) -> None:
+        self.cluster = cluster
+        self.fault = fault
+        self.batches = 0
+        self.injected: list[str] = []
+        self.restarts: list[threading.Timer] = []
+
+    def on_step(self, step: str) -> None:
+        if self.fault is None or self.injected or step not in ("batch1", "fence"):
+            return
+        if step == "batch1":
+            self.batches += 1
+            if self.batches < self.BATCH:
+                return
+        cluster = self.cluster
+        if self.fault == "broker":
+            self.injected.append(f"SIGKILL broker b0 at {step} #{self.batches}")
+            cluster.kill_broker(0, signal.SIGKILL)
+            self.restarts.append(threading.Timer(2.0, cluster.restart_broker, (0,)))
+        else:
+            # during add-shard the new shard is the only target, and the highest id
+            shard = 0 if self.fault == "source" else max(cluster.shard_ids)
+            leader = cluster.leader_of(shard)
+            self.injected.append(f"SIGKILL {self.fault} leader {leader} at {step} "
+                                 f"#{self.batches}")
+            cluster.kill_node(leader, signal.SIGKILL)
+            self.restarts.append(threading.Timer(2.0, cluster.restart_node, (leader,)))
+        self.restarts[-1].start()
+
+    def join(self) -> None:
+        for r in self.restarts:
+            r.join()
+
+
+def add_shard_by_cli(cluster: LocalCluster, kill_on: str, lines: list[str],
+                     faults: Faults) -> int:
+    """``zkv admin add-shard --data-dir`` as a subprocess, playing the ``zkv cluster up``
+    supervisor (start the nodes it adds to cluster.json); SIGKILL it on its first progress
+    line starting with ``kill_on``; then ``zkv admin resume``, which must finish the
+    change. Returns the new shard id."""
+    prefix = "zkv admin: "
+    endpoint = ["--endpoint", cluster.endpoint]
+
+    def on_line(line: str) -> bool:
+        text = line.removeprefix(prefix)
+        if text.startswith("shard ") and "waiting for its leader" in text:
+            cluster.sync_spec()
+        return text.startswith(kill_on)
+
+    with ZkvCli("admin", "add-shard", "--data-dir", str(cluster.data_dir), *endpoint) as cli:
+        hit = cli.follow(on_line, timeout_s=60)
+        code = cli.kill() if hit is not None else cli.wait(10)
+        lines += [f"add-shard: {line.removeprefix(prefix)}" for line in cli.lines]
+    assert hit is not None, f"add-shard never printed {kill_on!r} (exit {code}): {cli.lines}"
+    faults.injected.append(f"SIGKILL coordinator after {hit.removeprefix(prefix)!r}")
+    new = max(cluster.shard_ids)
+    with ZkvCli("admin", "resume", *endpoint) as cli:
+        code = cli.wait(90)
+        lines += [f"resume: {line.removeprefix(prefix)}" for line in cli.lines]
+    assert code == 0, f"resume failed with {code}: {cli.lines}"
+    assert "resume: resuming the change to ring epoch 2" in lines, lines
+    assert "resume: ring epoch 2 in force on every shard" in lines, lines
+    return new
+
+
+def sharding_run(tmp_path: Path, fault: str | None, fsync: str = "never") -> None:
+    """``fault``: None, a ``Faults`` kind, or "coordinator:<progress line prefix>"."""
     history = History()
     errors: Counter[str] = Counter()
     with LocalCluster(tmp_path / "data", shards=2, replicas=3, brokers=2, port=0,
-                      fsync="never", heartbeat_ms=100, election_timeout_ms=600) as cluster:
+                      fsync=fsync, heartbeat_ms=100, election_timeout_ms=600) as cluster:
         cluster.wait_ready(60)
         with KVClient(cluster.endpoints, timeout_s=10) as kv:
             for key in KEYS:
                 value = f"init-{key}".encode()
                 op = history.invoke(LOADER, "put", key, value)
                 history.ok(op, kv.put(key, value))
-        injected: list[str] = []
-        restarts: list[threading.Timer] = []
-
-        def on_step(step: str) -> None:
-            if fault is None or injected or step != "batch1":
-                return
-            if len(injected) == 0 and getattr(on_step, "batches", 0) < 2:
-                on_step.batches = getattr(on_step, "batches", 0) + 1  # type: ignore[attr-defined]
-                return
-            if fault == "broker":
-                injected.append("SIGKILL broker b0")
-                cluster.kill_broker(0, signal.SIGKILL)
-                restarts.append(threading.Timer(2.0, cluster.restart_broker, (0,)))
-            else:
-                leader = cluster.leader_of(0)
-                injected.append(f"SIGKILL source leader {leader}")
-                cluster.kill_node(leader, signal.SIGKILL)
-                restarts.append(threading.Timer(2.0, cluster.restart_node, (leader,)))
-            restarts[-1].start()
-
+        coordinator = fault is not None and fault.startswith("coordinator:")
+        faults = Faults(cluster, None if coordinator else fault)
         stop = threading.Event()
         threads = [threading.Thread(target=_worker, daemon=True,
                                     args=(stop, history, cluster.endpoints, i, errors))
                    for i in range(CLIENTS)]
         lines: list[str] = []
+        removing: list[str] = []
         started = time.monotonic()
         for t in threads:
             t.start()
         try:
             time.sleep(1.0)
             t0 = time.monotonic()
-            new = cluster.add_shard(progress=lines.append, batch_keys=40, on_step=on_step)
+            if coordinator:
+                assert fault is not None
+                new = add_shard_by_cli(cluster, fault.partition(":")[2], lines, faults)
+            else:
+                new = cluster.add_shard(progress=lines.append, batch_keys=40,
+                                        on_step=faults.on_step)
             add_s = time.monotonic() - t0
             time.sleep(1.0)
             t0 = time.monotonic()
-            cluster.remove_shard(0, progress=lines.append, batch_keys=40)
+            cluster.remove_shard(0, progress=removing.append, batch_keys=40)
             remove_s = time.monotonic() - t0
             time.sleep(1.0)
         finally:
             stop.set()
             for t in threads:
                 t.join(20)
-            for r in restarts:
-                r.join()
+            faults.join()
         assert not any(t.is_alive() for t in threads), "a client thread hung"
-        assert fault is None or injected, "the fault was never injected"
+        assert fault is None or faults.injected, "the fault was never injected"
         finals: dict[str, tuple[bytes | None, int]] = {}
         with KVClient(cluster.endpoints, timeout_s=30) as kv:
             for key in KEYS:
@@ -137,22 +207,50 @@ def sharding_run(tmp_path: Path, fault: str | None) -> None:
                 finals[key] = found
             ring = kv.status()["ring"]
             counts = {s: _shard_keys(kv, s) for s in ring["shards"]}
+        replicas = _replica_counts(cluster, ring, counts)
     ops = history.operations()
     statuses = Counter((op.op, op.status) for op in ops if op.process < LOADER)
-    print(f"\n{fault or 'no fault'}: {injected}; add-shard {new} {add_s:.1f}s, remove-shard 0 "
-          f"{remove_s:.1f}s; {len(ops)} ops in {time.monotonic() - started:.1f}s: "
+    print(f"\n{fault or 'no fault'} (fsync {fsync}): {faults.injected}; add-shard {new} "
+          f"{add_s:.1f}s, remove-shard 0 {remove_s:.1f}s; {len(ops)} ops in "
+          f"{time.monotonic() - started:.1f}s: "
           + ", ".join(f"{o} {s} {n}" for (o, s), n in sorted(statuses.items()))
           + f"; errors {dict(errors)}; final ring {ring}; keys per shard {counts}")
-    for line in lines:
+    for line in [*lines, *removing]:
         print("  " + line)
     assert ring["shards"] == [1, new]
-    assert any(line.startswith("shard 0: dropped") for line in lines), lines
+    assert any(line.startswith("shard 0: dropped") for line in removing), removing
     assert sum(counts.values()) == len(KEYS), counts
+    for shard, nodes in replicas.items():  # a restarted node among them caught up
+        assert set(nodes) == _members(cluster, shard), (shard, nodes)
+        assert set(nodes.values()) == {counts[shard]}, (shard, nodes, counts)
     assert all(v is not None for v, _ in finals.values()), "an acknowledged key vanished"
     result = lincheck.check(history)
     assert result.ok, f"not linearizable ({result.status}): {result.explanation}"
     _check_last_writes(ops, finals)
     assert statuses[("put", "ok")] > 200
+
+
+def _replica_counts(cluster: LocalCluster, ring: dict[str, Any], counts: dict[int, int],
+                    timeout_s: float = 20.0) -> dict[int, dict[str, int]]:
+    """Per shard of the final ring, node -> key count from the heartbeats, once every
+    replica (a restarted one too) is live, at the final epoch and holds what its leader
+    holds, or as they stand at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = cluster.status(timeout_s=5).get("nodes", [])
+        out: dict[int, dict[str, int]] = {}
+        for shard in ring["shards"]:
+            out[shard] = {n["node_id"]: int(n["key_count"]) for n in rows
+                          if n["shard_id"] == shard and n["live"]
+                          and n["ring_epoch"] == ring["epoch"]}
+        if all(set(out[s]) == _members(cluster, s) and set(out[s].values()) == {counts[s]}
+               for s in ring["shards"]) or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _members(cluster: LocalCluster, shard: int) -> set[str]:
+    return {n["id"] for n in cluster.spec["nodes"] if int(n["shard"]) == shard}
 
 
 def _check_last_writes(ops: list[Any], finals: dict[str, tuple[bytes | None, int]]) -> None:
@@ -180,4 +278,17 @@ def test_add_shard_with_broker_killed_mid_migration(tmp_path: Path) -> None:
 
 
 def test_add_shard_with_source_leader_killed_mid_migration(tmp_path: Path) -> None:
-    sharding_run(tmp_path, "leader")
+    sharding_run(tmp_path, "source")
+
+
+def test_add_shard_with_target_leader_killed_mid_migration(tmp_path: Path) -> None:
+    sharding_run(tmp_path, "target")
+
+
+@pytest.mark.parametrize("kill_on", ["phase 1 ", "fenced"], ids=["copying", "fenced"])
+def test_add_shard_cli_coordinator_killed_then_resumed(tmp_path: Path, kill_on: str) -> None:
+    sharding_run(tmp_path, f"coordinator:{kill_on}")
+
+
+def test_add_shard_with_source_leader_killed_fsync_always(tmp_path: Path) -> None:
+    sharding_run(tmp_path, "source", fsync="always")

@@ -6,8 +6,15 @@ import dataclasses
 
 import pytest
 
-from broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted
+from broker.node_table import (
+    RING_TOKENS_MAX,
+    HeartbeatRefused,
+    LeaderChange,
+    NodeTable,
+    RingAdopted,
+)
 from protocol.messages import Heartbeat, Role
+from protocol.ring import RingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -114,6 +121,41 @@ def test_ring_refuses_unbuildable_configs(shards: tuple[int, ...], vnodes: int) 
     t.observe(hb("s0r0", epoch=5, shards=shards, vnodes=vnodes), 0.0)
     assert t.ring is None
     assert t.ring_dict() == {}
+
+
+def test_adopt_ring_from_a_redirect() -> None:
+    """A Redirect carries the refusing node's ring: newer is adopted, as from heartbeats."""
+    t = table()
+    t.observe(hb("s0r0", epoch=2, shards=(0,)), 0.0)
+    ring = t.ring
+    assert not t.adopt_ring(RingConfig(2, (0, 1), 16))  # equal epoch: ignored
+    assert not t.adopt_ring(RingConfig(1, (0, 1, 2), 16))  # lower epoch: ignored
+    assert t.ring is ring
+    assert t.adopt_ring(RingConfig(3, (1, 0, 1), 8))
+    assert t.ring is not None and t.ring.config == RingConfig(3, (0, 1), 8)
+    t.observe(hb("s0r0", epoch=2, shards=(0,)), 0.1)  # a lagging heartbeat cannot undo it
+    assert t.ring.config.epoch == 3
+    events = [e for e in t.tick(0.1) if isinstance(e, RingAdopted)]
+    assert [e.config for e in events] == [RingConfig(2, (0,), 16), RingConfig(3, (0, 1), 8)]
+
+
+def test_adopt_ring_without_any_heartbeat() -> None:
+    t = table()
+    assert t.adopt_ring(RingConfig(1, (0,), 4))
+    assert t.ring_dict() == {"epoch": 1, "shards": [0], "vnodes": 4}
+
+
+@pytest.mark.parametrize(
+    ("shards", "vnodes"),
+    [((), 16), ((0,), 0), (tuple(range(100)), 1 << 16), ((0,), RING_TOKENS_MAX + 1)],
+)
+def test_adopt_ring_refuses_unbuildable_configs(shards: tuple[int, ...], vnodes: int) -> None:
+    t = table()
+    t.adopt_ring(RingConfig(1, (0,), 16))
+    ring = t.ring
+    assert not t.adopt_ring(RingConfig(9, shards, vnodes))
+    assert t.ring is ring
+    assert [e for e in t.tick(0.0) if isinstance(e, RingAdopted)] == [RingAdopted(ring.config)]  # type: ignore[union-attr]
 
 
 def test_replicas_are_live_nodes_of_the_shard() -> None:

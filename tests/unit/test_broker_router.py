@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import msgpack
@@ -25,7 +26,7 @@ from protocol.messages import (
     StatusReply,
     StatusRequest,
 )
-from protocol.ring import Ring
+from protocol.ring import Ring, RingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -215,3 +216,158 @@ def test_small_values_travel_inline_and_are_forwarded() -> None:
     one_frame = frames(PutRequest(b"c", 30, K0, 0, b"v" * 101))
     assert len(one_frame) == 2
     assert router.route(one_frame, 0.1) == b"s0r0"
+
+
+# --------------------------------------------------------------------------- reroute
+
+# Two rings over the same vnodes: the broker starts on ONE_SHARD (epoch 1); a node that
+# already runs TWO_SHARDS (epoch 2) refuses keys it gave to shard 1 and hands them back.
+ONE_SHARD = RingConfig(1, (0,), VNODES)
+TWO_SHARDS = RingConfig(2, (0, 1), VNODES)
+_CANDIDATES = [b"m-%d" % i for i in range(10_000)]
+MOVED = next(k for k in _CANDIDATES if Ring(TWO_SHARDS).shard_for(k) == 1)
+KEPT = next(k for k in _CANDIDATES if Ring(TWO_SHARDS).shard_for(k) == 0)
+
+
+def resharding() -> tuple[NodeTable, Router]:
+    """Leaders for shards 0 and 1 (followers s1r1, s1r2 too), broker ring at epoch 1."""
+    t = NodeTable(1.0)
+    t.adopt_ring(ONE_SHARD)
+    for node, shard, role in (("s0r0", 0, Role.LEADER), ("s1r0", 1, Role.LEADER),
+                              ("s1r1", 1, Role.FOLLOWER), ("s1r2", 1, Role.FOLLOWER)):
+        t.observe(dataclasses.replace(hb(node, shard, role), ring_epoch=1, ring_shards=(0,)), 0.0)
+    assert t.ring is not None and t.ring.config == ONE_SHARD
+    return t, Router(t, "b9", key_bytes_max=64, value_bytes_max=100)
+
+
+def item(msg: object) -> tuple[bytes, ...]:
+    return (CLIENT, *codec.encode(msg))  # type: ignore[arg-type]
+
+
+def test_reroute_goes_to_the_new_owner_once_the_ring_is_adopted() -> None:
+    table, router = resharding()
+    put = item(PutRequest(b"c", 1, MOVED, 0, b"v"))
+    assert router.route(list(put), 0.1) == b"s0r0"  # the stale ring sends it to shard 0
+    assert table.adopt_ring(TWO_SHARDS)
+    assert router.reroute(put, 0, 0.1) == b"s1r0"
+    assert router.wrong_shard == 0 and router.rejected == 0
+
+
+def test_reroute_keeps_the_blob_frame_out_of_the_decision() -> None:
+    table, router = resharding()
+    table.adopt_ring(TWO_SHARDS)
+    big = (CLIENT, codec.encode(PutRequest(b"c", 2, MOVED, 0, b""))[0], b"v" * 100)
+    assert router.reroute(big, 0, 0.1) == b"s1r0"
+
+
+@pytest.mark.parametrize(
+    ("adopted", "key", "epoch"),
+    [
+        pytest.param(False, MOVED, 1, id="broker-ring-not-newer"),
+        pytest.param(True, KEPT, 2, id="still-the-refusing-shard-at-new-epoch"),
+    ],
+)
+def test_refusal_by_the_shard_the_ring_names_answers_wrong_shard(
+    adopted: bool, key: bytes, epoch: int
+) -> None:
+    table, router = resharding()
+    if adopted:
+        table.adopt_ring(TWO_SHARDS)
+    result = router.reroute(item(GetRequest(b"c", 7, key)), 0, 0.1)
+    reply = codec.decode(result)  # type: ignore[arg-type]
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.request_id, reply.epoch) == (ErrorCode.WRONG_SHARD, 7, epoch)
+    assert reply.message == f"key not owned by shard 0 at ring epoch {epoch}"
+    assert router.wrong_shard == 1 and router.rejected == 0
+
+
+def test_reroute_without_a_ring_is_no_leader() -> None:
+    router = Router(NodeTable(1.0), "b")
+    assert error_of(router.reroute(item(GetRequest(b"c", 3, b"k")), 0, 0.0)) == (
+        ErrorCode.NO_LEADER, 3,
+    )  # fmt: skip
+
+
+def test_reroute_to_a_shard_without_leader_is_no_leader() -> None:
+    table, router = resharding()
+    table.adopt_ring(TWO_SHARDS)
+    table.tick(5.0)  # every node expired
+    assert error_of(router.reroute(item(DeleteRequest(b"c", 4, MOVED, 0)), 0, 5.0)) == (
+        ErrorCode.NO_LEADER, 4,
+    )  # fmt: skip
+
+
+def test_stale_get_rerouted_round_robin_over_the_new_shard() -> None:
+    table, router = resharding()
+    table.adopt_ring(TWO_SHARDS)
+    get = item(GetRequest(b"c", 5, MOVED, Consistency.STALE))
+    got = {router.reroute(get, 0, 0.1) for _ in range(6)}
+    assert got == {b"s1r0", b"s1r1", b"s1r2"}
+
+
+def test_stale_get_refused_by_a_replica_of_the_owner_is_not_sent_to_another() -> None:
+    """A follower lagging behind the ring must not start a tour of its shard's replicas."""
+    table, router = resharding()
+    table.adopt_ring(TWO_SHARDS)
+    get = item(GetRequest(b"c", 6, MOVED, Consistency.STALE))
+    assert error_of(router.reroute(get, 1, 0.1)) == (ErrorCode.WRONG_SHARD, 6)
+
+
+MALFORMED_ITEMS = [
+    pytest.param((CLIENT,), ErrorCode.BAD_REQUEST, 0, id="no-header"),
+    pytest.param((CLIENT, b"\xc1junk"), ErrorCode.BAD_REQUEST, 0, id="garbage"),
+    pytest.param((CLIENT, msgpack.packb([1, 1, b"c", 8])), ErrorCode.BAD_REQUEST, 8,
+                 id="get-without-key"),
+    pytest.param((CLIENT, *codec.encode(PingRequest(b"c", 9))), ErrorCode.BAD_REQUEST, 9,
+                 id="ping-is-not-redirectable"),
+    pytest.param((CLIENT, msgpack.packb([1, 7, b"c", 10, 0, "info", {}, b""])),
+                 ErrorCode.BAD_REQUEST, 10, id="admin-is-not-redirectable"),
+    pytest.param((CLIENT, codec.encode(GetRequest(b"c", 11, MOVED))[0], b"blob"),
+                 ErrorCode.BAD_REQUEST, 11, id="get-with-blob"),
+    pytest.param((CLIENT, codec.encode(GetRequest(b"c", 12, MOVED))[0], b"", b""),
+                 ErrorCode.BAD_REQUEST, 12, id="four-frames"),
+    pytest.param((CLIENT, *codec.encode(GetRequest(b"c", 13, b"k" * 65))), ErrorCode.TOO_LARGE,
+                 13, id="key-too-large"),
+    pytest.param((CLIENT, codec.encode(PutRequest(b"c", 14, MOVED, 0, b""))[0], None),
+                 ErrorCode.BAD_REQUEST, 14, id="value-not-bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("frames_", "code", "rid"), MALFORMED_ITEMS)
+def test_malformed_redirected_items_are_answered(
+    frames_: tuple[bytes, ...], code: ErrorCode, rid: int
+) -> None:
+    table, router = resharding()
+    table.adopt_ring(TWO_SHARDS)
+    assert error_of(router.reroute(frames_, 0, 0.1)) == (code, rid)
+    assert router.rejected == 1 and router.wrong_shard == 0
+
+
+@pytest.mark.parametrize(
+    "frames_", [(), (b"",), (b"", codec.encode(GetRequest(b"c", 1, MOVED))[0]),
+                ("str-ident", b"h"), (CLIENT, "str-header"), (CLIENT, None)],  # type: ignore[list-item]
+)  # fmt: skip
+def test_redirected_items_nobody_can_be_answered_for_are_dropped(
+    frames_: tuple[bytes, ...],
+) -> None:
+    _, router = resharding()
+    assert router.reroute(frames_, 0, 0.1) is None
+    assert router.rejected == 1 and router.last_rejection
+
+
+def test_reroute_never_raises_on_random_input() -> None:
+    table, router = resharding()
+    table.adopt_ring(TWO_SHARDS)
+    rng = random.Random(4321)
+    valid = [codec.encode(m)[0] for m in (GetRequest(b"c", 1, MOVED),
+                                           PutRequest(b"c", 3, KEPT, 0, b"v"))]  # fmt: skip
+    for _ in range(3000):
+        n = rng.randint(0, 4)
+        frames_ = [rng.randbytes(rng.randint(0, 40)) for _ in range(n)]
+        if n >= 2 and rng.random() < 0.5:
+            v = rng.choice(valid)
+            frames_[1] = v[: rng.randint(0, len(v))]
+        result = router.reroute(tuple(frames_), rng.randrange(3), 0.1)
+        assert result is None or isinstance(result, (bytes, list))
+        if isinstance(result, list):
+            codec.decode(result)

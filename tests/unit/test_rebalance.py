@@ -12,10 +12,11 @@ import pytest
 
 from client.rebalance import Plan, RebalanceError, Rebalancer, ring_adding, ring_removing
 from protocol.errors import ErrorCode
-from protocol.messages import ErrorReply, PutReply
+from protocol.messages import ErrorReply, MigrateAck, PutReply
 from protocol.ring import Ring, RingConfig
-from storage_node.admin import AdminError, ScanCache, admin_command, admin_read
+from storage_node.admin import AdminError, admin_command, admin_request
 from storage_node.commands import DropUnowned, PutCommand, RingSet
+from storage_node.push import LeaderTasks, command_for
 from storage_node.state_machine import KVStateMachine
 
 
@@ -25,7 +26,10 @@ class FakeCluster:
     def __init__(self, shards: list[int], vnodes: int = 16) -> None:
         self.ring = RingConfig(1, tuple(shards), vnodes)
         self.sms: dict[int, KVStateMachine] = {}
-        self.scans: dict[int, ScanCache] = {}
+        self.tasks: dict[int, LeaderTasks] = {}
+        #: stream batches delivered per admin call (1: a client write may land between)
+        self.deliveries_per_call = 1
+        self.batches_delivered = 0
         self.index: dict[int, int] = {}
         for s in shards:
             self.add(s)
@@ -36,7 +40,7 @@ class FakeCluster:
     def add(self, shard: int) -> None:
         self.sms[shard] = KVStateMachine(shard_id=shard, ring=RingConfig(1, self.ring.shards,
                                                                           self.ring.vnodes))
-        self.scans[shard] = ScanCache()
+        self.tasks[shard] = LeaderTasks()
         self.index[shard] = 0
 
     def apply(self, shard: int, cmd: Any) -> Any:
@@ -59,18 +63,38 @@ class FakeCluster:
         newest = max((sm.ownership.ring.config for sm in self.sms.values()),
                      key=lambda r: r.epoch)
         return {"ring": newest.as_dict(),
-                "nodes": [{"shard_id": s, "live": True} for s in self.sms]}
+                "nodes": [{"shard_id": s, "live": True, "node_id": f"n{s}",
+                           "peer_addr": f"inproc://n{s}"} for s in self.sms]}
+
+    def deliver(self, limit: int) -> None:
+        """What the shells do: pump each leader's streams, apply each batch at its
+        target as the target leader would, and hand the ack back."""
+        for _ in range(limit):
+            moved = False
+            for tasks in self.tasks.values():
+                for s, sm in self.sms.items():
+                    if self.tasks[s] is not tasks:
+                        continue
+                    for node, _addr, batch in tasks.pump(sm, 0.0):
+                        dst = int(node[1:])
+                        result = self.apply(dst, command_for(batch))
+                        tasks.on_ack(MigrateAck(batch.seq, batch.dst_shard, result, ""), 0.0)
+                        self.batches_delivered += 1
+                        moved = True
+            if not moved:
+                return
 
     def admin(self, shard: int, op: str, args: dict[str, Any], payload: bytes = b"",
               timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
         if self.hook is not None:
             self.hook(shard, op)
         args = msgpack.unpackb(msgpack.packb(args, use_bin_type=True), raw=False)
+        self.deliver(self.deliveries_per_call)
         sm = self.sms[shard]
-        read = admin_read(sm, self.scans[shard], op, args)
-        if read is not None:
-            return read
-        return self.apply(shard, admin_command(op, args, payload)), b""
+        answer = admin_request(sm, self.tasks[shard], op, args, payload)
+        if isinstance(answer, tuple):
+            return answer
+        return self.apply(shard, answer), b""
 
 
 def _check_final(c: FakeCluster, expected: dict[bytes, bytes]) -> None:
@@ -112,7 +136,7 @@ def test_add_then_remove_with_writes_at_every_step(seed: int) -> None:
         expected[key] = b"initial" + key
     c.hook = write_some
     c.add(2)
-    r = Rebalancer(c, batch_keys=7)  # type: ignore[arg-type]
+    r = Rebalancer(c, batch_keys=7, poll_s=0)  # type: ignore[arg-type]
     r.add_shard(2)
     _check_final(c, expected)
     assert c.status()["ring"]["epoch"] == 2
@@ -129,7 +153,7 @@ def test_versions_keep_increasing_after_a_move() -> None:
         c.put(f"k{i}".encode(), b"x")
     c.add(1)
     before = {k: v[1] for k, v in c.sms[0].data.items()}
-    Rebalancer(c).add_shard(1)  # type: ignore[arg-type]
+    Rebalancer(c, poll_s=0).add_shard(1)  # type: ignore[arg-type]
     moved = [k for k in before if c.owner(k) == 1]
     assert moved
     for k in moved:
@@ -144,7 +168,7 @@ def test_retried_write_after_the_move_is_not_applied_twice() -> None:
     key = next(f"k{i}".encode() for i in range(100)
                if Ring.of([0, 1], 16, 2).shard_for(f"k{i}".encode()) == 1)
     first = c.apply(0, PutCommand(b"cl", 5, 5, 1, key, b"once"))
-    Rebalancer(c).add_shard(1)  # type: ignore[arg-type]
+    Rebalancer(c, poll_s=0).add_shard(1)  # type: ignore[arg-type]
     c.apply(1, PutCommand(b"other", 1, 1, 1, key, b"later"))
     retry = c.apply(1, PutCommand(b"cl", 5, 5, 1, key, b"once"))
     assert retry == first  # the cached reply, carried with the sessions
@@ -163,8 +187,8 @@ def test_resume_after_the_coordinator_died_mid_way() -> None:
                 raise RuntimeError("coordinator killed")
 
         with pytest.raises(RuntimeError):
-            Rebalancer(c, batch_keys=5, on_step=die).add_shard(2)  # type: ignore[arg-type]
-        r = Rebalancer(c, batch_keys=5)  # type: ignore[arg-type]
+            Rebalancer(c, batch_keys=5, on_step=die, poll_s=0).add_shard(2)  # type: ignore[arg-type]
+        r = Rebalancer(c, batch_keys=5, poll_s=0)  # type: ignore[arg-type]
         with pytest.raises(RebalanceError, match="resume"):
             r.add_shard(3)
         assert r.resume() is not None, stop_at
@@ -202,9 +226,13 @@ def test_admin_input_is_checked() -> None:
         admin_command("nope", {}, b"")
     sm = KVStateMachine(shard_id=0, ring=RingConfig(1, (0,), 8))
     with pytest.raises(AdminError):
-        admin_read(sm, ScanCache(), "scan", {"old": [1, [0], 8], "new": [2, [0, 1], 8],
-                                             "dst": 1, "phase": 2, "after": b"", "v0": 0,
-                                             "limit": 10, "bytes_max": 100})
+        admin_request(sm, LeaderTasks(), "push", {
+            "old": [1, [0], 8], "new": [2, [0, 1], 8], "dst": 1, "phase": 2, "after": b"",
+            "v0": 0, "limit": 10, "bytes_max": 100, "targets": [["n1", "inproc://n1"]]}, b"")
+    with pytest.raises(AdminError):  # phase 1 without anywhere to send it
+        admin_request(sm, LeaderTasks(), "push", {
+            "old": [1, [0], 8], "new": [2, [0, 1], 8], "dst": 1, "phase": 1, "after": b"",
+            "v0": 0, "limit": 10, "bytes_max": 100, "targets": []}, b"")
 
 
 def test_snapshot_keeps_the_migration_state() -> None:
@@ -218,7 +246,7 @@ def test_snapshot_keeps_the_migration_state() -> None:
             raise RuntimeError
 
     with pytest.raises(RuntimeError):
-        Rebalancer(c, on_step=die).add_shard(1)  # type: ignore[arg-type]
+        Rebalancer(c, on_step=die, poll_s=0).add_shard(1)  # type: ignore[arg-type]
     for s in (0, 1):
         copy = KVStateMachine(shard_id=s)
         copy.restore(c.sms[s].snapshot_bytes())

@@ -1,0 +1,363 @@
+"""A source leader's side of moving keys: stream the moving ranges straight to the
+target shard's leader, and drop what the shard no longer owns (issue 4).
+
+Why here and not in the coordinator: the keys go source leader -> target leader in one
+hop (``MigrateBatch`` on the target's peer port, answered by ``MigrateAck``), and the
+coordinator only starts streams and watches progress (``client/rebalance.py``).
+
+Theory of operation:
+
+- ``KeyLister`` lists the keys of a snapshot of the table that a test on their ring
+  position selects (moving ``me -> dst``, or no longer owned), ``LIST_CHUNK_KEYS`` per
+  loop turn, then sorts them: hashing a million keys takes about a second of Python,
+  which must not stall replication and client traffic. ``applied`` is the applied index
+  the snapshot was taken at. A key absent from the snapshot but present later was
+  written after ``applied``, so its version is above ``applied``: phase 2 (below,
+  after the fence) sends it. That is why one snapshot per phase is enough.
+- ``Push`` sends one batch at a time in key order and waits for its ack before the
+  next. The target applies a batch only if it continues exactly where the target's
+  replicated cursor stands (``MigrateIn.after``), so a batch resent after a lost ack or
+  a leader change is acknowledged without applying twice, and a ``stale`` answer
+  carries the target's real cursor to resume from. Not the leader: try the node it
+  hints, else the next node of the target shard. No ack within ``ACK_TIMEOUT_S``: the
+  same batch to the next node.
+- Phase 1 sends ``[key, value, version]`` with ``v0`` = the snapshot's applied index.
+  Phase 2 (only after this shard applied the fence) sends every moving key still
+  present, the value only if its version is above ``v0`` (the target's minimum over
+  phase 1), so the target can also delete keys that disappeared meanwhile.
+- ``LeaderTasks`` holds a leader's pushes and drops. It is leader-only soft state: a
+  new leader starts with none and the coordinator starts the stream again from the
+  target's recorded cursor (``zkv admin resume`` from the shards' state if the
+  coordinator died too).
+- A drop lists the keys this shard does not own at its (flipped) ring and proposes
+  ``DropUnowned`` a batch at a time; the last batch marks the drop complete. Nothing
+  can become unowned after the flip (writes to such keys are refused, old streams are
+  stale), so one listing is complete.
+
+Pure: no sockets, no clock (``now`` is passed in).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from protocol.messages import MigrateAck, MigrateBatch
+from protocol.ring import Ring, RingConfig, position
+from storage_node.commands import DropUnowned, MigrateIn
+from storage_node.ownership import PHASE_COPY, PHASE_DELTA
+from storage_node.state_machine import KVStateMachine
+
+#: Keys hashed per loop turn while listing (about 15 ms of Python).
+LIST_CHUNK_KEYS = 10_000
+#: A batch not acknowledged by then goes to the next node of the target shard.
+ACK_TIMEOUT_S = 3.0
+BATCH_KEYS = 2000
+BATCH_BYTES = 2 * 1024 * 1024
+#: Keys per DropUnowned command.
+DROP_BATCH_KEYS = 5000
+CURSOR_START = b""
+
+LISTING, SENDING, DONE, FAILED = "listing", "sending", "done", "failed"
+
+
+def cursor_of(key: bytes) -> bytes:
+    """A cursor after ``key`` (b"" is the start; the prefix keeps the two apart)."""
+    return b"\x01" + key
+
+
+class KeyLister:
+    """Sorted keys of a table snapshot whose ring position ``wanted`` accepts, built a
+    chunk per ``advance`` so a large shard never stalls the node's loop."""
+
+    __slots__ = ("applied", "_todo", "_next", "_found", "_wanted", "_chunk", "keys")
+
+    def __init__(self, sm: KVStateMachine, wanted: Callable[[int], bool],
+                 chunk: int = LIST_CHUNK_KEYS) -> None:
+        self.applied = sm.applied_index
+        self._todo = list(sm.data)  # one C-speed copy; the hashing is what is spread out
+        self._next = 0
+        self._found: list[bytes] = []
+        self._wanted = wanted
+        self._chunk = chunk
+        #: the sorted result, once ``done``
+        self.keys: list[bytes] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.keys is not None
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.keys is not None else self._next / max(1, len(self._todo))
+
+    def advance(self) -> bool:
+        """List one more chunk; True once every key is looked at (and sorted)."""
+        if self.keys is not None:
+            return True
+        end = min(len(self._todo), self._next + self._chunk)
+        wanted, found = self._wanted, self._found
+        for k in self._todo[self._next:end]:
+            if wanted(position(k)):
+                found.append(k)
+        self._next = end
+        if end >= len(self._todo):
+            found.sort()
+            self.keys = found
+            self._todo = []
+        return self.keys is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PushSpec:
+    """What the coordinator asked for: stream ``src -> dst`` of ``old -> new``, one
+    phase, from cursor ``after``, to one of ``targets`` (node id -> peer address)."""
+
+    old: RingConfig
+    new: RingConfig
+    src: int
+    dst: int
+    phase: int
+    v0: int
+    after: bytes
+    targets: tuple[tuple[str, str], ...]
+    batch_keys: int = BATCH_KEYS
+    batch_bytes: int = BATCH_BYTES
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.new.epoch, self.dst, self.phase)
+
+
+class Push:
+    """One phase of one ``src -> dst`` stream; see the module docstring."""
+
+    def __init__(self, spec: PushSpec, sm: KVStateMachine, seq0: int = 0) -> None:
+        old, new = Ring(spec.old), Ring(spec.new)
+        src, dst = spec.src, spec.dst
+        self.spec = spec
+        self.lister = KeyLister(
+            sm, lambda p: old.owner_of_position(p) == src and new.owner_of_position(p) == dst)
+        self.after = spec.after
+        self.state = LISTING
+        self.error = ""
+        self.sent_keys = 0
+        self.sent_bytes = 0
+        self.batches = 0
+        self.resends = 0
+        self._seq = seq0
+        self._inflight: MigrateBatch | None = None
+        self._inflight_keys = 0
+        self._sent_at = 0.0
+        self._targets = [node for node, _ in spec.targets]
+        self._target = 0
+        self._redirected = False
+
+    @property
+    def target(self) -> str:
+        return self._targets[self._target] if self._targets else ""
+
+    def pump(self, sm: KVStateMachine, now: float) -> list[tuple[str, MigrateBatch]]:
+        """What to send now: nothing, the next batch, or the unacknowledged one again."""
+        if self.state == LISTING:
+            if not self.lister.advance():
+                return []
+            self.state = SENDING
+        if self.state != SENDING or not self._targets:
+            if self.state == SENDING:
+                self.state, self.error = FAILED, "no node of the target shard is known"
+            return []
+        if self._inflight is not None:
+            if self._redirected:
+                self._redirected = False  # to the node the last answer named
+            elif now - self._sent_at < ACK_TIMEOUT_S:
+                return []
+            else:  # no answer in time: the same batch to the next node
+                self._target = (self._target + 1) % len(self._targets)
+            self.resends += 1
+        else:
+            self._inflight = self._next_batch(sm)
+        self._sent_at = now
+        return [(self.target, self._inflight)]
+
+    def on_ack(self, ack: MigrateAck, now: float) -> None:
+        batch = self._inflight
+        if batch is None or ack.seq != batch.seq or self.state != SENDING:
+            return  # an answer to a batch already settled
+        r = ack.result
+        if not r.get("ok"):
+            if r.get("not_leader"):
+                hint = ack.leader_hint
+                self._target = (self._targets.index(hint) if hint in self._targets
+                                else (self._target + 1) % len(self._targets))
+                self._redirected = True  # resend at the next pump
+                return
+            self.state, self.error = FAILED, str(r.get("error", "refused"))
+            self._inflight = None
+            return
+        self._inflight = None
+        phase = r.get("phase")
+        if type(phase) is int and phase > self.spec.phase:
+            self.state = DONE  # this batch closed the phase, or an earlier stream did
+            if r.get("stale") is not True:
+                self._count(batch)
+            return
+        if r.get("stale"):
+            cursor = r.get("cursor")
+            self.after = cursor if type(cursor) is bytes else self.after
+            return
+        self._count(batch)
+        self.after = batch.cursor
+        if batch.done:
+            self.state = DONE
+
+    def _count(self, batch: MigrateBatch) -> None:
+        self.sent_keys += self._inflight_keys
+        self.sent_bytes += len(batch.items)
+        self.batches += 1
+
+    def _next_batch(self, sm: KVStateMachine) -> MigrateBatch:
+        spec, keys = self.spec, self.lister.keys
+        assert keys is not None
+        after = self.after
+        start = 0 if after == CURSOR_START else bisect.bisect_right(keys, after[1:])
+        data = sm.data
+        phase2 = spec.phase == PHASE_DELTA
+        v0 = spec.v0 if phase2 else self.lister.applied
+        items: list[list[Any]] = []
+        size = 0
+        i = start
+        n = len(keys)
+        while i < n and len(items) < spec.batch_keys and size < spec.batch_bytes:
+            k = keys[i]
+            i += 1
+            found = data.get(k)
+            if found is None:
+                continue  # deleted since the listing
+            if phase2 and found[1] <= v0:
+                items.append([k])
+                size += len(k) + 4
+            else:
+                items.append([k, found[0], found[1]])
+                size += len(k) + len(found[0]) + 12
+        cursor = cursor_of(keys[i - 1]) if i > start else after
+        self._seq += 1
+        self._inflight_keys = len(items)
+        return MigrateBatch(self._seq, spec.src, spec.dst, spec.new.epoch, spec.phase, v0,
+                            after, cursor, i >= n, msgpack.packb(items, use_bin_type=True))
+
+    def status(self) -> dict[str, Any]:
+        keys = self.lister.keys
+        return {"state": self.state, "phase": self.spec.phase, "dst": self.spec.dst,
+                "listed": round(self.lister.progress, 3),
+                "total": None if keys is None else len(keys),
+                "sent": self.sent_keys, "bytes": self.sent_bytes, "batches": self.batches,
+                "resends": self.resends, "target": self.target, "error": self.error}
+
+
+def command_for(batch: MigrateBatch) -> MigrateIn:
+    """The replicated command a target leader proposes for a received batch."""
+    return MigrateIn(batch.new_epoch, batch.src_shard, batch.phase, batch.v0, batch.done,
+                     batch.cursor, batch.items, batch.after)
+
+
+def not_leader_ack(batch: MigrateBatch, leader_hint: str) -> MigrateAck:
+    return MigrateAck(batch.seq, batch.dst_shard, {"ok": False, "not_leader": True},
+                      leader_hint)
+
+
+class Drop:
+    """Drop the keys not owned at ring ``epoch``: list them, then a batch at a time."""
+
+    def __init__(self, sm: KVStateMachine, epoch: int) -> None:
+        ring = sm.ownership.ring
+        me = sm.ownership.shard_id
+        assert ring is not None
+        self.epoch = epoch
+        self.lister = KeyLister(sm, lambda p: ring.owner_of_position(p) != me)
+        self._next = 0
+
+    def next_command(self) -> DropUnowned | None:
+        """The next batch to propose, or None while still listing."""
+        keys = self.lister.keys
+        if keys is None:
+            return None
+        batch = tuple(keys[self._next:self._next + DROP_BATCH_KEYS])
+        self._next += len(batch)
+        return DropUnowned(self.epoch, batch, self._next >= len(keys))
+
+
+class LeaderTasks:
+    """A shard leader's running pushes and drops: soft state, cleared when it steps
+    down. ``pump`` once per loop turn; it returns the batches to send."""
+
+    def __init__(self) -> None:
+        self.pushes: dict[tuple[int, int, int], Push] = {}
+        self.drops: dict[int, Drop] = {}
+        self._seq = 0
+
+    def start_push(self, spec: PushSpec, sm: KVStateMachine) -> dict[str, Any]:
+        """Start (or restart) a stream; one already running for the same epoch,
+        target and phase keeps going (a retried request must not fork it)."""
+        running = self.pushes.get(spec.key)
+        if running is not None and running.state in (LISTING, SENDING):
+            return {"ok": True, "push": running.status(), "running": True}
+        for key in [k for k in self.pushes if k[0] != spec.new.epoch]:
+            del self.pushes[key]  # an older migration's: long settled
+        push = self.pushes[spec.key] = Push(spec, sm, self._seq)
+        self._seq += 1_000_000  # keep seqs of successive pushes apart
+        return {"ok": True, "push": push.status(), "running": False}
+
+    def pump(self, sm: KVStateMachine, now: float) -> list[tuple[str, str, MigrateBatch]]:
+        """``(node id, peer address, batch)`` to send now."""
+        out: list[tuple[str, str, MigrateBatch]] = []
+        for push in self.pushes.values():
+            if push.state in (LISTING, SENDING):
+                addrs = dict(push.spec.targets)
+                out.extend((node, addrs[node], batch) for node, batch in push.pump(sm, now))
+        for drop in self.drops.values():
+            drop.lister.advance()
+        return out
+
+    def on_ack(self, ack: MigrateAck, now: float) -> None:
+        for push in self.pushes.values():
+            if push.spec.dst == ack.dst_shard:
+                push.on_ack(ack, now)
+
+    def busy(self) -> bool:
+        """Still listing: the shell should come back at once rather than sleep."""
+        return any(p.state == LISTING for p in self.pushes.values()) or any(
+            not d.lister.done for d in self.drops.values())
+
+    def status(self) -> dict[str, Any]:
+        return {f"{e}:{d}:{p}": push.status() for (e, d, p), push in self.pushes.items()}
+
+    def drop_step(self, sm: KVStateMachine, epoch: int) -> dict[str, Any] | DropUnowned:
+        """Answer a ``drop`` request: progress while listing, else the next command."""
+        if sm.ownership.epoch < epoch or sm.ownership.ring is None:
+            return {"ok": False, "error": f"ring is at epoch {sm.ownership.epoch}, not {epoch}"}
+        drop = self.drops.get(epoch)
+        if drop is None:
+            self.drops = {epoch: Drop(sm, epoch)}
+            drop = self.drops[epoch]
+        cmd = drop.next_command()
+        if cmd is None:
+            return {"ok": True, "listing": round(drop.lister.progress, 3), "dropped": 0,
+                    "done": False}
+        if cmd.last:
+            del self.drops[epoch]  # a later request lists again (and finds nothing)
+        return cmd
+
+    def clear(self) -> None:
+        self.pushes.clear()
+        self.drops.clear()
+
+
+__all__ = [
+    "PHASE_COPY", "PHASE_DELTA", "ACK_TIMEOUT_S", "Drop", "KeyLister", "LeaderTasks",
+    "Push", "PushSpec", "command_for", "cursor_of", "not_leader_ack",
+]

@@ -1,0 +1,147 @@
+"""The source leader's stream to a target leader (``storage_node/push.py``) against the
+real target state machine, through a network that loses, repeats and delays: every
+moving key arrives once, in order, and a lost ack or a leader change only resends."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from protocol.messages import MigrateAck, MigrateBatch
+from protocol.ring import Ring, RingConfig
+from storage_node.commands import MigrateBegin, PutCommand
+from storage_node.ownership import PHASE_DELTA
+from storage_node.push import (
+    ACK_TIMEOUT_S,
+    DONE,
+    FAILED,
+    KeyLister,
+    LeaderTasks,
+    Push,
+    PushSpec,
+    command_for,
+)
+from storage_node.state_machine import KVStateMachine
+
+OLD = RingConfig(1, (0,), 16)
+NEW = RingConfig(2, (0, 1), 16)
+TARGETS = (("t1", "tcp://a"), ("t2", "tcp://b"), ("t3", "tcp://c"))
+
+
+def _shards(keys: int) -> tuple[KVStateMachine, KVStateMachine]:
+    src = KVStateMachine(shard_id=0, ring=OLD)
+    for i in range(keys):
+        src.apply_command(i + 1, PutCommand(b"c", i + 1, i + 1, 1, f"k{i}".encode(), b"v%d" % i))
+    dst = KVStateMachine(shard_id=1)
+    assert dst.apply_command(1, MigrateBegin(OLD, NEW))["ok"]
+    return src, dst
+
+
+def _moving(src: KVStateMachine) -> dict[bytes, tuple[bytes, int]]:
+    new = Ring(NEW)
+    return {k: v for k, v in src.data.items() if new.shard_for(k) == 1}
+
+
+def test_lister_chunks_and_sorts() -> None:
+    src, _ = _shards(1000)
+    new = Ring(NEW)
+    lister = KeyLister(src, lambda p: new.owner_of_position(p) == 1, chunk=64)
+    turns = 0
+    while not lister.advance():
+        turns += 1
+        assert 0 < lister.progress < 1
+    assert turns >= 1000 // 64 - 1
+    assert lister.keys == sorted(_moving(src))
+    assert lister.applied == 1000
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_stream_survives_loss_duplicates_and_leader_changes(seed: int) -> None:
+    rng = random.Random(seed)
+    src, dst = _shards(500)
+    push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS, batch_keys=17), src)
+    index = 1
+    leader = "t2"
+    now = 0.0
+    late: list[MigrateBatch] = []
+    applied_batches = 0
+    hinted = ""
+    for _ in range(5000):
+        if push.state == DONE:
+            break
+        now += ACK_TIMEOUT_S / 2
+        for node, batch in push.pump(src, now):
+            assert not hinted or node == hinted, "a resend ignored the leader hint"
+            hinted = ""
+            if rng.random() < 0.2:
+                late.append(batch)  # delayed: delivered some time later
+            if node != leader:
+                hinted = leader if rng.random() < 0.5 else ""
+                push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True},
+                                       hinted), now)
+                continue
+            if rng.random() < 0.15:
+                continue  # lost on the way: the ack timeout resends
+            index += 1
+            result = dst.apply_command(index, command_for(batch))
+            applied_batches += not result.get("stale")
+            if rng.random() < 0.15:
+                continue  # the ack is lost
+            push.on_ack(MigrateAck(batch.seq, 1, result, ""), now)
+        if late and rng.random() < 0.3:
+            index += 1
+            result = dst.apply_command(index, command_for(late.pop(0)))
+            assert result["ok"]
+            applied_batches += not result.get("stale")  # the first copy to arrive
+        if rng.random() < 0.05:
+            leader = rng.choice(["t1", "t2", "t3"])  # an election at the target
+    assert push.state == DONE, push.status()
+    progress = dst.ownership.incoming.sources[0]  # type: ignore[union-attr]
+    assert progress.phase == PHASE_DELTA
+    assert dst.data == _moving(src)
+    keys = push.lister.keys or []
+    assert applied_batches == max(1, -(-len(keys) // 17))  # each batch applied once
+
+
+def test_a_refusal_fails_the_stream_and_says_why() -> None:
+    src, _ = _shards(50)
+    push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS), src)
+    (node, batch), = push.pump(src, 0.0)
+    push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "error": "no migration"}, ""), 0.0)
+    assert push.state == FAILED and push.status()["error"] == "no migration"
+
+
+def test_tasks_keep_one_stream_per_target_and_phase() -> None:
+    src, _ = _shards(50)
+    tasks = LeaderTasks()
+    spec = PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS)
+    assert tasks.start_push(spec, src)["running"] is False
+    assert tasks.start_push(spec, src)["running"] is True  # a retried request: same stream
+    assert list(tasks.status()) == ["2:1:1"]
+    tasks.clear()
+    assert tasks.status() == {}
+
+
+def test_drop_lists_then_drops_a_batch_at_a_time() -> None:
+    src, _ = _shards(12_000)
+    from storage_node.commands import RingSet
+
+    assert src.apply_command(20_000, RingSet(NEW))["ok"]
+    moving = _moving(src)
+    tasks = LeaderTasks()
+    index = 20_000
+    dropped = 0
+    for _ in range(100):
+        step = tasks.drop_step(src, 2)
+        if isinstance(step, dict):
+            assert step["done"] is False and 0 <= step["listing"] <= 1
+            tasks.pump(src, 0.0)
+            continue
+        index += 1
+        result = src.apply_command(index, step)
+        dropped += result["dropped"]
+        if result["done"]:
+            break
+    assert dropped == len(moving) and src.ownership.undropped is False
+    assert not set(moving) & set(src.data)
