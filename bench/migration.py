@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -31,6 +32,7 @@ from client.aio import AsyncKVClient
 from client.cluster import LocalCluster
 
 WINDOW_S = 0.25
+PHASE1_DONE = re.compile(r"phase 1 \d+->\d+: (\d+) keys$")
 
 
 async def _load(endpoint: str, keys: list[bytes], value: bytes, concurrency: int) -> None:
@@ -82,8 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def progress(line: str) -> None:
             lines.append(line)
-            if line.startswith("phase 1"):
-                moved["keys"] += int(line.split(": ")[1].split()[0])
+            done_line = PHASE1_DONE.match(line)  # "phase 1 0->2: 325 keys"
+            if done_line:
+                moved["keys"] += int(done_line.group(1))
 
         fence: dict[str, float] = {}
 

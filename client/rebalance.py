@@ -258,21 +258,16 @@ class Rebalancer:
                 running = self._info(s).get("pushes") or {}
                 for t in (t for src, t in todo if src == s):
                     st = pushes[(s, t)] = running.get(f"{new.epoch}:{t}:{phase}")
-                    if st is None:
-                        continue
-                    now_sent = (int(st["sent"]), int(st["bytes"]))
-                    before = sent.get((s, t), (0, 0))
-                    if now_sent != before:
-                        if now_sent[0] >= before[0]:  # else a restarted stream counts anew
-                            self.stats.keys += now_sent[0] - before[0]
-                            self.stats.bytes += now_sent[1] - before[1]
-                        sent[(s, t)] = now_sent
+                    if self._count(sent, (s, t), st):
                         last_change = time.monotonic()
                         self.on_step(f"batch{phase}")
             progress = {t: self._progress(t, new) for t in sorted({t for _, t in todo})}
             for s, t in sorted(todo):
                 if progress[t][str(s)]["phase"] > phase:
                     todo.discard((s, t))
+                    # the final count: the stream may have ended since we looked
+                    self._count(sent, (s, t), (self._info(s).get("pushes") or {}).get(
+                        f"{new.epoch}:{t}:{phase}"))
                     self.say(f"phase {phase} {s}->{t}: {sent.get((s, t), (0, 0))[0]} keys")
             if not todo:
                 return
@@ -291,6 +286,21 @@ class Rebalancer:
                 raise RebalanceError(f"phase {phase} streams {sorted(todo)} made no progress "
                                      f"for {STALL_S:.0f} s; run `zkv admin resume` to retry")
             time.sleep(self.poll_s)
+
+    def _count(self, sent: dict[tuple[int, int], tuple[int, int]], pair: tuple[int, int],
+               status: dict[str, Any] | None) -> bool:
+        """Fold a stream's (keys, bytes) so far into the stats; True if it moved."""
+        if status is None:
+            return False
+        now = (int(status["sent"]), int(status["bytes"]))
+        before = sent.get(pair, (0, 0))
+        if now == before:
+            return False
+        if now[0] >= before[0]:  # else a restarted stream counts anew
+            self.stats.keys += now[0] - before[0]
+            self.stats.bytes += now[1] - before[1]
+        sent[pair] = now
+        return True
 
     def _start_push(self, plan: Plan, src: int, dst: int, phase: int,
                     progress: dict[str, Any]) -> None:
