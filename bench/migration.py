@@ -10,8 +10,12 @@ over the same keys) and, after ``--settle-s`` seconds of baseline, runs
 - migration speed: keys moved per second and MB/s of key+value payload, from the
   coordinator's first step (``begin``) to the end of ``drop`` (bulk copy, fence, delta,
   sessions, flip, drop); starting the new group's processes is reported apart;
-- the throughput dip: ops/s in 250 ms windows before, during and after the move (mean
-  and the worst window during the move), and how long the moving ranges were fenced.
+- the throughput dip, for two halves of the traffic kept apart: requests for keys that
+  stay where they are, and requests for keys that move. Each half has its own workers,
+  so keys waiting on the fence cannot starve the others of senders. Per half: ops/s
+  in 250 ms windows before, during and after the move (mean and the worst window
+  during the move), the slowest request during the move, and how long the moving
+  ranges were fenced.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 from client.aio import AsyncKVClient
 from client.cluster import LocalCluster
+from protocol.ring import Ring
 
 WINDOW_S = 0.25
 PHASE1_DONE = re.compile(r"phase 1 \d+->\d+: (\d+) keys$")
@@ -41,25 +46,54 @@ async def _load(endpoint: str, keys: list[bytes], value: bytes, concurrency: int
             await asyncio.gather(*(kv.put(k, value) for k in keys[i:i + 1000]))
 
 
-async def _traffic(endpoint: str, keys: list[bytes], value: bytes, concurrency: int,
-                   stop: threading.Event, done: list[float]) -> None:
+async def _traffic(endpoint: str, pools: dict[str, list[bytes]], value: bytes,
+                   concurrency: int, stop: threading.Event,
+                   done: dict[str, list[tuple[float, float]]]) -> None:
+    """``concurrency`` workers per pool, each a get or a put at a time on its pool's
+    keys; ``done[pool]`` gets (finish time, latency) per request."""
     async with AsyncKVClient(endpoint, timeout_s=30) as kv:
         rng = random.Random(1)
 
-        async def one() -> None:
+        async def one(pool: str) -> None:
+            keys, out = pools[pool], done[pool]
             while not stop.is_set():
                 k = rng.choice(keys)
+                t0 = time.monotonic()
                 if rng.random() < 0.5:
                     await kv.get(k)
                 else:
                     await kv.put(k, value)
-                done.append(time.monotonic())
+                t1 = time.monotonic()
+                out.append((t1, t1 - t0))
 
-        await asyncio.gather(*(one() for _ in range(concurrency)))
+        await asyncio.gather(*(one(p) for p in pools for _ in range(concurrency)))
 
 
-def _rate(done: list[float], t0: float, t1: float) -> float:
-    return sum(1 for t in done if t0 <= t < t1) / max(t1 - t0, 1e-9)
+def _rate(done: list[tuple[float, float]], t0: float, t1: float) -> float:
+    return sum(1 for t, _ in done if t0 <= t < t1) / max(t1 - t0, 1e-9)
+
+
+def _pool_figures(done: list[tuple[float, float]], t_start: float, t_end: float,
+                  settle_s: float) -> dict[str, Any]:
+    windows = []
+    t = t_start
+    while t < t_end:
+        windows.append(_rate(done, t, min(t + WINDOW_S, t_end)))
+        t += WINDOW_S
+    during = sorted(lat for t, lat in done if t_start <= t < t_end)
+    before = sorted(lat for t, lat in done if t_start - settle_s <= t < t_start)
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1) if xs else None
+
+    return {
+        "ops_per_s_before": round(_rate(done, t_start - settle_s, t_start)),
+        "ops_per_s_during": round(_rate(done, t_start, t_end)),
+        "ops_per_s_after": round(_rate(done, t_end, t_end + settle_s)),
+        "worst_window_ops_per_s": round(min(windows)) if windows else None,
+        "p99_ms_before": pct(before, 0.99), "p99_ms_during": pct(during, 0.99),
+        "max_ms_before": pct(before, 1.0), "max_ms_during": pct(during, 1.0),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,10 +107,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.monotonic()
         asyncio.run(_load(cluster.endpoint, keys, value, args.concurrency))
         load_s = time.monotonic() - t
+        old = Ring.of(range(args.shards))
+        new = Ring.of(range(args.shards + 1))
+        pools = {"staying": [k for k in keys if old.shard_for(k) == new.shard_for(k)],
+                 "moving": [k for k in keys if old.shard_for(k) != new.shard_for(k)]}
         stop = threading.Event()
-        done: list[float] = []
+        done: dict[str, list[tuple[float, float]]] = {p: [] for p in pools}
         loader = threading.Thread(target=lambda: asyncio.run(
-            _traffic(cluster.endpoint, keys, value, args.concurrency, stop, done)), daemon=True)
+            _traffic(cluster.endpoint, pools, value, args.concurrency // 2, stop, done)),
+            daemon=True)
         loader.start()
         time.sleep(args.settle_s)
         lines: list[str] = []
@@ -100,14 +139,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.settle_s)
         stop.set()
         loader.join(35)
-    before = _rate(done, t_start - args.settle_s, t_start)
-    during = _rate(done, t_start, t_end)
-    after = _rate(done, t_end, t_end + args.settle_s)
-    windows = []
-    t = t_start
-    while t < t_end:
-        windows.append(_rate(done, t, min(t + WINDOW_S, t_end)))
-        t += WINDOW_S
     # the shard add includes starting 3 processes and electing a leader; the copy
     # starts at "ring epoch" (the first progress line)
     spawn_s = fence.get("begin", t_start) - t_start
@@ -123,9 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "moved_keys_per_s": round(moved["keys"] / migration_s),
         "moved_mb_per_s": round(payload_bytes / migration_s / 1e6, 2),
         "fenced_s": round(fence["drop"] - fence["fence"], 3) if "drop" in fence else None,
-        "ops_per_s_before": round(before), "ops_per_s_during": round(during),
-        "ops_per_s_after": round(after),
-        "worst_window_ops_per_s": round(min(windows)) if windows else None,
+        **{f"{pool}_{k}": v for pool in pools
+           for k, v in _pool_figures(done[pool], t_start, t_end, args.settle_s).items()},
         "progress": lines,
     }
     return result
@@ -138,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--fsync", default="never")
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=32,
+                   help="requests in flight, half on staying keys, half on moving keys")
     p.add_argument("--settle-s", type=float, default=3.0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
