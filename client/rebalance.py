@@ -285,7 +285,8 @@ class Rebalancer:
             if now - last_change > STALL_S:
                 raise RebalanceError(f"phase {phase} streams {sorted(todo)} made no progress "
                                      f"for {STALL_S:.0f} s; run `zkv admin resume` to retry")
-            time.sleep(self.poll_s)
+            # under the fence every poll interval is unavailability: look more often
+            time.sleep(self.poll_s if phase == 1 else self.poll_s / 5)
 
     def _count(self, sent: dict[tuple[int, int], tuple[int, int]], pair: tuple[int, int],
                status: dict[str, Any] | None) -> bool:

@@ -58,6 +58,8 @@ LIST_CHUNK_KEYS = 10_000
 ACK_TIMEOUT_S = 3.0
 BATCH_KEYS = 2000
 BATCH_BYTES = 2 * 1024 * 1024
+#: Phase 2 batches may hold this many times more items (mostly bare keys, no values).
+PHASE2_BATCH_FACTOR = 4
 #: Keys per DropUnowned command.
 DROP_BATCH_KEYS = 5000
 CURSOR_START = b""
@@ -232,7 +234,9 @@ class Push:
         size = 0
         i = start
         n = len(keys)
-        while i < n and len(items) < spec.batch_keys and size < spec.batch_bytes:
+        # under the fence most items are bare keys: fewer, larger batches shorten it
+        limit = spec.batch_keys * PHASE2_BATCH_FACTOR if phase2 else spec.batch_keys
+        while i < n and len(items) < limit and size < spec.batch_bytes:
             k = keys[i]
             i += 1
             found = data.get(k)
