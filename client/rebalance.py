@@ -8,16 +8,17 @@ or the new leader, and ``zkv admin resume`` (``Rebalancer.resume``) rebuilds whe
 coordinator stopped from the shards themselves and rolls the change forward.
 
 Steps for a change from ring ``old`` (epoch E) to ``new`` (epoch E+1):
-1. ``begin`` at every target (a shard gaining keys): it records what to expect.
+1. ``begin`` at every target (a shard gaining keys): it records what to expect; then
+   ``track`` at every source: from there on it notes each write to a leaving key.
 2. Phase 1: every source leader streams its moving keys straight to each target's
    leader (``push``; ``storage_node/push.py``), all pairs at once; the coordinator
    only watches progress (``info`` on both ends) and restarts a stream that a leader
    change ended, from the cursor the target recorded. Sources keep serving meanwhile.
 3. ``fence`` at every source: from its log position on, the moving ranges are refused
    (UNAVAILABLE, retryable) at that source; ranges that do not move are not affected.
-4. Phase 2, the same way: the delta (values changed since phase 1, the list of keys
-   still present), then the source's session table (exactly-once retries) through the
-   coordinator (small).
+4. Phase 2, the same way: the final delta (only the keys written since phase 1 read:
+   their value, or a delete), then the source's session table (exactly-once retries)
+   through the coordinator (small).
 5. ``ring_set`` to ``new``: targets first (each refuses unless it has everything), then
    the other shards. Brokers adopt the new epoch from heartbeats; a request that still
    reaches an old owner is handed back to the broker, which re-routes it.
@@ -216,6 +217,8 @@ class Rebalancer:
         self.on_step("begin")
         for t in plan.targets:
             self._cmd(t, "begin", old=ring_wire(old), new=ring_wire(new))
+        for s in plan.sources:  # note writes to leaving keys from now: the final delta
+            self._cmd(s, "track", old=ring_wire(old), new=ring_wire(new))
         self.on_step("copy")
         self._run_phase(plan, 1)
         self.on_step("fence")
@@ -228,8 +231,6 @@ class Rebalancer:
         progress = {t: self._progress(t, new) for t in plan.targets}
         for s, t in plan.pairs:
             p = progress[t][str(s)]
-            if p.get("missing"):
-                raise RebalanceError(f"shard {t} lacks {p['missing']} keys of shard {s}")
             if not p["sessions"]:
                 result, payload = self._admin(s, "sessions", old=ring_wire(old),
                                               new=ring_wire(new))
@@ -237,11 +238,6 @@ class Rebalancer:
                     raise _Flipped
                 self._cmd(t, "merge_sessions", payload, new_epoch=new.epoch, src=s,
                           version_next=result["version_next"])
-        for t in plan.targets:
-            p = self._progress(t, new)
-            bad = {s: v for s, v in p.items() if v["missing"]}
-            if bad:
-                raise RebalanceError(f"shard {t} is missing keys from {bad}: not flipping")
 
     def _run_phase(self, plan: Plan, phase: int) -> None:
         """Run ``phase`` of every (source, target) stream at once, straight from source

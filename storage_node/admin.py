@@ -13,7 +13,8 @@ Answered by the leader at once:
 - ``sessions {new}``: the session table and the next version, once fenced.
 - ``drop {epoch}`` while the unowned keys are still being listed: the listing progress.
 
-Proposed as commands (answered when applied): ``begin``, ``fence``, ``merge_sessions``,
+Proposed as commands (answered when applied): ``begin``, ``track``, ``fence``,
+``merge_sessions``,
 ``ring_set``, and ``drop`` once listed (a batch of keys per request).
 """
 
@@ -30,6 +31,7 @@ from storage_node.commands import (
     Command,
     Fence,
     MigrateBegin,
+    MigrateOut,
     MigrateSessions,
     RingSet,
 )
@@ -108,6 +110,8 @@ def admin_request(sm: KVStateMachine, tasks: LeaderTasks, op: str, args: dict[st
         raise AdminError("phase must be 1 or 2")
     if phase == PHASE_DELTA and not fenced:
         raise AdminError("phase 2 needs the fence applied first")
+    if own.outgoing is None or own.outgoing.new != new:
+        raise AdminError("a stream needs the migration begun here first (track)")
     if own.shard_id is None or dst == own.shard_id:
         raise AdminError("dst must be another shard")
     spec = PushSpec(old, new, own.shard_id, dst, phase, _int(args, "v0"), _bytes(args, "after"),
@@ -122,6 +126,8 @@ def admin_command(op: str, args: dict[str, Any], payload: bytes) -> Command:
         return MigrateBegin(_ring(args, "old"), _ring(args, "new"))
     if op == "fence":
         return Fence(_ring(args, "old"), _ring(args, "new"))
+    if op == "track":
+        return MigrateOut(_ring(args, "old"), _ring(args, "new"))
     if op == "ring_set":
         return RingSet(_ring(args, "ring"))
     if op == "merge_sessions":

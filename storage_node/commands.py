@@ -12,6 +12,7 @@ msgpack arrays, first element the op::
     [7, new_epoch, src, phase, v0, done, cursor, items(, after)]  MIGRATE_IN: a batch of moved keys
     [8, new_epoch, src, version_next, sessions]   MIGRATE_SESSIONS: the source's sessions
     [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
+    [10, old_ring, new_ring]                      MIGRATE_OUT: note every write to a leaving key
 
 ``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
 only where the target's progress stands exactly there (``None``: no such check, the
@@ -59,6 +60,7 @@ class Op(enum.IntEnum):
     MIGRATE_IN = 7
     MIGRATE_SESSIONS = 8
     DROP_UNOWNED = 9
+    MIGRATE_OUT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,15 @@ class MigrateBegin:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrateOut:
+    """Source side of a ring change: from here on, record the log index of every
+    write to a key that leaves this shard, so the fenced delta is only those keys."""
+
+    old: RingConfig
+    new: RingConfig
+
+
+@dataclass(frozen=True, slots=True)
 class MigrateIn:
     """Phase 1: ``items`` = ``[[key, value, version], ...]``; phase 2 adds bare ``[key]``
     for keys unchanged since ``v0``; ``done`` closes the phase for ``src``."""
@@ -148,7 +159,9 @@ class DropUnowned:
     last: bool = True
 
 
-RingCommand = RingSet | Fence | MigrateBegin | MigrateIn | MigrateSessions | DropUnowned
+RingCommand = (
+    RingSet | Fence | MigrateBegin | MigrateOut | MigrateIn | MigrateSessions | DropUnowned
+)
 Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand
 WriteCommand = PutCommand | DeleteCommand | CasCommand
 
@@ -188,8 +201,8 @@ def _encode_ring_command(cmd: Command) -> bytes:
     c: Any = cmd
     if t is RingSet:
         return _pack((int(Op.RING), _ring_wire(c.ring)))  # type: ignore[no-any-return]
-    if t is Fence or t is MigrateBegin:
-        op = Op.FENCE if t is Fence else Op.MIGRATE_BEGIN
+    if t is Fence or t is MigrateBegin or t is MigrateOut:
+        op = Op.FENCE if t is Fence else Op.MIGRATE_BEGIN if t is MigrateBegin else Op.MIGRATE_OUT
         return _pack((int(op), _ring_wire(c.old), _ring_wire(c.new)))  # type: ignore[no-any-return]
     if t is MigrateIn:
         fields = (int(Op.MIGRATE_IN), c.new_epoch, c.src, c.phase, c.v0, c.done, c.cursor,
@@ -306,6 +319,10 @@ def _decode_begin(v: list[Any]) -> Command:
     return MigrateBegin(_ring(v[1]), _ring(v[2]))
 
 
+def _decode_out(v: list[Any]) -> Command:
+    return MigrateOut(_ring(v[1]), _ring(v[2]))
+
+
 def _decode_migrate_in(v: list[Any]) -> Command:
     return MigrateIn(
         _uint(v[1], "new_epoch"), _uint(v[2], "src"), _uint(v[3], "phase"), _uint(v[4], "v0"),
@@ -345,6 +362,7 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.MIGRATE_IN: ((8, 9), _decode_migrate_in),
     Op.MIGRATE_SESSIONS: ((5,), _decode_sessions),
     Op.DROP_UNOWNED: ((2, 4), _decode_drop),
+    Op.MIGRATE_OUT: ((3,), _decode_out),
 }
 
 

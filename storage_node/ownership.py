@@ -20,15 +20,19 @@ coordinator that drives the steps):
   phase 1 (bulk copy), phase 2 (delta after the fence), phase 3 (delta done), plus
   ``sessions`` once the source's session table was merged. A new shard adopts ``old``
   here (it started with no ring that names it).
+- MIGRATE_OUT (source, before its phase 1 starts): from this entry on, the log index of
+  every write to a key that leaves this shard is kept in ``outgoing.dirty``.
 - MIGRATE_IN phase 1 (unfenced): ``[key, value, version]`` items, stored as they are;
-  ``v0`` is the lowest applied index of any source scan used (``min`` over batches).
-  Every key with version <= v0 still present at the source after the fence existed,
-  unchanged, when phase 1 read it, so phase 1 delivered it.
+  ``v0`` is the lowest applied index of any source listing used (``min`` over
+  batches), and every listing is taken after MIGRATE_OUT applied. A moving key not
+  written after v0 has the state phase 1 delivered (present with that value, or never
+  listed because absent); one written after v0 is in the source's ``dirty`` with an
+  index above v0.
 - FENCE (source): from this entry on, moving keys are refused (reads too: the target
-  may flip and take writes any time after the fence commits).
-- MIGRATE_IN phase 2 (fenced): every moving key still at the source, the value only if
-  its version > v0 (``[key]`` otherwise). ``done`` deletes the keys received from that
-  source and not listed in phase 2 (deleted at the source meanwhile).
+  may flip and take writes any time after the fence commits), so ``dirty`` is final.
+- MIGRATE_IN phase 2 (fenced): the final delta, only the keys dirty above v0: the value
+  if the key exists, a bare ``[key]`` (delete) if not. Its size is what was written
+  during phase 1, not the size of the moving ranges: the fence stays short.
 - MIGRATE_SESSIONS: merges the source's session table (taken after the fence, so it
   holds the replies of every write that ever applied to a moving key) and raises the
   version offset past every version the source assigned. Exactly once: a client whose
@@ -68,6 +72,7 @@ from storage_node.commands import (
     Fence,
     MigrateBegin,
     MigrateIn,
+    MigrateOut,
     MigrateSessions,
     RingCommand,
     RingSet,
@@ -83,19 +88,31 @@ class SourceProgress:
     cursor: bytes = b""
     v0: int = V0_NONE
     sessions: bool = False
-    missing: int = 0
-    received: set[bytes] = field(default_factory=set)
-    seen: set[bytes] = field(default_factory=set)
 
     def to_state(self) -> list[Any]:
-        return [self.phase, self.cursor, self.v0, self.sessions, self.missing,
-                sorted(self.received), sorted(self.seen)]
+        return [self.phase, self.cursor, self.v0, self.sessions]
 
     @classmethod
     def from_state(cls, v: Any) -> SourceProgress:
-        phase, cursor, v0, sessions, missing, received, seen = v
-        return cls(int(phase), bytes(cursor), int(v0), bool(sessions), int(missing),
-                   set(received), set(seen))
+        phase, cursor, v0, sessions = v
+        return cls(int(phase), bytes(cursor), int(v0), bool(sessions))
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A source's side of a ring change: the last log index of each write, since
+    MIGRATE_OUT, to a key that leaves this shard."""
+
+    old: RingConfig
+    new: RingConfig
+    dirty: dict[bytes, int] = field(default_factory=dict)
+    _new_ring: Ring = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._new_ring = Ring(self.new)
+
+    def leaves(self, key: bytes, me: int | None) -> bool:
+        return self._new_ring.shard_for(key) != me
 
 
 @dataclass(slots=True)
@@ -132,6 +149,7 @@ class Ownership:
         self.ring: Ring | None = None
         self.fence: Ring | None = None
         self.incoming: Incoming | None = None
+        self.outgoing: Outgoing | None = None
         self.version_offset = 0
         #: a RING_SET applied and no DROP_UNOWNED since: keys may linger (for resume)
         self.undropped = False
@@ -151,6 +169,13 @@ class Ownership:
         if self.fence is not None and self.fence.owner_of_position(p) != self.shard_id:
             return ErrorCode.UNAVAILABLE
         return 0
+
+    def note_write(self, key: bytes, index: int) -> None:
+        """A write to ``key`` applied at log ``index`` (the caller checks
+        ``outgoing`` first, so a shard with no ring change in flight pays nothing)."""
+        out = self.outgoing
+        if out is not None and out.leaves(key, self.shard_id):
+            out.dirty[key] = index
 
     @property
     def epoch(self) -> int:
@@ -179,6 +204,8 @@ class Ownership:
                 return self._fence(cmd.old, cmd.new)
             if isinstance(cmd, MigrateBegin):
                 return self._begin(cmd.old, cmd.new)
+            if isinstance(cmd, MigrateOut):
+                return self._out(cmd.old, cmd.new)
             if isinstance(cmd, MigrateIn):
                 return self._migrate_in(index, cmd, data)
             if isinstance(cmd, MigrateSessions):
@@ -208,6 +235,8 @@ class Ownership:
             self.fence = None
         if self.incoming is not None and self.incoming.new.epoch <= new.epoch:
             self.incoming = None
+        if self.outgoing is not None and self.outgoing.new.epoch <= new.epoch:
+            self.outgoing = None
         self._recompute()
         return {"ok": True, "epoch": self.epoch}
 
@@ -219,6 +248,19 @@ class Ownership:
         if self.fence is None or self.fence.config != new:
             self.fence = Ring(new)
             self._recompute()
+        return {"ok": True, "epoch": self.epoch}
+
+    def _out(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
+        if self.epoch >= new.epoch:
+            return {"ok": True, "noop": True, "epoch": self.epoch}
+        if self.ring is None or self.ring.config != old:
+            return {"ok": False, "error": f"ring change from epoch {old.epoch}, ring is "
+                    f"{self.epoch}"}
+        if self.outgoing is not None and self.outgoing.new != new:
+            return {"ok": False, "error": "another migration is in flight "
+                    f"(to epoch {self.outgoing.new.epoch})"}
+        if self.outgoing is None:
+            self.outgoing = Outgoing(old, new)
         return {"ok": True, "epoch": self.epoch}
 
     def _begin(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
@@ -258,8 +300,7 @@ class Ownership:
         assert self.incoming is not None
         old, new = Ring(self.incoming.old), Ring(self.incoming.new)
         items = msgpack.unpackb(cmd.items, raw=False, use_list=True)
-        stray = 0
-        top = 0
+        stray = deleted = top = 0
         for item in items:
             key = item[0]
             if type(key) is not bytes or moving(old, new, key) != (cmd.src, self.shard_id):
@@ -271,28 +312,16 @@ class Ownership:
                     raise ValueError("bad item")
                 data[key] = (value, version)
                 top = max(top, version)
-                p.received.add(key)
-                if cmd.phase == PHASE_DELTA:
-                    p.seen.add(key)
-            elif cmd.phase == PHASE_DELTA:
-                if key in data:
-                    p.seen.add(key)
-                else:
-                    p.missing += 1
+            elif cmd.phase == PHASE_DELTA and data.pop(key, None) is not None:
+                deleted += 1  # deleted at the source since phase 1 sent it
         self.version_offset = max(self.version_offset, top - index)
         p.v0 = min(p.v0, cmd.v0)
         p.cursor = max(p.cursor, cmd.cursor)
-        dropped = 0
         if cmd.done:
-            if cmd.phase == PHASE_DELTA:
-                for key in p.received - p.seen:
-                    if data.pop(key, None) is not None:
-                        dropped += 1
-                p.received, p.seen = set(), set()
             p.phase += 1
             p.cursor = b""
         return {"ok": True, "phase": p.phase, "cursor": p.cursor, "stray": stray,
-                "deleted": dropped, "missing": p.missing}
+                "deleted": deleted}
 
     def _sessions(self, index: int, cmd: MigrateSessions, merge: Any) -> dict[str, Any]:
         p = self._progress(cmd.new_epoch, cmd.src)
@@ -329,9 +358,12 @@ class Ownership:
             "incoming": None if inc is None else {
                 "old": ring_wire(inc.old), "new": ring_wire(inc.new),
                 "sources": {str(s): {"phase": p.phase, "cursor": p.cursor, "v0": p.v0,
-                                     "sessions": p.sessions, "missing": p.missing}
+                                     "sessions": p.sessions}
                             for s, p in inc.sources.items()},
             },
+            "outgoing": None if self.outgoing is None else {
+                "old": ring_wire(self.outgoing.old), "new": ring_wire(self.outgoing.new),
+                "dirty": len(self.outgoing.dirty)},
             "version_offset": self.version_offset,
             "undropped": self.undropped,
         }
@@ -344,6 +376,10 @@ class Ownership:
             "incoming": None if inc is None else [
                 ring_wire(inc.old), ring_wire(inc.new),
                 [[s, p.to_state()] for s, p in sorted(inc.sources.items())],
+            ],
+            "outgoing": None if self.outgoing is None else [
+                ring_wire(self.outgoing.old), ring_wire(self.outgoing.new),
+                list(self.outgoing.dirty.keys()), list(self.outgoing.dirty.values()),
             ],
             "offset": self.version_offset,
             "undropped": self.undropped,
@@ -362,6 +398,12 @@ class Ownership:
                     ring_from_wire(old), ring_from_wire(new),  # type: ignore[arg-type]
                     {int(s): SourceProgress.from_state(p) for s, p in sources},
                 )
+            out_state = state.get("outgoing")
+            outgoing = None
+            if out_state is not None:
+                o_old, o_new, o_keys, o_index = out_state
+                outgoing = Outgoing(ring_from_wire(o_old), ring_from_wire(o_new),  # type: ignore[arg-type]
+                                    dict(zip(o_keys, (int(i) for i in o_index), strict=True)))
             offset = int(state["offset"])
             undropped = bool(state["undropped"])
         except (TypeError, ValueError, KeyError, IndexError) as exc:
@@ -369,6 +411,7 @@ class Ownership:
         self._set_ring(ring)
         self.fence = Ring(fence) if fence is not None else None
         self.incoming = incoming
+        self.outgoing = outgoing
         self.version_offset = offset
         self.undropped = undropped
         self._recompute()

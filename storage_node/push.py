@@ -12,8 +12,8 @@ Theory of operation:
   loop turn, then sorts them: hashing a million keys takes about a second of Python,
   which must not stall replication and client traffic. ``applied`` is the applied index
   the snapshot was taken at. A key absent from the snapshot but present later was
-  written after ``applied``, so its version is above ``applied``: phase 2 (below,
-  after the fence) sends it. That is why one snapshot per phase is enough.
+  written after ``applied``, so the source's dirty record has it above ``applied``:
+  phase 2 (below, after the fence) sends it. That is why one snapshot is enough.
 - ``Push`` sends one batch at a time in key order and waits for its ack before the
   next. The target applies a batch only if it continues exactly where the target's
   replicated cursor stands (``MigrateIn.after``), so a batch resent after a lost ack or
@@ -22,9 +22,9 @@ Theory of operation:
   hints, else the next node of the target shard. No ack within ``ACK_TIMEOUT_S``: the
   same batch to the next node.
 - Phase 1 sends ``[key, value, version]`` with ``v0`` = the snapshot's applied index.
-  Phase 2 (only after this shard applied the fence) sends every moving key still
-  present, the value only if its version is above ``v0`` (the target's minimum over
-  phase 1), so the target can also delete keys that disappeared meanwhile.
+  Phase 2 (only after this shard applied the fence) sends the final delta: the keys
+  whose last write since MIGRATE_OUT is above ``v0`` (the target's minimum over phase
+  1), with their value, or bare (``[key]``: delete) if they are gone.
 - ``LeaderTasks`` holds a leader's pushes and drops. It is leader-only soft state: a
   new leader starts with none and the coordinator starts the stream again from the
   target's recorded cursor (``zkv admin resume`` from the shards' state if the
@@ -58,8 +58,6 @@ LIST_CHUNK_KEYS = 10_000
 ACK_TIMEOUT_S = 3.0
 BATCH_KEYS = 2000
 BATCH_BYTES = 2 * 1024 * 1024
-#: Phase 2 batches may hold this many times more items (mostly bare keys, no values).
-PHASE2_BATCH_FACTOR = 4
 #: Keys per DropUnowned command.
 DROP_BATCH_KEYS = 5000
 CURSOR_START = b""
@@ -79,9 +77,11 @@ class KeyLister:
     __slots__ = ("applied", "_todo", "_next", "_found", "_wanted", "_chunk", "keys")
 
     def __init__(self, sm: KVStateMachine, wanted: Callable[[int], bool],
-                 chunk: int = LIST_CHUNK_KEYS) -> None:
+                 chunk: int = LIST_CHUNK_KEYS, among: list[bytes] | None = None) -> None:
+        """``among``: the keys to look at (default: the whole table)."""
         self.applied = sm.applied_index
-        self._todo = list(sm.data)  # one C-speed copy; the hashing is what is spread out
+        # one C-speed copy; the hashing is what is spread out
+        self._todo = list(sm.data) if among is None else among
         self._next = 0
         self._found: list[bytes] = []
         self._wanted = wanted
@@ -142,8 +142,14 @@ class Push:
         old, new = Ring(spec.old), Ring(spec.new)
         src, dst = spec.src, spec.dst
         self.spec = spec
+        among = None
+        if spec.phase == PHASE_DELTA:  # the final delta: keys written since v0, only
+            out = sm.ownership.outgoing
+            assert out is not None and out.new == spec.new, "phase 2 needs MIGRATE_OUT"
+            among = [k for k, i in out.dirty.items() if i > spec.v0]
         self.lister = KeyLister(
-            sm, lambda p: old.owner_of_position(p) == src and new.owner_of_position(p) == dst)
+            sm, lambda p: old.owner_of_position(p) == src and new.owner_of_position(p) == dst,
+            among=among)
         self.after = spec.after
         self.state = LISTING
         self.error = ""
@@ -234,20 +240,18 @@ class Push:
         size = 0
         i = start
         n = len(keys)
-        # under the fence most items are bare keys: fewer, larger batches shorten it
-        limit = spec.batch_keys * PHASE2_BATCH_FACTOR if phase2 else spec.batch_keys
+        limit = spec.batch_keys
         while i < n and len(items) < limit and size < spec.batch_bytes:
             k = keys[i]
             i += 1
             found = data.get(k)
             if found is None:
-                continue  # deleted since the listing
-            if phase2 and found[1] <= v0:
-                items.append([k])
-                size += len(k) + 4
-            else:
-                items.append([k, found[0], found[1]])
-                size += len(k) + len(found[0]) + 12
+                if phase2:  # deleted since phase 1 sent it: delete it there too
+                    items.append([k])
+                    size += len(k) + 4
+                continue  # phase 1: deleted since the listing (phase 2 sends that)
+            items.append([k, found[0], found[1]])
+            size += len(k) + len(found[0]) + 12
         cursor = cursor_of(keys[i - 1]) if i > start else after
         self._seq += 1
         self._inflight_keys = len(items)

@@ -141,7 +141,10 @@ class KVStateMachine:
             return ErrorReply(cmd.request_id, refused, "key not served by this shard now",
                               epoch=self.ownership.epoch)
         data = self._data
-        index += self.ownership.version_offset  # the version this write gives its key
+        own = self.ownership
+        if own.outgoing is not None:  # a ring change takes this key away: note the write
+            own.note_write(cmd.key, index)
+        index += own.version_offset  # the version this write gives its key
         reply: PutReply | DeleteReply | CasReply
         if isinstance(cmd, PutCommand):
             data[cmd.key] = (cmd.value, index)

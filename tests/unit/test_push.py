@@ -145,3 +145,48 @@ def test_drop_lists_then_drops_a_batch_at_a_time() -> None:
             break
     assert dropped == len(moving) and src.ownership.undropped is False
     assert not set(moving) & set(src.data)
+
+
+def test_the_fenced_delta_is_only_what_was_written_during_the_copy() -> None:
+    """Phase 2 carries the keys written after the copy read them (values, or deletes),
+    not the whole moving range: the fence lasts as long as the delta, not the range."""
+    from storage_node.commands import DeleteCommand, Fence, MigrateOut
+
+    src, dst = _shards(2000)
+    index = 2000
+    assert src.apply_command(index := index + 1, MigrateOut(OLD, NEW))["ok"]
+
+    def run(phase: int, v0: int) -> Push:
+        push = Push(PushSpec(OLD, NEW, 0, 1, phase, v0, b"", TARGETS, batch_keys=50), src)
+        nonlocal dst_index
+        for _ in range(1000):
+            for _node, batch in push.pump(src, 0.0):
+                dst_index += 1
+                push.on_ack(MigrateAck(batch.seq, 1, dst.apply_command(dst_index,
+                                                                       command_for(batch)), ""), 0.0)
+            if push.state == DONE:
+                return push
+        raise AssertionError(push.status())
+
+    dst_index = 1
+    moving = sorted(_moving(src))
+    copy = run(1, 0)
+    assert copy.sent_keys == len(moving)
+    # written during the copy (after its listing): 5 updated, 3 deleted, 2 created
+    for i, key in enumerate(moving[:8]):
+        index += 1
+        if i < 5:
+            src.apply_command(index, PutCommand(b"w", index, index, 1, key, b"new"))
+        else:
+            src.apply_command(index, DeleteCommand(b"w", index, index, 1, key))
+    fresh = [k for i in range(10_000)
+             if Ring(NEW).shard_for(k := f"new-{i}".encode()) == 1][:2]
+    for key in fresh:
+        index += 1
+        src.apply_command(index, PutCommand(b"w", index, index, 1, key, b"created"))
+    assert src.apply_command(index := index + 1, Fence(OLD, NEW))["ok"]
+    v0 = dst.ownership.incoming.sources[0].v0  # type: ignore[union-attr]
+    delta = run(2, v0)
+    assert delta.lister.keys == sorted([*moving[:8], *fresh])
+    assert delta.sent_keys == 10  # 7 values, 3 deletes: not the 600-odd moving keys
+    assert dst.data == _moving(src)
