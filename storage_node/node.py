@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,15 +238,20 @@ class StorageNode:
             self.close()
 
     def _drain_broker(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
+        self._drain(sock, self._on_broker_frames, "from broker", now)
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[bytes], float], None],  # type: ignore[type-arg]
+               where: str, now: float) -> None:
+        """Feed up to ``BATCH_MAX`` waiting messages to ``handle``; bad ones are logged."""
         for _ in range(BATCH_MAX):
             try:
                 frames = _recv_frames(sock)
             except zmq.Again:
                 return
             try:
-                self._on_broker_frames(sock, frames, now)
+                handle(sock, frames, now)
             except RemoteProtocolError as exc:
-                self.log.warning("bad frames from broker: {}", exc)
+                self.log.warning("bad frames {}: {}", where, exc)
 
     def _drain_peers(self, now: float) -> None:
         for _ in range(BATCH_MAX):
@@ -571,18 +576,12 @@ class StorageNode:
                 sock.send_multipart(codec.encode(batch), zmq.NOBLOCK)
 
     def _drain_migrate_acks(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
-        for _ in range(BATCH_MAX):
-            try:
-                frames = _recv_frames(sock)
-            except zmq.Again:
-                return
-            try:
-                ack = codec.decode(frames)
-            except RemoteProtocolError as exc:
-                self.log.warning("bad frames on a migration socket: {}", exc)
-                continue
-            if type(ack) is MigrateAck:
-                self.tasks.on_ack(ack, now)
+        self._drain(sock, self._on_migrate_ack, "on a migration socket", now)
+
+    def _on_migrate_ack(self, sock: zmq.Socket, frames: list[bytes], now: float) -> None:  # type: ignore[type-arg]
+        ack = codec.decode(frames)
+        if type(ack) is MigrateAck:
+            self.tasks.on_ack(ack, now)
 
     def _on_migrate_batch(self, ident: bytes, batch: MigrateBatch, now: float) -> None:
         """A source leader's stream batch: propose it, answer once applied."""
