@@ -14,11 +14,13 @@ Steps for a change from ring ``old`` (epoch E) to ``new`` (epoch E+1):
    leader (``push``; ``storage_node/push.py``), all pairs at once; the coordinator
    only watches progress (``info`` on both ends) and restarts a stream that a leader
    change ended, from the cursor the target recorded. Sources keep serving meanwhile.
+   Phase 2 (catch-up), the same way and still unfenced: the keys written during the
+   copy. So what the fence must wait for is only what was written during the catch-up.
 3. ``fence`` at every source: from its log position on, the moving ranges are refused
    (UNAVAILABLE, retryable) at that source; ranges that do not move are not affected.
-4. Phase 2, the same way: the final delta (only the keys written since phase 1 read:
-   their value, or a delete), then the source's session table (exactly-once retries)
-   through the coordinator (small).
+4. Phase 3, the same way: the final delta (only the keys written since the catch-up
+   read: their value, or a delete), then the source's session table (exactly-once
+   retries) through the coordinator (small).
 5. ``ring_set`` to ``new``: targets first (each refuses unless it has everything), then
    the other shards. Brokers adopt the new epoch from heartbeats; a request that still
    reaches an old owner is handed back to the broker, which re-routes it.
@@ -221,13 +223,15 @@ class Rebalancer:
             self._cmd(s, "track", old=ring_wire(old), new=ring_wire(new))
         self.on_step("copy")
         self._run_phase(plan, 1)
+        self.on_step("catchup")
+        self._run_phase(plan, 2)
         self.on_step("fence")
         self.stats.fenced_s = time.monotonic()
         for s in plan.sources:
             self._cmd(s, "fence", old=ring_wire(old), new=ring_wire(new))
         self.say(f"fenced the moving ranges on shards {plan.sources}")
         self.on_step("delta")
-        self._run_phase(plan, 2)
+        self._run_phase(plan, 3)
         progress = {t: self._progress(t, new) for t in plan.targets}
         for s, t in plan.pairs:
             p = progress[t][str(s)]
@@ -282,7 +286,7 @@ class Rebalancer:
                 raise RebalanceError(f"phase {phase} streams {sorted(todo)} made no progress "
                                      f"for {STALL_S:.0f} s; run `zkv admin resume` to retry")
             # under the fence every poll interval is unavailability: look more often
-            time.sleep(self.poll_s if phase == 1 else self.poll_s / 5)
+            time.sleep(self.poll_s if phase < 3 else self.poll_s / 5)
 
     def _count(self, sent: dict[tuple[int, int], tuple[int, int]], pair: tuple[int, int],
                status: dict[str, Any] | None) -> bool:
@@ -306,7 +310,7 @@ class Rebalancer:
             raise RebalanceError(f"no node of shard {dst} is known to the broker")
         result, _ = self._admin(
             src, "push", old=ring_wire(plan.old), new=ring_wire(plan.new), dst=dst,
-            phase=phase, v0=int(progress["v0"]) if phase == 2 else 0,
+            phase=phase, v0=int(progress["v0"]) if phase > 1 else 0,
             after=progress["cursor"], targets=targets, limit=self.batch_keys,
             bytes_max=self.batch_bytes)
         if result.get("flipped"):

@@ -106,10 +106,10 @@ def admin_request(sm: KVStateMachine, tasks: LeaderTasks, op: str, args: dict[st
         packed = msgpack.packb(sm.sessions.to_state(), use_bin_type=True)
         return {"ok": True, "version_next": version_next}, packed
     dst, phase = _int(args, "dst"), _int(args, "phase")
-    if phase not in (PHASE_COPY, PHASE_DELTA):
-        raise AdminError("phase must be 1 or 2")
+    if not PHASE_COPY <= phase <= PHASE_DELTA:
+        raise AdminError("phase must be 1 (copy), 2 (catch-up) or 3 (final delta)")
     if phase == PHASE_DELTA and not fenced:
-        raise AdminError("phase 2 needs the fence applied first")
+        raise AdminError("the final delta needs the fence applied first")
     if own.outgoing is None or own.outgoing.new != new:
         raise AdminError("a stream needs the migration begun here first (track)")
     if own.shard_id is None or dst == own.shard_id:

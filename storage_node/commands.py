@@ -128,8 +128,8 @@ class MigrateOut:
 
 @dataclass(frozen=True, slots=True)
 class MigrateIn:
-    """Phase 1: ``items`` = ``[[key, value, version], ...]``; phase 2 adds bare ``[key]``
-    for keys unchanged since ``v0``; ``done`` closes the phase for ``src``."""
+    """Phase 1: ``items`` = ``[[key, value, version], ...]``; phases 2-3 add bare
+    ``[key]`` for keys deleted since; ``done`` closes the phase for ``src``."""
 
     new_epoch: int
     src: int

@@ -17,22 +17,26 @@ coordinator that drives the steps):
   source, whatever a stale broker sends, and a refused write is not recorded in the
   session table (it did not happen; its retry will be applied by the new owner).
 - MIGRATE_BEGIN (target): records ``incoming`` = (old, new) and, per source, progress:
-  phase 1 (bulk copy), phase 2 (delta after the fence), phase 3 (delta done), plus
+  phase 1 (bulk copy), 2 (catch-up), 3 (final delta, fenced), 4 (done), plus
   ``sessions`` once the source's session table was merged. A new shard adopts ``old``
   here (it started with no ring that names it).
 - MIGRATE_OUT (source, before its phase 1 starts): from this entry on, the log index of
   every write to a key that leaves this shard is kept in ``outgoing.dirty``.
-- MIGRATE_IN phase 1 (unfenced): ``[key, value, version]`` items, stored as they are;
+- MIGRATE_IN phase 1, the copy (unfenced): ``[key, value, version]`` items, as they are;
   ``v0`` is the lowest applied index of any source listing used (``min`` over
   batches), and every listing is taken after MIGRATE_OUT applied. A moving key not
   written after v0 has the state phase 1 delivered (present with that value, or never
   listed because absent); one written after v0 is in the source's ``dirty`` with an
   index above v0.
+- MIGRATE_IN phase 2, the catch-up (unfenced): the keys dirty above v0, listed at some
+  index v1 (``min`` over batches): the value if the key exists, a bare ``[key]``
+  (delete) if not, as read at or after v1. When it is done, v0 becomes v1: a key not
+  written after v1 is now here in its final state.
 - FENCE (source): from this entry on, moving keys are refused (reads too: the target
   may flip and take writes any time after the fence commits), so ``dirty`` is final.
-- MIGRATE_IN phase 2 (fenced): the final delta, only the keys dirty above v0: the value
-  if the key exists, a bare ``[key]`` (delete) if not. Its size is what was written
-  during phase 1, not the size of the moving ranges: the fence stays short.
+- MIGRATE_IN phase 3, the final delta (fenced): the same for the keys dirty above v0.
+  Its size is what was written during the catch-up, not the size of the moving ranges
+  nor what was written during the copy: the fence stays short.
 - MIGRATE_SESSIONS: merges the source's session table (taken after the fence, so it
   holds the replies of every write that ever applied to a moving key) and raises the
   version offset past every version the source assigned. Exactly once: a client whose
@@ -78,7 +82,9 @@ from storage_node.commands import (
     RingSet,
 )
 
-PHASE_COPY, PHASE_DELTA, PHASE_DONE = 1, 2, 3
+#: Per source at a target: the bulk copy, a catch-up of what was written meanwhile (not
+#: fenced), the final delta (fenced), done.
+PHASE_COPY, PHASE_CATCHUP, PHASE_DELTA, PHASE_DONE = 1, 2, 3, 4
 V0_NONE = (1 << 63) - 1
 
 
@@ -86,16 +92,19 @@ V0_NONE = (1 << 63) - 1
 class SourceProgress:
     phase: int = PHASE_COPY
     cursor: bytes = b""
+    #: every moving key not written at the source after v0 is here in its final state
     v0: int = V0_NONE
     sessions: bool = False
+    #: the catch-up's own v0, in force once it is done
+    v1: int = V0_NONE
 
     def to_state(self) -> list[Any]:
-        return [self.phase, self.cursor, self.v0, self.sessions]
+        return [self.phase, self.cursor, self.v0, self.sessions, self.v1]
 
     @classmethod
     def from_state(cls, v: Any) -> SourceProgress:
-        phase, cursor, v0, sessions = v
-        return cls(int(phase), bytes(cursor), int(v0), bool(sessions))
+        phase, cursor, v0, sessions, v1 = v
+        return cls(int(phase), bytes(cursor), int(v0), bool(sessions), int(v1))
 
 
 @dataclass(slots=True)
@@ -312,12 +321,17 @@ class Ownership:
                     raise ValueError("bad item")
                 data[key] = (value, version)
                 top = max(top, version)
-            elif cmd.phase == PHASE_DELTA and data.pop(key, None) is not None:
-                deleted += 1  # deleted at the source since phase 1 sent it
+            elif cmd.phase != PHASE_COPY and data.pop(key, None) is not None:
+                deleted += 1  # deleted at the source since an earlier phase sent it
         self.version_offset = max(self.version_offset, top - index)
-        p.v0 = min(p.v0, cmd.v0)
+        if cmd.phase == PHASE_COPY:
+            p.v0 = min(p.v0, cmd.v0)
+        elif cmd.phase == PHASE_CATCHUP:
+            p.v1 = min(p.v1, cmd.v0)
         p.cursor = max(p.cursor, cmd.cursor)
         if cmd.done:
+            if cmd.phase == PHASE_CATCHUP:
+                p.v0 = p.v1  # what was written before the catch-up listed is here now
             p.phase += 1
             p.cursor = b""
         return {"ok": True, "phase": p.phase, "cursor": p.cursor, "stray": stray,
@@ -358,7 +372,7 @@ class Ownership:
             "incoming": None if inc is None else {
                 "old": ring_wire(inc.old), "new": ring_wire(inc.new),
                 "sources": {str(s): {"phase": p.phase, "cursor": p.cursor, "v0": p.v0,
-                                     "sessions": p.sessions}
+                                     "sessions": p.sessions, "v1": p.v1}
                             for s, p in inc.sources.items()},
             },
             "outgoing": None if self.outgoing is None else {

@@ -13,7 +13,7 @@ Theory of operation:
   which must not stall replication and client traffic. ``applied`` is the applied index
   the snapshot was taken at. A key absent from the snapshot but present later was
   written after ``applied``, so the source's dirty record has it above ``applied``:
-  phase 2 (below, after the fence) sends it. That is why one snapshot is enough.
+  a later delta sends it. That is why one snapshot is enough.
 - ``Push`` sends one batch at a time in key order and waits for its ack before the
   next. The target applies a batch only if it continues exactly where the target's
   replicated cursor stands (``MigrateIn.after``), so a batch resent after a lost ack or
@@ -21,10 +21,10 @@ Theory of operation:
   carries the target's real cursor to resume from. Not the leader: try the node it
   hints, else the next node of the target shard. No ack within ``ACK_TIMEOUT_S``: the
   same batch to the next node.
-- Phase 1 sends ``[key, value, version]`` with ``v0`` = the snapshot's applied index.
-  Phase 2 (only after this shard applied the fence) sends the final delta: the keys
-  whose last write since MIGRATE_OUT is above ``v0`` (the target's minimum over phase
-  1), with their value, or bare (``[key]``: delete) if they are gone.
+- Phase 1 (copy) sends ``[key, value, version]``; each batch carries ``v0`` = the
+  listing's applied index. Phase 2 (catch-up) and phase 3 (final delta, only after this
+  shard applied the fence) send the keys whose last write since MIGRATE_OUT is above
+  the target's ``v0``, with their value, or bare (``[key]``: delete) if they are gone.
 - ``LeaderTasks`` holds a leader's pushes and drops. It is leader-only soft state: a
   new leader starts with none and the coordinator starts the stream again from the
   target's recorded cursor (``zkv admin resume`` from the shards' state if the
@@ -143,9 +143,9 @@ class Push:
         src, dst = spec.src, spec.dst
         self.spec = spec
         among = None
-        if spec.phase == PHASE_DELTA:  # the final delta: keys written since v0, only
+        if spec.phase != PHASE_COPY:  # catch-up or final delta: keys written since v0
             out = sm.ownership.outgoing
-            assert out is not None and out.new == spec.new, "phase 2 needs MIGRATE_OUT"
+            assert out is not None and out.new == spec.new, "a delta needs MIGRATE_OUT"
             among = [k for k, i in out.dirty.items() if i > spec.v0]
         self.lister = KeyLister(
             sm, lambda p: old.owner_of_position(p) == src and new.owner_of_position(p) == dst,
@@ -234,8 +234,8 @@ class Push:
         after = self.after
         start = 0 if after == CURSOR_START else bisect.bisect_right(keys, after[1:])
         data = sm.data
-        phase2 = spec.phase == PHASE_DELTA
-        v0 = spec.v0 if phase2 else self.lister.applied
+        delta = spec.phase != PHASE_COPY
+        v0 = self.lister.applied  # the target keeps the lowest of a phase as its next v0
         items: list[list[Any]] = []
         size = 0
         i = start
@@ -246,10 +246,10 @@ class Push:
             i += 1
             found = data.get(k)
             if found is None:
-                if phase2:  # deleted since phase 1 sent it: delete it there too
+                if delta:  # deleted since an earlier phase sent it: delete it there too
                     items.append([k])
                     size += len(k) + 4
-                continue  # phase 1: deleted since the listing (phase 2 sends that)
+                continue  # the copy: deleted since the listing (a delta sends that)
             items.append([k, found[0], found[1]])
             size += len(k) + len(found[0]) + 12
         cursor = cursor_of(keys[i - 1]) if i > start else after

@@ -11,7 +11,7 @@ import pytest
 from protocol.messages import MigrateAck, MigrateBatch
 from protocol.ring import Ring, RingConfig
 from storage_node.commands import MigrateBegin, PutCommand
-from storage_node.ownership import PHASE_DELTA
+from storage_node.ownership import PHASE_CATCHUP
 from storage_node.push import (
     ACK_TIMEOUT_S,
     DONE,
@@ -98,7 +98,7 @@ def test_stream_survives_loss_duplicates_and_leader_changes(seed: int) -> None:
             leader = rng.choice(["t1", "t2", "t3"])  # an election at the target
     assert push.state == DONE, push.status()
     progress = dst.ownership.incoming.sources[0]  # type: ignore[union-attr]
-    assert progress.phase == PHASE_DELTA
+    assert progress.phase == PHASE_CATCHUP
     assert dst.data == _moving(src)
     keys = push.lister.keys or []
     assert applied_batches == max(1, -(-len(keys) // 17))  # each batch applied once
@@ -147,9 +147,10 @@ def test_drop_lists_then_drops_a_batch_at_a_time() -> None:
     assert not set(moving) & set(src.data)
 
 
-def test_the_fenced_delta_is_only_what_was_written_during_the_copy() -> None:
-    """Phase 2 carries the keys written after the copy read them (values, or deletes),
-    not the whole moving range: the fence lasts as long as the delta, not the range."""
+def test_the_fenced_delta_is_only_what_was_written_during_the_catch_up() -> None:
+    """The catch-up carries the keys written after the copy read them (values, or
+    deletes), the fenced final delta only those written after the catch-up read: the
+    fence lasts as long as that delta, not the range nor the copy."""
     from storage_node.commands import DeleteCommand, Fence, MigrateOut
 
     src, dst = _shards(2000)
@@ -184,9 +185,19 @@ def test_the_fenced_delta_is_only_what_was_written_during_the_copy() -> None:
     for key in fresh:
         index += 1
         src.apply_command(index, PutCommand(b"w", index, index, 1, key, b"created"))
+    progress = dst.ownership.incoming.sources[0]  # type: ignore[union-attr]
+    catchup = run(2, progress.v0)
+    assert catchup.lister.keys == sorted([*moving[:8], *fresh])
+    assert catchup.sent_keys == 10  # 7 values, 3 deletes: not the 600-odd moving keys
+    assert dst.data == _moving(src)
+    # written during the catch-up: only that is left for the fence
+    index += 1
+    src.apply_command(index, PutCommand(b"w", index, index, 1, moving[20], b"newer"))
+    index += 1
+    src.apply_command(index, DeleteCommand(b"w", index, index, 1, fresh[0]))
     assert src.apply_command(index := index + 1, Fence(OLD, NEW))["ok"]
-    v0 = dst.ownership.incoming.sources[0].v0  # type: ignore[union-attr]
-    delta = run(2, v0)
-    assert delta.lister.keys == sorted([*moving[:8], *fresh])
-    assert delta.sent_keys == 10  # 7 values, 3 deletes: not the 600-odd moving keys
+    assert progress.phase == 3 and progress.v0 == catchup.lister.applied
+    delta = run(3, progress.v0)
+    assert delta.lister.keys == sorted([moving[20], fresh[0]])
+    assert delta.sent_keys == 2
     assert dst.data == _moving(src)

@@ -176,7 +176,8 @@ def test_retried_write_after_the_move_is_not_applied_twice() -> None:
 
 
 def test_resume_after_the_coordinator_died_mid_way() -> None:
-    for stop_at in ("fence", "delta", "ring_set", "drop", "batch1", "batch2"):
+    for stop_at in ("catchup", "fence", "delta", "ring_set", "drop", "batch1", "batch2",
+                    "batch3"):
         c = FakeCluster([0, 1])
         for i in range(200):
             c.put(f"k{i}".encode(), f"v{i}".encode())
