@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +112,52 @@ def test_cli_cluster_up_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         with KVClient(c.endpoints, timeout_s=10) as kv:
             assert kv.get("x") == b"1"
     assert os.listdir(data / "logs")
+
+
+def test_cli_cluster_up_with_8_shards_spreads_the_keys(tmp_path: Path) -> None:
+    """``zkv cluster up --shards 8`` (x 3 replicas: 24 node processes): every shard gets
+    a leader and its share of the keys, and ``zkv status`` shows each shard's ring share
+    and key count."""
+    from client.cluster import free_port_block
+    from protocol.ring import Ring
+
+    port = free_port_block(3)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    data = tmp_path / "cli-data"
+    cmd = [sys.executable, "-m", "client.cli", "cluster", "up", "--shards", "8",
+           "--replicas", "3", "--data-dir", str(data), "--port", str(port), "--fsync", "never"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.strip() == f"zkv cluster up: serving on {endpoint}", proc.stderr
+        keys = [f"key-{i}" for i in range(800)]
+        with KVClient(endpoint, timeout_s=20) as kv:
+            for k in keys:
+                kv.put(k, k)
+            assert all(kv.get(k) == k.encode() for k in keys[::37])
+        ring = Ring.of(range(8))
+        expected = {s: sum(1 for k in keys if ring.shard_for(k.encode()) == s) for s in range(8)}
+        assert all(n > 0 for n in expected.values())
+        deadline = time.monotonic() + 10  # key counts travel in heartbeats (100 ms)
+        while True:
+            status = subprocess.run(
+                [sys.executable, "-m", "client.cli", "--endpoint", endpoint, "status"],
+                capture_output=True, text=True, timeout=30)
+            assert status.returncode == 0, status.stderr
+            rows = {int(m.group(1)): m for m in re.finditer(
+                r"^shard (\d+)  leader (\S+) .* ring share ([\d.]+)%  keys (\d+|-)$",
+                status.stdout, re.MULTILINE)}
+            counts = {s: m.group(4) for s, m in rows.items()}
+            if counts == {s: str(n) for s, n in expected.items()}:
+                break
+            assert time.monotonic() < deadline, f"{expected}\n{status.stdout}"
+            time.sleep(0.3)
+        shares = {s: float(m.group(3)) for s, m in rows.items()}
+        assert all(m.group(2) != "NONE" for m in rows.values())
+        assert abs(sum(shares.values()) - 100) < 0.5 and all(5 < v < 20 for v in shares.values())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
