@@ -45,6 +45,20 @@ def _counts(ring: Ring, pos: list[int]) -> dict[int, int]:
     return counts
 
 
+def _moved_to_new_shard(n: int, vnodes: int, positions: list[int]) -> int:
+    """Keys that change owner when shard ``n`` joins shards ``0..n-1``; asserts every
+    moving range goes to the new shard."""
+    moved = 0
+    for m in plan_moves(Ring.of(range(n), vnodes), Ring.of(range(n + 1), vnodes)):
+        assert m.dst == n, f"a range moved {m.src} -> {m.dst}, not to the new shard"
+        if m.lo < m.hi:
+            moved += bisect.bisect_right(positions, m.hi) - bisect.bisect_right(positions, m.lo)
+        else:
+            moved += len(positions) - bisect.bisect_right(positions, m.lo)
+            moved += bisect.bisect_right(positions, m.hi)
+    return moved
+
+
 def _balance(n: int, pos: list[int]) -> float:
     counts = _counts(Ring.of(range(n)), pos)
     return max(counts.values()) / (len(pos) / n)
@@ -72,15 +86,7 @@ def test_balance_spec_conflict_15_and_16_shards(positions: list[int]) -> None:
 
 @pytest.mark.parametrize("n", range(2, 16))
 def test_adding_a_shard_moves_little_and_only_to_it(n: int, positions: list[int]) -> None:
-    old, new = Ring.of(range(n)), Ring.of(range(n + 1))
-    moved = 0
-    for m in plan_moves(old, new):
-        assert m.dst == n, f"a range moved {m.src} -> {m.dst}, not to the new shard"
-        if m.lo < m.hi:
-            moved += bisect.bisect_right(positions, m.hi) - bisect.bisect_right(positions, m.lo)
-        else:
-            moved += len(positions) - bisect.bisect_right(positions, m.lo)
-            moved += bisect.bisect_right(positions, m.hi)
+    moved = _moved_to_new_shard(n, DEFAULT_VNODES, positions)
     ideal = len(positions) / (n + 1)
     assert moved <= MOVE_SLACK * ideal, f"{n}->{n + 1}: moved {moved}, ideal {ideal:.0f}"
 
@@ -140,3 +146,17 @@ def test_ring_matches_naive_on_random_seeds() -> None:
         for _ in range(50):
             key = rng.randbytes(rng.randint(0, 16))
             assert ring.shard_for(key) == naive_owner(sorted(shards), vnodes, key)
+
+
+def test_512_vnodes_would_meet_both_bounds(positions: list[int]) -> None:
+    """The option offered to the issue author for the 15/16-shard conflict: the same
+    token formula at 512 vnodes per shard meets the balance bound for 2..16 shards
+    (measured max 1.0807) and the movement bound (measured max 1.0629 x ideal). The
+    default stays 256 as the issue prescribes until the author decides."""
+    vnodes = 512
+    for n in range(2, 17):
+        counts = _counts(Ring.of(range(n), vnodes), positions)
+        assert max(counts.values()) / (len(positions) / n) <= BALANCE_MAX, n
+    for n in range(2, 16):
+        moved = _moved_to_new_shard(n, vnodes, positions)
+        assert moved <= MOVE_SLACK * len(positions) / (n + 1), n
