@@ -56,6 +56,9 @@ from storage_node.state_machine import KVStateMachine
 LIST_CHUNK_KEYS = 10_000
 #: A batch not acknowledged by then goes to the next node of the target shard.
 ACK_TIMEOUT_S = 3.0
+#: After "not the leader" without a known leader (an election is on): wait this long
+#: before trying the next node, rather than bouncing a large batch around the group.
+NO_LEADER_RETRY_S = 0.1
 BATCH_KEYS = 2000
 BATCH_BYTES = 2 * 1024 * 1024
 #: Keys per DropUnowned command.
@@ -163,7 +166,8 @@ class Push:
         self._sent_at = 0.0
         self._targets = [node for node, _ in spec.targets]
         self._target = 0
-        self._redirected = False
+        #: set by a "not the leader" answer: when to send the batch again
+        self._resend_at: float | None = None
 
     @property
     def target(self) -> str:
@@ -180,8 +184,10 @@ class Push:
                 self.state, self.error = FAILED, "no node of the target shard is known"
             return []
         if self._inflight is not None:
-            if self._redirected:
-                self._redirected = False  # to the node the last answer named
+            if self._resend_at is not None:  # answered "not the leader"
+                if now < self._resend_at:
+                    return []
+                self._resend_at = None
             elif now - self._sent_at < ACK_TIMEOUT_S:
                 return []
             else:  # no answer in time: the same batch to the next node
@@ -200,9 +206,12 @@ class Push:
         if not r.get("ok"):
             if r.get("not_leader"):
                 hint = ack.leader_hint
-                self._target = (self._targets.index(hint) if hint in self._targets
-                                else (self._target + 1) % len(self._targets))
-                self._redirected = True  # resend at the next pump
+                if hint in self._targets:  # at once to the leader it names
+                    self._target = self._targets.index(hint)
+                    self._resend_at = now
+                else:
+                    self._target = (self._target + 1) % len(self._targets)
+                    self._resend_at = now + NO_LEADER_RETRY_S
                 return
             self.state, self.error = FAILED, str(r.get("error", "refused"))
             self._inflight = None

@@ -201,3 +201,20 @@ def test_the_fenced_delta_is_only_what_was_written_during_the_catch_up() -> None
     assert delta.lister.keys == sorted([moving[20], fresh[0]])
     assert delta.sent_keys == 2
     assert dst.data == _moving(src)
+
+
+def test_no_leader_at_the_target_backs_off_instead_of_bouncing() -> None:
+    """During an election every target node says "not the leader" with no hint: the
+    stream tries the next node after a short pause, not in a tight loop."""
+    from storage_node.push import NO_LEADER_RETRY_S
+
+    src, _ = _shards(50)
+    push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS), src)
+    (node, batch), = push.pump(src, 0.0)
+    push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True}, ""), 0.01)
+    assert push.pump(src, 0.01 + NO_LEADER_RETRY_S / 2) == []
+    (again, same), = push.pump(src, 0.01 + NO_LEADER_RETRY_S)
+    assert same == batch and again != node
+    push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True}, "t1"), 0.2)
+    (hinted, _), = push.pump(src, 0.2)  # a named leader: at once
+    assert hinted == "t1"
