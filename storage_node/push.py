@@ -55,7 +55,7 @@ from storage_node.state_machine import KVStateMachine
 #: Keys hashed per loop turn while listing (about 15 ms of Python).
 LIST_CHUNK_KEYS = 10_000
 #: A batch not acknowledged by then goes to the next node of the target shard.
-ACK_TIMEOUT_S = 3.0
+ACK_TIMEOUT_S = 1.5
 #: After "not the leader" without a known leader (an election is on): wait this long
 #: before trying the next node, rather than bouncing a large batch around the group.
 NO_LEADER_RETRY_S = 0.1
