@@ -131,7 +131,7 @@ class StorageNode:
         hard = durable_state.load_hard_state(cfg.data_dir)
         self.state = KVStateMachine(shard_id=cfg.shard_id, ring=ring)
         #: leader-only soft state: streams to other shards' leaders, drops in progress
-        self.tasks = LeaderTasks()
+        self.tasks = LeaderTasks(seq0=int.from_bytes(os.urandom(5), "big") << 20)
         snap = load_latest_snapshot(cfg.data_dir)
         snapshot = None
         if snap is not None:

@@ -223,14 +223,14 @@ class Push:
             if r.get("stale") is not True:
                 self._count(batch)
             return
-        if r.get("stale"):
-            cursor = r.get("cursor")
+        cursor = r.get("cursor")
+        if r.get("stale") or cursor != batch.cursor:
+            # not this batch's doing (a stale resend, or an old answer that happens to
+            # carry this seq): go on from where the target says it stands
             self.after = cursor if type(cursor) is bytes else self.after
             return
-        self._count(batch)
+        self._count(batch)  # applied: the target's cursor is now where this batch ends
         self.after = batch.cursor
-        if batch.done:
-            self.state = DONE
 
     def _count(self, batch: MigrateBatch) -> None:
         self.sent_keys += self._inflight_keys
@@ -312,10 +312,13 @@ class LeaderTasks:
     """A shard leader's running pushes and drops: soft state, cleared when it steps
     down. ``pump`` once per loop turn; it returns the batches to send."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq0: int = 0) -> None:
+        """``seq0``: where batch numbers start; the shell picks it at random, so a late
+        answer to a previous process of the same node cannot match a batch of ours
+        (``Push.on_ack`` also checks the answer is this batch's)."""
         self.pushes: dict[tuple[int, int, int], Push] = {}
         self.drops: dict[int, Drop] = {}
-        self._seq = 0
+        self._seq = seq0
 
     def start_push(self, spec: PushSpec, sm: KVStateMachine) -> dict[str, Any]:
         """Start (or restart) a stream; one already running for the same epoch,
