@@ -297,9 +297,10 @@ class Rebalancer:
         before = sent.get(pair, (0, 0))
         if now == before:
             return False
-        if now[0] >= before[0]:  # else a restarted stream counts anew
-            self.stats.keys += now[0] - before[0]
-            self.stats.bytes += now[1] - before[1]
+        if now[0] < before[0]:  # a restarted stream counts from zero again
+            before = (0, 0)
+        self.stats.keys += now[0] - before[0]
+        self.stats.bytes += now[1] - before[1]
         sent[pair] = now
         return True
 

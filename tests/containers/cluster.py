@@ -14,6 +14,8 @@ Theory of operation:
 - Broker frontends are published on 127.0.0.1 at a host port chosen once per cluster, so
   a restarted broker comes back on the same port and clients keep their endpoints; the
   port is still read from Docker on every call (``broker_endpoint``), never cached.
+- Growing: ``add_shard_group`` starts one more shard group on the same network, with the
+  initial ring; moving keys to it is the test's business (``client/rebalance.py``).
 - Faults: SIGKILL + start (the writable layer, hence the WAL, survives), pause/unpause,
   disconnect/reconnect (aliases given again), iptables DROP rules in a ``ZKV`` chain for
   partial partitions (containers run with NET_ADMIN; rules name peer IPs at the time of
@@ -266,12 +268,15 @@ class ContainerCluster:
         for b in self.brokers:
             self._add(b, "broker", None, self._broker_command(b))
         for s, names in self.nodes_by_shard.items():
-            for n in names:
-                peers = {p: f"tcp://{p}:{NODE_PORT}" for p in names if p != n}
-                backends = [f"tcp://{b}:{BROKER_PORT + 1}" for b in self.brokers]
-                self._add(n, "node", s, self._node_command(n, s, peers, backends))
+            self._add_group(s, names)
 
     # ----------------------------------------------------------------- construction
+
+    def _add_group(self, shard: int, names: list[str]) -> None:
+        for n in names:
+            peers = {p: f"tcp://{p}:{NODE_PORT}" for p in names if p != n}
+            backends = [f"tcp://{b}:{BROKER_PORT + 1}" for b in self.brokers]
+            self._add(n, "node", shard, self._node_command(n, shard, peers, backends))
 
     def _add(self, name: str, kind: str, shard: int | None, command: list[str]) -> None:
         pattern = r"\bbroker\b.*\bready\b" if kind == "broker" else rf"\bnode\s+{name}\b.*\bready\b"
@@ -339,6 +344,25 @@ class ContainerCluster:
         if self.cfg.expect_leaders:
             self.wait_converged(timeout_s=timeout_s)
         log.info("cluster %s up in %.1fs", self.name, time.monotonic() - started)
+
+    def add_shard_group(self, shard: int, timeout_s: float = 30.0) -> list[str]:
+        """Start a new shard group (``cfg.replicas`` nodes ``s<shard>r<i>``) on the
+        cluster network, as ``client/cluster.py`` does for ``zkv admin add-shard``: with
+        the cluster's *initial* ring (``--shards`` of the original shards), so it owns no
+        key until a ring change moves some to it. Returns once every broker lists its
+        nodes and a leader of it. ``close()`` removes them with the rest."""
+        if shard in self.nodes_by_shard:
+            raise ValueError(f"shard {shard} already has a group")
+        names = [f"s{shard}r{r}" for r in range(self.cfg.replicas)]
+        self._add_group(shard, names)
+        self.nodes_by_shard[shard] = names
+        for name in names:
+            m = self.members[name]
+            m.tc = self._container_for(m)
+            m.tc.start()
+        self.wait_ready(names, timeout_s=timeout_s)
+        self.wait_converged(timeout_s=timeout_s)
+        return names
 
     def _container_for(self, m: Member) -> DockerContainer:
         tc = (
