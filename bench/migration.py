@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fence[step] = time.monotonic()
 
         t_start = time.monotonic()
-        cluster.add_shard(progress=progress, on_step=on_step)
+        cluster.add_shard(progress=progress, on_step=on_step,
+                          rate_bytes_s=int(args.max_rate * 1e6))
         t_end = time.monotonic()
         time.sleep(args.settle_s)
         stop.set()
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload_bytes = moved["keys"] * (args.value_size + len(keys[0]) + 12)
     result = {
         "keys": args.keys, "value_size": args.value_size, "shards": args.shards,
-        "replicas": args.replicas, "fsync": args.fsync, "load_s": round(load_s, 2),
+        "replicas": args.replicas, "fsync": args.fsync, "max_rate_mb_s": args.max_rate,
+        "load_s": round(load_s, 2),
         "moved_keys": moved["keys"],
         "add_shard_s": round(t_end - t_start, 2),
         "new_group_start_s": round(spawn_s, 2),
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32,
                    help="requests in flight, half on staying keys, half on moving keys")
     p.add_argument("--settle-s", type=float, default=3.0)
+    p.add_argument("--max-rate", type=float, default=0.0, metavar="MB/S",
+                   help="bound the streams (zkv admin add-shard --max-rate); 0: none")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     r = run(args)

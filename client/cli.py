@@ -34,6 +34,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zkv", description="zkv: a sharded, replicated key-value store.")
     p.add_argument("--endpoint", default=os.environ.get("ZKV_ENDPOINT") or DEFAULT_ENDPOINT,
@@ -93,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("shard_id", type=int)
     a.add_argument("--data-dir", help="the `zkv cluster up` data dir: its supervisor "
                    "stops the shard's nodes afterwards")
-    asub.add_parser("resume", parents=[common],
-                    help="finish a ring change whose coordinator died")
+    a = asub.add_parser("resume", parents=[common],
+                        help="finish a ring change whose coordinator died")
+    for a in asub.choices.values():
+        a.add_argument("--max-rate", type=_non_negative, default=0.0, metavar="MB/S",
+                       help="bound the key streams to this many MB/s in all, so live "
+                       "traffic keeps more of the CPU (default: 0, no bound)")
 
     from client import cluster
 
@@ -201,7 +215,7 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
 
     with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
-        r = Rebalancer(kv, say)
+        r = Rebalancer(kv, say, rate_bytes_s=int(args.max_rate * 1e6))
         if args.admin_command == "resume":
             r.resume()
             return EXIT_OK

@@ -127,7 +127,10 @@ class Stats:
 class Rebalancer:
     def __init__(self, kv: KVClient, progress: Callable[[str], None] | None = None,
                  batch_keys: int = BATCH_KEYS, batch_bytes: int = BATCH_BYTES,
-                 on_step: Callable[[str], None] | None = None, poll_s: float = POLL_S) -> None:
+                 on_step: Callable[[str], None] | None = None, poll_s: float = POLL_S,
+                 rate_bytes_s: int = 0) -> None:
+        """``rate_bytes_s``: what all streams together may send per second (0: no
+        bound); each of the streams running at once gets an equal part."""
         self.kv = kv
         self.say = progress or (lambda _line: None)
         self.batch_keys = batch_keys
@@ -136,6 +139,7 @@ class Rebalancer:
         self.on_step = on_step or (lambda _step: None)
         self.stats = Stats()
         self.poll_s = poll_s
+        self.rate_bytes_s = rate_bytes_s
 
     # ------------------------------------------------------------------ public
 
@@ -248,6 +252,7 @@ class Rebalancer:
         leader to target leader; return once every target recorded the phase done."""
         new = plan.new
         todo = set(plan.pairs)
+        rate = -(-self.rate_bytes_s // len(todo)) if self.rate_bytes_s and todo else 0
         sent: dict[tuple[int, int], tuple[int, int]] = {}
         last_change = time.monotonic()
         next_report = last_change + PROGRESS_EVERY_S
@@ -276,7 +281,7 @@ class Rebalancer:
                 if st is None or st["state"] == "failed":
                     if st is not None:
                         self.say(f"stream {s}->{t} failed ({st['error']}): restarting")
-                    self._start_push(plan, s, t, phase, progress[t][str(s)])
+                    self._start_push(plan, s, t, phase, progress[t][str(s)], rate)
             now = time.monotonic()
             if now >= next_report:
                 next_report = now + PROGRESS_EVERY_S
@@ -305,7 +310,7 @@ class Rebalancer:
         return True
 
     def _start_push(self, plan: Plan, src: int, dst: int, phase: int,
-                    progress: dict[str, Any]) -> None:
+                    progress: dict[str, Any], rate: int = 0) -> None:
         targets = self._peers(dst)
         if not targets:
             raise RebalanceError(f"no node of shard {dst} is known to the broker")
@@ -313,7 +318,7 @@ class Rebalancer:
             src, "push", old=ring_wire(plan.old), new=ring_wire(plan.new), dst=dst,
             phase=phase, v0=int(progress["v0"]) if phase > 1 else 0,
             after=progress["cursor"], targets=targets, limit=self.batch_keys,
-            bytes_max=self.batch_bytes)
+            bytes_max=self.batch_bytes, rate=rate)
         if result.get("flipped"):
             raise _Flipped
 

@@ -8,7 +8,8 @@ Answered by the leader at once:
 - ``push {old, new, dst, phase, v0, after, targets, limit, bytes_max}``: start
   streaming the keys that move from this shard to ``dst`` when ring ``old`` becomes
   ``new``, straight to ``dst``'s leader (``storage_node/push.py``), from cursor
-  ``after``. ``targets`` = ``[[node id, peer address], ...]`` of ``dst``'s nodes.
+  ``after``. ``targets`` = ``[[node id, peer address], ...]`` of ``dst``'s nodes;
+  ``rate`` (optional) bounds the stream in bytes per second.
   Phase 2 only once the FENCE is applied here. Progress shows in ``info``.
 - ``sessions {new}``: the session table and the next version, once fenced.
 - ``drop {epoch}`` while the unowned keys are still being listed: the listing progress.
@@ -116,7 +117,8 @@ def admin_request(sm: KVStateMachine, tasks: LeaderTasks, op: str, args: dict[st
         raise AdminError("dst must be another shard")
     spec = PushSpec(old, new, own.shard_id, dst, phase, _int(args, "v0"), _bytes(args, "after"),
                     _targets(args), min(_int(args, "limit"), SCAN_LIMIT_MAX) or 1,
-                    min(_int(args, "bytes_max"), SCAN_BYTES_MAX) or 1)
+                    min(_int(args, "bytes_max"), SCAN_BYTES_MAX) or 1,
+                    _int({"rate": args.get("rate", 0)}, "rate"))
     return tasks.start_push(spec, sm), b""
 
 

@@ -132,6 +132,9 @@ class PushSpec:
     targets: tuple[tuple[str, str], ...]
     batch_keys: int = BATCH_KEYS
     batch_bytes: int = BATCH_BYTES
+    #: bytes per second this stream may send (0: as fast as the target acknowledges),
+    #: so an operator can trade migration speed for the traffic's share of the CPU
+    rate_bytes_s: int = 0
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -168,6 +171,8 @@ class Push:
         self._target = 0
         #: set by a "not the leader" answer: when to send the batch again
         self._resend_at: float | None = None
+        #: the rate limit: the next new batch not before then
+        self._next_at = float("-inf")
 
     @property
     def target(self) -> str:
@@ -194,7 +199,11 @@ class Push:
                 self._target = (self._target + 1) % len(self._targets)
             self.resends += 1
         else:
+            if now < self._next_at:
+                return []  # the rate limit: not yet
             self._inflight = self._next_batch(sm)
+            if self.spec.rate_bytes_s:
+                self._next_at = now + len(self._inflight.items) / self.spec.rate_bytes_s
         self._sent_at = now
         return [(self.target, self._inflight)]
 

@@ -218,3 +218,21 @@ def test_no_leader_at_the_target_backs_off_instead_of_bouncing() -> None:
     push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True}, "t1"), 0.2)
     (hinted, _), = push.pump(src, 0.2)  # a named leader: at once
     assert hinted == "t1"
+
+
+def test_a_rate_limit_spaces_the_batches() -> None:
+    src, _ = _shards(400)
+    rate = 10_000  # bytes per second
+    push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS, batch_keys=20,
+                         rate_bytes_s=rate), src)
+    now = 0.0
+    sent = []
+    while not sent:  # listing, then the first batch
+        sent = push.pump(src, now)
+    (_, first), = sent
+    push.on_ack(MigrateAck(first.seq, 1, {"ok": True, "phase": 1, "cursor": first.cursor}, ""),
+                now)
+    due = len(first.items) / rate
+    assert push.pump(src, due * 0.9) == []  # acknowledged, but the rate says wait
+    (_, second), = push.pump(src, due)
+    assert second.after == first.cursor
