@@ -37,8 +37,8 @@ test-process: venv
 	$(PY) -m pytest -q tests/process
 
 lint: venv
-	$(VENV)/bin/ruff check protocol broker storage_node client tests bench
-	$(VENV)/bin/mypy protocol storage_node/replica.py storage_node/progress.py
+	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops tests bench
+	$(VENV)/bin/mypy zkv/protocol zkv/storage_node/replica.py zkv/storage_node/progress.py
 
 ## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
 bench: venv

@@ -1,7 +1,7 @@
 """``make bench``: zkv against a bare pyzmq relay of the same shape, same load.
 
 Starts a local zkv cluster (1 shard, 1 replica, 1 broker, fsync never) on free ports and
-the relay baseline (``bench/relay_baseline.py``), then alternates ``client.bench.run_bench``
+the relay baseline (``bench/relay_baseline.py``), then alternates ``ops.bench.run_bench``
 runs against each (``--rounds``, same generator, value size, window and duration), and
 prints the best of each and the ratio zkv / baseline (target >= 0.8). Alternating keeps
 a noisy neighbour on the machine from favouring one side.
@@ -26,8 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.relay_baseline import Baseline, add_load_arguments
-from client.bench import BenchResult, run_bench
-from client.cluster import LocalCluster
+from zkv.ops.bench import BenchResult, run_bench
+from zkv.ops.cluster import LocalCluster
 
 TARGET_RATIO = 0.8
 READY_TIMEOUT_S = 30.0

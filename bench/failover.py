@@ -18,7 +18,7 @@ Reports every trial, p50 / p99 / max (``--json``: one JSON object). Only probes 
 after the kill count, so a reply the old leader had already sent cannot be mistaken for
 recovery.
 
-``--no-fault-seconds N`` (0: skip) then runs ``client.bench.run_bench`` at full load for
+``--no-fault-seconds N`` (0: skip) then runs ``ops.bench.run_bench`` at full load for
 N seconds with no fault and reports how many elections happened meanwhile (the sum over
 shards of the term increase seen in the broker's status), and the leader changes. The
 target is zero: a healthy, busy cluster must not depose its leaders.
@@ -47,13 +47,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import zmq
 
-from client.bench import run_bench
-from client.cluster import LocalCluster
-from client.sdk import KVClient
-from protocol import codec
-from protocol.errors import KVError
-from protocol.messages import PutReply, PutRequest
-from protocol.ring import Ring, RingConfig
+from zkv.client.sdk import KVClient
+from zkv.ops.bench import run_bench
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol import codec
+from zkv.protocol.errors import KVError
+from zkv.protocol.messages import PutReply, PutRequest
+from zkv.protocol.ring import Ring, RingConfig
 
 READY_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 30.0

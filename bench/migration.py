@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.aio import AsyncKVClient
-from client.cluster import LocalCluster
-from protocol.ring import Ring
+from zkv.client.aio import AsyncKVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.ring import Ring
 
 WINDOW_S = 0.25
 PHASE1_DONE = re.compile(r"phase 1 \d+->\d+: (\d+) keys$")

@@ -4,7 +4,7 @@
 
 Same framing (the worker decodes and answers with ``protocol.codec``, as a storage node
 does; the relay only swaps identity frames, as a broker does without routing logic),
-same load generator (``client.bench.run_bench``), same value size, window and duration.
+same load generator (``ops.bench.run_bench``), same value size, window and duration.
 Its ops/s is what zkv is measured against: zkv / baseline >= 0.8 is the target.
 
     python bench/relay_baseline.py --duration 5 --concurrency 64 [--json]
@@ -25,11 +25,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import zmq
 
-from client.bench import BenchResult, run_bench
-from client.cluster import free_port
-from protocol import codec
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import ErrorReply, GetReply, GetRequest, PutReply, PutRequest
+from zkv.ops.bench import BenchResult, run_bench
+from zkv.ops.cluster import free_port
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.messages import ErrorReply, GetReply, GetRequest, PutReply, PutRequest
 
 WORKER_ID = b"w0"
 READY = b"READY"

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from broker.node_table import NodeRecord, NodeTable, ShardView
-from protocol.messages import Campaign
+from zkv.broker.node_table import NodeRecord, NodeTable, ShardView
+from zkv.protocol.messages import Campaign
 
 TRIES_PER_CANDIDATE = 3
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 from loguru import logger
 
-from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
-from broker.server import BrokerConfig, BrokerServer
-from protocol.runtime import configure_logging, tune_gc
+from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
+from zkv.broker.server import BrokerConfig, BrokerServer
+from zkv.protocol.runtime import configure_logging, tune_gc
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.messages import Heartbeat, Role
-from protocol.ring import Ring, RingConfig
+from zkv.protocol.messages import Heartbeat, Role
+from zkv.protocol.ring import Ring, RingConfig
 
 #: zmq routing ids are 1..255 bytes and may not start with a zero byte.
 NODE_ID_BYTES_MAX = 255

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from broker.node_table import NodeTable
-from protocol import codec
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import (
+from zkv.broker.node_table import NodeTable
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.messages import (
     DATA_REQUEST_TYPES,
     AdminRequest,
     CasRequest,

@@ -43,13 +43,13 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from broker.failure_detector import FailureDetector, check_timing
-from broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
-from broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
-from protocol import codec
-from protocol.errors import RemoteProtocolError
-from protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
-from protocol.ring import RingConfig
+from zkv.broker.failure_detector import FailureDetector, check_timing
+from zkv.broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
+from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
+from zkv.protocol import codec
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
+from zkv.protocol.ring import RingConfig
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256

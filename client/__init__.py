@@ -1,14 +1,14 @@
 """zkv Python SDK: ``KVClient`` (sync), ``AsyncKVClient`` (asyncio), and the errors.
 
-    from client import KVClient
+    from zkv.client import KVClient
     with KVClient("tcp://127.0.0.1:5555") as kv:
         version = kv.put("greeting", "hello")
         assert kv.get("greeting") == b"hello"
 """
 
-from client.aio import AsyncKVClient
-from client.sdk import ClientClosed, KVClient
-from protocol.errors import (
+from zkv.client.aio import AsyncKVClient
+from zkv.client.sdk import ClientClosed, KVClient
+from zkv.protocol.errors import (
     BadRequest,
     ErrorCode,
     InternalError,
@@ -26,7 +26,7 @@ from protocol.errors import (
     UnsupportedVersion,
     WrongShard,
 )
-from protocol.messages import Consistency
+from zkv.protocol.messages import Consistency
 
 __all__ = [
     "AsyncKVClient",

@@ -38,7 +38,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from client.sdk import (
+from zkv.client.sdk import (
     ATTEMPT_TIMEOUT_S_MAX,
     KEY_BYTES_MAX,
     VALUE_BYTES_MAX,
@@ -51,9 +51,15 @@ from client.sdk import (
     retry_pause,
     status_dict,
 )
-from protocol import codec
-from protocol.errors import RETRYABLE_CODES, KVError, RemoteProtocolError, Timeout, error_for_code
-from protocol.messages import (
+from zkv.protocol import codec
+from zkv.protocol.errors import (
+    RETRYABLE_CODES,
+    KVError,
+    RemoteProtocolError,
+    Timeout,
+    error_for_code,
+)
+from zkv.protocol.messages import (
     CasReply,
     CasRequest,
     Consistency,

@@ -16,9 +16,9 @@ from typing import Any
 
 import zmq
 
-from client.sdk import DEFAULT_ENDPOINT, KVClient
-from protocol.errors import KVError, RequestError, Timeout
-from protocol.messages import Consistency, Role
+from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
+from zkv.protocol.errors import KVError, RequestError, Timeout
+from zkv.protocol.messages import Consistency, Role
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ping", help="round trip to the broker")
 
-    from client import bench
+    from zkv.ops import bench
 
     s = sub.add_parser("bench", help="pipelined load generator")
     bench.add_arguments(s)
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bound the key streams to this many MB/s in all, so live "
                        "traffic keeps more of the CPU (default: 0, no bound)")
 
-    from client import cluster
+    from zkv.ops import cluster
 
     s = sub.add_parser("cluster", help="run a local cluster")
     csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
@@ -145,11 +145,11 @@ def _fail(message: str) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
-        from client import bench
+        from zkv.ops import bench
 
         return bench.run_cli(args, args.endpoint)
     if args.command == "cluster":
-        from client import cluster
+        from zkv.ops import cluster
 
         return cluster.run_cli(args)
     if args.command == "admin":
@@ -208,8 +208,8 @@ def _ping(kv: KVClient, args: argparse.Namespace) -> int:
 def _admin(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from client import cluster
-    from client.rebalance import Rebalancer
+    from zkv.ops import cluster
+    from zkv.ops.rebalance import Rebalancer
 
     def say(line: str) -> None:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
@@ -301,7 +301,7 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
         shards.setdefault(int(sid), {"leader": None, "nodes": []})
     shares: dict[int, float] = {}
     if ring.get("shards") and ring.get("vnodes"):
-        from protocol.ring import Ring, RingConfig
+        from zkv.protocol.ring import Ring, RingConfig
 
         shares = Ring(RingConfig(int(ring.get("epoch", 0)), tuple(ring["shards"]),
                                  int(ring["vnodes"]))).shares()

@@ -35,8 +35,8 @@ from typing import Any
 
 import zmq
 
-from protocol import codec
-from protocol.errors import (
+from zkv.protocol import codec
+from zkv.protocol.errors import (
     RETRYABLE_CODES,
     KVError,
     RemoteProtocolError,
@@ -45,7 +45,7 @@ from protocol.errors import (
     TooLarge,
     error_for_code,
 )
-from protocol.messages import (
+from zkv.protocol.messages import (
     AdminReply,
     AdminRequest,
     CasReply,
@@ -130,7 +130,7 @@ def check_version(expected_version: Any) -> int:
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
     """Exponential backoff from 10 ms, capped at 200 ms, with full jitter on the upper half."""
-    ceiling = min(BACKOFF_S_MAX, BACKOFF_S_MIN * (2 ** min(attempt, 16)))
+    ceiling = min(BACKOFF_S_MAX, BACKOFF_S_MIN * float(2 ** min(attempt, 16)))
     return ceiling / 2 + rng.random() * ceiling / 2
 
 

@@ -25,7 +25,7 @@ LISTEN_STATE = "0A"
 def _request(endpoint: str, msg: object, timeout_ms: int) -> object:
     import zmq
 
-    from protocol import codec
+    from zkv.protocol import codec
 
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -41,7 +41,7 @@ def _request(endpoint: str, msg: object, timeout_ms: int) -> object:
 
 
 def check_broker(endpoint: str, timeout_ms: int) -> str:
-    from protocol.messages import PingRequest, PongReply
+    from zkv.protocol.messages import PingRequest, PongReply
 
     reply = _request(endpoint, PingRequest(client_id=os.urandom(8), request_id=1), timeout_ms)
     if not isinstance(reply, PongReply):
@@ -64,7 +64,7 @@ def check_listen(port: int) -> str:
 
 
 def check_status(endpoint: str, node_id: str, timeout_ms: int) -> str:
-    from protocol.messages import StatusReply, StatusRequest
+    from zkv.protocol.messages import StatusReply, StatusRequest
 
     reply = _request(endpoint, StatusRequest(client_id=os.urandom(8), request_id=1), timeout_ms)
     if not isinstance(reply, StatusReply):

@@ -26,8 +26,8 @@ from typing import Any
 
 import msgpack
 
-from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.messages import (
+from zkv.protocol.errors import LocalProtocolError, RemoteProtocolError
+from zkv.protocol.messages import (
     ALL_MESSAGE_TYPES,
     DATA_REQUEST_TYPES,
     PROTOCOL_VERSION,

@@ -25,9 +25,9 @@ from typing import Any
 
 import msgpack
 
-from protocol.errors import ErrorCode
-from protocol.ring import RingConfig
-from storage_node.commands import (
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.ring import RingConfig
+from zkv.storage_node.commands import (
     RING_TOKENS_MAX,
     Command,
     Fence,
@@ -36,9 +36,9 @@ from storage_node.commands import (
     MigrateSessions,
     RingSet,
 )
-from storage_node.ownership import PHASE_COPY, PHASE_DELTA
-from storage_node.push import LeaderTasks, PushSpec
-from storage_node.state_machine import KVStateMachine
+from zkv.storage_node.ownership import PHASE_COPY, PHASE_DELTA
+from zkv.storage_node.push import LeaderTasks, PushSpec
+from zkv.storage_node.state_machine import KVStateMachine
 
 SCAN_LIMIT_MAX = 10_000
 SCAN_BYTES_MAX = 8 * 1024 * 1024

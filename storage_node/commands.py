@@ -36,9 +36,9 @@ from typing import Any
 
 import msgpack
 
-from protocol.errors import RemoteProtocolError
-from protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
-from protocol.ring import RingConfig
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
+from zkv.protocol.ring import RingConfig
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
 #: raised limits and for the future ring-change command. msgpack's ``unpackb`` already

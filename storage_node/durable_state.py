@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from protocol.ring import RingConfig
+from zkv.protocol.ring import RingConfig
 
 HARD_STATE_FILE = "hardstate"
 RING_FILE = "ring"

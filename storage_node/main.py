@@ -9,10 +9,10 @@ from pathlib import Path
 
 from loguru import logger
 
-from protocol.ring import DEFAULT_VNODES, RingConfig
-from protocol.runtime import configure_logging, tune_gc
-from storage_node.fsync_policy import FsyncPolicy
-from storage_node.node import NodeConfig, StorageNode
+from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
+from zkv.protocol.runtime import configure_logging, tune_gc
+from zkv.storage_node.fsync_policy import FsyncPolicy
+from zkv.storage_node.node import NodeConfig, StorageNode
 
 
 def _peers(text: str) -> dict[str, str]:

@@ -22,9 +22,9 @@ from pathlib import Path
 import zmq
 from loguru import logger
 
-from protocol import codec
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import (
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.messages import (
     AdminReply,
     AdminRequest,
     AppendEntries,
@@ -48,16 +48,16 @@ from protocol.messages import (
     RequestBatch,
     Role,
 )
-from protocol.ring import Ring, RingConfig
-from storage_node import durable_state
-from storage_node.admin import AdminError, admin_request
-from storage_node.commands import Command, command_from_request, encode_command
-from storage_node.fsync_policy import FsyncPolicy
-from storage_node.push import LeaderTasks, command_for, not_leader_ack
-from storage_node.replica import Ready, Replica, ReplicaConfig
-from storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
-from storage_node.state_machine import KVStateMachine
-from storage_node.wal import WriteAheadLog
+from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node import durable_state
+from zkv.storage_node.admin import AdminError, admin_request
+from zkv.storage_node.commands import Command, command_from_request, encode_command
+from zkv.storage_node.fsync_policy import FsyncPolicy
+from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
+from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
+from zkv.storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
+from zkv.storage_node.state_machine import KVStateMachine
+from zkv.storage_node.wal import WriteAheadLog
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up

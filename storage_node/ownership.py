@@ -69,9 +69,9 @@ from typing import Any
 
 import msgpack
 
-from protocol.errors import ErrorCode
-from protocol.ring import Ring, RingConfig, plan_moves, position
-from storage_node.commands import (
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.ring import Ring, RingConfig, plan_moves, position
+from zkv.storage_node.commands import (
     DropUnowned,
     Fence,
     MigrateBegin,

@@ -46,11 +46,11 @@ from typing import Any
 
 import msgpack
 
-from protocol.messages import MigrateAck, MigrateBatch
-from protocol.ring import Ring, RingConfig, position
-from storage_node.commands import DropUnowned, MigrateIn
-from storage_node.ownership import PHASE_COPY, PHASE_DELTA
-from storage_node.state_machine import KVStateMachine
+from zkv.protocol.messages import MigrateAck, MigrateBatch
+from zkv.protocol.ring import Ring, RingConfig, position
+from zkv.storage_node.commands import DropUnowned, MigrateIn
+from zkv.storage_node.ownership import PHASE_COPY, PHASE_DELTA
+from zkv.storage_node.state_machine import KVStateMachine
 
 #: Keys hashed per loop turn while listing (about 15 ms of Python).
 LIST_CHUNK_KEYS = 10_000

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.messages import (
+from zkv.protocol.messages import (
     AppendEntries,
     AppendReply,
     Entry,
@@ -45,8 +45,8 @@ from protocol.messages import (
     VoteReply,
     VoteRequest,
 )
-from storage_node.durable_state import HardState
-from storage_node.progress import Progress, ProgressState
+from zkv.storage_node.durable_state import HardState
+from zkv.storage_node.progress import Progress, ProgressState
 
 #: Terms stop here: the codec refuses integers from 2**63 on, so a term must always have
 #: room for +1 below that. Only a forged message could bring a term near it.

@@ -26,7 +26,7 @@ import enum
 from collections import OrderedDict
 from typing import Any
 
-from protocol.messages import CasReply, DeleteReply, PutReply
+from zkv.protocol.messages import CasReply, DeleteReply, PutReply
 
 SessionReply = PutReply | DeleteReply | CasReply
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from storage_node.durable_state import fsync_directory
+from zkv.storage_node.durable_state import fsync_directory
 
 SNAP_DIR = "snap"
 SNAPSHOTS_KEPT = 2

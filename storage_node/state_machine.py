@@ -30,10 +30,10 @@ from typing import Any
 import msgpack
 from loguru import logger
 
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
-from protocol.ring import RingConfig
-from storage_node.commands import (
+from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
+from zkv.protocol.ring import RingConfig
+from zkv.storage_node.commands import (
     CasCommand,
     Command,
     DeleteCommand,
@@ -42,8 +42,8 @@ from storage_node.commands import (
     WriteCommand,
     decode_command,
 )
-from storage_node.ownership import Ownership
-from storage_node.sessions import (
+from zkv.storage_node.ownership import Ownership
+from zkv.storage_node.sessions import (
     CLIENTS_MAX,
     REPLIES_PER_CLIENT_MAX,
     SESSION_TTL_MS,

@@ -40,9 +40,9 @@ from typing import Any, BinaryIO
 import msgpack
 from loguru import logger
 
-from protocol.messages import Entry
-from storage_node.durable_state import fsync_directory
-from storage_node.fsync_policy import FsyncMode, FsyncPolicy
+from zkv.protocol.messages import Entry
+from zkv.storage_node.durable_state import fsync_directory
+from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy
 
 WAL_DIR = "wal"
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024

@@ -54,8 +54,8 @@ from testcontainers.core.config import testcontainers_config as _tc_config  # no
 from testcontainers.core.container import DockerContainer  # noqa: E402
 from testcontainers.core.network import Network  # noqa: E402
 
-from protocol import codec  # noqa: E402
-from protocol.messages import PingRequest, PongReply, Role  # noqa: E402
+from zkv.protocol import codec  # noqa: E402
+from zkv.protocol.messages import PingRequest, PongReply, Role  # noqa: E402
 
 # In case testcontainers was imported before us (its config is a process singleton).
 _tc_config.ryuk_disabled = True
@@ -171,7 +171,7 @@ def ping(endpoint: str, timeout_ms: int = 1000) -> str | None:
 
 def make_client(endpoints: Sequence[str], timeout_s: float = 5.0) -> Any:
     """A ``client.KVClient`` on ``endpoints``; the one place that knows its constructor."""
-    from client import KVClient
+    from zkv.client import KVClient
 
     params = inspect.signature(KVClient).parameters
     kwargs: dict[str, Any] = {}

@@ -22,9 +22,9 @@ import zmq
 
 
 def serve_broker(broker_id: str, port: int) -> None:
-    from protocol import codec
-    from protocol.errors import ErrorCode, RemoteProtocolError
-    from protocol.messages import ErrorReply, PingRequest, PongReply, StatusReply, StatusRequest
+    from zkv.protocol import codec
+    from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+    from zkv.protocol.messages import ErrorReply, PingRequest, PongReply, StatusReply, StatusRequest
 
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.bind(f"tcp://*:{port}")

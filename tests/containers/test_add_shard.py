@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from protocol.ring import Ring, RingConfig
 from tests.containers.cluster import ContainerCluster, close_client, make_client
 from tests.containers.workload import Acked, Load, check_history, ring_from_status
+from zkv.protocol.ring import Ring, RingConfig
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(300)]
 
@@ -245,8 +245,8 @@ def _check_last_values(loads: list[Load], found: dict[str, bytes | None]) -> int
 def test_add_shard_with_source_leader_killed(
     cluster_factory: Callable[..., ContainerCluster], record_property: Callable
 ) -> None:
-    from client.rebalance import Rebalancer
     from tests.support.history import History
+    from zkv.ops.rebalance import Rebalancer
 
     t_start = time.monotonic()
     deadline = t_start + BUDGET_S

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.ring import Ring, RingConfig
 from tests.containers.cluster import close_client
+from zkv.protocol.ring import Ring, RingConfig
 
 log = logging.getLogger("zkv.containers")
 

@@ -32,11 +32,11 @@ import msgpack
 import pytest
 import zmq
 
-from client import KVClient
-from client.cluster import LocalCluster, free_port, free_port_block
-from protocol import codec
-from protocol.errors import RemoteProtocolError
-from protocol.messages import (
+from zkv.client import KVClient
+from zkv.ops.cluster import LocalCluster, free_port, free_port_block
+from zkv.protocol import codec
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import (
     AppendEntries,
     AppendReply,
     Campaign,
@@ -314,7 +314,7 @@ class LoneNode:
         self.extra_args: tuple[str, ...] = ()
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "storage_node.main", "--node-id", NODE_ID, "--shard", "0",
+        argv = [sys.executable, "-m", "zkv.storage_node.main", "--node-id", NODE_ID, "--shard", "0",
                 "--data-dir", str(self.tmp_path / "node"), "--listen", self.peer_endpoint,
                 "--brokers", f"tcp://127.0.0.1:{self.port}", "--fsync", "never",
                 "--heartbeat-ms", "100", "--election-timeout-ms", "1000", *self.extra_args]

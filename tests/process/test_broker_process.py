@@ -23,9 +23,9 @@ import msgpack
 import pytest
 import zmq
 
-from protocol import codec
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import (
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.messages import (
     Campaign,
     ErrorReply,
     GetReply,
@@ -41,7 +41,7 @@ from protocol.messages import (
     StatusReply,
     StatusRequest,
 )
-from protocol.ring import Ring, RingConfig
+from zkv.protocol.ring import Ring, RingConfig
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(90)]
 
@@ -80,7 +80,7 @@ class BrokerProcess:
     def _start_once(self, frontend: str, backend: str, heartbeats: str) -> bool:
         any_port = "tcp://127.0.0.1:*"
         args = [
-            sys.executable, "-m", "broker.main", "--broker-id", "tb",
+            sys.executable, "-m", "zkv.broker.main", "--broker-id", "tb",
             "--frontend", frontend or any_port, "--backend", backend or any_port,
             "--heartbeat-endpoint", heartbeats or any_port,
             "--heartbeat-ms", str(HEARTBEAT_MS), "--election-timeout-ms", str(ELECTION_TIMEOUT_MS),
@@ -476,7 +476,7 @@ def test_sigterm_exits_zero(broker: BrokerProcess) -> None:
 
 def test_bad_config_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "broker.main", "--heartbeat-ms", "100",
+        [sys.executable, "-m", "zkv.broker.main", "--heartbeat-ms", "100",
          "--election-timeout-ms", "200", "--port", "1"],
         cwd=ROOT, capture_output=True, timeout=30,
     )  # fmt: skip

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from client import AsyncKVClient, KVClient
-from client.cluster import LocalCluster
+from zkv.client import AsyncKVClient, KVClient
+from zkv.ops.cluster import LocalCluster
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 

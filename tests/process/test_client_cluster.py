@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from client import AsyncKVClient, KVClient
-from client.cluster import LocalCluster
+from zkv.client import AsyncKVClient, KVClient
+from zkv.ops.cluster import LocalCluster
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(90)]
 
@@ -83,11 +83,11 @@ def _pids_mentioning(text: str) -> list[int]:
 
 
 def test_cli_cluster_up_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    from client.cluster import free_port_block
+    from zkv.ops.cluster import free_port_block
 
     port = free_port_block(3)
     data = tmp_path / "cli-data"
-    cmd = [sys.executable, "-m", "client.cli", "cluster", "up", "--shards", "1",
+    cmd = [sys.executable, "-m", "zkv.client.cli", "cluster", "up", "--shards", "1",
            "--replicas", "1", "--data-dir", str(data), "--port", str(port), "--fsync", "never"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -118,13 +118,13 @@ def test_cli_cluster_up_with_8_shards_spreads_the_keys(tmp_path: Path) -> None:
     """``zkv cluster up --shards 8`` (x 3 replicas: 24 node processes): every shard gets
     a leader and its share of the keys, and ``zkv status`` shows each shard's ring share
     and key count."""
-    from client.cluster import free_port_block
-    from protocol.ring import Ring
+    from zkv.ops.cluster import free_port_block
+    from zkv.protocol.ring import Ring
 
     port = free_port_block(3)
     endpoint = f"tcp://127.0.0.1:{port}"
     data = tmp_path / "cli-data"
-    cmd = [sys.executable, "-m", "client.cli", "cluster", "up", "--shards", "8",
+    cmd = [sys.executable, "-m", "zkv.client.cli", "cluster", "up", "--shards", "8",
            "--replicas", "3", "--data-dir", str(data), "--port", str(port), "--fsync", "never"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -141,7 +141,7 @@ def test_cli_cluster_up_with_8_shards_spreads_the_keys(tmp_path: Path) -> None:
         deadline = time.monotonic() + 10  # key counts travel in heartbeats (100 ms)
         while True:
             status = subprocess.run(
-                [sys.executable, "-m", "client.cli", "--endpoint", endpoint, "status"],
+                [sys.executable, "-m", "zkv.client.cli", "--endpoint", endpoint, "status"],
                 capture_output=True, text=True, timeout=30)
             assert status.returncode == 0, status.stderr
             rows = {int(m.group(1)): m for m in re.finditer(

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from client import AsyncKVClient, KVClient
-from client.cluster import LocalCluster
-from protocol.errors import KVError
+from zkv.client import AsyncKVClient, KVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import KVError
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(240)]
 

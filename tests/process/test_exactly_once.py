@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import zmq
 
-from client import KVClient
-from client.cluster import LocalCluster
-from protocol import codec
-from protocol.errors import KVError, RemoteProtocolError
-from protocol.messages import PutReply, PutRequest
+from zkv.client import KVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol import codec
+from zkv.protocol.errors import KVError, RemoteProtocolError
+from zkv.protocol.messages import PutReply, PutRequest
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 

@@ -40,11 +40,11 @@ from typing import Any
 
 import pytest
 
-from client import KVClient
-from client.cluster import LocalCluster
-from protocol.errors import BadRequest, KVError, TooLarge
 from tests.support import lincheck
 from tests.support.history import History, Operation
+from zkv.client import KVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import BadRequest, KVError, TooLarge
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(300)]
 

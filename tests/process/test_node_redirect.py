@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from protocol import codec
-from protocol.messages import GetRequest, PutReply, PutRequest, Redirect
-from protocol.ring import Ring
 from tests.process.test_bad_input import NODE_ID, LoneNode
+from zkv.protocol import codec
+from zkv.protocol.messages import GetRequest, PutReply, PutRequest, Redirect
+from zkv.protocol.ring import Ring
 
 CLIENT = b"c" * 16
 

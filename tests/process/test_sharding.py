@@ -34,12 +34,12 @@ from typing import Any
 
 import pytest
 
-from client import KVClient
-from client.cluster import LocalCluster
-from protocol.errors import KVError
 from tests.support import lincheck
 from tests.support.cli import ZkvCli
 from tests.support.history import History
+from zkv.client import KVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import KVError
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 

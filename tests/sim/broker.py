@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from protocol.messages import Role
+from zkv.protocol.messages import Role
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.messages import Role
 from tests.sim import kv as kvmod
 from tests.sim.broker import ADDR as BROKER
 from tests.sim.broker import SimBroker
@@ -46,6 +45,7 @@ from tests.sim.network import NetConfig, SimNetwork
 from tests.sim.node import SimNode
 from tests.support.history import History
 from tests.support.lincheck import check
+from zkv.protocol.messages import Role
 
 TRACE_LEN = 400
 

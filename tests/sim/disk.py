@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.messages import Entry
-from storage_node.durable_state import HardState
+from zkv.protocol.messages import Entry
+from zkv.storage_node.durable_state import HardState
 
 
 @dataclass(slots=True)

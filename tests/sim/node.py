@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from protocol.messages import Role
-from storage_node.replica import Replica, ReplicaConfig
 from tests.sim import kv as kvmod
 from tests.sim.disk import SimDisk
 from tests.sim.kv import KV
+from zkv.protocol.messages import Role
+from zkv.storage_node.replica import Replica, ReplicaConfig
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from protocol.messages import Entry
-from storage_node.durable_state import HardState
 from tests.sim import kv as kvmod
 from tests.sim.clock import SimClock, SimClockError
 from tests.sim.disk import SimDisk
 from tests.sim.kv import KV
 from tests.sim.network import NetConfig, SimNetwork
+from zkv.protocol.messages import Entry
+from zkv.storage_node.durable_state import HardState
 
 pytestmark = pytest.mark.unit
 

@@ -18,9 +18,9 @@ import os
 
 import pytest
 
-from protocol.messages import VoteRequest
 from tests.sim.cluster import SimConfig, SimResult, World, run_seed
 from tests.sim.network import SimNetwork
+from zkv.protocol.messages import VoteRequest
 
 pytestmark = pytest.mark.sim
 

@@ -30,7 +30,7 @@ class CliTimeout(AssertionError):
 
 class ZkvCli:
     def __init__(self, *args: str) -> None:
-        self.argv = [sys.executable, "-m", "client.cli", *args]
+        self.argv = [sys.executable, "-m", "zkv.client.cli", *args]
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from broker.failure_detector import FailureDetector, check_timing
-from broker.node_table import NodeTable
-from protocol.messages import Campaign, Heartbeat, Role
+from zkv.broker.failure_detector import FailureDetector, check_timing
+from zkv.broker.node_table import NodeTable
+from zkv.protocol.messages import Campaign, Heartbeat, Role
 
 pytestmark = pytest.mark.unit
 

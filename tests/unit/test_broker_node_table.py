@@ -6,15 +6,15 @@ import dataclasses
 
 import pytest
 
-from broker.node_table import (
+from zkv.broker.node_table import (
     RING_TOKENS_MAX,
     HeartbeatRefused,
     LeaderChange,
     NodeTable,
     RingAdopted,
 )
-from protocol.messages import Heartbeat, Role
-from protocol.ring import RingConfig
+from zkv.protocol.messages import Heartbeat, Role
+from zkv.protocol.ring import RingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -262,7 +262,7 @@ def test_cores_are_pure(module: str) -> None:
     import ast
     from pathlib import Path
 
-    import broker
+    import zkv.broker as broker
 
     path = Path(broker.__file__).parent / f"{module}.py"
     imported: set[str] = set()

@@ -8,11 +8,11 @@ import random
 import msgpack
 import pytest
 
-from broker.node_table import NodeTable
-from broker.router import Router
-from protocol import codec
-from protocol.errors import ErrorCode
-from protocol.messages import (
+from zkv.broker.node_table import NodeTable
+from zkv.broker.router import Router
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import (
     CasRequest,
     Consistency,
     DeleteRequest,
@@ -26,7 +26,7 @@ from protocol.messages import (
     StatusReply,
     StatusRequest,
 )
-from protocol.ring import Ring, RingConfig
+from zkv.protocol.ring import Ring, RingConfig
 
 pytestmark = pytest.mark.unit
 

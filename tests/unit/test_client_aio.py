@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from client import AsyncKVClient, BadRequest, ClientClosed, Timeout, TooLarge
-from protocol.errors import ErrorCode
-from protocol.messages import ErrorReply, GetRequest, PongReply, PutRequest
 from tests.unit.test_client_fake import DROP, FakeBroker, broker  # noqa: F401
+from zkv.client import AsyncKVClient, BadRequest, ClientClosed, Timeout, TooLarge
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import ErrorReply, GetRequest, PongReply, PutRequest
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(15)]
 
@@ -83,7 +83,7 @@ def test_in_flight_is_bounded() -> None:
 
 
 def _pong(rid: int) -> list[bytes]:
-    from protocol import codec
+    from zkv.protocol import codec
 
     return codec.encode(PongReply(rid, "fake-b0"))
 

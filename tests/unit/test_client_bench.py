@@ -8,18 +8,18 @@ import time
 
 import pytest
 
-from client.bench import (
+from tests.unit.test_client_fake import DROP, FakeBroker
+from zkv.client.cli import main
+from zkv.ops.bench import (
     BenchResult,
     RequestCodec,
     percentile,
     run_bench,
     summarize,
 )
-from client.cli import main
-from protocol import codec
-from protocol.errors import ErrorCode
-from protocol.messages import ErrorReply, GetReply, GetRequest, PutReply, PutRequest
-from tests.unit.test_client_fake import DROP, FakeBroker
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import ErrorReply, GetReply, GetRequest, PutReply, PutRequest
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
 

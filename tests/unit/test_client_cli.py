@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from client.cli import annotate_status, format_status, main
-from protocol.errors import ErrorCode
-from protocol.messages import ErrorReply, PutRequest
 from tests.unit.test_client_fake import DROP, FakeBroker, broker  # noqa: F401
+from zkv.client.cli import annotate_status, format_status, main
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import ErrorReply, PutRequest
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import main
-from client.cluster import ClusterError, LocalCluster, load_or_create_spec
+from zkv.client.cli import main
+from zkv.ops.cluster import ClusterError, LocalCluster, load_or_create_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
@@ -48,7 +48,7 @@ def test_layout_and_process_flags(tmp_path: Path) -> None:
     c._choose_peer_ports()
     argv = c._node_argv({"id": "s1r2", "shard": 1, "replica": 2})
     flags = dict(zip(argv[3::2], argv[4::2], strict=False))
-    assert argv[1:3] == ["-m", "storage_node.main"]
+    assert argv[1:3] == ["-m", "zkv.storage_node.main"]
     assert flags["--node-id"] == "s1r2" and flags["--shard"] == "1"
     assert flags["--data-dir"] == str(tmp_path / "s1r2")
     assert flags["--listen"] == f"tcp://127.0.0.1:{c.peer_ports['s1r2']}"
@@ -60,7 +60,7 @@ def test_layout_and_process_flags(tmp_path: Path) -> None:
     assert len(set(c.peer_ports.values())) == 6
     b = c._broker_argv(1)
     bflags = dict(zip(b[3::2], b[4::2], strict=False))
-    assert b[1:3] == ["-m", "broker.main"]
+    assert b[1:3] == ["-m", "zkv.broker.main"]
     assert bflags["--port"] == "6003" and bflags["--broker-id"] == "b1"
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import zmq
 
-from protocol import codec
-from protocol.errors import ErrorCode
-from protocol.messages import (
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import (
     CasReply,
     CasRequest,
     DeleteReply,

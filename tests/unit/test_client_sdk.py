@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from client import (
+from tests.unit.test_client_fake import DROP, FakeBroker, broker  # noqa: F401
+from zkv.client import (
     BadRequest,
     ClientClosed,
     Consistency,
@@ -15,16 +16,15 @@ from client import (
     Timeout,
     TooLarge,
 )
-from protocol import codec
-from protocol.errors import ErrorCode
-from protocol.messages import (
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import (
     ErrorReply,
     GetRequest,
     PongReply,
     PutReply,
     PutRequest,
 )
-from tests.unit.test_client_fake import DROP, FakeBroker, broker  # noqa: F401
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
@@ -247,8 +247,8 @@ def test_get_request_encodes_consistency_default(broker: FakeBroker) -> None:  #
 def test_retry_rules_shared_by_both_clients() -> None:
     import random
 
-    from client.sdk import give_up, retry_pause
-    from protocol.errors import Timeout
+    from zkv.client.sdk import give_up, retry_pause
+    from zkv.protocol.errors import Timeout
 
     rng = random.Random(1)
     pause = retry_pause(0, now=0.0, deadline=10.0, rng=rng)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import codec
-from protocol.errors import (
+from zkv.protocol import codec
+from zkv.protocol.errors import (
     ErrorCode,
     LocalProtocolError,
     NotLeader,
@@ -18,7 +18,7 @@ from protocol.errors import (
     Timeout,
     error_for_code,
 )
-from protocol.messages import (
+from zkv.protocol.messages import (
     ALL_MESSAGE_TYPES,
     PROTOCOL_VERSION,
     AppendEntries,

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import RemoteProtocolError
-from protocol.messages import CasRequest, DeleteRequest, GetRequest, PutRequest
-from storage_node.commands import (
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import CasRequest, DeleteRequest, GetRequest, PutRequest
+from zkv.storage_node.commands import (
     NOOP_DATA,
     CasCommand,
     DeleteCommand,

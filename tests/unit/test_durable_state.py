@@ -7,8 +7,8 @@ import os
 import msgpack
 import pytest
 
-from protocol.ring import RingConfig
-from storage_node.durable_state import (
+from zkv.protocol.ring import RingConfig
+from zkv.storage_node.durable_state import (
     HARD_STATE_FILE,
     RING_FILE,
     CorruptStateError,

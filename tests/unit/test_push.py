@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from protocol.messages import MigrateAck, MigrateBatch
-from protocol.ring import Ring, RingConfig
-from storage_node.commands import MigrateBegin, PutCommand
-from storage_node.ownership import PHASE_CATCHUP
-from storage_node.push import (
+from zkv.protocol.messages import MigrateAck, MigrateBatch
+from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node.commands import MigrateBegin, PutCommand
+from zkv.storage_node.ownership import PHASE_CATCHUP
+from zkv.storage_node.push import (
     ACK_TIMEOUT_S,
     DONE,
     FAILED,
@@ -22,7 +22,7 @@ from storage_node.push import (
     PushSpec,
     command_for,
 )
-from storage_node.state_machine import KVStateMachine
+from zkv.storage_node.state_machine import KVStateMachine
 
 OLD = RingConfig(1, (0,), 16)
 NEW = RingConfig(2, (0, 1), 16)
@@ -125,7 +125,7 @@ def test_tasks_keep_one_stream_per_target_and_phase() -> None:
 
 def test_drop_lists_then_drops_a_batch_at_a_time() -> None:
     src, _ = _shards(12_000)
-    from storage_node.commands import RingSet
+    from zkv.storage_node.commands import RingSet
 
     assert src.apply_command(20_000, RingSet(NEW))["ok"]
     moving = _moving(src)
@@ -151,7 +151,7 @@ def test_the_fenced_delta_is_only_what_was_written_during_the_catch_up() -> None
     """The catch-up carries the keys written after the copy read them (values, or
     deletes), the fenced final delta only those written after the catch-up read: the
     fence lasts as long as that delta, not the range nor the copy."""
-    from storage_node.commands import DeleteCommand, Fence, MigrateOut
+    from zkv.storage_node.commands import DeleteCommand, Fence, MigrateOut
 
     src, dst = _shards(2000)
     index = 2000
@@ -206,7 +206,7 @@ def test_the_fenced_delta_is_only_what_was_written_during_the_catch_up() -> None
 def test_no_leader_at_the_target_backs_off_instead_of_bouncing() -> None:
     """During an election every target node says "not the leader" with no hint: the
     stream tries the next node after a short pause, not in a tight loop."""
-    from storage_node.push import NO_LEADER_RETRY_S
+    from zkv.storage_node.push import NO_LEADER_RETRY_S
 
     src, _ = _shards(50)
     push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS), src)

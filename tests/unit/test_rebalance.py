@@ -10,14 +10,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from client.rebalance import Plan, RebalanceError, Rebalancer, ring_adding, ring_removing
-from protocol.errors import ErrorCode
-from protocol.messages import ErrorReply, MigrateAck, PutReply
-from protocol.ring import Ring, RingConfig
-from storage_node.admin import AdminError, admin_command, admin_request
-from storage_node.commands import DropUnowned, PutCommand, RingSet
-from storage_node.push import LeaderTasks, command_for
-from storage_node.state_machine import KVStateMachine
+from zkv.ops.rebalance import Plan, RebalanceError, Rebalancer, ring_adding, ring_removing
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import ErrorReply, MigrateAck, PutReply
+from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node.admin import AdminError, admin_command, admin_request
+from zkv.storage_node.commands import DropUnowned, PutCommand, RingSet
+from zkv.storage_node.push import LeaderTasks, command_for
+from zkv.storage_node.state_machine import KVStateMachine
 
 
 class FakeCluster:

@@ -39,16 +39,29 @@ from typing import Any
 import msgpack
 import pytest
 
-from client.rebalance import Rebalancer, ring_adding, ring_removing
-from protocol.errors import ErrorCode
-from protocol.messages import CasReply, DeleteReply, ErrorReply, MigrateAck, MigrateBatch, PutReply
-from protocol.ring import Ring, RingConfig
-from storage_node.admin import admin_request
-from storage_node.commands import CasCommand, DeleteCommand, MigrateBegin, MigrateOut, PutCommand
-from storage_node.ownership import PHASE_COPY
-from storage_node.push import DONE, LeaderTasks, PushSpec, command_for, not_leader_ack
-from storage_node.state_machine import KVStateMachine
 from tests.unit.test_rebalance import FakeCluster
+from zkv.ops.rebalance import Rebalancer, ring_adding, ring_removing
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import (
+    CasReply,
+    DeleteReply,
+    ErrorReply,
+    MigrateAck,
+    MigrateBatch,
+    PutReply,
+)
+from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node.admin import admin_request
+from zkv.storage_node.commands import (
+    CasCommand,
+    DeleteCommand,
+    MigrateBegin,
+    MigrateOut,
+    PutCommand,
+)
+from zkv.storage_node.ownership import PHASE_COPY
+from zkv.storage_node.push import DONE, LeaderTasks, PushSpec, command_for, not_leader_ack
+from zkv.storage_node.state_machine import KVStateMachine
 
 SEEDS = ([int(os.environ["CHAOS_SEED"])] if os.environ.get("CHAOS_SEED")
          else list(range(40)))

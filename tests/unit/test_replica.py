@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from protocol.messages import AppendEntries, AppendReply, Entry, Role, VoteReply, VoteRequest
-from storage_node.durable_state import HardState
-from storage_node.replica import Ready, Replica, ReplicaConfig
+from zkv.protocol.messages import AppendEntries, AppendReply, Entry, Role, VoteReply, VoteRequest
+from zkv.storage_node.durable_state import HardState
+from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 
 MEMBERS = ("a", "b", "c")
 
@@ -240,7 +240,7 @@ def test_lagging_follower_catches_up_by_snapshot() -> None:
 
 
 def test_absurd_terms_are_ignored_not_adopted() -> None:
-    from storage_node.replica import TERM_MAX
+    from zkv.storage_node.replica import TERM_MAX
 
     core = Replica(ReplicaConfig("a", ("a",)), HardState(1, ""), [])
     core.campaign(1.0, known_term=TERM_MAX)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.ring import DEFAULT_VNODES, Ring, plan_moves, position, token
+from zkv.protocol.ring import DEFAULT_VNODES, Ring, plan_moves, position, token
 
 KEYS = 1_000_000
 BALANCE_MAX = 1.10

@@ -7,8 +7,8 @@ import random
 import msgpack
 import pytest
 
-from protocol.messages import CasReply, DeleteReply, PutReply
-from storage_node.sessions import SessionStatus, SessionTable
+from zkv.protocol.messages import CasReply, DeleteReply, PutReply
+from zkv.storage_node.sessions import SessionStatus, SessionTable
 
 NEW, EXPIRED = SessionStatus.NEW, SessionStatus.EXPIRED
 

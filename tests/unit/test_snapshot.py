@@ -7,7 +7,7 @@ import os
 import pytest
 from loguru import logger
 
-from storage_node.snapshot import (
+from zkv.storage_node.snapshot import (
     SNAP_DIR,
     Snapshot,
     compactable_index,

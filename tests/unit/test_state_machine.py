@@ -7,16 +7,16 @@ import random
 import pytest
 from loguru import logger
 
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
-from storage_node.commands import (
+from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
+from zkv.storage_node.commands import (
     NOOP_DATA,
     CasCommand,
     DeleteCommand,
     PutCommand,
     encode_command,
 )
-from storage_node.state_machine import KVStateMachine
+from zkv.storage_node.state_machine import KVStateMachine
 
 
 class Driver:

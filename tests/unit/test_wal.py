@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from protocol.messages import Entry
-from storage_node.fsync_policy import FsyncMode, FsyncPolicy, parse_fsync_policy
-from storage_node.wal import CorruptLogError, WriteAheadLog, segment_name
+from zkv.protocol.messages import Entry
+from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy, parse_fsync_policy
+from zkv.storage_node.wal import CorruptLogError, WriteAheadLog, segment_name
 
 ALWAYS = FsyncPolicy(FsyncMode.ALWAYS)
 NEVER = FsyncPolicy(FsyncMode.NEVER)

@@ -32,9 +32,9 @@ from typing import Any
 import msgpack
 import zmq
 
-from protocol.codec import INLINE_BLOB_BYTES_MAX
-from protocol.errors import ErrorCode
-from protocol.messages import (
+from zkv.protocol.codec import INLINE_BLOB_BYTES_MAX
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import (
     PROTOCOL_VERSION,
     Consistency,
     ErrorReply,
@@ -403,7 +403,7 @@ def run_bench(
     if concurrency < 1 or duration_s <= 0 or keys < 1 or not 0.0 <= read_ratio <= 1.0:
         raise ValueError("need concurrency >= 1, duration > 0, keys >= 1, 0 <= read_ratio <= 1")
     if check:
-        from client.sdk import KVClient
+        from zkv.client.sdk import KVClient
 
         with KVClient(endpoint, timeout_s=3.0) as kv:
             kv.ping()

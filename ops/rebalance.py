@@ -37,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from client.sdk import KVClient
-from protocol.errors import KVError
-from protocol.ring import Ring, RingConfig, plan_moves
+from zkv.client.sdk import KVClient
+from zkv.protocol.errors import KVError
+from zkv.protocol.ring import Ring, RingConfig, plan_moves
 
 BATCH_KEYS = 2000
 BATCH_BYTES = 2 * 1024 * 1024

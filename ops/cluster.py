@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from client.sdk import KVClient
-from protocol.errors import KVError
+from zkv.client.sdk import KVClient
+from zkv.protocol.errors import KVError
 
 CLUSTER_FILE = "cluster.json"
 CLUSTER_FORMAT = 1
@@ -172,8 +172,8 @@ class LocalCluster:
         node_args: tuple[str, ...] = (),
         broker_args: tuple[str, ...] = (),
         python: str = sys.executable,
-        broker_module: str = "broker.main",
-        node_module: str = "storage_node.main",
+        broker_module: str = "zkv.broker.main",
+        node_module: str = "zkv.storage_node.main",
         grace_s: float = GRACE_S,
     ) -> None:
         """``port=0`` picks a free block of ports. ``shards``/``replicas`` None: from
@@ -283,7 +283,7 @@ class LocalCluster:
                   ready_timeout_s: float = 30.0, **rebalancer_kw: Any) -> int:
         """Start a new shard group, wait for its leader, and move its share of the keys
         to it online (``client/rebalance.py``). Returns the new shard id."""
-        from client.rebalance import Rebalancer
+        from zkv.ops.rebalance import Rebalancer
 
         new_id = spec_add_shard(self.data_dir)
         self.spec = json.loads((self.data_dir / CLUSTER_FILE).read_text())
@@ -296,7 +296,7 @@ class LocalCluster:
     def remove_shard(self, shard: int, progress: Callable[[str], None] | None = None,
                      **rebalancer_kw: Any) -> None:
         """Move the shard's keys to the others online, then stop its nodes."""
-        from client.rebalance import Rebalancer
+        from zkv.ops.rebalance import Rebalancer
 
         with KVClient(self.endpoints, timeout_s=30) as kv:
             Rebalancer(kv, progress, **rebalancer_kw).remove_shard(shard)
