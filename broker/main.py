@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from loguru import logger
 
 from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
-from zkv.broker.server import BrokerConfig, BrokerServer
+from zkv.broker.server import CLIENT_QUEUE_MAX, BrokerConfig, BrokerServer
 from zkv.protocol.runtime import configure_logging, tune_gc
 
 
@@ -33,6 +33,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--election-timeout-ms", type=int, default=1000, help="must be >= 3 x heartbeat")
     p.add_argument("--key-bytes-max", type=int, default=KEY_BYTES_MAX)
     p.add_argument("--value-bytes-max", type=int, default=VALUE_BYTES_MAX)
+    p.add_argument(
+        "--client-queue-max", type=int, default=CLIENT_QUEUE_MAX,
+        help="replies queued per client before further ones are dropped (a client that "
+        "stops reading cannot grow the broker)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     return p.parse_args(argv)
@@ -50,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         election_timeout_ms=args.election_timeout_ms,
         key_bytes_max=args.key_bytes_max,
         value_bytes_max=args.value_bytes_max,
+        client_queue_max=args.client_queue_max,
     )
 
 

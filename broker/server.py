@@ -56,8 +56,16 @@ BATCH_MAX = 256
 #: Requests per RequestBatch: big enough to amortize a message, small enough that the
 #: node starts working while the broker is still draining (the two overlap on 2 cores).
 FORWARD_BATCH_MAX = 32
-#: Per-pipe queue bound, generous so bursts are absorbed rather than dropped.
-HWM = 100_000
+#: Per-pipe queue bound towards and from each node, in messages (a RequestBatch of up to
+#: FORWARD_BATCH_MAX requests is one). About a second of a node's work: queueing more
+#: only turns into client timeouts, while a full pipe answers UNAVAILABLE at once.
+#: (100,000 let a flood of clients grow the broker by 500 MB.)
+HWM = 1_000
+#: Per-client queue bound on the frontend, both directions. A client that stops reading
+#: holds at most this many replies in the broker; later replies to it are dropped (it
+#: sees timeouts), so no client can grow the broker (Redis's client-output-buffer-limit).
+#: Well above any in-flight window the SDK or `zkv bench` uses (<= 256 per socket).
+CLIENT_QUEUE_MAX = 1_000
 #: Inbound frame bound on the heartbeat socket (a heartbeat is a few hundred bytes).
 HEARTBEAT_BYTES_MAX = 1024 * 1024
 WARNINGS_PER_WINDOW = 10
@@ -83,11 +91,14 @@ class BrokerConfig:
     value_bytes_max: int = VALUE_BYTES_MAX
     batch_max: int = BATCH_MAX
     hwm: int = HWM
+    client_queue_max: int = CLIENT_QUEUE_MAX
 
     def __post_init__(self) -> None:
         check_timing(self.heartbeat_ms, self.election_timeout_ms)
         if self.batch_max < 1:
             raise ValueError("batch_max must be >= 1")
+        if self.client_queue_max < 1:
+            raise ValueError("client_queue_max must be >= 1")
 
 
 class WarningLimiter:
@@ -163,8 +174,8 @@ class BrokerServer:
         self._own_context = context is None
         self._ctx = context if context is not None else zmq.Context()
         self._stopping = False
-        self.frontend = self._router_socket()
-        self.backend = self._router_socket()
+        self.frontend = self._router_socket(config.client_queue_max)
+        self.backend = self._router_socket(config.hwm)
         self.heartbeats = self._ctx.socket(zmq.SUB)
         self.heartbeats.setsockopt(zmq.LINGER, 0)
         self.heartbeats.setsockopt(zmq.RCVHWM, config.hwm)
@@ -178,15 +189,15 @@ class BrokerServer:
         #: Replies for clients that were gone or not reading (never an error).
         self.replies_dropped = 0
 
-    def _router_socket(self) -> zmq.Socket[Any]:
+    def _router_socket(self, queue_max: int) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted peer reconnecting with the same identity takes over the old pipe
         # instead of being refused while the dead connection lingers.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
-        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.setsockopt(zmq.SNDHWM, queue_max)
+        sock.setsockopt(zmq.RCVHWM, queue_max)
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
         return sock
