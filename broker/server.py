@@ -48,6 +48,7 @@ from zkv.broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, Rin
 from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
 from zkv.protocol.ring import RingConfig
 
@@ -181,6 +182,7 @@ class BrokerServer:
         self.heartbeats.setsockopt(zmq.RCVHWM, config.hwm)
         self.heartbeats.setsockopt(zmq.MAXMSGSIZE, HEARTBEAT_BYTES_MAX)
         self.heartbeats.setsockopt(zmq.SUBSCRIBE, b"")
+        keep_alive(self.heartbeats, config.election_timeout_ms)
         # A client may send a value over the limit and must get TOO_LARGE back, not a
         # disconnect; still bound what one frame may make us buffer.
         frame_bytes_max = max(64 << 20, 4 * (config.key_bytes_max + config.value_bytes_max))
@@ -198,8 +200,7 @@ class BrokerServer:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.SNDHWM, queue_max)
         sock.setsockopt(zmq.RCVHWM, queue_max)
-        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        keep_alive(sock, self.config.election_timeout_ms)
         return sock
 
     # ------------------------------------------------------------------ lifecycle

@@ -24,6 +24,7 @@ from loguru import logger
 
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import (
     AdminReply,
     AdminRequest,
@@ -161,22 +162,30 @@ class StorageNode:
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
         ident = cfg.node_id.encode()
+        alive_ms = cfg.election_timeout_ms
         self.broker_socks = []
         for endpoint in cfg.brokers:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, ident)
             s.setsockopt(zmq.LINGER, 0)
+            keep_alive(s, alive_ms)
             s.setsockopt(zmq.SNDHWM, 100_000)
             s.setsockopt(zmq.RCVHWM, 100_000)
             s.connect(endpoint)
             self.broker_socks.append(s)
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        keep_alive(self.pub, alive_ms)
         for endpoint in cfg.heartbeat_endpoints:
             self.pub.connect(endpoint)
         self.peer_router = ctx.socket(zmq.ROUTER)
         self.peer_router.setsockopt(zmq.LINGER, 0)
         self.peer_router.setsockopt(zmq.RCVHWM, 100_000)
+        # A restarted (or resumed) peer reconnecting under its id takes over the old
+        # pipe; without this the ROUTER ignores the new connection while a stale one
+        # for the same id lingers.
+        self.peer_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        keep_alive(self.peer_router, alive_ms)
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         for peer, endpoint in cfg.peers.items():
@@ -184,6 +193,7 @@ class StorageNode:
             s.setsockopt(zmq.IDENTITY, ident)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
+            keep_alive(s, alive_ms)
             s.setsockopt(zmq.SNDHWM, 10_000)
             s.connect(endpoint)
             self.peer_socks[peer] = s
@@ -570,6 +580,7 @@ class StorageNode:
                 sock.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 100)
+                keep_alive(sock, self.config.election_timeout_ms)
                 sock.connect(addr)
                 self.poller.register(sock, zmq.POLLIN)
             with contextlib.suppress(zmq.Again):  # a slow peer: the ack timeout resends
