@@ -47,7 +47,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def test_clients_that_never_read_cannot_grow_the_broker(
-    broker: BrokerProcess, ctx: Any, nodes: Any
+    broker: BrokerProcess, ctx: Any, nodes: Any  # noqa: F811 -- the imported fixtures
 ) -> None:
     nodes(broker, "s0r0", Role.LEADER)
     probe = Client(ctx, broker.frontend)
@@ -57,7 +57,7 @@ def test_clients_that_never_read_cannot_grow_the_broker(
     before = rss_bytes(pid)
 
     flooders = []
-    for i in range(FLOODERS):
+    for _ in range(FLOODERS):
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVHWM, 10)  # the client itself buffers almost nothing
