@@ -243,19 +243,3 @@ def test_get_request_encodes_consistency_default(broker: FakeBroker) -> None:  #
     assert req.consistency == Consistency.LEADER
     assert codec.route_fields(codec.encode(req)[0]) == (GetRequest.TYPE, b"x", 1)
 
-
-def test_retry_rules_shared_by_both_clients() -> None:
-    import random
-
-    from zkv.client.sdk import give_up, retry_pause
-    from zkv.protocol.errors import Timeout
-
-    rng = random.Random(1)
-    pause = retry_pause(0, now=0.0, deadline=10.0, rng=rng)
-    assert pause is not None and 0.005 <= pause <= 0.010
-    assert retry_pause(0, now=9.999, deadline=10.0, rng=rng) is None  # would overrun
-    assert give_up(7, 3, now=1.0, deadline=10.0, retries=None, total_s=10, last_error=None) is None
-    late = give_up(7, 3, now=10.0, deadline=10.0, retries=None, total_s=10, last_error=None)
-    assert isinstance(late, Timeout) and "deadline exhausted" in str(late)
-    spent = give_up(7, 3, now=1.0, deadline=10.0, retries=2, total_s=10, last_error=None)
-    assert isinstance(spent, Timeout) and "retries exhausted" in str(spent)
