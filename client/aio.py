@@ -99,9 +99,9 @@ class ZmqAsyncConnection:
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             self._sock.connect(endpoint)
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
             self._sock.close(linger=0)
-            raise
+            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
 
     async def send(self, frames: list[bytes]) -> None:
         await self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)

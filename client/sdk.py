@@ -112,9 +112,9 @@ class ZmqConnection:
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             self._sock.connect(endpoint)
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
             self._sock.close(linger=0)
-            raise
+            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_client_fake import DROP, FakeBroker, broker  # noqa: F401
+from tests.support.fake_broker import DROP, FakeBroker, broker  # noqa: F401
 from zkv.client import AsyncKVClient, BadRequest, ClientClosed, Timeout, TooLarge
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import ErrorReply, GetRequest, PongReply, PutRequest

@@ -1,4 +1,7 @@
-"""A fake zkv broker for the SDK tests: a thread with a ROUTER that answers from a dict.
+"""A fake zkv broker on a real socket: a thread with a ROUTER that answers from a dict.
+
+For the process-level tests that need real TCP (the bench's raw zmq generator, the SDK's
+zmq edges); the unit tests use the in-memory ``tests/support/fake_transport.py``.
 
 ``FakeBroker.hook(ident, msg, seen)`` may override the answer to a request: return
 ``DROP`` to send nothing, a message (or a list of messages / raw frame lists) to send
@@ -156,16 +159,3 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 2.0) -> bool:
         time.sleep(0.005)
     return cond()
 
-
-def test_fake_broker_answers_raw_zmq(broker: FakeBroker) -> None:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 2000)
-    s.connect(broker.endpoint)
-    try:
-        s.send_multipart(codec.encode(PingRequest(b"c" * 16, 7)))
-        reply = codec.decode(s.recv_multipart())
-        assert reply == PongReply(7, "fake-b0")
-    finally:
-        s.close()
