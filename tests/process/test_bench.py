@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 
-from tests.support.fake_broker import DROP, FakeBroker, broker  # noqa: F401
+from tests.support.fake_broker import DROP, FakeBroker
 from zkv.client.cli import main
 from zkv.ops.bench import BenchResult, run_bench
 from zkv.ops.cluster import LocalCluster
-from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode
-from zkv.protocol.messages import ErrorReply, PingRequest, PongReply, PutRequest
+from zkv.protocol.messages import ErrorReply, PutRequest
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(90)]
 
@@ -124,16 +122,3 @@ def test_bench_env_endpoint_with_two_brokers(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert f"endpoint {c.endpoint}" in out.stdout and "errors: none" in out.stdout
 
-
-def test_fake_broker_answers_raw_zmq(broker: FakeBroker) -> None:  # noqa: F811
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 2000)
-    s.connect(broker.endpoint)
-    try:
-        s.send_multipart(codec.encode(PingRequest(b"c" * 16, 7)))
-        reply = codec.decode(s.recv_multipart())
-        assert reply == PongReply(7, "fake-b0")
-    finally:
-        s.close()

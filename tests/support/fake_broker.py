@@ -1,66 +1,33 @@
-"""A fake zkv broker on a real socket: a thread with a ROUTER that answers from a dict.
+"""A fake zkv broker on a real socket: ``FakeBrokerCore`` behind a ROUTER in a thread.
 
 For the process-level tests that need real TCP (the bench's raw zmq generator, the SDK's
-zmq edges); the unit tests use the in-memory ``tests/support/fake_transport.py``.
-
-``FakeBroker.hook(ident, msg, seen)`` may override the answer to a request: return
-``DROP`` to send nothing, a message (or a list of messages / raw frame lists) to send
-instead, or ``None`` for the default answer. ``seen`` counts how many times this
-(client_id, request_id) arrived, retries included. Writes are deduplicated like a node
-does: a retried write gets the reply remembered for its (client_id, request_id).
+zmq edges); the unit tests use the same core in memory (``tests/support/fake_transport.py``,
+which also documents the ``hook`` and ``DROP``).
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import zmq
 
-from zkv.protocol import codec
-from zkv.protocol.errors import ErrorCode
-from zkv.protocol.messages import (
-    CasReply,
-    CasRequest,
-    DeleteReply,
-    DeleteRequest,
-    ErrorReply,
-    GetReply,
-    GetRequest,
-    Message,
-    PingRequest,
-    PongReply,
-    PutReply,
-    PutRequest,
-    StatusReply,
-    StatusRequest,
-)
+from tests.support.fake_transport import DROP, FakeBrokerCore, Hook
+from zkv.protocol.messages import Message
 
-DROP = object()
-Hook = Callable[[bytes, Any, int], Any]
+__all__ = ["DROP", "FakeBroker", "broker"]
 
 
-class FakeBroker:
+class FakeBroker(FakeBrokerCore):
     def __init__(self, hook: Hook | None = None, broker_id: str = "fake-b0") -> None:
-        self.hook = hook
-        self.broker_id = broker_id
+        super().__init__(hook, broker_id)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.data: dict[bytes, tuple[bytes, int]] = {}
-        self.version = 0
-        self.received: list[tuple[bytes, Any]] = []
-        self.seen: dict[tuple[bytes, int], int] = {}
-        self.applied: dict[tuple[bytes, int], Message] = {}
-        self.apply_count = 0
-        self.status_nodes: tuple[dict[str, Any], ...] = ()
-        self.ring: dict[str, Any] = {"epoch": 1, "shards": [0], "vnodes": 256}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -85,77 +52,21 @@ class FakeBroker:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(frames[0], frames[1:])
-
-    def _handle(self, ident: bytes, frames: list[bytes]) -> None:
-        msg = codec.decode(frames)
-        with self.lock:
-            self.received.append((ident, msg))
-            key = (getattr(msg, "client_id", b""), msg.request_id)
-            self.seen[key] = seen = self.seen.get(key, 0) + 1
-        out = self.hook(ident, msg, seen) if self.hook else None
-        if out is DROP:
-            return
-        if out is None:
-            out = [self.answer(msg)]
-        elif not isinstance(out, list):
-            out = [out]
-        for item in out:
-            reply = item if isinstance(item, list) else codec.encode(item)
-            self.sock.send_multipart([ident, *reply])
+                with self.lock:
+                    replies = self.handle(frames[0], frames[1:])
+                for reply in replies:
+                    self.sock.send_multipart([frames[0], *reply])
 
     def answer(self, msg: Any) -> Message:
-        with self.lock:
-            if isinstance(msg, (PutRequest, DeleteRequest, CasRequest)):
-                key = (msg.client_id, msg.request_id)
-                if key not in self.applied:
-                    self.applied[key] = self._apply(msg)
-                return self.applied[key]
-            return self._read(msg)
-
-    def _apply(self, msg: Any) -> Message:
-        self.apply_count += 1
-        self.version += 1
-        if isinstance(msg, PutRequest):
-            self.data[msg.key] = (msg.value, self.version)
-            return PutReply(msg.request_id, self.version)
-        if isinstance(msg, DeleteRequest):
-            existed = self.data.pop(msg.key, None) is not None
-            return DeleteReply(msg.request_id, existed, self.version)
-        current = self.data.get(msg.key, (b"", 0))[1]
-        if current != msg.expected_version:
-            return CasReply(msg.request_id, False, current)
-        self.data[msg.key] = (msg.value, self.version)
-        return CasReply(msg.request_id, True, self.version)
-
-    def _read(self, msg: Any) -> Message:
-        if isinstance(msg, GetRequest):
-            found = self.data.get(msg.key)
-            if found is None:
-                return GetReply(msg.request_id, False, 0, b"")
-            return GetReply(msg.request_id, True, found[1], found[0])
-        if isinstance(msg, StatusRequest):
-            return StatusReply(msg.request_id, self.broker_id, self.status_nodes, self.ring)
-        if isinstance(msg, PingRequest):
-            return PongReply(msg.request_id, self.broker_id)
-        return ErrorReply(msg.request_id, ErrorCode.BAD_REQUEST, "unexpected")
+        with self.lock:  # re-entrant from a hook: answered under the same lock
+            return super().answer(msg)
 
     def requests(self, kind: type) -> list[Any]:
         with self.lock:
-            return [m for _, m in self.received if isinstance(m, kind)]
+            return super().requests(kind)
 
 
 @pytest.fixture
 def broker() -> Any:
     with FakeBroker() as b:
         yield b
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 2.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
