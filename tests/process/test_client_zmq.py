@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.process, pytest.mark.timeout(30)]
 
 
 def test_fake_broker_answers_raw_zmq(broker: FakeBroker) -> None:  # noqa: F811
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, 2000)

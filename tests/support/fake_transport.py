@@ -67,7 +67,7 @@ class FakeBrokerCore:
         """The reply frames to send back for one request (none for a drop)."""
         msg = codec.decode(frames)
         self.received.append((ident, msg))
-        key = (getattr(msg, "client_id", b""), msg.request_id)
+        key = (getattr(msg, "client_id", b""), getattr(msg, "request_id", -1))
         self.seen[key] = seen = self.seen.get(key, 0) + 1
         out = self.hook(ident, msg, seen) if self.hook else None
         if out is DROP:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.support.fake_transport import DROP, FakeBrokerCore, FakeNet, Hook
-from zkv.client import cli
+from zkv.client import KVClient, cli
 from zkv.client.cli import annotate_status, format_status, main
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import ErrorReply, PutRequest
@@ -23,8 +23,7 @@ ENDPOINT = "fake://b0"
 def net(monkeypatch: pytest.MonkeyPatch) -> FakeNet:
     """The CLI's clients talk to in-memory brokers on a fake clock."""
     net = FakeNet()
-    real = cli.KVClient
-    monkeypatch.setattr(cli, "KVClient", lambda *a, **kw: real(
+    monkeypatch.setattr(cli, "KVClient", lambda *a, **kw: KVClient(
         *a, connect=net.connect, clock=net.clock, **kw))
     return net
 

@@ -123,7 +123,8 @@ def test_give_up_at_the_deadline_with_the_last_error_as_cause() -> None:
 def test_give_up_rather_than_back_off_past_the_deadline() -> None:
     state = start(endpoints=1, total_s=1.0)
     d = decide(state, err(ErrorCode.NO_LEADER), 100.9999, random.Random(1))
-    assert d.action is Action.FAIL and isinstance(d.error.__cause__, NoLeader)
+    assert d.action is Action.FAIL and d.error is not None
+    assert isinstance(d.error.__cause__, NoLeader)
     d = decide(state, err(ErrorCode.NO_LEADER), 100.5, random.Random(1))
     assert d.action is Action.RETRY and 0.005 <= d.pause_s <= 0.010
 
@@ -162,8 +163,9 @@ def test_a_seed_replays_the_same_decisions() -> None:
     def run(seed: int) -> list[tuple[Action, int, float]]:
         rng, state, out = random.Random(seed), start(endpoints=2, total_s=60), []
         for i in range(40):
-            outcome = [err(ErrorCode.NO_LEADER), err(ErrorCode.NOT_LEADER),
-                       Silence.CONNECTION][i % 3]
+            outcomes: list[Message | Silence] = [
+                err(ErrorCode.NO_LEADER), err(ErrorCode.NOT_LEADER), Silence.CONNECTION]
+            outcome = outcomes[i % 3]
             d = decide(state, outcome, 100.0 + i * 0.1, rng)
             out.append((d.action, d.endpoint, d.pause_s))
             state = d.state

@@ -70,7 +70,8 @@ def test_round_trip_of_every_op(env: Setup) -> None:
         assert kv.cas("k", v1, "v2") is True
         assert kv.get("k") == b"v2"
         assert kv.cas("new", 0, "x") is True
-        assert kv.cas_versioned("new", 0, "y") == (False, kv.get_versioned("new")[1])
+        found = kv.get_versioned("new")
+        assert found is not None and kv.cas_versioned("new", 0, "y") == (False, found[1])
         assert kv.delete("k") is True
         assert kv.delete("k") is False
         assert kv.get("k") is None
@@ -149,14 +150,14 @@ def test_dropped_reply_to_write_is_deduplicated_by_the_node() -> None:
     # The write is applied but the reply is lost: the retry must get the same answer.
     def hook(ident: bytes, msg: Any, seen: int) -> Any:
         if isinstance(msg, PutRequest) and seen == 1:
-            env.b.answer(msg)  # apply, then lose the reply
+            lossy.b.answer(msg)  # apply, then lose the reply
             return DROP
         return None
 
-    env = Setup(hook)
-    with env.client(attempt_timeout_s=0.2) as kv:
+    lossy = Setup(hook)
+    with lossy.client(attempt_timeout_s=0.2) as kv:
         assert kv.put("k", "v") == 1
-        assert env.b.apply_count == 1
+        assert lossy.b.apply_count == 1
 
 
 def test_round_robin_over_endpoints_on_silence() -> None:
