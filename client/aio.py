@@ -1,26 +1,31 @@
-"""The asyncio zkv client: many requests in flight on one DEALER socket.
+"""The asyncio zkv client: many requests in flight, one connection per broker.
 
 Theory of operation:
 
-- One reader task receives every reply and resolves the future of the pending request
-  with the same ``request_id``; a reply for an id no longer pending (an answer to an
-  attempt given up on, or to a request already answered) is dropped.
-- Each request keeps its own deadline. An attempt that gets no reply within
-  ``attempt_timeout_s`` (default ``min(1 s, timeout)``) is resent *with the same
-  frames* (client id, request id), so the storage node deduplicates a retried write.
-  A retryable error code is followed by a jittered exponential backoff (10..200 ms) and
-  a resend.
-- Socket policy: resends normally go out on the same socket, because one slow or lost
-  request says nothing about the connection while other replies keep arriving. The
-  socket is reset (closed with linger 0, reconnected to the next endpoint, round robin)
-  only when an attempt times out and *no reply at all* has arrived since that attempt
-  was sent: then every in-flight request timed out and the connection is presumed dead.
-  After a reset, every pending request is resent at once on the new socket (their
-  earlier copies died with the old one).
+- One reader task per connection receives every reply and resolves the future of the
+  pending request with the same ``request_id``; a reply for an id no longer pending (an
+  answer to an attempt given up on, or to a request already answered) is dropped, and so
+  is an error reply from a broker the request has since left.
+- Each request keeps its own deadline and follows the pure retry policy of
+  ``client/retry.py``, shared with ``KVClient``: after each attempt it returns, raises,
+  resends to the same broker (after a backoff for a retryable error code), or moves to
+  the next broker (round robin). Every resend carries *the same frames* (client id,
+  request id), so the storage node deduplicates a retried write.
+- ``NO_LEADER`` and ``UNAVAILABLE`` move that request to the next broker, and new
+  requests follow it there (the broker that refused cannot reach the shard).
+- Silence: an attempt that gets no reply within ``attempt_timeout_s`` (default
+  ``min(1 s, timeout)``) is resent on the same connection while other replies keep
+  arriving on it (one slow or lost request says nothing about the connection). Only when
+  *no reply at all* arrived on the connection since the attempt was sent is the
+  connection presumed dead: it is closed (linger 0), and every request pending on it
+  moves to the next broker and is resent at once (their copies died with it).
 - At most ``max_in_flight`` requests (default 1024) are outstanding; further calls wait
   on a semaphore, so memory and the broker's queues stay bounded.
 - ``lowest_pending`` of a write is the smallest request id still awaited: pending ids
   are kept in a dict in ascending order, so it is the first key.
+- Time is the event loop's (``loop.time()``, ``call_at``, ``asyncio.sleep``) and
+  connections come from ``connect(endpoint)`` (default: zmq DEALER sockets), so a test
+  runs the client on a virtual-time loop over in-memory connections.
 
 The client binds to the event loop it is first used in.
 """
@@ -31,34 +36,26 @@ import asyncio
 import contextlib
 import os
 import random
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
 
+from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
 from zkv.client.sdk import (
-    ATTEMPT_TIMEOUT_S_MAX,
     KEY_BYTES_MAX,
     VALUE_BYTES_MAX,
     ClientClosed,
     _Limits,
     check_reply,
     check_version,
-    give_up,
     parse_endpoints,
-    retry_pause,
     status_dict,
 )
 from zkv.protocol import codec
-from zkv.protocol.errors import (
-    RETRYABLE_CODES,
-    KVError,
-    RemoteProtocolError,
-    Timeout,
-    error_for_code,
-)
+from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import (
     CasReply,
     CasRequest,
@@ -80,16 +77,64 @@ from zkv.protocol.messages import (
 MAX_IN_FLIGHT = 1024
 
 _TIMED_OUT = object()  # an attempt's timer fired
-_RESEND = object()  # the socket was reset: resend now
+_RESEND = object()  # the connection was reset: resend now
+
+
+class AsyncConnection(Protocol):
+    """One connection to one broker, as the asyncio client needs it."""
+
+    async def send(self, frames: list[bytes]) -> None: ...
+
+    async def recv(self) -> list[bytes]:
+        """The next frames; raises once the connection is closed."""
+
+    def close(self) -> None: ...
+
+
+class ZmqAsyncConnection:
+    """A DEALER connected to one broker, closed with linger 0."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(linger=0)
+            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
+
+    async def send(self, frames: list[bytes]) -> None:
+        await self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
+
+    async def recv(self) -> list[bytes]:
+        return list(await self._sock.recv_multipart())
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class _Link:
+    """A connection to broker ``endpoint``, its reader, and when it last heard anything."""
+
+    __slots__ = ("endpoint", "conn", "reader", "last_reply_at", "closed")
+
+    def __init__(self, endpoint: int, conn: AsyncConnection) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.reader: asyncio.Task[None] | None = None
+        self.last_reply_at = -1.0
+        self.closed = False
 
 
 class _Pending:
-    __slots__ = ("future", "frames", "sent_at")
+    __slots__ = ("future", "frames", "sent_at", "endpoint", "link")
 
-    def __init__(self, future: asyncio.Future[Any], frames: list[bytes]) -> None:
+    def __init__(self, future: asyncio.Future[Any], endpoint: int) -> None:
         self.future = future
-        self.frames = frames
+        self.frames: list[bytes] = []
         self.sent_at = 0.0
+        self.endpoint = endpoint
+        self.link: _Link | None = None
 
 
 class AsyncKVClient:
@@ -108,6 +153,7 @@ class AsyncKVClient:
         value_bytes_max: int = VALUE_BYTES_MAX,
         context: zmq.asyncio.Context | None = None,
         seed: int | None = None,
+        connect: Callable[[str], AsyncConnection] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
@@ -121,19 +167,22 @@ class AsyncKVClient:
         self.max_in_flight = max_in_flight
         self.limits = _Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
-        self._ctx = context or zmq.asyncio.Context.instance()
+        if connect is None:
+            ctx = context or zmq.asyncio.Context.instance()
+            connect = lambda endpoint: ZmqAsyncConnection(ctx, endpoint)  # noqa: E731
+        self._connect = connect
         self._rng = random.Random(seed)
         self._next_request_id = 1
-        self._endpoint_index = 0
+        self._endpoint_index = 0  # where new requests go
         self._pending: dict[int, _Pending] = {}
+        self._links: dict[int, _Link] = {}
         self._sem: asyncio.Semaphore | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._last_reply_at = 0.0
-        self._socket_opened_at = 0.0
         self._closed = False
+        #: Counters a caller (or a test) may read: attempts resent, connections reset
+        #: (presumed dead), requests moved to another broker.
         self.resends = 0
         self.resets = 0
+        self.switches = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -217,13 +266,13 @@ class AsyncKVClient:
         return str(reply.broker_id)
 
     async def close(self) -> None:
-        """Stop the reader, fail every pending request with ``ClientClosed``."""
+        """Stop the readers, fail every pending request with ``ClientClosed``."""
         self._closed = True
         for p in self._pending.values():
             if not p.future.done():
                 p.future.set_exception(ClientClosed("client closed"))
-        await self._stop_reader()
-        self._drop_socket()
+        for link in list(self._links.values()):
+            await self._close_link(link)
 
     async def __aenter__(self) -> AsyncKVClient:
         self._start()
@@ -236,6 +285,11 @@ class AsyncKVClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def endpoint(self) -> str:
+        """The endpoint new requests go to."""
+        return self.endpoints[self._endpoint_index]
+
     # ------------------------------------------------------------------ machinery
 
     def _start(self) -> None:
@@ -243,13 +297,6 @@ class AsyncKVClient:
             raise ClientClosed("client is closed")
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_in_flight)
-        if self._socket is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoints[self._endpoint_index])
-            self._socket = sock
-            self._socket_opened_at = time.monotonic()
-            self._reader = asyncio.get_running_loop().create_task(self._read(sock))
 
     async def _call(
         self, build: Callable[[int, int], Message], expected: type, timeout: float | None
@@ -262,7 +309,7 @@ class AsyncKVClient:
             rid = self._next_request_id
             self._next_request_id += 1
             loop = asyncio.get_running_loop()
-            pending = _Pending(loop.create_future(), [])
+            pending = _Pending(loop.create_future(), self._endpoint_index)
             self._pending[rid] = pending
             try:
                 pending.frames = codec.encode(build(rid, next(iter(self._pending))))
@@ -272,100 +319,111 @@ class AsyncKVClient:
             return check_reply(reply, expected)
 
     async def _exchange(self, rid: int, pending: _Pending, timeout: float | None) -> Message:
-        total_s = self.timeout_s if timeout is None else timeout
-        if total_s <= 0:
-            raise ValueError("timeout must be > 0")
-        attempt_s = self.attempt_timeout_s or min(ATTEMPT_TIMEOUT_S_MAX, total_s)
+        """Send until the retry policy says stop: its reply, or raise its error."""
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + total_s
-        last_error: KVError | None = None
-        attempt = 0
+        total_s = self.timeout_s if timeout is None else timeout
+        state = CallState.start(rid, loop.time(), total_s, len(self.endpoints),
+                                pending.endpoint, self.retries)
         while True:
             if pending.future.done():
                 pending.future = loop.create_future()
             await self._send(pending)
-            wait_s = max(0.0, min(deadline, time.monotonic() + attempt_s) - time.monotonic())
-            timer = loop.call_later(wait_s, _expire, pending.future)
+            until = attempt_until(state, loop.time(), self.attempt_timeout_s)
+            timer = loop.call_at(until, _expire, pending.future)
             try:
-                reply = await pending.future
+                outcome = await pending.future
             finally:
                 timer.cancel()
-            now = time.monotonic()
-            if reply is _RESEND:
-                continue  # the socket was reset under us: resend on the new one
-            if reply is _TIMED_OUT:
-                last_error = Timeout(f"no reply within {attempt_s:g}s")
-                silent = self._last_reply_at < pending.sent_at
-                if silent and pending.sent_at >= self._socket_opened_at:
-                    self._reset_socket()
-            elif isinstance(reply, ErrorReply) and reply.code in RETRYABLE_CODES:
-                last_error = error_for_code(
-                    reply.code, reply.message, reply.leader_hint, reply.epoch
-                )
-                pause = retry_pause(attempt, now, deadline, self._rng)
-                if pause is None:
-                    now = deadline
-                else:
-                    await asyncio.sleep(pause)
-                    now = time.monotonic()
-            else:
-                return reply  # type: ignore[no-any-return]
-            attempt += 1
-            failure = give_up(rid, attempt, now, deadline, self.retries, total_s, last_error)
-            if failure is not None:
-                raise failure from last_error
+            link = pending.link
+            assert link is not None
+            if outcome is _RESEND or (outcome is _TIMED_OUT and link.closed):
+                # The connection was reset under us and the request moved: resend.
+                state = replace(state, endpoint=pending.endpoint)
+                continue
+            if outcome is _TIMED_OUT:
+                silent = link.last_reply_at < pending.sent_at
+                outcome = Silence.CONNECTION if silent else Silence.REQUEST
+            decision = decide(state, outcome, loop.time(), self._rng)
+            if decision.action is Action.DONE:
+                assert decision.reply is not None
+                return decision.reply
+            if decision.action is Action.FAIL:
+                assert decision.error is not None
+                raise decision.error
+            if decision.action is Action.SWITCH:
+                self._switch(pending, link, decision.endpoint, decision.reset)
+            if decision.pause_s > 0:
+                await asyncio.sleep(decision.pause_s)
+            state = decision.state
             self.resends += 1
 
-    async def _send(self, pending: _Pending) -> None:
-        if self._closed or self._socket is None:
-            raise ClientClosed("client is closed")
-        pending.sent_at = time.monotonic()
-        frames = pending.frames
-        await self._socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
+    def _switch(self, pending: _Pending, link: _Link, endpoint: int, reset: bool) -> None:
+        """Move ``pending`` (and new requests) to broker ``endpoint``; with ``reset``,
+        close ``link`` and move every request waiting on it too, to be resent at once."""
+        self.switches += endpoint != pending.endpoint
+        pending.endpoint = endpoint
+        self._endpoint_index = endpoint
+        if not reset or link.closed:
+            return
+        self.resets += 1
+        self._drop_link(link)
+        for p in self._pending.values():
+            if p.link is link:
+                p.endpoint = endpoint
+                if not p.future.done():
+                    p.future.set_result(_RESEND)
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        """The one reader: resolve the future of the request each reply answers."""
+    async def _send(self, pending: _Pending) -> None:
+        if self._closed:
+            raise ClientClosed("client is closed")
+        link = self._links.get(pending.endpoint)
+        if link is None:
+            link = self._open_link(pending.endpoint)
+        pending.link = link
+        pending.sent_at = asyncio.get_running_loop().time()
+        await link.conn.send(pending.frames)
+
+    def _open_link(self, endpoint: int) -> _Link:
+        loop = asyncio.get_running_loop()
+        link = _Link(endpoint, self._connect(self.endpoints[endpoint]))
+        link.reader = loop.create_task(self._read(link))
+        self._links[endpoint] = link
+        return link
+
+    async def _read(self, link: _Link) -> None:
+        """A connection's reader: resolve the future of the request each reply answers."""
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                frames = await sock.recv_multipart()
-            except (asyncio.CancelledError, zmq.ZMQError):
-                return
-            self._last_reply_at = time.monotonic()
+                frames = await link.conn.recv()
+            except (asyncio.CancelledError, Exception):
+                return  # closed under us
+            link.last_reply_at = loop.time()
             try:
                 reply = codec.decode(frames)
             except RemoteProtocolError:
                 continue
             p = self._pending.get(getattr(reply, "request_id", -1))
-            if p is not None and not p.future.done():
+            if p is None or p.future.done():
+                continue
+            # An error from a broker the request has left is stale; an answer is not.
+            if p.link is link or not isinstance(reply, ErrorReply):
                 p.future.set_result(reply)
 
-    def _reset_socket(self) -> None:
-        """All in-flight work timed out: reconnect elsewhere and resend everything."""
-        old_reader, old_sock = self._reader, self._socket
-        if old_reader is not None:
-            old_reader.cancel()
-        if old_sock is not None:
-            old_sock.close(linger=0)
-        self._socket = None
-        self._reader = None
-        self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
-        self.resets += 1
-        self._start()
-        for p in self._pending.values():
-            if not p.future.done():
-                p.future.set_result(_RESEND)
+    def _drop_link(self, link: _Link) -> None:
+        link.closed = True
+        if self._links.get(link.endpoint) is link:
+            del self._links[link.endpoint]
+        if link.reader is not None:
+            link.reader.cancel()
+        link.conn.close()
 
-    async def _stop_reader(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+    async def _close_link(self, link: _Link) -> None:
+        reader = link.reader
+        self._drop_link(link)
+        if reader is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-            self._reader = None
-
-    def _drop_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+                await reader
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

@@ -1,23 +1,28 @@
-"""The synchronous zkv client: one request at a time on one DEALER socket.
+"""The synchronous zkv client: one request at a time on one connection to a broker.
 
 Theory of operation (the ZeroMQ Guide's Lazy Pirate, made idempotent):
 
 - Every client draws a 16-byte random ``client_id``; every call gets the next
   ``request_id``. A retry resends *the same* frames (same client id and request id), so a
   storage node that already applied a write answers from its session table instead of
-  applying it twice.
+  applying it twice, whichever broker the retry went through.
 - A call has an overall deadline (``timeout``). Each attempt waits at most
-  ``attempt_timeout_s`` (default ``min(1 s, timeout)``). When an attempt gets no reply,
-  the socket is closed with linger 0 (dropping whatever it still queued), a new socket is
-  connected to the next endpoint of the list (round robin), and the request is resent.
-- A reply with a retryable code (``RETRYABLE_CODES``: the leader moved, no leader yet,
-  wrong shard, unavailable, server-side timeout) is followed by a short exponential
-  backoff with jitter (10 ms doubling to 200 ms) and a resend on the same socket.
+  ``attempt_timeout_s`` (default ``min(1 s, timeout)``). After each attempt the pure
+  policy in ``client/retry.py`` (shared with the asyncio client) decides: return, raise,
+  resend to the same broker after a backoff, or switch to the next broker (round robin).
+  Silence closes the connection with linger 0 (dropping whatever it still queued) and
+  resends on a new one to the next broker; ``NO_LEADER`` and ``UNAVAILABLE`` (this
+  broker cannot reach a leader) also move to the next broker; ``NOT_LEADER``,
+  ``WRONG_SHARD`` and a server ``TIMEOUT`` back off and resend to the same broker.
 - A reply whose request id is not the current one is a stale answer to an attempt we
   gave up on: it is dropped. So are frames that do not decode.
 - No usable reply by the deadline raises ``Timeout`` (for a write: outcome unknown); its
   ``__cause__`` is the last retryable error, if any. Other error codes raise the
   exception that ``error_for_code`` maps them to.
+- The shell is thin so tests can replace its edges: ``connect(endpoint)`` returns a
+  ``Connection`` (default: a zmq DEALER) and ``clock`` gives the time and sleeps
+  (default: ``time.monotonic``/``time.sleep``); a fake of both runs the client with no
+  socket and no wall-clock wait.
 
 Sizes are checked before sending (``TooLarge``), types too (``TypeError``). A client is
 not meant to be shared between threads; a lock serializes calls if it is.
@@ -30,18 +35,16 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import zmq
 
+from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
 from zkv.protocol import codec
 from zkv.protocol.errors import (
-    RETRYABLE_CODES,
     KVError,
     RemoteProtocolError,
-    RequestError,
-    Timeout,
     TooLarge,
     error_for_code,
 )
@@ -68,13 +71,65 @@ from zkv.protocol.messages import (
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 KEY_BYTES_MAX = 16 * 1024
 VALUE_BYTES_MAX = 1024 * 1024
-ATTEMPT_TIMEOUT_S_MAX = 1.0
-BACKOFF_S_MIN = 0.010
-BACKOFF_S_MAX = 0.200
 
 
 class ClientClosed(KVError):
     """The client was closed; no request can be sent on it."""
+
+
+class Connection(Protocol):
+    """One connection to one broker, as the sync client needs it."""
+
+    def send(self, frames: list[bytes]) -> None: ...
+
+    def recv(self, until: float) -> list[bytes] | None:
+        """The next frames, or None if none arrive before clock time ``until``."""
+
+    def close(self) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic`` and ``time.sleep``."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class ZmqConnection:
+    """A DEALER connected to one broker, closed with linger 0 (Lazy Pirate)."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+        self._sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(linger=0)
+            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def send(self, frames: list[bytes]) -> None:
+        self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
+
+    def recv(self, until: float) -> list[bytes] | None:
+        left_ms = math.ceil((until - time.monotonic()) * 1000)
+        if left_ms <= 0 or not self._poller.poll(left_ms):
+            return None
+        return self._sock.recv_multipart()
+
+    def close(self) -> None:
+        self._poller.unregister(self._sock)
+        self._sock.close(linger=0)
 
 
 def parse_endpoints(endpoints: str | Sequence[str] | None) -> list[str]:
@@ -128,35 +183,6 @@ def check_version(expected_version: Any) -> int:
     return expected_version
 
 
-def backoff_s(attempt: int, rng: random.Random) -> float:
-    """Exponential backoff from 10 ms, capped at 200 ms, with full jitter on the upper half."""
-    ceiling = min(BACKOFF_S_MAX, BACKOFF_S_MIN * float(2 ** min(attempt, 16)))
-    return ceiling / 2 + rng.random() * ceiling / 2
-
-
-def retry_pause(attempt: int, now: float, deadline: float, rng: random.Random) -> float | None:
-    """How long to back off before resending after a retryable error reply; None when
-    the pause would run past the deadline (give up now rather than sleep in vain)."""
-    pause = backoff_s(attempt, rng)
-    return None if now + pause >= deadline else pause
-
-
-def give_up(
-    rid: int, attempt: int, now: float, deadline: float, retries: int | None,
-    total_s: float, last_error: KVError | None,
-) -> Timeout | None:
-    """The ``Timeout`` to raise after ``attempt`` attempts, or None to keep trying.
-    Shared by the sync and asyncio clients so both give up by the same rules."""
-    out_of_retries = retries is not None and attempt > retries
-    if now < deadline and not out_of_retries:
-        return None
-    what = "retries" if out_of_retries and now < deadline else "deadline"
-    return Timeout(
-        f"request {rid} got no answer ({what} exhausted after {attempt} "
-        f"attempts, {total_s:g}s; last: {_describe(last_error)})"
-    )
-
-
 def check_reply(reply: Message, expected: type) -> Any:
     """Raise for an error reply or a reply of the wrong type; else return the reply."""
     if isinstance(reply, ErrorReply):
@@ -188,10 +214,13 @@ class KVClient:
         value_bytes_max: int = VALUE_BYTES_MAX,
         context: zmq.Context[Any] | None = None,
         seed: int | None = None,
+        connect: Callable[[str], Connection] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """``retries``: resends allowed per call (None: as many as the deadline allows).
-        ``attempt_timeout_s``: wait per attempt before a socket reset (default
-        ``min(1 s, timeout)``)."""
+        ``attempt_timeout_s``: wait per attempt before a connection reset (default
+        ``min(1 s, timeout)``). ``connect``/``clock``: the edges a test may replace
+        (default: zmq DEALER sockets on ``context``, and the monotonic clock)."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         self.endpoints = parse_endpoints(endpoints)
@@ -201,17 +230,22 @@ class KVClient:
         self.consistency = Consistency(consistency)
         self.limits = _Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
-        self._ctx = context or zmq.Context.instance()
+        if connect is None:
+            ctx = context or zmq.Context.instance()
+            connect = lambda endpoint: ZmqConnection(ctx, endpoint)  # noqa: E731
+        self._connect = connect
+        self._clock = clock or MonotonicClock()
         self._rng = random.Random(seed)
         self._next_request_id = 1
         self._endpoint_index = 0
         self._lock = threading.Lock()
-        self._socket: zmq.Socket[bytes] | None = None
-        self._poller = zmq.Poller()
+        self._conn: Connection | None = None
         self._closed = False
-        #: Counters a caller (or a test) may read: attempts resent, sockets reset.
+        #: Counters a caller (or a test) may read: attempts resent, connections reset
+        #: (presumed dead), moves to another broker.
         self.resends = 0
         self.resets = 0
+        self.switches = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -307,7 +341,7 @@ class KVClient:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._drop_socket()
+            self._drop_connection()
 
     def __enter__(self) -> KVClient:
         return self
@@ -318,13 +352,13 @@ class KVClient:
     def __del__(self) -> None:  # best effort: never leave a socket behind
         try:
             if not self._closed:
-                self._drop_socket()
+                self._drop_connection()
         except Exception:
             pass
 
     @property
     def endpoint(self) -> str:
-        """The endpoint the current (or next) socket connects to."""
+        """The endpoint the current (or next) connection goes to."""
         return self.endpoints[self._endpoint_index]
 
     # ------------------------------------------------------------------ machinery
@@ -339,51 +373,40 @@ class KVClient:
             return check_reply(self._exchange(rid, frames, timeout), expected)
 
     def _exchange(self, rid: int, frames: list[bytes], timeout: float | None) -> Message:
-        """Send until a non-retryable reply arrives or the deadline passes."""
+        """Send until the retry policy says stop: its reply, or raise its error."""
         total_s = self.timeout_s if timeout is None else timeout
-        if total_s <= 0:
-            raise ValueError("timeout must be > 0")
-        attempt_s = self.attempt_timeout_s or min(ATTEMPT_TIMEOUT_S_MAX, total_s)
-        now = time.monotonic()
-        deadline = now + total_s
-        last_error: KVError | None = None
-        attempt = 0
+        state = CallState.start(rid, self._clock.now(), total_s, len(self.endpoints),
+                                self._endpoint_index, self.retries)
         while True:
-            sock = self._ensure_socket()
-            sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
-            reply = self._await_reply(rid, min(deadline, time.monotonic() + attempt_s))
-            now = time.monotonic()
-            if reply is None:
-                # Lazy Pirate: the socket may hold a dead connection; start afresh.
-                self._reset_socket()
-                last_error = Timeout(f"no reply from {self.endpoint} within {attempt_s:g}s")
-            elif isinstance(reply, ErrorReply) and reply.code in RETRYABLE_CODES:
-                last_error = error_for_code(
-                    reply.code, reply.message, reply.leader_hint, reply.epoch
-                )
-                pause = retry_pause(attempt, now, deadline, self._rng)
-                if pause is None:
-                    now = deadline
-                else:
-                    time.sleep(pause)
-                    now = time.monotonic()
-            else:
-                return reply
-            attempt += 1
-            failure = give_up(rid, attempt, now, deadline, self.retries, total_s, last_error)
-            if failure is not None:
-                raise failure from last_error
+            conn = self._ensure_connection()
+            conn.send(frames)
+            until = attempt_until(state, self._clock.now(), self.attempt_timeout_s)
+            reply = self._await_reply(conn, rid, until)
+            outcome = Silence.CONNECTION if reply is None else reply
+            decision = decide(state, outcome, self._clock.now(), self._rng)
+            if decision.action is Action.DONE:
+                assert decision.reply is not None
+                return decision.reply
+            if decision.action is Action.FAIL:
+                assert decision.error is not None
+                raise decision.error
+            if decision.action is Action.SWITCH:
+                # One connection at a time: leaving a broker closes it (linger 0).
+                self._drop_connection()
+                self.resets += decision.reset
+                self.switches += decision.endpoint != self._endpoint_index
+                self._endpoint_index = decision.endpoint
+            if decision.pause_s > 0:
+                self._clock.sleep(decision.pause_s)
+            state = decision.state
             self.resends += 1
 
-    def _await_reply(self, rid: int, until: float) -> Message | None:
+    def _await_reply(self, conn: Connection, rid: int, until: float) -> Message | None:
         """The reply to ``rid``, or None if none came before ``until``."""
-        sock = self._socket
-        assert sock is not None
         while True:
-            left_ms = math.ceil((until - time.monotonic()) * 1000)
-            if left_ms <= 0 or not self._poller.poll(left_ms):
+            frames = conn.recv(until)
+            if frames is None:
                 return None
-            frames = sock.recv_multipart()
             try:
                 reply = codec.decode(frames)
             except RemoteProtocolError:
@@ -392,31 +415,12 @@ class KVClient:
                 return reply
             # A stale reply to an attempt we already gave up on: drop it.
 
-    def _ensure_socket(self) -> zmq.Socket[bytes]:
-        if self._socket is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoints[self._endpoint_index])
-            self._poller.register(sock, zmq.POLLIN)
-            self._socket = sock
-        return self._socket
+    def _ensure_connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._connect(self.endpoints[self._endpoint_index])
+        return self._conn
 
-    def _drop_socket(self) -> None:
-        if self._socket is not None:
-            self._poller.unregister(self._socket)
-            self._socket.close(linger=0)
-            self._socket = None
-
-    def _reset_socket(self) -> None:
-        self._drop_socket()
-        self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
-        self.resets += 1
-
-
-def _describe(error: KVError | None) -> str:
-    if error is None:
-        return "nothing"
-    if isinstance(error, RequestError):
-        hint = f" (leader hint {error.leader_hint})" if error.leader_hint else ""
-        return f"{error.code.name}{hint}"
-    return str(error)
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()

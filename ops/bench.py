@@ -11,6 +11,10 @@ The run is ``warmup_s`` (replies not recorded) then ``duration_s`` (recorded), t
 sockets are closed with linger 0: every run stops by itself. A request unanswered for
 ``request_timeout_s`` counts as a ``TIMEOUT`` error and its window slot is refilled.
 ``processes > 1`` spreads the windows over spawned processes and merges their samples.
+
+Several brokers (``A,B``, as ``zkv cluster up --brokers 2`` prints it, or a list): each
+socket connects to one broker, round robin, with at least one socket per broker, so the
+load is spread over them; every broker is pinged first.
 """
 
 from __future__ import annotations
@@ -169,6 +173,8 @@ class _Window:
     __slots__ = ("sock", "client_id", "next_rid", "outstanding", "size")
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str, size: int) -> None:
+        # One endpoint per socket: a DEALER connected to several would queue requests
+        # for a broker that is not (yet) connected instead of the live ones.
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -180,8 +186,19 @@ class _Window:
         self.size = size
 
 
+def spread(endpoints: Sequence[str], concurrency: int, sockets: int = 0) -> list[tuple[str, int]]:
+    """``(endpoint, window size)`` per socket: ``sockets`` sockets (0: one per 16
+    requests, 1..16), at least one per broker while ``concurrency`` allows, brokers
+    assigned round robin and the window sizes differing by at most one."""
+    n_socks = sockets or max(1, min(16, concurrency // 16))
+    n_socks = min(max(n_socks, len(endpoints)), concurrency)
+    return [(endpoints[i % len(endpoints)],
+             concurrency // n_socks + (1 if i < concurrency % n_socks else 0))
+            for i in range(n_socks)]
+
+
 def _generate(
-    endpoint: str,
+    endpoints: Sequence[str],
     concurrency: int,
     duration_s: float,
     warmup_s: float,
@@ -198,13 +215,16 @@ def _generate(
     rng = random.Random(seed)
     keys = [f"{workload.key_prefix}{i:08d}".encode() for i in range(workload.keys)]
     value = rng.randbytes(workload.value_size)
-    n_socks = sockets or max(1, min(16, concurrency // 16))
-    n_socks = min(n_socks, concurrency)
     ctx: zmq.Context[Any] = zmq.Context()
-    windows = [
-        _Window(ctx, endpoint, concurrency // n_socks + (1 if i < concurrency % n_socks else 0))
-        for i in range(n_socks)
-    ]
+    windows: list[_Window] = []
+    try:
+        for endpoint, size in spread(endpoints, concurrency, sockets):
+            windows.append(_Window(ctx, endpoint, size))
+    except BaseException:
+        for w in windows:
+            w.sock.close(linger=0)
+        ctx.term()
+        raise
     by_sock = {w.sock: w for w in windows}
     poller = zmq.Poller()
     for w in windows:
@@ -313,13 +333,13 @@ def _code_name(code: int) -> str:
 
 
 def _child(args: tuple[Any, ...], counters: Any, index: int, results: Any) -> None:
-    endpoint, concurrency, duration_s, warmup_s, workload, sockets, seed, codec = args
+    endpoints, concurrency, duration_s, warmup_s, workload, sockets, seed, codec = args
 
     def tick(ok: int, err: int) -> None:
         counters[2 * index] = ok
         counters[2 * index + 1] = err
 
-    raw = _generate(endpoint, concurrency, duration_s, warmup_s, workload, sockets=sockets,
+    raw = _generate(endpoints, concurrency, duration_s, warmup_s, workload, sockets=sockets,
                     seed=seed, codec=codec, tick=tick)
     raw["lat"] = [a.tobytes() for a in raw["lat"]]
     results.put(raw)
@@ -335,8 +355,10 @@ def _run_processes(
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0)
               for i in range(processes)]
     procs = []
+    endpoints = list(args[0])
     for i, share in enumerate(shares):
-        child_args = (args[0], share, *args[2:6], None if args[6] is None else args[6] + i,
+        first = i % len(endpoints)  # each process starts on another broker
+        child_args = (endpoints[first:] + endpoints[:first], share, *args[2:6], None if args[6] is None else args[6] + i,
                       args[7])
         procs.append(mp.Process(target=_child, args=(child_args, counters, i, results),
                                 daemon=True))
@@ -379,7 +401,7 @@ def _array_from(data: bytes) -> array[int]:
 
 
 def run_bench(
-    endpoint: str,
+    endpoint: str | Sequence[str],
     *,
     concurrency: int = 64,
     duration_s: float = 10.0,
@@ -395,29 +417,33 @@ def run_bench(
     check: bool = True,
     progress: Callable[[float, int, int], None] | None = None,
 ) -> BenchResult:
-    """Run a bounded load test against ``endpoint`` (a zkv broker) and summarize it.
+    """Run a bounded load test against ``endpoint`` (zkv brokers: one, a comma-separated
+    string or a list) and summarize it.
 
     ``progress(elapsed_s, ok, errors)`` is called about once per second. ``check`` pings
-    the endpoint first so a dead endpoint fails fast instead of timing out for a whole run.
+    every broker first so a dead one fails fast instead of timing out for a whole run.
     """
+    from zkv.client.sdk import KVClient, parse_endpoints
+
+    endpoints = parse_endpoints(endpoint)
     if concurrency < 1 or duration_s <= 0 or keys < 1 or not 0.0 <= read_ratio <= 1.0:
         raise ValueError("need concurrency >= 1, duration > 0, keys >= 1, 0 <= read_ratio <= 1")
     if check:
-        from zkv.client.sdk import KVClient
-
-        with KVClient(endpoint, timeout_s=3.0) as kv:
-            kv.ping()
+        for one in endpoints:
+            with KVClient(one, timeout_s=3.0) as kv:
+                kv.ping()
     level = Consistency(consistency)
     workload = Workload(keys, value_size, read_ratio, int(level))
     processes = max(1, min(processes, concurrency))
     if processes == 1:
-        raws = [_generate(endpoint, concurrency, duration_s, warmup_s, workload,
+        raws = [_generate(endpoints, concurrency, duration_s, warmup_s, workload,
                           sockets=sockets, seed=seed, codec=codec,
                           tick=_progress_ticker(progress))]
     else:
-        args = (endpoint, concurrency, duration_s, warmup_s, workload, sockets, seed, codec)
+        args = (endpoints, concurrency, duration_s, warmup_s, workload, sockets, seed, codec)
         raws = _run_processes(processes, args, concurrency, warmup_s + duration_s + 30, progress)
-    return _merge(raws, endpoint, concurrency, processes, duration_s, workload, level)
+    return _merge(raws, ",".join(endpoints), concurrency, processes, duration_s, workload,
+                  level)
 
 
 def _progress_ticker(

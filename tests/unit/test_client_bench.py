@@ -1,20 +1,15 @@
-"""Bench statistics (pure), wire equivalence, and a short run against the fake broker."""
+"""Bench statistics, wire equivalence and socket spread: pure (runs: tests/process)."""
 
 from __future__ import annotations
 
-import json
 import random
-import time
 
 import pytest
 
-from tests.unit.test_client_fake import DROP, FakeBroker
-from zkv.client.cli import main
 from zkv.ops.bench import (
-    BenchResult,
     RequestCodec,
     percentile,
-    run_bench,
+    spread,
     summarize,
 )
 from zkv.protocol import codec
@@ -79,50 +74,32 @@ def test_request_codec_emits_protocol_codec_bytes() -> None:
     assert c.parse_reply([b"\xc1"]) == (-1, 0)
 
 
-def test_run_bench_against_fake_broker_is_bounded() -> None:
-    ticks: list[tuple[float, int, int]] = []
-    with FakeBroker() as b:
-        start = time.monotonic()
-        r = run_bench(b.endpoint, concurrency=16, duration_s=1.2, warmup_s=0.2, keys=50,
-                      value_size=10, read_ratio=0.5, seed=3,
-                      progress=lambda *a: ticks.append(a))
-        assert time.monotonic() - start < 4
-    assert isinstance(r, BenchResult)
-    assert r.ops > 100 and r.ops_s > 0 and not r.errors
-    assert r.latency_ms["all"]["count"] == r.ops
-    assert r.latency_ms["get"]["count"] + r.latency_ms["put"]["count"] == r.ops
-    assert ticks and ticks[0][1] >= 0
-    json.dumps(r.to_dict())
-    assert "throughput" in r.format()
+@pytest.mark.parametrize(
+    ("endpoints", "concurrency", "sockets", "expected"),
+    [
+        (["a"], 64, 0, [("a", 16)] * 4),
+        (["a"], 8, 0, [("a", 8)]),
+        (["a", "b"], 8, 0, [("a", 4), ("b", 4)]),  # at least one socket per broker
+        (["a", "b"], 1, 0, [("a", 1)]),  # but never an empty window
+        (["a", "b", "c"], 64, 0, [("a", 16), ("b", 16), ("c", 16), ("a", 16)]),
+        (["a", "b"], 7, 3, [("a", 3), ("b", 2), ("a", 2)]),
+        (["a", "b"], 10, 1, [("a", 5), ("b", 5)]),
+    ],
+)
+def test_spread_sockets_over_brokers(endpoints: list[str], concurrency: int, sockets: int,
+                                     expected: list[tuple[str, int]]) -> None:
+    got = spread(endpoints, concurrency, sockets)
+    assert got == expected
+    assert sum(size for _, size in got) == concurrency
 
 
-def test_error_codes_and_lost_replies_are_counted() -> None:
-    def hook(ident: bytes, msg: object, seen: int) -> object:
-        if isinstance(msg, PutRequest):
-            return ErrorReply(msg.request_id, ErrorCode.NO_LEADER)
-        return None
-
-    with FakeBroker(hook) as b:
-        r = run_bench(b.endpoint, concurrency=4, duration_s=0.5, warmup_s=0, read_ratio=0.5,
-                      check=False)
-    assert r.errors.get("NO_LEADER", 0) > 0
-    assert "put" not in r.latency_ms
-
-
-def test_bench_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
-    with FakeBroker() as b:
-        code = main(["--endpoint", b.endpoint, "bench", "--concurrency", "8", "--duration",
-                     "0.5", "--warmup", "0", "--keys", "10", "--json"])
-    assert code == 0
-    captured = capsys.readouterr()
-    result = json.loads(captured.out)
-    assert result["concurrency"] == 8 and result["ops"] > 0
-
-
-def test_bench_dead_endpoint_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
-    with FakeBroker(lambda i, m, s: DROP) as b:
-        start = time.monotonic()
-        code = main(["--endpoint", b.endpoint, "bench", "--duration", "30"])
-        assert time.monotonic() - start < 5
-    assert code == 3
-    assert "timeout" in capsys.readouterr().err
+def test_spread_property() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        endpoints = [f"e{i}" for i in range(rng.randrange(1, 6))]
+        concurrency, sockets = rng.randrange(1, 300), rng.randrange(0, 40)
+        got = spread(endpoints, concurrency, sockets)
+        sizes = [size for _, size in got]
+        assert sum(sizes) == concurrency and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        used = {e for e, _ in got}
+        assert used == set(endpoints[:min(len(endpoints), concurrency)])

@@ -1,0 +1,124 @@
+"""``zkv bench`` runs: the raw zmq load generator against a fake broker on a real socket,
+and ``zkv bench --endpoint A,B`` against a started 2-broker cluster (issue 9, item 6:
+the comma-separated endpoint that ``zkv cluster up --brokers 2`` prints used to fail with
+a zmq error). Every run is bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.fake_broker import DROP, FakeBroker
+from zkv.client.cli import main
+from zkv.ops.bench import BenchResult, run_bench
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import ErrorReply, PutRequest
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(90)]
+
+
+def test_run_bench_against_fake_broker_is_bounded() -> None:
+    ticks: list[tuple[float, int, int]] = []
+    with FakeBroker() as b:
+        start = time.monotonic()
+        r = run_bench(b.endpoint, concurrency=16, duration_s=1.2, warmup_s=0.2, keys=50,
+                      value_size=10, read_ratio=0.5, seed=3,
+                      progress=lambda *a: ticks.append(a))
+        assert time.monotonic() - start < 4
+    assert isinstance(r, BenchResult)
+    assert r.ops > 100 and r.ops_s > 0 and not r.errors
+    assert r.latency_ms["all"]["count"] == r.ops
+    assert r.latency_ms["get"]["count"] + r.latency_ms["put"]["count"] == r.ops
+    assert ticks and ticks[0][1] >= 0
+    json.dumps(r.to_dict())
+    assert "throughput" in r.format()
+
+
+def test_error_codes_and_lost_replies_are_counted() -> None:
+    def hook(ident: bytes, msg: object, seen: int) -> object:
+        if isinstance(msg, PutRequest):
+            return ErrorReply(msg.request_id, ErrorCode.NO_LEADER)
+        return None
+
+    with FakeBroker(hook) as b:
+        r = run_bench(b.endpoint, concurrency=4, duration_s=0.5, warmup_s=0, read_ratio=0.5,
+                      check=False)
+    assert r.errors.get("NO_LEADER", 0) > 0
+    assert "put" not in r.latency_ms
+
+
+def test_bench_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeBroker() as b:
+        code = main(["--endpoint", b.endpoint, "bench", "--concurrency", "8", "--duration",
+                     "0.5", "--warmup", "0", "--keys", "10", "--json"])
+    assert code == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["concurrency"] == 8 and result["ops"] > 0
+
+
+def test_bench_dead_endpoint_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeBroker(lambda i, m, s: DROP) as b:
+        start = time.monotonic()
+        code = main(["--endpoint", b.endpoint, "bench", "--duration", "30"])
+        assert time.monotonic() - start < 5
+    assert code == 3
+    assert "timeout" in capsys.readouterr().err
+
+
+def test_bench_spreads_over_two_fake_brokers(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeBroker(broker_id="f0") as b0, FakeBroker(broker_id="f1") as b1:
+        code = main(["--endpoint", f"{b0.endpoint},{b1.endpoint}", "bench", "--concurrency",
+                     "8", "--duration", "0.5", "--warmup", "0", "--keys", "10", "--json"])
+        assert code == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out)
+        assert result["endpoint"] == f"{b0.endpoint},{b1.endpoint}" and result["ops"] > 0
+        assert len(b0.requests(PutRequest)) > 10 and len(b1.requests(PutRequest)) > 10
+
+
+def test_bench_with_a_dead_second_broker_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeBroker() as live, FakeBroker(lambda i, m, s: DROP) as dead:
+        start = time.monotonic()
+        code = main(["--endpoint", f"{live.endpoint},{dead.endpoint}", "bench",
+                     "--duration", "30"])
+        assert time.monotonic() - start < 5
+    assert code == 3
+    assert "timeout" in capsys.readouterr().err
+
+
+def test_zkv_bench_against_a_two_broker_cluster(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path / "data", shards=1, replicas=3, brokers=2, port=0,
+                      fsync="never", heartbeat_ms=50, election_timeout_ms=500) as c:
+        c.wait_ready(30)
+        assert "," in c.endpoint  # what `zkv cluster up --brokers 2` prints
+        out = subprocess.run(
+            [sys.executable, "-m", "zkv.client.cli", "--endpoint", c.endpoint, "bench",
+             "--concurrency", "16", "--duration", "1", "--warmup", "0.2", "--keys", "100",
+             "--json"],
+            capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["endpoint"] == c.endpoint
+    assert result["ops"] > 0 and not result["errors"], result
+    assert result["latency_ms"]["put"]["count"] > 0
+
+
+def test_bench_env_endpoint_with_two_brokers(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path / "data", shards=1, replicas=1, brokers=2, port=0,
+                      fsync="never", heartbeat_ms=50, election_timeout_ms=500) as c:
+        c.wait_ready(30)
+        env = {**os.environ, "ZKV_ENDPOINT": c.endpoint}
+        out = subprocess.run(
+            [sys.executable, "-m", "zkv.client.cli", "bench", "--concurrency", "4",
+             "--duration", "0.5", "--warmup", "0", "--keys", "10"],
+            capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"endpoint {c.endpoint}" in out.stdout and "errors: none" in out.stdout
+
