@@ -297,7 +297,7 @@ class LocalCluster:
     def add_shard(self, progress: Callable[[str], None] | None = None,
                   ready_timeout_s: float = 30.0, **rebalancer_kw: Any) -> int:
         """Start a new shard group, wait for its leader, and move its share of the keys
-        to it online (``client/rebalance.py``). Returns the new shard id."""
+        to it online (``ops/rebalance.py``). Returns the new shard id."""
         from zkv.ops.rebalance import Rebalancer
 
         new_id = spec_add_shard(self.data_dir)
