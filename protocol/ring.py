@@ -70,7 +70,7 @@ class Ring:
             raise ValueError("a ring needs at least one shard")
         if config.vnodes < 1:
             raise ValueError("vnodes must be >= 1")
-        # Sort plain ints, not (token, shard) tuples (2-3x faster at 64k tokens): each
+        # Sort plain ints, not (token, shard) tuples (sort + split ~3x faster at 64k): each
         # point is the token shifted left over the shard's index in sorted order, so
         # equal tokens still order by the lower shard id.
         shards = sorted(set(config.shards))
