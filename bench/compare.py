@@ -1,7 +1,7 @@
 """``make bench``: zkv against a bare pyzmq relay of the same shape, same load.
 
 Starts a local zkv cluster (1 shard, 1 replica, 1 broker, fsync never) on free ports and
-the relay baseline (``bench/relay_baseline.py``), then alternates ``ops.bench.run_bench``
+the relay baseline (``bench/relay_baseline.py``), then alternates ``zkv.ops.bench.run_bench``
 runs against each (``--rounds``, same generator, value size, window and duration), and
 prints the best of each and the ratio zkv / baseline (target >= 0.8). Alternating keeps
 a noisy neighbour on the machine from favouring one side.

@@ -18,7 +18,7 @@ Reports every trial, p50 / p99 / max (``--json``: one JSON object). Only probes 
 after the kill count, so a reply the old leader had already sent cannot be mistaken for
 recovery.
 
-``--no-fault-seconds N`` (0: skip) then runs ``ops.bench.run_bench`` at full load for
+``--no-fault-seconds N`` (0: skip) then runs ``zkv.ops.bench.run_bench`` at full load for
 N seconds with no fault and reports how many elections happened meanwhile (the sum over
 shards of the term increase seen in the broker's status), and the leader changes. The
 target is zero: a healthy, busy cluster must not depose its leaders.

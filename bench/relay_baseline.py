@@ -2,9 +2,9 @@
 
     client DEALER -> relay ROUTER/ROUTER (process) -> worker DEALER (process, a dict)
 
-Same framing (the worker decodes and answers with ``protocol.codec``, as a storage node
+Same framing (the worker decodes and answers with ``zkv.protocol.codec``, as a storage node
 does; the relay only swaps identity frames, as a broker does without routing logic),
-same load generator (``ops.bench.run_bench``), same value size, window and duration.
+same load generator (``zkv.ops.bench.run_bench``), same value size, window and duration.
 Its ops/s is what zkv is measured against: zkv / baseline >= 0.8 is the target.
 
     python bench/relay_baseline.py --duration 5 --concurrency 64 [--json]
@@ -83,7 +83,7 @@ def relay(frontend: str, backend: str) -> None:
 
 
 def worker(backend: str) -> None:
-    """Answer Get/Put from a dict, decoding and encoding with ``protocol.codec``."""
+    """Answer Get/Put from a dict, decoding and encoding with ``zkv.protocol.codec``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -345,15 +345,12 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def _age(node: dict[str, Any]) -> str | None:
-    """Process uptime if the node reports one in ``extra``, and heartbeat age."""
-    extra = node.get("extra") or {}
-    up = extra.get("uptime_s")
-    hb = node.get("age_ms")
-    hb_s = None if hb is None else f"hb {hb}ms"
-    if up is None:
-        return hb_s
-    up_s = f"up {float(up):.0f}s"
-    return up_s if hb_s is None else f"{up_s}/{hb_s}"
+    """Time since the broker last heard the node: the broker's ``age_ms`` per status row
+    (a node sends no age of its own; the broker measures it from the heartbeats)."""
+    age_ms = node.get("age_ms")
+    if age_ms is None:
+        return None
+    return f"{int(age_ms)}ms" if age_ms < 1000 else f"{age_ms / 1000:.1f}s"
 
 
 def _json_default(v: Any) -> Any:

@@ -325,7 +325,7 @@ class KVClient:
         self, shard_id: int, op: str, args: dict[str, Any] | None = None,
         payload: bytes = b"", *, timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes]:
-        """A ring-change admin op at the leader of ``shard_id`` (``client/rebalance.py``);
+        """A ring-change admin op at the leader of ``shard_id`` (``ops/rebalance.py``);
         returns ``(result, payload)``. Retried like any request: every op is idempotent."""
         reply = self._call(
             lambda rid: AdminRequest(self.client_id, rid, shard_id, op, dict(args or {}), payload),

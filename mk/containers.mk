@@ -1,4 +1,6 @@
-# Container targets, included from the main Makefile (which defines PY and VENV).
+# Container targets, included from the main Makefile (which defines PY, VENV and the
+# `venv` target: the wheelhouse is built with the venv's pip, so a fresh clone's
+# `make image` creates the venv first).
 #   make image            local base + wheelhouse + zkv:dev (no registry needed)
 #   make compose-up       2 brokers + 2 shards x 3 replicas via docker-compose (v1 CLI)
 #   make compose-down     stop and remove them, volumes included
@@ -23,7 +25,7 @@ ZKV_IMAGE_BASE ?= $(shell $(DOCKER) image inspect python:3.11-slim >/dev/null 2>
 base-image:
 	ZKV_BASE_IMAGE=$(ZKV_BASE_IMAGE) compose/build-base.sh
 
-wheelhouse:
+wheelhouse: venv
 	PY=$(PY) compose/build-wheelhouse.sh
 
 image: base-image wheelhouse

@@ -3,7 +3,7 @@
 Theory of operation: a few DEALER sockets in one thread (per process), each with a
 window of outstanding requests; every reply immediately triggers the next request on
 the same socket, so ``concurrency`` requests stay in flight. Requests are built by a
-``RequestCodec`` straight into msgpack frames (the exact bytes ``protocol.codec.encode``
+``RequestCodec`` straight into msgpack frames (the exact bytes ``zkv.protocol.codec.encode``
 produces, checked by a unit test) and replies are parsed just enough to learn
 ``(request_id, error_code)``: the generator must cost far less than the server.
 
@@ -127,7 +127,7 @@ def _ms(v: float | None) -> str:
 
 
 class RequestCodec:
-    """zkv framing, built without dataclasses: the bytes ``protocol.codec`` would send."""
+    """zkv framing, built without dataclasses: the bytes ``zkv.protocol.codec`` would send."""
 
     def __init__(self) -> None:
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack

@@ -4,8 +4,10 @@ Layout (docs/internals.md): broker ``b`` listens on ``P+3b`` (frontend), ``P+3b+
 (backend), ``P+3b+2`` (heartbeats); node ``s{shard}r{replica}`` keeps its data in
 ``DIR/s{shard}r{replica}`` and gets a free peer port at each ``start()`` (kept across
 ``restart_node`` so its peers can still reach it). ``DIR/cluster.json`` records the
-shards, replicas and node ids on first start and is reused after: the same data dir
-brings back the same nodes and data, on any port. Logs go to ``DIR/logs/<name>.log``.
+shards, replicas, ring vnodes and node ids on first start and is reused after: the same
+data dir brings back the same nodes and data, on any port. Every node gets the recorded
+``--vnodes``, so a shard added later starts from the same epoch-1 ring as the others (a
+file written before vnodes were recorded means the old default, 256). Logs go to ``DIR/logs/<name>.log``.
 
 Children run in their own sessions (a Ctrl-C reaches only the supervisor, which then
 stops them in order: SIGTERM, a grace period, SIGKILL) and, on Linux, die with the
@@ -33,11 +35,14 @@ from typing import IO, Any
 
 from zkv.client.sdk import KVClient
 from zkv.protocol.errors import KVError
+from zkv.protocol.ring import DEFAULT_VNODES
 
 CLUSTER_FILE = "cluster.json"
 CLUSTER_FORMAT = 1
 GRACE_S = 5.0
 READY_POLL_S = 0.2
+#: The vnode default before it became 1024: what a cluster.json without "vnodes" used.
+LEGACY_VNODES = 256
 
 
 class ClusterError(Exception):
@@ -52,7 +57,8 @@ def node_id(shard: int, replica: int) -> str:
 
 
 def load_or_create_spec(
-    data_dir: Path, shards: int | None, replicas: int | None, brokers: int
+    data_dir: Path, shards: int | None, replicas: int | None, brokers: int,
+    vnodes: int | None = None,
 ) -> dict[str, Any]:
     """Read ``cluster.json`` (checking it agrees with explicit arguments) or write one."""
     path = data_dir / CLUSTER_FILE
@@ -60,6 +66,7 @@ def load_or_create_spec(
         try:
             spec = json.loads(path.read_text())
             n_shards, n_replicas = len(spec["shards"]), int(spec["replicas"])
+            n_vnodes = int(spec.get("vnodes", LEGACY_VNODES))
         except (ValueError, KeyError, TypeError) as exc:
             raise ClusterError(f"{path} is not a valid cluster file: {exc}") from exc
         if shards is not None and shards != n_shards:
@@ -68,14 +75,19 @@ def load_or_create_spec(
         if replicas is not None and replicas != n_replicas:
             raise ClusterError(f"{path} has {n_replicas} replicas, not {replicas}: use "
                                f"another --data-dir or drop --replicas")
-        if spec.get("brokers") != brokers:
+        if vnodes is not None and vnodes != n_vnodes:
+            raise ClusterError(f"{path} has {n_vnodes} vnodes per shard, not {vnodes}: "
+                               f"the ring is fixed at creation (drop --vnodes)")
+        if spec.get("brokers") != brokers or "vnodes" not in spec:
             spec["brokers"] = brokers  # brokers are stateless: any count will do
+            spec["vnodes"] = n_vnodes
             _write_json(path, spec)
         return spec  # type: ignore[no-any-return]
     shards = 2 if shards is None else shards
     replicas = 3 if replicas is None else replicas
-    if shards < 1 or replicas < 1 or brokers < 1:
-        raise ClusterError("need at least one shard, one replica and one broker")
+    vnodes = DEFAULT_VNODES if vnodes is None else vnodes
+    if shards < 1 or replicas < 1 or brokers < 1 or vnodes < 1:
+        raise ClusterError("need at least one shard, one replica, one broker and one vnode")
     spec = {
         "format": CLUSTER_FORMAT,
         "shards": list(range(shards)),
@@ -83,6 +95,7 @@ def load_or_create_spec(
         "next_shard": shards,  # shard ids are never reused
         "replicas": replicas,
         "brokers": brokers,
+        "vnodes": vnodes,
         "nodes": [{"id": node_id(s, r), "shard": s, "replica": r}
                   for s in range(shards) for r in range(replicas)],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -163,6 +176,7 @@ class LocalCluster:
         shards: int | None = None,
         replicas: int | None = None,
         brokers: int = 1,
+        vnodes: int | None = None,
         port: int = 5555,
         host: str = "127.0.0.1",
         fsync: str = "always",
@@ -177,7 +191,7 @@ class LocalCluster:
         grace_s: float = GRACE_S,
     ) -> None:
         """``port=0`` picks a free block of ports. ``shards``/``replicas`` None: from
-        ``cluster.json`` if present, else 2 and 3."""
+        ``cluster.json`` if present, else 2 and 3; ``vnodes`` likewise (else 1024)."""
         self.data_dir = Path(data_dir).absolute()
         self.host = host
         self.fsync = fsync
@@ -190,7 +204,7 @@ class LocalCluster:
         self.broker_module = broker_module
         self.node_module = node_module
         self.grace_s = grace_s
-        self.spec = load_or_create_spec(self.data_dir, shards, replicas, brokers)
+        self.spec = load_or_create_spec(self.data_dir, shards, replicas, brokers, vnodes)
         self.port = port or free_port_block(3 * brokers, host)
         self.brokers: list[Child] = []
         self.nodes: dict[str, Child] = {}
@@ -240,6 +254,7 @@ class LocalCluster:
                 "--listen", f"tcp://{self.host}:{self.peer_ports[nid]}",
                 "--brokers", ",".join(self.backend_endpoints()),
                 "--shards", ",".join(str(s) for s in self.initial_shards),
+                "--vnodes", str(self.spec["vnodes"]),
                 "--fsync", self.fsync, "--log-level", self.log_level]
         if peers:
             argv += ["--peers", peers]
@@ -282,7 +297,7 @@ class LocalCluster:
     def add_shard(self, progress: Callable[[str], None] | None = None,
                   ready_timeout_s: float = 30.0, **rebalancer_kw: Any) -> int:
         """Start a new shard group, wait for its leader, and move its share of the keys
-        to it online (``client/rebalance.py``). Returns the new shard id."""
+        to it online (``ops/rebalance.py``). Returns the new shard id."""
         from zkv.ops.rebalance import Rebalancer
 
         new_id = spec_add_shard(self.data_dir)
@@ -547,6 +562,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=None, help="shards (default 2)")
     p.add_argument("--replicas", type=int, default=None, help="replicas per shard (default 3)")
     p.add_argument("--brokers", type=int, default=1)
+    p.add_argument("--vnodes", type=int, default=None,
+                   help=f"ring vnodes per shard, fixed at creation (default {DEFAULT_VNODES})")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--port", type=int, default=5555, help="first broker port (0: free)")
     p.add_argument("--fsync", default="always", help="always | interval:<ms> | never")
@@ -569,6 +586,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         cluster = LocalCluster(
             args.data_dir, shards=args.shards, replicas=args.replicas, brokers=args.brokers,
+            vnodes=args.vnodes,
             port=args.port, fsync=args.fsync, heartbeat_ms=args.heartbeat_ms,
             election_timeout_ms=args.election_timeout_ms, log_level=args.log_level,
         )

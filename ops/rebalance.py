@@ -1,4 +1,4 @@
-"""The migration coordinator: add or remove a shard online (issue 4).
+"""The migration coordinator: add or remove a shard online.
 
 It holds no state of its own: every step is an idempotent ``AdminRequest`` to a shard
 leader, through any broker, and the progress lives in the shards' replicated state

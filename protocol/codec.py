@@ -1,4 +1,4 @@
-"""msgpack codec for ``protocol.messages``.
+"""msgpack codec for ``zkv.protocol.messages``.
 
 ``encode(msg) -> list[bytes]`` and ``decode(frames) -> message``. Frame 0 is a msgpack
 array ``[PROTOCOL_VERSION, TYPE, *fields]``. A message class with a ``BLOB`` field (a

@@ -1,6 +1,6 @@
 """Every message that crosses a zkv socket: one frozen, slotted dataclass per type.
 
-Wire shape (see ``protocol.codec``): frame 0 is a msgpack array
+Wire shape (see ``zkv.protocol.codec``): frame 0 is a msgpack array
 ``[PROTOCOL_VERSION, TYPE, field, field, ...]`` in the field order declared here; a
 message with a ``BLOB`` field (a value or a snapshot chunk) carries it as frame 1, so
 large values are never copied through msgpack.
@@ -116,7 +116,7 @@ class PingRequest:
 
 @dataclass(frozen=True, slots=True)
 class AdminRequest:
-    """Ring-change administration (``client/rebalance.py``), routed by the broker to the
+    """Ring-change administration (``ops/rebalance.py``), routed by the broker to the
     leader of ``shard_id`` (header position 4). ``op``: ``info``, ``scan``, ``sessions``
     (answered by the leader from its state) or ``begin``, ``migrate``, ``merge_sessions``,
     ``fence``, ``ring_set``, ``drop`` (proposed as a replicated command, answered once

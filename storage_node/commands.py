@@ -20,7 +20,7 @@ form written before streams were direct). DROP_UNOWNED with ``keys`` forgets tho
 them not owned, and with ``last`` marks the drop complete; without, it scans every key.
 
 A ring travels as ``[epoch, [shard, ...], vnodes]``; ``items`` and ``sessions`` are
-msgpack blobs decoded by the state machine (see ``storage_node/migration.py``).
+msgpack blobs decoded when applied (see ``storage_node/ownership.py``).
 
 ``ts_ms`` is stamped by the leader when it proposes, so every replica judges session
 expiry by the same clock. Entries come from the log, which peers fill: ``decode_command``

@@ -1,11 +1,11 @@
-"""Which keys a shard owns, and the replicated state of a ring change (issue 4).
+"""Which keys a shard owns, and the replicated state of a ring change.
 
 This is part of the state machine (``state_machine.py`` applies the ring commands here),
 so every replica of a shard holds the same ring, fence and migration progress, derived
 only from the log, and it survives restarts through snapshots.
 
 Theory of operation (one migration moves the keys whose owner differs between ring
-``old`` at epoch E and ring ``new`` at epoch E+1; see ``client/rebalance.py`` for the
+``old`` at epoch E and ring ``new`` at epoch E+1; see ``ops/rebalance.py`` for the
 coordinator that drives the steps):
 
 - Ownership. A shard serves key k iff ``ring.shard_for(k)`` is this shard and, while a

@@ -1,9 +1,9 @@
 """A source leader's side of moving keys: stream the moving ranges straight to the
-target shard's leader, and drop what the shard no longer owns (issue 4).
+target shard's leader, and drop what the shard no longer owns.
 
 Why here and not in the coordinator: the keys go source leader -> target leader in one
 hop (``MigrateBatch`` on the target's peer port, answered by ``MigrateAck``), and the
-coordinator only starts streams and watches progress (``client/rebalance.py``).
+coordinator only starts streams and watches progress (``ops/rebalance.py``).
 
 Theory of operation:
 

@@ -5,7 +5,9 @@ No sockets, clock, threads or global random: the shell feeds events with the tim
 
 1. persist ``hard_state``; drop the log from ``truncate_from``; append ``entries``; sync
    (per the fsync policy) and report ``persisted(last_index)``;
-2. only then send ``messages`` (a vote or an append ack promises durable state);
+2. only then send ``messages`` (a vote or an append ack promises durable state); a
+   leader's appends may go before step 1 when no term or vote changes (the node does:
+   it counts itself toward a commit only up to ``persisted``, docs/internals.md);
 3. install ``snapshot`` if any, apply ``committed`` in order, then ``applied(index)``;
 4. serve each of ``reads`` once the state machine has applied its read index.
 

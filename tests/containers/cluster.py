@@ -15,7 +15,7 @@ Theory of operation:
   a restarted broker comes back on the same port and clients keep their endpoints; the
   port is still read from Docker on every call (``broker_endpoint``), never cached.
 - Growing: ``add_shard_group`` starts one more shard group on the same network, with the
-  initial ring; moving keys to it is the test's business (``client/rebalance.py``).
+  initial ring; moving keys to it is the test's business (``ops/rebalance.py``).
 - Faults: SIGKILL + start (the writable layer, hence the WAL, survives), pause/unpause,
   disconnect/reconnect (aliases given again), iptables DROP rules in a ``ZKV`` chain for
   partial partitions (containers run with NET_ADMIN; rules name peer IPs at the time of
@@ -347,7 +347,7 @@ class ContainerCluster:
 
     def add_shard_group(self, shard: int, timeout_s: float = 30.0) -> list[str]:
         """Start a new shard group (``cfg.replicas`` nodes ``s<shard>r<i>``) on the
-        cluster network, as ``client/cluster.py`` does for ``zkv admin add-shard``: with
+        cluster network, as ``ops/cluster.py`` does for ``zkv admin add-shard``: with
         the cluster's *initial* ring (``--shards`` of the original shards), so it owns no
         key until a ring change moves some to it. Returns once every broker lists its
         nodes and a leader of it. ``close()`` removes them with the rest."""

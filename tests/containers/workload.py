@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.containers.cluster import close_client
-from zkv.protocol.ring import Ring, RingConfig
+from zkv.protocol.ring import DEFAULT_VNODES, Ring, RingConfig
 
 log = logging.getLogger("zkv.containers")
 
@@ -50,7 +50,7 @@ def ring_from_status(status: dict[str, Any], shards: int) -> Ring:
             RingConfig(
                 epoch=int(ring.get("epoch", 1)),
                 shards=tuple(int(s) for s in ring["shards"]),
-                vnodes=int(ring.get("vnodes", 256)),
+                vnodes=int(ring.get("vnodes", DEFAULT_VNODES)),
             )
         )
     return Ring.of(range(shards))

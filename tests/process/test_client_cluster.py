@@ -161,3 +161,42 @@ def test_cli_cluster_up_with_8_shards_spreads_the_keys(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_cluster_created_at_256_vnodes_keeps_them_after_the_default_changed(
+    tmp_path: Path,
+) -> None:
+    """A data dir from before the 1024 default: its nodes persisted a 256-vnode ring and
+    its cluster.json has no ``vnodes``. Restarted, it serves at 256 (the persisted ring
+    wins over ``--vnodes``), and cluster.json then records 256 so an added shard's nodes
+    start from the same ring."""
+    import json
+
+    from zkv.protocol.ring import Ring
+
+    data = tmp_path / "data"
+    with LocalCluster(data, shards=2, replicas=1, port=0, fsync="never", vnodes=256) as c:
+        c.wait_ready(30)
+        with KVClient(c.endpoints, timeout_s=10) as kv:
+            for i in range(40):
+                kv.put(f"k{i}", f"v{i}")
+    spec = json.loads((data / "cluster.json").read_text())
+    del spec["vnodes"]  # as written before vnodes were recorded
+    (data / "cluster.json").write_text(json.dumps(spec))
+    with LocalCluster(data, port=0, fsync="never", node_args=("--vnodes", "1024")) as c:
+        c.wait_ready(30)
+        assert json.loads((data / "cluster.json").read_text())["vnodes"] == 256
+        with KVClient(c.endpoints, timeout_s=10) as kv:
+            assert kv.status()["ring"]["vnodes"] == 256
+            assert all(kv.get(f"k{i}") == f"v{i}".encode() for i in range(40))
+            ring = Ring.of(range(2), vnodes=256)
+            expected = {s: sum(ring.shard_for(f"k{i}".encode()) == s for i in range(40))
+                        for s in (0, 1)}
+            deadline = time.monotonic() + 10  # key counts travel in heartbeats
+            while True:
+                counts = {int(n["shard_id"]): int(n["key_count"])
+                          for n in kv.status()["nodes"]}
+                if counts == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert counts == expected

@@ -1,4 +1,4 @@
-"""Online add/remove of a shard on real processes, Jepsen-style (issue 4).
+"""Online add/remove of a shard on real processes, Jepsen-style.
 
 2 shards x 3 replicas and 2 brokers; 1,000 keys preloaded; 8 client threads put unique
 values and read random keys while shard 2 (3 replicas) is added and then shard 0 removed

@@ -1,6 +1,6 @@
 """Run ``zkv`` as a real subprocess and follow its output line by line.
 
-``ZkvCli`` starts ``python -m client.cli ARGS`` in its own session with stdout and stderr
+``ZkvCli`` starts ``python -m zkv.client.cli ARGS`` in its own session with stdout and stderr
 merged, and a daemon thread feeds the lines into a queue, so a test can wait (with a
 deadline) for a line, act on it (e.g. SIGKILL the process the moment it reports a step),
 and still collect every line. It is a context manager: the process is SIGKILLed on exit

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 from tests.support.fake_transport import DROP, FakeBrokerCore, FakeNet, Hook
+from zkv.broker.node_table import NodeTable
 from zkv.client import KVClient, cli
 from zkv.client.cli import annotate_status, format_status, main
 from zkv.protocol.errors import ErrorCode
-from zkv.protocol.messages import ErrorReply, PutRequest
+from zkv.protocol.messages import ErrorReply, Heartbeat, PutRequest, Role
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
@@ -118,7 +119,7 @@ def _node(nid: str, shard: int, role: int, term: int, last: int, **kw: Any) -> d
 
 
 STATUS_NODES = (
-    _node("s0r0", 0, 2, 3, 100, extra={"uptime_s": 12.3}),
+    _node("s0r0", 0, 2, 3, 100),
     _node("s0r1", 0, 0, 3, 97),
     _node("s1r0", 1, 0, 2, 50),
     _node("s1r1", 1, 2, 1, 60),  # a stale leader claim from an older term
@@ -138,7 +139,26 @@ def test_status_table_groups_by_shard_with_leader_and_lag(
     assert "shard 2  leader NONE" in out
     s0r1 = next(line for line in out.splitlines() if line.strip().startswith("s0r1"))
     assert s0r1.split()[:7] == ["s0r1", "follower", "3", "97", "97", "97", "3"]
-    assert "up 12s/hb 42ms" in out
+    assert s0r1.split()[-1] == "42ms"  # the age column: the broker's age_ms
+
+
+def test_status_age_is_time_since_the_broker_heard_the_node() -> None:
+    """The rows as the broker builds them from real heartbeats (no node sends an age or
+    an uptime): the age column is the broker's ``age_ms``."""
+    t = NodeTable(election_timeout_s=1.0)
+    for nid, role, heard_s in (("s0r0", Role.LEADER, 0.5), ("s0r1", Role.FOLLOWER, 0.0)):
+        t.observe(Heartbeat(
+            node_id=nid, shard_id=0, role=role, term=1, leader_id="s0r0", last_log_term=1,
+            last_index=5, commit_index=5, applied_index=5, key_count=0, pid=1,
+            peer_addr="tcp://127.0.0.1:7000", members=("s0r0", "s0r1"), ring_epoch=1,
+            ring_shards=(0,), ring_vnodes=16, heartbeat_ms=100), heard_s)
+    rows = t.status_rows(1.7)
+    out = format_status(annotate_status({"broker_id": "b", "nodes": rows, "ring": t.ring_dict()}))
+    ages = {line.split()[0]: line.split()[-1] for line in out.splitlines()
+            if line.strip().startswith("s0r")}
+    assert ages == {"s0r0": "1.2s", "s0r1": "1.7s"}
+    assert format_status(annotate_status(
+        {"broker_id": "b", "nodes": [_node("s0r0", 0, 2, 1, 1, age_ms=7)]})).endswith(" 7ms")
 
 
 def test_status_json(broker: FakeBrokerCore, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,27 @@ def test_spec_mismatch_is_a_clear_error(
         load_or_create_spec(tmp_path, shards, replicas, 1)
 
 
+def test_vnodes_are_recorded_and_passed_to_every_node(tmp_path: Path) -> None:
+    spec = load_or_create_spec(tmp_path, 1, 1, 1, vnodes=64)
+    assert spec["vnodes"] == 64
+    assert load_or_create_spec(tmp_path, None, None, 1)["vnodes"] == 64
+    with pytest.raises(ClusterError, match="64 vnodes per shard, not 1024"):
+        load_or_create_spec(tmp_path, None, None, 1, vnodes=1024)
+    c = LocalCluster(tmp_path, port=0)
+    c._choose_peer_ports()
+    argv = c._node_argv({"id": "s0r0", "shard": 0, "replica": 0})
+    assert argv[argv.index("--vnodes") + 1] == "64"
+
+
+def test_a_cluster_file_from_before_vnodes_were_recorded_keeps_256(tmp_path: Path) -> None:
+    """Its nodes were started at the old default: a shard added now must match them."""
+    spec = load_or_create_spec(tmp_path, 2, 1, 1)
+    del spec["vnodes"]
+    (tmp_path / "cluster.json").write_text(json.dumps(spec))
+    assert load_or_create_spec(tmp_path, None, None, 1)["vnodes"] == 256
+    assert json.loads((tmp_path / "cluster.json").read_text())["vnodes"] == 256
+
+
 def test_cli_reports_mismatch_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -56,6 +77,7 @@ def test_layout_and_process_flags(tmp_path: Path) -> None:
                                 f"s1r1=tcp://127.0.0.1:{c.peer_ports['s1r1']}")
     assert flags["--brokers"] == "tcp://127.0.0.1:6001,tcp://127.0.0.1:6004"
     assert flags["--shards"] == "0,1" and flags["--fsync"] == "never"
+    assert flags["--vnodes"] == "1024"
     assert flags["--heartbeat-ms"] == "50" and flags["--election-timeout-ms"] == "300"
     assert len(set(c.peer_ports.values())) == 6
     b = c._broker_argv(1)

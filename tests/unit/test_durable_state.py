@@ -7,7 +7,7 @@ import os
 import msgpack
 import pytest
 
-from zkv.protocol.ring import RingConfig
+from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.storage_node.durable_state import (
     HARD_STATE_FILE,
     RING_FILE,
@@ -43,6 +43,15 @@ def test_ring_round_trip(tmp_path):
     ring = RingConfig(epoch=7, shards=(0, 1, 2), vnodes=128)
     save_ring(tmp_path, ring)
     assert load_ring(tmp_path) == ring
+
+
+def test_a_ring_persisted_before_the_1024_default_keeps_256_vnodes(tmp_path):
+    """A data dir from a cluster created at the old default (256 vnodes) loads as it
+    was written: the node uses the persisted ring, never the new default."""
+    (tmp_path / RING_FILE).write_bytes(
+        msgpack.packb({"epoch": 4, "shards": [0, 1], "vnodes": 256}, use_bin_type=True))
+    assert DEFAULT_VNODES == 1024
+    assert load_ring(tmp_path) == RingConfig(epoch=4, shards=(0, 1), vnodes=256)
 
 
 def test_write_is_fsynced_and_renamed(tmp_path, monkeypatch):

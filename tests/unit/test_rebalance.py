@@ -1,5 +1,5 @@
 """The ring-change protocol end to end on in-memory state machines: the real
-``Rebalancer`` drives ``storage_node.admin`` and ``KVStateMachine`` of every shard through
+``Rebalancer`` drives ``zkv.storage_node.admin`` and ``KVStateMachine`` of every shard through
 a fake client (no sockets), with client writes interleaved at every step."""
 
 from __future__ import annotations
