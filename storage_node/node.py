@@ -55,9 +55,9 @@ from zkv.storage_node.commands import Command, command_from_request, encode_comm
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
-from zkv.storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
+from zkv.storage_node.snapshot import compactable_index, save_snapshot
+from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
-from zkv.storage_node.wal import WriteAheadLog
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
@@ -128,21 +128,12 @@ class StorageNode:
         # The ring file holds the *initial* ring (the same on every replica); the ring in
         # force is the state machine's, rebuilt from snapshot + log (ownership.py).
         self.initial_ring = Ring(ring)
-        hard = durable_state.load_hard_state(cfg.data_dir)
         self.state = KVStateMachine(shard_id=cfg.shard_id, ring=ring)
         #: leader-only soft state: streams to other shards' leaders, drops in progress
         self.tasks = LeaderTasks(seq0=int.from_bytes(os.urandom(5), "big") << 20)
-        snap = load_latest_snapshot(cfg.data_dir)
-        snapshot = None
-        if snap is not None:
-            self.state.restore(snap.data)
-            snapshot = (snap.last_index, snap.last_term, snap.data)
-        self.wal, entries = WriteAheadLog.open(cfg.data_dir / "wal", cfg.fsync)
-        if snap is not None and entries and entries[0].index > snap.last_index + 1:
-            raise RuntimeError(
-                f"{cfg.data_dir}: the log starts at {entries[0].index} but the snapshot ends "
-                f"at {snap.last_index}; remove the data directory to rebuild from peers"
-            )
+        # the decision is recovery.plan_recovery's (pure); startup.recover carries it out
+        found = recover(cfg.data_dir, cfg.fsync, self.state, self.log)
+        hard, snapshot, entries, self.wal = found.hard_state, found.snapshot, found.entries, found.wal
         members = tuple(sorted({cfg.node_id, *cfg.peers}))
         self.core = Replica(
             ReplicaConfig(
