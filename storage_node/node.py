@@ -54,6 +54,7 @@ from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
+from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 from zkv.storage_node.snapshot import compactable_index, save_snapshot
 from zkv.storage_node.startup import recover
@@ -81,6 +82,11 @@ class NodeConfig:
     ring: RingConfig
     fsync: FsyncPolicy
     snapshot_entries: int = 50_000
+    #: also snapshot once the log since the last snapshot holds this many bytes of
+    #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
+    snapshot_bytes: int = 64 * 1024 * 1024
+    #: bytes of keys + values this node's shard may hold (0: no quota); see quota.py
+    max_data_bytes: int = 0
     heartbeat_ms: int = 100
     election_timeout_ms: int = 1000
     key_bytes_max: int = 16 * 1024
@@ -115,6 +121,8 @@ class StorageNode:
         self._was_leader = False
         self._next_heartbeat = 0.0
         self._last_snapshot_index = self.core.snap_index
+        self._log_bytes = 0  # bytes of commands applied since the last snapshot
+        self.quota = Quota(config.max_data_bytes)
 
     # ------------------------------------------------------------------ startup
 
@@ -387,9 +395,17 @@ class StorageNode:
         if self.core.role is not Role.LEADER:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
+        growth = 0
+        if self.quota.max_data_bytes and not isinstance(req, DeleteRequest):
+            growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
+            why = self.quota.refusal(self.state.data_bytes, growth)
+            if why:
+                self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
+                return
         cmd = command_from_request(req, int(time.time() * 1000))
         index = self.core.propose(encode_command(cmd), now)
         assert index is not None  # we checked the role just above
+        self.quota.proposed(index, growth)
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
 
     def _reply(self, sock: zmq.Socket, ident: bytes, reply: object) -> None:  # type: ignore[type-arg]
@@ -460,6 +476,7 @@ class StorageNode:
                     continue
                 assert pending.command is not None
                 reply = self.state.apply_command(entry.index, pending.command)
+                self.quota.applied(entry.index)
                 if pending.ack_shard >= 0:  # a stream batch: answer the source leader
                     self._send_ack(pending, reply if type(reply) is dict else {"ok": False})
                     continue
@@ -470,6 +487,7 @@ class StorageNode:
                     self._reply(pending.sock, pending.ident, reply)
             if rd.committed:
                 core.applied(rd.committed[-1].index)
+                self._log_bytes += sum(len(e.data) for e in rd.committed)
             for token, index in rd.reads:
                 self._waiting_reads.append((index, token))  # type: ignore[arg-type]
             for token in rd.failed_reads:
@@ -490,6 +508,7 @@ class StorageNode:
                         self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
                 self._pending_writes.clear()
                 self.tasks.clear()
+                self.quota.clear()
 
     def _persist(self, rd: Ready, now: float) -> None:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
@@ -502,6 +521,7 @@ class StorageNode:
             self.state.restore(data)
             self.wal.reset(index + 1)
             self._last_snapshot_index = index
+            self._log_bytes = 0
             self.log.info("installed snapshot at index {} from the leader", index)
         if rd.truncate_from is not None:
             self.wal.truncate_from(rd.truncate_from)
@@ -609,14 +629,16 @@ class StorageNode:
             core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
             os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
             ring.epoch, ring.shards, ring.vnodes,
-            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
+            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), "data_bytes": self.state.data_bytes,
+                               "max_data_bytes": cfg.max_data_bytes, **cfg.extra},
         )
         with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index
-        if applied - self._last_snapshot_index < self.config.snapshot_entries:
+        if (applied - self._last_snapshot_index < self.config.snapshot_entries
+                and self._log_bytes < self.config.snapshot_bytes):
             return
         term = self.core.term_at(applied)
         if term is None:
@@ -629,6 +651,7 @@ class StorageNode:
         # newest is ever damaged) still meets a contiguous log
         self.wal.compact(compactable_index(self.config.data_dir))
         self._last_snapshot_index = applied
+        self._log_bytes = 0
         self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", applied, len(data),
                       (time.monotonic() - started) * 1000)
 
