@@ -125,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         node = StorageNode(config)
-    except RuntimeError as exc:  # corrupt WAL or state: refuse to start, say why
+    except RuntimeError as exc:  # corrupt WAL or state, state lost: refuse, say why
         logger.error("refusing to start: {}", exc)
         return 3
+    except OSError as exc:  # e.g. no space for the first ring file: say so, no traceback
+        logger.error("cannot start: {}", exc)
+        return 4
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     tune_gc()

@@ -52,6 +52,7 @@ from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node import durable_state
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
+from zkv.storage_node.disk_full import DiskFullGate, Unpersisted
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
 from zkv.storage_node.quota import Quota, write_growth_bytes
@@ -59,6 +60,7 @@ from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 from zkv.storage_node.snapshot import compactable_index, save_snapshot
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
+from zkv.storage_node.wal import is_disk_full
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
@@ -67,6 +69,9 @@ PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
 #: counts itself toward a commit only once persisted). Sending them first lets the
 #: followers' fsyncs run while the leader's own fsync does.
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
+#: how often a node whose disk is full retries what it could not write, and a snapshot
+DISK_RETRY_S = 0.25
+SNAPSHOT_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,12 @@ class StorageNode:
         self._last_snapshot_index = self.core.snap_index
         self._log_bytes = 0  # bytes of commands applied since the last snapshot
         self.quota = Quota(config.max_data_bytes)
+        #: what a full disk refused, retried every DISK_RETRY_S (disk_full.py)
+        self._unpersisted = Unpersisted()
+        self._disk_gate = DiskFullGate(config.heartbeat_ms / 1000)
+        self._disk_full_since: float | None = None
+        self._disk_retry_at = 0.0
+        self._snapshot_retry_at = 0.0  # after a snapshot found no space
 
     # ------------------------------------------------------------------ startup
 
@@ -232,6 +243,8 @@ class StorageNode:
                     self._next_heartbeat = now + self.config.heartbeat_ms / 1000
                     self._publish_heartbeat()
                     self.wal.sync(now)  # interval policy: sync even when idle
+                    if self._unpersisted:
+                        self._persist(Ready(), now)  # retry what a full disk refused
                 self._maybe_snapshot()
         finally:
             self.close()
@@ -272,7 +285,11 @@ class StorageNode:
                 self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
                 continue
             sender = frames[0].decode(errors="replace")
-            self.core.step(sender, msg, now)  # type: ignore[arg-type]
+            peer_msg: PeerMessage | None = msg  # type: ignore[assignment]
+            if self._unpersisted:  # disk full: take nothing that would need the disk
+                peer_msg = self._disk_gate.incoming(msg)  # type: ignore[arg-type]
+            if peer_msg is not None:
+                self.core.step(sender, peer_msg, now)
 
     # ------------------------------------------------------------------ requests
 
@@ -286,7 +303,8 @@ class StorageNode:
                 for item in msg.items:
                     if len(item) >= 2 and item[0]:
                         self._on_request(sock, item[0], item[1:], now)
-            elif isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id:
+            elif (isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id
+                  and not self._unpersisted):  # no standing with a full disk
                 self.log.info("broker {} asks us to stand (term {})", msg.broker_id, msg.term)
                 self.core.campaign(now, msg.term)
             return
@@ -395,6 +413,10 @@ class StorageNode:
         if self.core.role is not Role.LEADER:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
+        if self._disk_full_since is not None:
+            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.DISK_FULL,
+                                                "the shard leader's disk is full; retry later"))
+            return
         growth = 0
         if self.quota.max_data_bytes and not isinstance(req, DeleteRequest):
             growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
@@ -465,8 +487,12 @@ class StorageNode:
                         self._send_peer(to, msg)
                     else:
                         later.append((to, msg))
-            self._persist(rd, now)
+            durable = self._persist(rd, now)
             for to, msg in later:  # votes and acks promise durable state: after persisting
+                if not durable:
+                    msg = self._disk_gate.outgoing(msg, self._durable_index(), now)  # type: ignore[assignment]
+                    if msg is None:
+                        continue
                 self._send_peer(to, msg)
             pending_writes = self._pending_writes
             for entry in rd.committed:
@@ -510,29 +536,65 @@ class StorageNode:
                 self.tasks.clear()
                 self.quota.clear()
 
-    def _persist(self, rd: Ready, now: float) -> None:
+    def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
-        hard state, snapshot, truncation, new entries, then one sync."""
-        if rd.hard_state is not None:
-            durable_state.save_hard_state(self.config.data_dir, rd.hard_state)
+        hard state, snapshot, truncation, new entries, then one sync. False while the
+        disk is full: what did not fit waits in ``_unpersisted`` (see disk_full.py)."""
         if rd.snapshot is not None:
-            index, term, data = rd.snapshot
+            self.state.restore(rd.snapshot[2])  # the core installed it already
+        todo = self._unpersisted
+        waiting = bool(todo)
+        todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries)
+        if not todo:
+            return True
+        if waiting and now < self._disk_retry_at:
+            return False
+        try:
+            self._write_durable(todo, now)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            if self._disk_full_since is None:
+                self._disk_full_since = now
+                self.log.warning("disk full ({}): writes answer DISK_FULL until space returns", exc)
+            self._disk_retry_at = now + DISK_RETRY_S
+            return False
+        if self._disk_full_since is not None:
+            self.log.info("disk has room again after {:.1f} s: writes resume",
+                          now - self._disk_full_since)
+            self._disk_full_since = None
+        return True
+
+    def _write_durable(self, todo: Unpersisted, now: float) -> None:
+        """Write ``todo`` in order, clearing each part once it is durable."""
+        if todo.hard_state is not None:
+            durable_state.save_hard_state(self.config.data_dir, todo.hard_state)
+            todo.hard_state = None
+        if todo.snapshot is not None:
+            index, term, data = todo.snapshot
             save_snapshot(self.config.data_dir, index, term, data)
-            self.state.restore(data)
             self.wal.reset(index + 1)
+            todo.snapshot = None
             self._last_snapshot_index = index
             self._log_bytes = 0
             self.log.info("installed snapshot at index {} from the leader", index)
-        if rd.truncate_from is not None:
-            self.wal.truncate_from(rd.truncate_from)
-        if rd.entries:
-            self.wal.append(rd.entries)
-        if rd.entries or rd.truncate_from is not None:
+        wrote = False
+        if todo.truncate_from is not None:
+            self.wal.truncate_from(todo.truncate_from)
+            todo.truncate_from, wrote = None, True
+        if todo.entries:
+            self.wal.append(todo.entries)
+            todo.entries, wrote = [], True
+        if wrote:
             # One write and (fsync=always) one fsync for everything this turn brought:
             # group commit. The disk is fast next to a Python loop turn, so waiting for
             # it inline costs less than handing it to a thread and back (measured).
             self.wal.sync(now)
             self.core.persisted(self.wal.last_index)
+
+    def _durable_index(self) -> int:
+        """Where this node's log ends on disk (what an append ack may claim)."""
+        return max(self.wal.last_index, self._last_snapshot_index)
 
     def _serve_reads(self) -> None:
         if not self._waiting_reads:
@@ -630,7 +692,9 @@ class StorageNode:
             os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
             ring.epoch, ring.shards, ring.vnodes,
             cfg.heartbeat_ms, {"fsync": str(cfg.fsync), "data_bytes": self.state.data_bytes,
-                               "max_data_bytes": cfg.max_data_bytes, **cfg.extra},
+                               "max_data_bytes": cfg.max_data_bytes,
+                               "disk_full": self._disk_full_since is not None
+                               or self._snapshot_retry_at > time.monotonic(), **cfg.extra},
         )
         with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
@@ -641,11 +705,19 @@ class StorageNode:
                 and self._log_bytes < self.config.snapshot_bytes):
             return
         term = self.core.term_at(applied)
-        if term is None:
-            return
         started = time.monotonic()
+        if term is None or self._unpersisted or started < self._snapshot_retry_at:
+            return
         data = self.state.snapshot_bytes()
-        save_snapshot(self.config.data_dir, applied, term, data)
+        try:
+            save_snapshot(self.config.data_dir, applied, term, data)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._snapshot_retry_at = started + SNAPSHOT_RETRY_S
+            self.log.warning("no space for a snapshot at index {} ({}); retrying in {} s",
+                             applied, exc, SNAPSHOT_RETRY_S)
+            return
         self.core.compacted(applied, term, data)
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log
