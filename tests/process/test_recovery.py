@@ -150,3 +150,26 @@ def test_follower_with_a_damaged_installed_snapshot_refuses_to_start(
             kv.put("still", "serving")
             assert kv.get("still") == b"serving"
             assert kv.get("k599") == b"v599"
+
+
+def test_follower_that_lost_its_unsynced_tail_rejoins_on_its_own(tmp_path: Path) -> None:
+    """``interval``: a power loss may cost a node the tail it had not fsynced; that is
+    within the policy's contract, so the node restarts and catches up by itself."""
+    with LocalCluster(tmp_path / "data", shards=1, replicas=3, port=0, fsync="interval:5000",
+                      heartbeat_ms=100, election_timeout_ms=600) as cluster:
+        cluster.wait_ready(60)
+        leader, _ = wait_leader(cluster)
+        follower = next(n for n in cluster.node_ids if n != leader)
+        _put_many(cluster, "k", 300)
+        cluster.kill_node(follower, signal.SIGKILL)
+        assert keep_wal_records_upto(cluster.data_dir / follower, 100) == 100
+        cluster.restart_node(follower)
+        deadline = time.monotonic() + 15
+        while True:
+            nodes = {n["node_id"]: n for n in cluster.status()["nodes"]}
+            f, lead = nodes.get(follower), nodes.get(leader)
+            if f and lead and f["applied_index"] >= lead["commit_index"] and f["key_count"] == 300:
+                break
+            assert time.monotonic() < deadline, f"{follower} did not catch up: {f} vs {lead}"
+            time.sleep(0.2)
+        assert cluster.nodes[follower].alive
