@@ -191,3 +191,21 @@ def test_snapshot_that_passes_its_checksum_but_does_not_decode_falls_back(tmp_pa
     found = recover(tmp_path, POLICIES[0], KVStateMachine())
     assert found.snapshot is None and len(found.entries) == 120
     found.wal.close()
+
+
+@pytest.mark.parametrize("module", ["recovery", "disk_full", "quota"])
+def test_decisions_are_pure(module: str) -> None:
+    """These modules decide; the shell (startup.py, node.py) does the I/O."""
+    import ast
+
+    import zkv.storage_node as storage_node
+
+    path = Path(storage_node.__file__).parent / f"{module}.py"
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    forbidden = {"zmq", "time", "threading", "asyncio", "random", "socket", "loguru", "os"}
+    assert not imported & forbidden
