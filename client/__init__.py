@@ -10,6 +10,7 @@ from zkv.client.aio import AsyncKVClient
 from zkv.client.sdk import ClientClosed, KVClient
 from zkv.protocol.errors import (
     BadRequest,
+    DiskFull,
     ErrorCode,
     InternalError,
     KVError,
@@ -17,6 +18,7 @@ from zkv.protocol.errors import (
     NoLeader,
     NotLeader,
     ProtocolError,
+    QuotaExceeded,
     RemoteProtocolError,
     RequestError,
     SessionExpired,
@@ -33,6 +35,7 @@ __all__ = [
     "BadRequest",
     "ClientClosed",
     "Consistency",
+    "DiskFull",
     "ErrorCode",
     "InternalError",
     "KVClient",
@@ -41,6 +44,7 @@ __all__ = [
     "NoLeader",
     "NotLeader",
     "ProtocolError",
+    "QuotaExceeded",
     "RemoteProtocolError",
     "RequestError",
     "SessionExpired",

@@ -317,7 +317,8 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
 
 _COLUMNS = (("node", "node_id"), ("role", "role"), ("term", "term"),
             ("last", "last_index"), ("commit", "commit_index"), ("applied", "applied_index"),
-            ("lag", "lag"), ("keys", "key_count"), ("pid", "pid"), ("age", "age"))
+            ("lag", "lag"), ("keys", "key_count"), ("data", "data"), ("pid", "pid"),
+            ("age", "age"))
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -334,7 +335,8 @@ def format_status(status: dict[str, Any]) -> str:
         for node in shard["nodes"]:
             row = []
             for _, name in _COLUMNS:
-                v = _age(node) if name == "age" else node.get(name)
+                v = (_age(node) if name == "age" else _data_usage(node) if name == "data"
+                     else node.get(name))
                 row.append("-" if v is None else str(v))
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
@@ -351,6 +353,28 @@ def _age(node: dict[str, Any]) -> str | None:
     if age_ms is None:
         return None
     return f"{int(age_ms)}ms" if age_ms < 1000 else f"{age_ms / 1000:.1f}s"
+
+
+def _data_usage(node: dict[str, Any]) -> str | None:
+    """Bytes of keys + values against the quota (``--max-data-bytes``), and a full disk."""
+    extra = node.get("extra") or {}
+    used, quota = extra.get("data_bytes"), extra.get("max_data_bytes")
+    if used is None:
+        return None
+    text = _size(used)
+    if quota:
+        text += f"/{_size(quota)} ({100 * used / quota:.0f}%)"
+    if extra.get("disk_full"):
+        text += " DISK FULL"
+    return text
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GiB"
 
 
 def _json_default(v: Any) -> Any:

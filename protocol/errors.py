@@ -15,7 +15,11 @@ Every exception zkv raises derives from ``KVError``::
     │   ├── Unavailable            UNAVAILABLE: no quorum / node cannot serve now
     │   ├── SessionExpired         SESSION_EXPIRED: retry of a forgotten write
     │   ├── UnsupportedVersion     UNSUPPORTED_VERSION: protocol version mismatch
-    │   └── InternalError          INTERNAL: a bug on the server side
+    │   ├── InternalError          INTERNAL: a bug on the server side
+    │   ├── QuotaExceeded          QUOTA_EXCEEDED: the write would put the shard over its
+    │   │                          data quota (--max-data-bytes); deletes and reads work
+    │   └── DiskFull               DISK_FULL: the leader cannot write its log (no space);
+    │                              it resumes by itself once space returns
     └── Timeout                    no answer within the caller's deadline (outcome unknown)
 
 Operating errors travel on the wire as an ``ErrorCode``; the SDK maps a code to its
@@ -41,6 +45,8 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 8
     INTERNAL = 9
     TIMEOUT = 10
+    QUOTA_EXCEEDED = 11
+    DISK_FULL = 12
 
 
 class KVError(Exception):
@@ -107,6 +113,14 @@ class InternalError(RequestError):
     code = ErrorCode.INTERNAL
 
 
+class QuotaExceeded(RequestError):
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class DiskFull(RequestError):
+    code = ErrorCode.DISK_FULL
+
+
 class Timeout(KVError):
     """No reply within the deadline. For a write, the outcome is unknown."""
 
@@ -123,6 +137,8 @@ _ERROR_TYPES: dict[ErrorCode, type[RequestError]] = {
         SessionExpired,
         UnsupportedVersion,
         InternalError,
+        QuotaExceeded,
+        DiskFull,
     )
 }
 

@@ -54,11 +54,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically and durably (tmp, fsync, rename, fsync dir)."""
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the old file stands, leave no half copy
+        raise
     fsync_directory(target.parent)
 
 

@@ -46,6 +46,23 @@ def _fsync(text: str) -> FsyncPolicy:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def _heartbeat_port(endpoint: str) -> str:
     host, _, port = endpoint.rpartition(":")
     return f"{host}:{int(port) + 1}"
@@ -66,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial ring shard ids, e.g. 0,1 (default: this shard only)")
     p.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
     p.add_argument("--fsync", type=_fsync, default=FsyncPolicy.parse("always"))
-    p.add_argument("--snapshot-entries", type=int, default=50_000)
+    p.add_argument("--snapshot-entries", type=_positive, default=50_000,
+                   help="snapshot (and compact the log) after this many entries")
+    p.add_argument("--snapshot-bytes", type=_positive, default=64 * 1024 * 1024,
+                   help="... or once the log since the last snapshot holds this many bytes")
+    p.add_argument("--max-data-bytes", type=_non_negative, default=0,
+                   help="quota: bytes of keys + values this shard may hold (0: unlimited)")
     p.add_argument("--heartbeat-ms", type=int, default=100)
     p.add_argument("--election-timeout-ms", type=int, default=1000)
     p.add_argument("--key-bytes-max", type=int, default=16 * 1024)
@@ -94,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         ring=RingConfig(1, args.shards or (args.shard,), args.vnodes),
         fsync=args.fsync,
         snapshot_entries=args.snapshot_entries,
+        snapshot_bytes=args.snapshot_bytes,
+        max_data_bytes=args.max_data_bytes,
         heartbeat_ms=args.heartbeat_ms,
         election_timeout_ms=args.election_timeout_ms,
         key_bytes_max=args.key_bytes_max,
@@ -101,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         node = StorageNode(config)
-    except RuntimeError as exc:  # corrupt WAL or state: refuse to start, say why
+    except RuntimeError as exc:  # corrupt WAL or state, state lost: refuse, say why
         logger.error("refusing to start: {}", exc)
         return 3
+    except OSError as exc:  # e.g. no space for the first ring file: say so, no traceback
+        logger.error("cannot start: {}", exc)
+        return 4
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     tune_gc()

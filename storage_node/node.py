@@ -53,12 +53,15 @@ from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node import durable_state
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
+from zkv.storage_node.disk_full import DiskFullGate, Unpersisted
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
+from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
-from zkv.storage_node.snapshot import compactable_index, load_latest_snapshot, save_snapshot
+from zkv.storage_node.snapshot import compactable_index, save_snapshot
+from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
-from zkv.storage_node.wal import WriteAheadLog
+from zkv.storage_node.wal import is_disk_full
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
@@ -67,6 +70,9 @@ PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
 #: counts itself toward a commit only once persisted). Sending them first lets the
 #: followers' fsyncs run while the leader's own fsync does.
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
+#: how often a node whose disk is full retries what it could not write, and a snapshot
+DISK_RETRY_S = 0.25
+SNAPSHOT_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,11 @@ class NodeConfig:
     ring: RingConfig
     fsync: FsyncPolicy
     snapshot_entries: int = 50_000
+    #: also snapshot once the log since the last snapshot holds this many bytes of
+    #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
+    snapshot_bytes: int = 64 * 1024 * 1024
+    #: bytes of keys + values this node's shard may hold (0: no quota); see quota.py
+    max_data_bytes: int = 0
     heartbeat_ms: int = 100
     election_timeout_ms: int = 1000
     key_bytes_max: int = 16 * 1024
@@ -116,6 +127,14 @@ class StorageNode:
         self._was_leader = False
         self._next_heartbeat = 0.0
         self._last_snapshot_index = self.core.snap_index
+        self._log_bytes = 0  # bytes of commands applied since the last snapshot
+        self.quota = Quota(config.max_data_bytes)
+        #: what a full disk refused, retried every DISK_RETRY_S (disk_full.py)
+        self._unpersisted = Unpersisted()
+        self._disk_gate = DiskFullGate(config.heartbeat_ms / 1000)
+        self._disk_full_since: float | None = None
+        self._disk_retry_at = 0.0
+        self._snapshot_retry_at = 0.0  # after a snapshot found no space
 
     # ------------------------------------------------------------------ startup
 
@@ -129,21 +148,12 @@ class StorageNode:
         # The ring file holds the *initial* ring (the same on every replica); the ring in
         # force is the state machine's, rebuilt from snapshot + log (ownership.py).
         self.initial_ring = Ring(ring)
-        hard = durable_state.load_hard_state(cfg.data_dir)
         self.state = KVStateMachine(shard_id=cfg.shard_id, ring=ring)
         #: leader-only soft state: streams to other shards' leaders, drops in progress
         self.tasks = LeaderTasks(seq0=int.from_bytes(os.urandom(5), "big") << 20)
-        snap = load_latest_snapshot(cfg.data_dir)
-        snapshot = None
-        if snap is not None:
-            self.state.restore(snap.data)
-            snapshot = (snap.last_index, snap.last_term, snap.data)
-        self.wal, entries = WriteAheadLog.open(cfg.data_dir / "wal", cfg.fsync)
-        if snap is not None and entries and entries[0].index > snap.last_index + 1:
-            raise RuntimeError(
-                f"{cfg.data_dir}: the log starts at {entries[0].index} but the snapshot ends "
-                f"at {snap.last_index}; remove the data directory to rebuild from peers"
-            )
+        # the decision is recovery.plan_recovery's (pure); startup.recover carries it out
+        found = recover(cfg.data_dir, cfg.fsync, self.state, self.log)
+        hard, snapshot, entries, self.wal = found.hard_state, found.snapshot, found.entries, found.wal
         members = tuple(sorted({cfg.node_id, *cfg.peers}))
         self.core = Replica(
             ReplicaConfig(
@@ -243,6 +253,8 @@ class StorageNode:
                     self._next_heartbeat = now + self.config.heartbeat_ms / 1000
                     self._publish_heartbeat()
                     self.wal.sync(now)  # interval policy: sync even when idle
+                    if self._unpersisted:
+                        self._persist(Ready(), now)  # retry what a full disk refused
                 self._maybe_snapshot()
         finally:
             self.close()
@@ -283,7 +295,11 @@ class StorageNode:
                 self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
                 continue
             sender = frames[0].decode(errors="replace")
-            self.core.step(sender, msg, now)  # type: ignore[arg-type]
+            peer_msg: PeerMessage | None = msg  # type: ignore[assignment]
+            if self._unpersisted:  # disk full: take nothing that would need the disk
+                peer_msg = self._disk_gate.incoming(msg)  # type: ignore[arg-type]
+            if peer_msg is not None:
+                self.core.step(sender, peer_msg, now)
 
     # ------------------------------------------------------------------ requests
 
@@ -297,7 +313,8 @@ class StorageNode:
                 for item in msg.items:
                     if len(item) >= 2 and item[0]:
                         self._on_request(sock, item[0], item[1:], now)
-            elif isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id:
+            elif (isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id
+                  and not self._unpersisted):  # no standing with a full disk
                 self.log.info("broker {} asks us to stand (term {})", msg.broker_id, msg.term)
                 self.core.campaign(now, msg.term)
             return
@@ -406,9 +423,21 @@ class StorageNode:
         if self.core.role is not Role.LEADER:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
+        if self._disk_full_since is not None:
+            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.DISK_FULL,
+                                                "the shard leader's disk is full; retry later"))
+            return
+        growth = 0
+        if self.quota.max_data_bytes and not isinstance(req, DeleteRequest):
+            growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
+            why = self.quota.refusal(self.state.data_bytes, growth)
+            if why:
+                self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
+                return
         cmd = command_from_request(req, int(time.time() * 1000))
         index = self.core.propose(encode_command(cmd), now)
         assert index is not None  # we checked the role just above
+        self.quota.proposed(index, growth)
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
 
     def _reply(self, sock: zmq.Socket, ident: bytes, reply: object) -> None:  # type: ignore[type-arg]
@@ -468,8 +497,12 @@ class StorageNode:
                         self._send_peer(to, msg)
                     else:
                         later.append((to, msg))
-            self._persist(rd, now)
+            durable = self._persist(rd, now)
             for to, msg in later:  # votes and acks promise durable state: after persisting
+                if not durable:
+                    msg = self._disk_gate.outgoing(msg, self._durable_index(), now)  # type: ignore[assignment]
+                    if msg is None:
+                        continue
                 self._send_peer(to, msg)
             pending_writes = self._pending_writes
             for entry in rd.committed:
@@ -479,6 +512,7 @@ class StorageNode:
                     continue
                 assert pending.command is not None
                 reply = self.state.apply_command(entry.index, pending.command)
+                self.quota.applied(entry.index)
                 if pending.ack_shard >= 0:  # a stream batch: answer the source leader
                     self._send_ack(pending, reply if type(reply) is dict else {"ok": False})
                     continue
@@ -489,6 +523,7 @@ class StorageNode:
                     self._reply(pending.sock, pending.ident, reply)
             if rd.committed:
                 core.applied(rd.committed[-1].index)
+                self._log_bytes += sum(len(e.data) for e in rd.committed)
             for token, index in rd.reads:
                 self._waiting_reads.append((index, token))  # type: ignore[arg-type]
             for token in rd.failed_reads:
@@ -509,29 +544,67 @@ class StorageNode:
                         self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
                 self._pending_writes.clear()
                 self.tasks.clear()
+                self.quota.clear()
 
-    def _persist(self, rd: Ready, now: float) -> None:
+    def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
-        hard state, snapshot, truncation, new entries, then one sync."""
-        if rd.hard_state is not None:
-            durable_state.save_hard_state(self.config.data_dir, rd.hard_state)
+        hard state, snapshot, truncation, new entries, then one sync. False while the
+        disk is full: what did not fit waits in ``_unpersisted`` (see disk_full.py)."""
         if rd.snapshot is not None:
-            index, term, data = rd.snapshot
+            self.state.restore(rd.snapshot[2])  # the core installed it already
+        todo = self._unpersisted
+        waiting = bool(todo)
+        todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries)
+        if not todo:
+            return True
+        if waiting and now < self._disk_retry_at:
+            return False
+        try:
+            self._write_durable(todo, now)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            if self._disk_full_since is None:
+                self._disk_full_since = now
+                self.log.warning("disk full ({}): writes answer DISK_FULL until space returns", exc)
+            self._disk_retry_at = now + DISK_RETRY_S
+            return False
+        if self._disk_full_since is not None:
+            self.log.info("disk has room again after {:.1f} s: writes resume",
+                          now - self._disk_full_since)
+            self._disk_full_since = None
+        return True
+
+    def _write_durable(self, todo: Unpersisted, now: float) -> None:
+        """Write ``todo`` in order, clearing each part once it is durable."""
+        if todo.hard_state is not None:
+            durable_state.save_hard_state(self.config.data_dir, todo.hard_state)
+            todo.hard_state = None
+        if todo.snapshot is not None:
+            index, term, data = todo.snapshot
             save_snapshot(self.config.data_dir, index, term, data)
-            self.state.restore(data)
             self.wal.reset(index + 1)
+            todo.snapshot = None
             self._last_snapshot_index = index
+            self._log_bytes = 0
             self.log.info("installed snapshot at index {} from the leader", index)
-        if rd.truncate_from is not None:
-            self.wal.truncate_from(rd.truncate_from)
-        if rd.entries:
-            self.wal.append(rd.entries)
-        if rd.entries or rd.truncate_from is not None:
+        wrote = False
+        if todo.truncate_from is not None:
+            self.wal.truncate_from(todo.truncate_from)
+            todo.truncate_from, wrote = None, True
+        if todo.entries:
+            self.wal.append(todo.entries)
+            todo.entries, wrote = [], True
+        if wrote:
             # One write and (fsync=always) one fsync for everything this turn brought:
             # group commit. The disk is fast next to a Python loop turn, so waiting for
             # it inline costs less than handing it to a thread and back (measured).
             self.wal.sync(now)
             self.core.persisted(self.wal.last_index)
+
+    def _durable_index(self) -> int:
+        """Where this node's log ends on disk (what an append ack may claim)."""
+        return max(self.wal.last_index, self._last_snapshot_index)
 
     def _serve_reads(self) -> None:
         if not self._waiting_reads:
@@ -629,26 +702,39 @@ class StorageNode:
             core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
             os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
             ring.epoch, ring.shards, ring.vnodes,
-            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
+            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), "data_bytes": self.state.data_bytes,
+                               "max_data_bytes": cfg.max_data_bytes,
+                               "disk_full": self._disk_full_since is not None
+                               or self._snapshot_retry_at > time.monotonic(), **cfg.extra},
         )
         with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index
-        if applied - self._last_snapshot_index < self.config.snapshot_entries:
+        if (applied - self._last_snapshot_index < self.config.snapshot_entries
+                and self._log_bytes < self.config.snapshot_bytes):
             return
         term = self.core.term_at(applied)
-        if term is None:
-            return
         started = time.monotonic()
+        if term is None or self._unpersisted or started < self._snapshot_retry_at:
+            return
         data = self.state.snapshot_bytes()
-        save_snapshot(self.config.data_dir, applied, term, data)
+        try:
+            save_snapshot(self.config.data_dir, applied, term, data)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._snapshot_retry_at = started + SNAPSHOT_RETRY_S
+            self.log.warning("no space for a snapshot at index {} ({}); retrying in {} s",
+                             applied, exc, SNAPSHOT_RETRY_S)
+            return
         self.core.compacted(applied, term, data)
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log
         self.wal.compact(compactable_index(self.config.data_dir))
         self._last_snapshot_index = applied
+        self._log_bytes = 0
         self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", applied, len(data),
                       (time.monotonic() - started) * 1000)
 

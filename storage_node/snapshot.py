@@ -6,8 +6,10 @@ u64 length | u32 crc32(data)`` (little-endian), then ``data``.
 A snapshot is written to ``<name>.tmp``, fsynced, renamed and the directory fsynced,
 so a file with a ``.snap`` name is complete unless the disk itself damaged it.
 
-We keep the newest ``SNAPSHOTS_KEPT`` files, and loading skips a damaged newest file
-(with a warning) in favour of an older good one. That fallback is only sound if the log
+A failed write (a full disk) removes its ``.tmp``; a crash may leave one, and recovery
+deletes it at start. We keep the newest ``SNAPSHOTS_KEPT`` files; which one a restart
+loads is ``recovery.plan_recovery``'s decision (``scan_snapshots`` checks each file without
+holding it in memory): a damaged newest file is skipped in favour of an older good one. That fallback is only sound if the log
 still holds every entry after the older snapshot: a replica that silently lost entries
 it had acknowledged could elect a leader missing a committed write. So the shell
 compacts the WAL only up to ``compactable_index`` (the oldest snapshot kept), never up
@@ -26,12 +28,15 @@ from pathlib import Path
 from loguru import logger
 
 from zkv.storage_node.durable_state import fsync_directory
+from zkv.storage_node.recovery import SnapshotFile
 
 SNAP_DIR = "snap"
 SNAPSHOTS_KEPT = 2
 MAGIC = b"ZKVSNAP1"
 _HEADER = struct.Struct("<8sQQQI")
 _SNAP_NAME = re.compile(r"^(\d{20})\.snap$")
+_CHUNK_BYTES = 1 << 20
+HEADER_BYTES = _HEADER.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +64,16 @@ def save_snapshot(
     path = snap_dir / snapshot_name(last_index)
     tmp = path.with_name(path.name + ".tmp")
     header = _HEADER.pack(MAGIC, last_index, last_term, len(data), zlib.crc32(data))
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written copy around
+        raise
     fsync_directory(snap_dir)
     _prune(snap_dir)
     return path
@@ -111,6 +120,51 @@ def _read_snapshot(index: int, path: Path) -> Snapshot | str:
     if zlib.crc32(data) != crc:
         return "checksum mismatch"
     return Snapshot(last_index, last_term, data)
+
+
+def check_snapshot_file(index: int, path: Path) -> SnapshotFile:
+    """Whether ``path`` is intact, reading it in chunks (memory stays flat however big
+    it is): recovery checks every kept snapshot but loads only the one it chooses."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                return SnapshotFile(path, index, 0, "shorter than its header")
+            magic, last_index, last_term, length, crc = _HEADER.unpack(head)
+            if magic != MAGIC:
+                return SnapshotFile(path, index, 0, "bad magic")
+            if last_index != index:
+                return SnapshotFile(path, index, 0,
+                                    f"header says last index {last_index}, the name says {index}")
+            got, size = 0, 0
+            while chunk := f.read(_CHUNK_BYTES):
+                got = zlib.crc32(chunk, got)
+                size += len(chunk)
+    except OSError as exc:
+        return SnapshotFile(path, index, 0, f"unreadable: {exc}")
+    if size != length:
+        return SnapshotFile(path, index, last_term,
+                            f"{size} bytes of data, the header says {length}", _HEADER.size)
+    if got != crc:
+        return SnapshotFile(path, index, last_term, "checksum mismatch", _HEADER.size)
+    return SnapshotFile(path, index, last_term)
+
+
+def scan_snapshots(directory: str | os.PathLike[str]) -> tuple[SnapshotFile, ...]:
+    """Every ``*.snap`` under ``directory/snap``, newest first, each checked."""
+    return tuple(check_snapshot_file(i, p) for i, p in _snapshot_files(Path(directory) / SNAP_DIR))
+
+
+def load_snapshot_file(found: SnapshotFile) -> Snapshot | str:
+    """The snapshot ``found`` names (checked again as it is read), or why not."""
+    return _read_snapshot(found.last_index, found.path)
+
+
+def temp_files(directory: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """Leftovers of writes cut short (``snap/*.snap.tmp``, ``hardstate.tmp``, ...)."""
+    root = Path(directory)
+    found = [*root.glob("*.tmp"), *(root / SNAP_DIR).glob("*.tmp")]
+    return tuple(sorted(p for p in found if p.is_file()))
 
 
 def compactable_index(directory: str | os.PathLike[str]) -> int:

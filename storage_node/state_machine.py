@@ -60,6 +60,33 @@ SNAPSHOT_FORMAT = 2
 _SNAPSHOT_FORMATS = (1, 2)
 
 
+class KeyTable(dict[bytes, tuple[bytes, int]]):
+    """``key -> (value, version)`` that keeps ``size_bytes``, the sum of the lengths of
+    its keys and values, exact through ``[]=``, ``del`` and ``pop`` (the only mutations
+    the state machine and ``ownership.py`` make), so a quota check costs nothing."""
+
+    __slots__ = ("size_bytes",)
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(items)
+        self.size_bytes = sum(len(k) + len(v[0]) for k, v in self.items())
+
+    def __setitem__(self, key: bytes, item: tuple[bytes, int]) -> None:
+        old = dict.get(self, key)
+        self.size_bytes += (len(key) + len(item[0])) if old is None else len(item[0]) - len(old[0])
+        dict.__setitem__(self, key, item)
+
+    def __delitem__(self, key: bytes) -> None:
+        old = dict.pop(self, key)
+        self.size_bytes -= len(key) + len(old[0])
+
+    def pop(self, key: bytes, *default: Any) -> Any:
+        old = dict.pop(self, key, *default)
+        if old is not None and (not default or old is not default[0]):
+            self.size_bytes -= len(key) + len(old[0])
+        return old
+
+
 class KVStateMachine:
     """Keys, values, versions and sessions; see the module docstring for the rules."""
 
@@ -71,7 +98,7 @@ class KVStateMachine:
         shard_id: int | None = None,
         ring: RingConfig | None = None,
     ) -> None:
-        self._data: dict[bytes, tuple[bytes, int]] = {}
+        self._data = KeyTable()
         self._sessions = SessionTable(replies_per_client_max, clients_max, session_ttl_ms)
         self._applied_index = 0
         #: ring, fence and migration state; ``shard_id=None``: every key is ours
@@ -84,6 +111,11 @@ class KVStateMachine:
     @property
     def key_count(self) -> int:
         return len(self._data)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of keys plus values held: what ``--max-data-bytes`` bounds."""
+        return self._data.size_bytes
 
     @property
     def sessions(self) -> SessionTable:
@@ -217,7 +249,7 @@ class KVStateMachine:
         else:  # format 1 predates ring changes: the ring is the initial one
             ownership = self.ownership
         self.ownership = ownership
-        self._data = dict(zip(keys, values, strict=True))
+        self._data = KeyTable(zip(keys, values, strict=True))
         self._sessions = sessions
         self._applied_index = applied
 

@@ -22,20 +22,30 @@ Rules and invariants:
 - Appends continue ``last_index`` (``reset(i)`` restarts the log at ``i`` after a snapshot
   install). Only a log that recovered no entry at all accepts any first index: the WAL
   cannot know where the node's snapshot ends.
-- Any ``OSError`` while writing poisons the log (memory and disk may disagree): every
-  later call raises. The node must exit; recovery repairs the torn tail on restart.
+- A full disk (``ENOSPC``/``EDQUOT`` from a write or a segment creation) is not fatal:
+  ``append`` takes the segment back to where the batch started (``ftruncate`` and
+  ``unlink`` need no space) and raises ``DiskFullError``; the log is as before the call
+  and the same entries can be appended again once there is space. Segments are written
+  unbuffered (one ``write`` per batch), so a failed write leaves nothing queued in
+  Python to be flushed later.
+- Any other ``OSError`` while writing, and any failed fsync (after which the kernel may
+  have dropped the pages: retrying the fsync proves nothing), poisons the log (memory
+  and disk may disagree): every later call raises. The node must exit; recovery
+  repairs the torn tail on restart.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgpack
 from loguru import logger
@@ -69,6 +79,33 @@ class CorruptLogError(RuntimeError):
         )
         self.path = path
         self.offset = offset
+
+
+class DiskFullError(OSError):
+    """No space for this write; nothing of it stayed on disk. Retry later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _os_write(fd: int, data: bytes | memoryview) -> int:
+    return os.write(fd, data)
+
+
+def _os_fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskIO:
+    """The calls a full or failing disk makes fail, so a unit test can inject them."""
+
+    write: Callable[[int, bytes | memoryview], int] = _os_write
+    fsync: Callable[[int], None] = _os_fsync
 
 
 def segment_name(first_index: int) -> str:
@@ -148,12 +185,14 @@ def _valid_record_after(buf: bytes, pos: int, expected_index: int) -> int | None
 class WriteAheadLog:
     """Append-only Raft log on disk; see the module docstring for the rules."""
 
-    def __init__(self, directory: Path, policy: FsyncPolicy, segment_bytes_max: int) -> None:
+    def __init__(self, directory: Path, policy: FsyncPolicy, segment_bytes_max: int,
+                 io: DiskIO | None = None) -> None:
+        self._io = io or DiskIO()
         self._dir = directory
         self._policy = policy
         self._segment_bytes_max = segment_bytes_max
         self._segments: list[_Segment] = []
-        self._file: BinaryIO | None = None  # the last segment, open for appending
+        self._file: Any = None  # the last segment, open for appending, unbuffered
         self._next_index = 1  # index the next append must carry, once known
         self._next_known = False  # False only while a log recovered empty is untouched
         self._dirty = False  # bytes written since the last fsync
@@ -169,6 +208,7 @@ class WriteAheadLog:
         directory: str | os.PathLike[str],
         policy: FsyncPolicy,
         segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT,
+        io: DiskIO | None = None,
     ) -> tuple[WriteAheadLog, list[Entry]]:
         """Open (creating if needed) the log in ``directory`` and recover it.
 
@@ -179,7 +219,7 @@ class WriteAheadLog:
             raise ValueError("segment_bytes_max must be >= 1")
         wal_dir = Path(directory)
         wal_dir.mkdir(parents=True, exist_ok=True)
-        wal = cls(wal_dir, policy, segment_bytes_max)
+        wal = cls(wal_dir, policy, segment_bytes_max, io)
         entries: list[Entry] = []
         names = sorted(p.name for p in wal_dir.iterdir() if _SEGMENT_NAME.match(p.name))
         for i, name in enumerate(names):
@@ -191,7 +231,7 @@ class WriteAheadLog:
                 )  # fmt: skip
             wal._recover_segment(wal_dir / name, first, entries, last=i == len(names) - 1)
         if wal._segments:
-            wal._file = open(wal._segments[-1].path, "ab")  # noqa: SIM115 - owned by the WAL
+            wal._file = open(wal._segments[-1].path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
             wal._next_known = True
         return wal, entries
 
@@ -293,9 +333,15 @@ class WriteAheadLog:
             expected += 1
         if max(map(len, payloads)) > RECORD_BYTES_MAX:
             raise ValueError(f"an entry is larger than {RECORD_BYTES_MAX} bytes")
+        mark = self._mark()
         try:
             self._write_records(entries[0].index, payloads)
         except OSError as exc:
+            if is_disk_full(exc) and self._broken is None and self._rollback(mark):
+                raise DiskFullError(
+                    f"no space to append entries {entries[0].index}..{entries[-1].index} "
+                    f"to the WAL in {self._dir}: {exc}"
+                ) from exc
             self._poison(f"append failed: {exc}")
             raise
         self._next_index = expected
@@ -321,20 +367,54 @@ class WriteAheadLog:
 
     def _write(self, seg: _Segment | None, parts: list[bytes], size: int) -> None:
         assert seg is not None and self._file is not None
-        self._file.write(b"".join(parts))
-        seg.size += size
+        view = memoryview(b"".join(parts))
+        fd, write = self._file.fileno(), self._io.write
         self._dirty = True
+        while view:
+            view = view[write(fd, view) :]
+        seg.size += size
+
+    def _mark(self) -> tuple[int, int, int]:
+        """Where the log ends now: (segments, last segment's size, its record count)."""
+        seg = self._segments[-1] if self._segments else None
+        return len(self._segments), seg.size if seg else 0, len(seg.offsets) if seg else 0
+
+    def _rollback(self, mark: tuple[int, int, int]) -> bool:
+        """Take the disk and the index back to ``mark`` after a write that found no
+        space (truncating and unlinking need none). False if even that failed."""
+        count, size, records = mark
+        try:
+            while len(self._segments) > count:
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+                self._segments.pop().path.unlink(missing_ok=True)
+            if self._segments:
+                seg = self._segments[-1]
+                del seg.offsets[records:]
+                seg.size = size
+                if self._file is None:
+                    self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
+                os.ftruncate(self._file.fileno(), size)
+                self._file.seek(size)  # a new segment is not O_APPEND: move back too
+        except OSError as exc:
+            logger.error("WAL {}: could not undo a write that found no space: {}", self._dir, exc)
+            return False
+        return True
 
     def _roll(self, first_index: int) -> _Segment:
         """Close the current segment durably and start ``<first_index>.seg``."""
         if self._file is not None:
-            self._file.flush()
             if self._policy.mode is not FsyncMode.NEVER:
-                os.fsync(self._file.fileno())
+                try:
+                    self._io.fsync(self._file.fileno())
+                except OSError as exc:
+                    self._poison(f"fsync before a roll failed: {exc}")  # see the docstring
+                    raise
             self._file.close()
             self._file = None
         seg = _Segment(self._dir / segment_name(first_index), first_index)
-        self._file = open(seg.path, "xb")  # noqa: SIM115 - owned by the WAL
+        self._file = open(seg.path, "xb", buffering=0)  # noqa: SIM115 - owned by the WAL
         if self._policy.mode is not FsyncMode.NEVER:
             fsync_directory(self._dir)
         self._segments.append(seg)
@@ -347,10 +427,9 @@ class WriteAheadLog:
         if self._file is None:
             return False
         try:
-            self._file.flush()
             if not self._dirty or not (force or self._policy.sync_due(now, self._last_sync)):
                 return False
-            os.fsync(self._file.fileno())
+            self._io.fsync(self._file.fileno())
         except OSError as exc:
             self._poison(f"sync of {self._segments[-1].path} failed: {exc}")
             raise
@@ -388,7 +467,7 @@ class WriteAheadLog:
                     f.truncate(seg.size)
                     f.flush()
                     os.fsync(f.fileno())
-            self._file = open(seg.path, "ab")  # noqa: SIM115 - owned by the WAL
+            self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
         self._next_index = index
         self._next_known = True
         self._dirty = False
@@ -427,9 +506,8 @@ class WriteAheadLog:
         if self._file is None:
             return
         try:
-            self._file.flush()
             if self._dirty and self._policy.mode is not FsyncMode.NEVER and not self._broken:
-                os.fsync(self._file.fileno())
+                self._io.fsync(self._file.fileno())
                 self._dirty = False
         finally:
             self._file.close()

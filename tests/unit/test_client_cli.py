@@ -177,3 +177,27 @@ def test_status_without_leader_has_no_lag() -> None:
     assert status["shards"]["0"]["leader"] is None
     assert status["shards"]["0"]["nodes"][0]["lag"] is None
     assert "leader NONE" in format_status(status)
+
+
+@pytest.mark.parametrize(("code", "text"), [
+    (ErrorCode.QUOTA_EXCEEDED, "this write would bring the shard to 20500 bytes of keys and "
+     "values, over its quota of 20000 (--max-data-bytes); deletes and reads still work"),
+    (ErrorCode.DISK_FULL, "the shard leader's disk is full; retry later"),
+])
+def test_quota_and_disk_full_are_one_line_exit_1(code: ErrorCode, text: str, net: FakeNet,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def hook(ident: bytes, msg: Any, seen: int) -> Any:
+        if isinstance(msg, PutRequest):
+            return ErrorReply(msg.request_id, code, text)
+        return None
+
+    assert zkv(serve(net, hook), "put", "k", "v") == 1
+    assert capsys.readouterr().err == f"zkv: error: {code.name}: {text}\n"
+
+
+def test_status_shows_data_usage_against_the_quota_and_a_full_disk() -> None:
+    node = _node("s0r0", 0, 2, 1, 5, extra={"data_bytes": 3 << 20, "max_data_bytes": 12 << 20,
+                                            "disk_full": True})
+    text = format_status(annotate_status({"broker_id": "b", "nodes": [node],
+                                          "ring": {"shards": [0]}}))
+    assert "3.0MiB/12.0MiB (25%) DISK FULL" in text

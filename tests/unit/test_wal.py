@@ -3,6 +3,7 @@ truncation, compaction, group commit, and the fsync policy it obeys."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,15 @@ from loguru import logger
 
 from zkv.protocol.messages import Entry
 from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy, parse_fsync_policy
-from zkv.storage_node.wal import CorruptLogError, WriteAheadLog, segment_name
+from zkv.storage_node.wal import (
+    SEGMENT_BYTES_MAX_DEFAULT,
+    CorruptLogError,
+    DiskFullError,
+    DiskIO,
+    WriteAheadLog,
+    is_disk_full,
+    segment_name,
+)
 
 ALWAYS = FsyncPolicy(FsyncMode.ALWAYS)
 NEVER = FsyncPolicy(FsyncMode.NEVER)
@@ -442,17 +451,75 @@ def test_truncate_from_is_durable_even_under_never(tmp_path, fsyncs):
     wal.close()
 
 
+class FakeDisk:
+    """Injected write/fsync: fails with ``errno`` from the ``fail_after``-th write on."""
+
+    def __init__(self, err: int = errno.ENOSPC) -> None:
+        self.err = err
+        self.full = False
+        self.partial = False  # write half of the buffer first, as a filling disk does
+        self.writes = 0
+
+    def write(self, fd: int, data) -> int:
+        self.writes += 1
+        if self.full:
+            if self.partial and len(data) > 1:
+                self.partial = False
+                return os.write(fd, data[: len(data) // 2])
+            raise OSError(self.err, os.strerror(self.err))
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+
 def test_a_failed_write_poisons_the_log(tmp_path):
-    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS)
+    disk = FakeDisk(errno.EIO)
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS, io=DiskIO(disk.write, disk.fsync))
     wal.append(entries(1, 1))
-
-    class Broken:
-        def write(self, data: bytes) -> None:
-            raise OSError(28, "No space left on device")
-
-    wal._file, real = Broken(), wal._file  # type: ignore[assignment]
-    with pytest.raises(OSError, match="No space"):
+    disk.full = True
+    with pytest.raises(OSError, match="Input/output"):
         wal.append(entries(2, 1))
     with pytest.raises(OSError, match="unusable"):
         wal.append(entries(2, 1))
-    real.close()
+    wal.close()
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("segment_bytes_max", [SEGMENT_BYTES_MAX_DEFAULT, 60])
+def test_a_full_disk_leaves_the_log_as_it_was_and_usable(tmp_path, partial, segment_bytes_max):
+    """ENOSPC (issue 10 item 6): the batch is undone on disk and in the index, the log
+    stays usable, and the same entries go in once there is space again."""
+    disk = FakeDisk()
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS, segment_bytes_max,
+                                io=DiskIO(disk.write, disk.fsync))
+    wal.append(entries(1, 3))
+    wal.sync(0.0)
+    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*.seg")}
+    disk.full, disk.partial = True, partial
+    with pytest.raises(DiskFullError, match="no space to append entries 4..8"):
+        wal.append(entries(4, 5))
+    assert is_disk_full(DiskFullError("x"))
+    assert {p.name: p.stat().st_size for p in tmp_path.glob("*.seg")} == sizes
+    assert wal.last_index == 3
+    disk.full = False
+    wal.append(entries(4, 5))
+    wal.sync(1.0)
+    wal.close()
+    _, recovered = reopen(tmp_path, segment_bytes_max=segment_bytes_max)
+    assert recovered == entries(1, 8)
+
+
+def test_a_full_disk_on_an_empty_log_removes_the_new_segment(tmp_path):
+    disk = FakeDisk()
+    disk.full = True
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS, io=DiskIO(disk.write, disk.fsync))
+    wal.reset(101)
+    with pytest.raises(DiskFullError):
+        wal.append(entries(101, 2))
+    assert list(tmp_path.glob("*.seg")) == []
+    disk.full = False
+    wal.append(entries(101, 2))
+    wal.sync(0.0)
+    wal.close()
+    assert reopen(tmp_path)[1] == entries(101, 2)
