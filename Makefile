@@ -11,7 +11,7 @@ ARGS   ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,lint]'
+	$(PY) -m pip install -q -e '.[test,lint,http]'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
@@ -37,8 +37,8 @@ test-process: venv
 	$(PY) -m pytest -q tests/process
 
 lint: venv
-	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops tests bench
-	$(VENV)/bin/mypy zkv/protocol zkv/storage_node/replica.py zkv/storage_node/progress.py
+	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops gateway tests bench
+	$(VENV)/bin/mypy zkv/protocol zkv/storage_node/replica.py zkv/storage_node/progress.py zkv/gateway
 
 ## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
 bench: venv

@@ -1,0 +1,194 @@
+"""The gateway's ASGI app: zkv's REST API over one ``AsyncKVClient`` per worker.
+
+Theory of operation:
+
+- The gateway holds no state of its own: every request becomes one SDK call (two for a
+  conditional DELETE, see below) on the worker's single ``AsyncKVClient``, which
+  multiplexes every in-flight request on one DEALER socket and retries safely (a
+  retried write is applied once). A gateway can be killed and restarted at any time.
+- Routes: ``PUT/GET/DELETE /kv/{key:path}``, ``GET /health`` (the process answers),
+  ``GET /ready`` (every shard of the ring has a live leader the broker hears),
+  ``/metrics``, ``/ui`` and ``/ui/data`` (``ui.py``), and OpenAPI at ``/docs`` and
+  ``/redoc`` whose scripts and styles are served from the package (fastapi-offline
+  ships them): nothing is fetched from the network at run time.
+- Translation of headers, bodies and errors lives in ``mapping.py`` (pure).
+- Conditional DELETE (``If-Match``) is check-then-act: a linearizable read of the
+  version, then the delete. The wire protocol has no delete-if-version yet, so a write
+  landing between the two can be deleted; PUT's ``If-Match`` is an atomic CAS.
+- Configuration comes from arguments, or from the environment in ``app_from_env`` (what
+  uvicorn calls in each worker when ``--workers`` > 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
+
+from zkv.client.aio import AsyncKVClient
+from zkv.gateway import mapping, ui
+from zkv.gateway.mapping import HTTPProblem, etag
+from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
+
+DEFAULT_TIMEOUT_S = 5.0
+JSON = "application/json"
+
+_PUT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string", "description": "must equal the path's key"},
+                "value": {"type": "string", "description": "the value, as text"},
+                "value_base64": {"type": "string", "description": "or: the value's bytes"}}},
+                "example": {"key": "foo", "value": "bar"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(doc, ensure_ascii=False).encode(), status, headers, JSON)
+
+
+def _problem(p: HTTPProblem) -> Response:
+    return _json(p.body(), p.status, p.headers)
+
+
+def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+               metrics_enabled: bool = True) -> FastAPI:
+    metrics = GatewayMetrics()
+    history = History(metrics)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        kv = AsyncKVClient(endpoints, timeout_s=timeout_s)
+        state["kv"] = kv
+        sampler = asyncio.get_running_loop().create_task(_sample(history))
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            await kv.close()
+
+    app = FastAPIOffline(title="zkv gateway", version="0.1.0", lifespan=lifespan,
+                         description="REST API of zkv, a sharded, replicated key-value store.")
+    app.state.metrics = metrics
+    app.state.history = history
+
+    def client() -> AsyncKVClient:
+        return state["kv"]  # type: ignore[no-any-return]
+
+    @app.exception_handler(HTTPProblem)
+    async def on_problem(request: Request, exc: HTTPProblem) -> Response:
+        return _problem(exc)
+
+    @app.get("/health", summary="The gateway process is up")
+    async def health() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/ready", summary="Every shard has a leader the broker can reach")
+    async def ready() -> Response:
+        try:
+            status = await client().status(timeout=2.0)
+        except Exception as exc:
+            return _json({"ready": False, "detail": f"no broker answers: {exc}"}, 503,
+                         {"Retry-After": "1"})
+        view = ui.cluster_view(status)
+        missing = [sid for sid, s in view["shards"].items() if not s["leader"]]
+        if missing or not view["shards"]:
+            return _json({"ready": False, "shards_without_leader": missing}, 503,
+                         {"Retry-After": "1"})
+        return _json({"ready": True,
+                      "leaders": {sid: s["leader"] for sid, s in view["shards"].items()}})
+
+    @app.get("/metrics", summary="Prometheus metrics of this gateway")
+    async def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.put("/kv/{key:path}", summary="Store a value (CAS with If-Match / If-None-Match)",
+             openapi_extra=_PUT_BODY)
+    async def put(key: str, request: Request) -> Response:
+        key = mapping.parse_key(key)
+        h = request.headers
+        cond = mapping.parse_precondition(h.get("if-match"), h.get("if-none-match"))
+        value = mapping.parse_put_body(key, h.get("content-type", ""), await request.body())
+        try:
+            if cond.expected_version is None:
+                version = await client().put(key, value)
+            else:
+                swapped, version = await client().cas_versioned(key, cond.expected_version,
+                                                                 value)
+                if not swapped:
+                    return _json({"detail": "precondition failed: the key's version is "
+                                  f"{version or 'none (absent)'}", "key": key,
+                                  "version": version}, 412)
+        except Exception as exc:
+            return _problem(mapping.status_for(exc, write=True))
+        return _json({"key": key, "version": version}, 200, {"ETag": etag(version)})
+
+    @app.get("/kv/{key:path}", summary="Read a value (JSON, or raw bytes via Accept)")
+    async def get(key: str, request: Request, consistency: str | None = None) -> Response:
+        key = mapping.parse_key(key)
+        level = mapping.parse_consistency(consistency)
+        try:
+            found = await client().get_versioned(key, consistency=level)
+        except Exception as exc:
+            return _problem(mapping.status_for(exc, write=False))
+        if found is None:
+            return _json({"detail": "key not found", "key": key}, 404)
+        value, version = found
+        headers = {"ETag": etag(version)}
+        if mapping.wants_raw(request.headers.get("accept")):
+            return Response(value, 200, headers, "application/octet-stream")
+        return _json(mapping.value_document(key, value, version), 200, headers)
+
+    @app.delete("/kv/{key:path}", summary="Remove a key (404 if absent; If-Match: version)")
+    async def delete(key: str, request: Request) -> Response:
+        key = mapping.parse_key(key)
+        cond = mapping.parse_precondition(request.headers.get("if-match"), None)
+        try:
+            if cond.expected_version is not None:
+                found = await client().get_versioned(key)
+                current = 0 if found is None else found[1]
+                if current != cond.expected_version:
+                    return _json({"detail": "precondition failed: the key's version is "
+                                  f"{current or 'none (absent)'}", "key": key,
+                                  "version": current}, 412)
+            existed = await client().delete(key)
+        except Exception as exc:
+            return _problem(mapping.status_for(exc, write=True))
+        if not existed:
+            return _json({"detail": "key not found", "key": key}, 404)
+        return _json({"key": key, "deleted": True})
+
+    ui.install(app, client)
+    if metrics_enabled:
+        app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _sample(history: History) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(Exception):  # a sampling hiccup must not stop the page
+            history.sample()
+
+
+def app_from_env() -> FastAPI:
+    """The app for one uvicorn worker, configured by ``zkv gateway`` through the env."""
+    return create_app(
+        os.environ.get("ZKV_ENDPOINT") or None,
+        timeout_s=float(os.environ.get("ZKV_GATEWAY_TIMEOUT_S") or DEFAULT_TIMEOUT_S),
+        metrics_enabled=os.environ.get("ZKV_GATEWAY_METRICS", "1") != "0",
+    )
