@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SEEDS  ?= 500
 ARGS   ?=
 
-.PHONY: venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
+.PHONY: browser bench-tools bench-http venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,18 @@ venv: $(STAMP)
 run: venv
 	$(VENV)/bin/zkv cluster up $(ARGS)
 
+## browser: Debian's chromium for the /ui browser test (installed when missing and root;
+## otherwise the test skips with the reason, or fails under CI)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	    || echo "make browser: could not install chromium"; \
+	  else echo "make browser: chromium missing and not root: the browser test will skip"; fi; }
+
 ## test: every layer this machine can run (containers need a Docker engine)
-test: venv
+test: venv browser
 	SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: venv

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 
@@ -38,6 +39,10 @@ from zkv.gateway.mapping import HTTPProblem, etag
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
 
 DEFAULT_TIMEOUT_S = 5.0
+DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its assets
+LOCAL_ONLY_CSP = ("default-src 'self' blob: data:; script-src 'self' 'unsafe-inline' blob:; "
+                  "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+                  "worker-src 'self' blob:")
 JSON = "application/json"
 
 _PUT_BODY = {
@@ -80,7 +85,7 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
             sampler.cancel()
             await kv.close()
 
-    app = FastAPIOffline(title="zkv gateway", version="0.1.0", lifespan=lifespan,
+    app = FastAPIOffline(title="zkv gateway", version="0.1.0", lifespan=lifespan, redoc_url=None,
                          description="REST API of zkv, a sharded, replicated key-value store.")
     app.state.metrics = metrics
     app.state.history = history
@@ -171,6 +176,16 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
         if not existed:
             return _json({"detail": "key not found", "key": key}, 404)
         return _json({"key": key, "deleted": True})
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        # ReDoc's bundle links a logo on a CDN: the policy keeps the browser on this host.
+        page = get_redoc_html(openapi_url="/openapi.json", title="zkv gateway - ReDoc",
+                              redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
+                              with_google_fonts=False)
+        return Response(page.body, media_type="text/html",
+                        headers={"Content-Security-Policy": LOCAL_ONLY_CSP})
 
     ui.install(app, client)
     if metrics_enabled:

@@ -30,6 +30,8 @@ from zkv.protocol.messages import Role
 from zkv.protocol.ring import Ring, RingConfig
 
 STATUS_CACHE_S = 0.25
+# The page may load from this gateway only (its own style block is inline).
+UI_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
 _ROLES = {int(r): r.name.lower() for r in Role}
 
 
@@ -88,7 +90,7 @@ def install(app: FastAPI, client: Callable[[], AsyncKVClient]) -> None:
 
     @app.get("/ui", include_in_schema=False)
     async def ui_page() -> Response:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Content-Security-Policy": UI_CSP})
 
     @app.get("/ui/app.js", include_in_schema=False)
     async def ui_script() -> Response:
