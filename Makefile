@@ -55,6 +55,18 @@ bench: venv
 	$(PY) -m bench.compare --concurrency 64 $(ARGS)
 	$(PY) -m bench.compare --concurrency 256 $(ARGS)
 
+## bench-tools: wrk (Debian's package) for bench-http, installed when missing and root
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk \
+	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }; \
+	  else echo "make bench-tools: wrk missing and not root"; exit 1; fi; }
+
+## bench-http: the gateway vs a FastAPI dict server vs the SDK, one run, same cores
+bench-http: venv bench-tools
+	$(PY) -m bench.http $(ARGS)
+
 bench-failover: venv
 	$(PY) -m bench.failover $(ARGS)
 

@@ -11,10 +11,11 @@ Theory of operation:
   ``/metrics``, ``/ui`` and ``/ui/data`` (``ui.py``), and OpenAPI at ``/docs`` and
   ``/redoc`` whose scripts and styles are served from the package (fastapi-offline
   ships them): nothing is fetched from the network at run time.
-- Translation of headers, bodies and errors lives in ``mapping.py`` (pure).
-- Conditional DELETE (``If-Match``) is check-then-act: a linearizable read of the
-  version, then the delete. The wire protocol has no delete-if-version yet, so a write
-  landing between the two can be deleted; PUT's ``If-Match`` is an atomic CAS.
+- Translation of headers, bodies and errors lives in ``mapping.py`` (pure); the /kv
+  handlers in ``kv.py``, served by a raw ASGI fast path ahead of FastAPI's router (the
+  FastAPI routes exist for the OpenAPI schema and call the same handlers).
+- Middleware order, outermost first: metrics (counts everything), the /kv fast path,
+  then FastAPI (docs, health, ready, ui, metrics).
 - Configuration comes from arguments, or from the environment in ``app_from_env`` (what
   uvicorn calls in each worker when ``--workers`` > 1).
 """
@@ -34,8 +35,8 @@ from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 
 from zkv.client.aio import AsyncKVClient
-from zkv.gateway import mapping, ui
-from zkv.gateway.mapping import HTTPProblem, etag
+from zkv.gateway import ui
+from zkv.gateway.kv import KVFastPath, KVHandlers, Reply
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -64,12 +65,13 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(json.dumps(doc, ensure_ascii=False).encode(), status, headers, JSON)
 
 
-def _problem(p: HTTPProblem) -> Response:
-    return _json(p.body(), p.status, p.headers)
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, reply.status, reply.headers, reply.content_type)
 
 
 def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-               metrics_enabled: bool = True) -> FastAPI:
+               metrics_enabled: bool = True, fast_path: bool = True) -> FastAPI:
+    """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two)."""
     metrics = GatewayMetrics()
     history = History(metrics)
     state: dict[str, Any] = {}
@@ -89,13 +91,12 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
                          description="REST API of zkv, a sharded, replicated key-value store.")
     app.state.metrics = metrics
     app.state.history = history
+    app.state.kv_state = state  # {"kv": AsyncKVClient} while running (tests may swap it)
 
     def client() -> AsyncKVClient:
         return state["kv"]  # type: ignore[no-any-return]
 
-    @app.exception_handler(HTTPProblem)
-    async def on_problem(request: Request, exc: HTTPProblem) -> Response:
-        return _problem(exc)
+    handlers = KVHandlers(client)
 
     @app.get("/health", summary="The gateway process is up")
     async def health() -> Response:
@@ -121,61 +122,20 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    # Declared for the OpenAPI schema and as the fallback; ``KVFastPath`` answers these
+    # requests before FastAPI routes them (see kv.py), with the same handlers.
     @app.put("/kv/{key:path}", summary="Store a value (CAS with If-Match / If-None-Match)",
              openapi_extra=_PUT_BODY)
     async def put(key: str, request: Request) -> Response:
-        key = mapping.parse_key(key)
-        h = request.headers
-        cond = mapping.parse_precondition(h.get("if-match"), h.get("if-none-match"))
-        value = mapping.parse_put_body(key, h.get("content-type", ""), await request.body())
-        try:
-            if cond.expected_version is None:
-                version = await client().put(key, value)
-            else:
-                swapped, version = await client().cas_versioned(key, cond.expected_version,
-                                                                 value)
-                if not swapped:
-                    return _json({"detail": "precondition failed: the key's version is "
-                                  f"{version or 'none (absent)'}", "key": key,
-                                  "version": version}, 412)
-        except Exception as exc:
-            return _problem(mapping.status_for(exc, write=True))
-        return _json({"key": key, "version": version}, 200, {"ETag": etag(version)})
+        return _response(await handlers.put(key, dict(request.headers), await request.body()))
 
     @app.get("/kv/{key:path}", summary="Read a value (JSON, or raw bytes via Accept)")
     async def get(key: str, request: Request, consistency: str | None = None) -> Response:
-        key = mapping.parse_key(key)
-        level = mapping.parse_consistency(consistency)
-        try:
-            found = await client().get_versioned(key, consistency=level)
-        except Exception as exc:
-            return _problem(mapping.status_for(exc, write=False))
-        if found is None:
-            return _json({"detail": "key not found", "key": key}, 404)
-        value, version = found
-        headers = {"ETag": etag(version)}
-        if mapping.wants_raw(request.headers.get("accept")):
-            return Response(value, 200, headers, "application/octet-stream")
-        return _json(mapping.value_document(key, value, version), 200, headers)
+        return _response(await handlers.get(key, dict(request.headers), consistency))
 
     @app.delete("/kv/{key:path}", summary="Remove a key (404 if absent; If-Match: version)")
     async def delete(key: str, request: Request) -> Response:
-        key = mapping.parse_key(key)
-        cond = mapping.parse_precondition(request.headers.get("if-match"), None)
-        try:
-            if cond.expected_version is not None:
-                found = await client().get_versioned(key)
-                current = 0 if found is None else found[1]
-                if current != cond.expected_version:
-                    return _json({"detail": "precondition failed: the key's version is "
-                                  f"{current or 'none (absent)'}", "key": key,
-                                  "version": current}, 412)
-            existed = await client().delete(key)
-        except Exception as exc:
-            return _problem(mapping.status_for(exc, write=True))
-        if not existed:
-            return _json({"detail": "key not found", "key": key}, 404)
-        return _json({"key": key, "deleted": True})
+        return _response(await handlers.delete(key, dict(request.headers)))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> Response:
@@ -188,7 +148,9 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
                         headers={"Content-Security-Policy": LOCAL_ONLY_CSP})
 
     ui.install(app, client)
-    if metrics_enabled:
+    if fast_path:
+        app.add_middleware(KVFastPath, handlers=handlers)
+    if metrics_enabled:  # added last: outermost, so it also counts the fast path
         app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -154,6 +154,8 @@ def test_bad_keys_headers_and_sizes(http: httpx.Client) -> None:
     r = http.put("/kv/big", content=b"x" * (1024 * 1024 + 1))
     assert r.status_code == 413, r.text
     assert http.put("/kv/big", content=b"x" * (1024 * 1024)).status_code == 200
+    r = http.put("/kv/huge", content=b"x" * (3 * 1024 * 1024))  # refused before it is read
+    assert r.status_code == 413 and "body is over" in r.json()["detail"]
     assert http.put(kv_url("k" * (16 * 1024 + 1)), content=b"x").status_code == 413
     for headers in ({"If-Match": "W/\"3\""}, {"If-Match": "abc"}, {"If-Match": '"0"'},
                     {"If-None-Match": '"4"'}, {"If-Match": '"1"', "If-None-Match": "*"}):
