@@ -12,9 +12,11 @@ One run on this machine, everything on the same cores:
 
 HTTP load is ``wrk`` (Debian's package; ``make bench-tools`` installs it) with 50
 connections and one thread, GET then PUT of 64-byte values over ``--keys`` keys loaded
-first. The HTTP targets are measured in alternating rounds (``--rounds``) so a noisy
-neighbour does not favour one side; each side keeps its best round. Also measured: the
-CPU cost of the metrics middleware per request, in-process (``metrics_cost_us``).
+first. Every target (the SDK too) is measured in each of ``--rounds`` rounds, in an order
+rotated per round, so a noisy neighbour favours no side; each keeps its best round. Also measured: the
+CPU cost of the metrics middleware per request, in-process (``metrics_cost_us``), and
+for every run the CPU the server and the cluster spent per answered request (from
+/proc: far steadier than requests/s when other work shares the cores).
 
     python -m bench.http [--duration 8] [--rounds 2] [--json]
 
@@ -28,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,6 +91,42 @@ def wrk(url: str, op: str, keys: int, duration_s: float, workdir: Path) -> dict[
     return r
 
 
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured(url: str, op: str, keys: int, duration_s: float, workdir: Path,
+             server: list[int], cluster: list[int]) -> dict[str, Any]:
+    """A wrk run plus the CPU the server and the cluster spent per answered request:
+    a figure a noisy neighbour moves much less than requests/s."""
+    before = cpu_s(server), cpu_s(cluster)
+    r = wrk(url, op, keys, duration_s, workdir)
+    ok = max(1, r["requests"] - r["non2xx"] - r["socket_errors"])
+    r["server_cpu_us"] = round((cpu_s(server) - before[0]) / ok * 1e6, 1)
+    r["cluster_cpu_us"] = round((cpu_s(cluster) - before[1]) / ok * 1e6, 1)
+    return r
+
+
+def sdk_run(endpoint: str, op: str, args: argparse.Namespace,
+            cluster: list[int]) -> dict[str, Any]:
+    """What ``zkv bench`` runs, at the same 50 in flight, GET-only or PUT-only."""
+    before = cpu_s(cluster)
+    sdk = run_bench(endpoint, concurrency=CONNECTIONS, duration_s=args.duration,
+                    keys=args.keys, value_size=len(VALUE),
+                    read_ratio=1.0 if op == "GET" else 0.0, warmup_s=1.0)
+    lat = sdk.latency_ms.get("all", {})
+    return {"ok_s": round(sdk.ops_s, 1), "p50_us": (lat.get("p50") or 0) * 1000,
+            "p99_us": (lat.get("p99") or 0) * 1000, "non2xx": sum(sdk.errors.values()),
+            "server_cpu_us": 0.0,
+            "cluster_cpu_us": round((cpu_s(cluster) - before) / max(1, sdk.ops) * 1e6, 1)}
+
+
 def preload(url: str, keys: int) -> None:
     async def main() -> None:
         limits = httpx.Limits(max_connections=CONNECTIONS)
@@ -105,7 +144,7 @@ def preload(url: str, keys: int) -> None:
 
 
 @contextlib.contextmanager
-def dict_server(log: Path) -> Iterator[str]:
+def dict_server(log: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.dict_server:app",
@@ -122,7 +161,7 @@ def dict_server(log: Path) -> Iterator[str]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"the dict server did not start (log {log})")
                 time.sleep(0.1)
-            yield url
+            yield url, proc.pid
         finally:
             proc.terminate()
             try:
@@ -176,38 +215,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "gateway-nometrics": GatewayProcess(cluster.endpoint, free_port(),
                                                        log_path=work / "gateway-nm.log",
                                                        extra_args=("--no-metrics",))}
-            with contextlib.ExitStack() as stack, dict_server(work / "dict.log") as dict_url:
+            cluster_pids = [c.proc.pid for c in [*cluster.brokers, *cluster.nodes.values()]
+                            if c.proc is not None]
+            with contextlib.ExitStack() as stack, dict_server(work / "dict.log") as (dict_url,
+                                                                                    dict_pid):
                 urls = {"dict": dict_url}
+                pids = {"dict": dict_pid}
                 for name, gw in gws.items():
                     why = gw.start()
                     stack.callback(gw.stop)
                     if why is not None or not gw.wait_healthy(30):
                         raise RuntimeError(f"{name} did not start: {why}")
                     urls[name] = gw.url
+                    assert gw.proc is not None
+                    pids[name] = gw.proc.pid
                 for url in urls.values():
                     preload(url, args.keys)
                 _say(f"loaded {args.keys} keys into {', '.join(urls)}")
+                names = [*urls, "sdk"]
                 for rnd in range(args.rounds):
+                    order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate
                     for op in ("GET", "PUT"):
-                        for name, url in urls.items():
-                            r = wrk(url, op, args.keys, args.duration, work)
+                        for name in order:
+                            if name == "sdk":
+                                r = sdk_run(cluster.endpoint, op, args, cluster_pids)
+                            else:
+                                r = measured(urls[name], op, args.keys, args.duration, work,
+                                             [pids[name]], [] if name == "dict" else cluster_pids)
                             _say(f"round {rnd + 1} {op} {name}: {r['ok_s']:.0f}/s "
                                  f"(p50 {r['p50_us'] / 1000:.1f} ms, p99 "
-                                 f"{r['p99_us'] / 1000:.1f} ms, non-2xx {r['non2xx']})")
+                                 f"{r['p99_us'] / 1000:.1f} ms, errors {r['non2xx']}, "
+                                 f"server {r['server_cpu_us']} us CPU/req, cluster "
+                                 f"{r['cluster_cpu_us']})")
                             if (op, name) not in best or r["ok_s"] > best[(op, name)]["ok_s"]:
                                 best[(op, name)] = r
-                for gw in gws.values():  # the SDK gets the cores to itself, like the others
-                    gw.stop()
-            for op, ratio in (("GET", 1.0), ("PUT", 0.0)):
-                sdk = run_bench(cluster.endpoint, concurrency=CONNECTIONS,
-                                duration_s=args.duration, keys=args.keys,
-                                value_size=len(VALUE), read_ratio=ratio, warmup_s=1.0)
-                lat = sdk.latency_ms.get("all", {})
-                best[(op, "sdk")] = {"ok_s": round(sdk.ops_s, 1),
-                                     "p50_us": (lat.get("p50") or 0) * 1000,
-                                     "p99_us": (lat.get("p99") or 0) * 1000,
-                                     "errors": sdk.errors}
-                _say(f"{op} sdk: {sdk.ops_s:.0f}/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["results"] = {f"{op} {name}": r for (op, name), r in sorted(best.items())}
@@ -220,22 +261,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["ratios"] = ratios
     cost = metrics_cost_us()
     results["metrics_cost_us_per_request"] = cost
-    results["metrics_cost_share"] = {
-        op: round(cost * best[(op, "gateway")]["ok_s"] / 1e6, 4) for op in ("GET", "PUT")}
+    results["metrics_cost_share"] = {  # of the gateway's own CPU per request
+        op: round(cost / max(1.0, best[(op, "gateway")]["server_cpu_us"]), 4)
+        for op in ("GET", "PUT")}
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| op | target | req/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|"]
+    lines = ["| op | target | req/s | p50 ms | p99 ms | server CPU us/req | cluster CPU us/req |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in results["results"].items():
         op, target = name.split(" ", 1)
         lines.append(f"| {op} | {target} | {r['ok_s']:.0f} | {r['p50_us'] / 1000:.1f} | "
-                     f"{r['p99_us'] / 1000:.1f} |")
+                     f"{r['p99_us'] / 1000:.1f} | {r['server_cpu_us']} | {r['cluster_cpu_us']} |")
     lines.append("")
     lines += [f"- {k}: {v}" for k, v in results["ratios"].items()]
-    lines.append(f"- metrics middleware: {results['metrics_cost_us_per_request']} us/request "
-                 f"in-process = {results['metrics_cost_share']} of one core at the measured "
-                 f"gateway rates")
+    lines.append(f"- metrics middleware: {results['metrics_cost_us_per_request']} us CPU per "
+                 f"request in-process = {results['metrics_cost_share']} of the gateway's CPU "
+                 f"per request")
     return "\n".join(lines)
 
 

@@ -256,6 +256,23 @@ def test_ui_data_shows_shards_leaders_and_traffic(http: httpx.Client) -> None:
         assert all(r["lag"] is not None and r["term"] >= 1 for r in s["replicas"])
 
 
+def test_several_workers_share_the_load_and_add_up_their_metrics(
+        cluster: LocalCluster, logs: Path) -> None:
+    with running_gateway(cluster, logs, name="workers", extra_args=("--workers", "2")) as gw, \
+            httpx.Client(base_url=gw.url, timeout=15) as http:
+        for i in range(40):  # new connections, so both workers get some
+            with httpx.Client(base_url=gw.url, timeout=15) as once:
+                assert once.put(f"/kv/w{i}", content=b"x").status_code == 200
+        assert all(http.get(f"/kv/w{i}").status_code == 200 for i in range(40))
+        text = http.get("/metrics").text
+        m = re.search(r'zkv_gateway_requests_total\{code="200",op="put",route="kv"\} (\d+)', text)
+        assert m is not None and int(m.group(1)) == 40, text  # every worker's, added up
+        deadline = time.monotonic() + 10
+        while not any(p["rps"] > 0 for p in http.get("/ui/data").json()["series"]):
+            assert time.monotonic() < deadline, "the page's history misses the traffic"
+            time.sleep(0.5)
+
+
 # --------------------------------------------------------------------------- restarts, faults
 
 

@@ -5,6 +5,7 @@ from histogram buckets (``metrics``)."""
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,26 @@ def test_history_turns_histogram_totals_into_per_second_points() -> None:
         h.sample(now=t)
     assert len(h.series()) == 3 and h.series()[-1]["rps"] == 0.0
     assert h.series()[-1]["p99_ms"] is None
+
+
+def test_cluster_up_runs_without_gateway_when_the_extra_is_missing(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    import argparse
+    import types
+
+    from zkv.gateway import process
+    from zkv.ops import cluster
+
+    monkeypatch.setattr(process, "http_available",
+                        lambda: "fastapi is not installed (pip install 'zkv[http]')")
+    said: list[str] = []
+    fake = types.SimpleNamespace(endpoint="tcp://127.0.0.1:1", host="127.0.0.1",
+                                 data_dir=tmp_path)
+    args = argparse.Namespace(http_port=8000, http_workers=1)
+    assert cluster._start_gateway(fake, args, said.append) is None  # type: ignore[arg-type]
+    assert said == ["no HTTP gateway: the http extra is not installed (fastapi is not "
+                    "installed (pip install 'zkv[http]')); running without it"]
+    said.clear()
+    assert cluster._start_gateway(fake, argparse.Namespace(http_port=0, http_workers=1),
+                                  said.append) is None  # type: ignore[arg-type]
+    assert said == []
