@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SEEDS  ?= 500
 ARGS   ?=
 
-.PHONY: venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
+.PHONY: browser bench-tools bench-http venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,lint]'
+	$(PY) -m pip install -q -e '.[test,lint,http]'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
@@ -20,8 +20,18 @@ venv: $(STAMP)
 run: venv
 	$(VENV)/bin/zkv cluster up $(ARGS)
 
+## browser: Debian's chromium for the /ui browser test (installed when missing and root;
+## otherwise the test skips with the reason, or fails under CI)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	    || echo "make browser: could not install chromium"; \
+	  else echo "make browser: chromium missing and not root: the browser test will skip"; fi; }
+
 ## test: every layer this machine can run (containers need a Docker engine)
-test: venv
+test: venv browser
 	SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: venv
@@ -37,13 +47,25 @@ test-process: venv
 	$(PY) -m pytest -q tests/process
 
 lint: venv
-	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops tests bench
-	$(VENV)/bin/mypy zkv/protocol zkv/storage_node/replica.py zkv/storage_node/progress.py
+	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops gateway tests bench
+	$(VENV)/bin/mypy zkv/protocol zkv/storage_node/replica.py zkv/storage_node/progress.py zkv/gateway
 
 ## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
 bench: venv
 	$(PY) -m bench.compare --concurrency 64 $(ARGS)
 	$(PY) -m bench.compare --concurrency 256 $(ARGS)
+
+## bench-tools: wrk (Debian's package) for bench-http, installed when missing and root
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk \
+	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }; \
+	  else echo "make bench-tools: wrk missing and not root"; exit 1; fi; }
+
+## bench-http: the gateway vs a FastAPI dict server vs the SDK, one run, same cores
+bench-http: venv bench-tools
+	$(PY) -m bench.http $(ARGS)
 
 bench-failover: venv
 	$(PY) -m bench.failover $(ARGS)

@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bound the key streams to this many MB/s in all, so live "
                        "traffic keeps more of the CPU (default: 0, no bound)")
 
+    from zkv.gateway import main as gateway
+
+    gateway.add_arguments(sub.add_parser("gateway", help="HTTP gateway: REST API, /ui, "
+                                         "/metrics (needs zkv[http])"))
+
     from zkv.ops import cluster
 
     s = sub.add_parser("cluster", help="run a local cluster")
@@ -154,6 +159,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cluster.run_cli(args)
     if args.command == "admin":
         return _admin(args)
+    if args.command == "gateway":
+        from zkv.gateway import main as gateway
+
+        return gateway.run_cli(args, args.endpoint)
     with KVClient(args.endpoint, timeout_s=args.timeout) as kv:
         return _COMMANDS[args.command](kv, args)
 

@@ -14,8 +14,9 @@ WHEELHOUSE="${WHEELHOUSE:-wheelhouse}"
 if [[ -z "${PY:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-# Keep in sync with [project].dependencies in pyproject.toml.
-DEPS=(pyzmq msgpack blake3 loguru)
+# Keep in sync with [project].dependencies and the http extra in pyproject.toml (pip
+# download brings their dependencies too).
+DEPS=(pyzmq msgpack blake3 loguru fastapi "uvicorn[standard]" prometheus-client fastapi-offline)
 
 log() { printf '[wheelhouse] %s\n' "$*" >&2; }
 die() { printf '[wheelhouse] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -32,8 +33,9 @@ if ! "$PY" -m pip --version >/dev/null 2>&1; then
 fi
 mkdir -p "$WHEELHOUSE"
 
-have_wheel() {  # have_wheel NAME: a wheel for NAME is already in the wheelhouse
-    compgen -G "$WHEELHOUSE/${1}-*.whl" >/dev/null
+have_wheel() {  # have_wheel NAME[extra]: a wheel for NAME is already in the wheelhouse
+    local name="${1%%[*}"
+    compgen -G "$WHEELHOUSE/${name//-/_}-*.whl" >/dev/null
 }
 
 missing=()

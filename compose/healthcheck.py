@@ -7,6 +7,9 @@
         The storage node's peer ROUTER is listening (read from /proc/net/tcp*).
         Deliberately local: a node must not turn unhealthy (and, under Swarm, be
         rescheduled away from its volume) just because every broker is down.
+    zkv-health http [--url http://127.0.0.1:8000/health] [--timeout-ms 2000]
+        The HTTP gateway's /health answers 200 (the process serves; /ready would turn
+        the gateway unhealthy whenever a shard is between leaders).
     zkv-health status --endpoint tcp://HOST:5555 --node-id ID
         The broker at ENDPOINT lists node ID as live (for manual checks).
 
@@ -63,6 +66,15 @@ def check_listen(port: int) -> str:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def check_http(url: str, timeout_ms: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout_ms / 1000) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url} answered {r.status}")
+    return f"{url} answers 200"
+
+
 def check_status(endpoint: str, node_id: str, timeout_ms: int) -> str:
     from zkv.protocol.messages import StatusReply, StatusRequest
 
@@ -82,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--timeout-ms", type=int, default=2000)
     n = sub.add_parser("node")
     n.add_argument("--port", type=int, default=7100)
+    h = sub.add_parser("http")
+    h.add_argument("--url", default="http://127.0.0.1:8000/health")
+    h.add_argument("--timeout-ms", type=int, default=2000)
     s = sub.add_parser("status")
     s.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     s.add_argument("--node-id", required=True)
@@ -92,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             print(check_broker(args.endpoint, args.timeout_ms))
         elif args.what == "node":
             print(check_listen(args.port))
+        elif args.what == "http":
+            print(check_http(args.url, args.timeout_ms))
         else:
             print(check_status(args.endpoint, args.node_id, args.timeout_ms))
     except Exception as exc:  # any failure is "unhealthy", said in one line

@@ -572,6 +572,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for every shard to elect a leader")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="port of the HTTP gateway (REST API, /ui, /metrics; default 8000; "
+                   "0: no gateway)")
+    p.add_argument("--http-workers", type=int, default=1, help="gateway worker processes")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -594,12 +598,14 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"zkv: error: {exc}", file=sys.stderr)
         return 1
     old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    gateway = None
     try:
         say(f"{len(cluster.shard_ids)} shard(s) x {cluster.spec['replicas']} replica(s), "
             f"{cluster.spec['brokers']} broker(s), data in {cluster.data_dir}")
         cluster.start()
         cluster.wait_ready(args.ready_timeout, progress=lambda s: say(f"waiting: {s}"))
         print(f"zkv cluster up: serving on {cluster.endpoint}", flush=True)
+        gateway = _start_gateway(cluster, args, say)
         spec_path = cluster.data_dir / CLUSTER_FILE
         spec_mtime = spec_path.stat().st_mtime_ns
         while True:
@@ -612,6 +618,9 @@ def run_cli(args: argparse.Namespace) -> int:
             for c in cluster.dead_children():
                 say(f"{c.name} exited with code {c.proc.returncode if c.proc else '?'} "
                     f"(not restarted; log {c.log_path})")
+            if gateway is not None and not gateway.alive:
+                say(f"the gateway exited (not restarted; log {gateway.log_path})")
+                gateway = None
     except KeyboardInterrupt:
         say("stopping")
         return 0
@@ -621,6 +630,31 @@ def run_cli(args: argparse.Namespace) -> int:
     finally:
         for s in old:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+        if gateway is not None:
+            gateway.stop()
         cluster.stop()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
+                   say: Callable[[str], None]) -> Any:
+    """The HTTP gateway as one more child (``--http-port``, 0: none); when it cannot run
+    (no http extra, port taken) say why and carry on without it."""
+    if not args.http_port:
+        return None
+    from zkv.gateway.process import GatewayProcess
+
+    gw = GatewayProcess(cluster.endpoint, args.http_port, host=cluster.host,
+                        workers=args.http_workers,
+                        log_path=cluster.data_dir / "logs" / "gateway.log")
+    why = gw.start()
+    if why is None and not gw.wait_healthy():
+        gw.stop()
+        why = f"it did not answer /health (log {gw.log_path})"
+    if why is not None:
+        say(f"no HTTP gateway: {why}; running without it")
+        return None
+    print(f"zkv cluster up: HTTP gateway on {gw.url} (docs {gw.url}/docs, live page "
+          f"{gw.url}/ui)", flush=True)
+    return gw

@@ -20,7 +20,7 @@ from tests.containers import cluster as cl
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 COMPOSE_FILE = cl.REPO_ROOT / "compose" / "docker-compose.yml"
-SERVICES = ["broker0", "broker1"] + [f"s{s}r{r}" for s in (0, 1) for r in range(3)]
+SERVICES = ["broker0", "broker1", "gateway"] + [f"s{s}r{r}" for s in (0, 1) for r in range(3)]
 
 
 def _override(path: Path) -> None:
@@ -55,6 +55,7 @@ def test_compose_boot(
         "ZKV_IMAGE": zkv_image,
         "ZKV_BROKER0_PUBLISH": "127.0.0.1:",
         "ZKV_BROKER1_PUBLISH": "127.0.0.1:",
+        "ZKV_GATEWAY_PUBLISH": "127.0.0.1:",
     }
 
     def compose(*args: str, timeout_s: float = 120) -> str:
@@ -99,7 +100,8 @@ def test_compose_boot(
             ]
         finally:
             cl.close_client(client)
-        # health checks: brokers answer pings, nodes listen
+        _check_gateway(compose("port", "gateway", "8000").strip().rsplit(":", 1)[-1])
+        # health checks: brokers answer pings, nodes listen, the gateway answers /health
         deadline = time.monotonic() + 40
         while True:
             health = {}
@@ -115,3 +117,24 @@ def test_compose_boot(
     finally:
         subprocess.run([*base, "down", "-v", "--remove-orphans", "-t", "2"], env=env,
                        capture_output=True, timeout=120)  # fmt: skip
+
+
+def _check_gateway(port: str) -> None:
+    """The gateway service: ready once both shards have leaders, and serving the keys
+    written through the SDK above."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the gateway never became ready"
+        time.sleep(0.5)
+    assert httpx.get(url + "/kv/compose-0", timeout=10).json()["value"] == "v0"
+    r = httpx.put(url + "/kv/compose-http", json={"key": "compose-http", "value": "h"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert httpx.get(url + "/kv/compose-http", timeout=10).json()["value"] == "h"

@@ -1,0 +1,171 @@
+"""The gateway's ASGI app: zkv's REST API over one ``AsyncKVClient`` per worker.
+
+Theory of operation:
+
+- The gateway holds no state of its own: every request becomes one SDK call (two for a
+  conditional DELETE, see below) on the worker's single ``AsyncKVClient``, which
+  multiplexes every in-flight request on one DEALER socket and retries safely (a
+  retried write is applied once). A gateway can be killed and restarted at any time.
+- Routes: ``PUT/GET/DELETE /kv/{key:path}``, ``GET /health`` (the process answers),
+  ``GET /ready`` (every shard of the ring has a live leader the broker hears),
+  ``/metrics``, ``/ui`` and ``/ui/data`` (``ui.py``), and OpenAPI at ``/docs`` and
+  ``/redoc`` whose scripts and styles are served from the package (fastapi-offline
+  ships them): nothing is fetched from the network at run time.
+- Translation of headers, bodies and errors lives in ``mapping.py`` (pure); the /kv
+  handlers in ``kv.py``, served by a raw ASGI fast path ahead of FastAPI's router (the
+  FastAPI routes exist for the OpenAPI schema and call the same handlers).
+- Middleware order, outermost first: metrics (counts everything), the /kv fast path,
+  then FastAPI (docs, health, ready, ui, metrics).
+- Configuration comes from arguments, or from the environment in ``app_from_env`` (what
+  uvicorn calls in each worker when ``--workers`` > 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
+
+from zkv.client.aio import AsyncKVClient
+from zkv.gateway import ui
+from zkv.gateway.kv import KVFastPath, KVHandlers, Reply
+from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
+
+DEFAULT_TIMEOUT_S = 5.0
+DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its assets
+LOCAL_ONLY_CSP = ("default-src 'self' blob: data:; script-src 'self' 'unsafe-inline' blob:; "
+                  "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+                  "worker-src 'self' blob:")
+JSON = "application/json"
+
+_PUT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string", "description": "must equal the path's key"},
+                "value": {"type": "string", "description": "the value, as text"},
+                "value_base64": {"type": "string", "description": "or: the value's bytes"}}},
+                "example": {"key": "foo", "value": "bar"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(doc, ensure_ascii=False).encode(), status, headers, JSON)
+
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, reply.status, reply.headers, reply.content_type)
+
+
+def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+               metrics_enabled: bool = True, fast_path: bool = True) -> FastAPI:
+    """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two)."""
+    metrics = GatewayMetrics()
+    history = History(metrics)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        kv = AsyncKVClient(endpoints, timeout_s=timeout_s)
+        state["kv"] = kv
+        sampler = asyncio.get_running_loop().create_task(_sample(history))
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            await kv.close()
+
+    app = FastAPIOffline(title="zkv gateway", version="0.1.0", lifespan=lifespan, redoc_url=None,
+                         description="REST API of zkv, a sharded, replicated key-value store.")
+    app.state.metrics = metrics
+    app.state.history = history
+    app.state.kv_state = state  # {"kv": AsyncKVClient} while running (tests may swap it)
+
+    def client() -> AsyncKVClient:
+        return state["kv"]  # type: ignore[no-any-return]
+
+    handlers = KVHandlers(client)
+
+    @app.get("/health", summary="The gateway process is up")
+    async def health() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/ready", summary="Every shard has a leader the broker can reach")
+    async def ready() -> Response:
+        try:
+            status = await client().status(timeout=2.0)
+        except Exception as exc:
+            return _json({"ready": False, "detail": f"no broker answers: {exc}"}, 503,
+                         {"Retry-After": "1"})
+        view = ui.cluster_view(status)
+        missing = [sid for sid, s in view["shards"].items() if not s["leader"]]
+        if missing or not view["shards"]:
+            return _json({"ready": False, "shards_without_leader": missing}, 503,
+                         {"Retry-After": "1"})
+        return _json({"ready": True,
+                      "leaders": {sid: s["leader"] for sid, s in view["shards"].items()}})
+
+    @app.get("/metrics", summary="Prometheus metrics of this gateway")
+    async def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    # Declared for the OpenAPI schema and as the fallback; ``KVFastPath`` answers these
+    # requests before FastAPI routes them (see kv.py), with the same handlers.
+    @app.put("/kv/{key:path}", summary="Store a value (CAS with If-Match / If-None-Match)",
+             openapi_extra=_PUT_BODY)
+    async def put(key: str, request: Request) -> Response:
+        return _response(await handlers.put(key, dict(request.headers), await request.body()))
+
+    @app.get("/kv/{key:path}", summary="Read a value (JSON, or raw bytes via Accept)")
+    async def get(key: str, request: Request, consistency: str | None = None) -> Response:
+        return _response(await handlers.get(key, dict(request.headers), consistency))
+
+    @app.delete("/kv/{key:path}", summary="Remove a key (404 if absent; If-Match: version)")
+    async def delete(key: str, request: Request) -> Response:
+        return _response(await handlers.delete(key, dict(request.headers)))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        # ReDoc's bundle links a logo on a CDN: the policy keeps the browser on this host.
+        page = get_redoc_html(openapi_url="/openapi.json", title="zkv gateway - ReDoc",
+                              redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
+                              with_google_fonts=False)
+        return Response(page.body, media_type="text/html",
+                        headers={"Content-Security-Policy": LOCAL_ONLY_CSP})
+
+    ui.install(app, client)
+    if fast_path:
+        app.add_middleware(KVFastPath, handlers=handlers)
+    if metrics_enabled:  # added last: outermost, so it also counts the fast path
+        app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _sample(history: History) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(Exception):  # a sampling hiccup must not stop the page
+            history.sample()
+
+
+def app_from_env() -> FastAPI:
+    """The app for one uvicorn worker, configured by ``zkv gateway`` through the env."""
+    return create_app(
+        os.environ.get("ZKV_ENDPOINT") or None,
+        timeout_s=float(os.environ.get("ZKV_GATEWAY_TIMEOUT_S") or DEFAULT_TIMEOUT_S),
+        metrics_enabled=os.environ.get("ZKV_GATEWAY_METRICS", "1") != "0",
+    )

@@ -1,0 +1,102 @@
+"""Run ``zkv gateway`` as a child process (for ``zkv cluster up`` and the tests).
+
+``GatewayProcess.start`` refuses early, with a reason instead of an exception, when the
+http extra is missing or the port is taken, so ``zkv cluster up`` can say so and carry on
+without a gateway. ``wait_healthy`` polls ``/health`` with the standard library only.
+Stopping is SIGTERM (uvicorn drains in-flight requests), then SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from zkv.gateway.main import http_available
+
+GRACE_S = 5.0
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class GatewayProcess:
+    def __init__(self, endpoint: str, port: int, *, host: str = "127.0.0.1", workers: int = 1,
+                 log_path: Path | None = None, extra_args: tuple[str, ...] = (),
+                 timeout_s: float | None = None, python: str = sys.executable) -> None:
+        self.endpoint, self.port, self.host, self.workers = endpoint, port, host, workers
+        self.log_path = log_path
+        self.extra_args = extra_args
+        self.timeout_s = timeout_s
+        self.python = python
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        argv = [self.python, "-m", "zkv.client.cli", "--endpoint", self.endpoint]
+        if self.timeout_s is not None:
+            argv += ["--timeout", str(self.timeout_s)]
+        return argv + ["gateway", "--host", self.host, "--port", str(self.port),
+                       "--workers", str(self.workers), *self.extra_args]
+
+    def start(self) -> str | None:
+        """Start the gateway; None on success, else why it was not started."""
+        missing = http_available()
+        if missing is not None:
+            return f"the http extra is not installed ({missing})"
+        if not port_free(self.host, self.port):
+            return f"port {self.port} on {self.host} is taken"
+        out: int | IO[bytes] = subprocess.DEVNULL
+        if self.log_path is not None:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            out = self._log
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        return None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_healthy(self, timeout_s: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.alive:
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(self.url + "/health", timeout=1.0) as r:
+                if r.status == 200:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float = GRACE_S) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)  # the workers too, when --workers > 1
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
