@@ -2,7 +2,9 @@
 
 Everything runs in one thread on a SimClock: node ticks, heartbeats, broker checks,
 client operations and faults are timers on one heap; messages are deliveries on the
-SimNetwork's heap; the loop always takes the earliest. All randomness comes from
+SimNetwork's heap; the loop always takes the earliest. The nodes and the broker are the
+production cores (``tests/sim/node.py``, ``tests/sim/broker.py``: thin shells only), and
+clients send the real request messages through the broker. All randomness comes from
 ``random.Random`` streams derived from the seed (one per concern, so a change in how
 often clients draw does not reshuffle the fault schedule), hence ``SIM_SEED=n``
 replays a run exactly.
@@ -36,8 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.sim import kv as kvmod
-from tests.sim.broker import ADDR as BROKER
 from tests.sim.broker import SimBroker
 from tests.sim.client import SimClient
 from tests.sim.clock import SimClock
@@ -45,7 +45,9 @@ from tests.sim.network import NetConfig, SimNetwork
 from tests.sim.node import SimNode
 from tests.support.history import History
 from tests.support.lincheck import check
+from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Role
+from zkv.storage_node.commands import Noop, decode_command
 
 TRACE_LEN = 400
 
@@ -105,11 +107,12 @@ class World:
         members = tuple(self.node_ids)
         self.nodes = {nid: SimNode(self, nid, members) for nid in self.node_ids}
         self.broker = SimBroker(self)
+        self.brokers = [self.broker.addr]
         self.clients = [SimClient(self, i) for i in range(cfg.clients)]
-        self.endpoints: dict[str, Any] = {**self.nodes, BROKER: self.broker}
+        self.endpoints: dict[str, Any] = {**self.nodes, self.broker.addr: self.broker}
         self.endpoints.update({c.addr: c for c in self.clients})
         self.ops_left = cfg.ops_max
-        self.acked: list[tuple[int, int, str, str, Any]] = []
+        self.acked: list[tuple[bytes, int, str, str, Any]] = []
         self.leaders_by_term: dict[int, str] = {}
         self.committed: dict[int, tuple[int, bytes]] = {}
         self.events = 0
@@ -158,7 +161,7 @@ class World:
                 item = net.pop_due(t)
                 if item is not None:
                     src, dst, msg = item
-                    if dst != BROKER:  # heartbeats would drown the trace
+                    if dst not in self.brokers:  # heartbeats would drown the trace
                         self.trace.append((t, f"{src}->{dst}", msg))
                     self.endpoints[dst].deliver(src, msg)
             else:
@@ -202,7 +205,7 @@ class World:
             )
         self.trace.append((self.now, f"{node.id} apply", (index, term, _cmd(data))))
 
-    def check_snapshot(self, node: SimNode, index: int, term: int, kv: kvmod.KV) -> None:
+    def check_snapshot(self, node: SimNode, index: int, term: int, data: bytes) -> None:
         seen = self.committed.get(index)
         if seen is not None and seen[0] != term:
             self.violation(f"{node.id}: snapshot at {index} has term {term}, applied {seen[0]}")
@@ -257,7 +260,7 @@ class World:
                     node.crash()
                     self.at(self.now + length + self.fault_rng.uniform(0, 0.5), self._restart, node.id)
         elif kind == "isolate_leader":
-            others = [n for n in ids if n != victim.id] + [BROKER]
+            others = [n for n in ids if n != victim.id] + self.brokers
             self.net.isolate(victim.id, others)
             self.at(self.now + length, self._heal)
         elif kind == "split":
@@ -341,9 +344,9 @@ class World:
         if lc.commit_index < lc.last_index or lc.term_at(lc.commit_index) != lc.term:
             return f"leader {leader.id} has not committed its log ({lc.commit_index}/{lc.last_index})"
         for node in self.nodes.values():
-            if node.kv.applied != lc.last_index:
+            if node.state.applied_index != lc.last_index:
                 return (
-                    f"{node.id} applied {node.kv.applied}, leader {leader.id} at {lc.last_index} "
+                    f"{node.id} applied {node.state.applied_index}, leader {leader.id} at {lc.last_index} "
                     f"(term {lc.term}) after healing everything"
                 )
         return ""
@@ -359,17 +362,18 @@ class World:
     def _check_acked_writes(self) -> None:
         applied_cmds = set()
         for _, data in self.committed.values():
-            cmd = kvmod.decode(data)
-            if cmd[0] != kvmod.NOOP:
-                applied_cmds.add((cmd[1], cmd[2]))
+            cmd = decode_command(data)
+            if not isinstance(cmd, Noop):
+                applied_cmds.add((getattr(cmd, "client_id", b""), getattr(cmd, "request_id", 0)))
         for client, seq, op, key, result in self.acked:
             if op != "get" and (client, seq) not in applied_cmds:
-                self.violation(f"acknowledged {op} c{client}#{seq} on {key} -> {result} is not in the log")
+                self.violation(f"acknowledged {op} {client!r}#{seq} on {key} -> {result} is not in the log")
 
     def _check_states_equal(self) -> None:
-        digests = {n.id: (n.kv.applied, n.kv.digest()) for n in self.nodes.values()}
-        if len(set(digests.values())) != 1:
-            self.violation(f"replicas differ at quiescence: {digests}")
+        states = [n.state for n in self.nodes.values()]
+        if any(s != states[0] for s in states):
+            applied = {n.id: (n.state.applied_index, n.state.key_count) for n in self.nodes.values()}
+            self.violation(f"replicas differ at quiescence: {applied}")
 
     def _result(self, ok: bool, kind: str, message: str) -> SimResult:
         return SimResult(self.cfg.seed, ok, kind, message, self.stats(), self.format_trace())
@@ -396,8 +400,8 @@ class World:
 
 def _cmd(data: bytes) -> Any:
     try:
-        return kvmod.decode(data)
-    except Exception:  # noqa: BLE001 - a trace must never fail
+        return decode_command(data)
+    except RemoteProtocolError:
         return data
 
 
