@@ -11,7 +11,7 @@ operation ends as ``info`` (it may or may not have happened) unless no attempt c
 have been proposed: every one was refused by the broker itself (``NO_LEADER`` before
 forwarding) or by a node that never proposes on refusal. A node's ``NOT_LEADER`` does
 not prove that: a leader that steps down fails its pending writes so, and those may
-still commit.
+still commit. Every answer to one write (retries, duplicates) must equal the first.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from zkv.protocol.messages import (
 if TYPE_CHECKING:
     from tests.sim.cluster import World
 
+WRITE_REPLIES = (PutReply, DeleteReply, CasReply)
 RETRY_CODES = frozenset({ErrorCode.NOT_LEADER, ErrorCode.NO_LEADER, ErrorCode.UNAVAILABLE,
                          ErrorCode.WRONG_SHARD})
 
@@ -54,7 +55,9 @@ class _Op:
 
 
 class SimClient:
-    def __init__(self, world: World, client_id: int, keys: list[str] | None = None) -> None:
+    def __init__(self, world: World, client_id: int, keys: list[str] | None = None,
+                 auto: bool = True) -> None:
+        """``auto``: draw operations on its own; else only what ``start`` is given."""
         self.world = world
         self.id = client_id
         self.addr = f"c{client_id}"
@@ -64,7 +67,11 @@ class SimClient:
         self.keys = keys or [f"k{i}" for i in range(world.cfg.keys)]
         self.versions: dict[str, int] = {}  # last version seen per key, for cas
         self.stopped = False
-        world.at(world.rng.uniform(0.5, 1.5), self._next)
+        #: replies are lost on the way while held (and no attempt gives up): a write is
+        #: sent again, with its request id, only when ``release`` is called
+        self.held = False
+        if auto:
+            world.at(world.rng.uniform(0.5, 1.5), self._next)
 
     @property
     def idle(self) -> bool:
@@ -118,7 +125,17 @@ class SimClient:
         if cur is None or cur.seq != seq or cur.attempt != attempt:
             return
         cur.unsure = True
+        if self.held:
+            self.world.at(self.world.now + self.world.cfg.client_timeout_s, self._timeout, seq, attempt)
+            return
         self._retry_or_give_up()
+
+    def release(self) -> None:
+        """Stop holding: send the current operation again (same request id)."""
+        self.held = False
+        if self.cur is not None:
+            self.cur.started = self.world.now
+            self._send()
 
     def _retry_or_give_up(self) -> None:
         cur = self.cur
@@ -135,9 +152,14 @@ class SimClient:
 
     def deliver(self, src: str, frames: list[bytes]) -> None:
         msg = codec.decode(frames)
+        if type(msg) in WRITE_REPLIES:  # every answer to one write must be its first
+            first = self.world.write_replies.setdefault((self.client_id, msg.request_id), msg)
+            if first != msg:
+                self.world.violation(f"{self.addr}: write #{msg.request_id} answered {msg} "
+                                     f"after {first}: applied twice?")
         cur = self.cur
-        if cur is None or getattr(msg, "request_id", None) != cur.seq:
-            return  # a late or duplicated reply to an earlier operation
+        if cur is None or getattr(msg, "request_id", None) != cur.seq or self.held:
+            return  # a late or duplicated reply to an earlier operation, or held
         w = self.world
         if type(msg) is ErrorReply:
             if msg.code not in RETRY_CODES:

@@ -47,6 +47,7 @@ from tests.support.history import History
 from tests.support.lincheck import check
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Role
+from zkv.protocol.ring import RingConfig
 from zkv.storage_node.commands import Noop, decode_command
 
 TRACE_LEN = 400
@@ -74,6 +75,10 @@ class SimConfig:
     client_deadline_s: float = 4.0
     faults: bool = True
     events_max: int = 2_000_000
+    #: replica groups (shards); the initial ring names the first ``ring_shards`` (0: all)
+    shards: int = 1
+    ring_shards: int = 0
+    vnodes: int = 16
 
 
 @dataclass(slots=True)
@@ -103,9 +108,17 @@ class World:
         self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._timer_seq = 0
         self.trace: deque[tuple[float, str, Any]] = deque(maxlen=TRACE_LEN)
-        self.node_ids = [f"n{i + 1}" for i in range(cfg.nodes)]
-        members = tuple(self.node_ids)
-        self.nodes = {nid: SimNode(self, nid, members) for nid in self.node_ids}
+        self.ring = RingConfig(1, tuple(range(cfg.ring_shards or cfg.shards)), cfg.vnodes)
+        self.shard_nodes: dict[int, list[str]] = {}
+        self.nodes: dict[str, SimNode] = {}
+        for shard in range(cfg.shards):
+            ids = [f"n{i + 1}" if cfg.shards == 1 else f"s{shard}n{i + 1}"
+                   for i in range(cfg.nodes)]
+            self.shard_nodes[shard] = ids
+            for nid in ids:
+                self.nodes[nid] = SimNode(self, nid, tuple(ids), shard, self.ring)
+        self.node_ids = list(self.nodes)
+        self._node_list = list(self.nodes.values())
         self.broker = SimBroker(self)
         self.brokers = [self.broker.addr]
         self.clients = [SimClient(self, i) for i in range(cfg.clients)]
@@ -113,8 +126,10 @@ class World:
         self.endpoints.update({c.addr: c for c in self.clients})
         self.ops_left = cfg.ops_max
         self.acked: list[tuple[bytes, int, str, str, Any]] = []
-        self.leaders_by_term: dict[int, str] = {}
-        self.committed: dict[int, tuple[int, bytes]] = {}
+        #: (client id, request id) -> the first reply to that write
+        self.write_replies: dict[tuple[bytes, int], Any] = {}
+        self.leaders_by_term: dict[tuple[int, int], str] = {}  # (shard, term) -> node
+        self.committed: dict[tuple[int, int], tuple[int, bytes]] = {}  # (shard, index) ->
         self.events = 0
         self.faults_log: list[str] = []
         for node in self.nodes.values():
@@ -177,10 +192,14 @@ class World:
         raise Violation(f"t={self.now:.3f}s: {message}")
 
     def check_leaders(self) -> None:
-        for node in self.nodes.values():
-            core = node.core
-            if core is not None and core.role is Role.LEADER:
-                other = self.leaders_by_term.setdefault(core.term, node.id)
+        leader = Role.LEADER
+        for node in self._node_list:
+            nc = node.node
+            if nc is None:
+                continue
+            core = nc.replica
+            if core.role is leader:
+                other = self.leaders_by_term.setdefault((node.shard_id, core.term), node.id)
                 if other != node.id:
                     self.violation(f"two leaders in term {core.term}: {other} and {node.id}")
 
@@ -197,7 +216,7 @@ class World:
         node.max_term = max(node.max_term, core.term)
 
     def check_commit(self, node: SimNode, index: int, term: int, data: bytes) -> None:
-        seen = self.committed.setdefault(index, (term, data))
+        seen = self.committed.setdefault((node.shard_id, index), (term, data))
         if seen != (term, data):
             self.violation(
                 f"{node.id} applies index {index} as (term {term}, {_cmd(data)}) but it was "
@@ -206,7 +225,7 @@ class World:
         self.trace.append((self.now, f"{node.id} apply", (index, term, _cmd(data))))
 
     def check_snapshot(self, node: SimNode, index: int, term: int, data: bytes) -> None:
-        seen = self.committed.get(index)
+        seen = self.committed.get((node.shard_id, index))
         if seen is not None and seen[0] != term:
             self.violation(f"{node.id}: snapshot at {index} has term {term}, applied {seen[0]}")
         self.trace.append((self.now, f"{node.id} install snapshot", (index, term)))
@@ -236,9 +255,10 @@ class World:
             t += rng.uniform(0.5, 4.0)
 
     def _leader_or_random(self, draw: float) -> SimNode:
-        for node in self.nodes.values():
-            if node.core is not None and node.core.role is Role.LEADER:
-                return node
+        leaders = [n for n in self.nodes.values()
+                   if n.core is not None and n.core.role is Role.LEADER]
+        if leaders:
+            return leaders[int(draw * len(leaders))]
         return self.nodes[self.node_ids[int(draw * len(self.node_ids))]]
 
     def _fault(self, kind: str, length: float, draw: float) -> None:
@@ -323,9 +343,10 @@ class World:
     def _clients_idle(self) -> bool:
         return all(c.idle for c in self.clients)
 
-    def leader(self) -> SimNode | None:
+    def leader(self, shard: int = 0) -> SimNode | None:
         best = None
-        for node in self.nodes.values():
+        for nid in self.shard_nodes[shard]:
+            node = self.nodes[nid]
             core = node.core
             if core is not None and core.role is Role.LEADER and (
                 best is None or core.term > best.core.term  # type: ignore[union-attr]
@@ -337,18 +358,20 @@ class World:
         return not self._convergence_problem()
 
     def _convergence_problem(self) -> str:
-        leader = self.leader()
-        if leader is None or leader.core is None:
-            return "no leader after healing everything"
-        lc = leader.core
-        if lc.commit_index < lc.last_index or lc.term_at(lc.commit_index) != lc.term:
-            return f"leader {leader.id} has not committed its log ({lc.commit_index}/{lc.last_index})"
-        for node in self.nodes.values():
-            if node.state.applied_index != lc.last_index:
-                return (
-                    f"{node.id} applied {node.state.applied_index}, leader {leader.id} at {lc.last_index} "
-                    f"(term {lc.term}) after healing everything"
-                )
+        for shard, ids in self.shard_nodes.items():
+            leader = self.leader(shard)
+            if leader is None or leader.core is None:
+                return f"no leader of shard {shard} after healing everything"
+            lc = leader.core
+            if lc.commit_index < lc.last_index or lc.term_at(lc.commit_index) != lc.term:
+                return f"leader {leader.id} has not committed its log ({lc.commit_index}/{lc.last_index})"
+            for nid in ids:
+                applied = self.nodes[nid].state.applied_index
+                if applied != lc.last_index:
+                    return (
+                        f"{nid} applied {applied}, leader {leader.id} at {lc.last_index} "
+                        f"(term {lc.term}) after healing everything"
+                    )
         return ""
 
     def _final_reads(self) -> None:
@@ -370,10 +393,12 @@ class World:
                 self.violation(f"acknowledged {op} {client!r}#{seq} on {key} -> {result} is not in the log")
 
     def _check_states_equal(self) -> None:
-        states = [n.state for n in self.nodes.values()]
-        if any(s != states[0] for s in states):
-            applied = {n.id: (n.state.applied_index, n.state.key_count) for n in self.nodes.values()}
-            self.violation(f"replicas differ at quiescence: {applied}")
+        for ids in self.shard_nodes.values():
+            states = [self.nodes[n].state for n in ids]
+            if any(st != states[0] for st in states):
+                applied = {n: (self.nodes[n].state.applied_index, self.nodes[n].state.key_count)
+                           for n in ids}
+                self.violation(f"replicas differ at quiescence: {applied}")
 
     def _result(self, ok: bool, kind: str, message: str) -> SimResult:
         return SimResult(self.cfg.seed, ok, kind, message, self.stats(), self.format_trace())
