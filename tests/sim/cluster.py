@@ -41,6 +41,7 @@ from typing import Any
 from tests.sim.broker import SimBroker
 from tests.sim.client import SimClient
 from tests.sim.clock import SimClock
+from tests.sim.faults import FaultPlan
 from tests.sim.network import NetConfig, SimNetwork
 from tests.sim.node import SimNode
 from tests.support.history import History
@@ -132,6 +133,7 @@ class World:
         self.committed: dict[tuple[int, int], tuple[int, bytes]] = {}  # (shard, index) ->
         self.events = 0
         self.faults_log: list[str] = []
+        self.faults = FaultPlan(self)
         for node in self.nodes.values():
             node.start()
 
@@ -230,91 +232,15 @@ class World:
             self.violation(f"{node.id}: snapshot at {index} has term {term}, applied {seen[0]}")
         self.trace.append((self.now, f"{node.id} install snapshot", (index, term)))
 
-    # ------------------------------------------------------------------ faults
-
-    def plan_faults(self) -> None:
-        rng, cfg = self.fault_rng, self.cfg
-        self.net.config = NetConfig(
-            delay_ms_min=rng.choice([0.2, 1.0, 2.0]),
-            delay_ms_mean=rng.choice([1.0, 3.0, 10.0, 25.0]),
-            spike_p=rng.choice([0.0, 0.01, 0.05]),
-            spike_ms=rng.choice([100.0, 500.0, 1500.0]),
-            loss_p=rng.choice([0.0, 0.0, 0.01, 0.05, 0.15]),
-            dup_p=rng.choice([0.0, 0.0, 0.02, 0.1]),
-        )
-        t = rng.uniform(1.0, 3.0)
-        end = cfg.duration_s - 2.0
-        while t < end:
-            kind = rng.choices(
-                ["crash", "crash_leader", "crash_all", "isolate_leader", "split", "cut",
-                 "pause", "pause_leader"],
-                weights=[3, 3, 1, 4, 2, 1, 2, 2],
-            )[0]  # fmt: skip
-            length = rng.uniform(0.3, 4.0)
-            self.at(t, self._fault, kind, length, rng.random())
-            t += rng.uniform(0.5, 4.0)
-
-    def _leader_or_random(self, draw: float) -> SimNode:
-        leaders = [n for n in self.nodes.values()
-                   if n.core is not None and n.core.role is Role.LEADER]
-        if leaders:
-            return leaders[int(draw * len(leaders))]
-        return self.nodes[self.node_ids[int(draw * len(self.node_ids))]]
-
-    def _fault(self, kind: str, length: float, draw: float) -> None:
-        ids = self.node_ids
-        victim = (
-            self._leader_or_random(draw)
-            if kind.endswith("_leader")
-            else self.nodes[ids[int(draw * len(ids))]]
-        )
-        self.faults_log.append(f"{self.now:.2f}s {kind} {victim.id} for {length:.2f}s")
-        self.trace.append((self.now, "FAULT", (kind, victim.id, round(length, 2))))
-        if kind in ("crash", "crash_leader"):
-            if victim.up:
-                victim.crash()
-                self.at(self.now + length, self._restart, victim.id)
-        elif kind == "crash_all":
-            for node in self.nodes.values():
-                if node.up:
-                    node.crash()
-                    self.at(self.now + length + self.fault_rng.uniform(0, 0.5), self._restart, node.id)
-        elif kind == "isolate_leader":
-            others = [n for n in ids if n != victim.id] + self.brokers
-            self.net.isolate(victim.id, others)
-            self.at(self.now + length, self._heal)
-        elif kind == "split":
-            shuffled = ids[:]
-            self.fault_rng.shuffle(shuffled)
-            cut_at = self.fault_rng.randrange(1, len(ids))
-            self.net.partition(shuffled[:cut_at], shuffled[cut_at:])
-            self.at(self.now + length, self._heal)
-        elif kind == "cut":
-            dst = self.fault_rng.choice([n for n in ids if n != victim.id])
-            self.net.cut(victim.id, dst)
-            self.at(self.now + length, self._heal)
-        elif kind.startswith("pause"):
-            victim.pause(self.now + length)
-
-    def _restart(self, node_id: str) -> None:
-        node = self.nodes[node_id]
-        if not node.up:
-            self.trace.append((self.now, "RESTART", node_id))
-            node.start()
-
-    def _heal(self) -> None:
-        self.trace.append((self.now, "HEAL", None))
-        self.net.heal()
-
     # ------------------------------------------------------------------ the run
 
     def run(self) -> SimResult:
         cfg = self.cfg
         if cfg.faults:
-            self.plan_faults()
+            self.faults.plan()
         self.run_until(cfg.duration_s)
         self.ops_left = 0
-        self._heal_everything()
+        self.faults.heal_everything()
         self.run_until(self.now + cfg.client_deadline_s + 0.5, stop=self._clients_idle)
         self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
         problem = self._convergence_problem()
@@ -328,17 +254,6 @@ class World:
             kind = "unknown" if res.unknown else "linearizability"
             return self._result(res.unknown, kind, res.explanation)
         return self._result(True, "ok", "")
-
-    def _heal_everything(self) -> None:
-        self._timers = [t for t in self._timers if t[2] != self._fault]
-        heapq.heapify(self._timers)
-        self.net.heal()
-        self.net.config = NetConfig()
-        for node in self.nodes.values():
-            node.paused_until = 0.0
-            if not node.up:
-                node.start()
-        self.trace.append((self.now, "HEAL ALL", None))
 
     def _clients_idle(self) -> bool:
         return all(c.idle for c in self.clients)

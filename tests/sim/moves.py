@@ -158,13 +158,13 @@ class Mover:
         w, rng = self.world, self.rng
         kind = rng.choices(["crash_leader", "isolate_leader", "pause_leader", "crash"],
                            weights=[3, 3, 2, 1])[0]
-        w._fault(kind, rng.uniform(0.3, 2.5), rng.random())
+        w.faults.fault(kind, rng.uniform(0.3, 2.5), rng.random())
         self.stats[kind] += 1
         w.at(w.now + rng.uniform(0.5, 3.0), self._fault)
 
     def stop_chaos(self) -> None:
         self.chaos = False
-        self.world._heal_everything()
+        self.world.faults.heal_everything()
 
     # ------------------------------------------------------------------ moves
 
