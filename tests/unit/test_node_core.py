@@ -39,6 +39,7 @@ from zkv.protocol.messages import (
     VoteReply,
 )
 from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node.commands import RingSet
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig, Pending
 from zkv.storage_node.push import LeaderTasks
@@ -292,6 +293,20 @@ def test_a_queued_read_waits_for_apply() -> None:
     node.waiting_reads.append((5, _pending(node, 9, b"k")))
     node.settle()
     assert replies(node) == [] and len(node.waiting_reads) == 1
+
+
+def test_a_read_whose_key_moved_while_it_waited_is_refused_not_answered() -> None:
+    """Ownership is checked again when a read is served: a ring applied meanwhile may
+    have given the key to another shard, already written there."""
+    node = make_core("a", shard_id=0, ring=RingConfig(1, (0,), 16))
+    new = RingConfig(2, (0, 1), 16)
+    moved = next(k for k in (b"k%d" % i for i in range(100)) if Ring(new).shard_for(k) == 1)
+    node.waiting_reads.append((1, _pending(node, 9, moved)))
+    node.state.apply_command(1, RingSet(new))
+    node.settle()
+    (r,) = replies(node)
+    assert isinstance(r, ErrorReply) and (r.request_id, r.code, r.epoch) == (
+        9, ErrorCode.WRONG_SHARD, 2)
 
 
 def _pending(node: NodeCore, rid: int, key: bytes) -> Pending:
