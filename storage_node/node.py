@@ -1,9 +1,12 @@
-"""The storage node shell: sockets, files and the clock around the replica core.
+"""The storage node shell: sockets, files and the clock around the node core.
 
 One thread, one loop (the Paranoid Pirate shape): poll until the next deadline, read the
-clock once, drain each ready socket in bounded batches, feed the core, then handle its
-``Ready`` in the order the core demands (persist, sync, send, apply, answer). Draining a
-whole batch before handling ``Ready`` is what makes group commit work: every write that
+clocks once (monotonic ``now``, and the wall clock ``ts_ms`` a leader stamps on writes),
+drain each ready socket in bounded batches into the node core (``node_core.py``: every
+decision is there), then handle its ``ready`` rounds in the order it demands (send
+appends, persist and sync, send votes and acks, apply and answer), send what it queued,
+publish the heartbeat it builds and write the snapshots it asks for. Draining a whole
+batch before handling ``ready`` is what makes group commit work: every write that
 arrived meanwhile shares one WAL write and one fsync, and one append per follower.
 
 Requests and replies carry the client identity, so the node answers on the broker
@@ -15,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,40 +25,15 @@ import zmq
 from loguru import logger
 
 from zkv.protocol import codec
-from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.liveness import keep_alive
-from zkv.protocol.messages import (
-    AdminReply,
-    AdminRequest,
-    AppendEntries,
-    Campaign,
-    CasRequest,
-    Consistency,
-    DeleteRequest,
-    ErrorReply,
-    GetReply,
-    GetRequest,
-    Heartbeat,
-    InstallSnapshot,
-    MigrateAck,
-    MigrateBatch,
-    PeerMessage,
-    PingRequest,
-    PongReply,
-    PutRequest,
-    Redirect,
-    ReplyBatch,
-    RequestBatch,
-    Role,
-)
+from zkv.protocol.messages import MigrateAck, MigrateBatch, PeerMessage
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node import durable_state
-from zkv.storage_node.admin import AdminError, admin_request
-from zkv.storage_node.commands import Command, command_from_request, encode_command
-from zkv.storage_node.disk_full import DiskFullGate, Unpersisted
+from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.fsync_policy import FsyncPolicy
-from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
-from zkv.storage_node.quota import Quota, write_growth_bytes
+from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
+from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 from zkv.storage_node.snapshot import compactable_index, save_snapshot
 from zkv.storage_node.startup import recover
@@ -65,11 +42,6 @@ from zkv.storage_node.wal import is_disk_full
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
-PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
-#: What a leader may send before its own log is durable (Raft allows it: the leader
-#: counts itself toward a commit only once persisted). Sending them first lets the
-#: followers' fsyncs run while the leader's own fsync does.
-_SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
 #: how often a node whose disk is full retries what it could not write, and a snapshot
 DISK_RETRY_S = 0.25
 SNAPSHOT_RETRY_S = 5.0
@@ -100,18 +72,6 @@ class NodeConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Pending:
-    """Where to send the answer for a proposed write or a queued read."""
-
-    sock: zmq.Socket  # type: ignore[type-arg]
-    ident: bytes
-    request_id: int
-    key: bytes = b""
-    command: Command | None = None  # a write's decoded command, applied without re-decoding
-    ack_shard: int = -1  # >= 0: a MigrateBatch from a source leader, answered by MigrateAck
-
-
 class StorageNode:
     def __init__(self, config: NodeConfig, ctx: zmq.Context | None = None) -> None:  # type: ignore[type-arg]
         self.config = config
@@ -119,22 +79,24 @@ class StorageNode:
         self._ctx = ctx or zmq.Context.instance()
         self._running = True
         self._recover()
-        self._pending_writes: dict[int, _Pending] = {}
-        self._outbox: dict[zmq.Socket, list[tuple[bytes, ...]]] = {}  # type: ignore[type-arg]
-        #: requests for keys another shard owns, handed back whole to their broker
-        self._redirects: dict[zmq.Socket, list[tuple[bytes, ...]]] = {}  # type: ignore[type-arg]
-        self._waiting_reads: list[tuple[int, _Pending]] = []
-        self._was_leader = False
-        self._next_heartbeat = 0.0
-        self._last_snapshot_index = self.core.snap_index
-        self._log_bytes = 0  # bytes of commands applied since the last snapshot
-        self.quota = Quota(config.max_data_bytes)
+        #: every decision is the node core's; this class does the I/O it asks for
+        self.node = NodeCore(
+            NodeCoreConfig(
+                config.node_id, config.shard_id, tuple(sorted({config.node_id, *config.peers})),
+                config.advertise, config.heartbeat_ms, config.snapshot_entries,
+                config.snapshot_bytes, config.max_data_bytes,
+                config.key_bytes_max, config.value_bytes_max, os.getpid(),
+                {"fsync": str(config.fsync), **config.extra},
+            ),
+            self.core, self.state, self.initial_ring, self.tasks,
+        )  # fmt: skip
         #: what a full disk refused, retried every DISK_RETRY_S (disk_full.py)
         self._unpersisted = Unpersisted()
-        self._disk_gate = DiskFullGate(config.heartbeat_ms / 1000)
         self._disk_full_since: float | None = None
         self._disk_retry_at = 0.0
         self._snapshot_retry_at = 0.0  # after a snapshot found no space
+        #: the newest snapshot really on disk (what an append ack may count on)
+        self._disk_snapshot_index = self.core.snap_index
 
     # ------------------------------------------------------------------ startup
 
@@ -231,14 +193,16 @@ class StorageNode:
         self.log.info("node {} ready shard={} listen={}", self.config.node_id,
                       self.config.shard_id, self.config.listen)
         tick_ms = max(5, self.config.heartbeat_ms // 4)
+        node = self.node
         try:
             while self._running:
                 # a listing in progress goes on at once; otherwise sleep until a message
-                events = dict(self.poller.poll(0 if self.tasks.busy() else tick_ms))
+                events = dict(self.poller.poll(0 if node.busy() else tick_ms))
                 now = time.monotonic()
+                ts_ms = int(time.time() * 1000)  # the wall clock a leader stamps on writes
                 for sock in self.broker_socks:
                     if sock in events:
-                        self._drain_broker(sock, now)
+                        self._drain_broker(sock, now, ts_ms)
                 if self.peer_router in events:
                     self._drain_peers(now)
                 for sock in self.migrate_socks.values():
@@ -246,227 +210,68 @@ class StorageNode:
                         self._drain_migrate_acks(sock, now)
                 self.core.tick(now)
                 self._handle_ready(now)
-                if self.tasks.pushes or self.tasks.drops:
-                    self._pump_tasks(now)
-                self._flush_replies()
-                if now >= self._next_heartbeat:
-                    self._next_heartbeat = now + self.config.heartbeat_ms / 1000
-                    self._publish_heartbeat()
+                batches = node.pump_tasks(now)
+                if batches:
+                    self._send_batches(batches)
+                self._flush()
+                hb = node.heartbeat(now)
+                if hb is not None:
+                    with contextlib.suppress(zmq.Again):
+                        self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
-                self._maybe_snapshot()
+                self._maybe_snapshot(now)
+                if node.notes:
+                    for note in node.notes:
+                        self.log.info(note)
+                    node.notes.clear()
         finally:
             self.close()
 
-    def _drain_broker(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
-        self._drain(sock, self._on_broker_frames, "from broker", now)
-
-    def _drain(self, sock: zmq.Socket, handle: Callable[[zmq.Socket, list[bytes], float], None],  # type: ignore[type-arg]
-               where: str, now: float) -> None:
-        """Feed up to ``BATCH_MAX`` waiting messages to ``handle``; bad ones are logged."""
+    def _drain_broker(self, sock: zmq.Socket, now: float, ts_ms: int) -> None:  # type: ignore[type-arg]
+        """Feed up to ``BATCH_MAX`` waiting messages to the core; bad ones are logged."""
+        on_frames = self.node.on_broker_frames
         for _ in range(BATCH_MAX):
             try:
                 frames = _recv_frames(sock)
             except zmq.Again:
                 return
             try:
-                handle(sock, frames, now)
+                on_frames(sock, frames, now, ts_ms)
             except RemoteProtocolError as exc:
-                self.log.warning("bad frames {}: {}", where, exc)
+                self.log.warning("bad frames from broker: {}", exc)
 
     def _drain_peers(self, now: float) -> None:
+        on_frames, router = self.node.on_peer_frames, self.peer_router
         for _ in range(BATCH_MAX):
             try:
-                frames = _recv_frames(self.peer_router)
+                frames = _recv_frames(router)
             except zmq.Again:
                 return
-            if len(frames) < 2:
-                continue
             try:
-                msg = codec.decode(frames[1:])
+                on_frames(router, frames, now)
             except RemoteProtocolError as exc:
                 self.log.warning("bad peer frames: {}", exc)
-                continue
-            if type(msg) is MigrateBatch:
-                self._on_migrate_batch(frames[0], msg, now)
-                continue
-            if getattr(msg, "TYPE", None) not in PEER_TYPES:
-                self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
-                continue
-            sender = frames[0].decode(errors="replace")
-            peer_msg: PeerMessage | None = msg  # type: ignore[assignment]
-            if self._unpersisted:  # disk full: take nothing that would need the disk
-                peer_msg = self._disk_gate.incoming(msg)  # type: ignore[arg-type]
-            if peer_msg is not None:
-                self.core.step(sender, peer_msg, now)
 
-    # ------------------------------------------------------------------ requests
-
-    def _on_broker_frames(self, sock: zmq.Socket, frames: list[bytes], now: float) -> None:  # type: ignore[type-arg]
-        if len(frames) < 2:
-            raise RemoteProtocolError("too few frames")
-        ident = frames[0]
-        if ident == b"":
-            msg = codec.decode(frames[1:])
-            if isinstance(msg, RequestBatch):
-                for item in msg.items:
-                    if len(item) >= 2 and item[0]:
-                        self._on_request(sock, item[0], item[1:], now)
-            elif (isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id
-                  and not self._unpersisted):  # no standing with a full disk
-                self.log.info("broker {} asks us to stand (term {})", msg.broker_id, msg.term)
-                self.core.campaign(now, msg.term)
-            return
-        self._on_request(sock, ident, frames[1:], now)
-
-    def _on_request(self, sock: zmq.Socket, ident: bytes, frames: Sequence[bytes], now: float) -> None:  # type: ignore[type-arg]
-        try:
-            req = codec.decode(frames)
-        except RemoteProtocolError:
-            rid = codec.request_id_of(frames[0])
-            self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
-            return
-        if isinstance(req, GetRequest):
-            if self._check_key(sock, ident, req.request_id, req.key, frames):
-                self._on_get(sock, ident, req, now)
-        elif isinstance(req, (PutRequest, DeleteRequest, CasRequest)):
-            if self._check_key(sock, ident, req.request_id, req.key, frames):
-                self._on_write(sock, ident, req, now)
-        elif isinstance(req, PingRequest):
-            self._reply(sock, ident, PongReply(req.request_id, self.config.node_id))
-        elif isinstance(req, AdminRequest):
-            self._on_admin(sock, ident, req, now)
-        else:
-            rid = getattr(req, "request_id", 0)
-            self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "not a data request"))
-
-    def _check_key(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes,  # type: ignore[type-arg]
-                   frames: Sequence[bytes]) -> bool:
-        if len(key) > self.config.key_bytes_max:
-            self._reply(sock, ident, ErrorReply(
-                request_id, ErrorCode.TOO_LARGE,
-                f"key of {len(key)} bytes is over the limit of {self.config.key_bytes_max}",
-            ))  # fmt: skip
-            return False
-        return self._owned(sock, ident, request_id, key, frames)
-
-    def _owned(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes,  # type: ignore[type-arg]
-               frames: Sequence[bytes] | None = None) -> bool:
-        """Whether this shard serves ``key`` now. If not: a request another shard owns
-        goes back to its broker whole (``Redirect``) to be re-routed; a moving key is
-        answered UNAVAILABLE (retry); with no frames to hand back, WRONG_SHARD."""
-        ownership = self.state.ownership
-        refused = ownership.refusal(key)
-        if refused == ErrorCode.WRONG_SHARD and frames is not None:
-            self._redirects.setdefault(sock, []).append((ident, *frames))
-            return False
-        if refused:
-            why = ("key not owned by this shard" if refused == ErrorCode.WRONG_SHARD
-                   else "key is moving to another shard; retry")
-            self._reply(sock, ident, ErrorReply(request_id, refused, why, epoch=ownership.epoch))
-            return False
-        return True
-
-    def _on_admin(self, sock: zmq.Socket, ident: bytes, req: AdminRequest, now: float) -> None:  # type: ignore[type-arg]
-        if req.shard_id != self.config.shard_id:
-            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.WRONG_SHARD,
-                                                f"this node serves shard {self.config.shard_id}"))
-            return
-        if self.core.role is not Role.LEADER:
-            self._reply(sock, ident, self._not_leader(req.request_id))
-            return
-        try:
-            answer = admin_request(self.state, self.tasks, req.op, req.args, req.payload)
-        except AdminError as exc:
-            self._reply(sock, ident, ErrorReply(req.request_id, exc.code, str(exc)))
-            return
-        if isinstance(answer, tuple):
-            result, payload = answer
-            result.setdefault("node", self.config.node_id)
-            self._reply(sock, ident, AdminReply(req.request_id, result, payload))
-            return
-        cmd = answer
-        index = self.core.propose(encode_command(cmd), now)
-        assert index is not None  # we checked the role just above
-        self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
-
-    def _not_leader(self, request_id: int) -> ErrorReply:
-        leader = self.core.leader_id
-        code = ErrorCode.NOT_LEADER if leader else ErrorCode.NO_LEADER
-        return ErrorReply(request_id, code, "not the leader", leader_hint=leader)
-
-    def _on_get(self, sock: zmq.Socket, ident: bytes, req: GetRequest, now: float) -> None:  # type: ignore[type-arg]
-        if req.consistency is Consistency.STALE:
-            self._answer_get(sock, ident, req.request_id, req.key)
-        elif self.core.role is not Role.LEADER:
-            self._reply(sock, ident, self._not_leader(req.request_id))
-        elif req.consistency is Consistency.LEADER:
-            self._answer_get(sock, ident, req.request_id, req.key)
-        elif not self.core.read_index(_Pending(sock, ident, req.request_id, req.key), now):
-            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.UNAVAILABLE, "busy"))
-
-    def _answer_get(self, sock: zmq.Socket, ident: bytes, request_id: int, key: bytes) -> None:  # type: ignore[type-arg]
-        found = self.state.get(key)
-        if found is None:
-            self._reply(sock, ident, GetReply(request_id, False, 0, b""))
-        else:
-            self._reply(sock, ident, GetReply(request_id, True, found[1], found[0]))
-
-    def _on_write(self, sock: zmq.Socket, ident: bytes, req: PutRequest | DeleteRequest | CasRequest, now: float) -> None:  # type: ignore[type-arg]
-        if isinstance(req, (PutRequest, CasRequest)) and len(req.value) > self.config.value_bytes_max:
-            self._reply(sock, ident, ErrorReply(
-                req.request_id, ErrorCode.TOO_LARGE,
-                f"value of {len(req.value)} bytes is over the limit of {self.config.value_bytes_max}",
-            ))  # fmt: skip
-            return
-        if self.core.role is not Role.LEADER:
-            self._reply(sock, ident, self._not_leader(req.request_id))
-            return
-        if self._disk_full_since is not None:
-            self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.DISK_FULL,
-                                                "the shard leader's disk is full; retry later"))
-            return
-        growth = 0
-        if self.quota.max_data_bytes and not isinstance(req, DeleteRequest):
-            growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
-            why = self.quota.refusal(self.state.data_bytes, growth)
-            if why:
-                self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
+    def _drain_migrate_acks(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
+        for _ in range(BATCH_MAX):
+            try:
+                frames = _recv_frames(sock)
+            except zmq.Again:
                 return
-        cmd = command_from_request(req, int(time.time() * 1000))
-        index = self.core.propose(encode_command(cmd), now)
-        assert index is not None  # we checked the role just above
-        self.quota.proposed(index, growth)
-        self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
+            try:
+                ack = codec.decode(frames)
+            except RemoteProtocolError as exc:
+                self.log.warning("bad frames on a migration socket: {}", exc)
+                continue
+            if type(ack) is MigrateAck:
+                self.node.on_migrate_ack(ack, now)
 
-    def _reply(self, sock: zmq.Socket, ident: bytes, reply: object) -> None:  # type: ignore[type-arg]
-        """Queue a reply; ``_flush_replies`` sends each socket's queue at the end of the
-        loop iteration, as one ``ReplyBatch`` when there are several."""
-        out = self._outbox.get(sock)
-        if out is None:
-            out = self._outbox[sock] = []
-        out.append((ident, *codec.encode(reply)))  # type: ignore[arg-type]
-
-    def _flush_replies(self) -> None:
-        if self._redirects:
-            self._flush_redirects()
-        for sock, items in self._outbox.items():
-            if len(items) == 1:
-                self._send_reply(sock, items[0])
-            elif items:
-                self._send_reply(sock, (b"", codec.encode(ReplyBatch(tuple(items)))[0]))
-        self._outbox.clear()
-
-    def _flush_redirects(self) -> None:
-        own = self.state.ownership
-        ring = (own.ring or self.initial_ring).config
-        for sock, items in self._redirects.items():
-            msg = Redirect(self.config.shard_id, ring.epoch, ring.shards, ring.vnodes,
-                           tuple(items))
-            with contextlib.suppress(zmq.Again):  # the broker is away: its clients retry
-                sock.send_multipart([b"", *codec.encode(msg)], zmq.NOBLOCK)
-        self._redirects.clear()
+    def _flush(self) -> None:
+        """Send what the core queued this turn: replies, redirects, migration acks."""
+        for sock, frames in self.node.take_outgoing():
+            self._send_reply(sock, frames)  # type: ignore[arg-type]
 
     def _send_reply(self, sock: zmq.Socket, frames: tuple[bytes, ...]) -> None:  # type: ignore[type-arg]
         # part by part: markedly cheaper than send_multipart in pyzmq
@@ -475,7 +280,9 @@ class StorageNode:
         try:
             sock.send(ident, _SNDMORE_NOBLOCK)
         except zmq.Again:
-            self.log.warning("broker socket full: reply dropped (the client will retry)")
+            self.log.warning("socket full: reply dropped (the client will retry)")
+            return
+        except zmq.ZMQError:  # a peer ROUTER that no longer knows the sender
             return
         if len(frames) == 1:
             sock.send(frames[0], zmq.NOBLOCK)
@@ -486,94 +293,51 @@ class StorageNode:
     # ------------------------------------------------------------------ ready
 
     def _handle_ready(self, now: float) -> None:
-        core = self.core
-        while core.has_ready():
-            rd = core.ready()
-            later = rd.messages
-            if rd.hard_state is None and rd.messages:
-                later = []
-                for to, msg in rd.messages:
-                    if isinstance(msg, _SEND_BEFORE_PERSIST):
-                        self._send_peer(to, msg)
-                    else:
-                        later.append((to, msg))
-            durable = self._persist(rd, now)
-            for to, msg in later:  # votes and acks promise durable state: after persisting
-                if not durable:
-                    msg = self._disk_gate.outgoing(msg, self._durable_index(), now)  # type: ignore[assignment]
-                    if msg is None:
-                        continue
+        """The core's ``ready`` rounds, in the order it demands (node_core.py)."""
+        node = self.node
+        while node.has_ready():
+            nrd = node.ready()
+            for to, msg in nrd.send_first:
                 self._send_peer(to, msg)
-            pending_writes = self._pending_writes
-            for entry in rd.committed:
-                pending = pending_writes.pop(entry.index, None) if pending_writes else None
-                if pending is None:
-                    self.state.apply(entry.index, entry.data)
-                    continue
-                assert pending.command is not None
-                reply = self.state.apply_command(entry.index, pending.command)
-                self.quota.applied(entry.index)
-                if pending.ack_shard >= 0:  # a stream batch: answer the source leader
-                    self._send_ack(pending, reply if type(reply) is dict else {"ok": False})
-                    continue
-                if type(reply) is dict:  # a ring command: answer the coordinator
-                    self._reply(pending.sock, pending.ident,
-                                AdminReply(pending.request_id, reply, b""))
-                elif reply is not None:
-                    self._reply(pending.sock, pending.ident, reply)
-            if rd.committed:
-                core.applied(rd.committed[-1].index)
-                self._log_bytes += sum(len(e.data) for e in rd.committed)
-            for token, index in rd.reads:
-                self._waiting_reads.append((index, token))  # type: ignore[arg-type]
-            for token in rd.failed_reads:
-                p: _Pending = token  # type: ignore[assignment]
-                self._reply(p.sock, p.ident, self._not_leader(p.request_id))
-        self._serve_reads()
-        is_leader = core.role is Role.LEADER
-        if is_leader != self._was_leader:
-            self._was_leader = is_leader
-            if is_leader:
-                self.log.info("became leader of shard {} at term {}", self.config.shard_id, core.term)
-            else:
-                self.log.info("stepped down in shard {} at term {}", self.config.shard_id, core.term)
-                for pending in self._pending_writes.values():
-                    if pending.ack_shard >= 0:
-                        self._send_ack(pending, {"ok": False, "not_leader": True})
-                    else:
-                        self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
-                self._pending_writes.clear()
-                self.tasks.clear()
-                self.quota.clear()
+            durable = self._persist(nrd.raft, now)
+            # votes and acks promise durable state: only after persisting, and only what
+            # the disk holds while it is full
+            for to, msg in node.after_persist(nrd, durable, self._durable_index(), now):
+                self._send_peer(to, msg)
+            node.advance(nrd)
+        node.settle()
 
     def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
         hard state, snapshot, truncation, new entries, then one sync. False while the
         disk is full: what did not fit waits in ``_unpersisted`` (see disk_full.py)."""
-        if rd.snapshot is not None:
-            self.state.restore(rd.snapshot[2])  # the core installed it already
         todo = self._unpersisted
         waiting = bool(todo)
         todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries)
-        if not todo:
-            return True
-        if waiting and now < self._disk_retry_at:
-            return False
         try:
-            self._write_durable(todo, now)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            if self._disk_full_since is None:
-                self._disk_full_since = now
-                self.log.warning("disk full ({}): writes answer DISK_FULL until space returns", exc)
-            self._disk_retry_at = now + DISK_RETRY_S
-            return False
-        if self._disk_full_since is not None:
-            self.log.info("disk has room again after {:.1f} s: writes resume",
-                          now - self._disk_full_since)
-            self._disk_full_since = None
-        return True
+            if not todo:
+                return True
+            if waiting and now < self._disk_retry_at:
+                return False
+            try:
+                self._write_durable(todo, now)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                if self._disk_full_since is None:
+                    self._disk_full_since = now
+                    self.log.warning("disk full ({}): writes answer DISK_FULL until space "
+                                     "returns", exc)
+                self._disk_retry_at = now + DISK_RETRY_S
+                return False
+            if self._disk_full_since is not None:
+                self.log.info("disk has room again after {:.1f} s: writes resume",
+                              now - self._disk_full_since)
+                self._disk_full_since = None
+            return True
+        finally:
+            self.node.unpersisted = bool(todo)
+            self.node.disk_full = self._disk_full_since is not None
 
     def _write_durable(self, todo: Unpersisted, now: float) -> None:
         """Write ``todo`` in order, clearing each part once it is durable."""
@@ -585,9 +349,7 @@ class StorageNode:
             save_snapshot(self.config.data_dir, index, term, data)
             self.wal.reset(index + 1)
             todo.snapshot = None
-            self._last_snapshot_index = index
-            self._log_bytes = 0
-            self.log.info("installed snapshot at index {} from the leader", index)
+            self._disk_snapshot_index = index
         wrote = False
         if todo.truncate_from is not None:
             self.wal.truncate_from(todo.truncate_from)
@@ -604,22 +366,7 @@ class StorageNode:
 
     def _durable_index(self) -> int:
         """Where this node's log ends on disk (what an append ack may claim)."""
-        return max(self.wal.last_index, self._last_snapshot_index)
-
-    def _serve_reads(self) -> None:
-        if not self._waiting_reads:
-            return
-        applied = self.state.applied_index
-        keep = []
-        for index, p in self._waiting_reads:
-            if index <= applied:
-                # ownership again at serve time: a fence applied since the request came
-                # means the key may already be written at its new owner
-                if self._owned(p.sock, p.ident, p.request_id, p.key):
-                    self._answer_get(p.sock, p.ident, p.request_id, p.key)
-            else:
-                keep.append((index, p))
-        self._waiting_reads = keep
+        return max(self.wal.last_index, self._disk_snapshot_index)
 
     def _send_peer(self, to: str, msg: PeerMessage) -> None:
         sock = self.peer_socks.get(to)
@@ -637,12 +384,9 @@ class StorageNode:
 
     # ------------------------------------------------------------------ migration
 
-    def _pump_tasks(self, now: float) -> None:
-        """Advance the leader's streams and drops (a listing slice, the next batch)."""
-        if self.core.role is not Role.LEADER:
-            self.tasks.clear()
-            return
-        for node, addr, batch in self.tasks.pump(self.state, now):
+    def _send_batches(self, batches: list[tuple[str, str, MigrateBatch]]) -> None:
+        """Send the core's stream batches, each on a DEALER to its target node."""
+        for node, addr, batch in batches:
             sock = self.migrate_socks.get(node)
             if sock is None or self._migrate_addrs.get(node) != addr:
                 if sock is not None:
@@ -659,85 +403,31 @@ class StorageNode:
             with contextlib.suppress(zmq.Again):  # a slow peer: the ack timeout resends
                 sock.send_multipart(codec.encode(batch), zmq.NOBLOCK)
 
-    def _drain_migrate_acks(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
-        self._drain(sock, self._on_migrate_ack, "on a migration socket", now)
-
-    def _on_migrate_ack(self, sock: zmq.Socket, frames: list[bytes], now: float) -> None:  # type: ignore[type-arg]
-        ack = codec.decode(frames)
-        if type(ack) is MigrateAck:
-            self.tasks.on_ack(ack, now)
-
-    def _on_migrate_batch(self, ident: bytes, batch: MigrateBatch, now: float) -> None:
-        """A source leader's stream batch: propose it, answer once applied."""
-        if batch.dst_shard != self.config.shard_id:
-            self._send_peer_reply(ident, MigrateAck(batch.seq, batch.dst_shard, {
-                "ok": False, "error": f"this node serves shard {self.config.shard_id}"}, ""))
-            return
-        if self.core.role is not Role.LEADER:
-            self._send_peer_reply(ident, not_leader_ack(batch, self.core.leader_id or ""))
-            return
-        cmd = command_for(batch)
-        index = self.core.propose(encode_command(cmd), now)
-        assert index is not None  # we checked the role just above
-        self._pending_writes[index] = _Pending(self.peer_router, ident, batch.seq, command=cmd,
-                                               ack_shard=batch.dst_shard)
-
-    def _send_ack(self, pending: _Pending, result: dict) -> None:  # type: ignore[type-arg]
-        hint = self.core.leader_id or "" if result.get("not_leader") else ""
-        self._send_peer_reply(pending.ident,
-                              MigrateAck(pending.request_id, pending.ack_shard, result, hint))
-
-    def _send_peer_reply(self, ident: bytes, msg: MigrateAck) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.peer_router.send_multipart([ident, *codec.encode(msg)], zmq.NOBLOCK)
-
     # ------------------------------------------------------------------ housekeeping
 
-    def _publish_heartbeat(self) -> None:
-        core, cfg = self.core, self.config
-        current = self.state.ownership.ring
-        ring = (current or self.initial_ring).config
-        hb = Heartbeat(
-            cfg.node_id, cfg.shard_id, core.role, core.term, core.leader_id, core.last_term,
-            core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
-            os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
-            ring.epoch, ring.shards, ring.vnodes,
-            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), "data_bytes": self.state.data_bytes,
-                               "max_data_bytes": cfg.max_data_bytes,
-                               "disk_full": self._disk_full_since is not None
-                               or self._snapshot_retry_at > time.monotonic(), **cfg.extra},
-        )
-        with contextlib.suppress(zmq.Again):
-            self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
-
-    def _maybe_snapshot(self) -> None:
-        applied = self.state.applied_index
-        if (applied - self._last_snapshot_index < self.config.snapshot_entries
-                and self._log_bytes < self.config.snapshot_bytes):
+    def _maybe_snapshot(self, now: float) -> None:
+        if now < self._snapshot_retry_at:
             return
-        term = self.core.term_at(applied)
         started = time.monotonic()
-        if term is None or self._unpersisted or started < self._snapshot_retry_at:
+        task = self.node.take_snapshot()
+        if task is None:
             return
-        data = self.state.snapshot_bytes()
         try:
-            save_snapshot(self.config.data_dir, applied, term, data)
+            save_snapshot(self.config.data_dir, task.index, task.term, task.data)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
-            self._snapshot_retry_at = started + SNAPSHOT_RETRY_S
+            self._snapshot_retry_at = now + SNAPSHOT_RETRY_S
             self.log.warning("no space for a snapshot at index {} ({}); retrying in {} s",
-                             applied, exc, SNAPSHOT_RETRY_S)
+                             task.index, exc, SNAPSHOT_RETRY_S)
             return
-        self.core.compacted(applied, term, data)
+        self._disk_snapshot_index = task.index
+        self.node.compacted(task)
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log
         self.wal.compact(compactable_index(self.config.data_dir))
-        self._last_snapshot_index = applied
-        self._log_bytes = 0
-        self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", applied, len(data),
+        self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", task.index, len(task.data),
                       (time.monotonic() - started) * 1000)
-
 
 
 def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]

@@ -1,73 +1,104 @@
-"""SimBroker: the broker's failure detector and router, as the simulation needs them.
+"""SimBroker: the production broker cores in a tiny shell on the simulated network.
 
-It knows the nodes only through heartbeats that crossed the simulated network (so a
-partition between a node and the broker makes that node look dead). Rules, as in the
-real broker: the leader is the live node claiming LEADER with the highest term; live =
-a heartbeat within ``3 x heartbeat``. When no live leader was seen for an election
-timeout, ask the most up-to-date live follower (last log term, then last index) to
-campaign, at most once per election timeout; if the same node was asked last time and
-no leader came of it, ask the next best, so one unelectable node cannot stall the shard.
+``NodeTable`` (heartbeats, liveness, leaders, the ring), ``FailureDetector`` (whom to
+ask to campaign) and ``Router`` (where a client's frames go) are the broker's own code;
+this shell does what ``broker/server.py`` does with its sockets:
+
+- a node's ``Heartbeat`` -> ``table.observe``; every ``heartbeat_ms``: ``table.tick``,
+  then ``detector.tick`` and a ``Campaign`` frame to each node it names;
+- a client's ``[header(, blob)]`` -> ``router.route([client, ...])``: forwarded to the
+  node it names as ``[client, header(, blob)]``, or its reply frames back to the client;
+- a node's ``[client, reply...]`` -> the client; ``[b"", ReplyBatch]`` -> each item to
+  its client; ``[b"", Redirect]`` -> adopt the node's ring if newer (only from a node the
+  table knows), then ``router.reroute`` each item.
+
+Requests go one by one rather than in ``RequestBatch``es: the simulated network has no
+per-message cost to save, and the node core handles both forms alike.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zkv.protocol.messages import Role
+from zkv.broker.failure_detector import FailureDetector
+from zkv.broker.node_table import NodeTable
+from zkv.broker.router import Router
+from zkv.protocol import codec
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch
+from zkv.protocol.ring import RingConfig
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World
 
-ADDR = "broker"
-LIVENESS_HEARTBEATS = 3
-
 
 class SimBroker:
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, addr: str = "broker") -> None:
         self.world = world
-        self.table: dict[str, tuple[float, tuple[Any, ...]]] = {}
-        self.last_leader_seen = 0.0
-        self.last_campaign_at = -1e9
-        self.last_campaign_to = ""
+        self.addr = addr
+        cfg = world.cfg
+        self.table = NodeTable(cfg.election_timeout_ms / 1000)
+        self.detector = FailureDetector(addr, cfg.heartbeat_ms, cfg.election_timeout_ms)
+        self.router = Router(self.table, addr)
         self.campaigns = 0
-        self._hb_s = world.cfg.heartbeat_ms / 1000
-        self._election_s = world.cfg.election_timeout_ms / 1000
+        self.rerouted = 0
+        self._hb_s = cfg.heartbeat_ms / 1000
         world.at(self._hb_s, self._check)
 
+    def leader(self, shard_id: int = 0) -> str:
+        return self.table.leader_of(shard_id) or ""
+
     def deliver(self, src: str, msg: Any) -> None:
-        if isinstance(msg, tuple) and msg[0] == "hb":
-            self.table[msg[1]] = (self.world.now, msg)
+        w = self.world
+        if type(msg) is Heartbeat:
+            self.table.observe(msg, w.now)
+        elif src in w.nodes:
+            self._from_node(src, msg)
+        else:
+            self._route(src.encode(), msg)
 
-    def live(self) -> list[tuple[Any, ...]]:
-        horizon = self.world.now - LIVENESS_HEARTBEATS * self._hb_s
-        return [hb for at, hb in self.table.values() if at >= horizon]
+    def _route(self, client: bytes, frames: list[bytes]) -> None:
+        w = self.world
+        item = [client, *frames]
+        dest = self.router.route(item, w.now)
+        if isinstance(dest, bytes):
+            w.net.send(self.addr, dest.decode(), item, w.now)
+        elif dest is not None:
+            w.net.send(self.addr, client.decode(), dest, w.now)
 
-    def leader(self) -> str:
-        best = ("", -1)
-        for hb in self.live():
-            if hb[2] == Role.LEADER and hb[3] > best[1]:
-                best = (hb[1], hb[3])
-        return best[0]
+    def _from_node(self, node: str, frames: list[bytes]) -> None:
+        w = self.world
+        if frames[0] != b"":
+            w.net.send(self.addr, frames[0].decode(), frames[1:], w.now)
+            return
+        try:
+            msg = codec.decode(frames[1:])
+        except RemoteProtocolError:
+            w.violation(f"{node} sent the broker undecodable control frames")
+            return
+        if type(msg) is ReplyBatch:
+            for item in msg.items:
+                w.net.send(self.addr, item[0].decode(), list(item[1:]), w.now)
+        elif type(msg) is Redirect:
+            self._on_redirect(node, msg)
+
+    def _on_redirect(self, node: str, redirect: Redirect) -> None:
+        w = self.world
+        if node in self.table.nodes:
+            self.table.adopt_ring(RingConfig(redirect.ring_epoch, redirect.ring_shards,
+                                             redirect.ring_vnodes))
+        for item in redirect.items:
+            dest = self.router.reroute(item, redirect.shard_id, w.now)
+            if isinstance(dest, bytes):
+                self.rerouted += 1
+                w.net.send(self.addr, dest.decode(), list(item), w.now)
+            elif dest is not None:
+                w.net.send(self.addr, item[0].decode(), dest, w.now)
 
     def _check(self) -> None:
         w = self.world
         w.at(w.now + self._hb_s, self._check)
-        if self.leader():
-            self.last_leader_seen = w.now
-            return
-        if w.now - self.last_leader_seen < self._election_s:
-            return
-        if w.now - self.last_campaign_at < self._election_s:
-            return
-        followers = [hb for hb in self.live() if hb[2] != Role.LEADER]
-        if not followers:
-            return
-        followers.sort(key=lambda hb: (hb[5], hb[6], hb[1]), reverse=True)
-        pick = followers[0]
-        if pick[1] == self.last_campaign_to and len(followers) > 1:
-            pick = followers[1]
-        term = max(hb[3] for _, hb in self.table.values())
-        self.last_campaign_at = w.now
-        self.last_campaign_to = pick[1]
-        self.campaigns += 1
-        w.net.send(ADDR, pick[1], ("campaign", term), w.now)
+        self.table.tick(w.now)
+        for order in self.detector.tick(self.table, w.now):
+            self.campaigns += 1
+            w.net.send(self.addr, order.node_id, [b"", *codec.encode(order.campaign)], w.now)

@@ -1,11 +1,17 @@
-"""SimClient: one client process issuing put/get/cas/delete one at a time, with retries.
+"""SimClient: one client issuing put/get/cas/delete one at a time through the broker.
 
-Each operation is recorded in the shared History. A retry keeps the same (client, seq),
-so the state machine applies a write at most once. Routing: the NOT_LEADER hint, else
-the broker's current leader, else a random node. An attempt times out after
-``client_timeout_s``; past ``client_deadline_s`` the operation ends as ``info`` (it
-may or may not have happened), unless every attempt was refused NOT_LEADER, in which
-case nothing was proposed and it ends as ``fail``.
+Requests are the real wire messages (``PutRequest`` ...), encoded by the codec and sent
+to the broker, so the node core's admission and the state machine's sessions are what
+answer them. Each operation is recorded in the shared History. A retry keeps the same
+(client id, request id), so a write is applied at most once (sessions); a request's
+``lowest_pending`` is its own id (one operation at a time). An attempt times out after
+``client_timeout_s``; refusals (``NOT_LEADER``, ``NO_LEADER``, ``UNAVAILABLE``,
+``WRONG_SHARD``) are retried after a short backoff. Past ``client_deadline_s`` the
+operation ends as ``info`` (it may or may not have happened) unless no attempt can
+have been proposed: every one was refused by the broker itself (``NO_LEADER`` before
+forwarding) or by a node that never proposes on refusal. A node's ``NOT_LEADER`` does
+not prove that: a leader that steps down fails its pending writes so, and those may
+still commit. Every answer to one write (retries, duplicates) must equal the first.
 """
 
 from __future__ import annotations
@@ -13,8 +19,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zkv.protocol import codec
+from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import (
+    CasReply,
+    CasRequest,
+    DeleteReply,
+    DeleteRequest,
+    ErrorReply,
+    GetReply,
+    GetRequest,
+    PutReply,
+    PutRequest,
+)
+
 if TYPE_CHECKING:
     from tests.sim.cluster import World
+
+WRITE_REPLIES = (PutReply, DeleteReply, CasReply)
+RETRY_CODES = frozenset({ErrorCode.NOT_LEADER, ErrorCode.NO_LEADER, ErrorCode.UNAVAILABLE,
+                         ErrorCode.WRONG_SHARD})
 
 
 @dataclass(slots=True)
@@ -31,16 +55,23 @@ class _Op:
 
 
 class SimClient:
-    def __init__(self, world: World, client_id: int) -> None:
+    def __init__(self, world: World, client_id: int, keys: list[str] | None = None,
+                 auto: bool = True) -> None:
+        """``auto``: draw operations on its own; else only what ``start`` is given."""
         self.world = world
         self.id = client_id
         self.addr = f"c{client_id}"
+        self.client_id = self.addr.encode()
         self.seq = 0
         self.cur: _Op | None = None
-        self.hint = ""
+        self.keys = keys or [f"k{i}" for i in range(world.cfg.keys)]
         self.versions: dict[str, int] = {}  # last version seen per key, for cas
         self.stopped = False
-        world.at(world.rng.uniform(0.5, 1.5), self._next)
+        #: replies are lost on the way while held (and no attempt gives up): a write is
+        #: sent again, with its request id, only when ``release`` is called
+        self.held = False
+        if auto:
+            world.at(world.rng.uniform(0.5, 1.5), self._next)
 
     @property
     def idle(self) -> bool:
@@ -53,7 +84,7 @@ class SimClient:
         self.seq += 1
         rng = w.client_rng
         op = rng.choices(("put", "get", "cas", "delete"), weights=(4, 4, 2, 1))[0]
-        key = f"k{rng.randrange(w.cfg.keys)}"
+        key = rng.choice(self.keys)
         value = f"{self.addr}.{self.seq}" if op in ("put", "cas") else None
         expected = None
         if op == "cas":
@@ -69,18 +100,24 @@ class SimClient:
         self.cur.unsure = w.net.config.dup_p > 0
         self._send()
 
+    def _request(self, cur: _Op) -> Any:
+        cid, rid, key = self.client_id, cur.seq, cur.key.encode()
+        value = (cur.value or "").encode()
+        if cur.op == "get":
+            return GetRequest(cid, rid, key)
+        if cur.op == "put":
+            return PutRequest(cid, rid, key, rid, value)
+        if cur.op == "delete":
+            return DeleteRequest(cid, rid, key, rid)
+        return CasRequest(cid, rid, key, rid, cur.expected or 0, value)
+
     def _send(self) -> None:
         cur = self.cur
         assert cur is not None
         w = self.world
         cur.attempt += 1
-        target = self.hint or w.broker.leader() or w.client_rng.choice(w.node_ids)
-        self.hint = ""
-        if cur.op == "get":
-            req: tuple = ("get", self.id, cur.seq, cur.key)
-        else:
-            req = (cur.op, self.id, cur.seq, cur.key, cur.value, cur.expected)
-        w.net.send(self.addr, target, req, w.now)
+        broker = w.brokers[cur.attempt % len(w.brokers)]
+        w.net.send(self.addr, broker, codec.encode(self._request(cur)), w.now)
         w.at(w.now + w.cfg.client_timeout_s, self._timeout, cur.seq, cur.attempt)
 
     def _timeout(self, seq: int, attempt: int) -> None:
@@ -88,7 +125,17 @@ class SimClient:
         if cur is None or cur.seq != seq or cur.attempt != attempt:
             return
         cur.unsure = True
+        if self.held:
+            self.world.at(self.world.now + self.world.cfg.client_timeout_s, self._timeout, seq, attempt)
+            return
         self._retry_or_give_up()
+
+    def release(self) -> None:
+        """Stop holding: send the current operation again (same request id)."""
+        self.held = False
+        if self.cur is not None:
+            self.cur.started = self.world.now
+            self._send()
 
     def _retry_or_give_up(self) -> None:
         cur = self.cur
@@ -103,28 +150,44 @@ class SimClient:
         else:
             self._send()
 
-    def deliver(self, src: str, msg: Any) -> None:
+    def deliver(self, src: str, frames: list[bytes]) -> None:
+        msg = codec.decode(frames)
+        if type(msg) in WRITE_REPLIES:  # every answer to one write must be its first
+            first = self.world.write_replies.setdefault((self.client_id, msg.request_id), msg)
+            if first != msg:
+                self.world.violation(f"{self.addr}: write #{msg.request_id} answered {msg} "
+                                     f"after {first}: applied twice?")
         cur = self.cur
-        if cur is None or msg[1] != cur.seq:
-            return  # a late or duplicated reply to an earlier operation
+        if cur is None or getattr(msg, "request_id", None) != cur.seq or self.held:
+            return  # a late or duplicated reply to an earlier operation, or held
         w = self.world
-        if msg[0] == "not_leader":
-            self.hint = msg[2] if msg[2] != src else ""
-            attempt = cur.attempt
-            w.at(w.now + 0.05, self._after_backoff, cur.seq, attempt)
+        if type(msg) is ErrorReply:
+            if msg.code not in RETRY_CODES:
+                w.violation(f"{self.addr}: unexpected error {msg} for {cur.op} {cur.key}")
+            if msg.code != ErrorCode.NO_LEADER or src not in w.brokers:
+                cur.unsure = True  # a node refused: it may have proposed it before
+            w.at(w.now + 0.05, self._after_backoff, cur.seq, cur.attempt)
             return
-        result = msg[2]
-        if cur.op == "get":
-            result = tuple(result)
-            self.versions[cur.key] = result[1]
-        elif cur.op == "put":
-            self.versions[cur.key] = result
-        elif cur.op == "cas":
-            result = tuple(result)
-            self.versions[cur.key] = result[1]
+        result = self._result(cur, msg)
         w.history.ok(cur.op_id, result)
-        w.acked.append((self.id, cur.seq, cur.op, cur.key, result))
+        w.acked.append((self.client_id, cur.seq, cur.op, cur.key, result))
         self._done()
+
+    def _result(self, cur: _Op, msg: Any) -> Any:
+        if type(msg) is GetReply:
+            result: Any = (msg.value.decode() if msg.found else None, msg.version)
+            self.versions[cur.key] = msg.version
+        elif type(msg) is PutReply:
+            result = msg.version
+            self.versions[cur.key] = msg.version
+        elif type(msg) is CasReply:
+            result = (msg.swapped, msg.version)
+            self.versions[cur.key] = msg.version
+        elif type(msg) is DeleteReply:
+            result = msg.deleted
+        else:
+            self.world.violation(f"{self.addr}: unexpected reply {msg!r} to {cur.op}")
+        return result
 
     def _after_backoff(self, seq: int, attempt: int) -> None:
         cur = self.cur

@@ -2,7 +2,9 @@
 
 Everything runs in one thread on a SimClock: node ticks, heartbeats, broker checks,
 client operations and faults are timers on one heap; messages are deliveries on the
-SimNetwork's heap; the loop always takes the earliest. All randomness comes from
+SimNetwork's heap; the loop always takes the earliest. The nodes and the broker are the
+production cores (``tests/sim/node.py``, ``tests/sim/broker.py``: thin shells only), and
+clients send the real request messages through the broker. All randomness comes from
 ``random.Random`` streams derived from the seed (one per concern, so a change in how
 often clients draw does not reshuffle the fault schedule), hence ``SIM_SEED=n``
 replays a run exactly.
@@ -36,16 +38,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.sim import kv as kvmod
-from tests.sim.broker import ADDR as BROKER
 from tests.sim.broker import SimBroker
 from tests.sim.client import SimClient
 from tests.sim.clock import SimClock
+from tests.sim.faults import FaultPlan
 from tests.sim.network import NetConfig, SimNetwork
 from tests.sim.node import SimNode
 from tests.support.history import History
 from tests.support.lincheck import check
+from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Role
+from zkv.protocol.ring import RingConfig
+from zkv.storage_node.commands import Noop, decode_command
 
 TRACE_LEN = 400
 
@@ -72,6 +76,10 @@ class SimConfig:
     client_deadline_s: float = 4.0
     faults: bool = True
     events_max: int = 2_000_000
+    #: replica groups (shards); the initial ring names the first ``ring_shards`` (0: all)
+    shards: int = 1
+    ring_shards: int = 0
+    vnodes: int = 16
 
 
 @dataclass(slots=True)
@@ -101,19 +109,31 @@ class World:
         self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._timer_seq = 0
         self.trace: deque[tuple[float, str, Any]] = deque(maxlen=TRACE_LEN)
-        self.node_ids = [f"n{i + 1}" for i in range(cfg.nodes)]
-        members = tuple(self.node_ids)
-        self.nodes = {nid: SimNode(self, nid, members) for nid in self.node_ids}
+        self.ring = RingConfig(1, tuple(range(cfg.ring_shards or cfg.shards)), cfg.vnodes)
+        self.shard_nodes: dict[int, list[str]] = {}
+        self.nodes: dict[str, SimNode] = {}
+        for shard in range(cfg.shards):
+            ids = [f"n{i + 1}" if cfg.shards == 1 else f"s{shard}n{i + 1}"
+                   for i in range(cfg.nodes)]
+            self.shard_nodes[shard] = ids
+            for nid in ids:
+                self.nodes[nid] = SimNode(self, nid, tuple(ids), shard, self.ring)
+        self.node_ids = list(self.nodes)
+        self._node_list = list(self.nodes.values())
         self.broker = SimBroker(self)
+        self.brokers = [self.broker.addr]
         self.clients = [SimClient(self, i) for i in range(cfg.clients)]
-        self.endpoints: dict[str, Any] = {**self.nodes, BROKER: self.broker}
+        self.endpoints: dict[str, Any] = {**self.nodes, self.broker.addr: self.broker}
         self.endpoints.update({c.addr: c for c in self.clients})
         self.ops_left = cfg.ops_max
-        self.acked: list[tuple[int, int, str, str, Any]] = []
-        self.leaders_by_term: dict[int, str] = {}
-        self.committed: dict[int, tuple[int, bytes]] = {}
+        self.acked: list[tuple[bytes, int, str, str, Any]] = []
+        #: (client id, request id) -> the first reply to that write
+        self.write_replies: dict[tuple[bytes, int], Any] = {}
+        self.leaders_by_term: dict[tuple[int, int], str] = {}  # (shard, term) -> node
+        self.committed: dict[tuple[int, int], tuple[int, bytes]] = {}  # (shard, index) ->
         self.events = 0
         self.faults_log: list[str] = []
+        self.faults = FaultPlan(self)
         for node in self.nodes.values():
             node.start()
 
@@ -158,7 +178,7 @@ class World:
                 item = net.pop_due(t)
                 if item is not None:
                     src, dst, msg = item
-                    if dst != BROKER:  # heartbeats would drown the trace
+                    if dst not in self.brokers:  # heartbeats would drown the trace
                         self.trace.append((t, f"{src}->{dst}", msg))
                     self.endpoints[dst].deliver(src, msg)
             else:
@@ -174,10 +194,14 @@ class World:
         raise Violation(f"t={self.now:.3f}s: {message}")
 
     def check_leaders(self) -> None:
-        for node in self.nodes.values():
-            core = node.core
-            if core is not None and core.role is Role.LEADER:
-                other = self.leaders_by_term.setdefault(core.term, node.id)
+        leader = Role.LEADER
+        for node in self._node_list:
+            nc = node.node
+            if nc is None:
+                continue
+            core = nc.replica
+            if core.role is leader:
+                other = self.leaders_by_term.setdefault((node.shard_id, core.term), node.id)
                 if other != node.id:
                     self.violation(f"two leaders in term {core.term}: {other} and {node.id}")
 
@@ -194,7 +218,7 @@ class World:
         node.max_term = max(node.max_term, core.term)
 
     def check_commit(self, node: SimNode, index: int, term: int, data: bytes) -> None:
-        seen = self.committed.setdefault(index, (term, data))
+        seen = self.committed.setdefault((node.shard_id, index), (term, data))
         if seen != (term, data):
             self.violation(
                 f"{node.id} applies index {index} as (term {term}, {_cmd(data)}) but it was "
@@ -202,96 +226,21 @@ class World:
             )
         self.trace.append((self.now, f"{node.id} apply", (index, term, _cmd(data))))
 
-    def check_snapshot(self, node: SimNode, index: int, term: int, kv: kvmod.KV) -> None:
-        seen = self.committed.get(index)
+    def check_snapshot(self, node: SimNode, index: int, term: int, data: bytes) -> None:
+        seen = self.committed.get((node.shard_id, index))
         if seen is not None and seen[0] != term:
             self.violation(f"{node.id}: snapshot at {index} has term {term}, applied {seen[0]}")
         self.trace.append((self.now, f"{node.id} install snapshot", (index, term)))
-
-    # ------------------------------------------------------------------ faults
-
-    def plan_faults(self) -> None:
-        rng, cfg = self.fault_rng, self.cfg
-        self.net.config = NetConfig(
-            delay_ms_min=rng.choice([0.2, 1.0, 2.0]),
-            delay_ms_mean=rng.choice([1.0, 3.0, 10.0, 25.0]),
-            spike_p=rng.choice([0.0, 0.01, 0.05]),
-            spike_ms=rng.choice([100.0, 500.0, 1500.0]),
-            loss_p=rng.choice([0.0, 0.0, 0.01, 0.05, 0.15]),
-            dup_p=rng.choice([0.0, 0.0, 0.02, 0.1]),
-        )
-        t = rng.uniform(1.0, 3.0)
-        end = cfg.duration_s - 2.0
-        while t < end:
-            kind = rng.choices(
-                ["crash", "crash_leader", "crash_all", "isolate_leader", "split", "cut",
-                 "pause", "pause_leader"],
-                weights=[3, 3, 1, 4, 2, 1, 2, 2],
-            )[0]  # fmt: skip
-            length = rng.uniform(0.3, 4.0)
-            self.at(t, self._fault, kind, length, rng.random())
-            t += rng.uniform(0.5, 4.0)
-
-    def _leader_or_random(self, draw: float) -> SimNode:
-        for node in self.nodes.values():
-            if node.core is not None and node.core.role is Role.LEADER:
-                return node
-        return self.nodes[self.node_ids[int(draw * len(self.node_ids))]]
-
-    def _fault(self, kind: str, length: float, draw: float) -> None:
-        ids = self.node_ids
-        victim = (
-            self._leader_or_random(draw)
-            if kind.endswith("_leader")
-            else self.nodes[ids[int(draw * len(ids))]]
-        )
-        self.faults_log.append(f"{self.now:.2f}s {kind} {victim.id} for {length:.2f}s")
-        self.trace.append((self.now, "FAULT", (kind, victim.id, round(length, 2))))
-        if kind in ("crash", "crash_leader"):
-            if victim.up:
-                victim.crash()
-                self.at(self.now + length, self._restart, victim.id)
-        elif kind == "crash_all":
-            for node in self.nodes.values():
-                if node.up:
-                    node.crash()
-                    self.at(self.now + length + self.fault_rng.uniform(0, 0.5), self._restart, node.id)
-        elif kind == "isolate_leader":
-            others = [n for n in ids if n != victim.id] + [BROKER]
-            self.net.isolate(victim.id, others)
-            self.at(self.now + length, self._heal)
-        elif kind == "split":
-            shuffled = ids[:]
-            self.fault_rng.shuffle(shuffled)
-            cut_at = self.fault_rng.randrange(1, len(ids))
-            self.net.partition(shuffled[:cut_at], shuffled[cut_at:])
-            self.at(self.now + length, self._heal)
-        elif kind == "cut":
-            dst = self.fault_rng.choice([n for n in ids if n != victim.id])
-            self.net.cut(victim.id, dst)
-            self.at(self.now + length, self._heal)
-        elif kind.startswith("pause"):
-            victim.pause(self.now + length)
-
-    def _restart(self, node_id: str) -> None:
-        node = self.nodes[node_id]
-        if not node.up:
-            self.trace.append((self.now, "RESTART", node_id))
-            node.start()
-
-    def _heal(self) -> None:
-        self.trace.append((self.now, "HEAL", None))
-        self.net.heal()
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> SimResult:
         cfg = self.cfg
         if cfg.faults:
-            self.plan_faults()
+            self.faults.plan()
         self.run_until(cfg.duration_s)
         self.ops_left = 0
-        self._heal_everything()
+        self.faults.heal_everything()
         self.run_until(self.now + cfg.client_deadline_s + 0.5, stop=self._clients_idle)
         self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
         problem = self._convergence_problem()
@@ -306,23 +255,13 @@ class World:
             return self._result(res.unknown, kind, res.explanation)
         return self._result(True, "ok", "")
 
-    def _heal_everything(self) -> None:
-        self._timers = [t for t in self._timers if t[2] != self._fault]
-        heapq.heapify(self._timers)
-        self.net.heal()
-        self.net.config = NetConfig()
-        for node in self.nodes.values():
-            node.paused_until = 0.0
-            if not node.up:
-                node.start()
-        self.trace.append((self.now, "HEAL ALL", None))
-
     def _clients_idle(self) -> bool:
         return all(c.idle for c in self.clients)
 
-    def leader(self) -> SimNode | None:
+    def leader(self, shard: int = 0) -> SimNode | None:
         best = None
-        for node in self.nodes.values():
+        for nid in self.shard_nodes[shard]:
+            node = self.nodes[nid]
             core = node.core
             if core is not None and core.role is Role.LEADER and (
                 best is None or core.term > best.core.term  # type: ignore[union-attr]
@@ -334,18 +273,20 @@ class World:
         return not self._convergence_problem()
 
     def _convergence_problem(self) -> str:
-        leader = self.leader()
-        if leader is None or leader.core is None:
-            return "no leader after healing everything"
-        lc = leader.core
-        if lc.commit_index < lc.last_index or lc.term_at(lc.commit_index) != lc.term:
-            return f"leader {leader.id} has not committed its log ({lc.commit_index}/{lc.last_index})"
-        for node in self.nodes.values():
-            if node.kv.applied != lc.last_index:
-                return (
-                    f"{node.id} applied {node.kv.applied}, leader {leader.id} at {lc.last_index} "
-                    f"(term {lc.term}) after healing everything"
-                )
+        for shard, ids in self.shard_nodes.items():
+            leader = self.leader(shard)
+            if leader is None or leader.core is None:
+                return f"no leader of shard {shard} after healing everything"
+            lc = leader.core
+            if lc.commit_index < lc.last_index or lc.term_at(lc.commit_index) != lc.term:
+                return f"leader {leader.id} has not committed its log ({lc.commit_index}/{lc.last_index})"
+            for nid in ids:
+                applied = self.nodes[nid].state.applied_index
+                if applied != lc.last_index:
+                    return (
+                        f"{nid} applied {applied}, leader {leader.id} at {lc.last_index} "
+                        f"(term {lc.term}) after healing everything"
+                    )
         return ""
 
     def _final_reads(self) -> None:
@@ -359,17 +300,20 @@ class World:
     def _check_acked_writes(self) -> None:
         applied_cmds = set()
         for _, data in self.committed.values():
-            cmd = kvmod.decode(data)
-            if cmd[0] != kvmod.NOOP:
-                applied_cmds.add((cmd[1], cmd[2]))
+            cmd = decode_command(data)
+            if not isinstance(cmd, Noop):
+                applied_cmds.add((getattr(cmd, "client_id", b""), getattr(cmd, "request_id", 0)))
         for client, seq, op, key, result in self.acked:
             if op != "get" and (client, seq) not in applied_cmds:
-                self.violation(f"acknowledged {op} c{client}#{seq} on {key} -> {result} is not in the log")
+                self.violation(f"acknowledged {op} {client!r}#{seq} on {key} -> {result} is not in the log")
 
     def _check_states_equal(self) -> None:
-        digests = {n.id: (n.kv.applied, n.kv.digest()) for n in self.nodes.values()}
-        if len(set(digests.values())) != 1:
-            self.violation(f"replicas differ at quiescence: {digests}")
+        for ids in self.shard_nodes.values():
+            states = [self.nodes[n].state for n in ids]
+            if any(st != states[0] for st in states):
+                applied = {n: (self.nodes[n].state.applied_index, self.nodes[n].state.key_count)
+                           for n in ids}
+                self.violation(f"replicas differ at quiescence: {applied}")
 
     def _result(self, ok: bool, kind: str, message: str) -> SimResult:
         return SimResult(self.cfg.seed, ok, kind, message, self.stats(), self.format_trace())
@@ -396,8 +340,8 @@ class World:
 
 def _cmd(data: bytes) -> Any:
     try:
-        return kvmod.decode(data)
-    except Exception:  # noqa: BLE001 - a trace must never fail
+        return decode_command(data)
+    except RemoteProtocolError:
         return data
 
 

@@ -1,37 +1,55 @@
-"""SimNode: one storage node in the simulation — the real replica core inside a tiny shell.
+"""SimNode: one storage node in the simulation, the production node core in a tiny shell.
 
-The shell follows the core's contract (storage_node/replica.py docstring) in one place,
-``_drain``: persist hard state, truncation and entries to the SimDisk, report
-``persisted``, send messages, install a snapshot, apply committed entries to the KV,
-serve reads whose index is applied, answer failed reads NOT_LEADER, and take a snapshot
-every ``snapshot_entries`` applied entries. One deviation is deliberate and documented:
-a Ready carrying both a snapshot and entries writes the snapshot to disk first, because
-those entries follow the snapshot's index.
+Everything a storage node decides is the production code: ``NodeCore`` (admission,
+leader gating, pending writes, reads, redirects, snapshots, heartbeats, migration
+streams) around the real ``Replica`` and ``KVStateMachine``. This shell does what
+``storage_node/node.py`` does with sockets and files, with the simulated network and
+``SimDisk`` instead, in the same order (``node_core.py``'s contract): send appends,
+persist (snapshot, hard state, truncation, entries; then ``persisted``), send votes and
+acks, ``advance``, ``settle``; then migration batches, queued replies, the heartbeat and
+the snapshot trigger. One deviation, documented: the SimDisk writes a received snapshot
+before the hard state (one ``write`` call holds hard state, truncation and entries).
 
-Client requests are tuples (the simulator does not need the wire codec):
-  ("put"|"delete"|"cas", client, seq, key, value, expected) and ("get", client, seq, key);
-replies are ("ok", seq, result) or ("not_leader", seq, leader_hint).
-The node heartbeats to the broker every ``heartbeat_ms`` through the simulated network.
+Wire: the broker sends request frames exactly as a broker's backend delivers them
+(``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign]``); replies go
+back as frames to the broker address they came from; Raft messages travel between nodes
+as message objects (the codec is tested on its own; encoding every append would only
+slow the sweep); migration batches and acks travel as frames, as on the peer socket.
+
+Before handing a round to the core the shell checks the invariants it can see: no
+truncation below what was applied, every applied (index, term, data) equal everywhere
+(``World.check_commit``), a snapshot consistent with what was applied at its index.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tests.sim import kv as kvmod
 from tests.sim.disk import SimDisk
-from tests.sim.kv import KV
-from zkv.protocol.messages import Role
+from zkv.protocol import codec
+from zkv.protocol.messages import Heartbeat, MigrateAck
+from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
+from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Replica, ReplicaConfig
+from zkv.storage_node.state_machine import KVStateMachine
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World
 
+#: The simulated wall clock's epoch: ``ts_ms`` = this + simulated milliseconds.
+WALL_EPOCH_MS = 1_700_000_000_000
+PEER = "peer"  # the origin of frames that came on the peer socket
+
 
 class SimNode:
-    def __init__(self, world: World, node_id: str, members: tuple[str, ...]) -> None:
+    def __init__(self, world: World, node_id: str, members: tuple[str, ...], shard_id: int = 0,
+                 ring: RingConfig | None = None, peer_addrs: dict[str, str] | None = None) -> None:
         self.world = world
         self.id = node_id
+        self.shard_id = shard_id
+        self.ring = ring or RingConfig(1, (shard_id,), 16)
+        self.members = members
         self.cfg = ReplicaConfig(
             node_id=node_id,
             members=members,
@@ -39,41 +57,51 @@ class SimNode:
             election_timeout_ms=world.cfg.election_timeout_ms,
         )
         self.disk = SimDisk(world.cfg.fsync)
-        self.core: Replica | None = None
-        self.kv = KV()
+        self.node: NodeCore | None = None
         self.incarnation = 0
         self.paused_until = 0.0
-        self.applied_term = 0
-        self.snap_index = 0
         self.max_term = 0  # highest term any incarnation reached (durable with fsync=always)
         self.max_commit = 0  # highest commit index this incarnation reported
-        self._pending_writes: dict[int, tuple[str, int, int]] = {}
-        self._pending_reads: list[tuple[int, Any]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def up(self) -> bool:
-        return self.core is not None
+        return self.node is not None
+
+    @property
+    def core(self) -> Replica | None:
+        return self.node.replica if self.node is not None else None
+
+    @property
+    def state(self) -> KVStateMachine:
+        assert self.node is not None
+        return self.node.state
 
     def start(self) -> None:
+        """Recover from the SimDisk like ``StorageNode._recover``."""
+        w = self.world
         img = self.disk.recover()
         snap = img.snapshot
-        self.core = Replica(self.cfg, img.hard_state, img.log, snap)
-        self.kv = KV.restore(snap[2]) if snap else KV()
-        self.applied_term = snap[1] if snap else 0
-        self.snap_index = snap[0] if snap else 0
-        self.max_commit = self.core.commit_index
-        self._pending_writes.clear()
-        self._pending_reads.clear()
+        state = KVStateMachine(shard_id=self.shard_id, ring=self.ring)
+        if snap is not None:
+            state.restore(snap[2])
+        replica = Replica(self.cfg, img.hard_state, img.log, snap)
         self.incarnation += 1
+        tasks = LeaderTasks(seq0=(self.incarnation * 7919 + len(self.id)) << 20)
+        config = NodeCoreConfig(
+            self.id, self.shard_id, self.members, self.id, w.cfg.heartbeat_ms,
+            w.cfg.snapshot_entries or 1 << 60, pid=self.incarnation,
+            info={"fsync": w.cfg.fsync},
+        )  # fmt: skip
+        self.node = NodeCore(config, replica, state, Ring(self.ring), tasks)
+        self.max_commit = replica.commit_index
         self.paused_until = 0.0
         inc = self.incarnation
-        self.world.at(self.world.now + self.world.rng.uniform(0, 0.02), self._tick, inc)
-        self.world.at(self.world.now + self.world.rng.uniform(0, 0.1), self._heartbeat, inc)
+        w.at(w.now + w.rng.uniform(0, 0.02), self._tick, inc)
 
     def crash(self) -> None:
-        self.core = None
+        self.node = None
         self.disk.crash()
 
     def pause(self, until: float) -> None:
@@ -85,144 +113,107 @@ class SimNode:
     # ------------------------------------------------------------------ events
 
     def _tick(self, inc: int) -> None:
-        if inc != self.incarnation or self.core is None:
+        if inc != self.incarnation or self.node is None:
             return
         w = self.world
         if not self.paused():
-            self.core.tick(w.now)
-            self._drain()
+            self.node.replica.tick(w.now)
+            self._turn()
             if w.cfg.fsync == "never" and w.rng.random() < 0.05:
                 self.disk.flush()
         w.at(max(w.now, self.paused_until) + w.cfg.tick_ms / 1000, self._tick, inc)
 
-    def _heartbeat(self, inc: int) -> None:
-        if inc != self.incarnation or self.core is None:
-            return
-        w = self.world
-        if not self.paused():
-            c = self.core
-            w.net.send(self.id, "broker", (
-                "hb", self.id, c.role, c.term, c.leader_id, c.last_term, c.last_index,
-                c.commit_index, self.kv.applied,
-            ), w.now)  # fmt: skip
-        w.at(max(w.now, self.paused_until) + w.cfg.heartbeat_ms / 1000, self._heartbeat, inc)
-
     def deliver(self, src: str, msg: Any) -> None:
-        core = self.core
-        if core is None:
+        node = self.node
+        if node is None:
             return  # the process is down; its socket buffers died with it
         w = self.world
         if self.paused():
             w.net.requeue(src, self.id, msg, self.paused_until)
             return
-        if isinstance(msg, tuple):
-            if msg[0] == "campaign":
-                core.campaign(w.now, msg[1])
+        if type(msg) is list:  # frames: from a broker, or on the peer socket
+            if src in w.brokers:
+                node.on_broker_frames(src, msg, w.now, WALL_EPOCH_MS + int(w.now * 1000))
+            elif msg and msg[0] == b"ack":
+                ack = codec.decode(msg[1:])
+                if type(ack) is MigrateAck:
+                    node.on_migrate_ack(ack, w.now)
             else:
-                self._on_client(src, msg)
+                node.on_peer_frames(src, msg, w.now)
         else:
-            core.step(src, msg, w.now)
-        core.tick(w.now)
-        self._drain()
-
-    def _on_client(self, src: str, req: tuple) -> None:
-        core = self.core
-        assert core is not None
-        op, client, seq = req[0], req[1], req[2]
-        now = self.world.now
-        if op == "get":
-            if not core.read_index((src, seq, req[3]), now):
-                self._reply(src, ("not_leader", seq, core.leader_id))
-            return
-        if core.role is not Role.LEADER:
-            self._reply(src, ("not_leader", seq, core.leader_id))
-            return
-        last = self.kv.sessions.get(client)
-        if last is not None and last[0] == seq:
-            self._reply(src, ("ok", seq, last[1]))  # a retry of something already applied
-            return
-        index = core.propose(kvmod.encode(op, client, seq, req[3], req[4], req[5]), now)
-        if index is None:
-            self._reply(src, ("not_leader", seq, core.leader_id))
-        else:
-            self._pending_writes[index] = (src, client, seq)
-
-    def _reply(self, dst: str, msg: tuple) -> None:
-        self.world.net.send(self.id, dst, msg, self.world.now)
+            node.replica.step(src, msg, w.now)
+        node.replica.tick(w.now)
+        self._turn()
 
     # ------------------------------------------------------------------ the shell
 
-    def _drain(self) -> None:
-        core = self.core
-        assert core is not None
+    def _turn(self) -> None:
+        """What ``StorageNode.run`` does after draining its sockets."""
+        node = self.node
+        assert node is not None
         w = self.world
         for _ in range(1000):  # a limit on everything: a core that never settles is a bug
-            if not core.has_ready():
+            if not node.has_ready():
                 break
-            rd = core.ready()
-            if rd.truncate_from is not None and rd.truncate_from <= self.kv.applied:
-                w.violation(
-                    f"{self.id} truncates its log from {rd.truncate_from} but has applied "
-                    f"up to {self.kv.applied}: a committed entry would disappear"
-                )
-            if rd.snapshot is not None:
-                self._install(*rd.snapshot)
-            if rd.hard_state is not None or rd.truncate_from is not None or rd.entries:
-                last = self.disk.write(rd.hard_state, rd.truncate_from, rd.entries)
-                core.persisted(last)
-            for to, m in rd.messages:
+            nrd = node.ready()
+            for to, m in nrd.send_first:
                 w.net.send(self.id, to, m, w.now)
-            for e in rd.committed:
-                if e.index > self.kv.applied:
-                    self._apply(e.index, e.term, e.data)
-            core.applied(self.kv.applied)
-            for token in rd.failed_reads:
-                self._reply(token[0], ("not_leader", token[1], core.leader_id))
-            self._pending_reads.extend((index, token) for token, index in rd.reads)
-            self._serve_reads()
-            self._maybe_compact()
+            self._persist(nrd.raft)
+            for to, m in nrd.send_after:
+                w.net.send(self.id, to, m, w.now)
+            for e in nrd.raft.committed:
+                if e.index > node.state.applied_index:
+                    w.check_commit(self, e.index, e.term, e.data)
+            node.advance(nrd)
         else:
             w.violation(f"{self.id}: ready() still has work after 1000 rounds")
+        node.settle()
+        for dst, _addr, batch in node.pump_tasks(w.now):
+            w.net.send(self.id, dst, [self.id.encode(), *codec.encode(batch)], w.now)
+        self._send_outgoing()
+        hb = node.heartbeat(w.now)
+        if hb is not None:
+            self._heartbeat(hb)
+        task = node.take_snapshot()
+        if task is not None:
+            self.disk.save_snapshot(task.index, task.term, task.data, keep_log=True)
+            node.compacted(task)
+        node.notes.clear()
         w.check_node(self)
 
-    def _install(self, index: int, term: int, data: bytes) -> None:
+    def _persist(self, rd: Any) -> None:
+        node = self.node
+        assert node is not None
         w = self.world
-        if index < self.kv.applied:
-            w.violation(f"{self.id} installs snapshot at {index} below applied {self.kv.applied}")
-        kv = KV.restore(data)
-        if kv.applied != index:
-            w.violation(f"{self.id}: snapshot at {index} holds state applied to {kv.applied}")
-        w.check_snapshot(self, index, term, kv)
-        self.disk.save_snapshot(index, term, data, keep_log=False)
-        self.kv = kv
-        self.applied_term = term
-        self.snap_index = index
+        applied = node.state.applied_index
+        if rd.truncate_from is not None and rd.truncate_from <= applied:
+            w.violation(
+                f"{self.id} truncates its log from {rd.truncate_from} but has applied "
+                f"up to {applied}: a committed entry would disappear"
+            )
+        if rd.snapshot is not None:
+            index, term, data = rd.snapshot
+            if index < applied:
+                w.violation(f"{self.id} installs snapshot at {index} below applied {applied}")
+            w.check_snapshot(self, index, term, data)
+            self.disk.save_snapshot(index, term, data, keep_log=False)
+        if rd.hard_state is not None or rd.truncate_from is not None or rd.entries:
+            last = self.disk.write(rd.hard_state, rd.truncate_from, rd.entries)
+            if rd.entries or rd.truncate_from is not None:
+                node.replica.persisted(last)
 
-    def _apply(self, index: int, term: int, data: bytes) -> None:
-        self.world.check_commit(self, index, term, data)
-        res = self.kv.apply(index, data)
-        self.applied_term = term
-        pending = self._pending_writes.pop(index, None)
-        if pending is not None and res is not None and res[:2] == pending[1:]:
-            self._reply(pending[0], ("ok", pending[2], res[2]))
-
-    def _serve_reads(self) -> None:
-        if not self._pending_reads:
-            return
-        keep = []
-        for index, token in self._pending_reads:
-            if self.kv.applied >= index:
-                self._reply(token[0], ("ok", token[1], self.kv.get(token[2])))
+    def _send_outgoing(self) -> None:
+        node = self.node
+        assert node is not None
+        w = self.world
+        for origin, frames in node.take_outgoing():
+            if origin == PEER or (type(origin) is str and origin not in w.brokers):
+                # a migration ack, to the source leader that sent the batch
+                w.net.send(self.id, frames[0].decode(), [b"ack", *frames[1:]], w.now)
             else:
-                keep.append((index, token))
-        self._pending_reads = keep
+                w.net.send(self.id, origin, list(frames), w.now)  # type: ignore[arg-type]
 
-    def _maybe_compact(self) -> None:
-        every = self.world.cfg.snapshot_entries
-        core = self.core
-        if every <= 0 or core is None or self.kv.applied - self.snap_index < every:
-            return
-        index, term, data = self.kv.applied, self.applied_term, self.kv.snapshot()
-        self.disk.save_snapshot(index, term, data, keep_log=True)
-        core.compacted(index, term, data)
-        self.snap_index = index
+    def _heartbeat(self, hb: Heartbeat) -> None:
+        w = self.world
+        for broker in w.brokers:
+            w.net.send(self.id, broker, hb, w.now)

@@ -1,4 +1,4 @@
-"""The simulator's own parts: clock, network, disk, KV. Fast, no cluster."""
+"""The simulator's own parts: clock, network, disk. Fast, no cluster."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import random
 
 import pytest
 
-from tests.sim import kv as kvmod
 from tests.sim.clock import SimClock, SimClockError
 from tests.sim.disk import SimDisk
-from tests.sim.kv import KV
 from tests.sim.network import NetConfig, SimNetwork
 from zkv.protocol.messages import Entry
 from zkv.storage_node.durable_state import HardState
@@ -170,29 +168,22 @@ def test_disk_snapshot_compacts_or_replaces_the_log():
         d.write(None, 15, [])
 
 
-# --------------------------------------------------------------------------- kv
+# --------------------------------------------------------------------------- production code
 
 
-def test_kv_semantics_and_dedupe():
-    kv = KV()
-    assert kv.apply(1, b"\x91\x00") is None  # the core's no-op
-    assert kv.apply(2, kvmod.encode("put", 7, 1, "k", "a", None)) == (7, 1, 2)
-    assert kv.apply(3, kvmod.encode("put", 7, 1, "k", "a", None)) == (7, 1, 2)  # retry
-    assert kv.get("k") == ("a", 2)
-    assert kv.apply(4, kvmod.encode("cas", 8, 1, "k", "b", 1)) == (8, 1, (False, 2))
-    assert kv.apply(5, kvmod.encode("cas", 8, 2, "k", "b", 2)) == (8, 2, (True, 5))
-    assert kv.apply(6, kvmod.encode("delete", 8, 3, "k", None, None)) == (8, 3, True)
-    assert kv.apply(7, kvmod.encode("delete", 8, 2, "k", None, None)) is None  # old seq
-    assert kv.get("k") == (None, 0)
-    assert kv.apply(8, kvmod.encode("cas", 9, 1, "k", "c", 0)) == (9, 1, (True, 8))
-    with pytest.raises(AssertionError):
-        kv.apply(10, b"\x91\x00")
+def test_the_simulator_runs_the_production_cores():
+    """No stand-ins: the simulated nodes and broker are the production cores."""
+    from tests.sim.cluster import SimConfig, World
+    from zkv.broker.failure_detector import FailureDetector
+    from zkv.broker.node_table import NodeTable
+    from zkv.broker.router import Router
+    from zkv.storage_node.node_core import NodeCore
+    from zkv.storage_node.replica import Replica
+    from zkv.storage_node.state_machine import KVStateMachine
 
-
-def test_kv_snapshot_round_trip():
-    kv = KV()
-    kv.apply(1, kvmod.encode("put", 1, 1, "a", "x", None))
-    kv.apply(2, kvmod.encode("cas", 2, 1, "b", "y", 0))
-    back = KV.restore(kv.snapshot())
-    assert back.store == kv.store and back.sessions == kv.sessions and back.applied == 2
-    assert back.digest() == kv.digest()
+    w = World(SimConfig(seed=1))
+    for node in w.nodes.values():
+        assert type(node.node) is NodeCore and type(node.core) is Replica
+        assert type(node.state) is KVStateMachine
+    b = w.broker
+    assert (type(b.table), type(b.detector), type(b.router)) == (NodeTable, FailureDetector, Router)

@@ -1,4 +1,5 @@
-"""The seed sweep: the real replica core in a simulated shard, many seeds.
+"""The seed sweep: the production cores (replica, node core, state machine, broker
+cores) in a simulated shard, many seeds.
 
     SIM_SEEDS=500 pytest tests/sim       # sweep seeds SIM_SEED_BASE .. +500 (default 0)
     SIM_SEED=1234 pytest tests/sim       # replay exactly one seed, with its trace
@@ -101,3 +102,24 @@ def test_fsync_never_loses_acknowledged_state_somewhere():
     """With fsync off, crashes lose the unsynced tail; some seed must show it."""
     caught = [r for r in (run_seed(s, fsync="never") for s in range(60)) if not r.ok]
     assert caught
+
+
+def test_the_harness_catches_a_node_core_that_acknowledges_before_commit(monkeypatch):
+    """Keep the harness honest about the node core too: a leader that answers a put as
+    soon as it proposes it (not once applied) loses acknowledged writes when a newer
+    leader overwrites its log; some seed must show it."""
+    from zkv.protocol.messages import PutReply
+    from zkv.storage_node.commands import PutCommand
+    from zkv.storage_node.node_requests import RequestCore
+
+    propose = RequestCore._propose
+
+    def eager_propose(self, cmd, pending, now):
+        propose(self, cmd, pending, now)
+        if type(cmd) is PutCommand:
+            self._reply(pending.origin, pending.ident,
+                        PutReply(pending.request_id, self.replica.last_index))
+
+    monkeypatch.setattr(RequestCore, "_propose", eager_propose)
+    caught = [r for r in (run_seed(s) for s in range(60)) if not r.ok]
+    assert caught, "60 seeds with writes acknowledged before commit and no invariant fired"

@@ -10,8 +10,8 @@ import pytest
 
 from zkv.protocol.messages import MigrateAck, MigrateBatch
 from zkv.protocol.ring import Ring, RingConfig
-from zkv.storage_node.commands import MigrateBegin, PutCommand
-from zkv.storage_node.ownership import PHASE_CATCHUP
+from zkv.storage_node.commands import MigrateBegin, MigrateOut, PutCommand
+from zkv.storage_node.ownership import PHASE_CATCHUP, PHASE_COPY
 from zkv.storage_node.push import (
     ACK_TIMEOUT_S,
     DONE,
@@ -236,3 +236,39 @@ def test_a_rate_limit_spaces_the_batches() -> None:
     assert push.pump(src, due * 0.9) == []  # acknowledged, but the rate says wait
     (_, second), = push.pump(src, due)
     assert second.after == first.cursor
+
+
+CHAOS_KEYS = [f"k{i:03d}".encode() for i in range(150)]
+
+
+def test_a_late_ack_from_before_a_restart_does_not_end_a_stream() -> None:
+    """A restarted node's streams could number batches as its previous process did; a
+    late ack to the old process must not settle the new stream's last batch (it did:
+    the push said done, the target's phase never closed, the change stalled)."""
+    old, new = RingConfig(1, (0,), 16), RingConfig(2, (0, 1), 16)
+    targets = (("t1", "inproc://t1"),)
+    src = KVStateMachine(shard_id=0, ring=old)
+    for i, key in enumerate(CHAOS_KEYS[:40], start=1):
+        src.apply_command(i, PutCommand(b"c", i, i, 1, key, b"v"))
+    src.apply_command(41, MigrateOut(old, new))
+    dst = KVStateMachine(shard_id=1)
+    dst.apply_command(1, MigrateBegin(old, new))
+    moving = sum(Ring(new).shard_for(k) == 1 for k in src.data)
+
+    def spec(after: bytes) -> PushSpec:
+        return PushSpec(old, new, 0, 1, PHASE_COPY, 0, after, targets, batch_keys=moving - 1)
+
+    before = LeaderTasks()  # the source leader's process
+    before.start_push(spec(b""), src)
+    (_, _, first), = before.pump(src, 0.0)
+    result = dst.apply_command(2, command_for(first))  # applied; the ack is delayed
+    assert isinstance(result, dict) and result["ok"] and not result.get("stale")
+    progress = dst.ownership.incoming.sources[0]  # type: ignore[union-attr]
+    after = LeaderTasks()  # restarted, leader again; the coordinator restarts the stream
+    after.start_push(spec(progress.cursor), src)
+    (_, _, last), = after.pump(src, 1.0)  # the rest in one batch; lost on the way
+    assert last.done and last.seq == first.seq
+    after.on_ack(MigrateAck(first.seq, 1, result, ""), 2.0)  # the old ack arrives
+    push = after.pushes[(2, 1, PHASE_COPY)]
+    assert push.state != DONE or progress.phase > PHASE_COPY, (
+        f"stream done, target still in phase {progress.phase}")

@@ -12,10 +12,10 @@ import pytest
 
 from zkv.ops.rebalance import Plan, RebalanceError, Rebalancer, ring_adding, ring_removing
 from zkv.protocol.errors import ErrorCode
-from zkv.protocol.messages import ErrorReply, MigrateAck, PutReply
+from zkv.protocol.messages import DeleteReply, ErrorReply, MigrateAck, PutReply
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.admin import AdminError, admin_command, admin_request
-from zkv.storage_node.commands import DropUnowned, PutCommand, RingSet
+from zkv.storage_node.commands import DeleteCommand, DropUnowned, PutCommand, RingSet
 from zkv.storage_node.push import LeaderTasks, command_for
 from zkv.storage_node.state_machine import KVStateMachine
 
@@ -253,3 +253,23 @@ def test_snapshot_keeps_the_migration_state() -> None:
         copy.restore(c.sms[s].snapshot_bytes())
         assert copy == c.sms[s]
         assert copy.ownership.info() == c.sms[s].ownership.info()
+
+
+CHAOS_KEYS = [f"k{i:03d}".encode() for i in range(150)]
+
+
+def test_a_key_deleted_before_the_move_comes_back_with_a_higher_version() -> None:
+    """What the chaos rarely reaches: no moving key is left to carry a high version to
+    the new owner, so only MIGRATE_SESSIONS' ``version_next`` keeps versions rising."""
+    c = FakeCluster([0])
+    new = Ring(ring_adding(c.ring, 1))
+    gone = next(k for k in CHAOS_KEYS if new.shard_for(k) == 1)
+    c.put(gone, b"x")
+    for key in [k for k in CHAOS_KEYS if new.shard_for(k) == 0][:50]:
+        c.put(key, b"y")
+    deleted = c.apply(0, DeleteCommand(b"d", 1, 1, 1, gone))
+    assert isinstance(deleted, DeleteReply) and deleted.deleted
+    c.add(1)
+    Rebalancer(c, poll_s=0).add_shard(1)  # type: ignore[arg-type]
+    again = c.put(gone, b"again")
+    assert isinstance(again, PutReply) and again.version > deleted.version

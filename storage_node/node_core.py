@@ -1,0 +1,300 @@
+"""The node core: every decision a storage node makes around its replica core. Pure.
+
+No sockets, clock, threads, files or global random: the shell (``node.py``, or the
+simulator) feeds it frames and events with the time and performs what it returns, in
+the manner of ``Replica.ready()`` (``replica.py``, the model):
+
+- ``on_broker_frames(origin, frames, now, ts_ms)``, ``on_request(...)``: a client request
+  or a broker's ``RequestBatch``/``Campaign``. ``origin`` is opaque (the shell's socket,
+  the simulator's address): replies go back to where the request came from.
+  ``ts_ms`` is the wall clock the shell read for this turn; a leader stamps it into
+  every write it proposes (session expiry is judged by the same clock on every replica).
+- ``on_peer_frames(origin, frames, now)``: Raft traffic for the replica core, or a source
+  leader's ``MigrateBatch``; ``on_migrate_ack(ack, now)`` for our own streams.
+- ``ready()`` -> ``NodeReady`` while there is work: the shell sends ``send_first``
+  (appends and snapshot chunks: Raft lets a leader send them before its own fsync, as it
+  counts itself toward a commit only once persisted, so followers' fsyncs overlap ours),
+  persists ``raft`` (hard state, snapshot, truncation, entries, one sync) and reports
+  ``replica.persisted``, sends ``send_after`` (votes and acks promise durable state),
+  then calls ``advance(rd)``: install a snapshot into the state machine, fail writes
+  whose log entries were truncated, apply ``committed``, queue reads. After the loop,
+  ``settle()`` serves reads whose index is applied and notices a step-down.
+- ``pump_tasks(now)``: migration batches to send; ``heartbeat(now)``: the heartbeat,
+  when due; ``take_snapshot()`` / ``compacted(...)``: the snapshot trigger;
+  ``take_outgoing()``: every queued reply, once per loop turn (batched: ``node_requests.py``).
+
+Rules (request admission and leader gating: ``node_requests.py``):
+- A write is answered once its entry is applied. A pending write fails ``NOT_LEADER``
+  when we step down, when its entry is truncated from our log, or when the entry
+  applied at its index is of another term (another leader's): never a reply for an
+  entry that is not ours.
+- A linearizable read is answered once the state machine applied its read index, and
+  ownership is checked again then: a fence applied since it arrived means the key may
+  already be written at its new owner.
+- A snapshot is taken every ``snapshot_entries`` applied entries or ``snapshot_bytes``
+  bytes of applied commands, whichever comes first (large values would otherwise keep
+  the in-memory log huge), and never while the disk owes us a write.
+- While something waits for the disk (``unpersisted``, set by the shell), peer traffic
+  goes through ``DiskFullGate`` (``disk_full.py``): nothing that needs the disk comes
+  in, and nothing that promises durable state goes out (``after_persist``).
+- Stepping down clears the leader-only state: pending writes and migration streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zkv.protocol import codec
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import (
+    AdminReply,
+    AppendEntries,
+    Heartbeat,
+    InstallSnapshot,
+    MigrateAck,
+    MigrateBatch,
+    PeerMessage,
+    Role,
+)
+from zkv.storage_node.disk_full import DiskFullGate
+from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
+from zkv.storage_node.push import command_for, not_leader_ack
+from zkv.storage_node.replica import Ready
+
+PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
+#: What a leader may send before its own log is durable (see the module docstring).
+_SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
+
+__all__ = ["Frames", "NodeCore", "NodeCoreConfig", "NodeReady", "Pending", "SnapshotTask"]
+
+
+@dataclass(slots=True)
+class NodeReady:
+    """One round of the replica's ``Ready``, with its messages split by when to send."""
+
+    raft: Ready
+    send_first: list[tuple[str, PeerMessage]]
+    send_after: list[tuple[str, PeerMessage]]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotTask:
+    """Write this snapshot, then call ``NodeCore.compacted`` with it."""
+
+    index: int
+    term: int
+    data: bytes
+
+
+class NodeCore(RequestCore):
+    """A storage node's decisions; see the module docstring for the contract."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
+
+    # ------------------------------------------------------------------ ready
+
+    def has_ready(self) -> bool:
+        return self.replica.has_ready()
+
+    def ready(self) -> NodeReady:
+        rd = self.replica.ready()
+        first: list[tuple[str, PeerMessage]] = []
+        later = rd.messages
+        if rd.hard_state is None and rd.messages:
+            later = []
+            for to, msg in rd.messages:
+                (first if isinstance(msg, _SEND_BEFORE_PERSIST) else later).append((to, msg))
+        return NodeReady(rd, first, later)
+
+    def after_persist(self, nrd: NodeReady, durable: bool, durable_index: int,
+                      now: float) -> list[tuple[str, PeerMessage]]:
+        """What of ``send_after`` may go, now that the shell tried to persist ``nrd``:
+        all of it when durable; else only what promises nothing beyond ``durable_index``."""
+        if durable:
+            return nrd.send_after
+        out = []
+        for to, msg in nrd.send_after:
+            gated = self.disk_gate.outgoing(msg, durable_index, now)
+            if gated is not None:
+                out.append((to, gated))
+        return out
+
+    def advance(self, nrd: NodeReady) -> None:
+        """``nrd.raft`` is persisted: install, fail what was truncated, apply, queue reads."""
+        rd = nrd.raft
+        if rd.snapshot is not None:
+            index, _term, data = rd.snapshot
+            self.state.restore(data)
+            self.last_snapshot_index = index
+            self.log_bytes = 0
+            self.notes.append(f"installed snapshot at index {index} from the leader")
+        if rd.truncate_from is not None and self.pending_writes:
+            self._fail_from(rd.truncate_from)
+        if rd.committed:
+            self._apply(rd.committed)
+        for token, index in rd.reads:
+            self.waiting_reads.append((index, token))  # type: ignore[arg-type]
+        for token in rd.failed_reads:
+            p: Pending = token  # type: ignore[assignment]
+            self._reply(p.origin, p.ident, self.not_leader(p.request_id))
+
+    def _apply(self, committed: list[Any]) -> None:
+        state, pending_writes, quota = self.state, self.pending_writes, self.quota
+        for entry in committed:
+            pending = pending_writes.pop(entry.index, None) if pending_writes else None
+            if pending is None:
+                state.apply(entry.index, entry.data)
+                continue
+            if pending.term != entry.term:  # another leader's entry took our index
+                state.apply(entry.index, entry.data)
+                self._fail(pending)
+                continue
+            assert pending.command is not None
+            reply = state.apply_command(entry.index, pending.command)
+            quota.applied(entry.index)
+            if pending.ack_shard >= 0:  # a stream batch: answer the source leader
+                self._ack(pending, reply if type(reply) is dict else {"ok": False})
+            elif type(reply) is dict:  # a ring command: answer the coordinator
+                self._reply(pending.origin, pending.ident,
+                            AdminReply(pending.request_id, reply, b""))
+            elif reply is not None:
+                self._reply(pending.origin, pending.ident, reply)
+        self.replica.applied(committed[-1].index)
+        self.log_bytes += sum(len(e.data) for e in committed)
+
+    def _fail(self, pending: Pending) -> None:
+        if pending.ack_shard >= 0:
+            self._ack(pending, {"ok": False, "not_leader": True})
+        else:
+            self._reply(pending.origin, pending.ident, self.not_leader(pending.request_id))
+
+    def _fail_from(self, index: int) -> None:
+        for i in [i for i in self.pending_writes if i >= index]:
+            self._fail(self.pending_writes.pop(i))
+
+    def settle(self) -> None:
+        """After the ``ready`` rounds of a turn: serve applied reads, notice a step-down."""
+        if self.waiting_reads:
+            self._serve_reads()
+        replica = self.replica
+        is_leader = replica.role is Role.LEADER
+        if is_leader == self._was_leader:
+            return
+        self._was_leader = is_leader
+        shard = self.config.shard_id
+        if is_leader:
+            self.notes.append(f"became leader of shard {shard} at term {replica.term}")
+            return
+        self.notes.append(f"stepped down in shard {shard} at term {replica.term}")
+        for pending in self.pending_writes.values():
+            self._fail(pending)
+        self.pending_writes.clear()
+        self.tasks.clear()
+        self.quota.clear()
+
+    def _serve_reads(self) -> None:
+        applied = self.state.applied_index
+        keep = []
+        for index, p in self.waiting_reads:
+            if index <= applied:
+                if self._owned(p.origin, p.ident, p.request_id, p.key):
+                    self._answer_get(p.origin, p.ident, p.request_id, p.key)
+            else:
+                keep.append((index, p))
+        self.waiting_reads = keep
+
+    # ------------------------------------------------------------------ peers, migration
+
+    def on_peer_frames(self, origin: object, frames: list[bytes], now: float) -> None:
+        """``[sender, message...]`` from the peer socket; ``RemoteProtocolError`` if bad."""
+        if len(frames) < 2:
+            raise RemoteProtocolError("too few frames")
+        msg = codec.decode(frames[1:])
+        if type(msg) is MigrateBatch:
+            self.on_migrate_batch(origin, frames[0], msg, now)
+            return
+        if getattr(msg, "TYPE", None) not in PEER_TYPES:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the peer socket")
+        sender = frames[0].decode(errors="replace")
+        peer_msg: PeerMessage | None = msg  # type: ignore[assignment]
+        if self.unpersisted:  # behind on durability: take nothing that needs the disk
+            peer_msg = self.disk_gate.incoming(peer_msg)  # type: ignore[arg-type]
+        if peer_msg is not None:
+            self.replica.step(sender, peer_msg, now)
+
+    def on_migrate_batch(self, origin: object, ident: bytes, batch: MigrateBatch,
+                         now: float) -> None:
+        """A source leader's stream batch: propose it, answer once applied."""
+        shard = self.config.shard_id
+        if batch.dst_shard != shard:
+            self._acks.append((origin, (ident, *codec.encode(MigrateAck(
+                batch.seq, batch.dst_shard,
+                {"ok": False, "error": f"this node serves shard {shard}"}, "")))))
+            return
+        if self.replica.role is not Role.LEADER:
+            ack = not_leader_ack(batch, self.replica.leader_id or "")
+            self._acks.append((origin, (ident, *codec.encode(ack))))
+            return
+        cmd = command_for(batch)
+        self._propose(cmd, Pending(origin, ident, batch.seq, command=cmd,
+                                   ack_shard=batch.dst_shard), now)
+
+    def _ack(self, pending: Pending, result: dict[str, Any]) -> None:
+        hint = self.replica.leader_id or "" if result.get("not_leader") else ""
+        ack = MigrateAck(pending.request_id, pending.ack_shard, result, hint)
+        self._acks.append((pending.origin, (pending.ident, *codec.encode(ack))))
+
+    def on_migrate_ack(self, ack: MigrateAck, now: float) -> None:
+        self.tasks.on_ack(ack, now)
+
+    def pump_tasks(self, now: float) -> list[tuple[str, str, MigrateBatch]]:
+        """``(node id, peer address, batch)`` of our streams to send now."""
+        if not (self.tasks.pushes or self.tasks.drops):
+            return []
+        if self.replica.role is not Role.LEADER:
+            self.tasks.clear()
+            return []
+        return self.tasks.pump(self.state, now)
+
+    def busy(self) -> bool:
+        """A listing is in progress: the shell should come back at once, not sleep."""
+        return self.tasks.busy()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def heartbeat(self, now: float) -> Heartbeat | None:
+        """The heartbeat to publish, once per ``heartbeat_ms``; None before it is due."""
+        if now < self._next_heartbeat:
+            return None
+        cfg, replica, state = self.config, self.replica, self.state
+        self._next_heartbeat = now + cfg.heartbeat_ms / 1000
+        ring = (state.ownership.ring or self.initial_ring).config
+        return Heartbeat(
+            cfg.node_id, cfg.shard_id, replica.role, replica.term, replica.leader_id,
+            replica.last_term, replica.last_index, replica.commit_index, state.applied_index,
+            state.key_count, cfg.pid, cfg.advertise, cfg.members,
+            ring.epoch, ring.shards, ring.vnodes, cfg.heartbeat_ms,
+            {**cfg.info, "data_bytes": state.data_bytes, "max_data_bytes": cfg.max_data_bytes,
+             "disk_full": self.disk_full},
+        )  # fmt: skip
+
+    def take_snapshot(self) -> SnapshotTask | None:
+        """A snapshot to write, every ``snapshot_entries`` applied entries or
+        ``snapshot_bytes`` applied bytes; none while a write waits for the disk."""
+        applied = self.state.applied_index
+        if (applied - self.last_snapshot_index < self.config.snapshot_entries
+                and self.log_bytes < self.config.snapshot_bytes) or self.unpersisted:
+            return None
+        term = self.replica.term_at(applied)
+        if term is None:
+            return None
+        return SnapshotTask(applied, term, self.state.snapshot_bytes())
+
+    def compacted(self, task: SnapshotTask) -> None:
+        """``task`` is on disk: the replica may drop its log up to it."""
+        self.replica.compacted(task.index, task.term, task.data)
+        self.last_snapshot_index = task.index
+        self.log_bytes = 0
