@@ -45,11 +45,11 @@ from loguru import logger
 
 from zkv.broker.failure_detector import FailureDetector, check_timing
 from zkv.broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
-from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
+from zkv.broker.router import Router
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.limits import HEARTBEAT_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
-from zkv.protocol.ring import RingConfig
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256
@@ -58,8 +58,6 @@ BATCH_MAX = 256
 FORWARD_BATCH_MAX = 32
 #: Per-pipe queue bound, generous so bursts are absorbed rather than dropped.
 HWM = 100_000
-#: Inbound frame bound on the heartbeat socket (a heartbeat is a few hundred bytes).
-HEARTBEAT_BYTES_MAX = 1024 * 1024
 WARNINGS_PER_WINDOW = 10
 #: At most one INFO line of re-routing counts per this many seconds (a ring change can
 #: redirect every request for a while; a line per request or per tick would flood).
@@ -446,9 +444,8 @@ class BrokerServer:
         # Only a node we route to (so have heard) may move the ring: a stray peer on the
         # backend must not pin a bogus epoch that no heartbeat could ever replace.
         if node.bytes.decode(errors="replace") in self.table.nodes:
-            config = RingConfig(redirect.ring_epoch, redirect.ring_shards, redirect.ring_vnodes)
             try:
-                self.table.adopt_ring(config)
+                self.table.adopt_ring(redirect.ring)
             except Exception as exc:  # a table bug must not take the broker down
                 self._warn_back.warn(now, "backend: cannot adopt a Redirect's ring: {!r}", exc)
         else:

@@ -18,16 +18,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import zmq
 from loguru import logger
 
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
-    AdminReply,
+    ADMIN_REPLY_CLASSES,
+    AdminAppliedReply,
     AdminRequest,
     AppendEntries,
+    Applied,
     Campaign,
     CasRequest,
     Consistency,
@@ -83,8 +87,8 @@ class NodeConfig:
     snapshot_entries: int = 50_000
     heartbeat_ms: int = 100
     election_timeout_ms: int = 1000
-    key_bytes_max: int = 16 * 1024
-    value_bytes_max: int = 1024 * 1024
+    key_bytes_max: int = KEY_BYTES_MAX
+    value_bytes_max: int = VALUE_BYTES_MAX
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -350,16 +354,14 @@ class StorageNode:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
         try:
-            answer = admin_request(self.state, self.tasks, req.op, req.args, req.payload)
+            answer = admin_request(self.state, self.tasks, req)
         except AdminError as exc:
             self._reply(sock, ident, ErrorReply(req.request_id, exc.code, str(exc)))
             return
-        if isinstance(answer, tuple):
-            result, payload = answer
-            result.setdefault("node", self.config.node_id)
-            self._reply(sock, ident, AdminReply(req.request_id, result, payload))
+        if isinstance(answer, ADMIN_REPLY_CLASSES):
+            self._reply(sock, ident, answer)
             return
-        cmd = answer
+        cmd = cast(Command, answer)
         index = self.core.propose(encode_command(cmd), now)
         assert index is not None  # we checked the role just above
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
@@ -423,8 +425,7 @@ class StorageNode:
         own = self.state.ownership
         ring = (own.ring or self.initial_ring).config
         for sock, items in self._redirects.items():
-            msg = Redirect(self.config.shard_id, ring.epoch, ring.shards, ring.vnodes,
-                           tuple(items))
+            msg = Redirect(self.config.shard_id, ring, tuple(items))
             with contextlib.suppress(zmq.Again):  # the broker is away: its clients retry
                 sock.send_multipart([b"", *codec.encode(msg)], zmq.NOBLOCK)
         self._redirects.clear()
@@ -470,11 +471,11 @@ class StorageNode:
                 assert pending.command is not None
                 reply = self.state.apply_command(entry.index, pending.command)
                 if pending.ack_shard >= 0:  # a stream batch: answer the source leader
-                    self._send_ack(pending, reply if type(reply) is dict else {"ok": False})
+                    self._send_ack(pending, reply if type(reply) is Applied else Applied(False))
                     continue
-                if type(reply) is dict:  # a ring command: answer the coordinator
+                if type(reply) is Applied:  # a ring command: answer the coordinator
                     self._reply(pending.sock, pending.ident,
-                                AdminReply(pending.request_id, reply, b""))
+                                AdminAppliedReply(pending.request_id, reply))
                 elif reply is not None:
                     self._reply(pending.sock, pending.ident, reply)
             if rd.committed:
@@ -494,7 +495,7 @@ class StorageNode:
                 self.log.info("stepped down in shard {} at term {}", self.config.shard_id, core.term)
                 for pending in self._pending_writes.values():
                     if pending.ack_shard >= 0:
-                        self._send_ack(pending, {"ok": False, "not_leader": True})
+                        self._send_ack(pending, Applied(False, not_leader=True))
                     else:
                         self._reply(pending.sock, pending.ident, self._not_leader(pending.request_id))
                 self._pending_writes.clear()
@@ -586,8 +587,8 @@ class StorageNode:
     def _on_migrate_batch(self, ident: bytes, batch: MigrateBatch, now: float) -> None:
         """A source leader's stream batch: propose it, answer once applied."""
         if batch.dst_shard != self.config.shard_id:
-            self._send_peer_reply(ident, MigrateAck(batch.seq, batch.dst_shard, {
-                "ok": False, "error": f"this node serves shard {self.config.shard_id}"}, ""))
+            self._send_peer_reply(ident, MigrateAck(batch.seq, batch.dst_shard, Applied(
+                False, f"this node serves shard {self.config.shard_id}"), ""))
             return
         if self.core.role is not Role.LEADER:
             self._send_peer_reply(ident, not_leader_ack(batch, self.core.leader_id or ""))
@@ -598,8 +599,8 @@ class StorageNode:
         self._pending_writes[index] = _Pending(self.peer_router, ident, batch.seq, command=cmd,
                                                ack_shard=batch.dst_shard)
 
-    def _send_ack(self, pending: _Pending, result: dict) -> None:  # type: ignore[type-arg]
-        hint = self.core.leader_id or "" if result.get("not_leader") else ""
+    def _send_ack(self, pending: _Pending, result: Applied) -> None:
+        hint = self.core.leader_id or "" if result.not_leader else ""
         self._send_peer_reply(pending.ident,
                               MigrateAck(pending.request_id, pending.ack_shard, result, hint))
 
@@ -617,8 +618,7 @@ class StorageNode:
             cfg.node_id, cfg.shard_id, core.role, core.term, core.leader_id, core.last_term,
             core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
             os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
-            ring.epoch, ring.shards, ring.vnodes,
-            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
+            ring, cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
         )
         with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)

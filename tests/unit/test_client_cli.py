@@ -11,6 +11,7 @@ from tests.unit.test_client_fake import DROP, FakeBroker, broker  # noqa: F401
 from zkv.client.cli import annotate_status, format_status, main
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import ErrorReply, PutRequest
+from zkv.protocol.ring import RingConfig
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
@@ -112,7 +113,7 @@ def test_status_table_groups_by_shard_with_leader_and_lag(
     broker: FakeBroker, capsys: pytest.CaptureFixture[str]  # noqa: F811
 ) -> None:
     broker.status_nodes = STATUS_NODES
-    broker.ring = {"epoch": 1, "shards": [0, 1, 2], "vnodes": 256}
+    broker.ring = RingConfig(1, (0, 1, 2), 256)
     assert zkv(broker, "status") == 0
     out = capsys.readouterr().out
     assert "shard 0  leader s0r0" in out

@@ -35,6 +35,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.ring import RingConfig
 
 DROP = object()
 Hook = Callable[[bytes, Any, int], Any]
@@ -56,7 +57,7 @@ class FakeBroker:
         self.applied: dict[tuple[bytes, int], Message] = {}
         self.apply_count = 0
         self.status_nodes: tuple[dict[str, Any], ...] = ()
-        self.ring: dict[str, Any] = {"epoch": 1, "shards": [0], "vnodes": 256}
+        self.ring: RingConfig | None = RingConfig(1, (0,), 256)
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgpack
 import pytest
 
-from tests.unit.test_rebalance import FakeCluster
+from tests.unit.test_rebalance import FakeCluster, wire
 from zkv.ops.rebalance import Rebalancer, ring_adding, ring_removing
+from zkv.protocol.admin import ADMIN_REPLY_CLASSES, AdminAppliedReply, AdminReply, AdminRequest
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import (
     CasReply,
@@ -90,11 +90,6 @@ REFUSALS = (ErrorCode.WRONG_SHARD, ErrorCode.UNAVAILABLE)
 
 class Died(Exception):
     """The coordinator process was killed (injected)."""
-
-
-def wire(v: Any) -> Any:
-    """What survives a trip through msgpack, as on the real sockets."""
-    return msgpack.unpackb(msgpack.packb(v, use_bin_type=True), raw=False)
 
 
 @dataclass
@@ -214,28 +209,28 @@ class ChaosCluster:
                            "live": True}
                           for s, sh in self.shards.items() for n in sh.nodes]}
 
-    def admin(self, shard: int, op: str, args: dict[str, Any], payload: bytes = b"",
-              timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+    def admin(self, req: AdminRequest, timeout: float | None = None) -> AdminReply:
         self.admin_calls += 1
         assert self.admin_calls < ADMIN_CALLS_MAX, "no progress: a livelock"
-        args = wire(args)
+        req = wire(req)
+        op, shard = type(req).__name__, req.shard_id
         self.turmoil()
         if self.kill == ("admin", (self.admin_calls, False)):
             raise Died(f"before admin call {self.admin_calls} ({op} at {shard})")
-        answer = self._admin_once(shard, op, args, payload)
+        answer = self._admin_once(req)
         if self.chaos and self.rng.random() < ADMIN_REPLY_LOST:
             self.stats["admin_resent"] += 1  # the reply was lost: the SDK sends it again
-            answer = self._admin_once(shard, op, args, payload)
+            answer = self._admin_once(req)
         if self.kill == ("admin", (self.admin_calls, True)):
             raise Died(f"after admin call {self.admin_calls} ({op} at {shard})")
         return answer
 
-    def _admin_once(self, shard: int, op: str, args: dict[str, Any],
-                    payload: bytes) -> tuple[dict[str, Any], bytes]:
+    def _admin_once(self, req: AdminRequest) -> AdminReply:
+        op, shard = type(req).__name__, req.shard_id
         sh = self.shards[shard]
-        answer = admin_request(sh.sm, sh.tasks[sh.leader], op, args, payload)
-        if isinstance(answer, tuple):
-            return wire(answer[0]), answer[1]
+        answer = admin_request(sh.sm, sh.tasks[sh.leader], req)
+        if isinstance(answer, ADMIN_REPLY_CLASSES):
+            return wire(answer)  # type: ignore[no-any-return]
         out: list[Any] = []
         sh.log.append(Entry(answer, None, lambda r, _b, _ok: out.append(r), lambda: None))
         through = len(sh.log)
@@ -244,7 +239,7 @@ class ChaosCluster:
                 self.client_op()
         sh.commit(through)  # the admin reply waits for the entry (and those before)
         self.note(f"admin {op} at {shard}: {out[0]}")
-        return wire(out[0]), b""
+        return wire(AdminAppliedReply(req.request_id, out[0]))  # type: ignore[no-any-return]
 
     def on_step(self, step: str) -> None:
         self.steps[step] += 1
@@ -323,7 +318,7 @@ class ChaosCluster:
 
         def applied(result: Any, _before: Any, replied: bool) -> None:
             if replied:
-                self.send(sender, to, MigrateAck(batch.seq, batch.dst_shard, wire(result), ""))
+                self.send(sender, to, wire(MigrateAck(batch.seq, batch.dst_shard, result, "")))
 
         def stepdown() -> None:
             self.send(sender, to, not_leader_ack(batch, ""))
@@ -591,7 +586,7 @@ def test_a_late_ack_from_before_a_restart_does_not_end_a_stream() -> None:
     before.start_push(spec(b""), src)
     (_, _, first), = before.pump(src, 0.0)
     result = dst.apply_command(2, command_for(first))  # applied; the ack is delayed
-    assert isinstance(result, dict) and result["ok"] and not result.get("stale")
+    assert result.ok and not result.stale  # type: ignore[union-attr]
     progress = dst.ownership.incoming.sources[0]  # type: ignore[union-attr]
     after = LeaderTasks()  # restarted, leader again; the coordinator restarts the stream
     after.start_push(spec(progress.cursor), src)
