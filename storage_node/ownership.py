@@ -72,6 +72,7 @@ import msgpack
 
 from zkv.protocol.admin import Applied, IncomingInfo, OutgoingInfo, Phase, SourceInfo
 from zkv.protocol.errors import ErrorCode, KVError
+from zkv.protocol.limits import INT_MAX
 from zkv.protocol.ring import Ring, RingConfig, plan_moves, position
 from zkv.storage_node.commands import (
     DropUnowned,
@@ -88,7 +89,7 @@ from zkv.storage_node.commands import (
 #: fenced), the final delta (fenced), done (aliases of ``Phase``, for older imports).
 PHASE_COPY, PHASE_CATCHUP, PHASE_DELTA, PHASE_DONE = (
     Phase.COPY, Phase.CATCHUP, Phase.DELTA, Phase.DONE)
-V0_NONE = (1 << 63) - 1
+V0_NONE = INT_MAX
 
 
 @dataclass(slots=True)
