@@ -204,7 +204,9 @@ class RingChange:
         self._seen_phase: dict[tuple[int, int], Phase] = {}
         #: a source's (version_next, session table), fetched for its targets
         self._sessions: dict[int, tuple[int, bytes]] = {}
-        self._dropped = 0
+        #: keys dropped per shard so far, and lines to say at the next step
+        self._dropped: dict[int, int] = {}
+        self._notes: list[str] = []
 
     def look_order(self) -> list[int]:
         """The shards whose info ``step`` needs, in the order to ask them."""
@@ -218,7 +220,11 @@ class RingChange:
             if not reply.flipped:
                 self._sessions[call.shard_id] = (reply.version_next, reply.sessions)
         elif isinstance(call, AdminDrop) and isinstance(reply, AdminAppliedReply):
-            self._dropped += reply.result.dropped
+            shard = call.shard_id
+            self._dropped[shard] = self._dropped.get(shard, 0) + reply.result.dropped
+            if reply.result.done and self._dropped[shard]:
+                self._notes.append(f"shard {shard}: dropped {self._dropped.pop(shard)} "
+                                   "moved keys")
 
     # ------------------------------------------------------------------ the step
 
@@ -229,6 +235,8 @@ class RingChange:
         if missing:
             raise ValueError(f"no info from shards {missing}")
         out = _Out()
+        out.say.extend(self._notes)
+        self._notes.clear()
         if not self._stage:
             plan = self.plan
             out.say.append(
@@ -248,6 +256,8 @@ class RingChange:
             self.stats.fenced_at_s = None
         if stage == "ring_set" and self._stage in ("", "begin"):
             out.say.append("a shard is already at the new epoch: rolling forward")
+        if self._stage == "fence":
+            out.say.append(f"fenced the moving ranges on shards {self.plan.sources}")
         self._stage = stage
         self._last_change_s = now
         out.entered.append(stage)
@@ -274,7 +284,6 @@ class RingChange:
             if unfenced:
                 self._enter("fence", out, now)
                 out.calls.extend(AdminFence(b"", 0, s, plan.old, new) for s in unfenced)
-                out.say.append(f"fencing the moving ranges on shards {unfenced}")
                 return False
         if phase != Phase.DONE:
             self._stream(phase, infos, progress, peers, now, out)
@@ -364,16 +373,14 @@ class RingChange:
             out.calls.extend(AdminRingSet(b"", 0, s, new) for s in
                              [*first, *[s for s in behind if s not in first]])
             return False
+        if self._stage not in ("drop", "done"):
+            out.say.append(f"ring epoch {new.epoch} in force on every shard")
         undropped = [s for s in plan.shards if infos[s].undropped]
         if undropped:
-            if self._stage != "drop":
-                out.say.append(f"ring epoch {new.epoch} in force on every shard")
             self._enter("drop", out, now)
             out.calls.extend(AdminDrop(b"", 0, s, new.epoch) for s in undropped)
             out.wait_s = self.poll_s  # a leader may still be listing what to drop
             return False
-        if self._dropped:
-            out.say.append(f"dropped {self._dropped} moved keys")
-            self._dropped = 0
+        self._stage = "done"
         self.stats.elapsed_s = now - self.stats.started_s
         return True

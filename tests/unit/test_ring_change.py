@@ -135,6 +135,7 @@ def test_fence_then_the_final_delta_looked_at_more_often() -> None:
     assert step.calls == (AdminFence(b"", 0, 0, OLD, NEW), AdminFence(b"", 0, 1, OLD, NEW))
     step = c.step(begun({0: Phase.DELTA, 1: Phase.DELTA}, fenced=True), PEERS, 1.0)
     assert step.entered == ("delta",) and step.wait_s == 0.1
+    assert "fenced the moving ranges on shards [0, 1]" in step.say  # said once it is so
     assert {call.phase for call in step.calls} == {Phase.DELTA}  # type: ignore[attr-defined]
 
 
@@ -160,9 +161,10 @@ def test_ring_set_targets_first_then_drop_until_nothing_is_left() -> None:
     step = c.step(flipped, PEERS, 1.0)
     assert step.entered == ("drop",) and step.calls == (AdminDrop(b"", 0, 0, 2),
                                                        AdminDrop(b"", 0, 1, 2))
-    c.on_reply(step.calls[0], AdminAppliedReply(1, Applied(True, dropped=40, done=True)))
+    c.on_reply(step.calls[0], AdminAppliedReply(1, Applied(True, dropped=40, done=False)))
+    c.on_reply(step.calls[0], AdminAppliedReply(1, Applied(True, dropped=2, done=True)))
     step = c.step({s: info(s, NEW) for s in (0, 1, 2)}, PEERS, 2.0)
-    assert step.done and step.calls == () and "dropped 40 moved keys" in step.say
+    assert step.done and step.calls == () and "shard 0: dropped 42 moved keys" in step.say
     assert c.stats.elapsed_s == 2.0
 
 
