@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 from loguru import logger
 
-from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.broker.server import CLIENT_QUEUE_MAX, BrokerConfig, BrokerServer
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.runtime import configure_logging, tune_gc
 
 

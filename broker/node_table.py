@@ -25,15 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from zkv.protocol.limits import NODE_ID_BYTES_MAX, RING_TOKENS_MAX
 from zkv.protocol.messages import Heartbeat, Role
 from zkv.protocol.ring import Ring, RingConfig
 
-#: zmq routing ids are 1..255 bytes and may not start with a zero byte.
-NODE_ID_BYTES_MAX = 255
 #: Bound on the table: heartbeats from more distinct nodes than this are ignored.
+#: (Node ids are zmq routing ids: 1..``NODE_ID_BYTES_MAX`` bytes, no leading zero byte.)
 NODES_MAX = 4096
-#: Bound on ring size (shards x vnodes tokens) so a bogus config cannot stall the broker.
-RING_TOKENS_MAX = 1 << 18
 
 
 @dataclass(slots=True)
@@ -176,8 +174,8 @@ class NodeTable:
         view = self.shards.get(shard_id)
         return view.leader_id if view is not None else None
 
-    def ring_dict(self) -> dict[str, Any]:
-        return self.ring.config.as_dict() if self.ring is not None else {}
+    def ring_config(self) -> RingConfig | None:
+        return self.ring.config if self.ring is not None else None
 
     def status_rows(self, now: float) -> list[dict[str, Any]]:
         """One dict per known node: its heartbeat fields plus ``age_ms`` and ``live``."""
@@ -201,9 +199,8 @@ class NodeTable:
                     "pid": hb.pid,
                     "peer_addr": hb.peer_addr,
                     "members": list(hb.members),
-                    "ring_epoch": hb.ring_epoch,
-                    "ring_shards": list(hb.ring_shards),
-                    "ring_vnodes": hb.ring_vnodes,
+                    "ring_epoch": hb.ring.epoch,
+                    "ring": hb.ring.to_wire(),
                     "heartbeat_ms": hb.heartbeat_ms,
                     "extra": dict(hb.extra),
                     "age_ms": max(0, int(age_s * 1000)),
@@ -227,9 +224,9 @@ class NodeTable:
     def _adopt_ring(self, hb: Heartbeat) -> None:
         # Nearly every heartbeat repeats the ring we have: decide that before building
         # a RingConfig for it.
-        if self.ring is not None and hb.ring_epoch <= self.ring.config.epoch:
+        if self.ring is not None and hb.ring.epoch <= self.ring.config.epoch:
             return
-        self.adopt_ring(RingConfig(hb.ring_epoch, hb.ring_shards, hb.ring_vnodes))
+        self.adopt_ring(hb.ring)
 
     def _detach(self, node_id: str, shard_id: int, now: float) -> None:
         view = self.shards.get(shard_id)

@@ -8,7 +8,7 @@ Theory of operation:
   ``ring.shard_for(key)``, or for a ``STALE`` get round-robin over the shard's live
   replicas. No dataclass is built on this path: it runs once per request.
 - ``StatusRequest`` and ``PingRequest`` are decoded and answered by the broker itself.
-- ``AdminRequest`` (ring changes) goes to the leader of the shard its header names
+- An admin request (``protocol.admin``: ring changes) goes to the leader of the shard its header names
   (position 4), like a data request but without a key; ``NO_LEADER`` if there is none.
 - Refusals are typed ``ErrorReply`` frames, never exceptions:
   ``NO_LEADER`` (no ring yet or no live leader), ``BAD_REQUEST`` (undecodable, wrong frame
@@ -39,9 +39,10 @@ from collections.abc import Sequence
 from zkv.broker.node_table import NodeTable
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
+    ADMIN_REQUEST_TYPES,
     DATA_REQUEST_TYPES,
-    AdminRequest,
     CasRequest,
     Consistency,
     ErrorReply,
@@ -53,8 +54,6 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 
-KEY_BYTES_MAX = 16 * 1024
-VALUE_BYTES_MAX = 1024 * 1024
 #: Room in a data request header beside the key: client id, request id, small ints.
 HEADER_OVERHEAD_BYTES = 4096
 
@@ -63,7 +62,6 @@ _GET = GetRequest.TYPE
 _STALE = int(Consistency.STALE)
 
 _route_fields = codec.route_fields
-_ADMIN = AdminRequest.TYPE
 
 RouteResult = bytes | list[bytes] | None
 
@@ -112,7 +110,7 @@ class Router:
         except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
             return self._bad(header, "undecodable request")
         if kind not in DATA_REQUEST_TYPES:
-            if kind == _ADMIN:
+            if kind in ADMIN_REQUEST_TYPES:
                 return self._admin(header)
             return self._local(kind, frames, now)
         if len(key) > self.key_bytes_max:
@@ -230,6 +228,6 @@ class Router:
             msg.request_id,
             self.broker_id,
             tuple(table.status_rows(now)),
-            table.ring_dict(),
+            table.ring_config(),
         )
         return codec.encode(reply)

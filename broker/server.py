@@ -45,12 +45,12 @@ from loguru import logger
 
 from zkv.broker.failure_detector import FailureDetector, check_timing
 from zkv.broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
-from zkv.broker.router import KEY_BYTES_MAX, VALUE_BYTES_MAX, Router
+from zkv.broker.router import Router
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.limits import HEARTBEAT_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
-from zkv.protocol.ring import RingConfig
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256
@@ -67,8 +67,6 @@ HWM = 1_000
 #: sees timeouts), so no client can grow the broker (Redis's client-output-buffer-limit).
 #: Well above any in-flight window the SDK or `zkv bench` uses (<= 256 per socket).
 CLIENT_QUEUE_MAX = 1_000
-#: Inbound frame bound on the heartbeat socket (a heartbeat is a few hundred bytes).
-HEARTBEAT_BYTES_MAX = 1024 * 1024
 WARNINGS_PER_WINDOW = 10
 #: At most one INFO line of re-routing counts per this many seconds (a ring change can
 #: redirect every request for a while; a line per request or per tick would flood).
@@ -458,9 +456,8 @@ class BrokerServer:
         # Only a node we route to (so have heard) may move the ring: a stray peer on the
         # backend must not pin a bogus epoch that no heartbeat could ever replace.
         if node.bytes.decode(errors="replace") in self.table.nodes:
-            config = RingConfig(redirect.ring_epoch, redirect.ring_shards, redirect.ring_vnodes)
             try:
-                self.table.adopt_ring(config)
+                self.table.adopt_ring(redirect.ring)
             except Exception as exc:  # a table bug must not take the broker down
                 self._warn_back.warn(now, "backend: cannot adopt a Redirect's ring: {!r}", exc)
         else:

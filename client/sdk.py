@@ -30,6 +30,7 @@ not meant to be shared between threads; a lock serializes calls if it is.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -48,7 +49,10 @@ from zkv.protocol.errors import (
     TooLarge,
     error_for_code,
 )
+from zkv.protocol.limits import KEY_BYTES_MAX as KEY_BYTES_MAX  # re-exported (client.aio)
+from zkv.protocol.limits import VALUE_BYTES_MAX as VALUE_BYTES_MAX
 from zkv.protocol.messages import (
+    ADMIN_REPLY_CLASSES,
     AdminReply,
     AdminRequest,
     CasReply,
@@ -69,8 +73,6 @@ from zkv.protocol.messages import (
 )
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-KEY_BYTES_MAX = 16 * 1024
-VALUE_BYTES_MAX = 1024 * 1024
 
 
 class ClientClosed(KVError):
@@ -196,7 +198,7 @@ def check_reply(reply: Message, expected: type) -> Any:
 
 def status_dict(reply: StatusReply) -> dict[str, Any]:
     return {"broker_id": reply.broker_id, "nodes": [dict(n) for n in reply.nodes],
-            "ring": dict(reply.ring)}
+            "ring": {} if reply.ring is None else reply.ring.as_dict()}
 
 
 class KVClient:
@@ -321,17 +323,17 @@ class KVClient:
         reply = self._call(lambda rid: StatusRequest(self.client_id, rid), StatusReply, timeout)
         return status_dict(reply)
 
-    def admin(
-        self, shard_id: int, op: str, args: dict[str, Any] | None = None,
-        payload: bytes = b"", *, timeout: float | None = None,
-    ) -> tuple[dict[str, Any], bytes]:
-        """A ring-change admin op at the leader of ``shard_id`` (``ops/rebalance.py``);
-        returns ``(result, payload)``. Retried like any request: every op is idempotent."""
+    def admin(self, request: AdminRequest, *, timeout: float | None = None) -> AdminReply:
+        """A ring-change admin request (``protocol.admin``) at the leader of its
+        ``shard_id`` (``ops/rebalance.py``); its ``client_id`` and ``request_id`` are
+        filled in here. Retried like any request: every admin request is idempotent."""
         reply = self._call(
-            lambda rid: AdminRequest(self.client_id, rid, shard_id, op, dict(args or {}), payload),
-            AdminReply, timeout,
+            lambda rid: dataclasses.replace(request, client_id=self.client_id, request_id=rid),
+            object, timeout,
         )
-        return dict(reply.result), reply.payload
+        if not isinstance(reply, ADMIN_REPLY_CLASSES):
+            raise RemoteProtocolError(f"expected an admin reply, got {type(reply).__name__}")
+        return reply  # type: ignore[return-value]
 
     def ping(self, *, timeout: float | None = None) -> str:
         """Round trip to a broker; returns its broker id."""

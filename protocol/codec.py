@@ -10,11 +10,15 @@ in pyzmq. ``decode`` accepts either form.
 Rule: ``decode`` of *any* input either returns a valid message or raises
 ``RemoteProtocolError``; nothing else escapes (a hypothesis test holds us to it).
 Field checks are compiled once per class from its type hints, so a field of the wrong
-type is refused at the boundary and the cores can trust what they receive.
+type is refused at the boundary and the cores can trust what they receive. Besides
+scalars, enums and tuples, a field may be a ``RingConfig`` (``RingConfig.to_wire``,
+checked by ``RingConfig.from_wire``), a record (a frozen dataclass without ``TYPE``,
+sent as the array of its fields, checked field by field the same way) or ``X | None``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import operator
@@ -27,26 +31,37 @@ from typing import Any
 import msgpack
 
 from zkv.protocol.errors import LocalProtocolError, RemoteProtocolError
+from zkv.protocol.limits import (
+    HEADER_ARRAY_LEN_MAX,
+    HEADER_BYTES_MAX,
+    HEADER_MAP_LEN_MAX,
+    HEADER_STR_BYTES_MAX,
+    INLINE_BLOB_BYTES_MAX,
+    INT_MAX,
+)
 from zkv.protocol.messages import (
+    ADMIN_REQUEST_TYPES,
     ALL_MESSAGE_TYPES,
     DATA_REQUEST_TYPES,
     PROTOCOL_VERSION,
-    AdminRequest,
     Entry,
     GetRequest,
     Message,
 )
+from zkv.protocol.ring import RingConfig
 
-INLINE_BLOB_BYTES_MAX = 8 * 1024
+__all__ = [
+    "HEADER_BYTES_MAX", "INLINE_BLOB_BYTES_MAX", "INT_MAX", "admin_shard", "decode", "encode",
+    "request_id_of", "route_fields",
+]
 
 #: Bounds on what a single header may contain, so a hostile frame cannot make us
 #: allocate without limit while decoding (values travel in the BLOB frame).
-HEADER_BYTES_MAX = 64 * 1024 * 1024
 _UNPACK_LIMITS = dict(
     max_bin_len=HEADER_BYTES_MAX,
-    max_str_len=1024 * 1024,
-    max_array_len=1_000_000,
-    max_map_len=100_000,
+    max_str_len=HEADER_STR_BYTES_MAX,
+    max_array_len=HEADER_ARRAY_LEN_MAX,
+    max_map_len=HEADER_MAP_LEN_MAX,
     max_ext_len=0,
 )
 
@@ -54,11 +69,6 @@ _unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=True, **_
 
 Check = Callable[[Any], Any]
 
-
-#: Every integer on the wire (ids, terms, indexes, versions, sizes) is non-negative and
-#: below 2**63: a peer cannot push a term or index to where arithmetic on it (term + 1)
-#: no longer fits the wire or the disk format.
-INT_MAX = (1 << 63) - 1
 
 
 def _check_int(v: Any) -> int:
@@ -119,12 +129,38 @@ def _tuple_check(item: Check) -> Check:
     return check
 
 
+def _optional_check(item: Check) -> Check:
+    def check(v: Any) -> Any:
+        return None if v is None else item(v)
+
+    return check
+
+
+def _record_check(cls: type) -> Check:
+    """A record: the array of its fields; trailing fields with defaults may be absent."""
+    hints = typing.get_type_hints(cls)
+    flds = fields(cls)
+    checks = tuple(_check_for(hints[f.name]) for f in flds)
+    required = sum(
+        f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        for f in flds
+    )
+
+    def check(v: Any) -> Any:
+        if type(v) is not list or not required <= len(v) <= len(checks):
+            raise RemoteProtocolError(f"expected a {cls.__name__} of {len(checks)} fields")
+        return cls(*[c(x) for c, x in zip(checks, v, strict=False)])
+
+    return check
+
+
 _SCALAR_CHECKS: dict[Any, Check] = {
     int: _check_int,
     bool: _check_bool,
     bytes: _check_bytes,
     str: _check_str,
     Entry: _check_entry,
+    RingConfig: RingConfig.from_wire,
 }
 
 
@@ -133,14 +169,24 @@ def _check_for(hint: Any) -> Check:
         return _SCALAR_CHECKS[hint]
     if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
         return _enum_check(hint)
+    if dataclasses.is_dataclass(hint) and not hasattr(hint, "TYPE"):
+        return _record_check(hint)  # type: ignore[arg-type]
     origin = typing.get_origin(hint)
     if origin is dict:
         return _check_dict
     if origin is tuple:
         return _tuple_check(_check_for(typing.get_args(hint)[0]))
-    if origin is types.UnionType:  # pragma: no cover - no optional fields today
-        raise TypeError(f"unions are not supported on the wire: {hint}")
+    if origin is types.UnionType:
+        args = typing.get_args(hint)
+        if len(args) == 2 and type(None) in args:
+            return _optional_check(_check_for(next(a for a in args if a is not type(None))))
     raise TypeError(f"no wire check for {hint!r}")
+
+
+def _is_plain(hint: Any) -> bool:
+    """Sent as it is (msgpack packs an IntEnum as its int): no per-field conversion."""
+    return hint in (int, bool, bytes, str) or typing.get_origin(hint) is dict or (
+        isinstance(hint, type) and issubclass(hint, enum.IntEnum))
 
 
 class _Schema:
@@ -171,7 +217,7 @@ class _Schema:
         self.values: Callable[[Any], Any] = (
             getter if len(self.names) != 1 else (lambda m: (getter(m),))
         )
-        self.plain = not any(typing.get_origin(hints[f.name]) is tuple for f in flds)
+        self.plain = all(_is_plain(hints[f.name]) for f in flds)
 
 
 _SCHEMAS: dict[int, _Schema] = {}
@@ -188,6 +234,10 @@ def _wire_value(v: Any) -> Any:
         return [_wire_value(x) for x in v]
     if isinstance(v, Entry):
         return [v.term, v.index, v.data]
+    if isinstance(v, RingConfig):
+        return v.to_wire()
+    if dataclasses.is_dataclass(v):  # a record
+        return [_wire_value(getattr(v, f.name)) for f in fields(v)]
     return v
 
 
@@ -273,9 +323,9 @@ def route_fields(header: bytes) -> tuple[int, bytes, int]:
 
 
 def admin_shard(header: bytes) -> int:
-    """The shard an ``AdminRequest`` header names (position 4), for the broker."""
+    """The shard an admin request header names (position 4), for the broker."""
     values = _unpack_header(header)
-    if values[1] != AdminRequest.TYPE or len(values) < 5:
+    if type(values[1]) is not int or values[1] not in ADMIN_REQUEST_TYPES or len(values) < 5:
         raise RemoteProtocolError("not an admin request")
     return _check_int(values[4])
 

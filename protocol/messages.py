@@ -15,6 +15,11 @@ Flows:
   node    -> broker SUB      : Heartbeat
   node   <-> node            : VoteRequest/VoteReply, AppendEntries/AppendReply,
                                InstallSnapshot/SnapshotReply
+  ring changes               : ``protocol.admin`` (Admin* requests and replies,
+                               MigrateBatch/MigrateAck), re-exported here
+
+A ring travels as ``RingConfig.to_wire()`` (``protocol.ring``) wherever it appears.
+Version 2: typed admin messages, one ring wire format (Heartbeat, Redirect, StatusReply).
 """
 
 from __future__ import annotations
@@ -23,7 +28,35 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NewType
 
-PROTOCOL_VERSION = 1
+from zkv.protocol.admin import (
+    ADMIN_REPLY_CLASSES,
+    ADMIN_REQUEST_CLASSES,
+    ADMIN_REQUEST_TYPES,
+    AdminAppliedReply,
+    AdminBegin,
+    AdminDrop,
+    AdminFence,
+    AdminInfo,
+    AdminInfoReply,
+    AdminListingReply,
+    AdminMergeSessions,
+    AdminPush,
+    AdminPushReply,
+    AdminReply,
+    AdminRequest,
+    AdminRingSet,
+    AdminSessions,
+    AdminSessionsReply,
+    AdminTrack,
+    Applied,
+    MigrateAck,
+    MigrateBatch,
+    MigrationMessage,
+    Phase,
+)
+from zkv.protocol.ring import RingConfig
+
+PROTOCOL_VERSION = 2
 
 NodeId = NewType("NodeId", str)
 ShardId = NewType("ShardId", int)
@@ -115,24 +148,6 @@ class PingRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class AdminRequest:
-    """Ring-change administration (``ops/rebalance.py``), routed by the broker to the
-    leader of ``shard_id`` (header position 4). ``op``: ``info``, ``scan``, ``sessions``
-    (answered by the leader from its state) or ``begin``, ``migrate``, ``merge_sessions``,
-    ``fence``, ``ring_set``, ``drop`` (proposed as a replicated command, answered once
-    applied). ``args`` are op-specific; ``payload`` carries a batch of moved keys."""
-
-    TYPE: ClassVar[int] = 7
-    BLOB: ClassVar[str] = "payload"
-    client_id: bytes
-    request_id: int
-    shard_id: int
-    op: str
-    args: dict[str, Any]
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class GetReply:
     TYPE: ClassVar[int] = 20
     BLOB: ClassVar[str] = "value"
@@ -180,13 +195,14 @@ class ErrorReply:
 @dataclass(frozen=True, slots=True)
 class StatusReply:
     """``nodes`` holds one dict per node the broker remembers: the fields of its latest
-    Heartbeat plus ``age_ms`` and ``live``; ``ring`` holds the adopted ring config (epoch, shards, vnodes)."""
+    Heartbeat plus ``age_ms`` and ``live``; ``ring`` is the adopted ring (None before
+    the broker heard one)."""
 
     TYPE: ClassVar[int] = 25
     request_id: int
     broker_id: str
     nodes: tuple[dict[str, Any], ...]
-    ring: dict[str, Any]
+    ring: RingConfig | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,17 +210,6 @@ class PongReply:
     TYPE: ClassVar[int] = 26
     request_id: int
     broker_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class AdminReply:
-    """``result`` always holds ``ok`` (bool); ``payload`` a scan's items (msgpack)."""
-
-    TYPE: ClassVar[int] = 27
-    BLOB: ClassVar[str] = "payload"
-    request_id: int
-    result: dict[str, Any]
-    payload: bytes
 
 
 # --------------------------------------------------------------------------- cluster
@@ -228,9 +233,7 @@ class Heartbeat:
     pid: int
     peer_addr: str
     members: tuple[str, ...]
-    ring_epoch: int
-    ring_shards: tuple[int, ...]
-    ring_vnodes: int
+    ring: RingConfig
     heartbeat_ms: int
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -273,7 +276,7 @@ class ReplyBatch:
 @dataclass(frozen=True, slots=True)
 class Redirect:
     """Node -> broker, as ``[b"", Redirect]``: requests this node refused as not its
-    shard's at ring ``ring_epoch`` (``WRONG_SHARD``), handed back whole so the broker
+    shard's at ``ring`` (``WRONG_SHARD``), handed back whole so the broker
     re-routes them instead of failing the client. Each item is the request exactly as
     it arrived, ``(client_ident, header[, blob])``. The broker adopts the ring if it is
     newer than its own and forwards each item to the leader its ring now names; if that
@@ -283,9 +286,7 @@ class Redirect:
 
     TYPE: ClassVar[int] = 44
     shard_id: int
-    ring_epoch: int
-    ring_shards: tuple[int, ...]
-    ring_vnodes: int
+    ring: RingConfig
     items: tuple[tuple[bytes, ...], ...]
 
 
@@ -375,45 +376,6 @@ class SnapshotReply:
     success: bool
 
 
-# --------------------------------------------------------------------------- migration
-
-
-@dataclass(frozen=True, slots=True)
-class MigrateBatch:
-    """Source shard leader -> a node of the target shard (its peer port): the next
-    batch of a moving range stream (``storage_node/push.py``). ``after`` is the cursor
-    this batch continues from and ``cursor`` where it ends; the target applies a batch
-    only if ``after`` is exactly where its replicated progress stands, so a resent or
-    late duplicate is acknowledged without being applied twice. ``items`` is msgpack
-    ``[[key, value, version] | [key], ...]``."""
-
-    TYPE: ClassVar[int] = 56
-    BLOB: ClassVar[str] = "items"
-    seq: int
-    src_shard: int
-    dst_shard: int
-    new_epoch: int
-    phase: int
-    v0: int
-    after: bytes
-    cursor: bytes
-    done: bool
-    items: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MigrateAck:
-    """Target -> source for ``MigrateBatch`` ``seq``: ``result`` is the applied
-    ``MigrateIn``'s (``ok``, ``phase``, ``cursor``, ``stale``...); when this node is not
-    the target's leader, ``ok`` is false and ``leader_hint`` names the one it knows."""
-
-    TYPE: ClassVar[int] = 57
-    seq: int
-    dst_shard: int
-    result: dict[str, Any]
-    leader_hint: str
-
-
 ClientRequest = (
     GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
     | AdminRequest
@@ -426,7 +388,6 @@ ClientReply = (
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
 )
-MigrationMessage = MigrateBatch | MigrateAck
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | Redirect
     | PeerMessage | MigrationMessage
@@ -434,9 +395,9 @@ Message = (
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
     GetRequest, PutRequest, DeleteRequest, CasRequest, StatusRequest, PingRequest,
-    AdminRequest,
+    *ADMIN_REQUEST_CLASSES,
     GetReply, PutReply, DeleteReply, CasReply, ErrorReply, StatusReply, PongReply,
-    AdminReply,
+    *ADMIN_REPLY_CLASSES,
     Heartbeat, Campaign, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
     MigrateBatch, MigrateAck,
@@ -445,3 +406,19 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
     {GetRequest.TYPE, PutRequest.TYPE, DeleteRequest.TYPE, CasRequest.TYPE}
 )
+
+__all__ = [
+    "ADMIN_REPLY_CLASSES", "ADMIN_REQUEST_CLASSES", "ADMIN_REQUEST_TYPES",
+    "ALL_MESSAGE_TYPES", "AdminAppliedReply", "AdminBegin", "AdminDrop", "AdminFence",
+    "AdminInfo", "AdminInfoReply", "AdminListingReply", "AdminMergeSessions", "AdminPush",
+    "AdminPushReply", "AdminReply", "AdminRequest", "AdminRingSet", "AdminSessions",
+    "AdminSessionsReply", "AdminTrack", "AppendEntries", "AppendReply", "Applied",
+    "Campaign", "CasReply", "CasRequest", "ClientReply", "ClientRequest", "Consistency",
+    "DATA_REQUEST_TYPES", "DeleteReply", "DeleteRequest", "Entry", "ErrorReply",
+    "GetReply", "GetRequest", "Heartbeat", "InstallSnapshot", "LogIndex", "Message",
+    "MigrateAck", "MigrateBatch", "MigrationMessage", "NodeId", "PROTOCOL_VERSION",
+    "PeerMessage", "Phase", "PingRequest", "PongReply", "PutReply", "PutRequest",
+    "Redirect", "ReplyBatch", "RequestBatch", "RingConfig", "Role", "ShardId",
+    "SnapshotReply", "StatusReply", "StatusRequest", "Term", "VoteReply", "VoteRequest",
+    "WriteRequest",
+]

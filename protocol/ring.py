@@ -17,6 +17,11 @@ only applies to a new cluster.
 Building hashes every token (65,536 at 64 x 1024): a shard's tokens are memoised
 (a pure function of shard and vnodes), so a new epoch's ring, which repeats all but
 one shard, hashes only that one; ``python -m bench.ring`` measures build and lookup.
+
+Wire format (one, everywhere a ring travels or is stored: messages, log commands,
+snapshots): ``RingConfig.to_wire()`` = ``[epoch, [shard, ...], vnodes]``;
+``RingConfig.from_wire`` checks it (ints in range, shards non-empty and distinct,
+shards x vnodes within ``limits.RING_TOKENS_MAX``) and raises ``RemoteProtocolError``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ import bisect
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from blake3 import blake3
+
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.limits import INT_MAX, RING_TOKENS_MAX, RING_VNODES_MIN
 
 DEFAULT_VNODES = 1024
 #: Memoised shards' token lists (each ~40 KB at 1024 vnodes): a few rings' worth.
@@ -57,7 +66,32 @@ class RingConfig:
     vnodes: int = DEFAULT_VNODES
 
     def as_dict(self) -> dict[str, object]:
+        """For people (``zkv status``, JSON); the wire uses ``to_wire``."""
         return {"epoch": self.epoch, "shards": list(self.shards), "vnodes": self.vnodes}
+
+    def to_wire(self) -> list[object]:
+        return [self.epoch, list(self.shards), self.vnodes]
+
+    @classmethod
+    def from_wire(cls, v: Any) -> RingConfig:
+        """The config ``to_wire`` wrote; ``RemoteProtocolError`` on anything else.
+        (Arrays may come as tuples: how msgpack reads them with ``use_list=False``.)"""
+        if type(v) not in (list, tuple) or len(v) != 3:
+            raise RemoteProtocolError("a ring is [epoch, [shard, ...], vnodes]")
+        epoch: Any = v[0]
+        shards: Any = v[1]
+        vnodes: Any = v[2]
+        if type(shards) not in (list, tuple) or not shards:
+            raise RemoteProtocolError("a ring needs a non-empty list of shards")
+        for n in (epoch, vnodes, *shards):
+            if type(n) is not int or not 0 <= n <= INT_MAX:
+                raise RemoteProtocolError(f"ring field {n!r} is not an int in range")
+        if len(set(shards)) != len(shards):
+            raise RemoteProtocolError("a ring names a shard twice")
+        if vnodes < RING_VNODES_MIN or len(shards) * vnodes > RING_TOKENS_MAX:
+            raise RemoteProtocolError(
+                f"ring of {len(shards)} shards x {vnodes} vnodes is out of bounds")
+        return cls(epoch, tuple(shards), vnodes)
 
 
 class Ring:

@@ -19,8 +19,9 @@ only where the target's progress stands exactly there (``None``: no such check, 
 form written before streams were direct). DROP_UNOWNED with ``keys`` forgets those of
 them not owned, and with ``last`` marks the drop complete; without, it scans every key.
 
-A ring travels as ``[epoch, [shard, ...], vnodes]``; ``items`` and ``sessions`` are
-msgpack blobs decoded when applied (see ``storage_node/ownership.py``).
+A ring travels as ``RingConfig.to_wire()`` (``[epoch, [shard, ...], vnodes]``, checked
+by ``RingConfig.from_wire``); ``phase`` is a ``protocol.admin.Phase``; ``items`` and ``sessions`` are
+msgpack blobs decoded by the state machine (see ``storage_node/ownership.py``).
 
 ``ts_ms`` is stamped by the leader when it proposes, so every replica judges session
 expiry by the same clock. Entries come from the log, which peers fill: ``decode_command``
@@ -36,6 +37,7 @@ from typing import Any
 
 import msgpack
 
+from zkv.protocol.admin import Phase
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
 from zkv.protocol.ring import RingConfig
@@ -133,7 +135,7 @@ class MigrateIn:
 
     new_epoch: int
     src: int
-    phase: int
+    phase: Phase
     v0: int
     done: bool
     cursor: bytes
@@ -192,18 +194,14 @@ def encode_command(cmd: Command) -> bytes:
     return _encode_ring_command(cmd)
 
 
-def _ring_wire(r: RingConfig) -> list[Any]:
-    return [r.epoch, list(r.shards), r.vnodes]
-
-
 def _encode_ring_command(cmd: Command) -> bytes:
     t = type(cmd)
     c: Any = cmd
     if t is RingSet:
-        return _pack((int(Op.RING), _ring_wire(c.ring)))  # type: ignore[no-any-return]
+        return _pack((int(Op.RING), c.ring.to_wire()))  # type: ignore[no-any-return]
     if t is Fence or t is MigrateBegin or t is MigrateOut:
         op = Op.FENCE if t is Fence else Op.MIGRATE_BEGIN if t is MigrateBegin else Op.MIGRATE_OUT
-        return _pack((int(op), _ring_wire(c.old), _ring_wire(c.new)))  # type: ignore[no-any-return]
+        return _pack((int(op), c.old.to_wire(), c.new.to_wire()))  # type: ignore[no-any-return]
     if t is MigrateIn:
         fields = (int(Op.MIGRATE_IN), c.new_epoch, c.src, c.phase, c.v0, c.done, c.cursor,
                   c.items)
@@ -291,14 +289,16 @@ def _decode_cas(v: list[Any]) -> Command:
     return CasCommand(*_head(v), _uint(v[6], "expected_version"), _bytes(v[7], "value"))
 
 
-def _ring(v: Any) -> RingConfig:
-    if type(v) is not list or len(v) != 3 or type(v[1]) is not list or not v[1]:
-        raise RemoteProtocolError(f"command ring must be [epoch, [shards], vnodes], got {v!r}")
-    shards = tuple(_uint(s, "shard") for s in v[1])
-    vnodes = _uint(v[2], "vnodes")
-    if vnodes < 1 or len(shards) * vnodes > RING_TOKENS_MAX:
-        raise RemoteProtocolError(f"implausible ring {v!r}")
-    return RingConfig(_uint(v[0], "epoch"), shards, vnodes)
+_ring = RingConfig.from_wire
+
+
+def _phase(v: Any) -> Phase:
+    if type(v) is not int or v not in _PHASES:
+        raise RemoteProtocolError(f"command field phase must be a phase, got {v!r}")
+    return Phase(v)
+
+
+_PHASES = frozenset(int(p) for p in Phase)
 
 
 def _bool(v: Any, name: str) -> bool:
@@ -325,7 +325,7 @@ def _decode_out(v: list[Any]) -> Command:
 
 def _decode_migrate_in(v: list[Any]) -> Command:
     return MigrateIn(
-        _uint(v[1], "new_epoch"), _uint(v[2], "src"), _uint(v[3], "phase"), _uint(v[4], "v0"),
+        _uint(v[1], "new_epoch"), _uint(v[2], "src"), _phase(v[3]), _uint(v[4], "v0"),
         _bool(v[5], "done"), _bytes(v[6], "cursor"), _bytes(v[7], "items"),
         _bytes(v[8], "after") if len(v) > 8 else None,
     )  # fmt: skip
@@ -346,9 +346,6 @@ def _decode_drop(v: list[Any]) -> Command:
         raise RemoteProtocolError("drop keys must be a list of bytes")
     return DropUnowned(_uint(v[1], "epoch"), tuple(keys), _bool(v[3], "last"))
 
-
-#: Bound on a ring carried by a command (shards x vnodes), as the broker's.
-RING_TOKENS_MAX = 1 << 18
 
 #: op -> (array lengths accepted, decoder).
 _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {

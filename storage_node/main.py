@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
 from zkv.storage_node.fsync_policy import FsyncPolicy
@@ -91,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quota: bytes of keys + values this shard may hold (0: unlimited)")
     p.add_argument("--heartbeat-ms", type=int, default=100)
     p.add_argument("--election-timeout-ms", type=int, default=1000)
-    p.add_argument("--key-bytes-max", type=int, default=16 * 1024)
-    p.add_argument("--value-bytes-max", type=int, default=1024 * 1024)
+    p.add_argument("--key-bytes-max", type=int, default=KEY_BYTES_MAX)
+    p.add_argument("--value-bytes-max", type=int, default=VALUE_BYTES_MAX)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     return p

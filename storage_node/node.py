@@ -26,6 +26,7 @@ from loguru import logger
 
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import MigrateAck, MigrateBatch, PeerMessage
 from zkv.protocol.ring import Ring, RingConfig
@@ -67,8 +68,8 @@ class NodeConfig:
     max_data_bytes: int = 0
     heartbeat_ms: int = 100
     election_timeout_ms: int = 1000
-    key_bytes_max: int = 16 * 1024
-    value_bytes_max: int = 1024 * 1024
+    key_bytes_max: int = KEY_BYTES_MAX
+    value_bytes_max: int = VALUE_BYTES_MAX
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -48,8 +48,9 @@ from typing import Any
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import (
-    AdminReply,
+    AdminAppliedReply,
     AppendEntries,
+    Applied,
     Heartbeat,
     InstallSnapshot,
     MigrateAck,
@@ -156,10 +157,10 @@ class NodeCore(RequestCore):
             reply = state.apply_command(entry.index, pending.command)
             quota.applied(entry.index)
             if pending.ack_shard >= 0:  # a stream batch: answer the source leader
-                self._ack(pending, reply if type(reply) is dict else {"ok": False})
-            elif type(reply) is dict:  # a ring command: answer the coordinator
+                self._ack(pending, reply if type(reply) is Applied else Applied(False))
+            elif type(reply) is Applied:  # a ring command: answer the coordinator
                 self._reply(pending.origin, pending.ident,
-                            AdminReply(pending.request_id, reply, b""))
+                            AdminAppliedReply(pending.request_id, reply))
             elif reply is not None:
                 self._reply(pending.origin, pending.ident, reply)
         self.replica.applied(committed[-1].index)
@@ -167,7 +168,7 @@ class NodeCore(RequestCore):
 
     def _fail(self, pending: Pending) -> None:
         if pending.ack_shard >= 0:
-            self._ack(pending, {"ok": False, "not_leader": True})
+            self._ack(pending, Applied(False, not_leader=True))
         else:
             self._reply(pending.origin, pending.ident, self.not_leader(pending.request_id))
 
@@ -231,8 +232,8 @@ class NodeCore(RequestCore):
         shard = self.config.shard_id
         if batch.dst_shard != shard:
             self._acks.append((origin, (ident, *codec.encode(MigrateAck(
-                batch.seq, batch.dst_shard,
-                {"ok": False, "error": f"this node serves shard {shard}"}, "")))))
+                batch.seq, batch.dst_shard, Applied(False, f"this node serves shard {shard}"),
+                "")))))
             return
         if self.replica.role is not Role.LEADER:
             ack = not_leader_ack(batch, self.replica.leader_id or "")
@@ -242,8 +243,8 @@ class NodeCore(RequestCore):
         self._propose(cmd, Pending(origin, ident, batch.seq, command=cmd,
                                    ack_shard=batch.dst_shard), now)
 
-    def _ack(self, pending: Pending, result: dict[str, Any]) -> None:
-        hint = self.replica.leader_id or "" if result.get("not_leader") else ""
+    def _ack(self, pending: Pending, result: Applied) -> None:
+        hint = self.replica.leader_id or "" if result.not_leader else ""
         ack = MigrateAck(pending.request_id, pending.ack_shard, result, hint)
         self._acks.append((pending.origin, (pending.ident, *codec.encode(ack))))
 
@@ -276,7 +277,7 @@ class NodeCore(RequestCore):
             cfg.node_id, cfg.shard_id, replica.role, replica.term, replica.leader_id,
             replica.last_term, replica.last_index, replica.commit_index, state.applied_index,
             state.key_count, cfg.pid, cfg.advertise, cfg.members,
-            ring.epoch, ring.shards, ring.vnodes, cfg.heartbeat_ms,
+            ring, cfg.heartbeat_ms,
             {**cfg.info, "data_bytes": state.data_bytes, "max_data_bytes": cfg.max_data_bytes,
              "disk_full": self.disk_full},
         )  # fmt: skip

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
-    AdminReply,
+    ADMIN_REPLY_CLASSES,
     AdminRequest,
     Campaign,
     CasRequest,
@@ -74,8 +76,8 @@ class NodeCoreConfig:
     snapshot_bytes: int = 64 * 1024 * 1024
     #: bytes of keys + values the shard may hold (0: no quota); see quota.py
     max_data_bytes: int = 0
-    key_bytes_max: int = 16 * 1024
-    value_bytes_max: int = 1024 * 1024
+    key_bytes_max: int = KEY_BYTES_MAX
+    value_bytes_max: int = VALUE_BYTES_MAX
     #: the heartbeat's ``pid`` field (the shell's process id; the simulator's any int)
     pid: int = 0
     #: the heartbeat's free-form ``info`` (fsync policy, ...)
@@ -207,16 +209,15 @@ class RequestCore:
             self._reply(origin, ident, self.not_leader(req.request_id))
             return
         try:
-            answer = admin_request(self.state, self.tasks, req.op, req.args, req.payload)
+            answer = admin_request(self.state, self.tasks, req)
         except AdminError as exc:
             self._reply(origin, ident, ErrorReply(req.request_id, exc.code, str(exc)))
             return
-        if isinstance(answer, tuple):
-            result, payload = answer
-            result.setdefault("node", self.config.node_id)
-            self._reply(origin, ident, AdminReply(req.request_id, result, payload))
+        if isinstance(answer, ADMIN_REPLY_CLASSES):
+            self._reply(origin, ident, answer)
             return
-        self._propose(answer, Pending(origin, ident, req.request_id, command=answer), now)
+        cmd = cast(Command, answer)
+        self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
 
     def not_leader(self, request_id: int) -> ErrorReply:
         leader = self.replica.leader_id
@@ -292,8 +293,7 @@ class RequestCore:
             own = self.state.ownership
             ring = (own.ring or self.initial_ring).config
             for origin, items in self._redirects.items():
-                msg = Redirect(self.config.shard_id, ring.epoch, ring.shards, ring.vnodes,
-                               tuple(items))
+                msg = Redirect(self.config.shard_id, ring, tuple(items))
                 out.append((origin, (b"", *codec.encode(msg))))
             self._redirects.clear()
         if self._acks:

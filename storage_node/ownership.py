@@ -6,7 +6,7 @@ only from the log, and it survives restarts through snapshots.
 
 Theory of operation (one migration moves the keys whose owner differs between ring
 ``old`` at epoch E and ring ``new`` at epoch E+1; see ``ops/rebalance.py`` for the
-coordinator that drives the steps):
+coordinator that drives the steps; phases are ``protocol.admin.Phase``):
 
 - Ownership. A shard serves key k iff ``ring.shard_for(k)`` is this shard and, while a
   fence is up, ``fence.shard_for(k)`` is too. Otherwise it answers ``WRONG_SHARD`` (not
@@ -58,8 +58,9 @@ coordinator that drives the steps):
   so every later version at this shard exceeds it: per-key versions stay increasing.
 
 Every command is idempotent (a retried or resumed step applies as a no-op), and a
-command for a migration this shard does not know answers ``ok: False`` and changes
-nothing. Pure: no clock, no I/O.
+command for a migration this shard does not know answers ``Applied(ok=False)`` and
+changes nothing. Rings are stored in snapshots as ``RingConfig.to_wire()``. Pure: no
+clock, no I/O.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ from typing import Any
 
 import msgpack
 
-from zkv.protocol.errors import ErrorCode
+from zkv.protocol.admin import Applied, IncomingInfo, OutgoingInfo, Phase, SourceInfo
+from zkv.protocol.errors import ErrorCode, KVError
+from zkv.protocol.limits import INT_MAX
 from zkv.protocol.ring import Ring, RingConfig, plan_moves, position
 from zkv.storage_node.commands import (
     DropUnowned,
@@ -83,14 +86,15 @@ from zkv.storage_node.commands import (
 )
 
 #: Per source at a target: the bulk copy, a catch-up of what was written meanwhile (not
-#: fenced), the final delta (fenced), done.
-PHASE_COPY, PHASE_CATCHUP, PHASE_DELTA, PHASE_DONE = 1, 2, 3, 4
-V0_NONE = (1 << 63) - 1
+#: fenced), the final delta (fenced), done (aliases of ``Phase``, for older imports).
+PHASE_COPY, PHASE_CATCHUP, PHASE_DELTA, PHASE_DONE = (
+    Phase.COPY, Phase.CATCHUP, Phase.DELTA, Phase.DONE)
+V0_NONE = INT_MAX
 
 
 @dataclass(slots=True)
 class SourceProgress:
-    phase: int = PHASE_COPY
+    phase: Phase = Phase.COPY
     cursor: bytes = b""
     #: every moving key not written at the source after v0 is here in its final state
     v0: int = V0_NONE
@@ -104,7 +108,10 @@ class SourceProgress:
     @classmethod
     def from_state(cls, v: Any) -> SourceProgress:
         phase, cursor, v0, sessions, v1 = v
-        return cls(int(phase), bytes(cursor), int(v0), bool(sessions), int(v1))
+        return cls(Phase(phase), bytes(cursor), int(v0), bool(sessions), int(v1))
+
+    def info(self, shard: int) -> SourceInfo:
+        return SourceInfo(shard, self.phase, self.cursor, self.v0, self.sessions, self.v1)
 
 
 @dataclass(slots=True)
@@ -131,17 +138,15 @@ class Incoming:
     sources: dict[int, SourceProgress]
 
     def complete(self) -> bool:
-        return all(p.phase == PHASE_DONE and p.sessions for p in self.sources.values())
+        return all(p.phase == Phase.DONE and p.sessions for p in self.sources.values())
 
 
 def ring_wire(r: RingConfig | None) -> list[Any] | None:
-    return None if r is None else [r.epoch, list(r.shards), r.vnodes]
+    return None if r is None else r.to_wire()
 
 
 def ring_from_wire(v: Any) -> RingConfig | None:
-    if v is None:
-        return None
-    return RingConfig(int(v[0]), tuple(int(s) for s in v[1]), int(v[2]))
+    return None if v is None else RingConfig.from_wire(v)
 
 
 def moving(old: Ring, new: Ring, key: bytes) -> tuple[int, int]:
@@ -202,10 +207,10 @@ class Ownership:
     # ------------------------------------------------------------------ commands
 
     def apply(self, index: int, cmd: RingCommand, data: dict[bytes, tuple[bytes, int]],
-              sessions_merge: Any) -> dict[str, Any]:
+              sessions_merge: Any) -> Applied:
         """Apply a ring command at log ``index``; the result for the coordinator."""
         if self.shard_id is None:
-            return {"ok": False, "error": "this state machine has no shard id"}
+            return Applied(False, "this state machine has no shard id")
         try:
             if isinstance(cmd, RingSet):
                 return self._ring_set(cmd.ring)
@@ -223,21 +228,21 @@ class Ownership:
                 return self._drop(cmd, data)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # malformed payload: in the log already, so every replica refuses it alike
-            return {"ok": False, "error": f"malformed {type(cmd).__name__}: {exc}"}
+            return Applied(False, f"malformed {type(cmd).__name__}: {exc}")
         raise TypeError(f"not a ring command: {cmd!r}")
 
     def _gains(self, old: RingConfig, new: RingConfig) -> set[int]:
         """Sources this shard receives keys from when ``old`` becomes ``new``."""
         return {m.src for m in plan_moves(Ring(old), Ring(new)) if m.dst == self.shard_id}
 
-    def _ring_set(self, new: RingConfig) -> dict[str, Any]:
+    def _ring_set(self, new: RingConfig) -> Applied:
         if new.epoch <= self.epoch:
-            return {"ok": True, "epoch": self.epoch, "noop": True}
+            return Applied(True, epoch=self.epoch, noop=True)
         if self.ring is not None and self._gains(self.ring.config, new):
             inc = self.incoming
             if inc is None or inc.new != new or inc.old != self.ring.config or not inc.complete():
-                return {"ok": False, "error": "refusing to own keys whose migration is not "
-                        f"complete (epoch {new.epoch})"}
+                return Applied(False, "refusing to own keys whose migration is not "
+                               f"complete (epoch {new.epoch})")
         self._set_ring(new)
         self.undropped = True
         if self.fence is not None and self.fence.config.epoch <= new.epoch:
@@ -247,65 +252,63 @@ class Ownership:
         if self.outgoing is not None and self.outgoing.new.epoch <= new.epoch:
             self.outgoing = None
         self._recompute()
-        return {"ok": True, "epoch": self.epoch}
+        return Applied(True, epoch=self.epoch)
 
-    def _fence(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
+    def _fence(self, old: RingConfig, new: RingConfig) -> Applied:
         if self.epoch >= new.epoch:
-            return {"ok": True, "noop": True, "epoch": self.epoch}
+            return Applied(True, epoch=self.epoch, noop=True)
         if self.ring is None or self.ring.config != old:
-            return {"ok": False, "error": f"fence for epoch {old.epoch}, ring is {self.epoch}"}
+            return Applied(False, f"fence for epoch {old.epoch}, ring is {self.epoch}")
         if self.fence is None or self.fence.config != new:
             self.fence = Ring(new)
             self._recompute()
-        return {"ok": True, "epoch": self.epoch}
+        return Applied(True, epoch=self.epoch)
 
-    def _out(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
+    def _out(self, old: RingConfig, new: RingConfig) -> Applied:
         if self.epoch >= new.epoch:
-            return {"ok": True, "noop": True, "epoch": self.epoch}
+            return Applied(True, epoch=self.epoch, noop=True)
         if self.ring is None or self.ring.config != old:
-            return {"ok": False, "error": f"ring change from epoch {old.epoch}, ring is "
-                    f"{self.epoch}"}
+            return Applied(False, f"ring change from epoch {old.epoch}, ring is {self.epoch}")
         if self.outgoing is not None and self.outgoing.new != new:
-            return {"ok": False, "error": "another migration is in flight "
-                    f"(to epoch {self.outgoing.new.epoch})"}
+            return Applied(False, f"another migration is in flight (to epoch "
+                           f"{self.outgoing.new.epoch})")
         if self.outgoing is None:
             self.outgoing = Outgoing(old, new)
-        return {"ok": True, "epoch": self.epoch}
+        return Applied(True, epoch=self.epoch)
 
-    def _begin(self, old: RingConfig, new: RingConfig) -> dict[str, Any]:
+    def _begin(self, old: RingConfig, new: RingConfig) -> Applied:
         if self.epoch >= new.epoch:
-            return {"ok": True, "noop": True, "epoch": self.epoch}
+            return Applied(True, epoch=self.epoch, noop=True)
         if self.incoming is not None:
             if (self.incoming.old, self.incoming.new) == (old, new):
-                return {"ok": True, "epoch": self.epoch}
-            return {"ok": False, "error": "another migration is in flight "
-                    f"(to epoch {self.incoming.new.epoch})"}
+                return Applied(True, epoch=self.epoch)
+            return Applied(False, f"another migration is in flight (to epoch "
+                           f"{self.incoming.new.epoch})")
         if self.epoch > old.epoch:
-            return {"ok": False, "error": f"ring is at epoch {self.epoch}, past {old.epoch}"}
+            return Applied(False, f"ring is at epoch {self.epoch}, past {old.epoch}")
         if self.epoch < old.epoch:
             self._set_ring(old)  # a new shard: it never held a ring that names it
         self.incoming = Incoming(old, new, {s: SourceProgress() for s in self._gains(old, new)})
-        return {"ok": True, "epoch": self.epoch, "sources": sorted(self.incoming.sources)}
+        return Applied(True, epoch=self.epoch, sources=tuple(sorted(self.incoming.sources)))
 
-    def _progress(self, new_epoch: int, src: int) -> SourceProgress | dict[str, Any]:
+    def _progress(self, new_epoch: int, src: int) -> SourceProgress | Applied:
         if self.epoch >= new_epoch:
-            return {"ok": True, "noop": True, "epoch": self.epoch}
+            return Applied(True, epoch=self.epoch, noop=True)
         inc = self.incoming
         if inc is None or inc.new.epoch != new_epoch or src not in inc.sources:
-            return {"ok": False, "error": f"no migration from shard {src} to epoch {new_epoch}"}
+            return Applied(False, f"no migration from shard {src} to epoch {new_epoch}")
         return inc.sources[src]
 
     def _migrate_in(self, index: int, cmd: MigrateIn,
-                    data: dict[bytes, tuple[bytes, int]]) -> dict[str, Any]:
+                    data: dict[bytes, tuple[bytes, int]]) -> Applied:
         p = self._progress(cmd.new_epoch, cmd.src)
-        if isinstance(p, dict):
+        if isinstance(p, Applied):
             return p
         if cmd.phase != p.phase:  # a retry of a phase already closed, or out of order
-            return {"ok": cmd.phase < p.phase, "phase": p.phase, "cursor": p.cursor,
-                    "stale": True}
+            return Applied(cmd.phase < p.phase, phase=p.phase, cursor=p.cursor, stale=True)
         if cmd.after is not None and cmd.after != p.cursor:
             # a resent or late batch of a direct stream: applied already, or not next
-            return {"ok": True, "phase": p.phase, "cursor": p.cursor, "stale": True}
+            return Applied(True, phase=p.phase, cursor=p.cursor, stale=True)
         assert self.incoming is not None
         old, new = Ring(self.incoming.old), Ring(self.incoming.new)
         items = msgpack.unpackb(cmd.items, raw=False, use_list=True)
@@ -321,37 +324,36 @@ class Ownership:
                     raise ValueError("bad item")
                 data[key] = (value, version)
                 top = max(top, version)
-            elif cmd.phase != PHASE_COPY and data.pop(key, None) is not None:
+            elif cmd.phase != Phase.COPY and data.pop(key, None) is not None:
                 deleted += 1  # deleted at the source since an earlier phase sent it
         self.version_offset = max(self.version_offset, top - index)
-        if cmd.phase == PHASE_COPY:
+        if cmd.phase == Phase.COPY:
             p.v0 = min(p.v0, cmd.v0)
-        elif cmd.phase == PHASE_CATCHUP:
+        elif cmd.phase == Phase.CATCHUP:
             p.v1 = min(p.v1, cmd.v0)
         p.cursor = max(p.cursor, cmd.cursor)
         if cmd.done:
-            if cmd.phase == PHASE_CATCHUP:
+            if cmd.phase == Phase.CATCHUP:
                 p.v0 = p.v1  # what was written before the catch-up listed is here now
-            p.phase += 1
+            p.phase = Phase(p.phase + 1)
             p.cursor = b""
-        return {"ok": True, "phase": p.phase, "cursor": p.cursor, "stray": stray,
-                "deleted": deleted}
+        return Applied(True, phase=p.phase, cursor=p.cursor, stray=stray, deleted=deleted)
 
-    def _sessions(self, index: int, cmd: MigrateSessions, merge: Any) -> dict[str, Any]:
+    def _sessions(self, index: int, cmd: MigrateSessions, merge: Any) -> Applied:
         p = self._progress(cmd.new_epoch, cmd.src)
-        if isinstance(p, dict):
+        if isinstance(p, Applied):
             return p
-        if p.phase != PHASE_DONE:
-            return {"ok": False, "error": f"sessions before the delta of shard {cmd.src}"}
+        if p.phase != Phase.DONE:
+            return Applied(False, f"sessions before the delta of shard {cmd.src}")
         if not p.sessions:
             merge(msgpack.unpackb(cmd.sessions, raw=False, use_list=True))
             self.version_offset = max(self.version_offset, cmd.version_next - index)
             p.sessions = True
-        return {"ok": True, "phase": p.phase, "sessions": True}
+        return Applied(True, phase=p.phase, sessions=True)
 
-    def _drop(self, cmd: DropUnowned, data: dict[bytes, tuple[bytes, int]]) -> dict[str, Any]:
+    def _drop(self, cmd: DropUnowned, data: dict[bytes, tuple[bytes, int]]) -> Applied:
         if self.epoch < cmd.epoch or self.ring is None:
-            return {"ok": False, "error": f"ring is at epoch {self.epoch}, not {cmd.epoch}"}
+            return Applied(False, f"ring is at epoch {self.epoch}, not {cmd.epoch}")
         ring, me = self.ring, self.shard_id
         candidates = data if cmd.keys is None else cmd.keys
         gone = [k for k in candidates if k in data and ring.shard_for(k) != me]
@@ -359,25 +361,29 @@ class Ownership:
             del data[k]
         if cmd.last:
             self.undropped = False
-        return {"ok": True, "dropped": len(gone), "epoch": self.epoch, "done": cmd.last}
+        return Applied(True, epoch=self.epoch, dropped=len(gone), done=cmd.last)
 
     # ------------------------------------------------------------------ state
 
-    def info(self) -> dict[str, Any]:
+    def incoming_info(self) -> IncomingInfo | None:
         inc = self.incoming
+        if inc is None:
+            return None
+        return IncomingInfo(inc.old, inc.new,
+                            tuple(p.info(s) for s, p in sorted(inc.sources.items())))
+
+    def outgoing_info(self) -> OutgoingInfo | None:
+        out = self.outgoing
+        return None if out is None else OutgoingInfo(out.old, out.new, len(out.dirty))
+
+    def info(self) -> dict[str, object]:
+        """For diagnostics and tests; the wire form is ``AdminInfoReply``."""
         return {
             "shard": self.shard_id,
-            "ring": ring_wire(self.ring.config if self.ring else None),
-            "fence": ring_wire(self.fence.config if self.fence else None),
-            "incoming": None if inc is None else {
-                "old": ring_wire(inc.old), "new": ring_wire(inc.new),
-                "sources": {str(s): {"phase": p.phase, "cursor": p.cursor, "v0": p.v0,
-                                     "sessions": p.sessions, "v1": p.v1}
-                            for s, p in inc.sources.items()},
-            },
-            "outgoing": None if self.outgoing is None else {
-                "old": ring_wire(self.outgoing.old), "new": ring_wire(self.outgoing.new),
-                "dirty": len(self.outgoing.dirty)},
+            "ring": self.ring.config if self.ring else None,
+            "fence": self.fence.config if self.fence else None,
+            "incoming": self.incoming_info(),
+            "outgoing": self.outgoing_info(),
             "version_offset": self.version_offset,
             "undropped": self.undropped,
         }
@@ -420,7 +426,7 @@ class Ownership:
                                     dict(zip(o_keys, (int(i) for i in o_index), strict=True)))
             offset = int(state["offset"])
             undropped = bool(state["undropped"])
-        except (TypeError, ValueError, KeyError, IndexError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, KVError) as exc:
             raise ValueError(f"malformed ownership state: {exc}") from exc
         self._set_ring(ring)
         self.fence = Ring(fence) if fence is not None else None

@@ -46,10 +46,9 @@ from typing import Any
 
 import msgpack
 
-from zkv.protocol.messages import MigrateAck, MigrateBatch
+from zkv.protocol.admin import Applied, MigrateAck, MigrateBatch, Phase, PushInfo, StreamState
 from zkv.protocol.ring import Ring, RingConfig, position
 from zkv.storage_node.commands import DropUnowned, MigrateIn
-from zkv.storage_node.ownership import PHASE_COPY, PHASE_DELTA
 from zkv.storage_node.state_machine import KVStateMachine
 
 #: Keys hashed per loop turn while listing (about 15 ms of Python).
@@ -65,7 +64,9 @@ BATCH_BYTES = 2 * 1024 * 1024
 DROP_BATCH_KEYS = 5000
 CURSOR_START = b""
 
-LISTING, SENDING, DONE, FAILED = "listing", "sending", "done", "failed"
+LISTING, SENDING, DONE, FAILED = (
+    StreamState.LISTING, StreamState.SENDING, StreamState.DONE, StreamState.FAILED)
+PHASE_COPY, PHASE_DELTA = Phase.COPY, Phase.DELTA
 
 
 def cursor_of(key: bytes) -> bytes:
@@ -126,7 +127,7 @@ class PushSpec:
     new: RingConfig
     src: int
     dst: int
-    phase: int
+    phase: Phase
     v0: int
     after: bytes
     targets: tuple[tuple[str, str], ...]
@@ -212,8 +213,8 @@ class Push:
         if batch is None or ack.seq != batch.seq or self.state != SENDING:
             return  # an answer to a batch already settled
         r = ack.result
-        if not r.get("ok"):
-            if r.get("not_leader"):
+        if not r.ok:
+            if r.not_leader:
                 hint = ack.leader_hint
                 if hint in self._targets:  # at once to the leader it names
                     self._target = self._targets.index(hint)
@@ -222,21 +223,19 @@ class Push:
                     self._target = (self._target + 1) % len(self._targets)
                     self._resend_at = now + NO_LEADER_RETRY_S
                 return
-            self.state, self.error = FAILED, str(r.get("error", "refused"))
+            self.state, self.error = FAILED, r.error or "refused"
             self._inflight = None
             return
         self._inflight = None
-        phase = r.get("phase")
-        if type(phase) is int and phase > self.spec.phase:
+        if r.phase is not None and r.phase > self.spec.phase:
             self.state = DONE  # this batch closed the phase, or an earlier stream did
-            if r.get("stale") is not True:
+            if not r.stale:
                 self._count(batch)
             return
-        cursor = r.get("cursor")
-        if r.get("stale") or cursor != batch.cursor:
+        if r.stale or r.cursor != batch.cursor:
             # not this batch's doing (a stale resend, or an old answer that happens to
             # carry this seq): go on from where the target says it stands
-            self.after = cursor if type(cursor) is bytes else self.after
+            self.after = r.cursor if r.phase is not None else self.after
             return
         self._count(batch)  # applied: the target's cursor is now where this batch ends
         self.after = batch.cursor
@@ -276,13 +275,12 @@ class Push:
         return MigrateBatch(self._seq, spec.src, spec.dst, spec.new.epoch, spec.phase, v0,
                             after, cursor, i >= n, msgpack.packb(items, use_bin_type=True))
 
-    def status(self) -> dict[str, Any]:
-        keys = self.lister.keys
-        return {"state": self.state, "phase": self.spec.phase, "dst": self.spec.dst,
-                "listed": round(self.lister.progress, 3),
-                "total": None if keys is None else len(keys),
-                "sent": self.sent_keys, "bytes": self.sent_bytes, "batches": self.batches,
-                "resends": self.resends, "target": self.target, "error": self.error}
+    def status(self) -> PushInfo:
+        keys, spec = self.lister.keys, self.spec
+        return PushInfo(spec.new.epoch, spec.dst, spec.phase, self.state,
+                        int(self.lister.progress * 1000), None if keys is None else len(keys),
+                        self.sent_keys, self.sent_bytes, self.batches, self.resends,
+                        self.target, self.error)
 
 
 def command_for(batch: MigrateBatch) -> MigrateIn:
@@ -292,8 +290,7 @@ def command_for(batch: MigrateBatch) -> MigrateIn:
 
 
 def not_leader_ack(batch: MigrateBatch, leader_hint: str) -> MigrateAck:
-    return MigrateAck(batch.seq, batch.dst_shard, {"ok": False, "not_leader": True},
-                      leader_hint)
+    return MigrateAck(batch.seq, batch.dst_shard, Applied(False, not_leader=True), leader_hint)
 
 
 class Drop:
@@ -329,17 +326,18 @@ class LeaderTasks:
         self.drops: dict[int, Drop] = {}
         self._seq = seq0
 
-    def start_push(self, spec: PushSpec, sm: KVStateMachine) -> dict[str, Any]:
+    def start_push(self, spec: PushSpec, sm: KVStateMachine) -> tuple[PushInfo, bool]:
         """Start (or restart) a stream; one already running for the same epoch,
-        target and phase keeps going (a retried request must not fork it)."""
+        target and phase keeps going (a retried request must not fork it). Returns its
+        status and whether it was running already."""
         running = self.pushes.get(spec.key)
         if running is not None and running.state in (LISTING, SENDING):
-            return {"ok": True, "push": running.status(), "running": True}
+            return running.status(), True
         for key in [k for k in self.pushes if k[0] != spec.new.epoch]:
             del self.pushes[key]  # an older migration's: long settled
         push = self.pushes[spec.key] = Push(spec, sm, self._seq)
         self._seq += 1_000_000  # keep seqs of successive pushes apart
-        return {"ok": True, "push": push.status(), "running": False}
+        return push.status(), False
 
     def pump(self, sm: KVStateMachine, now: float) -> list[tuple[str, str, MigrateBatch]]:
         """``(node id, peer address, batch)`` to send now."""
@@ -362,21 +360,20 @@ class LeaderTasks:
         return any(p.state == LISTING for p in self.pushes.values()) or any(
             not d.lister.done for d in self.drops.values())
 
-    def status(self) -> dict[str, Any]:
-        return {f"{e}:{d}:{p}": push.status() for (e, d, p), push in self.pushes.items()}
+    def status(self) -> tuple[PushInfo, ...]:
+        return tuple(push.status() for _, push in sorted(self.pushes.items()))
 
-    def drop_step(self, sm: KVStateMachine, epoch: int) -> dict[str, Any] | DropUnowned:
-        """Answer a ``drop`` request: progress while listing, else the next command."""
-        if sm.ownership.epoch < epoch or sm.ownership.ring is None:
-            return {"ok": False, "error": f"ring is at epoch {sm.ownership.epoch}, not {epoch}"}
+    def drop_step(self, sm: KVStateMachine, epoch: int) -> DropUnowned | int:
+        """Answer a ``drop`` request (the caller checked the ring is at ``epoch``):
+        the next command, or while still listing how far, in thousandths."""
+        assert sm.ownership.ring is not None and sm.ownership.epoch >= epoch
         drop = self.drops.get(epoch)
         if drop is None:
             self.drops = {epoch: Drop(sm, epoch)}
             drop = self.drops[epoch]
         cmd = drop.next_command()
         if cmd is None:
-            return {"ok": True, "listing": round(drop.lister.progress, 3), "dropped": 0,
-                    "done": False}
+            return int(drop.lister.progress * 1000)
         if cmd.last:
             del self.drops[epoch]  # a later request lists again (and finds nothing)
         return cmd
@@ -387,6 +384,6 @@ class LeaderTasks:
 
 
 __all__ = [
-    "PHASE_COPY", "PHASE_DELTA", "ACK_TIMEOUT_S", "Drop", "KeyLister", "LeaderTasks",
+    "PHASE_COPY", "PHASE_DELTA", "ACK_TIMEOUT_S", "LISTING", "SENDING", "DONE", "FAILED", "Drop", "KeyLister", "LeaderTasks",
     "Push", "PushSpec", "command_for", "cursor_of", "not_leader_ack",
 ]

@@ -14,7 +14,7 @@ Semantics (``apply``):
 - A write whose (client id, request id) was seen returns the cached reply and changes
   nothing; one the session table has forgotten returns ``ErrorReply(SESSION_EXPIRED)``.
 - Ring commands (RING_SET, FENCE, MIGRATE_*, DROP_UNOWNED) go to ``ownership.py``,
-  whose docstring holds the rules of a ring change; they return a result dict.
+  whose docstring holds the rules of a ring change; they return an ``Applied``.
 - A write to a key this shard does not serve (``Ownership.refusal``) answers
   ``WRONG_SHARD`` / ``UNAVAILABLE`` and changes nothing (not even the session table).
   A key's version is the entry's index plus ``Ownership.version_offset`` (0 unless
@@ -31,7 +31,7 @@ import msgpack
 from loguru import logger
 
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
-from zkv.protocol.messages import CasReply, DeleteReply, ErrorReply, PutReply
+from zkv.protocol.messages import Applied, CasReply, DeleteReply, ErrorReply, PutReply
 from zkv.protocol.ring import RingConfig
 from zkv.storage_node.commands import (
     CasCommand,
@@ -130,7 +130,7 @@ class KVStateMachine:
         """``(value, version)`` of ``key``, or ``None`` if it does not exist."""
         return self._data.get(key)
 
-    def apply(self, index: int, data: bytes) -> ApplyReply | dict[str, Any] | None:
+    def apply(self, index: int, data: bytes) -> ApplyReply | Applied | None:
         """Apply the committed entry at ``index``; the reply for its client, if any."""
         try:
             cmd = decode_command(data)
@@ -142,7 +142,7 @@ class KVStateMachine:
             return None
         return self.apply_command(index, cmd)
 
-    def apply_command(self, index: int, cmd: Command) -> ApplyReply | dict[str, Any] | None:
+    def apply_command(self, index: int, cmd: Command) -> ApplyReply | Applied | None:
         """``apply`` for a command already decoded: the leader keeps the commands it
         proposed, so its hot path never decodes its own log entries again."""
         if index <= self._applied_index:

@@ -30,6 +30,7 @@ import pytest
 
 from tests.containers.cluster import ContainerCluster, close_client, make_client
 from tests.containers.workload import Acked, Load, check_history, ring_from_status
+from zkv.protocol.admin import AdminInfo, AdminInfoReply, AdminReply
 from zkv.protocol.ring import Ring, RingConfig
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(300)]
@@ -330,7 +331,7 @@ def test_add_shard_with_source_leader_killed(
         result = check_history(history)
         assert result.ok, f"history not linearizable: {result}"
 
-        counts = {s: int(admin.admin(s, "info", {})[0]["keys"]) for s in final.shards}
+        counts = {s: _keys(admin.admin(AdminInfo(b"", 0, s))) for s in final.shards}
         expected = {s: 0 for s in final.shards}
         for key in KEYS:
             expected[new_ring.shard_for(key.encode())] += 1
@@ -383,3 +384,8 @@ def test_add_shard_with_source_leader_killed(
         "a load acknowledged nothing after the change"
     )
     assert total_s < BUDGET_S, f"took {total_s:.1f}s, budget {BUDGET_S:.0f}s"
+
+
+def _keys(reply: AdminReply) -> int:
+    assert isinstance(reply, AdminInfoReply), reply
+    return reply.keys

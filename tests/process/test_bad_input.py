@@ -62,6 +62,7 @@ from zkv.protocol.messages import (
     VoteReply,
     VoteRequest,
 )
+from zkv.protocol.ring import RingConfig
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 
@@ -87,10 +88,10 @@ _TEMPLATES: list[Any] = [
     DeleteReply(1, True, 4),
     CasReply(1, False, 0),
     ErrorReply(1, 3, "not leader", "s0r1", 0),
-    StatusReply(1, "b0", ({"node_id": "x"},), {"epoch": 1}),
+    StatusReply(1, "b0", ({"node_id": "x"},), RingConfig(1, (0,), 128)),
     PongReply(1, "b0"),
     Heartbeat("s0r9", 0, Role.LEADER, 1, "s0r9", 1, 1, 1, 1, 0, 1, "tcp://127.0.0.1:1",
-              ("s0r9",), 1, (0,), 128, 100),
+              ("s0r9",), RingConfig(1, (0,), 128), 100),
     Campaign(0, 0, "fuzz"),
     VoteRequest(1, "s0r1", 0, 0, True),
     VoteReply(1, "s0r1", True, False),

@@ -186,8 +186,7 @@ class FakeNode:
             leader_id=self.node_id if self.role == Role.LEADER else "",
             last_log_term=self.log[0], last_index=self.log[1], commit_index=self.log[1],
             applied_index=self.log[1], key_count=0, pid=os.getpid(), peer_addr="",
-            members=self.members, ring_epoch=self.ring.epoch, ring_shards=self.ring.shards,
-            ring_vnodes=self.ring.vnodes, heartbeat_ms=HEARTBEAT_MS,
+            members=self.members, ring=self.ring, heartbeat_ms=HEARTBEAT_MS,
         )  # fmt: skip
 
     def _run(self) -> None:
@@ -236,7 +235,7 @@ class FakeNode:
             and isinstance(req, GetRequest | PutRequest)
             and Ring(owns).shard_for(req.key) != self.shard
         ):
-            refused = Redirect(self.shard, owns.epoch, owns.shards, owns.vnodes, (tuple(msg),))
+            refused = Redirect(self.shard, owns, (tuple(msg),))
             dealer.send_multipart([b"", *codec.encode(refused)])
             return
         if isinstance(req, GetRequest):
@@ -356,7 +355,7 @@ def test_status_and_ping(broker: BrokerProcess, ctx: Any, nodes: Any) -> None:
     row = status.nodes[0]
     assert row["node_id"] == "s0r0" and row["term"] == 3 and row["live"]
     assert 0 <= row["age_ms"] < ELECTION_TIMEOUT_MS
-    assert status.ring["epoch"] == 1
+    assert status.ring is not None and status.ring.epoch == 1
 
 
 def test_campaign_sent_to_best_follower_when_leader_stops(
@@ -414,7 +413,8 @@ def two_shard_leaders(
     client = Client(ctx, broker.frontend)
     client.until(
         lambda rid: StatusRequest(b"cid", rid),
-        lambda r: sum(n["live"] for n in r.nodes) == 2 and r.ring.get("epoch") == 1,
+        lambda r: sum(n["live"] for n in r.nodes) == 2 and r.ring is not None
+        and r.ring.epoch == 1,
         timeout_s=5,
     )
     return s0, s1, client
@@ -435,7 +435,7 @@ def test_wrong_shard_refusal_is_rerouted_to_the_new_owner(
     assert isinstance(reply, PutReply)
     assert len(s0.requests) == 1 and len(s1.requests) == 2
     status = client.call(lambda rid: StatusRequest(b"cid", rid))
-    assert status.ring == TWO_SHARDS.as_dict()
+    assert status.ring == TWO_SHARDS
     broker.wait_for_log("adopted ring epoch 2: shards [0, 1] x 16 vnodes")
     broker.wait_for_log("re-routed 1 requests refused by a node as another shard's")
 
@@ -463,10 +463,10 @@ def test_redirect_from_an_unknown_peer_cannot_move_the_ring(
     stranger.setsockopt(zmq.IDENTITY, b"stranger")
     stranger.setsockopt(zmq.LINGER, 0)
     stranger.connect(broker.backend)
-    stranger.send_multipart([b"", *codec.encode(Redirect(0, 99, (0, 1), 16, ()))])
+    stranger.send_multipart([b"", *codec.encode(Redirect(0, RingConfig(99, (0, 1), 16), ()))])
     broker.wait_for_log("Redirect from unknown node b'stranger': ring ignored")
     status = client.call(lambda rid: StatusRequest(b"cid", rid))
-    assert status.ring == ONE_SHARD.as_dict()
+    assert status.ring == ONE_SHARD
 
 
 def test_sigterm_exits_zero(broker: BrokerProcess) -> None:

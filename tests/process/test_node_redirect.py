@@ -14,7 +14,7 @@ import zmq
 from tests.process.test_bad_input import NODE_ID, LoneNode
 from zkv.protocol import codec
 from zkv.protocol.messages import GetRequest, PutReply, PutRequest, Redirect
-from zkv.protocol.ring import Ring
+from zkv.protocol.ring import Ring, RingConfig
 
 CLIENT = b"c" * 16
 
@@ -56,7 +56,7 @@ def test_a_request_for_another_shards_key_comes_back_whole(node: LoneNode) -> No
         assert frames[1] == b"", f"answered instead of handed back: {frames[1:3]!r}"
         msg = codec.decode(frames[2:])
         assert isinstance(msg, Redirect), msg
-        assert (msg.shard_id, msg.ring_epoch, msg.ring_shards, msg.ring_vnodes) == (0, 1, (0, 1), 16)
+        assert (msg.shard_id, msg.ring) == (0, RingConfig(1, (0, 1), 16))
         items.extend(msg.items)
     assert items == [(b"client-a", *frames) for frames in sent]  # exactly as they came
     assert node.alive()

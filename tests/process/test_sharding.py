@@ -39,6 +39,7 @@ from tests.support.cli import ZkvCli
 from tests.support.history import History
 from zkv.client import KVClient
 from zkv.ops.cluster import LocalCluster
+from zkv.protocol.admin import AdminInfo, AdminInfoReply
 from zkv.protocol.errors import KVError
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
@@ -76,7 +77,9 @@ def _worker(stop: threading.Event, history: History, endpoints: list[str], index
 
 
 def _shard_keys(kv: KVClient, shard: int) -> int:
-    return int(kv.admin(shard, "info", timeout=10)[0]["keys"])
+    reply = kv.admin(AdminInfo(b"", 0, shard), timeout=10)
+    assert isinstance(reply, AdminInfoReply)
+    return reply.keys
 
 
 class Faults:

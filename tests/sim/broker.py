@@ -26,7 +26,6 @@ from zkv.broker.router import Router
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch
-from zkv.protocol.ring import RingConfig
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World
@@ -85,8 +84,7 @@ class SimBroker:
     def _on_redirect(self, node: str, redirect: Redirect) -> None:
         w = self.world
         if node in self.table.nodes:
-            self.table.adopt_ring(RingConfig(redirect.ring_epoch, redirect.ring_shards,
-                                             redirect.ring_vnodes))
+            self.table.adopt_ring(redirect.ring)
         for item in redirect.items:
             dest = self.router.reroute(item, redirect.shard_id, w.now)
             if isinstance(dest, bytes):

@@ -25,6 +25,7 @@ every client (the final reads included) linearizable.
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from tests.support.lincheck import check
 from zkv.ops.rebalance import RebalanceError, Rebalancer, ring_adding, ring_removing
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode
-from zkv.protocol.messages import AdminReply, AdminRequest, ErrorReply
+from zkv.protocol.messages import ADMIN_REPLY_CLASSES, AdminReply, AdminRequest, ErrorReply
 from zkv.protocol.ring import Ring, RingConfig
 
 ADDR = "admin"
@@ -79,26 +80,27 @@ class SimAdmin:
         w = self.world
         w.run_until(w.now + 0.005)  # a round trip to the broker
         table = w.broker.table
-        return {"ring": table.ring_dict(), "nodes": table.status_rows(w.now)}
+        ring = table.ring_config()
+        return {"ring": {} if ring is None else ring.as_dict(), "nodes": table.status_rows(w.now)}
 
-    def admin(self, shard: int, op: str, args: dict[str, Any], payload: bytes = b"",
-              timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+    def admin(self, request: AdminRequest, timeout: float | None = None) -> AdminReply:
         self.calls += 1
+        what = f"{type(request).__name__} at {request.shard_id}"
         if self.calls > ADMIN_CALLS_MAX:
             raise Violation(f"{ADDR}: more than {ADMIN_CALLS_MAX} admin calls: a livelock")
         if self.kill == ("admin", (self.calls, False)):
-            raise Died(f"before admin call {self.calls} ({op} at {shard})")
-        reply = self._call(AdminRequest(self.client_id, 0, shard, op, dict(args), payload))
+            raise Died(f"before admin call {self.calls} ({what})")
+        reply = self._call(request)
         if self.kill == ("admin", (self.calls, True)):
-            raise Died(f"after admin call {self.calls} ({op} at {shard})")
-        return dict(reply.result), reply.payload
+            raise Died(f"after admin call {self.calls} ({what})")
+        return reply
 
     def _call(self, req: AdminRequest) -> AdminReply:
         """Send ``req`` until answered, with one request id (every op is idempotent)."""
         w = self.world
         self.rid += 1
-        frames = codec.encode(AdminRequest(req.client_id, self.rid, req.shard_id, req.op,
-                                           req.args, req.payload))
+        frames = codec.encode(dataclasses.replace(req, client_id=self.client_id,
+                                                  request_id=self.rid))
         started = w.now
         while w.now - started < ADMIN_DEADLINE_S:
             self._answer, self._refused, self._waiting = None, False, self.rid
@@ -109,14 +111,14 @@ class SimAdmin:
                 return self._answer
             if self._refused:
                 w.run_until(w.now + 0.05)  # back off, then again
-        raise Violation(f"{ADDR}: {req.op} at shard {req.shard_id} unanswered for "
+        raise Violation(f"{ADDR}: {type(req).__name__} at shard {req.shard_id} unanswered for "
                         f"{ADMIN_DEADLINE_S:.0f} s")
 
     def deliver(self, src: str, frames: list[bytes]) -> None:
         msg = codec.decode(frames)
         if getattr(msg, "request_id", None) != self._waiting:
             return  # a late or duplicated answer
-        if type(msg) is AdminReply:
+        if isinstance(msg, ADMIN_REPLY_CLASSES):
             self._answer = msg
         elif type(msg) is ErrorReply:
             if msg.code not in RETRY:
@@ -187,7 +189,8 @@ class Mover:
         for life in range(LIVES):
             self.plan_death(alive=life == LIVES - 1)
             r = Rebalancer(a, batch_keys=self.rng.randint(2, 9),  # type: ignore[arg-type]
-                           on_step=a.on_step, poll_s=0)
+                           on_step=a.on_step, poll_s=0, clock=lambda: w.now,
+                           sleep=lambda s: w.run_until(w.now + s))
             try:
                 if life == 0:
                     start(r)

@@ -45,6 +45,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.ring import RingConfig
 
 DROP = object()
 Hook = Callable[[bytes, Any, int], Any]
@@ -61,7 +62,7 @@ class FakeBrokerCore:
         self.applied: dict[tuple[bytes, int], Message] = {}
         self.apply_count = 0
         self.status_nodes: tuple[dict[str, Any], ...] = ()
-        self.ring: dict[str, Any] = {"epoch": 1, "shards": [0], "vnodes": 256}
+        self.ring: RingConfig | None = RingConfig(1, (0,), 256)
 
     def handle(self, ident: bytes, frames: list[bytes]) -> list[list[bytes]]:
         """The reply frames to send back for one request (none for a drop)."""

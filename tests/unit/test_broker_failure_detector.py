@@ -7,6 +7,7 @@ import pytest
 from zkv.broker.failure_detector import FailureDetector, check_timing
 from zkv.broker.node_table import NodeTable
 from zkv.protocol.messages import Campaign, Heartbeat, Role
+from zkv.protocol.ring import RingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +29,7 @@ def hb(
         node_id=node, shard_id=shard, role=role, term=term, leader_id=leader,
         last_log_term=log[0], last_index=log[1], commit_index=0, applied_index=0,
         key_count=0, pid=1, peer_addr="", members=members,
-        ring_epoch=1, ring_shards=(0,), ring_vnodes=8, heartbeat_ms=100,
+        ring=RingConfig(1, (0,), 8), heartbeat_ms=100,
     )  # fmt: skip
 
 

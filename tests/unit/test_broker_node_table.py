@@ -41,7 +41,7 @@ def hb(
         node_id=node, shard_id=shard, role=role, term=term, leader_id=leader,
         last_log_term=log[0], last_index=log[1], commit_index=log[1], applied_index=log[1],
         key_count=0, pid=1, peer_addr=f"tcp://127.0.0.1:7{node[-1]}", members=members,
-        ring_epoch=epoch, ring_shards=shards, ring_vnodes=vnodes, heartbeat_ms=100,
+        ring=RingConfig(epoch, shards, vnodes), heartbeat_ms=100,
     )  # fmt: skip
 
 
@@ -110,7 +110,7 @@ def test_ring_adopts_highest_epoch_and_rebuilds_only_on_change() -> None:
     assert t.ring is not ring and t.ring.config.shards == (0, 1, 2)
     events = [e for e in t.tick(0.3) if isinstance(e, RingAdopted)]
     assert [e.config.epoch for e in events] == [2, 3]
-    assert t.ring_dict() == {"epoch": 3, "shards": [0, 1, 2], "vnodes": 16}
+    assert t.ring_config() == RingConfig(3, (0, 1, 2), 16)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_ring_refuses_unbuildable_configs(shards: tuple[int, ...], vnodes: int) 
     t = table()
     t.observe(hb("s0r0", epoch=5, shards=shards, vnodes=vnodes), 0.0)
     assert t.ring is None
-    assert t.ring_dict() == {}
+    assert t.ring_config() is None
 
 
 def test_adopt_ring_from_a_redirect() -> None:
@@ -142,7 +142,7 @@ def test_adopt_ring_from_a_redirect() -> None:
 def test_adopt_ring_without_any_heartbeat() -> None:
     t = table()
     assert t.adopt_ring(RingConfig(1, (0,), 4))
-    assert t.ring_dict() == {"epoch": 1, "shards": [0], "vnodes": 4}
+    assert t.ring_config() == RingConfig(1, (0,), 4)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ import pytest
 from zkv.broker.node_table import NodeTable
 from zkv.broker.router import Router
 from zkv.protocol import codec
+from zkv.protocol.admin import AdminInfo
 from zkv.protocol.errors import ErrorCode
+from zkv.protocol.messages import PROTOCOL_VERSION as V
 from zkv.protocol.messages import (
     CasRequest,
     Consistency,
@@ -51,7 +53,7 @@ def hb(node: str, shard: int, role: Role = Role.FOLLOWER, term: int = 1) -> Hear
     return Heartbeat(
         node_id=node, shard_id=shard, role=role, term=term, leader_id="",
         last_log_term=1, last_index=1, commit_index=1, applied_index=1, key_count=0, pid=1,
-        peer_addr="", members=(), ring_epoch=7, ring_shards=SHARDS, ring_vnodes=VNODES,
+        peer_addr="", members=(), ring=RingConfig(7, SHARDS, VNODES),
         heartbeat_ms=100,
     )  # fmt: skip
 
@@ -101,9 +103,9 @@ ERROR_CASES = [
                  12, id="unheard-shard"),
     pytest.param([CLIENT, *codec.encode(GetRequest(b"c", 13, b"k" * 65))], ErrorCode.TOO_LARGE,
                  13, id="key-too-large"),
-    pytest.param([CLIENT, msgpack.packb([1, 2, b"c", 14, K0, 0]), b"v" * 101],
+    pytest.param([CLIENT, msgpack.packb([V, 2, b"c", 14, K0, 0]), b"v" * 101],
                  ErrorCode.TOO_LARGE, 14, id="value-frame-too-large"),
-    pytest.param([CLIENT, msgpack.packb([1, 1, b"c", 15, b"k", 0, b"x" * 20_000])],
+    pytest.param([CLIENT, msgpack.packb([V, 1, b"c", 15, b"k", 0, b"x" * 20_000])],
                  ErrorCode.TOO_LARGE, 15, id="header-too-large"),
     pytest.param([CLIENT, b"\xc1garbage"], ErrorCode.BAD_REQUEST, 0, id="garbage"),
     pytest.param([CLIENT, b""], ErrorCode.BAD_REQUEST, 0, id="empty-header"),
@@ -112,23 +114,23 @@ ERROR_CASES = [
                  ErrorCode.BAD_REQUEST, 16, id="four-frames"),
     pytest.param([CLIENT, codec.encode(GetRequest(b"c", 17, K0))[0], b"blob"],
                  ErrorCode.BAD_REQUEST, 17, id="get-with-blob"),
-    pytest.param([CLIENT, msgpack.packb([1, 1, b"c", 19])], ErrorCode.BAD_REQUEST, 19,
+    pytest.param([CLIENT, msgpack.packb([V, 1, b"c", 19])], ErrorCode.BAD_REQUEST, 19,
                  id="get-without-key"),
-    pytest.param([CLIENT, msgpack.packb([1, 1, b"c", 20, "str-key"])], ErrorCode.BAD_REQUEST, 20,
+    pytest.param([CLIENT, msgpack.packb([V, 1, b"c", 20, "str-key"])], ErrorCode.BAD_REQUEST, 20,
                  id="key-wrong-type"),
-    pytest.param([CLIENT, msgpack.packb([2, 1, b"c", 21, b"k"])], ErrorCode.BAD_REQUEST, 21,
+    pytest.param([CLIENT, msgpack.packb([V + 1, 1, b"c", 21, b"k"])], ErrorCode.BAD_REQUEST, 21,
                  id="wrong-version"),
-    pytest.param([CLIENT, msgpack.packb([1, [1, 2], b"c", 22, b"k"])], ErrorCode.BAD_REQUEST,
+    pytest.param([CLIENT, msgpack.packb([V, [1, 2], b"c", 22, b"k"])], ErrorCode.BAD_REQUEST,
                  22, id="unhashable-type-field"),
-    pytest.param([CLIENT, msgpack.packb([1, {"a": 1}, b"c", 23])], ErrorCode.BAD_REQUEST, 23,
+    pytest.param([CLIENT, msgpack.packb([V, {"a": 1}, b"c", 23])], ErrorCode.BAD_REQUEST, 23,
                  id="map-type-field"),
-    pytest.param([CLIENT, msgpack.packb([1, 99, b"c", 24])], ErrorCode.BAD_REQUEST, 24,
+    pytest.param([CLIENT, msgpack.packb([V, 99, b"c", 24])], ErrorCode.BAD_REQUEST, 24,
                  id="unknown-type"),
     pytest.param([CLIENT, *codec.encode(PongReply(25, "x"))], ErrorCode.BAD_REQUEST, 0,
                  id="reply-sent-as-request"),
     pytest.param([CLIENT, *codec.encode(hb("s0r0", 0))], ErrorCode.BAD_REQUEST, 0,
                  id="heartbeat-on-frontend"),
-    pytest.param([CLIENT, msgpack.packb([1, 6, b"c", "rid"])], ErrorCode.BAD_REQUEST, 0,
+    pytest.param([CLIENT, msgpack.packb([V, 6, b"c", "rid"])], ErrorCode.BAD_REQUEST, 0,
                  id="ping-wrong-field-type"),
     pytest.param([CLIENT, msgpack.packb({"a": 1})], ErrorCode.BAD_REQUEST, 0, id="map-header"),
 ]  # fmt: skip
@@ -184,7 +186,7 @@ def test_status_answered_locally() -> None:
     assert reply.request_id == 43 and reply.broker_id == "b9"
     assert [n["node_id"] for n in reply.nodes] == ["s0r0", "s0r1", "s0r2", "s1r0"]
     assert all(n["age_ms"] == 250 and n["live"] for n in reply.nodes)
-    assert reply.ring == {"epoch": 7, "shards": [0, 1, 2], "vnodes": VNODES}
+    assert reply.ring == RingConfig(7, (0, 1, 2), VNODES)
 
 
 def test_route_never_raises_on_random_input() -> None:
@@ -235,7 +237,7 @@ def resharding() -> tuple[NodeTable, Router]:
     t.adopt_ring(ONE_SHARD)
     for node, shard, role in (("s0r0", 0, Role.LEADER), ("s1r0", 1, Role.LEADER),
                               ("s1r1", 1, Role.FOLLOWER), ("s1r2", 1, Role.FOLLOWER)):
-        t.observe(dataclasses.replace(hb(node, shard, role), ring_epoch=1, ring_shards=(0,)), 0.0)
+        t.observe(dataclasses.replace(hb(node, shard, role), ring=RingConfig(1, (0,), VNODES)), 0.0)
     assert t.ring is not None and t.ring.config == ONE_SHARD
     return t, Router(t, "b9", key_bytes_max=64, value_bytes_max=100)
 
@@ -316,11 +318,11 @@ def test_stale_get_refused_by_a_replica_of_the_owner_is_not_sent_to_another() ->
 MALFORMED_ITEMS = [
     pytest.param((CLIENT,), ErrorCode.BAD_REQUEST, 0, id="no-header"),
     pytest.param((CLIENT, b"\xc1junk"), ErrorCode.BAD_REQUEST, 0, id="garbage"),
-    pytest.param((CLIENT, msgpack.packb([1, 1, b"c", 8])), ErrorCode.BAD_REQUEST, 8,
+    pytest.param((CLIENT, msgpack.packb([V, 1, b"c", 8])), ErrorCode.BAD_REQUEST, 8,
                  id="get-without-key"),
     pytest.param((CLIENT, *codec.encode(PingRequest(b"c", 9))), ErrorCode.BAD_REQUEST, 9,
                  id="ping-is-not-redirectable"),
-    pytest.param((CLIENT, msgpack.packb([1, 7, b"c", 10, 0, "info", {}, b""])),
+    pytest.param((CLIENT, *codec.encode(AdminInfo(b"c", 10, 0))),
                  ErrorCode.BAD_REQUEST, 10, id="admin-is-not-redirectable"),
     pytest.param((CLIENT, codec.encode(GetRequest(b"c", 11, MOVED))[0], b"blob"),
                  ErrorCode.BAD_REQUEST, 11, id="get-with-blob"),

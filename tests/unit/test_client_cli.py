@@ -13,6 +13,7 @@ from zkv.client import KVClient, cli
 from zkv.client.cli import annotate_status, format_status, main
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import ErrorReply, Heartbeat, PutRequest, Role
+from zkv.protocol.ring import RingConfig
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
@@ -131,7 +132,7 @@ def test_status_table_groups_by_shard_with_leader_and_lag(
     broker: FakeBrokerCore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broker.status_nodes = STATUS_NODES
-    broker.ring = {"epoch": 1, "shards": [0, 1, 2], "vnodes": 256}
+    broker.ring = RingConfig(1, (0, 1, 2), 256)
     assert zkv(broker, "status") == 0
     out = capsys.readouterr().out
     assert "shard 0  leader s0r0" in out
@@ -150,10 +151,10 @@ def test_status_age_is_time_since_the_broker_heard_the_node() -> None:
         t.observe(Heartbeat(
             node_id=nid, shard_id=0, role=role, term=1, leader_id="s0r0", last_log_term=1,
             last_index=5, commit_index=5, applied_index=5, key_count=0, pid=1,
-            peer_addr="tcp://127.0.0.1:7000", members=("s0r0", "s0r1"), ring_epoch=1,
-            ring_shards=(0,), ring_vnodes=16, heartbeat_ms=100), heard_s)
+            peer_addr="tcp://127.0.0.1:7000", members=("s0r0", "s0r1"),
+            ring=RingConfig(1, (0,), 16), heartbeat_ms=100), heard_s)
     rows = t.status_rows(1.7)
-    out = format_status(annotate_status({"broker_id": "b", "nodes": rows, "ring": t.ring_dict()}))
+    out = format_status(annotate_status({"broker_id": "b", "nodes": rows, "ring": t.ring_config().as_dict()}))
     ages = {line.split()[0]: line.split()[-1] for line in out.splitlines()
             if line.strip().startswith("s0r")}
     assert ages == {"s0r0": "1.2s", "s0r1": "1.7s"}

@@ -10,6 +10,34 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zkv.protocol import codec
+from zkv.protocol.admin import (
+    ADMIN_REPLY_CLASSES,
+    ADMIN_REQUEST_CLASSES,
+    AdminAppliedReply,
+    AdminBegin,
+    AdminDrop,
+    AdminFence,
+    AdminInfo,
+    AdminInfoReply,
+    AdminListingReply,
+    AdminMergeSessions,
+    AdminPush,
+    AdminPushReply,
+    AdminRingSet,
+    AdminSessions,
+    AdminSessionsReply,
+    AdminTrack,
+    Applied,
+    IncomingInfo,
+    MigrateAck,
+    MigrateBatch,
+    OutgoingInfo,
+    Phase,
+    PushInfo,
+    SourceInfo,
+    StreamState,
+    Target,
+)
 from zkv.protocol.errors import (
     ErrorCode,
     LocalProtocolError,
@@ -18,6 +46,7 @@ from zkv.protocol.errors import (
     Timeout,
     error_for_code,
 )
+from zkv.protocol.limits import RING_TOKENS_MAX
 from zkv.protocol.messages import (
     ALL_MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -30,10 +59,42 @@ from zkv.protocol.messages import (
     GetRequest,
     Heartbeat,
     PutRequest,
+    Redirect,
     Role,
     StatusReply,
     VoteRequest,
 )
+from zkv.protocol.ring import RingConfig
+
+OLD, NEW = RingConfig(1, (0, 1), 16), RingConfig(2, (0, 1, 2), 16)
+PUSH = PushInfo(2, 2, Phase.CATCHUP, StreamState.SENDING, 1000, 40, 12, 3400, 3, 1, "s2r0", "")
+ADMIN_SAMPLES = [
+    AdminInfo(b"c", 1, 0),
+    AdminBegin(b"c", 2, 2, OLD, NEW),
+    AdminTrack(b"c", 3, 0, OLD, NEW),
+    AdminPush(b"c", 4, 0, OLD, NEW, 2, Phase.COPY, 0, b"\x01k", (Target("s2r0", "tcp://h:7"),),
+              2000, 1 << 21, 500_000),
+    AdminFence(b"c", 5, 1, OLD, NEW),
+    AdminSessions(b"c", 6, 1, OLD, NEW),
+    AdminMergeSessions(b"c", 7, 2, 2, 1, 99, b"\x90"),
+    AdminMergeSessions(b"c", 7, 2, 2, 1, 99, b"S" * 20_000),  # the table in its own frame
+    AdminRingSet(b"c", 8, 2, NEW),
+    AdminDrop(b"c", 9, 0, 2),
+    AdminInfoReply(1, 2, OLD, NEW, IncomingInfo(OLD, NEW, (
+        SourceInfo(0, Phase.DONE, b"", 5, True, 7), SourceInfo(1, Phase.COPY, b"\x01a", 9, False,
+                                                                (1 << 63) - 1))),
+        OutgoingInfo(OLD, NEW, 3), 12, True, 40, 41, (PUSH,)),
+    AdminInfoReply(1, None, None, None, None, None, 0, False, 0, 0, ()),
+    AdminPushReply(4, False, 1, True, PUSH),
+    AdminPushReply(4, True, 2, False, None),
+    AdminSessionsReply(6, False, 1, 100, b"\x90"),
+    AdminAppliedReply(8, Applied(True, epoch=2, sources=(0, 1))),
+    AdminAppliedReply(8, Applied(False, "refused")),
+    AdminListingReply(9, 2, 500),
+    MigrateBatch(1, 0, 2, 2, Phase.DELTA, 7, b"", b"\x01z", True, b"\x90"),
+    MigrateAck(1, 2, Applied(True, phase=Phase.DONE, cursor=b"", stale=True), ""),
+    MigrateAck(1, 2, Applied(False, not_leader=True), "s2r1"),
+]
 
 SAMPLES = [
     GetRequest(b"c" * 16, 1, b"key", Consistency.STALE),
@@ -41,9 +102,12 @@ SAMPLES = [
     CasRequest(b"c", 3, b"k", 2, 7, b""),
     GetReply(4, True, 9, b"\x00\xff"),
     ErrorReply(5, ErrorCode.NOT_LEADER, "not the leader", "s0r1", 3),
-    StatusReply(6, "b0", ({"node_id": "s0r0", "term": 2},), {"epoch": 1, "shards": [0, 1]}),
+    StatusReply(6, "b0", ({"node_id": "s0r0", "term": 2},), RingConfig(1, (0, 1), 16)),
+    StatusReply(6, "b0", (), None),
     Heartbeat("s0r0", 0, Role.LEADER, 3, "s0r0", 3, 10, 9, 9, 5, 42, "tcp://h:1",
-              ("s0r0", "s0r1"), 1, (0, 1), 256, 100, {"fsync": "always"}),
+              ("s0r0", "s0r1"), RingConfig(1, (0, 1), 256), 100, {"fsync": "always"}),
+    Redirect(1, RingConfig(4, (1, 2), 8), ((b"client", b"header"),)),
+    *ADMIN_SAMPLES,
     AppendEntries(3, "s0r0", 4, 2, (Entry(3, 5, b"x"), Entry(3, 6, b"")), 4, 11),
     VoteRequest(4, "s0r1", 10, 3, True),
 ]
@@ -150,3 +214,71 @@ def test_integers_out_of_range_are_refused(value: int) -> None:
     header = msgpack.packb([PROTOCOL_VERSION, 41, 0, value, "b"])  # Campaign(term=value)
     with pytest.raises(RemoteProtocolError):
         codec.decode([header])
+
+
+def test_every_admin_message_type_has_a_sample() -> None:
+    sampled = {type(m) for m in ADMIN_SAMPLES}
+    assert set(ADMIN_REQUEST_CLASSES) | set(ADMIN_REPLY_CLASSES) | {MigrateBatch, MigrateAck} <= sampled
+
+
+def test_admin_requests_carry_their_shard_where_the_broker_routes_from() -> None:
+    for msg in ADMIN_SAMPLES:
+        if type(msg) in ADMIN_REQUEST_CLASSES:
+            assert codec.admin_shard(codec.encode(msg)[0]) == msg.shard_id  # type: ignore[attr-defined]
+    with pytest.raises(RemoteProtocolError):  # a data request is not an admin request
+        codec.admin_shard(codec.encode(GetRequest(b"c", 1, b"k"))[0])
+
+
+_ring_wire = st.one_of(
+    st.lists(st.integers(-2, 2**64), max_size=4),
+    st.tuples(st.integers(-1, 2**63), st.lists(st.integers(-1, 70), max_size=6),
+              st.integers(-1, RING_TOKENS_MAX + 1)).map(list),
+    _msgpack_values,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_ring_wire)
+def test_ring_from_wire_returns_a_valid_ring_or_raises_remote_protocol_error(v: object) -> None:
+    try:
+        ring = RingConfig.from_wire(v)
+    except RemoteProtocolError:
+        return
+    assert ring.shards and len(set(ring.shards)) == len(ring.shards)
+    assert ring.vnodes >= 1 and len(ring.shards) * ring.vnodes <= RING_TOKENS_MAX
+    assert RingConfig.from_wire(ring.to_wire()) == ring
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], [1, [0]], [1, [], 8], [1, [0, 0], 8], [1, [0], 0], [-1, [0], 8], [1, [True], 8],
+    [1, [0], RING_TOKENS_MAX + 1], [1, [0], 8, 9], [1.0, [0], 8], {"epoch": 1},
+])
+def test_bad_rings_are_refused(bad: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        RingConfig.from_wire(bad)
+    with pytest.raises(RemoteProtocolError):  # and a message carrying one
+        codec.decode([msgpack.packb([PROTOCOL_VERSION, AdminRingSet.TYPE, b"c", 1, 0, bad])])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from(ADMIN_SAMPLES), st.data())
+def test_admin_messages_with_one_field_replaced_decode_or_are_refused_cleanly(
+    msg: object, data: st.DataObject
+) -> None:
+    """Start from a valid admin message and break one field of its header (nested
+    records and rings included): decode returns a message or raises only
+    RemoteProtocolError."""
+    frames = codec.encode(msg)  # type: ignore[arg-type]
+    header = msgpack.unpackb(frames[0], raw=False)
+    i = data.draw(st.integers(2, len(header) - 1))
+    field = header[i]
+    if isinstance(field, list) and field and data.draw(st.booleans()):
+        j = data.draw(st.integers(0, len(field) - 1))
+        field[j] = data.draw(_msgpack_values)
+    else:
+        header[i] = data.draw(_msgpack_values)
+    try:
+        out = codec.decode([msgpack.packb(header), *frames[1:]])
+    except RemoteProtocolError:
+        return
+    assert type(out) is type(msg)

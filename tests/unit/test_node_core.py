@@ -15,8 +15,8 @@ import pytest
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import (
-    AdminReply,
-    AdminRequest,
+    AdminInfo,
+    AdminInfoReply,
     AppendEntries,
     AppendReply,
     Campaign,
@@ -327,14 +327,14 @@ def test_a_key_of_another_shard_goes_back_whole_in_a_redirect() -> None:
     assert origin == BROKER and frames[0] == b""
     msg = codec.decode(list(frames[1:]))
     assert isinstance(msg, Redirect)
-    assert (msg.shard_id, msg.ring_epoch, msg.ring_shards) == (0, 3, (0, 1))
+    assert (msg.shard_id, msg.ring.epoch, msg.ring.shards) == (0, 3, (0, 1))
     assert msg.items == ((CLIENT, *codec.encode(req)),)
 
 
 def test_admin_for_another_shard_is_wrong_shard_and_a_follower_refuses_admin() -> None:
     node = make_core("a", shard_id=0)
-    request(node, AdminRequest(b"c1", 1, 5, "info", {}, b""))
-    request(node, AdminRequest(b"c1", 2, 0, "info", {}, b""))
+    request(node, AdminInfo(b"c1", 1, 5))
+    request(node, AdminInfo(b"c1", 2, 0))
     got = replies(node)
     assert [(r.request_id, r.code) for r in got] == [(1, ErrorCode.WRONG_SHARD),
                                                      (2, ErrorCode.NO_LEADER)]
@@ -344,9 +344,10 @@ def test_the_leader_answers_admin_info_at_once() -> None:
     shard = Shard()
     leader = shard.elect("a")
     replies(leader)
-    request(leader, AdminRequest(b"c1", 1, 0, "info", {}, b""))
+    request(leader, AdminInfo(b"c1", 1, 0))
     (r,) = replies(leader)
-    assert isinstance(r, AdminReply) and r.result["ok"] and r.result["node"] == "a"
+    assert isinstance(r, AdminInfoReply) and r.request_id == 1
+    assert r.applied == leader.state.applied_index and r.keys == 0
 
 
 def test_migration_batches_to_a_follower_or_the_wrong_shard_are_refused() -> None:
@@ -361,8 +362,8 @@ def test_migration_batches_to_a_follower_or_the_wrong_shard_are_refused() -> Non
     acks = [(origin, frames[0], codec.decode(list(frames[1:]))) for origin, frames in out]
     assert [(o, i) for o, i, _ in acks] == [("peer", b"src")] * 2
     a1, a2 = (a for _, _, a in acks)
-    assert isinstance(a1, MigrateAck) and a1.result["not_leader"] and a1.leader_hint == "a"
-    assert isinstance(a2, MigrateAck) and not a2.result["ok"] and "shard 0" in a2.result["error"]
+    assert isinstance(a1, MigrateAck) and a1.result.not_leader and a1.leader_hint == "a"
+    assert isinstance(a2, MigrateAck) and not a2.result.ok and "shard 0" in a2.result.error
 
 
 def test_a_request_batch_is_fed_item_by_item() -> None:
@@ -398,7 +399,7 @@ def test_heartbeat_contents_and_cadence() -> None:
     assert isinstance(hb, Heartbeat)
     assert (hb.node_id, hb.shard_id, hb.role, hb.pid, hb.peer_addr) == ("a", 0, Role.FOLLOWER,
                                                                         42, "tcp://a:1")
-    assert hb.members == MEMBERS and hb.ring_epoch == 1
+    assert hb.members == MEMBERS and hb.ring.epoch == 1
     assert hb.extra == {"fsync": "always", "data_bytes": 0, "max_data_bytes": 0, "disk_full": False}
     assert node.heartbeat(10.05) is None
     assert node.heartbeat(10.1) is not None

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from zkv.protocol.messages import MigrateAck, MigrateBatch
+from zkv.protocol.messages import Applied, MigrateAck, MigrateBatch, Phase
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.commands import MigrateBegin, MigrateOut, PutCommand
 from zkv.storage_node.ownership import PHASE_CATCHUP, PHASE_COPY
@@ -34,7 +34,7 @@ def _shards(keys: int) -> tuple[KVStateMachine, KVStateMachine]:
     for i in range(keys):
         src.apply_command(i + 1, PutCommand(b"c", i + 1, i + 1, 1, f"k{i}".encode(), b"v%d" % i))
     dst = KVStateMachine(shard_id=1)
-    assert dst.apply_command(1, MigrateBegin(OLD, NEW))["ok"]
+    assert dst.apply_command(1, MigrateBegin(OLD, NEW)).ok
     return src, dst
 
 
@@ -78,22 +78,22 @@ def test_stream_survives_loss_duplicates_and_leader_changes(seed: int) -> None:
                 late.append(batch)  # delayed: delivered some time later
             if node != leader:
                 hinted = leader if rng.random() < 0.5 else ""
-                push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True},
+                push.on_ack(MigrateAck(batch.seq, 1, Applied(False, not_leader=True),
                                        hinted), now)
                 continue
             if rng.random() < 0.15:
                 continue  # lost on the way: the ack timeout resends
             index += 1
             result = dst.apply_command(index, command_for(batch))
-            applied_batches += not result.get("stale")
+            applied_batches += not result.stale
             if rng.random() < 0.15:
                 continue  # the ack is lost
             push.on_ack(MigrateAck(batch.seq, 1, result, ""), now)
         if late and rng.random() < 0.3:
             index += 1
             result = dst.apply_command(index, command_for(late.pop(0)))
-            assert result["ok"]
-            applied_batches += not result.get("stale")  # the first copy to arrive
+            assert result.ok
+            applied_batches += not result.stale  # the first copy to arrive
         if rng.random() < 0.05:
             leader = rng.choice(["t1", "t2", "t3"])  # an election at the target
     assert push.state == DONE, push.status()
@@ -108,40 +108,40 @@ def test_a_refusal_fails_the_stream_and_says_why() -> None:
     src, _ = _shards(50)
     push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS), src)
     (node, batch), = push.pump(src, 0.0)
-    push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "error": "no migration"}, ""), 0.0)
-    assert push.state == FAILED and push.status()["error"] == "no migration"
+    push.on_ack(MigrateAck(batch.seq, 1, Applied(False, "no migration"), ""), 0.0)
+    assert push.state == FAILED and push.status().error == "no migration"
 
 
 def test_tasks_keep_one_stream_per_target_and_phase() -> None:
     src, _ = _shards(50)
     tasks = LeaderTasks()
     spec = PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS)
-    assert tasks.start_push(spec, src)["running"] is False
-    assert tasks.start_push(spec, src)["running"] is True  # a retried request: same stream
-    assert list(tasks.status()) == ["2:1:1"]
+    assert tasks.start_push(spec, src)[1] is False
+    assert tasks.start_push(spec, src)[1] is True  # a retried request: same stream
+    assert [(p.epoch, p.dst, p.phase) for p in tasks.status()] == [(2, 1, Phase.COPY)]
     tasks.clear()
-    assert tasks.status() == {}
+    assert tasks.status() == ()
 
 
 def test_drop_lists_then_drops_a_batch_at_a_time() -> None:
     src, _ = _shards(12_000)
     from zkv.storage_node.commands import RingSet
 
-    assert src.apply_command(20_000, RingSet(NEW))["ok"]
+    assert src.apply_command(20_000, RingSet(NEW)).ok
     moving = _moving(src)
     tasks = LeaderTasks()
     index = 20_000
     dropped = 0
     for _ in range(100):
         step = tasks.drop_step(src, 2)
-        if isinstance(step, dict):
-            assert step["done"] is False and 0 <= step["listing"] <= 1
+        if isinstance(step, int):
+            assert 0 <= step <= 1000
             tasks.pump(src, 0.0)
             continue
         index += 1
         result = src.apply_command(index, step)
-        dropped += result["dropped"]
-        if result["done"]:
+        dropped += result.dropped
+        if result.done:
             break
     assert dropped == len(moving) and src.ownership.undropped is False
     assert not set(moving) & set(src.data)
@@ -155,7 +155,7 @@ def test_the_fenced_delta_is_only_what_was_written_during_the_catch_up() -> None
 
     src, dst = _shards(2000)
     index = 2000
-    assert src.apply_command(index := index + 1, MigrateOut(OLD, NEW))["ok"]
+    assert src.apply_command(index := index + 1, MigrateOut(OLD, NEW)).ok
 
     def run(phase: int, v0: int) -> Push:
         push = Push(PushSpec(OLD, NEW, 0, 1, phase, v0, b"", TARGETS, batch_keys=50), src)
@@ -195,7 +195,7 @@ def test_the_fenced_delta_is_only_what_was_written_during_the_catch_up() -> None
     src.apply_command(index, PutCommand(b"w", index, index, 1, moving[20], b"newer"))
     index += 1
     src.apply_command(index, DeleteCommand(b"w", index, index, 1, fresh[0]))
-    assert src.apply_command(index := index + 1, Fence(OLD, NEW))["ok"]
+    assert src.apply_command(index := index + 1, Fence(OLD, NEW)).ok
     assert progress.phase == 3 and progress.v0 == catchup.lister.applied
     delta = run(3, progress.v0)
     assert delta.lister.keys == sorted([moving[20], fresh[0]])
@@ -211,11 +211,11 @@ def test_no_leader_at_the_target_backs_off_instead_of_bouncing() -> None:
     src, _ = _shards(50)
     push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS), src)
     (node, batch), = push.pump(src, 0.0)
-    push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True}, ""), 0.01)
+    push.on_ack(MigrateAck(batch.seq, 1, Applied(False, not_leader=True), ""), 0.01)
     assert push.pump(src, 0.01 + NO_LEADER_RETRY_S / 2) == []
     (again, same), = push.pump(src, 0.01 + NO_LEADER_RETRY_S)
     assert same == batch and again != node
-    push.on_ack(MigrateAck(batch.seq, 1, {"ok": False, "not_leader": True}, "t1"), 0.2)
+    push.on_ack(MigrateAck(batch.seq, 1, Applied(False, not_leader=True), "t1"), 0.2)
     (hinted, _), = push.pump(src, 0.2)  # a named leader: at once
     assert hinted == "t1"
 
@@ -230,7 +230,7 @@ def test_a_rate_limit_spaces_the_batches() -> None:
     while not sent:  # listing, then the first batch
         sent = push.pump(src, now)
     (_, first), = sent
-    push.on_ack(MigrateAck(first.seq, 1, {"ok": True, "phase": 1, "cursor": first.cursor}, ""),
+    push.on_ack(MigrateAck(first.seq, 1, Applied(True, phase=Phase.COPY, cursor=first.cursor), ""),
                 now)
     due = len(first.items) / rate
     assert push.pump(src, due * 0.9) == []  # acknowledged, but the rate says wait
@@ -262,7 +262,7 @@ def test_a_late_ack_from_before_a_restart_does_not_end_a_stream() -> None:
     before.start_push(spec(b""), src)
     (_, _, first), = before.pump(src, 0.0)
     result = dst.apply_command(2, command_for(first))  # applied; the ack is delayed
-    assert isinstance(result, dict) and result["ok"] and not result.get("stale")
+    assert isinstance(result, Applied) and result.ok and not result.stale
     progress = dst.ownership.incoming.sources[0]  # type: ignore[union-attr]
     after = LeaderTasks()  # restarted, leader again; the coordinator restarts the stream
     after.start_push(spec(progress.cursor), src)

@@ -7,15 +7,32 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import msgpack
 import pytest
 
 from zkv.ops.rebalance import Plan, RebalanceError, Rebalancer, ring_adding, ring_removing
+from zkv.protocol import codec
+from zkv.protocol.admin import (
+    ADMIN_REPLY_CLASSES,
+    AdminAppliedReply,
+    AdminFence,
+    AdminPush,
+    AdminReply,
+    AdminRequest,
+    Phase,
+    Target,
+)
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import DeleteReply, ErrorReply, MigrateAck, PutReply
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.admin import AdminError, admin_command, admin_request
-from zkv.storage_node.commands import DeleteCommand, DropUnowned, PutCommand, RingSet
+from zkv.storage_node.commands import (
+    DeleteCommand,
+    DropUnowned,
+    Fence,
+    MigrateOut,
+    PutCommand,
+    RingSet,
+)
 from zkv.storage_node.push import LeaderTasks, command_for
 from zkv.storage_node.state_machine import KVStateMachine
 
@@ -84,17 +101,21 @@ class FakeCluster:
             if not moved:
                 return
 
-    def admin(self, shard: int, op: str, args: dict[str, Any], payload: bytes = b"",
-              timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+    def admin(self, req: AdminRequest, timeout: float | None = None) -> AdminReply:
         if self.hook is not None:
-            self.hook(shard, op)
-        args = msgpack.unpackb(msgpack.packb(args, use_bin_type=True), raw=False)
+            self.hook(req.shard_id, type(req).__name__)
+        req = wire(req)
         self.deliver(self.deliveries_per_call)
-        sm = self.sms[shard]
-        answer = admin_request(sm, self.tasks[shard], op, args, payload)
-        if isinstance(answer, tuple):
-            return answer
-        return self.apply(shard, answer), b""
+        sm = self.sms[req.shard_id]
+        answer = admin_request(sm, self.tasks[req.shard_id], req)
+        if isinstance(answer, ADMIN_REPLY_CLASSES):
+            return wire(answer)  # type: ignore[no-any-return]
+        return wire(AdminAppliedReply(req.request_id, self.apply(req.shard_id, answer)))
+
+
+def wire(msg: Any) -> Any:
+    """What survives a trip through the codec, as on the real sockets."""
+    return codec.decode(codec.encode(msg))
 
 
 def _check_final(c: FakeCluster, expected: dict[bytes, bytes]) -> None:
@@ -203,9 +224,9 @@ def test_a_target_refuses_to_flip_without_the_data() -> None:
     c.add(1)
     new = ring_adding(c.ring, 1)
     result = c.apply(1, RingSet(new))
-    assert not result["ok"]
+    assert not result.ok
     assert c.sms[1].ownership.epoch == 1
-    assert c.apply(1, DropUnowned(2))["ok"] is False
+    assert c.apply(1, DropUnowned(2)).ok is False
 
 
 def test_plans() -> None:
@@ -221,19 +242,25 @@ def test_plans() -> None:
 
 
 def test_admin_input_is_checked() -> None:
-    with pytest.raises(AdminError):
-        admin_command("fence", {"old": "x", "new": [1, [0], 8]}, b"")
-    with pytest.raises(AdminError):
-        admin_command("nope", {}, b"")
-    sm = KVStateMachine(shard_id=0, ring=RingConfig(1, (0,), 8))
-    with pytest.raises(AdminError):
-        admin_request(sm, LeaderTasks(), "push", {
-            "old": [1, [0], 8], "new": [2, [0, 1], 8], "dst": 1, "phase": 2, "after": b"",
-            "v0": 0, "limit": 10, "bytes_max": 100, "targets": [["n1", "inproc://n1"]]}, b"")
+    old, new = RingConfig(1, (0,), 8), RingConfig(2, (0, 1), 8)
+    assert isinstance(admin_command(AdminFence(b"", 1, 0, old, new)), Fence)
+    with pytest.raises(AdminError):  # not a command: answered at once, never proposed
+        admin_command(AdminPush(b"", 1, 0, old, new, 1, Phase.COPY, 0, b"", (), 10, 100))
+    sm = KVStateMachine(shard_id=0, ring=old)
+    targets = (Target("n1", "inproc://n1"),)
+    with pytest.raises(AdminError):  # no MIGRATE_OUT here yet
+        admin_request(sm, LeaderTasks(), AdminPush(
+            b"", 1, 0, old, new, 1, Phase.CATCHUP, 0, b"", targets, 10, 100))
+    sm.apply_command(1, MigrateOut(old, new))
+    with pytest.raises(AdminError):  # the final delta before the fence
+        admin_request(sm, LeaderTasks(), AdminPush(
+            b"", 1, 0, old, new, 1, Phase.DELTA, 0, b"", targets, 10, 100))
     with pytest.raises(AdminError):  # phase 1 without anywhere to send it
-        admin_request(sm, LeaderTasks(), "push", {
-            "old": [1, [0], 8], "new": [2, [0, 1], 8], "dst": 1, "phase": 1, "after": b"",
-            "v0": 0, "limit": 10, "bytes_max": 100, "targets": []}, b"")
+        admin_request(sm, LeaderTasks(), AdminPush(
+            b"", 1, 0, old, new, 1, Phase.COPY, 0, b"", (), 10, 100))
+    with pytest.raises(AdminError):  # to itself
+        admin_request(sm, LeaderTasks(), AdminPush(
+            b"", 1, 0, old, new, 0, Phase.COPY, 0, b"", targets, 10, 100))
 
 
 def test_snapshot_keeps_the_migration_state() -> None:
