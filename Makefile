@@ -48,7 +48,7 @@ test-process: venv
 
 lint: venv
 	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops gateway tests bench
-	$(VENV)/bin/mypy zkv/protocol zkv/storage_node/replica.py zkv/storage_node/progress.py zkv/gateway zkv/ops/ring_change.py
+	$(VENV)/bin/mypy zkv
 
 ## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
 bench: venv

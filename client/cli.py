@@ -50,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="broker endpoint(s), comma-separated (env ZKV_ENDPOINT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
     # The global options are accepted after the subcommand too (`zkv get k --timeout 1`).
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add = sub.add_parser
 
-    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+    def add_parser(name: str, **kw: Any) -> _Parser:
         return add(name, parents=[common], **kw)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]

@@ -264,7 +264,7 @@ def _generate(
         while now < end:
             timeout_ms = max(0, min(100, int((end - now) * 1000) + 1))
             for sock, _ in poller.poll(timeout_ms):
-                w = by_sock[sock]  # type: ignore[index]
+                w = by_sock[sock]
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
