@@ -64,6 +64,7 @@ _STALE = int(Consistency.STALE)
 
 _route_fields = codec.route_fields
 _ADMIN = AdminRequest.TYPE
+_COUNTED_TYPES = DATA_REQUEST_TYPES | {_ADMIN, PingRequest.TYPE, StatusRequest.TYPE}
 
 RouteResult = bytes | list[bytes] | None
 
@@ -72,6 +73,7 @@ class Router:
     __slots__ = (
         "_table", "broker_id", "key_bytes_max", "value_bytes_max", "_header_bytes_max",
         "_rr", "_leaders", "_replicas", "rejected", "last_rejection", "wrong_shard",
+        "op_counts", "error_counts",
     )  # fmt: skip
 
     def __init__(
@@ -95,6 +97,10 @@ class Router:
         self.last_rejection = ""
         #: Redirected requests answered WRONG_SHARD (the ring still names the refuser).
         self.wrong_shard = 0
+        #: Requests routed per message type (-1: not a client request type; a re-routed
+        #: request counts again) and error replies per code, for metrics (broker/stats.py)
+        self.op_counts: dict[int, int] = {}
+        self.error_counts: dict[int, int] = {}
         # The table mutates these dicts in place, so holding them saves lookups per call.
         self._leaders = table.leaders
         self._replicas = table.replicas
@@ -111,6 +117,8 @@ class Router:
             kind, key, consistency = _route_fields(header)
         except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
             return self._bad(header, "undecodable request")
+        counted = kind if kind in _COUNTED_TYPES else -1
+        self.op_counts[counted] = self.op_counts.get(counted, 0) + 1
         if kind not in DATA_REQUEST_TYPES:
             if kind == _ADMIN:
                 return self._admin(header)
@@ -183,6 +191,7 @@ class Router:
     def error(
         self, request_id: int, code: ErrorCode, message: str = "", epoch: int = 0
     ) -> list[bytes]:
+        self.error_counts[code] = self.error_counts.get(code, 0) + 1
         return codec.encode(ErrorReply(request_id, int(code), message, "", epoch))
 
     def no_leader(self, header: bytes, message: str = "no leader", epoch: int = 0) -> list[bytes]:

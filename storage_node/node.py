@@ -61,6 +61,7 @@ from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 from zkv.storage_node.snapshot import compactable_index, save_snapshot
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
+from zkv.storage_node.stats import NodeStats
 from zkv.storage_node.wal import is_disk_full
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
@@ -135,6 +136,7 @@ class StorageNode:
         self._disk_full_since: float | None = None
         self._disk_retry_at = 0.0
         self._snapshot_retry_at = 0.0  # after a snapshot found no space
+        self.stats = NodeStats()  # --metrics-port: stats.py
 
     # ------------------------------------------------------------------ startup
 
@@ -323,6 +325,7 @@ class StorageNode:
     def _on_request(self, sock: zmq.Socket, ident: bytes, frames: Sequence[bytes], now: float) -> None:  # type: ignore[type-arg]
         try:
             req = codec.decode(frames)
+            self.stats.op = type(req)
         except RemoteProtocolError:
             rid = codec.request_id_of(frames[0])
             self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
@@ -443,6 +446,7 @@ class StorageNode:
     def _reply(self, sock: zmq.Socket, ident: bytes, reply: object) -> None:  # type: ignore[type-arg]
         """Queue a reply; ``_flush_replies`` sends each socket's queue at the end of the
         loop iteration, as one ``ReplyBatch`` when there are several."""
+        self.stats.reply(reply)
         out = self._outbox.get(sock)
         if out is None:
             out = self._outbox[sock] = []
@@ -587,19 +591,23 @@ class StorageNode:
             todo.snapshot = None
             self._last_snapshot_index = index
             self._log_bytes = 0
+            self.stats.snapshot("installed", len(data))
             self.log.info("installed snapshot at index {} from the leader", index)
         wrote = False
         if todo.truncate_from is not None:
             self.wal.truncate_from(todo.truncate_from)
             todo.truncate_from, wrote = None, True
+        entries = len(todo.entries)
         if todo.entries:
             self.wal.append(todo.entries)
             todo.entries, wrote = [], True
         if wrote:
+            started = time.perf_counter()
             # One write and (fsync=always) one fsync for everything this turn brought:
             # group commit. The disk is fast next to a Python loop turn, so waiting for
             # it inline costs less than handing it to a thread and back (measured).
-            self.wal.sync(now)
+            synced = self.wal.sync(now)
+            self.stats.wal_synced(time.perf_counter() - started if synced else None, entries)
             self.core.persisted(self.wal.last_index)
 
     def _durable_index(self) -> int:
@@ -709,6 +717,8 @@ class StorageNode:
         )
         with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
+        self.stats.publish(cfg.node_id, cfg.shard_id, core, self.state, self.tasks,
+                           bool(hb.extra["disk_full"]))
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index
@@ -735,6 +745,7 @@ class StorageNode:
         self.wal.compact(compactable_index(self.config.data_dir))
         self._last_snapshot_index = applied
         self._log_bytes = 0
+        self.stats.snapshot("taken", len(data))
         self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", applied, len(data),
                       (time.monotonic() - started) * 1000)
 
