@@ -99,7 +99,7 @@ class Router:
         self.wrong_shard = 0
         #: Requests routed per message type (-1: not a client request type; a re-routed
         #: request counts again) and error replies per code, for metrics (broker/stats.py)
-        self.op_counts: dict[int, int] = {}
+        self.op_counts: dict[int, int] = dict.fromkeys((*_COUNTED_TYPES, -1), 0)
         self.error_counts: dict[int, int] = {}
         # The table mutates these dicts in place, so holding them saves lookups per call.
         self._leaders = table.leaders
@@ -117,8 +117,10 @@ class Router:
             kind, key, consistency = _route_fields(header)
         except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
             return self._bad(header, "undecodable request")
-        counted = kind if kind in _COUNTED_TYPES else -1
-        self.op_counts[counted] = self.op_counts.get(counted, 0) + 1
+        try:
+            self.op_counts[kind] += 1
+        except KeyError:
+            self.op_counts[-1] += 1
         if kind not in DATA_REQUEST_TYPES:
             if kind == _ADMIN:
                 return self._admin(header)

@@ -55,6 +55,7 @@ def test_compose_boot(
         "ZKV_IMAGE": zkv_image,
         "ZKV_BROKER0_PUBLISH": "127.0.0.1:",
         "ZKV_BROKER1_PUBLISH": "127.0.0.1:",
+        **{f"ZKV_{svc.upper()}_METRICS_PUBLISH": "127.0.0.1:" for svc in SERVICES},
     }
 
     def compose(*args: str, timeout_s: float = 120) -> str:
