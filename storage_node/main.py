@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("cannot start: {}", exc)
         return 4
     if args.metrics_port is not None:
-        node.stats.collector = serve_metrics(args.metrics_host, args.metrics_port, args.node_id)
+        node.stats.collector = serve_metrics(args.metrics_host, args.metrics_port,
+                                             f"node {args.node_id}")
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     tune_gc()

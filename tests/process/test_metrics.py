@@ -4,7 +4,10 @@ as elections and leader changes."""
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -130,3 +133,33 @@ def test_leader_kill_counts_an_election_and_a_leader_change(cluster: LocalCluste
     broker1 = scrape(urls["b0"])
     assert (value(broker1, "zkv_broker_leader_changes_total")
             > value(broker0, "zkv_broker_leader_changes_total"))
+
+
+def test_cli_cluster_up_prints_each_process_metrics_url(tmp_path: Path) -> None:
+    from zkv.ops.cluster import free_port_block
+
+    port = free_port_block(3)
+    cmd = [sys.executable, "-m", "zkv.client.cli", "cluster", "up", "--shards", "1",
+           "--replicas", "1", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+           "--fsync", "never"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert "serving on" in proc.stdout.readline()
+        urls = {}
+        while len(urls) < 2:
+            line = proc.stderr.readline()
+            assert line, "cluster up ended before printing the metrics URLs"
+            m = re.match(r"zkv cluster up: metrics of (\S+) on (http://\S+)$", line.strip())
+            if m:
+                urls[m.group(1)] = m.group(2)
+        assert set(urls) == {"b0", "s0r0"}
+        wait_for(lambda: value(scrape(urls["b0"]), "zkv_broker_shards_with_leader") == 1,
+                 10, "the broker's metrics to show the leader")
+        assert value(scrape(urls["s0r0"]), "zkv_node_raft_role") == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
