@@ -15,7 +15,7 @@ if [[ -z "${PY:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 # Keep in sync with [project].dependencies in pyproject.toml.
-DEPS=(pyzmq msgpack blake3 loguru)
+DEPS=(pyzmq msgpack blake3 loguru prometheus_client)
 
 log() { printf '[wheelhouse] %s\n' "$*" >&2; }
 die() { printf '[wheelhouse] ERROR: %s\n' "$*" >&2; exit 1; }

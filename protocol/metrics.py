@@ -184,7 +184,7 @@ def serve_metrics(host: str, port: int, name: str) -> SnapshotCollector | None:
     taken port must not stop a broker or node from serving data)."""
     try:
         collector, bound = serve(port, host)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # taken, not allowed, or not a port at all
         logger.error("{}: cannot serve metrics on {}:{}: {}", name, host, port, exc)
         return None
     logger.info("{} metrics on http://{}:{}/metrics", name, host, bound)

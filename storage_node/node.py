@@ -327,6 +327,7 @@ class StorageNode:
             req = codec.decode(frames)
             self.stats.op = type(req)
         except RemoteProtocolError:
+            self.stats.op = None
             rid = codec.request_id_of(frames[0])
             self._reply(sock, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
             return

@@ -119,7 +119,8 @@ class NodeStats:
         policy did not fsync this time)."""
         if fsync_s is not None:
             self.fsync_s.observe(fsync_s)
-        self.batch_entries.observe(entries)
+        if entries:  # not a truncation alone
+            self.batch_entries.observe(entries)
 
     def snapshot(self, kind: str, nbytes: int) -> None:
         self.snapshots.add((kind,))

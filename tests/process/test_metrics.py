@@ -163,3 +163,17 @@ def test_cli_cluster_up_prints_each_process_metrics_url(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_taken_metrics_port_is_logged_and_does_not_stop_the_process() -> None:
+    import socket
+
+    from zkv.protocol.metrics import serve_metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve_metrics("127.0.0.1", taken.getsockname()[1], "test") is None
+    assert serve_metrics("127.0.0.1", -1, "test") is None
+    collector = serve_metrics("127.0.0.1", 0, "test")
+    assert collector is not None
