@@ -18,6 +18,7 @@ from loguru import logger
 
 from zkv.broker.server import CLIENT_QUEUE_MAX, BrokerConfig, BrokerServer
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
+from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.runtime import configure_logging, tune_gc
 
 
@@ -38,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="replies queued per client before further ones are dropped (a client that "
         "stops reading cannot grow the broker)",
     )  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free one; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface for /metrics")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     return p.parse_args(argv)
@@ -79,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         server.stop()
 
+    if args.metrics_port is not None:
+        server.stats.collector = serve_metrics(args.metrics_host, args.metrics_port,
+                                               f"broker {config.broker_id}")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(

@@ -62,6 +62,7 @@ _GET = GetRequest.TYPE
 _STALE = int(Consistency.STALE)
 
 _route_fields = codec.route_fields
+_COUNTED_TYPES = DATA_REQUEST_TYPES | ADMIN_REQUEST_TYPES | {PingRequest.TYPE, StatusRequest.TYPE}
 
 RouteResult = bytes | list[bytes] | None
 
@@ -70,6 +71,7 @@ class Router:
     __slots__ = (
         "_table", "broker_id", "key_bytes_max", "value_bytes_max", "_header_bytes_max",
         "_rr", "_leaders", "_replicas", "rejected", "last_rejection", "wrong_shard",
+        "op_counts", "error_counts",
     )  # fmt: skip
 
     def __init__(
@@ -93,6 +95,10 @@ class Router:
         self.last_rejection = ""
         #: Redirected requests answered WRONG_SHARD (the ring still names the refuser).
         self.wrong_shard = 0
+        #: Requests routed per message type (-1: not a client request type; a re-routed
+        #: request counts again) and error replies per code, for metrics (broker/stats.py)
+        self.op_counts: dict[int, int] = dict.fromkeys((*_COUNTED_TYPES, -1), 0)
+        self.error_counts: dict[int, int] = {}
         # The table mutates these dicts in place, so holding them saves lookups per call.
         self._leaders = table.leaders
         self._replicas = table.replicas
@@ -109,6 +115,10 @@ class Router:
             kind, key, consistency = _route_fields(header)
         except Exception:  # RemoteProtocolError, or TypeError on an unhashable type field
             return self._bad(header, "undecodable request")
+        try:
+            self.op_counts[kind] += 1
+        except KeyError:
+            self.op_counts[-1] += 1
         if kind not in DATA_REQUEST_TYPES:
             if kind in ADMIN_REQUEST_TYPES:
                 return self._admin(header)
@@ -181,6 +191,7 @@ class Router:
     def error(
         self, request_id: int, code: ErrorCode, message: str = "", epoch: int = 0
     ) -> list[bytes]:
+        self.error_counts[code] = self.error_counts.get(code, 0) + 1
         return codec.encode(ErrorReply(request_id, int(code), message, "", epoch))
 
     def no_leader(self, header: bytes, message: str = "no leader", epoch: int = 0) -> list[bytes]:

@@ -46,6 +46,7 @@ from loguru import logger
 from zkv.broker.failure_detector import FailureDetector, check_timing
 from zkv.broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
 from zkv.broker.router import Router
+from zkv.broker.stats import BrokerStats
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import HEARTBEAT_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX
@@ -188,6 +189,7 @@ class BrokerServer:
         self.endpoints: dict[str, str] = {}
         #: Replies for clients that were gone or not reading (never an error).
         self.replies_dropped = 0
+        self.stats = BrokerStats()  # --metrics-port: counted per batch (stats.py)
 
     def _router_socket(self, queue_max: int) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -335,6 +337,7 @@ class BrokerServer:
                 else:
                     forward(head, _SNDMORE_NOBLOCK)
                     forward(msg[2], _NOBLOCK)
+                self.stats.timer.sent(dest, 1, now)
             elif dest is not None:
                 self._reply(client, dest)
 
@@ -354,6 +357,9 @@ class BrokerServer:
         else:
             send(b"", _SNDMORE_NOBLOCK)
             send(codec.encode(RequestBatch(tuple(items)))[0], _NOBLOCK)
+        stats = self.stats
+        stats.timer.sent(node, len(items), now)
+        stats.batch_items.observe(len(items))
 
     def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None:
         send = self.frontend.send
@@ -381,6 +387,16 @@ class BrokerServer:
 
     def _drain_backend(self, now: float) -> None:
         # Replies stream through part by part, never decoded: [node, client, reply...].
+        answered: dict[bytes, int] = {}  # single replies per node, timed once per drain
+        try:
+            self._drain_backend_into(now, answered)
+        finally:
+            stats = self.stats
+            for node, n in answered.items():
+                stats.timer.answered(node, n, now)
+                stats.relayed += n
+
+    def _drain_backend_into(self, now: float, answered: dict[bytes, int]) -> None:
         sock = self.backend
         recv = sock.recv
         send = self.frontend.send
@@ -404,6 +420,8 @@ class BrokerServer:
                 )  # fmt: skip
                 continue
             part = recv(_NOBLOCK, False)
+            ident = node.bytes
+            answered[ident] = answered.get(ident, 0) + 1
             try:
                 send(client, _SNDMORE_NOBLOCK)
             except zmq.ZMQError:  # the client is gone: drop its reply
@@ -434,6 +452,9 @@ class BrokerServer:
             else:
                 self._warn_back.warn(now, "backend: ignored a {} from a node", type(batch).__name__)
             return
+        stats = self.stats
+        stats.timer.answered(node.bytes, len(batch.items), now)
+        stats.relayed += len(batch.items)
         send = self.frontend.send
         for item in batch.items:
             if len(item) < 2 or not item[0]:
@@ -464,6 +485,8 @@ class BrokerServer:
             self._warn_back.warn(
                 now, "backend: Redirect from unknown node {!r}: ring ignored", node.bytes[:64]
             )
+        # handed back, not answered: retired unobserved (the re-forward is timed anew)
+        self.stats.timer.answered(node.bytes, len(redirect.items), now, observe=False)
         reroute = self.router.reroute
         refused_by = redirect.shard_id
         batches: dict[bytes, list[tuple[bytes, ...]]] = {}
@@ -508,6 +531,7 @@ class BrokerServer:
         last = len(item) - 1
         for i, frame in enumerate(item):
             send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK)
+        self.stats.timer.sent(node, 1, now)
 
     def _drain_heartbeats(self, now: float) -> None:
         recv = self.heartbeats.recv_multipart
@@ -536,6 +560,7 @@ class BrokerServer:
         """Expire liveness, log what changed, send the campaign requests decided now."""
         self._log_events(self.table.tick(now), now)
         for order in self.detector.tick(self.table, now):
+            self.stats.campaigns += 1
             c = order.campaign
             self.log.info(
                 "shard {} has no leader ({}): asking {} to campaign above term {}",
@@ -555,6 +580,8 @@ class BrokerServer:
         self._log_reroutes(now)
         for limiter in (self._warn_back, self._warn_hb, self._warn_front):
             limiter.flush(now)
+        self.stats.timer.expire(now)
+        self.stats.publish(router, self.table, self.replies_dropped, self.rerouted)
 
     def _log_reroutes(self, now: float) -> None:
         counts = (self.rerouted, self.router.wrong_shard)
@@ -575,6 +602,7 @@ class BrokerServer:
         for ev in events:
             if isinstance(ev, LeaderChange):
                 if ev.leader_id:
+                    self.stats.leader_changes += 1
                     self.log.info(
                         "shard {} leader is {} at term {}", ev.shard_id, ev.leader_id, ev.term
                     )

@@ -189,6 +189,7 @@ class LocalCluster:
         broker_module: str = "zkv.broker.main",
         node_module: str = "zkv.storage_node.main",
         grace_s: float = GRACE_S,
+        metrics_port: int | None = None,
     ) -> None:
         """``port=0`` picks a free block of ports. ``shards``/``replicas`` None: from
         ``cluster.json`` if present, else 2 and 3; ``vnodes`` likewise (else 1024)."""
@@ -209,6 +210,9 @@ class LocalCluster:
         self.brokers: list[Child] = []
         self.nodes: dict[str, Child] = {}
         self.peer_ports: dict[str, int] = {}
+        #: /metrics per process (name -> port): None off, 0 free ports, N from N upwards
+        self.metrics_port = metrics_port
+        self.metrics_ports: dict[str, int] = {}
         self._started = False
 
     # ------------------------------------------------------------------ layout
@@ -241,7 +245,7 @@ class LocalCluster:
         argv = [self.python, "-m", self.broker_module, "--host", self.host,
                 "--port", str(self.port + 3 * b), "--broker-id", f"b{b}",
                 "--log-level", self.log_level]
-        argv += self._timing_args()
+        argv += self._timing_args() + self._metrics_args(f"b{b}")
         return argv + list(self.broker_args)
 
     def _node_argv(self, spec: dict[str, Any]) -> list[str]:
@@ -258,8 +262,23 @@ class LocalCluster:
                 "--fsync", self.fsync, "--log-level", self.log_level]
         if peers:
             argv += ["--peers", peers]
-        argv += self._timing_args()
+        argv += self._timing_args() + self._metrics_args(nid)
         return argv + list(self.node_args)
+
+    def _metrics_args(self, name: str) -> list[str]:
+        if self.metrics_port is None:
+            return []
+        port = self.metrics_ports.get(name)
+        if port is None:
+            port = self.metrics_ports[name] = (
+                free_port(self.host) if self.metrics_port == 0
+                else self.metrics_port + len(self.metrics_ports))
+        return ["--metrics-port", str(port), "--metrics-host", self.host]
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Where each process serves /metrics (empty when metrics are off)."""
+        return {name: f"http://{self.host}:{port}/metrics"
+                for name, port in self.metrics_ports.items()}
 
     def _timing_args(self) -> list[str]:
         argv = []
@@ -569,6 +588,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsync", default="always", help="always | interval:<ms> | never")
     p.add_argument("--heartbeat-ms", type=int, default=None)
     p.add_argument("--election-timeout-ms", type=int, default=None)
+    p.add_argument("--metrics-port-base", type=int, default=0,
+                   help="/metrics of broker b0 on this port, the next processes on the "
+                   "ports after it (default 0: free ports, printed)")
+    p.add_argument("--no-metrics", action="store_true", help="serve no /metrics")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for every shard to elect a leader")
@@ -593,6 +616,7 @@ def run_cli(args: argparse.Namespace) -> int:
             vnodes=args.vnodes,
             port=args.port, fsync=args.fsync, heartbeat_ms=args.heartbeat_ms,
             election_timeout_ms=args.election_timeout_ms, log_level=args.log_level,
+            metrics_port=None if args.no_metrics else args.metrics_port_base,
         )
     except ClusterError as exc:
         print(f"zkv: error: {exc}", file=sys.stderr)
@@ -605,6 +629,8 @@ def run_cli(args: argparse.Namespace) -> int:
         cluster.start()
         cluster.wait_ready(args.ready_timeout, progress=lambda s: say(f"waiting: {s}"))
         print(f"zkv cluster up: serving on {cluster.endpoint}", flush=True)
+        for name, url in cluster.metrics_urls().items():
+            say(f"metrics of {name} on {url}")
         gateway = _start_gateway(cluster, args, say)
         spec_path = cluster.data_dir / CLUSTER_FILE
         spec_mtime = spec_path.stat().st_mtime_ns

@@ -10,6 +10,7 @@ from pathlib import Path
 from loguru import logger
 
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
+from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
 from zkv.storage_node.fsync_policy import FsyncPolicy
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election-timeout-ms", type=int, default=1000)
     p.add_argument("--key-bytes-max", type=int, default=KEY_BYTES_MAX)
     p.add_argument("--value-bytes-max", type=int, default=VALUE_BYTES_MAX)
+    p.add_argument("--metrics-port", type=_non_negative, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free one; "
+                   "default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface for /metrics")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     return p
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. no space for the first ring file: say so, no traceback
         logger.error("cannot start: {}", exc)
         return 4
+    if args.metrics_port is not None:
+        node.node.stats.collector = serve_metrics(args.metrics_host, args.metrics_port,
+                                             f"node {args.node_id}")
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     tune_gc()

@@ -219,6 +219,8 @@ class StorageNode:
                 if hb is not None:
                     with contextlib.suppress(zmq.Again):
                         self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
+                    node.stats.publish(hb.node_id, hb.shard_id, self.core, self.state,
+                                       self.tasks, bool(hb.extra["disk_full"]))
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
@@ -351,18 +353,23 @@ class StorageNode:
             self.wal.reset(index + 1)
             todo.snapshot = None
             self._disk_snapshot_index = index
+            self.node.stats.snapshot("installed", len(data))
         wrote = False
         if todo.truncate_from is not None:
             self.wal.truncate_from(todo.truncate_from)
             todo.truncate_from, wrote = None, True
+        entries = len(todo.entries)
         if todo.entries:
             self.wal.append(todo.entries)
             todo.entries, wrote = [], True
         if wrote:
+            started = time.perf_counter()
             # One write and (fsync=always) one fsync for everything this turn brought:
             # group commit. The disk is fast next to a Python loop turn, so waiting for
             # it inline costs less than handing it to a thread and back (measured).
-            self.wal.sync(now)
+            synced = self.wal.sync(now)
+            self.node.stats.wal_synced(time.perf_counter() - started if synced else None,
+                                       entries)
             self.core.persisted(self.wal.last_index)
 
     def _durable_index(self) -> int:
@@ -424,6 +431,7 @@ class StorageNode:
             return
         self._disk_snapshot_index = task.index
         self.node.compacted(task)
+        self.node.stats.snapshot("taken", len(task.data))
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log
         self.wal.compact(compactable_index(self.config.data_dir))

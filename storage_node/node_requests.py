@@ -61,6 +61,7 @@ from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Replica
 from zkv.storage_node.state_machine import KVStateMachine
+from zkv.storage_node.stats import NodeStats
 
 Frames = tuple[bytes, ...]
 
@@ -123,6 +124,8 @@ class RequestCore:
         self.quota = Quota(config.max_data_bytes)
         #: bytes of commands applied since the last snapshot (the byte trigger)
         self.log_bytes = 0
+        #: counts per op and result (stats.py); the shell publishes them for /metrics
+        self.stats = NodeStats()
         #: set by the shell: writes find no space (answer DISK_FULL) ...
         self.disk_full = False
         #: ... and something the core asked to persist is still waiting for the disk
@@ -155,7 +158,9 @@ class RequestCore:
         """One client request, as its wire frames (kept to hand back in a Redirect)."""
         try:
             req = codec.decode(frames)
+            self.stats.op = type(req)
         except RemoteProtocolError:
+            self.stats.op = None
             rid = codec.request_id_of(frames[0])
             self._reply(origin, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "malformed request"))
             return
@@ -280,6 +285,7 @@ class RequestCore:
 
     def _reply(self, origin: object, ident: bytes, reply: object) -> None:
         """Queue a reply; ``take_outgoing`` hands each origin's queue to the shell."""
+        self.stats.reply(reply)
         out = self._outbox.get(origin)
         if out is None:
             out = self._outbox[origin] = []

@@ -286,6 +286,10 @@ class Replica:
         rd.failed_reads, self._reads_failed = self._reads_failed, []
         return rd
 
+    def match_indexes(self) -> dict[str, int]:
+        """Leader only: each follower's match index (empty otherwise), for metrics."""
+        return {peer: pr.match_index for peer, pr in self._progress.items()}
+
     def has_ready(self) -> bool:
         return bool(
             self._hard_state_dirty or self._truncate_from is not None

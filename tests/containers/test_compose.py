@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def test_compose_boot(
         "ZKV_BROKER0_PUBLISH": "127.0.0.1:",
         "ZKV_BROKER1_PUBLISH": "127.0.0.1:",
         "ZKV_GATEWAY_PUBLISH": "127.0.0.1:",
+        **{f"ZKV_{svc.upper()}_METRICS_PUBLISH": "127.0.0.1:" for svc in SERVICES},
     }
 
     def compose(*args: str, timeout_s: float = 120) -> str:
@@ -101,6 +103,13 @@ def test_compose_boot(
         finally:
             cl.close_client(client)
         _check_gateway(compose("port", "gateway", "8000").strip().rsplit(":", 1)[-1])
+        # every service serves /metrics on its own published port
+        for svc in SERVICES:
+            port = compose("port", svc, "9100").strip().rsplit(":", 1)[-1]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            series = "zkv_broker_nodes " if svc.startswith("broker") else "zkv_node_raft_term "
+            assert series in text, f"{svc}: no {series.strip()} in its /metrics"
         # health checks: brokers answer pings, nodes listen, the gateway answers /health
         deadline = time.monotonic() + 40
         while True:
