@@ -58,7 +58,7 @@ from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.push import LeaderTasks, command_for, not_leader_ack
 from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
-from zkv.storage_node.snapshot import compactable_index, save_snapshot
+from zkv.storage_node.snapshot import compactable_index, mapped_or_bytes, save_snapshot
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
 from zkv.storage_node.wal import is_disk_full
@@ -729,7 +729,7 @@ class StorageNode:
             self.log.warning("no space for a snapshot at index {} ({}); retrying in {} s",
                              applied, exc, SNAPSHOT_RETRY_S)
             return
-        self.core.compacted(applied, term, data)
+        self.core.compacted(applied, term, mapped_or_bytes(self.config.data_dir, applied, data))
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log
         self.wal.compact(compactable_index(self.config.data_dir))
