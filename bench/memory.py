@@ -100,6 +100,7 @@ def node(keys: int) -> dict[str, Any]:
         sock.connect(cluster.endpoints[0])
         cid = os.urandom(16)
         sent = acked = errors = 0
+        codes: dict[int, int] = {}
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         t0 = time.monotonic()
         try:
@@ -113,8 +114,10 @@ def node(keys: int) -> dict[str, Any]:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        if codec.parse_reply(frames)[1]:
+                        code = codec.parse_reply(frames)[1]
+                        if code:
                             errors += 1
+                            codes[code] = codes.get(code, 0) + 1
                         else:
                             acked += 1
         finally:
@@ -129,9 +132,19 @@ def node(keys: int) -> dict[str, Any]:
         time.sleep(3.0)
         after = rss_bytes(pid)
     return {"mode": "node", "keys": keys, "acked": acked, "errors": errors,
+            "error_codes": {_code_name(c): n for c, n in codes.items()},
             "bytes_per_key": (after - before) / max(1, acked),
             "rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
             "puts_per_s": acked / load_s}
+
+
+def _code_name(code: int) -> str:
+    from zkv.protocol.errors import ErrorCode
+
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,11 @@ def build(node_dir: Path, keys: int, wal_entries: int) -> bytes:
     sm = KVStateMachine(shard_id=0, ring=ring)
     pack = (1).to_bytes(8, "little")
     # the fast path: the table as a snapshot holds it, every key at version 1
-    sm._data = KeyTable.from_packed([key_of(i) for i in range(keys)], [value + pack] * keys)
+    names = [key_of(i) for i in range(keys)]
+    if hasattr(KeyTable, "from_packed"):
+        sm._data = KeyTable.from_packed(names, [value + pack] * keys)
+    else:  # the tuple table before format 3: lets this script time the old code too
+        sm._data = KeyTable(zip(names, [(value, 1)] * keys, strict=True))
     sm._applied_index = keys
     save_snapshot(node_dir, keys, TERM, sm.snapshot_bytes())
     wal, _ = WriteAheadLog.open(node_dir / WAL_DIR, FsyncPolicy.parse("never"))

@@ -65,7 +65,9 @@ class MappedSnapshot:
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(_HEADER.size)
-            _, _, _, self._length, self._crc = _HEADER.unpack(head)
+            _, _, _, length, crc = _HEADER.unpack(head)
+            self._length: int = length
+            self._crc: int = crc
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if len(self._map) != _HEADER.size + self._length:
             raise SnapshotDamaged(f"snapshot {path}: size does not match its header")

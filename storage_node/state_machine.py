@@ -106,7 +106,7 @@ class KeyTable:
             self.size_bytes += len(value) - len(old) + _VERSION_BYTES
         d[key] = value + version.to_bytes(_VERSION_BYTES, "little")
 
-    def get(self, key: bytes, default: Any = None) -> Any:
+    def get(self, key: bytes, default: Any = None) -> tuple[bytes, int] | Any:
         p = self._d.get(key)
         if p is None:
             return default
@@ -210,7 +210,8 @@ class KVStateMachine:
 
     def get(self, key: bytes) -> tuple[bytes, int] | None:
         """``(value, version)`` of ``key``, or ``None`` if it does not exist."""
-        return self._data.get(key)
+        found: tuple[bytes, int] | None = self._data.get(key)
+        return found
 
     def apply(self, index: int, data: bytes) -> ApplyReply | dict[str, Any] | None:
         """Apply the committed entry at ``index``; the reply for its client, if any."""
