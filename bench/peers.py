@@ -39,6 +39,7 @@ import zmq
 
 from zkv.ops.bench import RequestCodec
 from zkv.ops.cluster import LocalCluster, free_port
+from zkv.protocol.errors import ErrorCode
 
 NODES = 3
 VALUE_BYTES = 100
@@ -80,6 +81,7 @@ def zkv_submit(endpoint: str, rate: int, value_bytes: int = VALUE_BYTES,
     for s, _ in socks:
         poller.register(s, zmq.POLLIN)
     counts = {"ok": 0, "err": 0}
+    codes: dict[int, int] = {}
 
     def drain(timeout_ms: int) -> None:
         for sock, _ in poller.poll(timeout_ms):
@@ -88,7 +90,12 @@ def zkv_submit(endpoint: str, rate: int, value_bytes: int = VALUE_BYTES,
                     frames = sock.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
                 except zmq.Again:
                     break
-                counts["err" if codec.parse_reply(frames)[1] else "ok"] += 1
+                code = codec.parse_reply(frames)[1]
+                if code:
+                    counts["err"] += 1
+                    codes[code] = codes.get(code, 0) + 1
+                else:
+                    counts["ok"] += 1
 
     sent, overran, rid = 0, False, 0
     n_socks = len(socks)
@@ -121,7 +128,15 @@ def zkv_submit(endpoint: str, rate: int, value_bytes: int = VALUE_BYTES,
             s.close(linger=0)
         ctx.term()
     success = 0.0 if overran or not sent else counts["ok"] / sent
-    return {"sent": sent, **counts, "overran": overran, "success": success}
+    return {"sent": sent, **counts, "overran": overran, "success": success,
+            "codes": {_code_name(c): n for c, n in codes.items()}}
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 # --------------------------------------------------------------------------- one run each
@@ -145,7 +160,10 @@ def _collect(procs: list[subprocess.Popen[str]], deadline: float) -> list[dict[s
 def _verdict(name: str, rate: int, results: list[dict[str, Any]]) -> bool:
     mean = sum(r["success"] for r in results) / len(results)
     _say(f"{name} at {rate}/s: success {mean:.3f} "
-         + " ".join(f"[{r.get('ok', 0)}/{r.get('sent', 0)}]" for r in results))
+         + " ".join(f"[{r.get('ok', 0)}/{r.get('sent', 0)}"
+                    + (" overran" if r.get("overran") else "")
+                    + "".join(f" {k}:{v}" for k, v in r.get("codes", {}).items()) + "]"
+                    for r in results))
     return mean >= PASS_SHARE
 
 
