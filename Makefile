@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SEEDS  ?= 500
 ARGS   ?=
 
-.PHONY: browser bench-tools bench-http venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
+.PHONY: browser bench-tools bench-http bench-peers venv run test test-unit test-sim test-process test-containers lint bench bench-failover sim clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,7 +70,18 @@ bench-http: venv bench-tools
 bench-failover: venv
 	$(PY) -m bench.failover $(ARGS)
 
+## bench-peers: zkv vs PySyncObj on PySyncObj's benchmark method (~6 min); pysyncobj goes
+## into its own .venv-peers, never into zkv's environment
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.installed:
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q pysyncobj
+	touch $@
+
+bench-peers: venv $(PEERS_VENV)/.installed
+	$(PY) -m bench.peers --peers-python $(PEERS_VENV)/bin/python $(ARGS)
+
 clean:
-	rm -rf $(VENV) data .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) data .pytest_cache build dist *.egg-info
 
 include mk/containers.mk

@@ -36,7 +36,7 @@ from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
-from zkv.storage_node.snapshot import compactable_index, save_snapshot
+from zkv.storage_node.snapshot import compactable_index, mapped_or_bytes, save_snapshot
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
 from zkv.storage_node.wal import is_disk_full
@@ -430,7 +430,7 @@ class StorageNode:
                              task.index, exc, SNAPSHOT_RETRY_S)
             return
         self._disk_snapshot_index = task.index
-        self.node.compacted(task)
+        self.node.compacted(task, mapped_or_bytes(self.config.data_dir, task.index, task.data))
         self.node.stats.snapshot("taken", len(task.data))
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log

@@ -294,8 +294,10 @@ class NodeCore(RequestCore):
             return None
         return SnapshotTask(applied, term, self.state.snapshot_bytes())
 
-    def compacted(self, task: SnapshotTask) -> None:
-        """``task`` is on disk: the replica may drop its log up to it."""
-        self.replica.compacted(task.index, task.term, task.data)
+    def compacted(self, task: SnapshotTask, kept: Any = None) -> None:
+        """``task`` is on disk: the replica may drop its log up to it. ``kept`` is what
+        the replica holds as its snapshot from now on (the shell's read-only map of the
+        file, so the bytes need not stay in memory); ``task.data`` when None."""
+        self.replica.compacted(task.index, task.term, task.data if kept is None else kept)
         self.last_snapshot_index = task.index
         self.log_bytes = 0

@@ -35,6 +35,7 @@ Rules (Raft, with the changes zkv's design asks for):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from zkv.protocol.messages import (
     AppendEntries,
@@ -99,6 +100,15 @@ class Ready:
         )  # fmt: skip
 
 
+class SnapshotData(Protocol):
+    """What the core keeps of its last snapshot to stream to followers: its length and
+    slices. ``bytes``, or the shell's read-only map of the file (``snapshot.py``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
+
+
 class Replica:
     """One member of a shard's replica group. See the module docstring for the rules."""
 
@@ -107,7 +117,7 @@ class Replica:
         config: ReplicaConfig,
         hard_state: HardState,
         entries: list[Entry],
-        snapshot: tuple[int, int, bytes] | None = None,
+        snapshot: tuple[int, int, SnapshotData] | None = None,
     ) -> None:
         self.config = config
         self.node_id = config.node_id
@@ -119,6 +129,7 @@ class Replica:
         self.voted_for = hard_state.voted_for
         self.role = Role.FOLLOWER
         self.leader_id = ""
+        self._snap_data: SnapshotData
         self.snap_index, self.snap_term, self._snap_data = snapshot or (0, 0, b"")
         self._log: list[Entry] = [e for e in entries if e.index > self.snap_index]
         for offset, e in enumerate(self._log):
@@ -254,7 +265,7 @@ class Replica:
         """The state machine reached ``index`` (informational; reads are served by the
         shell once applied >= their read index)."""
 
-    def compacted(self, index: int, term: int, data: bytes) -> None:
+    def compacted(self, index: int, term: int, data: SnapshotData) -> None:
         """The shell snapshotted the state at ``index``: drop the log up to it."""
         if index <= self.snap_index:
             return

@@ -18,6 +18,7 @@ to the snapshot it just wrote.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -44,6 +45,63 @@ class Snapshot:
     last_index: int
     last_term: int
     data: bytes
+
+
+class MappedSnapshot:
+    """A snapshot's data read from its file on demand, for a leader to stream to a
+    follower: what the replica core keeps instead of the bytes (``len`` and slices).
+
+    Why: holding the last snapshot in memory costs its whole size (~128 B per key at
+    16 B keys and 100 B values) for the rare follower that needs it; mapped, it costs
+    only the page cache, which the kernel can reclaim. The file may be pruned while
+    mapped (the mapping keeps its inode). Disk damage under a running node must not
+    be streamed as good data: every pass from offset 0 checks the header's crc32 again
+    and raises ``SnapshotDamaged`` on a mismatch (the node stops; recovery falls back
+    to an older snapshot).
+    """
+
+    __slots__ = ("_map", "_length", "_crc", "path")
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            _, _, _, length, crc = _HEADER.unpack(head)
+            self._length: int = length
+            self._crc: int = crc
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(self._map) != _HEADER.size + self._length:
+            raise SnapshotDamaged(f"snapshot {path}: size does not match its header")
+        self.path = path
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, item: slice) -> bytes:
+        start, stop, _ = item.indices(self._length)
+        if start == 0:
+            view = memoryview(self._map)
+            try:
+                crc = zlib.crc32(view[_HEADER.size:])
+            finally:
+                view.release()
+            if crc != self._crc:
+                raise SnapshotDamaged(f"snapshot {self.path} changed on disk under a running node")
+        return self._map[_HEADER.size + start : _HEADER.size + max(start, stop)]
+
+
+class SnapshotDamaged(RuntimeError):
+    """The file of the snapshot a node serves changed on disk."""
+
+
+def mapped_or_bytes(directory: str | os.PathLike[str], last_index: int,
+                    data: bytes) -> MappedSnapshot | bytes:
+    """The snapshot just saved (or loaded) at ``last_index``, mapped from its file;
+    ``data`` itself if the file cannot be mapped (it then stays in memory)."""
+    try:
+        return MappedSnapshot(Path(directory) / SNAP_DIR / snapshot_name(last_index))
+    except (OSError, ValueError, SnapshotDamaged) as exc:
+        logger.warning("snapshot {} kept in memory: {}", last_index, exc)
+        return data
 
 
 def snapshot_name(last_index: int) -> str:
@@ -104,17 +162,20 @@ def _prune(snap_dir: Path) -> None:
 def _read_snapshot(index: int, path: Path) -> Snapshot | str:
     """The snapshot in ``path``, or why it cannot be trusted."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            # the data in one read straight into its own bytes: no copy of a slice of
+            # the whole file (a 128 MB copy at 1,000,000 keys)
+            data = f.read()
     except OSError as exc:
         return f"unreadable: {exc}"
-    if len(raw) < _HEADER.size:
+    if len(head) < _HEADER.size:
         return "shorter than its header"
-    magic, last_index, last_term, length, crc = _HEADER.unpack_from(raw)
+    magic, last_index, last_term, length, crc = _HEADER.unpack(head)
     if magic != MAGIC:
         return "bad magic"
     if last_index != index:
         return f"header says last index {last_index}, the name says {index}"
-    data = raw[_HEADER.size :]
     if len(data) != length:
         return f"{len(data)} bytes of data, the header says {length}"
     if zlib.crc32(data) != crc:

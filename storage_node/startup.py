@@ -31,7 +31,7 @@ from zkv.storage_node.wal import WAL_DIR, WriteAheadLog, segment_name
 class Recovered:
     hard_state: durable_state.HardState
     #: (last_index, last_term, data) of the loaded snapshot, for the replica core
-    snapshot: tuple[int, int, bytes] | None
+    snapshot: tuple[int, int, bytes | snapshot.MappedSnapshot] | None
     entries: list[Entry]
     wal: WriteAheadLog
 
@@ -77,7 +77,8 @@ def recover(data_dir: Path, policy: FsyncPolicy, state: KVStateMachine,
                      list(plan.replay), wal)
 
 
-def _plan_and_load(disk: DiskState, state: KVStateMachine) -> tuple[Plan, bytes]:
+def _plan_and_load(disk: DiskState, state: KVStateMachine,
+                   ) -> tuple[Plan, bytes | snapshot.MappedSnapshot]:
     """Plan, and load the chosen snapshot into ``state``; a snapshot that turns out bad
     while loading is marked damaged and the plan made again."""
     for _ in range(len(disk.snapshots) + 1):
@@ -91,7 +92,9 @@ def _plan_and_load(disk: DiskState, state: KVStateMachine) -> tuple[Plan, bytes]
         if isinstance(loaded, snapshot.Snapshot):
             try:
                 state.restore(loaded.data)
-                return plan, loaded.data
+                # the core keeps the file mapped, not the bytes (they go once restored)
+                return plan, snapshot.mapped_or_bytes(disk.data_dir, loaded.last_index,
+                                                      loaded.data)
             except RemoteProtocolError as exc:
                 problem, offset = f"does not decode: {exc}", snapshot.HEADER_BYTES
         bad = dataclasses.replace(plan.snapshot, problem=problem, problem_offset=offset)

@@ -239,7 +239,32 @@ class WriteAheadLog:
         buf = path.read_bytes()
         seg = _Segment(path, first)
         pos, expected = 0, first
-        while pos < len(buf):
+        n = len(buf)
+        view = memoryview(buf)
+        offsets, append = seg.offsets, out.append
+        unpack_header, crc32, unpackb = _HEADER.unpack_from, zlib.crc32, msgpack.unpackb
+        last_header = n - _HEADER_BYTES
+        while pos < n:
+            # Fast path (restart speed): a whole record, good checksum, [term, index,
+            # data] continuing the log, inlined. Anything else takes the slow path,
+            # which says what is wrong with the record.
+            if pos <= last_header:
+                length, crc = unpack_header(buf, pos)
+                end = pos + _HEADER_BYTES + length
+                if 0 < length <= RECORD_BYTES_MAX and end <= n:
+                    payload = view[pos + _HEADER_BYTES : end]
+                    if crc32(payload) == crc and payload[0] == _PAYLOAD_TAG:
+                        try:
+                            term, index, data = unpackb(payload, raw=False, use_list=False)
+                        except Exception:  # not a 3-array: the slow path says why
+                            term = index = data = None
+                        if (index == expected and type(index) is int and type(term) is int
+                                and term >= 0 and type(data) is bytes):
+                            offsets.append(pos)
+                            append(Entry(term, index, data))
+                            pos = end
+                            expected += 1
+                            continue
             size, parsed, reason = _read_record(buf, pos)
             if parsed is None:
                 self._bad_record(path, buf, pos, expected, reason, last)
@@ -247,8 +272,8 @@ class WriteAheadLog:
             term, index, data = parsed
             if index != expected:
                 raise CorruptLogError(path, pos, f"entry index {index}, expected {expected}")
-            seg.offsets.append(pos)
-            out.append(Entry(term, index, data))
+            offsets.append(pos)
+            append(Entry(term, index, data))
             pos += size
             expected += 1
         seg.size = pos

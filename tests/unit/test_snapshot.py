@@ -9,9 +9,12 @@ from loguru import logger
 
 from zkv.storage_node.snapshot import (
     SNAP_DIR,
+    MappedSnapshot,
     Snapshot,
+    SnapshotDamaged,
     compactable_index,
     load_latest_snapshot,
+    mapped_or_bytes,
     save_snapshot,
     snapshot_name,
 )
@@ -99,3 +102,33 @@ def test_all_damaged_is_none(tmp_path):
     path = save_snapshot(tmp_path, 10, 1, b"a")
     path.write_bytes(b"junk")
     assert load_latest_snapshot(tmp_path) is None
+
+
+def test_a_mapped_snapshot_reads_like_its_bytes_even_after_the_file_is_pruned(tmp_path):
+    data = os.urandom(100_000)
+    save_snapshot(tmp_path, 5, 2, data)
+    view = mapped_or_bytes(tmp_path, 5, data)
+    assert isinstance(view, MappedSnapshot) and len(view) == len(data)
+    for a, b in [(0, 4096), (4096, 70_000), (99_000, 200_000), (100_000, 100_100)]:
+        assert view[a:b] == data[a:b]
+    for i in (6, 7):  # two newer snapshots: the file of index 5 is deleted
+        save_snapshot(tmp_path, i, 2, b"x")
+    assert snapshot_name(5) not in names(tmp_path)
+    assert view[0:1000] == data[:1000]
+
+
+def test_a_mapped_snapshot_refuses_to_stream_data_damaged_on_disk(tmp_path):
+    data = os.urandom(10_000)
+    path = save_snapshot(tmp_path, 5, 2, data)
+    view = mapped_or_bytes(tmp_path, 5, data)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    with open(path, "r+b") as f:  # in place, as bit rot would be
+        f.write(raw)
+    with pytest.raises(SnapshotDamaged):
+        view[0:4096]
+
+
+def test_without_a_file_the_bytes_are_kept(tmp_path, warnings_logged):
+    assert mapped_or_bytes(tmp_path, 9, b"abc") == b"abc"
+    assert any("kept in memory" in m for m in warnings_logged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgpack
 import pytest
 from loguru import logger
 
@@ -16,7 +17,7 @@ from zkv.storage_node.commands import (
     PutCommand,
     encode_command,
 )
-from zkv.storage_node.state_machine import KVStateMachine
+from zkv.storage_node.state_machine import KeyTable, KVStateMachine
 
 
 class Driver:
@@ -233,3 +234,51 @@ def test_a_bad_snapshot_is_refused_and_changes_nothing(data):
     with pytest.raises(RemoteProtocolError):
         d.sm.restore(data)
     assert d.sm.snapshot_bytes() == before
+
+
+def _format_2(sm: KVStateMachine) -> bytes:
+    """The snapshot the previous format wrote: ``(value, version)`` pairs."""
+    return msgpack.packb([2, sm.applied_index, list(sm.data.keys()), list(sm.data.values()),
+                          sm.sessions.to_state(), sm.ownership.to_state()], use_bin_type=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_format_2_snapshot_still_loads(seed):
+    d = Driver(KVStateMachine(replies_per_client_max=3, clients_max=4, session_ttl_ms=500))
+    random_ops(d, random.Random(seed), 300)
+    restored = KVStateMachine(replies_per_client_max=3, clients_max=4, session_ttl_ms=500)
+    restored.restore(_format_2(d.sm))
+    assert restored == d.sm
+    assert restored.data_bytes == d.sm.data_bytes
+    assert restored.snapshot_bytes() == d.sm.snapshot_bytes()
+
+
+@pytest.mark.parametrize(
+    "values", [[b"short"], [5], [(b"v", 1)], [b"v" * 7]], ids=["<8B", "int", "pair", "7B"])
+def test_a_format_3_snapshot_with_a_malformed_packed_value_is_refused(values):
+    d = Driver()
+    d.put(b"k", b"v")
+    before = d.sm.snapshot_bytes()
+    bad = msgpack.packb([3, 5, [b"k"] * len(values), values, [], None], use_bin_type=True)
+    with pytest.raises(RemoteProtocolError):
+        d.sm.restore(bad)
+    assert d.sm.snapshot_bytes() == before
+
+
+def test_key_table_keeps_its_byte_count_and_reads_back_pairs():
+    t = KeyTable()
+    t.put(b"a", b"xyz", 7)
+    t[b"bb"] = (b"", 2**40)
+    assert t.size_bytes == 1 + 3 + 2
+    t.put(b"a", b"x", 9)
+    assert t.size_bytes == 1 + 1 + 2
+    assert t[b"a"] == (b"x", 9) and t.get(b"bb") == (b"", 2**40) and t.get(b"zz") is None
+    assert dict(t.items()) == {b"a": (b"x", 9), b"bb": (b"", 2**40)}
+    assert t == {b"a": (b"x", 9), b"bb": (b"", 2**40)} and t != {b"a": (b"x", 9)}
+    assert t.pop(b"a") == (b"x", 9) and t.pop(b"a", None) is None
+    del t[b"bb"]
+    assert t.size_bytes == 0 and len(t) == 0
+    with pytest.raises(KeyError):
+        t.pop(b"a")
+    packed = KeyTable.from_packed((b"k",), (b"value" + (3).to_bytes(8, "little"),))
+    assert packed[b"k"] == (b"value", 3) and packed.size_bytes == 6
