@@ -317,7 +317,8 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
 
 _COLUMNS = (("node", "node_id"), ("role", "role"), ("term", "term"),
             ("last", "last_index"), ("commit", "commit_index"), ("applied", "applied_index"),
-            ("lag", "lag"), ("keys", "key_count"), ("pid", "pid"), ("age", "age"))
+            ("lag", "lag"), ("keys", "key_count"), ("pid", "pid"), ("age", "age"),
+            ("member", "membership"), ("incarnation", "incarnation"))
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -334,14 +335,22 @@ def format_status(status: dict[str, Any]) -> str:
         for node in shard["nodes"]:
             row = []
             for _, name in _COLUMNS:
-                v = _age(node) if name == "age" else node.get(name)
+                v = _age(node) if name == "age" else node.get(name, _extra(node, name))
                 row.append("-" if v is None else str(v))
             rows.append(row)
+        notes = [f"  {n['node_id']}: {_extra(n, 'membership_reason')}" for n in shard["nodes"]
+                 if _extra(n, "membership_reason")]
         widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
         for row in rows:
             lines.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
                                           for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        lines.extend(notes)
     return "\n".join(lines)
+
+
+def _extra(node: dict[str, Any], name: str) -> Any:
+    """A field the node reports in its heartbeat's ``extra`` (membership, incarnation)."""
+    return (node.get("extra") or {}).get(name)
 
 
 def _age(node: dict[str, Any]) -> str | None:

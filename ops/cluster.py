@@ -244,7 +244,16 @@ class LocalCluster:
         if peers:
             argv += ["--peers", peers]
         argv += self._timing_args()
+        if self._creates_data_dir(nid):
+            # a new data dir founds its shard; kept on restarts like a compose file
+            # would, where the node ignores it (its dir is no longer empty) or, if the
+            # dir was wiped, learns from its peers that the shard exists
+            argv.append("--bootstrap")
         return argv + list(self.node_args)
+
+    def _creates_data_dir(self, nid: str) -> bool:
+        d = self.data_dir / nid
+        return not d.exists() or not any(d.iterdir())
 
     def _timing_args(self) -> list[str]:
         argv = []

@@ -348,6 +348,9 @@ class AppendReply:
     success: bool
     match_index: int
     read_seq: int
+    #: False from a node whose data dir cannot vote (empty, not admitted): the leader
+    #: does not count its log toward a commit, a read or its own liveness
+    voter: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +417,30 @@ class MigrateAck:
     leader_hint: str
 
 
+@dataclass(frozen=True, slots=True)
+class FoundingProbe:
+    """Peer -> peer: a node bootstrapping a new shard asks a member of its initial
+    configuration for its state (``storage_node/identity.py``)."""
+
+    TYPE: ClassVar[int] = 58
+    node_id: str
+    cluster_id: str
+    shard_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FoundingAnswer:
+    """Answer to ``FoundingProbe``: ``pristine`` if the member is bootstrapping on an
+    empty data dir, or founded and still at term 0; ``term`` is its current term."""
+
+    TYPE: ClassVar[int] = 59
+    node_id: str
+    cluster_id: str
+    shard_id: int
+    pristine: bool
+    term: int
+
+
 ClientRequest = (
     GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
     | AdminRequest
@@ -427,9 +454,10 @@ PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
 )
 MigrationMessage = MigrateBatch | MigrateAck
+FoundingMessage = FoundingProbe | FoundingAnswer
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | Redirect
-    | PeerMessage | MigrationMessage
+    | PeerMessage | MigrationMessage | FoundingMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -439,7 +467,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     AdminReply,
     Heartbeat, Campaign, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
-    MigrateBatch, MigrateAck,
+    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(

@@ -12,6 +12,7 @@ from loguru import logger
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
 from zkv.storage_node.fsync_policy import FsyncPolicy
+from zkv.storage_node.identity import DEFAULT_CLUSTER_ID
 from zkv.storage_node.node import NodeConfig, StorageNode
 
 
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election-timeout-ms", type=int, default=1000)
     p.add_argument("--key-bytes-max", type=int, default=16 * 1024)
     p.add_argument("--value-bytes-max", type=int, default=1024 * 1024)
+    p.add_argument("--bootstrap", action="store_true",
+                   help="found a new shard with --peers as its initial configuration; "
+                        "counts only on an empty data dir (recorded there)")
+    p.add_argument("--cluster-id", default=DEFAULT_CLUSTER_ID,
+                   help="recorded in the data dir; a dir of another cluster is refused")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     return p
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         election_timeout_ms=args.election_timeout_ms,
         key_bytes_max=args.key_bytes_max,
         value_bytes_max=args.value_bytes_max,
+        cluster_id=args.cluster_id,
+        bootstrap=args.bootstrap,
     )
     try:
         node = StorageNode(config)

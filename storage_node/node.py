@@ -34,6 +34,8 @@ from zkv.protocol.messages import (
     Consistency,
     DeleteRequest,
     ErrorReply,
+    FoundingAnswer,
+    FoundingProbe,
     GetReply,
     GetRequest,
     Heartbeat,
@@ -50,7 +52,7 @@ from zkv.protocol.messages import (
     Role,
 )
 from zkv.protocol.ring import Ring, RingConfig
-from zkv.storage_node import durable_state
+from zkv.storage_node import durable_state, identity
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
 from zkv.storage_node.fsync_policy import FsyncPolicy
@@ -87,6 +89,9 @@ class NodeConfig:
     key_bytes_max: int = 16 * 1024
     value_bytes_max: int = 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
+    cluster_id: str = identity.DEFAULT_CLUSTER_ID
+    #: found a new shard with ``peers`` as the initial configuration (empty data dir only)
+    bootstrap: bool = False
 
 
 @dataclass(slots=True)
@@ -144,10 +149,13 @@ class StorageNode:
                 f"{cfg.data_dir}: the log starts at {entries[0].index} but the snapshot ends "
                 f"at {snap.last_index}; remove the data directory to rebuild from peers"
             )
+        has_state = hard.term > 0 or bool(entries) or snap is not None
+        self._check_identity(has_state)
         members = tuple(sorted({cfg.node_id, *cfg.peers}))
         self.core = Replica(
             ReplicaConfig(
                 cfg.node_id, members, cfg.heartbeat_ms, cfg.election_timeout_ms,
+                voter=self.identity.voter,
             ),
             hard,
             entries,
@@ -158,6 +166,68 @@ class StorageNode:
             hard.term, self.core.snap_index + 1, self.core.last_index,
             self.core.snap_index, self.state.key_count,
         )
+
+    def _check_identity(self, has_state: bool) -> None:
+        """Decide from the data dir whether we may vote (``identity.py``); record it."""
+        cfg = self.config
+        on_disk = identity.load(cfg.data_dir)
+        self.identity = identity.decide_start(
+            on_disk, has_state, cluster_id=cfg.cluster_id, shard_id=cfg.shard_id,
+            node_id=cfg.node_id, bootstrap=cfg.bootstrap, incarnation=identity.new_incarnation(),
+        )  # fmt: skip
+        if on_disk is None:
+            identity.save(cfg.data_dir, self.identity)
+            if self.identity.voter:
+                self.log.info("adopted data dir written before identities: voter, "
+                              "incarnation {}", self.identity.incarnation)
+        self.founding = None
+        if self.identity.state is identity.IdentityState.BOOTSTRAPPING:
+            self.founding = identity.Founding(cfg.node_id, tuple(cfg.peers))
+        if not self.identity.voter:
+            self.log.warning("not a voter: {}", self.identity.reason)
+
+    def _set_identity(self, state: identity.IdentityState, reason: str = "") -> None:
+        self.identity = self.identity.with_state(state, reason)
+        identity.save(self.config.data_dir, self.identity)
+        self.core.set_voter(self.identity.voter)
+        self.founding = None
+
+    def _found(self) -> None:
+        """Bootstrapping: probe the initial configuration; found or give up."""
+        founding = self.founding
+        if founding is None:
+            return
+        if founding.exists:
+            self._set_identity(identity.IdentityState.WAITING, (
+                "this shard exists already (a member is past term 0), so --bootstrap does "
+                "not found it: a non-voter until admitted (zkv admin replace-replica)"))
+            self.log.warning("not a voter: {}", self.identity.reason)
+        elif founding.founded:
+            self._set_identity(identity.IdentityState.VOTER)
+            self.log.info("founded shard {} with {} (a majority agreed): voter",
+                          self.config.shard_id, sorted(founding.members))
+        else:
+            probe = FoundingProbe(self.config.node_id, self.config.cluster_id, self.config.shard_id)
+            for peer in self.config.peers:
+                self._send_peer(peer, probe)  # type: ignore[arg-type]
+
+    def _on_founding(self, sender: str, msg: FoundingProbe | FoundingAnswer) -> None:
+        cfg = self.config
+        if (msg.cluster_id, msg.shard_id) != (cfg.cluster_id, cfg.shard_id) or msg.node_id != sender:
+            self.log.warning("founding message from {} of another cluster or shard", sender)
+            return
+        if isinstance(msg, FoundingAnswer):
+            if self.founding is not None:
+                self.founding.on_answer(sender, msg.pristine)
+                self._found()
+            return
+        state = self.identity.state
+        pristine = state is identity.IdentityState.BOOTSTRAPPING or (
+            state is identity.IdentityState.VOTER and self.core.term == 0
+            and self.core.last_index == 0
+        )
+        self._send_peer(sender, FoundingAnswer(  # type: ignore[arg-type]
+            cfg.node_id, cfg.cluster_id, cfg.shard_id, pristine, self.core.term))
 
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
@@ -242,6 +312,7 @@ class StorageNode:
                 if now >= self._next_heartbeat:
                     self._next_heartbeat = now + self.config.heartbeat_ms / 1000
                     self._publish_heartbeat()
+                    self._found()
                     self.wal.sync(now)  # interval policy: sync even when idle
                 self._maybe_snapshot()
         finally:
@@ -279,10 +350,16 @@ class StorageNode:
             if type(msg) is MigrateBatch:
                 self._on_migrate_batch(frames[0], msg, now)
                 continue
+            if type(msg) is FoundingProbe or type(msg) is FoundingAnswer:
+                self._on_founding(frames[0].decode(errors="replace"), msg)
+                continue
             if getattr(msg, "TYPE", None) not in PEER_TYPES:
                 self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
                 continue
             sender = frames[0].decode(errors="replace")
+            if self.founding is not None and type(msg) is AppendEntries and msg.term > 0:
+                self.founding.on_answer(sender, False)  # a leader: the shard exists
+                self._found()
             self.core.step(sender, msg, now)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ requests
@@ -629,10 +706,18 @@ class StorageNode:
             core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
             os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
             ring.epoch, ring.shards, ring.vnodes,
-            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra},
+            cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra, **self._identity_extra()},
         )
         with contextlib.suppress(zmq.Again):
             self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
+
+    def _identity_extra(self) -> dict[str, object]:
+        ident = self.identity
+        extra: dict[str, object] = {"voter": ident.voter, "membership": ident.state.value,
+                                    "incarnation": ident.incarnation}
+        if ident.reason:
+            extra["membership_reason"] = ident.reason
+        return extra
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index

@@ -69,6 +69,9 @@ class ReplicaConfig:
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_bytes_max: int = 4 << 30
     reads_pending_max: int = 100_000
+    #: False for a node whose data dir may not vote (``identity.py``): it never votes
+    #: or campaigns, and its acks say so, so no leader counts it toward a quorum
+    voter: bool = True
 
     def __post_init__(self) -> None:
         if self.node_id not in self.members:
@@ -117,6 +120,7 @@ class Replica:
         self.voted_for = hard_state.voted_for
         self.role = Role.FOLLOWER
         self.leader_id = ""
+        self.voter = config.voter
         self.snap_index, self.snap_term, self._snap_data = snapshot or (0, 0, b"")
         self._log: list[Entry] = [e for e in entries if e.index > self.snap_index]
         for offset, e in enumerate(self._log):
@@ -212,8 +216,14 @@ class Replica:
         self._reads_unsent.append((token, self.commit_index))
         return True
 
+    def set_voter(self, voter: bool) -> None:
+        """The shell's identity check decided (founding agreed, or admission)."""
+        self.voter = voter
+
     def campaign(self, now: float, known_term: int = 0) -> None:
         """The broker thinks our leader is gone: start a pre-vote."""
+        if not self.voter:
+            return  # an empty or foreign data dir must never lead (invariant 7)
         if self.role is Role.LEADER or self._in_lease(now) or self._prevote:
             return
         if known_term >= TERM_MAX or self.term >= TERM_MAX:
@@ -299,7 +309,8 @@ class Replica:
         if sender not in self._peers or msg.term >= TERM_MAX:
             return  # not a member of this group, or a forged term: ignore rather than trust
         if isinstance(msg, VoteRequest):
-            self._on_vote_request(sender, msg, now)
+            if self.voter:  # a non-voter has no vote to give: ignore it whole
+                self._on_vote_request(sender, msg, now)
             return
         if isinstance(msg, VoteReply) and msg.pre_vote:
             self._on_prevote_reply(sender, msg, now)
@@ -310,7 +321,7 @@ class Replica:
         elif msg.term < self.term:
             if isinstance(msg, (AppendEntries, InstallSnapshot)):
                 # tell a deposed leader about the newer term
-                self._send(sender, AppendReply(self.term, self.node_id, False, self.last_index, 0))
+                self._send(sender, self._append_reply(False, self.last_index, 0))
             return
         if isinstance(msg, AppendEntries):
             self._on_append(sender, msg, now)
@@ -425,7 +436,9 @@ class Replica:
     # ------------------------------------------------------------------ replication
 
     def _leader_tick(self, now: float) -> None:
-        live = 1 + sum(1 for pr in self._progress.values() if now - pr.last_ack < self._election_s)
+        live = 1 + sum(
+            1 for pr in self._progress.values() if pr.voter and now - pr.last_ack < self._election_s
+        )
         if live < self._quorum and now - self._became_leader_at >= self._election_s:
             self._become_follower(self.term, "", now)
             return
@@ -498,7 +511,7 @@ class Replica:
                 entries = ()
         if prev > self.last_index or self.term_at(prev) != prev_term:
             hint = self._conflict_hint(prev)
-            self._send(sender, AppendReply(self.term, self.node_id, False, hint, msg.read_seq))
+            self._send(sender, self._append_reply(False, hint, msg.read_seq))
             return
         new_entries: list[Entry] = []
         for i, e in enumerate(entries):
@@ -515,7 +528,10 @@ class Replica:
         commit = min(msg.commit_index, matched)
         if commit > self.commit_index:
             self.commit_index = commit
-        self._send(sender, AppendReply(self.term, self.node_id, True, matched, msg.read_seq))
+        self._send(sender, self._append_reply(True, matched, msg.read_seq))
+
+    def _append_reply(self, success: bool, match_index: int, read_seq: int) -> AppendReply:
+        return AppendReply(self.term, self.node_id, success, match_index, read_seq, self.voter)
 
     def _conflict_hint(self, prev: int) -> int:
         """Where the leader should retry after our log failed to match at ``prev``: our
@@ -533,6 +549,7 @@ class Replica:
         if self.role is not Role.LEADER or pr is None:
             return
         pr.last_ack = now
+        pr.voter = msg.voter
         if msg.read_seq > pr.read_ack:
             pr.read_ack = msg.read_seq
             self._confirm_reads()
@@ -550,9 +567,11 @@ class Replica:
 
     def _maybe_commit(self) -> None:
         matches = sorted(
-            [self._persisted, *(pr.match_index for pr in self._progress.values())],
+            [self._persisted, *(pr.match_index for pr in self._progress.values() if pr.voter)],
             reverse=True,
         )
+        if len(matches) < self._quorum:
+            return  # not enough voters heard from yet
         candidate = matches[self._quorum - 1]
         if candidate > self.commit_index and self.term_at(candidate) == self.term:
             self.commit_index = candidate
@@ -580,7 +599,12 @@ class Replica:
     def _confirm_reads(self) -> None:
         if self.term_at(self.commit_index) != self.term:
             return  # nothing of our term committed yet: our commit index may be stale
-        acks = sorted([self._read_seq, *(p.read_ack for p in self._progress.values())], reverse=True)
+        acks = sorted(
+            [self._read_seq, *(p.read_ack for p in self._progress.values() if p.voter)],
+            reverse=True,
+        )
+        if len(acks) < self._quorum:
+            return
         confirmed_seq = acks[self._quorum - 1]
         keep: list[tuple[object, int, int]] = []
         for token, index, seq in self._reads_waiting:
@@ -608,7 +632,7 @@ class Replica:
         self._last_heard_leader = now
         if msg.last_index <= self.commit_index:
             # we already hold everything it contains; committed entries match the leader
-            self._send(sender, AppendReply(self.term, self.node_id, True, self.commit_index, 0))
+            self._send(sender, self._append_reply(True, self.commit_index, 0))
             return
         key = (msg.last_index, msg.last_term)
         if msg.offset == 0:

@@ -1,0 +1,167 @@
+"""Membership on real processes (issue 11): a replica that lost its disk never votes.
+
+The scenario of the issue, 1 shard x 3, fsync always: stop follower C (SIGSTOP); 500
+writes acknowledged by leader A and follower B; restart B on an empty data dir (with
+``--bootstrap`` again, as a compose file passes it on every start); kill A; resume C.
+Before identities, C was elected with the wiped B's vote and all 500 writes were gone,
+also after A came back. Now B learns from its peers that the shard exists, waits as a
+non-voter, C cannot win an election, and once A is back every write is there. No term
+ever has two leaders (checked from every node's log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zkv.client import AsyncKVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import KVError
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(300)]
+
+WRITES = 500
+LEADER_RE = re.compile(r"became leader of shard (\d+) at term (\d+)")
+
+
+def _cluster(tmp_path: Path) -> LocalCluster:
+    return LocalCluster(tmp_path / "data", shards=1, replicas=3, brokers=1, port=0,
+                        fsync="always", heartbeat_ms=100, election_timeout_ms=600,
+                        log_level="INFO")
+
+
+def _status(cluster: LocalCluster) -> dict[str, Any] | None:
+    try:
+        return cluster.status(timeout_s=1.0)
+    except KVError:
+        return None
+
+
+def _live_leaders(cluster: LocalCluster) -> list[tuple[str, int]]:
+    status = _status(cluster) or {"nodes": []}
+    return [(n["node_id"], n["term"]) for n in status["nodes"]
+            if n["role"] == 2 and n.get("live", True)]
+
+
+def wait_for(what: str, check: Any, timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def membership_of(cluster: LocalCluster, node_id: str) -> str | None:
+    status = _status(cluster) or {"nodes": []}
+    for n in status["nodes"]:
+        if n["node_id"] == node_id and n.get("live", True):
+            return str((n.get("extra") or {}).get("membership"))
+    return None
+
+
+def _node(cluster: LocalCluster, node_id: str) -> dict[str, Any]:
+    status = _status(cluster) or {"nodes": []}
+    return next((n for n in status["nodes"] if n["node_id"] == node_id), {})
+
+
+def leaders_by_term(cluster: LocalCluster) -> dict[int, set[str]]:
+    """Every (term -> leaders) any node's log ever announced."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for nid in cluster.node_ids:
+        text = (cluster.data_dir / "logs" / f"{nid}.log").read_text(errors="replace")
+        for m in LEADER_RE.finditer(text):
+            out[int(m.group(2))].add(nid)
+    return out
+
+
+async def _write(endpoints: list[str], n: int) -> dict[str, int]:
+    async with AsyncKVClient(endpoints, timeout_s=60, max_in_flight=64) as kv:
+        versions = await asyncio.gather(*(kv.put(f"k{i:04d}", f"v{i}") for i in range(n)))
+    return {f"k{i:04d}": v for i, v in enumerate(versions)}
+
+
+async def _read(endpoints: list[str], keys: list[str]) -> list[tuple[bytes, int] | None]:
+    async with AsyncKVClient(endpoints, timeout_s=60, max_in_flight=64) as kv:
+        return list(await asyncio.gather(*(kv.get_versioned(k) for k in keys)))
+
+
+def wipe_and_restart(cluster: LocalCluster, node_id: str) -> None:
+    cluster.kill_node(node_id, signal.SIGKILL)
+    d = cluster.data_dir / node_id
+    shutil.rmtree(d)
+    d.mkdir()
+    cluster.restart_node(node_id)
+
+
+def test_wiped_follower_never_votes_and_no_acknowledged_write_is_lost(tmp_path: Path) -> None:
+    with _cluster(tmp_path) as cluster:
+        cluster.wait_ready(timeout=60)
+        a = cluster.leader_of(0)
+        b, c = sorted(n for n in cluster.node_ids if n != a)
+        assert wait_for("three voters", lambda: all(
+            membership_of(cluster, n) == "voter" for n in cluster.node_ids))
+
+        cluster.kill_node(c, signal.SIGSTOP)
+        versions = asyncio.run(asyncio.wait_for(_write(cluster.endpoints, WRITES), 120))
+        assert len(versions) == WRITES  # acknowledged by A and B
+
+        wipe_and_restart(cluster, b)
+        assert wait_for(f"{b} waiting as a non-voter",
+                        lambda: membership_of(cluster, b) == "waiting", 30)
+        log_b = (cluster.data_dir / "logs" / f"{b}.log").read_text()
+        assert "this shard exists already" in log_b
+
+        cluster.kill_node(a, signal.SIGKILL)
+        cluster.kill_node(c, signal.SIGCONT)
+        # C's campaigns need B's vote, which a wiped data dir does not give: no leader
+        time.sleep(4.0)
+        assert _live_leaders(cluster) == [], "a leader was elected without A's log"
+
+        cluster.restart_node(a)
+        leader = wait_for("a leader once A is back", lambda: _live_leaders(cluster), 60)
+        assert leader[0][0] in (a, c)
+        keys = sorted(versions)
+        got = asyncio.run(asyncio.wait_for(_read(cluster.endpoints, keys), 120))
+        lost = [k for k, g in zip(keys, got, strict=True) if g is None or g[1] != versions[k]]
+        assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:5]}"
+        assert membership_of(cluster, b) == "waiting"
+
+    two = {t: ls for t, ls in leaders_by_term(cluster).items() if len(ls) > 1}
+    assert not two, f"two leaders in a term: {two}"
+
+
+def test_previous_release_data_dir_is_adopted_as_voter(tmp_path: Path) -> None:
+    """Data dirs with a log but no identity file (the previous release) keep voting."""
+    with _cluster(tmp_path) as cluster:
+        cluster.wait_ready(timeout=60)
+        versions = asyncio.run(asyncio.wait_for(_write(cluster.endpoints, 50), 60))
+        top = max(versions.values())
+        wait_for("every node holding the writes", lambda: all(
+            _node(cluster, n).get("last_index", 0) >= top for n in cluster.node_ids))
+        old = {n: _node(cluster, n)["extra"]["incarnation"] for n in cluster.node_ids}
+        for nid in cluster.node_ids:
+            cluster.kill_node(nid, signal.SIGKILL)
+            (cluster.data_dir / nid / "identity.json").unlink()
+        for nid in cluster.node_ids:
+            cluster.restart_node(nid)
+
+        def adopted(n: str) -> bool:
+            extra = _node(cluster, n).get("extra", {})
+            return extra.get("incarnation") not in (None, old[n]) and extra["voter"] is True
+
+        wait_for("every node adopted as a voter", lambda: all(map(adopted, cluster.node_ids)))
+        cluster.wait_ready(timeout=60)
+        got = asyncio.run(asyncio.wait_for(_read(cluster.endpoints, sorted(versions)), 60))
+        assert all(g is not None for g in got)
+        for nid in cluster.node_ids:
+            assert "adopted data dir" in (cluster.data_dir / "logs" / f"{nid}.log").read_text()
