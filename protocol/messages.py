@@ -312,6 +312,8 @@ class VoteRequest:
     last_log_index: int
     last_log_term: int
     pre_vote: bool = False
+    #: the leader handed over (``TimeoutNow``): voters grant despite hearing that leader
+    transfer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +353,8 @@ class AppendReply:
     #: False from a node whose data dir cannot vote (empty, not admitted): the leader
     #: does not count its log toward a commit, a read or its own liveness
     voter: bool = True
+    #: a non-voter's data dir incarnation, recorded when the leader promotes it
+    incarnation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +422,16 @@ class MigrateAck:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Leader -> an up-to-date follower: stand for election now (leadership transfer,
+    Raft thesis 3.10); its vote requests carry ``transfer`` so voters ignore the lease."""
+
+    TYPE: ClassVar[int] = 60
+    term: int
+    leader_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class FoundingProbe:
     """Peer -> peer: a node bootstrapping a new shard asks a member of its initial
     configuration for its state (``storage_node/identity.py``)."""
@@ -452,6 +466,7 @@ ClientReply = (
 )
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
+    | TimeoutNow
 )
 MigrationMessage = MigrateBatch | MigrateAck
 FoundingMessage = FoundingProbe | FoundingAnswer
@@ -467,7 +482,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     AdminReply,
     Heartbeat, Campaign, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
-    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer,
+    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(

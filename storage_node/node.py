@@ -64,7 +64,7 @@ from zkv.storage_node.wal import WriteAheadLog
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
-PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
+PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, 60})
 #: What a leader may send before its own log is durable (Raft allows it: the leader
 #: counts itself toward a commit only once persisted). Sending them first lets the
 #: followers' fsyncs run while the leader's own fsync does.
