@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="pipelined load generator")
     bench.add_arguments(s)
 
-    s = sub.add_parser("admin", help="ring changes: add or remove a shard online")
+    s = sub.add_parser("admin", help="ring and membership changes, online")
     asub = s.add_subparsers(dest="admin_command", required=True, parser_class=_Parser)
     a = asub.add_parser("add-shard", parents=[common],
                         help="add a shard group and move its share of the keys to it")
@@ -105,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "stops the shard's nodes afterwards")
     a = asub.add_parser("resume", parents=[common],
                         help="finish a ring change whose coordinator died")
-    for a in asub.choices.values():
+    ring_parsers = list(asub.choices.values())
+    from zkv.ops import membership
+
+    membership.add_arguments(asub, common)
+    for a in ring_parsers:
         a.add_argument("--max-rate", type=_non_negative, default=0.0, metavar="MB/S",
                        help="bound the key streams to this many MB/s in all, so live "
                        "traffic keeps more of the CPU (default: 0, no bound)")
@@ -215,6 +219,10 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
 
     with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
+        if args.admin_command not in ("add-shard", "remove-shard", "resume"):
+            from zkv.ops import membership
+
+            return membership.run(kv, args, say)
         r = Rebalancer(kv, say, rate_bytes_s=int(args.max_rate * 1e6))
         if args.admin_command == "resume":
             r.resume()

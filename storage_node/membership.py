@@ -192,3 +192,43 @@ def unwrap_snapshot(blob: bytes) -> tuple[Membership | None, bytes]:
         return None, blob
     (n,) = struct.unpack(">I", blob[4:8])
     return decode(blob[8 : 8 + n]), blob[8 + n :]
+
+
+# ---------------------------------------------------------------------- admin ops
+
+#: ``AdminRequest`` ops answered by the leader's replica (storage_node/node.py)
+ADMIN_OPS = frozenset({"add_replica", "remove_replica", "replace_replica", "transfer_leader",
+                       "members"})
+
+
+def change_for(op: str, args: dict[str, object], conf: Membership) -> Membership | None:
+    """The configuration an admin op asks for, or None when it is already in effect
+    (ops are retried, so each is idempotent). Bad arguments raise ``MembershipError``."""
+    node = _arg(args, "node_id")
+    if op == "add_replica":
+        if node in conf.members:
+            return None
+        return conf.add_learner(node, _arg(args, "peer_addr"))
+    if op == "remove_replica":
+        return conf.remove(node) if node in conf.members else None
+    if op == "replace_replica":
+        old = _arg(args, "old_id")
+        if node in conf.members or old not in conf.members:
+            return None  # asked before: under way (learner) or done (old removed)
+        if old == node:
+            raise MembershipError("replace with a new node id (or remove, then add)")
+        return conf.add_learner(node, _arg(args, "peer_addr"), replaces=old)
+    raise MembershipError(f"unknown membership op {op!r}")
+
+
+def _arg(args: dict[str, object], name: str) -> str:
+    v = args.get(name)
+    if type(v) is not str or not v or len(v) > 256:
+        raise MembershipError(f"{name} must be a non-empty string")
+    return v
+
+
+def describe(conf: Membership) -> dict[str, object]:
+    return {"voters": list(conf.voters), "learners": list(conf.learners),
+            "addrs": dict(conf.addrs), "replaces": dict(conf.replaces),
+            "incarnations": dict(conf.incarnations)}

@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
@@ -53,6 +53,7 @@ from zkv.protocol.messages import (
 )
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node import durable_state, identity
+from zkv.storage_node import membership as mship
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
 from zkv.storage_node.fsync_policy import FsyncPolicy
@@ -121,6 +122,9 @@ class StorageNode:
         self._was_leader = False
         self._next_heartbeat = 0.0
         self._last_snapshot_index = self.core.snap_index
+        self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
+        self._stop_requested = False
+        self._stop_deadline = 0.0
 
     # ------------------------------------------------------------------ startup
 
@@ -141,7 +145,8 @@ class StorageNode:
         snap = load_latest_snapshot(cfg.data_dir)
         snapshot = None
         if snap is not None:
-            self.state.restore(snap.data)
+            # the configuration travels in the snapshot file; the core reads it
+            self.state.restore(mship.unwrap_snapshot(snap.data)[1])
             snapshot = (snap.last_index, snap.last_term, snap.data)
         self.wal, entries = WriteAheadLog.open(cfg.data_dir / "wal", cfg.fsync)
         if snap is not None and entries and entries[0].index > snap.last_index + 1:
@@ -155,7 +160,7 @@ class StorageNode:
         self.core = Replica(
             ReplicaConfig(
                 cfg.node_id, members, cfg.heartbeat_ms, cfg.election_timeout_ms,
-                voter=self.identity.voter,
+                voter=self.identity.voter, incarnation=self.identity.incarnation,
             ),
             hard,
             entries,
@@ -258,15 +263,10 @@ class StorageNode:
         keep_alive(self.peer_router, alive_ms)
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
+        self._peer_addrs: dict[str, str] = {}
         for peer, endpoint in cfg.peers.items():
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, ident)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
-            keep_alive(s, alive_ms)
-            s.setsockopt(zmq.SNDHWM, 10_000)
-            s.connect(endpoint)
-            self.peer_socks[peer] = s
+            self.peer_socks[peer] = self._peer_socket(endpoint)
+            self._peer_addrs[peer] = endpoint
         #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
         self.migrate_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._migrate_addrs: dict[str, str] = {}
@@ -275,6 +275,16 @@ class StorageNode:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
 
+    def _peer_socket(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
+        keep_alive(s, self.config.election_timeout_ms)
+        s.setsockopt(zmq.SNDHWM, 10_000)
+        s.connect(endpoint)
+        return s
+
     def close(self) -> None:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
@@ -282,7 +292,20 @@ class StorageNode:
         self.wal.close()
 
     def stop(self) -> None:
-        self._running = False
+        """Exit soon; a leader first hands leadership to an up-to-date voter (SIGTERM),
+        so a planned restart costs a round trip, not an election timeout."""
+        self._stop_requested = True
+
+    def _check_stop(self, now: float) -> None:
+        core = self.core
+        if not self._stop_deadline:
+            self._stop_deadline = now + 2 * self.config.election_timeout_ms / 1000
+            if core.role is Role.LEADER and core.transfer_leadership("", now):
+                self.log.info("stopping: handing leadership of shard {} over",
+                              self.config.shard_id)
+                return
+        if core.role is not Role.LEADER or now >= self._stop_deadline:
+            self._running = False
 
     # ------------------------------------------------------------------ loop
 
@@ -305,6 +328,8 @@ class StorageNode:
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
                 self.core.tick(now)
+                if self._stop_requested:
+                    self._check_stop(now)
                 self._handle_ready(now)
                 if self.tasks.pushes or self.tasks.drops:
                     self._pump_tasks(now)
@@ -436,6 +461,9 @@ class StorageNode:
         if self.core.role is not Role.LEADER:
             self._reply(sock, ident, self._not_leader(req.request_id))
             return
+        if req.op in mship.ADMIN_OPS:
+            self._reply(sock, ident, self._membership_admin(req, now))
+            return
         try:
             answer = admin_request(self.state, self.tasks, req.op, req.args, req.payload)
         except AdminError as exc:
@@ -450,6 +478,53 @@ class StorageNode:
         index = self.core.propose(encode_command(cmd), now)
         assert index is not None  # we checked the role just above
         self._pending_writes[index] = _Pending(sock, ident, req.request_id, command=cmd)
+
+    def _membership_admin(self, req: AdminRequest, now: float) -> AdminReply | ErrorReply:
+        """Membership ops at the leader: proposed now, answered at once; the caller
+        watches ``members`` (or ``zkv status``) for the change to take effect."""
+        core = self.core
+        try:
+            if req.op == "transfer_leader":
+                to = req.args.get("node_id") or ""
+                if type(to) is not str or not core.transfer_leadership(to, now):
+                    raise mship.MembershipError(f"no up-to-date voter {to!r} to hand over to")
+                result: dict[str, object] = {"ok": True, "to": to}
+            elif req.op == "members":
+                result = {"ok": True, "pending": core.change_pending()}
+            else:
+                new = mship.change_for(req.op, req.args, core.membership)
+                if new is not None:  # every member's address, so any member reaches any
+                    known = {**self.config.peers, self.config.node_id: self.config.advertise}
+                    addrs = {m: a for m, a in known.items() if m in new.members}
+                    new = replace(new, addrs=tuple(sorted({**addrs, **dict(new.addrs)}.items())))
+                index = core.propose_membership(new, now) if new is not None else 0
+                if index:
+                    self.log.info("proposed configuration {} at index {} ({})",
+                                  mship.describe(new), index, req.op)  # type: ignore[arg-type]
+                result = {"ok": True, "index": index}
+        except mship.MembershipError as exc:
+            return ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, str(exc))
+        result.update(mship.describe(core.membership), node=self.config.node_id)
+        return AdminReply(req.request_id, result, b"")
+
+    def _sync_peers(self) -> None:
+        """Open a socket to every member the configuration names; close removed ones."""
+        conf = self.core.membership
+        if conf is self._peer_conf:
+            return
+        self._peer_conf = conf
+        # the command line first: `zkv cluster up` picks new ports at each start
+        wanted = {m: self.config.peers.get(m) or conf.addr_of(m)
+                  for m in conf.members if m != self.config.node_id}
+        for peer in [p for p in self.peer_socks if p not in wanted]:
+            self.peer_socks.pop(peer).close(linger=0)
+            self._peer_addrs.pop(peer, None)
+        for peer, addr in wanted.items():
+            if addr and self._peer_addrs.get(peer) != addr:
+                if peer in self.peer_socks:
+                    self.peer_socks.pop(peer).close(linger=0)
+                self.peer_socks[peer] = self._peer_socket(addr)
+                self._peer_addrs[peer] = addr
 
     def _not_leader(self, request_id: int) -> ErrorReply:
         leader = self.core.leader_id
@@ -572,9 +647,16 @@ class StorageNode:
                 p: _Pending = token  # type: ignore[assignment]
                 self._reply(p.sock, p.ident, self._not_leader(p.request_id))
         self._serve_reads()
+        if core.promoted:
+            core.promoted = False
+            self._set_identity(identity.IdentityState.VOTER)
+            self.log.info("admitted as a voter of shard {} (incarnation {})",
+                          self.config.shard_id, self.identity.incarnation)
+        self._sync_peers()
         is_leader = core.role is Role.LEADER
         if is_leader != self._was_leader:
             self._was_leader = is_leader
+            self._next_heartbeat = 0.0  # tell the brokers at once
             if is_leader:
                 self.log.info("became leader of shard {} at term {}", self.config.shard_id, core.term)
             else:
@@ -594,7 +676,8 @@ class StorageNode:
             durable_state.save_hard_state(self.config.data_dir, rd.hard_state)
         if rd.snapshot is not None:
             index, term, data = rd.snapshot
-            save_snapshot(self.config.data_dir, index, term, data)
+            save_snapshot(self.config.data_dir, index, term,
+                          mship.wrap_snapshot(self.core.membership_at(index), data))
             self.state.restore(data)
             self.wal.reset(index + 1)
             self._last_snapshot_index = index
@@ -704,7 +787,7 @@ class StorageNode:
         hb = Heartbeat(
             cfg.node_id, cfg.shard_id, core.role, core.term, core.leader_id, core.last_term,
             core.last_index, core.commit_index, self.state.applied_index, self.state.key_count,
-            os.getpid(), cfg.advertise, tuple(sorted({cfg.node_id, *cfg.peers})),
+            os.getpid(), cfg.advertise, core.membership.voters,
             ring.epoch, ring.shards, ring.vnodes,
             cfg.heartbeat_ms, {"fsync": str(cfg.fsync), **cfg.extra, **self._identity_extra()},
         )
@@ -713,8 +796,13 @@ class StorageNode:
 
     def _identity_extra(self) -> dict[str, object]:
         ident = self.identity
+        conf = self.core.membership
         extra: dict[str, object] = {"voter": ident.voter, "membership": ident.state.value,
-                                    "incarnation": ident.incarnation}
+                                    "incarnation": ident.incarnation,
+                                    "learners": list(conf.learners),
+                                    "config_role": "voter" if self.config.node_id in conf.voters
+                                    else "learner" if self.config.node_id in conf.learners
+                                    else "none"}
         if ident.reason:
             extra["membership_reason"] = ident.reason
         return extra
@@ -728,7 +816,8 @@ class StorageNode:
             return
         started = time.monotonic()
         data = self.state.snapshot_bytes()
-        save_snapshot(self.config.data_dir, applied, term, data)
+        save_snapshot(self.config.data_dir, applied, term,
+                      mship.wrap_snapshot(self.core.membership_at(applied), data))
         self.core.compacted(applied, term, data)
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log

@@ -271,6 +271,9 @@ class Replica:
         self._voters = frozenset(conf.voters)
         self._quorum = conf.quorum
         if self.role is Role.LEADER:
+            # a new voter's acks say so only from its next reply: give the new quorum one
+            # election timeout to show itself before check-quorum may depose us
+            self._became_leader_at = self._now
             for p in self._peers:
                 if p not in self._progress:
                     self._progress[p] = Progress(

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from zkv.client import AsyncKVClient
-from zkv.ops.cluster import LocalCluster
+from zkv.client import AsyncKVClient, KVClient
+from zkv.ops.cluster import LocalCluster, spec_add_replica, spec_remove_replica
 from zkv.protocol.errors import KVError
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(300)]
@@ -165,3 +165,38 @@ def test_previous_release_data_dir_is_adopted_as_voter(tmp_path: Path) -> None:
         assert all(g is not None for g in got)
         for nid in cluster.node_ids:
             assert "adopted data dir" in (cluster.data_dir / "logs" / f"{nid}.log").read_text()
+
+
+def _members(kv: KVClient, shard: int = 0) -> dict[str, Any]:
+    return kv.admin(shard, "members")[0]
+
+
+def test_replace_replica_restores_three_voters_after_the_scenario(tmp_path: Path) -> None:
+    """The wiped node waits as a non-voter; ``replace-replica`` with a new node id
+    brings the shard back to three voters, and the new voter holds every write."""
+    with _cluster(tmp_path) as cluster:
+        cluster.wait_ready(timeout=60)
+        a = cluster.leader_of(0)
+        b = sorted(n for n in cluster.node_ids if n != a)[0]
+        versions = asyncio.run(asyncio.wait_for(_write(cluster.endpoints, WRITES), 120))
+        wipe_and_restart(cluster, b)
+        assert wait_for(f"{b} waiting", lambda: membership_of(cluster, b) == "waiting", 30)
+
+        addr = spec_add_replica(cluster.data_dir, 0, "s0r9")
+        assert cluster.sync_spec() == ["started s0r9 for shard 0"]
+        with KVClient(cluster.endpoints, timeout_s=10) as kv:
+            kv.admin(0, "replace_replica", {"node_id": "s0r9", "peer_addr": addr, "old_id": b})
+            kv.admin(0, "replace_replica", {"node_id": "s0r9", "peer_addr": addr, "old_id": b})
+            wait_for("s0r9 a voter and the wiped node removed", lambda: (
+                (m := _members(kv))["voters"] == sorted([*set(cluster.node_ids) - {b}])
+                and not m["pending"]), 120)
+        spec_remove_replica(cluster.data_dir, b)
+        assert cluster.sync_spec() == [f"stopped {b} (its shard left the cluster)"]
+        assert wait_for("s0r9 admitted", lambda: membership_of(cluster, "s0r9") == "voter")
+        # the new voter holds everything: stop the old leader, read through the others
+        cluster.kill_node(a, signal.SIGKILL)
+        wait_for("a new leader", lambda: [x for x in _live_leaders(cluster) if x[0] != a], 60)
+        keys = sorted(versions)
+        got = asyncio.run(asyncio.wait_for(_read(cluster.endpoints, keys), 120))
+        lost = [k for k, g in zip(keys, got, strict=True) if g is None or g[1] != versions[k]]
+        assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:5]}"

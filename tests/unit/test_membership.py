@@ -236,3 +236,32 @@ def test_restart_recovers_the_configuration_from_snapshot_and_log() -> None:
     wiped = Replica(ReplicaConfig("z", ("a", "b", "z"), voter=False, incarnation="other"),
                     HardState(1, ""), entries, snap)
     assert not wiped.voter  # a later data dir under the same id is not admitted by it
+
+
+def test_promotion_does_not_depose_the_leader_before_the_new_voter_answers() -> None:
+    """Found by the process test: check-quorum ran against the new (larger) voter set
+    before the promoted learner's acks had said it may vote, and deposed the leader."""
+    g = _ready_group()
+    _join(g, "d", lag_max=0)
+    a = g.cores["a"]
+    g.down.add("b")  # b is gone: the promotion must commit with a, c and d
+    g.advance(1.2)
+    g.cut.add(frozenset(("a", "d")))
+    a.propose_membership(a.membership.add_learner("d", ""), g.now)
+    g.advance(0.3)
+    g.cut.clear()
+    for _ in range(40):  # until d has caught up and a promotes it (in a tick)
+        g.now = round(g.now + 0.01, 6)
+        for n in ("a", "c", "d"):
+            g.cores[n].tick(g.now)
+        if "d" in a.membership.voters:
+            break
+        g.settle()
+    assert "d" in a.membership.voters
+    g.cut.add(frozenset(("a", "d")))  # d's first ack as a voter is late
+    g.settle()
+    g.advance(0.15)
+    assert a.role is Role.LEADER  # no answer from d yet: not a reason to step down at once
+    g.cut.clear()
+    g.advance(0.5)
+    assert a.role is Role.LEADER and not a.change_pending()
