@@ -23,6 +23,13 @@ Rules (enforced by ``Replica.propose_membership`` and ``check_change``):
   promotes a learner only once its log is within ``promote_lag_max`` entries of its own;
   a learner added to replace a voter (``replaces``) has that voter removed once it is
   promoted.
+- A voter whose data dir cannot vote (it lost its disk, or started after the shard was
+  founded: ``identity.py``) keeps its slot but counts for nothing; once its log is
+  within ``promote_lag_max`` of the leader's, the leader re-admits it by binding the
+  slot to its new incarnation (voters unchanged). Safe for the reason promotion is:
+  while it was empty it neither voted nor counted, so every entry committed meanwhile
+  is on a majority without it, and it votes again only once it holds nearly all of
+  them (a candidate still needs an up-to-date majority).
 - A leader not among the voters of a committed configuration steps down.
 - The configuration is part of snapshots: a snapshot carries the configuration in force
   at its last index (``wrap_snapshot``).
@@ -106,6 +113,13 @@ class Membership:
         incs = tuple(sorted({**dict(self.incarnations), node: incarnation}.items()))
         return replace(self, voters=tuple(sorted(self.voters + (node,))), learners=learners,
                        incarnations=incs)
+
+    def readmit(self, node: str, incarnation: str) -> Membership:
+        """Bind voter ``node``'s slot to a new data dir (voters unchanged)."""
+        if node not in self.voters:
+            raise MembershipError(f"{node} is not a voter")
+        incs = tuple(sorted({**dict(self.incarnations), node: incarnation}.items()))
+        return replace(self, incarnations=incs)
 
     def admits(self, node: str, incarnation: str) -> bool:
         """Whether this configuration promoted ``node``'s data dir ``incarnation``."""

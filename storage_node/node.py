@@ -125,6 +125,7 @@ class StorageNode:
         self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
         self._stop_requested = False
         self._stop_deadline = 0.0
+        self._stop_after = 0.0
 
     # ------------------------------------------------------------------ startup
 
@@ -304,7 +305,13 @@ class StorageNode:
                 self.log.info("stopping: handing leadership of shard {} over",
                               self.config.shard_id)
                 return
-        if core.role is not Role.LEADER or now >= self._stop_deadline:
+        if core.role is Role.LEADER and now < self._stop_deadline:
+            return
+        if not self._stop_after:
+            # one more heartbeat interval: our last votes, acks and NOT_LEADER replies
+            # leave before the sockets close (they close with linger 0)
+            self._stop_after = now + self.config.heartbeat_ms / 1000
+        elif now >= self._stop_after:
             self._running = False
 
     # ------------------------------------------------------------------ loop

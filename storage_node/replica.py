@@ -170,6 +170,7 @@ class Replica:
         self._noop_index = 0
         self._transfer_to = ""
         self._transfer_started = 0.0
+        self._frozen_at = 0  # > 0: replicate nothing past it (TimeoutNow sent)
         self._last_heartbeat = -1e18
         self._read_seq = 0
         self._reads_unsent: list[tuple[object, int]] = []  # (token, commit at arrival)
@@ -309,6 +310,14 @@ class Replica:
             if new in conf.voters and old in conf.members:
                 self.propose_membership(conf.remove(old), now)
                 return
+        lag_ok = self.last_index - self.config.promote_lag_max
+        for voter in conf.voters:  # a voter slot whose data dir came back empty
+            pr = self._progress.get(voter)
+            if (pr is not None and not pr.voter and pr.incarnation
+                    and pr.match_index >= lag_ok
+                    and (voter, pr.incarnation) not in conf.incarnations):
+                self.propose_membership(conf.readmit(voter, pr.incarnation), now)
+                return
         for learner in conf.learners:
             pr = self._progress.get(learner)
             if pr is None or not pr.incarnation:
@@ -369,8 +378,9 @@ class Replica:
             self._leader_tick(now)
             if self.role is Role.LEADER:
                 self._drive_membership(now)
-                if self._transfer_to and now - self._transfer_started >= self._election_s:
-                    self._transfer_to = ""  # the target did not take over: give up
+                if (self._transfer_to or self._frozen_at) and (
+                    now - self._transfer_started >= self._election_s):
+                    self._transfer_to, self._frozen_at = "", 0  # no takeover: give up
         elif (self._prevote or self.role is Role.CANDIDATE) and (
             now - self._election_started >= self._election_s
         ):
@@ -435,8 +445,12 @@ class Replica:
         self._now = now
         if msg.term >= TERM_MAX:
             return  # a forged term: ignore rather than trust
-        if sender not in self._peers and not isinstance(msg, (AppendEntries, InstallSnapshot)):
-            return  # not a member; a leader's appends are taken (a new learner knows none)
+        if sender not in self._peers and not isinstance(
+            msg, (AppendEntries, InstallSnapshot, TimeoutNow)
+        ):
+            # not a member. A leader's messages are taken: a new learner knows no
+            # members yet, and a leader that removed itself hands over with TimeoutNow
+            return
         if isinstance(msg, TimeoutNow):
             if (msg.term == self.term and sender == self.leader_id and self.voter
                     and self.node_id in self._voters and self.role is Role.FOLLOWER):
@@ -492,6 +506,10 @@ class Replica:
         if pr is not None and pr.match_index >= self.last_index:
             self._send(self._transfer_to, TimeoutNow(self.term, self.node_id))
             self._transfer_to = ""
+            # Replicate nothing newer from here: a voter that received more than the
+            # target holds when it campaigns would refuse it its vote. What we append
+            # meanwhile is never acknowledged (we step down) and clients retry it.
+            self._frozen_at = self.last_index
 
     def _in_lease(self, now: float) -> bool:
         """True while we are or hear a live leader: votes are then refused."""
@@ -578,6 +596,7 @@ class Replica:
             self._last_heard_leader = now
         if was_leader:
             self._transfer_to = ""
+            self._frozen_at = 0
             self._progress.clear()
             self._reads_failed.extend(t for t, _ in self._reads_unsent)
             self._reads_failed.extend(t for t, _, _ in self._reads_waiting)
@@ -652,9 +671,10 @@ class Replica:
         prev = next_index - 1
         prev_term = self.term_at(prev)
         assert prev_term is not None
-        entries = self.entries_from(
-            next_index, self.config.entries_per_append_max, self.config.append_bytes_max
-        )
+        count_max = self.config.entries_per_append_max
+        if self._frozen_at:
+            count_max = max(0, min(count_max, self._frozen_at - prev))
+        entries = self.entries_from(next_index, count_max, self.config.append_bytes_max)
         self._send(peer, AppendEntries(
             self.term, self.node_id, prev, prev_term, tuple(entries), self.commit_index,
             self._read_seq,
@@ -752,7 +772,9 @@ class Replica:
             if self._reads_waiting:
                 self._confirm_reads()
             if self.node_id not in voters and not self.change_pending():
-                # our removal is committed: a leader outside the voters steps down
+                # our removal is committed: a leader outside the voters steps down,
+                # handing over to a caught-up voter so nobody waits for an election
+                self.transfer_leadership("", self._now)
                 self._become_follower(self.term, "", self._now)
 
     # ------------------------------------------------------------------ reads
