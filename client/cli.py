@@ -318,6 +318,9 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
         leader_row = next((n for n in shard["nodes"] if n.get("node_id") == shard["leader"]
                            and shard["leader"] is not None), None)
         shard["keys"] = None if leader_row is None else leader_row.get("key_count")
+        if leader_row is not None:  # the configuration in force is the leader's
+            shard["voters"] = list(leader_row.get("members") or [])
+            shard["learners"] = list(_extra(leader_row, "learners") or [])
     status["shards"] = {str(k): v for k, v in sorted(shards.items())}
     status.pop("nodes", None)
     return status
@@ -339,6 +342,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"\nshard {sid}  leader {leader}  ({len(shard['nodes'])} live nodes)  "
                      f"ring share {shard.get('share', 0.0) * 100:.1f}%  "
                      f"keys {'-' if keys is None else keys}")
+        if "voters" in shard:
+            lines.append(f"  voters {', '.join(shard['voters']) or '-'}  "
+                         f"learners {', '.join(shard['learners']) or '-'}")
         rows = [[h for h, _ in _COLUMNS]]
         for node in shard["nodes"]:
             row = []

@@ -207,6 +207,10 @@ class LocalCluster:
     def initial_shards(self) -> list[int]:
         return [int(s) for s in self.spec.get("initial_shards", self.spec["shards"])]
 
+    def spec_node_ids(self) -> list[str]:
+        """Node ids ``cluster.json`` names now (``zkv admin ... --data-dir`` edits it)."""
+        return [n["id"] for n in json.loads((self.data_dir / CLUSTER_FILE).read_text())["nodes"]]
+
     @property
     def node_ids(self) -> list[str]:
         return [n["id"] for n in self.spec["nodes"]]

@@ -11,7 +11,8 @@ says who a node is and whether it is a whole voter (invariant 7).
 - ``voter``: founded the shard, was adopted from the previous release, or was admitted.
 - ``bootstrapping``: empty dir started with ``--bootstrap``; founding not yet agreed.
 - ``waiting``: an empty dir that must not found the shard (no ``--bootstrap``, or the
-  shard exists already): a non-voter until an operator (re)admits it.
+  shard exists already): a non-voter until admitted: a leader re-admits a voter slot
+  once its log has caught up (membership.py), or it joins by add-replica / replace-replica.
 
 What ``decide_start`` makes of a data dir at start:
 
@@ -33,8 +34,9 @@ node founds once a majority of the initial configuration, itself included, is pr
 Any answer of a member past term 0 means the shard exists: founding is off for good and
 the node waits. Safety: if an election ever succeeded, a majority of the configuration
 holds a term >= 1 durably, so no majority can be pristine afterwards unless a majority
-lost its disks (beyond what any quorum system survives; see docs). A member that
-starts only after the others elected a leader therefore waits to be admitted.
+lost its disks (beyond what any quorum system survives). A member that starts only
+after the others elected a leader therefore waits, like a wiped one, until the leader
+re-admits its slot once it has caught up (``membership.py``).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def decide_start(
         return new.with_state(IdentityState.BOOTSTRAPPING,
                               "bootstrapping: waiting for a majority of --peers to agree")
     return new.with_state(IdentityState.WAITING, "empty data dir and no --bootstrap: "
-                          "a non-voter until admitted (zkv admin replace-replica)")
+                          "a non-voter until admitted (a leader re-admits it once caught up; or "
+                          "zkv admin add-replica / replace-replica)")
 
 
 class Founding:

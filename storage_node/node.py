@@ -206,7 +206,7 @@ class StorageNode:
         if founding.exists:
             self._set_identity(identity.IdentityState.WAITING, (
                 "this shard exists already (a member is past term 0), so --bootstrap does "
-                "not found it: a non-voter until admitted (zkv admin replace-replica)"))
+                "not found it: a non-voter until a leader re-admits it, caught up"))
             self.log.warning("not a voter: {}", self.identity.reason)
         elif founding.founded:
             self._set_identity(identity.IdentityState.VOTER)

@@ -15,6 +15,7 @@ import asyncio
 import re
 import shutil
 import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -202,3 +203,43 @@ def test_replace_replica_restores_three_voters_after_the_scenario(tmp_path: Path
         got = asyncio.run(asyncio.wait_for(_read(cluster.endpoints, keys), 120))
         lost = [k for k, g in zip(keys, got, strict=True) if g is None or g[1] != versions[k]]
         assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:5]}"
+
+
+def test_cli_transfer_leader_add_and_remove_replica(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``zkv admin transfer-leader / add-replica --data-dir / remove-replica`` and what
+    ``zkv status`` shows (the test plays the supervisor: it syncs cluster.json)."""
+    from zkv.client.cli import main
+
+    with _cluster(tmp_path) as cluster:
+        cluster.wait_ready(timeout=60)
+        ep = ["--endpoint", cluster.endpoint]
+        a = cluster.leader_of(0)
+        target = sorted(n for n in cluster.node_ids if n != a)[0]
+        assert main(["admin", "transfer-leader", "0", "--to", target, *ep]) == 0
+        assert wait_for("the new leader", lambda: cluster.leader_of(0) == target, 10)
+
+        result: list[int] = []
+        data = str(cluster.data_dir)
+        t = threading.Thread(target=lambda: result.append(main(
+            ["admin", "add-replica", "0", "--node-id", "s0r5", "--data-dir", data, *ep])))
+        t.start()
+        wait_for("cluster.json names s0r5", lambda: "s0r5" in cluster.spec_node_ids(), 30)
+        cluster.sync_spec()
+        t.join(120)
+        assert result == [0]
+        want = f"voters {', '.join(sorted([*cluster.node_ids]))}  learners -"
+
+        def status_shows_voters() -> bool:
+            capsys.readouterr()
+            assert main(["status", *ep]) == 0
+            out = capsys.readouterr().out
+            return want in out and "s0r5: " not in out  # no non-voter note left
+
+        assert wait_for("zkv status with four voters", status_shows_voters, 10)
+        assert main(["admin", "remove-replica", "0", "s0r5", "--data-dir", data, *ep]) == 0
+        assert "s0r5" not in cluster.spec_node_ids()
+        cluster.sync_spec()
+        assert wait_for("status without s0r5", lambda: "s0r5" not in (
+            _node(cluster, cluster.leader_of(0)).get("members", ["s0r5"])), 30)
