@@ -150,3 +150,20 @@ def test_integers_out_of_range_are_refused(value: int) -> None:
     header = msgpack.packb([PROTOCOL_VERSION, 41, 0, value, "b"])  # Campaign(term=value)
     with pytest.raises(RemoteProtocolError):
         codec.decode([header])
+
+
+def test_trailing_default_fields_are_left_out_for_older_peers() -> None:
+    """A rolling upgrade: the previous release knows AppendReply with 5 fields and
+    VoteRequest with 5; new fields at their defaults must not reach it."""
+    import msgpack
+
+    from zkv.protocol.messages import AppendReply, VoteRequest
+
+    plain = codec.encode(AppendReply(3, "a", True, 10, 0))
+    assert len(msgpack.unpackb(plain[0])) == 2 + 5
+    assert codec.decode(plain) == AppendReply(3, "a", True, 10, 0)
+    waiting = AppendReply(3, "a", True, 10, 0, False, "inc")
+    assert codec.decode(codec.encode(waiting)) == waiting
+    assert len(msgpack.unpackb(codec.encode(VoteRequest(2, "b", 5, 1))[0])) == 2 + 4
+    transfer = VoteRequest(2, "b", 5, 1, False, True)
+    assert codec.decode(codec.encode(transfer)) == transfer
