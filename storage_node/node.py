@@ -305,6 +305,7 @@ class StorageNode:
                 self.log.info("stopping: handing leadership of shard {} over",
                               self.config.shard_id)
                 return
+            self._stop_deadline = now  # nobody to hand over to
         if core.role is Role.LEADER and now < self._stop_deadline:
             return
         if not self._stop_after:
