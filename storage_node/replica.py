@@ -265,6 +265,12 @@ class Replica:
         ):
             self.voter = True  # this very data dir was promoted: it holds what it acked
             self.promoted = True
+            if self.term > 0:
+                # A data dir that came back empty has forgotten any vote its predecessor
+                # gave in this term: count it as given (to the leader that admitted us),
+                # so we cannot elect a second leader in the term we rejoined in.
+                self.voted_for = self.leader_id or self.node_id
+                self._hard_state_dirty = True
 
     def _apply_membership(self) -> None:
         conf = self.membership

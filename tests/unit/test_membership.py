@@ -11,7 +11,7 @@ import random
 import pytest
 
 from tests.unit.test_replica import Group
-from zkv.protocol.messages import Entry, Role, VoteReply
+from zkv.protocol.messages import Entry, Role, VoteReply, VoteRequest
 from zkv.storage_node import membership as mship
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.membership import Membership, MembershipError
@@ -341,3 +341,17 @@ def test_wiped_voter_is_readmitted_once_caught_up_and_then_counts() -> None:
     idx = a.propose(b"after", g.now)
     g.advance(0.2)
     assert idx is not None and a.commit_index >= idx
+
+
+def test_a_readmitted_node_gives_no_second_vote_in_the_term_it_rejoined() -> None:
+    """Its predecessor may have voted in this term; the new data dir cannot know."""
+    g = _ready_group()
+    members = tuple(g.cores)
+    g.cores["b"] = Replica(ReplicaConfig("b", members, voter=False, incarnation="new-b"),
+                           HardState(0, ""), [])
+    g.log["b"], g.applied["b"] = [], []
+    g.advance(0.5)
+    b = g.cores["b"]
+    assert b.voter and b.term == 1 and b.voted_for == "a"
+    b.step("c", VoteRequest(1, "c", 99, 1), g.now + 5)  # a late vote request of term 1
+    assert not any(isinstance(m, VoteReply) and m.granted for _, m in b.ready().messages)
