@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     from zkv.ops import membership
 
     membership.add_arguments(asub, common)
+    a = asub.add_parser("snapshot", parents=[common],
+                        help="save a snapshot of every shard (restore: zkv cluster restore)")
+    a.add_argument("action", choices=["save"])
+    a.add_argument("dir", metavar="DIR")
     for a in ring_parsers:
         a.add_argument("--max-rate", type=_non_negative, default=0.0, metavar="MB/S",
                        help="bound the key streams to this many MB/s in all, so live "
@@ -119,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cluster", help="run a local cluster")
     csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
     cluster.add_arguments(csub.add_parser("up", help="start (or restart) a local cluster"))
+    from zkv.ops import backup
+
+    backup.add_restore_arguments(csub.add_parser(
+        "restore", help="build a new cluster's data dirs from `zkv admin snapshot save`"))
     return p
 
 
@@ -153,8 +161,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return bench.run_cli(args, args.endpoint)
     if args.command == "cluster":
-        from zkv.ops import cluster
+        from zkv.ops import backup, cluster
 
+        if args.cluster_command == "restore":
+            return backup.run_restore(args)
         return cluster.run_cli(args)
     if args.command == "admin":
         return _admin(args)
@@ -219,6 +229,12 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
 
     with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
+        if args.admin_command == "snapshot":
+            from zkv.ops import backup
+
+            backup.save(kv, Path(args.dir), say)
+            say(f"saved to {args.dir}")
+            return EXIT_OK
         if args.admin_command not in ("add-shard", "remove-shard", "resume"):
             from zkv.ops import membership
 

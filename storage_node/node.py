@@ -472,6 +472,9 @@ class StorageNode:
         if req.op in mship.ADMIN_OPS:
             self._reply(sock, ident, self._membership_admin(req, now))
             return
+        if req.op == "snapshot_save":
+            self._reply(sock, ident, self._snapshot_for_backup(req.request_id))
+            return
         try:
             answer = admin_request(self.state, self.tasks, req.op, req.args, req.payload)
         except AdminError as exc:
@@ -514,6 +517,22 @@ class StorageNode:
             return ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, str(exc))
         result.update(mship.describe(core.membership), node=self.config.node_id)
         return AdminReply(req.request_id, result, b"")
+
+    def _snapshot_for_backup(self, request_id: int) -> AdminReply | ErrorReply:
+        """``zkv admin snapshot save``: the leader's whole state, which holds every write
+        it acknowledged, once it has applied all it committed (a new leader first
+        commits its no-op: before that its commit index may lag the old leader's)."""
+        core, state = self.core, self.state
+        if core.term_at(core.commit_index) != core.term or state.applied_index < core.commit_index:
+            return ErrorReply(request_id, ErrorCode.UNAVAILABLE, "leader not settled; retry")
+        index = state.applied_index
+        term = core.term_at(index)
+        if term is None:
+            return ErrorReply(request_id, ErrorCode.UNAVAILABLE, "log moved; retry")
+        ring = (state.ownership.ring or self.initial_ring).config
+        result = {"ok": True, "index": index, "term": term, "keys": state.key_count,
+                  "ring": ring.as_dict(), "node": self.config.node_id}
+        return AdminReply(request_id, result, state.snapshot_bytes())
 
     def _sync_peers(self) -> None:
         """Open a socket to every member the configuration names; close removed ones."""
