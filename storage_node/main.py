@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", action="store_true",
                    help="found a new shard with --peers as its initial configuration; "
                         "counts only on an empty data dir (recorded there)")
+    p.add_argument("--force-new-cluster", action="store_true",
+                   help="disaster recovery: this node's log becomes the shard, with this "
+                        "node as its only voter (its majority is gone for good); once only")
     p.add_argument("--cluster-id", default=DEFAULT_CLUSTER_ID,
                    help="recorded in the data dir; a dir of another cluster is refused")
     p.add_argument("--log-level", default="INFO")
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         value_bytes_max=args.value_bytes_max,
         cluster_id=args.cluster_id,
         bootstrap=args.bootstrap,
+        force_new_cluster=args.force_new_cluster,
     )
     try:
         node = StorageNode(config)

@@ -33,6 +33,7 @@ from zkv.protocol.messages import (
     CasRequest,
     Consistency,
     DeleteRequest,
+    Entry,
     ErrorReply,
     FoundingAnswer,
     FoundingProbe,
@@ -93,6 +94,8 @@ class NodeConfig:
     cluster_id: str = identity.DEFAULT_CLUSTER_ID
     #: found a new shard with ``peers`` as the initial configuration (empty data dir only)
     bootstrap: bool = False
+    #: disaster recovery: this node alone becomes the shard (``_force_new_cluster``)
+    force_new_cluster: bool = False
 
 
 @dataclass(slots=True)
@@ -157,6 +160,8 @@ class StorageNode:
             )
         has_state = hard.term > 0 or bool(entries) or snap is not None
         self._check_identity(has_state)
+        if cfg.force_new_cluster:
+            snapshot, entries = self._force_new_cluster(snapshot, entries)
         members = tuple(sorted({cfg.node_id, *cfg.peers}))
         self.core = Replica(
             ReplicaConfig(
@@ -191,6 +196,32 @@ class StorageNode:
             self.founding = identity.Founding(cfg.node_id, tuple(cfg.peers))
         if not self.identity.voter:
             self.log.warning("not a voter: {}", self.identity.reason)
+
+    def _force_new_cluster(
+        self, snapshot: tuple[int, int, bytes] | None, entries: list[Entry],
+    ) -> tuple[tuple[int, int, bytes], list[Entry]]:
+        """Disaster recovery when a shard's majority is gone for good: make this node's
+        whole log (committed or not: it is the most anyone still knows) its state, in a
+        snapshot whose configuration is this node alone; the operator then adds replicas.
+        Writes acknowledged by the lost majority and missing here are lost."""
+        if not self.identity.voter:
+            raise RuntimeError("--force-new-cluster needs a data dir that was a voter; this "
+                               f"one is {self.identity.state.value}")
+        for e in entries:
+            if e.index > self.state.applied_index:
+                self.state.apply(e.index, e.data)
+        last_index, last_term = (entries[-1].index, entries[-1].term) if entries else (
+            (snapshot[0], snapshot[1]) if snapshot else (0, 0))
+        conf = mship.Membership((self.config.node_id,))
+        blob = mship.wrap_snapshot(conf, self.state.snapshot_bytes())
+        save_snapshot(self.config.data_dir, last_index, last_term, blob)
+        self.wal.reset(last_index + 1)
+        self.log.warning(
+            "FORCED NEW CLUSTER (--force-new-cluster): shard {} now has this node as its "
+            "only voter, with its log up to index {} (term {}); the former members are out "
+            "of it. Remove the flag before the next start; add replicas with "
+            "`zkv admin add-replica`.", self.config.shard_id, last_index, last_term)
+        return (last_index, last_term, blob), []
 
     def _set_identity(self, state: identity.IdentityState, reason: str = "") -> None:
         self.identity = self.identity.with_state(state, reason)
