@@ -134,6 +134,10 @@ class FailureDetector:
             return None
         members = set(view.members)
         pool = [r for r in live if r.heartbeat.node_id in members] or live
+        # a node whose data dir may not vote (storage_node/identity.py) would ignore us
+        pool = [r for r in pool if r.heartbeat.extra.get("voter", True) is not False]
+        if not pool:
+            return None
         pool.sort(key=_rank)
         pick = self._pick(ep, [r.heartbeat.node_id for r in pool])
         rec = next(r for r in pool if r.heartbeat.node_id == pick)

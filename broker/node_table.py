@@ -261,7 +261,9 @@ class NodeTable:
             if hb.role == Role.LEADER and (best is None or hb.term > best.heartbeat.term):
                 best = rec
         view.max_term = max_term
-        view.members = members
+        # the leader's configuration is the shard's (membership changes go through its
+        # log); without one, the largest heard
+        view.members = best.heartbeat.members if best is not None else members
         sid = view.shard_id
         if live:
             self.replicas[sid] = tuple(live)

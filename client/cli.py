@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="pipelined load generator")
     bench.add_arguments(s)
 
-    s = sub.add_parser("admin", help="ring changes: add or remove a shard online")
+    s = sub.add_parser("admin", help="ring and membership changes, online")
     asub = s.add_subparsers(dest="admin_command", required=True, parser_class=_Parser)
     a = asub.add_parser("add-shard", parents=[common],
                         help="add a shard group and move its share of the keys to it")
@@ -105,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "stops the shard's nodes afterwards")
     a = asub.add_parser("resume", parents=[common],
                         help="finish a ring change whose coordinator died")
-    for a in asub.choices.values():
+    ring_parsers = list(asub.choices.values())
+    from zkv.ops import membership
+
+    membership.add_arguments(asub, common)
+    a = asub.add_parser("snapshot", parents=[common],
+                        help="save a snapshot of every shard (restore: zkv cluster restore)")
+    a.add_argument("action", choices=["save"])
+    a.add_argument("dir", metavar="DIR")
+    for a in ring_parsers:
         a.add_argument("--max-rate", type=_non_negative, default=0.0, metavar="MB/S",
                        help="bound the key streams to this many MB/s in all, so live "
                        "traffic keeps more of the CPU (default: 0, no bound)")
@@ -120,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cluster", help="run a local cluster")
     csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
     cluster.add_arguments(csub.add_parser("up", help="start (or restart) a local cluster"))
+    from zkv.ops import backup
+
+    backup.add_restore_arguments(csub.add_parser(
+        "restore", help="build a new cluster's data dirs from `zkv admin snapshot save`"))
     return p
 
 
@@ -154,8 +166,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return bench.run_cli(args, args.endpoint)
     if args.command == "cluster":
-        from zkv.ops import cluster
+        from zkv.ops import backup, cluster
 
+        if args.cluster_command == "restore":
+            return backup.run_restore(args)
         return cluster.run_cli(args)
     if args.command == "admin":
         return _admin(args)
@@ -224,6 +238,16 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
 
     with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
+        if args.admin_command == "snapshot":
+            from zkv.ops import backup
+
+            backup.save(kv, Path(args.dir), say)
+            say(f"saved to {args.dir}")
+            return EXIT_OK
+        if args.admin_command not in ("add-shard", "remove-shard", "resume"):
+            from zkv.ops import membership
+
+            return membership.run(kv, args, say)
         r = Rebalancer(kv, say, rate_bytes_s=int(args.max_rate * 1e6))
         if args.admin_command == "resume":
             r.resume()
@@ -319,6 +343,9 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
         leader_row = next((n for n in shard["nodes"] if n.get("node_id") == shard["leader"]
                            and shard["leader"] is not None), None)
         shard["keys"] = None if leader_row is None else leader_row.get("key_count")
+        if leader_row is not None:  # the configuration in force is the leader's
+            shard["voters"] = list(leader_row.get("members") or [])
+            shard["learners"] = list(_extra(leader_row, "learners") or [])
     status["shards"] = {str(k): v for k, v in sorted(shards.items())}
     status.pop("nodes", None)
     return status
@@ -327,7 +354,7 @@ def annotate_status(status: dict[str, Any]) -> dict[str, Any]:
 _COLUMNS = (("node", "node_id"), ("role", "role"), ("term", "term"),
             ("last", "last_index"), ("commit", "commit_index"), ("applied", "applied_index"),
             ("lag", "lag"), ("keys", "key_count"), ("data", "data"), ("pid", "pid"),
-            ("age", "age"))
+            ("age", "age"), ("member", "membership"), ("incarnation", "incarnation"))
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -340,19 +367,30 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"\nshard {sid}  leader {leader}  ({len(shard['nodes'])} live nodes)  "
                      f"ring share {shard.get('share', 0.0) * 100:.1f}%  "
                      f"keys {'-' if keys is None else keys}")
+        if "voters" in shard:
+            lines.append(f"  voters {', '.join(shard['voters']) or '-'}  "
+                         f"learners {', '.join(shard['learners']) or '-'}")
         rows = [[h for h, _ in _COLUMNS]]
         for node in shard["nodes"]:
             row = []
             for _, name in _COLUMNS:
                 v = (_age(node) if name == "age" else _data_usage(node) if name == "data"
-                     else node.get(name))
+                     else node.get(name, _extra(node, name)))
                 row.append("-" if v is None else str(v))
             rows.append(row)
+        notes = [f"  {n['node_id']}: {_extra(n, 'membership_reason')}" for n in shard["nodes"]
+                 if _extra(n, "membership_reason")]
         widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
         for row in rows:
             lines.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
                                           for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        lines.extend(notes)
     return "\n".join(lines)
+
+
+def _extra(node: dict[str, Any], name: str) -> Any:
+    """A field the node reports in its heartbeat's ``extra`` (membership, incarnation)."""
+    return (node.get("extra") or {}).get(name)
 
 
 def _age(node: dict[str, Any]) -> str | None:

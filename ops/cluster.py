@@ -225,6 +225,10 @@ class LocalCluster:
     def initial_shards(self) -> list[int]:
         return [int(s) for s in self.spec.get("initial_shards", self.spec["shards"])]
 
+    def spec_node_ids(self) -> list[str]:
+        """Node ids ``cluster.json`` names now (``zkv admin ... --data-dir`` edits it)."""
+        return [n["id"] for n in json.loads((self.data_dir / CLUSTER_FILE).read_text())["nodes"]]
+
     @property
     def node_ids(self) -> list[str]:
         return [n["id"] for n in self.spec["nodes"]]
@@ -263,7 +267,16 @@ class LocalCluster:
         if peers:
             argv += ["--peers", peers]
         argv += self._timing_args() + self._metrics_args(nid)
+        if self._creates_data_dir(nid) and not spec.get("join"):
+            # a new data dir founds its shard; kept on restarts like a compose file
+            # would, where the node ignores it (its dir is no longer empty) or, if the
+            # dir was wiped, learns from its peers that the shard exists
+            argv.append("--bootstrap")
         return argv + list(self.node_args)
+
+    def _creates_data_dir(self, nid: str) -> bool:
+        d = self.data_dir / nid
+        return not d.exists() or not any(d.iterdir())
 
     def _metrics_args(self, name: str) -> list[str]:
         if self.metrics_port is None:
@@ -366,7 +379,11 @@ class LocalCluster:
     def _choose_peer_ports(self, node_ids: list[str] | None = None) -> None:
         held = []
         try:
+            fixed = {n["id"]: int(n["peer_port"]) for n in self.spec["nodes"] if n.get("peer_port")}
             for nid in node_ids if node_ids is not None else self.node_ids:
+                if nid in fixed:  # chosen by `zkv admin add-replica --data-dir`
+                    self.peer_ports[nid] = fixed[nid]
+                    continue
                 s = socket.socket()
                 s.bind((self.host, 0))
                 held.append(s)
@@ -542,6 +559,34 @@ def spec_add_shard(data_dir: Path) -> int:
     return new_id
 
 
+def spec_add_replica(data_dir: Path, shard: int, new_id: str, peer_addr: str = "",
+                     host: str = "127.0.0.1") -> str:
+    """Name a node joining ``shard`` in ``cluster.json`` (the supervisor starts it, with
+    no ``--bootstrap``: it joins as a learner); returns its peer address."""
+    path = Path(data_dir) / CLUSTER_FILE
+    spec = json.loads(path.read_text())
+    if shard not in [int(s) for s in spec["shards"]]:
+        raise ClusterError(f"{path} has no shard {shard}")
+    old = next((n for n in spec["nodes"] if n["id"] == new_id), None)
+    if old is not None:  # asked before: keep its port
+        return f"tcp://{host}:{old['peer_port']}" if old.get("peer_port") else peer_addr
+    port = int(peer_addr.rpartition(":")[2]) if peer_addr else free_port(host)
+    replica = 1 + max(int(n["replica"]) for n in spec["nodes"] if int(n["shard"]) == shard)
+    spec["nodes"].append({"id": new_id, "shard": shard, "replica": replica,
+                          "peer_port": port, "join": True})
+    _write_json(path, spec)
+    return peer_addr or f"tcp://{host}:{port}"
+
+
+def spec_remove_replica(data_dir: Path, node: str) -> None:
+    """Drop a node from ``cluster.json`` once the shard removed it (the supervisor stops
+    it; its data dir stays, for the operator to delete)."""
+    path = Path(data_dir) / CLUSTER_FILE
+    spec = json.loads(path.read_text())
+    spec["nodes"] = [n for n in spec["nodes"] if n["id"] != node]
+    _write_json(path, spec)
+
+
 def spec_remove_shard(data_dir: Path, shard: int) -> None:
     """Drop a shard group from ``cluster.json`` (after its keys moved away)."""
     path = Path(data_dir) / CLUSTER_FILE
@@ -637,7 +682,7 @@ def run_cli(args: argparse.Namespace) -> int:
         while True:
             time.sleep(0.5)
             mtime = spec_path.stat().st_mtime_ns
-            if mtime != spec_mtime:  # `zkv admin add-shard/remove-shard --data-dir`
+            if mtime != spec_mtime:  # `zkv admin add-shard/add-replica/... --data-dir`
                 spec_mtime = mtime
                 for line in cluster.sync_spec():
                     say(line)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from zkv.protocol.ring import RingConfig
 
@@ -314,6 +314,119 @@ class AdminListingReply:
     listed_permille: int
 
 
+# --------------------------------------------------------------------------- membership
+# Answered by the shard leader's replica core (storage_node/membership.py has the rules):
+# a change is proposed and answered at once with the configuration in force; the caller
+# watches ``AdminMembers`` (or ``zkv status``) until the change took effect. Retried
+# like any admin request: each is idempotent (a change already made proposes nothing).
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAddReplica:
+    """Add ``node_id`` (reachable at ``peer_addr``) as a learner; promoted once caught up."""
+
+    TYPE: ClassVar[int] = 80
+    client_id: bytes
+    request_id: int
+    shard_id: int
+    node_id: str
+    peer_addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRemoveReplica:
+    TYPE: ClassVar[int] = 81
+    client_id: bytes
+    request_id: int
+    shard_id: int
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminReplaceReplica:
+    """Add ``node_id`` as a learner; once promoted, ``old_id`` is removed."""
+
+    TYPE: ClassVar[int] = 82
+    client_id: bytes
+    request_id: int
+    shard_id: int
+    old_id: str
+    node_id: str
+    peer_addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminTransferLeader:
+    """Hand leadership to voter ``node_id`` ("": the most up-to-date voter)."""
+
+    TYPE: ClassVar[int] = 83
+    client_id: bytes
+    request_id: int
+    shard_id: int
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminMembers:
+    TYPE: ClassVar[int] = 84
+    client_id: bytes
+    request_id: int
+    shard_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSnapshotSave:
+    """``zkv admin snapshot save``: the leader's whole state, once it applied all it
+    committed (answered ``UNAVAILABLE`` until then)."""
+
+    TYPE: ClassVar[int] = 85
+    client_id: bytes
+    request_id: int
+    shard_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminMembersReply:
+    """The configuration in force at the leader ``node``: its voters and learners, each
+    member's peer address and admitted incarnation, replacements under way; ``pending``
+    while a change is not committed yet; ``index`` of the change just proposed (0: none
+    needed); ``to``: the node a transfer was handed to."""
+
+    TYPE: ClassVar[int] = 86
+    request_id: int
+    node: str
+    voters: tuple[str, ...]
+    learners: tuple[str, ...]
+    addrs: dict[str, Any]
+    incarnations: dict[str, Any]
+    replaces: dict[str, Any]
+    pending: bool
+    index: int
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSnapshotReply:
+    """A shard's state at ``index`` (``term``) with ``keys`` keys and the ring in force,
+    from leader ``node``; ``data`` is the state machine snapshot."""
+
+    TYPE: ClassVar[int] = 87
+    BLOB: ClassVar[str] = "data"
+    request_id: int
+    node: str
+    index: int
+    term: int
+    keys: int
+    ring: RingConfig
+    data: bytes
+
+
+MEMBERSHIP_REQUEST_CLASSES: tuple[type, ...] = (
+    AdminAddReplica, AdminRemoveReplica, AdminReplaceReplica, AdminTransferLeader,
+    AdminMembers,
+)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- migration
 
 
@@ -356,17 +469,21 @@ class MigrateAck:
 AdminRequest = (
     AdminInfo | AdminBegin | AdminTrack | AdminPush | AdminFence | AdminSessions
     | AdminMergeSessions | AdminRingSet | AdminDrop
+    | AdminAddReplica | AdminRemoveReplica | AdminReplaceReplica | AdminTransferLeader
+    | AdminMembers | AdminSnapshotSave
 )
 AdminReply = (
     AdminInfoReply | AdminPushReply | AdminSessionsReply | AdminAppliedReply | AdminListingReply
+    | AdminMembersReply | AdminSnapshotReply
 )
 MigrationMessage = MigrateBatch | MigrateAck
 
 ADMIN_REQUEST_CLASSES: tuple[type, ...] = (
     AdminInfo, AdminBegin, AdminTrack, AdminPush, AdminFence, AdminSessions,
-    AdminMergeSessions, AdminRingSet, AdminDrop,
+    AdminMergeSessions, AdminRingSet, AdminDrop, *MEMBERSHIP_REQUEST_CLASSES, AdminSnapshotSave,
 )  # fmt: skip
 ADMIN_REPLY_CLASSES: tuple[type, ...] = (
     AdminInfoReply, AdminPushReply, AdminSessionsReply, AdminAppliedReply, AdminListingReply,
+    AdminMembersReply, AdminSnapshotReply,
 )  # fmt: skip
 ADMIN_REQUEST_TYPES: frozenset[int] = frozenset(c.TYPE for c in ADMIN_REQUEST_CLASSES)  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ import operator
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 import msgpack
@@ -192,7 +192,8 @@ def _is_plain(hint: Any) -> bool:
 class _Schema:
     """What the codec needs to know of one message class, computed once."""
 
-    __slots__ = ("cls", "code", "names", "checks", "blob", "min_fields", "values", "plain")
+    __slots__ = ("cls", "code", "names", "checks", "blob", "min_fields", "values", "plain",
+                 "trailing_defaults")
 
     def __init__(self, cls: type) -> None:
         hints = typing.get_type_hints(cls)
@@ -211,6 +212,16 @@ class _Schema:
             f for f in flds if f.default is f.default_factory  # both MISSING
         ]
         self.min_fields = len(self.names) if blob else len(required)
+        # ... and encode omits trailing fields still at their default, so a field added
+        # to a message (AppendReply.voter, VoteRequest.transfer) does not make an older
+        # peer refuse it during a rolling upgrade, unless the new field is in use
+        trailing: list[Any] = []
+        if not blob:
+            for f in reversed(flds):
+                if f.default is MISSING or type(f.default) not in (bool, str, int):
+                    break
+                trailing.append(f.default)
+        self.trailing_defaults = tuple(reversed(trailing))
         # encode's fast path: one C call fetches every field; messages whose fields are
         # all scalars need no per-field conversion
         getter = operator.attrgetter(*self.names) if self.names else (lambda _m: ())
@@ -251,6 +262,13 @@ def encode(msg: Message) -> list[bytes]:
         header = [PROTOCOL_VERSION, schema.code, *schema.values(msg)]
     else:
         header = [PROTOCOL_VERSION, schema.code, *map(_wire_value, schema.values(msg))]
+    defaults = schema.trailing_defaults
+    if defaults:
+        for default in reversed(defaults):
+            last = header[-1]
+            if type(last) is not type(default) or last != default:
+                break
+            header.pop()
     try:
         head = _pack(header)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -32,6 +32,8 @@ from zkv.protocol.admin import (
     ADMIN_REPLY_CLASSES,
     ADMIN_REQUEST_CLASSES,
     ADMIN_REQUEST_TYPES,
+    MEMBERSHIP_REQUEST_CLASSES,
+    AdminAddReplica,
     AdminAppliedReply,
     AdminBegin,
     AdminDrop,
@@ -39,15 +41,22 @@ from zkv.protocol.admin import (
     AdminInfo,
     AdminInfoReply,
     AdminListingReply,
+    AdminMembers,
+    AdminMembersReply,
     AdminMergeSessions,
     AdminPush,
     AdminPushReply,
+    AdminRemoveReplica,
+    AdminReplaceReplica,
     AdminReply,
     AdminRequest,
     AdminRingSet,
     AdminSessions,
     AdminSessionsReply,
+    AdminSnapshotReply,
+    AdminSnapshotSave,
     AdminTrack,
+    AdminTransferLeader,
     Applied,
     MigrateAck,
     MigrateBatch,
@@ -313,6 +322,8 @@ class VoteRequest:
     last_log_index: int
     last_log_term: int
     pre_vote: bool = False
+    #: the leader handed over (``TimeoutNow``): voters grant despite hearing that leader
+    transfer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +360,11 @@ class AppendReply:
     success: bool
     match_index: int
     read_seq: int
+    #: False from a node whose data dir cannot vote (empty, not admitted): the leader
+    #: does not count its log toward a commit, a read or its own liveness
+    voter: bool = True
+    #: a non-voter's data dir incarnation, recorded when the leader promotes it
+    incarnation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +392,43 @@ class SnapshotReply:
     success: bool
 
 
+# --------------------------------------------------------------------------- membership
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Leader -> an up-to-date follower: stand for election now (leadership transfer,
+    Raft thesis 3.10); its vote requests carry ``transfer`` so voters ignore the lease."""
+
+    TYPE: ClassVar[int] = 49
+    term: int
+    leader_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FoundingProbe:
+    """Peer -> peer: a node bootstrapping a new shard asks a member of its initial
+    configuration for its state (``storage_node/identity.py``)."""
+
+    TYPE: ClassVar[int] = 58
+    node_id: str
+    cluster_id: str
+    shard_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FoundingAnswer:
+    """Answer to ``FoundingProbe``: ``pristine`` if the member is bootstrapping on an
+    empty data dir, or founded and still at term 0; ``term`` is its current term."""
+
+    TYPE: ClassVar[int] = 59
+    node_id: str
+    cluster_id: str
+    shard_id: int
+    pristine: bool
+    term: int
+
+
 ClientRequest = (
     GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
     | AdminRequest
@@ -387,10 +440,12 @@ ClientReply = (
 )
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
+    | TimeoutNow
 )
+FoundingMessage = FoundingProbe | FoundingAnswer
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | Redirect
-    | PeerMessage | MigrationMessage
+    | PeerMessage | MigrationMessage | FoundingMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -400,7 +455,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     *ADMIN_REPLY_CLASSES,
     Heartbeat, Campaign, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
-    MigrateBatch, MigrateAck,
+    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
@@ -409,7 +464,10 @@ DATA_REQUEST_TYPES: frozenset[int] = frozenset(
 
 __all__ = [
     "ADMIN_REPLY_CLASSES", "ADMIN_REQUEST_CLASSES", "ADMIN_REQUEST_TYPES",
-    "ALL_MESSAGE_TYPES", "AdminAppliedReply", "AdminBegin", "AdminDrop", "AdminFence",
+    "ALL_MESSAGE_TYPES", "MEMBERSHIP_REQUEST_CLASSES", "AdminAddReplica", "AdminMembers",
+    "AdminMembersReply", "AdminRemoveReplica", "AdminReplaceReplica", "AdminSnapshotReply",
+    "AdminSnapshotSave", "AdminTransferLeader", "FoundingAnswer", "FoundingMessage",
+    "FoundingProbe", "TimeoutNow", "AdminAppliedReply", "AdminBegin", "AdminDrop", "AdminFence",
     "AdminInfo", "AdminInfoReply", "AdminListingReply", "AdminMergeSessions", "AdminPush",
     "AdminPushReply", "AdminReply", "AdminRequest", "AdminRingSet", "AdminSessions",
     "AdminSessionsReply", "AdminTrack", "AppendEntries", "AppendReply", "Applied",

@@ -14,6 +14,7 @@ from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
 from zkv.storage_node.fsync_policy import FsyncPolicy
+from zkv.storage_node.identity import DEFAULT_CLUSTER_ID
 from zkv.storage_node.node import NodeConfig, StorageNode
 
 
@@ -99,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus /metrics on this port (0: any free one; "
                    "default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface for /metrics")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="found a new shard with --peers as its initial configuration; "
+                        "counts only on an empty data dir (recorded there)")
+    p.add_argument("--force-new-cluster", action="store_true",
+                   help="disaster recovery: this node's log becomes the shard, with this "
+                        "node as its only voter (its majority is gone for good); once only")
+    p.add_argument("--cluster-id", default=DEFAULT_CLUSTER_ID,
+                   help="recorded in the data dir; a dir of another cluster is refused")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     return p
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         election_timeout_ms=args.election_timeout_ms,
         key_bytes_max=args.key_bytes_max,
         value_bytes_max=args.value_bytes_max,
+        cluster_id=args.cluster_id,
+        bootstrap=args.bootstrap,
+        force_new_cluster=args.force_new_cluster,
     )
     try:
         node = StorageNode(config)

@@ -28,9 +28,18 @@ from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.liveness import keep_alive
-from zkv.protocol.messages import MigrateAck, MigrateBatch, PeerMessage
+from zkv.protocol.messages import (
+    Entry,
+    FoundingAnswer,
+    FoundingProbe,
+    MigrateAck,
+    MigrateBatch,
+    PeerMessage,
+    Role,
+)
 from zkv.protocol.ring import Ring, RingConfig
-from zkv.storage_node import durable_state
+from zkv.storage_node import durable_state, identity
+from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
@@ -71,6 +80,11 @@ class NodeConfig:
     key_bytes_max: int = KEY_BYTES_MAX
     value_bytes_max: int = VALUE_BYTES_MAX
     extra: dict[str, str] = field(default_factory=dict)
+    cluster_id: str = identity.DEFAULT_CLUSTER_ID
+    #: found a new shard with ``peers`` as the initial configuration (empty data dir only)
+    bootstrap: bool = False
+    #: disaster recovery: this node alone becomes the shard (``_force_new_cluster``)
+    force_new_cluster: bool = False
 
 
 class StorageNode:
@@ -87,10 +101,16 @@ class StorageNode:
                 config.advertise, config.heartbeat_ms, config.snapshot_entries,
                 config.snapshot_bytes, config.max_data_bytes,
                 config.key_bytes_max, config.value_bytes_max, os.getpid(),
-                {"fsync": str(config.fsync), **config.extra},
+                {"fsync": str(config.fsync), **config.extra}, dict(config.peers),
             ),
             self.core, self.state, self.initial_ring, self.tasks,
         )  # fmt: skip
+        self.node.identity_extra = self._identity_extra()
+        self.node.founding_active = self.founding is not None
+        self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
+        self._stop_requested = False
+        self._stop_deadline = 0.0
+        self._stop_after = 0.0
         #: what a full disk refused, retried every DISK_RETRY_S (disk_full.py)
         self._unpersisted = Unpersisted()
         self._disk_full_since: float | None = None
@@ -117,10 +137,14 @@ class StorageNode:
         # the decision is recovery.plan_recovery's (pure); startup.recover carries it out
         found = recover(cfg.data_dir, cfg.fsync, self.state, self.log)
         hard, snapshot, entries, self.wal = found.hard_state, found.snapshot, found.entries, found.wal
+        self._check_identity(hard.term > 0 or bool(entries) or snapshot is not None)
+        if cfg.force_new_cluster:
+            snapshot, entries = self._force_new_cluster(snapshot, entries)
         members = tuple(sorted({cfg.node_id, *cfg.peers}))
         self.core = Replica(
             ReplicaConfig(
                 cfg.node_id, members, cfg.heartbeat_ms, cfg.election_timeout_ms,
+                voter=self.identity.voter, incarnation=self.identity.incarnation,
             ),
             hard,
             entries,
@@ -131,6 +155,105 @@ class StorageNode:
             hard.term, self.core.snap_index + 1, self.core.last_index,
             self.core.snap_index, self.state.key_count,
         )
+
+    def _check_identity(self, has_state: bool) -> None:
+        """Decide from the data dir whether we may vote (``identity.py``); record it."""
+        cfg = self.config
+        on_disk = identity.load(cfg.data_dir)
+        self.identity = identity.decide_start(
+            on_disk, has_state, cluster_id=cfg.cluster_id, shard_id=cfg.shard_id,
+            node_id=cfg.node_id, bootstrap=cfg.bootstrap, incarnation=identity.new_incarnation(),
+        )  # fmt: skip
+        if on_disk is None:
+            identity.save(cfg.data_dir, self.identity)
+            if self.identity.voter:
+                self.log.info("adopted data dir written before identities: voter, "
+                              "incarnation {}", self.identity.incarnation)
+        self.founding = None
+        if self.identity.state is identity.IdentityState.BOOTSTRAPPING:
+            self.founding = identity.Founding(cfg.node_id, tuple(cfg.peers))
+        if not self.identity.voter:
+            self.log.warning("not a voter: {}", self.identity.reason)
+
+    def _force_new_cluster(
+        self, snapshot: tuple[int, int, object] | None, entries: list[Entry],
+    ) -> tuple[tuple[int, int, bytes], list[Entry]]:
+        """Disaster recovery when a shard's majority is gone for good: make this node's
+        whole log (committed or not: it is the most anyone still knows) its state, in a
+        snapshot whose configuration is this node alone; the operator then adds replicas.
+        Writes acknowledged by the lost majority and missing here are lost."""
+        if not self.identity.voter:
+            raise RuntimeError("--force-new-cluster needs a data dir that was a voter; this "
+                               f"one is {self.identity.state.value}")
+        for e in entries:
+            if e.index > self.state.applied_index:
+                self.state.apply(e.index, e.data)
+        last_index, last_term = (entries[-1].index, entries[-1].term) if entries else (
+            (snapshot[0], snapshot[1]) if snapshot else (0, 0))
+        conf = mship.Membership((self.config.node_id,))
+        blob = mship.wrap_snapshot(conf, self.state.snapshot_bytes())
+        save_snapshot(self.config.data_dir, last_index, last_term, blob)
+        self.wal.reset(last_index + 1)
+        self.log.warning(
+            "FORCED NEW CLUSTER (--force-new-cluster): shard {} now has this node as its "
+            "only voter, with its log up to index {} (term {}); the former members are out "
+            "of it. Remove the flag before the next start; add replicas with "
+            "`zkv admin add-replica`.", self.config.shard_id, last_index, last_term)
+        return (last_index, last_term, blob), []
+
+    def _set_identity(self, state: identity.IdentityState, reason: str = "") -> None:
+        self.identity = self.identity.with_state(state, reason)
+        identity.save(self.config.data_dir, self.identity)
+        self.core.set_voter(self.identity.voter)
+        self.founding = None
+        self.node.founding_active = False
+        self.node.identity_extra = self._identity_extra()
+
+    def _identity_extra(self) -> dict[str, object]:
+        """What the heartbeat says of this data dir (``zkv status``: member, incarnation)."""
+        ident = self.identity
+        extra: dict[str, object] = {"voter": ident.voter, "membership": ident.state.value,
+                                    "incarnation": ident.incarnation}
+        if ident.reason:
+            extra["membership_reason"] = ident.reason
+        return extra
+
+    def _found(self) -> None:
+        """Bootstrapping: probe the initial configuration; found or give up."""
+        founding = self.founding
+        if founding is None:
+            return
+        if founding.exists:
+            self._set_identity(identity.IdentityState.WAITING, (
+                "this shard exists already (a member is past term 0), so --bootstrap does "
+                "not found it: a non-voter until a leader re-admits it, caught up"))
+            self.log.warning("not a voter: {}", self.identity.reason)
+        elif founding.founded:
+            self._set_identity(identity.IdentityState.VOTER)
+            self.log.info("founded shard {} with {} (a majority agreed): voter",
+                          self.config.shard_id, sorted(founding.members))
+        else:
+            probe = FoundingProbe(self.config.node_id, self.config.cluster_id, self.config.shard_id)
+            for peer in self.config.peers:
+                self._send_peer(peer, probe)  # type: ignore[arg-type]
+
+    def _on_founding(self, sender: str, msg: FoundingProbe | FoundingAnswer) -> None:
+        cfg = self.config
+        if (msg.cluster_id, msg.shard_id) != (cfg.cluster_id, cfg.shard_id) or msg.node_id != sender:
+            self.log.warning("founding message from {} of another cluster or shard", sender)
+            return
+        if isinstance(msg, FoundingAnswer):
+            if self.founding is not None:
+                self.founding.on_answer(sender, msg.pristine)
+                self._found()
+            return
+        state = self.identity.state
+        pristine = state is identity.IdentityState.BOOTSTRAPPING or (
+            state is identity.IdentityState.VOTER and self.core.term == 0
+            and self.core.last_index == 0
+        )
+        self._send_peer(sender, FoundingAnswer(  # type: ignore[arg-type]
+            cfg.node_id, cfg.cluster_id, cfg.shard_id, pristine, self.core.term))
 
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
@@ -161,15 +284,10 @@ class StorageNode:
         keep_alive(self.peer_router, alive_ms)
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
+        self._peer_addrs: dict[str, str] = {}
         for peer, endpoint in cfg.peers.items():
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, ident)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
-            keep_alive(s, alive_ms)
-            s.setsockopt(zmq.SNDHWM, 10_000)
-            s.connect(endpoint)
-            self.peer_socks[peer] = s
+            self.peer_socks[peer] = self._peer_socket(endpoint)
+            self._peer_addrs[peer] = endpoint
         #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
         self.migrate_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._migrate_addrs: dict[str, str] = {}
@@ -178,6 +296,16 @@ class StorageNode:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
 
+    def _peer_socket(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
+        s: zmq.Socket = self._ctx.socket(zmq.DEALER)  # type: ignore[type-arg]
+        s.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
+        keep_alive(s, self.config.election_timeout_ms)
+        s.setsockopt(zmq.SNDHWM, 10_000)
+        s.connect(endpoint)
+        return s
+
     def close(self) -> None:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
@@ -185,7 +313,27 @@ class StorageNode:
         self.wal.close()
 
     def stop(self) -> None:
-        self._running = False
+        """Exit soon; a leader first hands leadership to an up-to-date voter (SIGTERM),
+        so a planned restart costs a round trip, not an election timeout."""
+        self._stop_requested = True
+
+    def _check_stop(self, now: float) -> None:
+        core = self.core
+        if not self._stop_deadline:
+            self._stop_deadline = now + 2 * self.config.election_timeout_ms / 1000
+            if core.role is Role.LEADER and core.transfer_leadership("", now):
+                self.log.info("stopping: handing leadership of shard {} over",
+                              self.config.shard_id)
+                return
+            self._stop_deadline = now  # nobody to hand over to
+        if core.role is Role.LEADER and now < self._stop_deadline:
+            return
+        if not self._stop_after:
+            # one more heartbeat interval: our last votes, acks and NOT_LEADER replies
+            # leave before the sockets close (they close with linger 0)
+            self._stop_after = now + self.config.heartbeat_ms / 1000
+        elif now >= self._stop_after:
+            self._running = False
 
     # ------------------------------------------------------------------ loop
 
@@ -210,6 +358,8 @@ class StorageNode:
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
                 self.core.tick(now)
+                if self._stop_requested:
+                    self._check_stop(now)
                 self._handle_ready(now)
                 batches = node.pump_tasks(now)
                 if batches:
@@ -221,6 +371,7 @@ class StorageNode:
                         self.pub.send_multipart(codec.encode(hb), zmq.NOBLOCK)
                     node.stats.publish(hb.node_id, hb.shard_id, self.core, self.state,
                                        self.tasks, bool(hb.extra["disk_full"]))
+                    self._found()
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
@@ -256,6 +407,17 @@ class StorageNode:
                 on_frames(router, frames, now)
             except RemoteProtocolError as exc:
                 self.log.warning("bad peer frames: {}", exc)
+
+    def _on_founding_events(self) -> None:
+        """Founding messages the core set aside (the identity is the shell's: a file)."""
+        events, self.node.founding_events = self.node.founding_events, []
+        for sender, msg in events:
+            if msg is None:  # a leader's append: the shard exists
+                if self.founding is not None:
+                    self.founding.on_answer(sender, False)
+                    self._found()
+            elif isinstance(msg, FoundingProbe | FoundingAnswer):
+                self._on_founding(sender, msg)
 
     def _drain_migrate_acks(self, sock: zmq.Socket, now: float) -> None:  # type: ignore[type-arg]
         for _ in range(BATCH_MAX):
@@ -309,6 +471,16 @@ class StorageNode:
                 self._send_peer(to, msg)
             node.advance(nrd)
         node.settle()
+        if node.founding_events:
+            self._on_founding_events()
+        core = self.core
+        if core.promoted:
+            core.promoted = False
+            self._set_identity(identity.IdentityState.VOTER)
+            self.log.info("admitted as a voter of shard {} (incarnation {})",
+                          self.config.shard_id, self.identity.incarnation)
+        if core.membership is not self._peer_conf:
+            self._sync_peers()
 
     def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
@@ -375,6 +547,23 @@ class StorageNode:
     def _durable_index(self) -> int:
         """Where this node's log ends on disk (what an append ack may claim)."""
         return max(self.wal.last_index, self._disk_snapshot_index)
+
+    def _sync_peers(self) -> None:
+        """Open a socket to every member the configuration names; close removed ones."""
+        conf = self.core.membership
+        self._peer_conf = conf
+        # the command line first: `zkv cluster up` picks new ports at each start
+        wanted = {m: self.config.peers.get(m) or conf.addr_of(m)
+                  for m in conf.members if m != self.config.node_id}
+        for peer in [p for p in self.peer_socks if p not in wanted]:
+            self.peer_socks.pop(peer).close(linger=0)
+            self._peer_addrs.pop(peer, None)
+        for peer, addr in wanted.items():
+            if addr and self._peer_addrs.get(peer) != addr:
+                if peer in self.peer_socks:
+                    self.peer_socks.pop(peer).close(linger=0)
+                self.peer_socks[peer] = self._peer_socket(addr)
+                self._peer_addrs[peer] = addr
 
     def _send_peer(self, to: str, msg: PeerMessage) -> None:
         sock = self.peer_socks.get(to)

@@ -51,19 +51,23 @@ from zkv.protocol.messages import (
     AdminAppliedReply,
     AppendEntries,
     Applied,
+    FoundingAnswer,
+    FoundingProbe,
     Heartbeat,
     InstallSnapshot,
     MigrateAck,
     MigrateBatch,
     PeerMessage,
     Role,
+    TimeoutNow,
 )
+from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
 
-PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
+PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
 
@@ -127,8 +131,8 @@ class NodeCore(RequestCore):
         """``nrd.raft`` is persisted: install, fail what was truncated, apply, queue reads."""
         rd = nrd.raft
         if rd.snapshot is not None:
-            index, _term, data = rd.snapshot
-            self.state.restore(data)
+            index, _term, blob = rd.snapshot
+            self.state.restore(mship.unwrap_snapshot(blob)[1])  # configuration + state
             self.last_snapshot_index = index
             self.log_bytes = 0
             self.notes.append(f"installed snapshot at index {index} from the leader")
@@ -185,6 +189,7 @@ class NodeCore(RequestCore):
         if is_leader == self._was_leader:
             return
         self._was_leader = is_leader
+        self._next_heartbeat = 0.0  # tell the brokers at once
         shard = self.config.shard_id
         if is_leader:
             self.notes.append(f"became leader of shard {shard} at term {replica.term}")
@@ -217,9 +222,14 @@ class NodeCore(RequestCore):
         if type(msg) is MigrateBatch:
             self.on_migrate_batch(origin, frames[0], msg, now)
             return
+        if type(msg) is FoundingProbe or type(msg) is FoundingAnswer:
+            self.founding_events.append((frames[0].decode(errors="replace"), msg))
+            return
         if getattr(msg, "TYPE", None) not in PEER_TYPES:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the peer socket")
         sender = frames[0].decode(errors="replace")
+        if self.founding_active and type(msg) is AppendEntries and msg.term > 0:
+            self.founding_events.append((sender, None))  # a leader: the shard exists
         peer_msg: PeerMessage | None = msg  # type: ignore[assignment]
         if self.unpersisted:  # behind on durability: take nothing that needs the disk
             peer_msg = self.disk_gate.incoming(peer_msg)  # type: ignore[arg-type]
@@ -273,13 +283,17 @@ class NodeCore(RequestCore):
         cfg, replica, state = self.config, self.replica, self.state
         self._next_heartbeat = now + cfg.heartbeat_ms / 1000
         ring = (state.ownership.ring or self.initial_ring).config
+        conf = replica.membership
+        role = ("voter" if cfg.node_id in conf.voters
+                else "learner" if cfg.node_id in conf.learners else "none")
         return Heartbeat(
             cfg.node_id, cfg.shard_id, replica.role, replica.term, replica.leader_id,
             replica.last_term, replica.last_index, replica.commit_index, state.applied_index,
-            state.key_count, cfg.pid, cfg.advertise, cfg.members,
+            state.key_count, cfg.pid, cfg.advertise, tuple(conf.voters),
             ring, cfg.heartbeat_ms,
             {**cfg.info, "data_bytes": state.data_bytes, "max_data_bytes": cfg.max_data_bytes,
-             "disk_full": self.disk_full},
+             "disk_full": self.disk_full, **self.identity_extra,
+             "learners": list(conf.learners), "config_role": role},
         )  # fmt: skip
 
     def take_snapshot(self) -> SnapshotTask | None:
@@ -292,7 +306,9 @@ class NodeCore(RequestCore):
         term = self.replica.term_at(applied)
         if term is None:
             return None
-        return SnapshotTask(applied, term, self.state.snapshot_bytes())
+        # the configuration at ``applied`` travels and is stored with the state
+        data = mship.wrap_snapshot(self.replica.membership_at(applied), self.state.snapshot_bytes())
+        return SnapshotTask(applied, term, data)
 
     def compacted(self, task: SnapshotTask, kept: Any = None) -> None:
         """``task`` is on disk: the replica may drop its log up to it. ``kept`` is what

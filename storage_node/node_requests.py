@@ -29,6 +29,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -38,7 +39,13 @@ from zkv.protocol.errors import ErrorCode, RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
     ADMIN_REPLY_CLASSES,
+    MEMBERSHIP_REQUEST_CLASSES,
+    AdminMembers,
+    AdminMembersReply,
     AdminRequest,
+    AdminSnapshotReply,
+    AdminSnapshotSave,
+    AdminTransferLeader,
     Campaign,
     CasRequest,
     Consistency,
@@ -55,6 +62,7 @@ from zkv.protocol.messages import (
     Role,
 )
 from zkv.protocol.ring import Ring
+from zkv.storage_node import membership as mship
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
 from zkv.storage_node.push import LeaderTasks
@@ -83,6 +91,9 @@ class NodeCoreConfig:
     pid: int = 0
     #: the heartbeat's free-form ``info`` (fsync policy, ...)
     info: dict[str, str] = field(default_factory=dict)
+    #: the peer addresses this node was started with (``--peers``): a configuration
+    #: change records every member's address, so any member can reach any other
+    peers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -126,6 +137,12 @@ class RequestCore:
         self.log_bytes = 0
         #: counts per op and result (stats.py); the shell publishes them for /metrics
         self.stats = NodeStats()
+        #: what the heartbeat says of this data dir (identity.py; the shell's, a file)
+        self.identity_extra: dict[str, object] = {}
+        #: while bootstrapping, founding messages (and a leader's appends: the shard
+        #: exists) are set aside for the shell, which holds the identity
+        self.founding_active = False
+        self.founding_events: list[tuple[str, object]] = []
         #: set by the shell: writes find no space (answer DISK_FULL) ...
         self.disk_full = False
         #: ... and something the core asked to persist is still waiting for the disk
@@ -213,6 +230,12 @@ class RequestCore:
         if self.replica.role is not Role.LEADER:
             self._reply(origin, ident, self.not_leader(req.request_id))
             return
+        if isinstance(req, MEMBERSHIP_REQUEST_CLASSES):
+            self._reply(origin, ident, self._membership_admin(req, now))
+            return
+        if isinstance(req, AdminSnapshotSave):
+            self._reply(origin, ident, self._snapshot_for_backup(req.request_id))
+            return
         try:
             answer = admin_request(self.state, self.tasks, req)
         except AdminError as exc:
@@ -223,6 +246,52 @@ class RequestCore:
             return
         cmd = cast(Command, answer)
         self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
+
+    def _membership_admin(self, req: AdminRequest, now: float) -> AdminMembersReply | ErrorReply:
+        """Membership ops at the leader: proposed now, answered at once; the caller
+        watches ``AdminMembers`` (or ``zkv status``) for the change to take effect."""
+        replica, cfg = self.replica, self.config
+        index, to = 0, ""
+        try:
+            if isinstance(req, AdminTransferLeader):
+                if not replica.transfer_leadership(req.node_id, now):
+                    raise mship.MembershipError(
+                        f"no up-to-date voter {req.node_id!r} to hand over to")
+                to = req.node_id
+            elif not isinstance(req, AdminMembers):
+                new = mship.change_for(req, replica.membership)
+                if new is not None:  # every member's address, so any member reaches any
+                    known = {**cfg.peers, cfg.node_id: cfg.advertise}
+                    addrs = {m: a for m, a in known.items() if m in new.members}
+                    new = dataclasses.replace(
+                        new, addrs=tuple(sorted({**addrs, **dict(new.addrs)}.items())))
+                    index = replica.propose_membership(new, now)
+                    self.notes.append(f"proposed configuration {mship.describe(new)} at "
+                                      f"index {index} ({type(req).__name__})")
+        except mship.MembershipError as exc:
+            return ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, str(exc))
+        conf = replica.membership
+        return AdminMembersReply(
+            req.request_id, cfg.node_id, tuple(conf.voters), tuple(conf.learners),
+            dict(conf.addrs), dict(conf.incarnations), dict(conf.replaces),
+            replica.change_pending(), index, to,
+        )  # fmt: skip
+
+    def _snapshot_for_backup(self, request_id: int) -> AdminSnapshotReply | ErrorReply:
+        """``zkv admin snapshot save``: the leader's whole state, which holds every write
+        it acknowledged, once it has applied all it committed (a new leader first
+        commits its no-op: before that its commit index may lag the old leader's)."""
+        replica, state = self.replica, self.state
+        if (replica.term_at(replica.commit_index) != replica.term
+                or state.applied_index < replica.commit_index):
+            return ErrorReply(request_id, ErrorCode.UNAVAILABLE, "leader not settled; retry")
+        index = state.applied_index
+        term = replica.term_at(index)
+        if term is None:
+            return ErrorReply(request_id, ErrorCode.UNAVAILABLE, "log moved; retry")
+        ring = (state.ownership.ring or self.initial_ring).config
+        return AdminSnapshotReply(request_id, self.config.node_id, index, term,
+                                  state.key_count, ring, state.snapshot_bytes())
 
     def not_leader(self, request_id: int) -> ErrorReply:
         leader = self.replica.leader_id

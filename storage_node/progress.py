@@ -40,6 +40,11 @@ class Progress:
     read_ack: int = 0
     snapshot_offset: int = 0
     snapshot_sent_at: float = 0.0
+    #: the follower's last ack said its data dir may vote; until it has, it counts for
+    #: nothing (an empty data dir must not complete a quorum)
+    voter: bool = False
+    #: the incarnation a non-voter follower reported (promotion records it)
+    incarnation: str = ""
 
     def become_probe(self, now: float) -> None:
         self.state = ProgressState.PROBE

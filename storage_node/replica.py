@@ -30,6 +30,13 @@ Rules (Raft, with the changes zkv's design asks for):
   ``read_seq``; it is safe once a majority echoed that seq at our term (we were still
   leader after it arrived) and we have committed an entry of our term (so C covers
   every write acknowledged by any earlier leader). Reads are batched per ``ready()``.
+- Membership (``membership.py``: single-server changes through the log, their rules and
+  why): the configuration in force is the latest in the log; quorums are majorities of
+  its voters; learners replicate but never vote or count; a node outside the voters
+  never campaigns; a leader removed by a committed configuration steps down.
+- Leadership transfer (``transfer_leadership``): once the target's log matches ours the
+  leader sends it ``TimeoutNow``; it campaigns at once (no pre-vote) and its vote
+  requests say ``transfer``, so voters grant them despite the live leader.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import (
     AppendEntries,
     AppendReply,
@@ -45,10 +53,13 @@ from zkv.protocol.messages import (
     PeerMessage,
     Role,
     SnapshotReply,
+    TimeoutNow,
     VoteReply,
     VoteRequest,
 )
+from zkv.storage_node import membership as mship
 from zkv.storage_node.durable_state import HardState
+from zkv.storage_node.membership import Membership, MembershipError
 from zkv.storage_node.progress import Progress, ProgressState
 
 #: Terms stop here: the codec refuses integers from 2**63 on, so a term must always have
@@ -72,6 +83,14 @@ class ReplicaConfig:
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_bytes_max: int = 4 << 30
     reads_pending_max: int = 100_000
+    #: False for a node whose data dir may not vote (``identity.py``): it never votes
+    #: or campaigns, and its acks say so, so no leader counts it toward a quorum
+    voter: bool = True
+    #: a learner within this many entries of the leader's log is promoted to voter
+    promote_lag_max: int = 1000
+    #: this data dir's incarnation (``identity.py``): a configuration that promoted it
+    #: makes this node a voter
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         if self.node_id not in self.members:
@@ -121,19 +140,31 @@ class Replica:
     ) -> None:
         self.config = config
         self.node_id = config.node_id
-        self._peers = tuple(m for m in config.members if m != config.node_id)
-        self._quorum = len(config.members) // 2 + 1
+        self._peers: tuple[str, ...] = ()
+        self._voters: frozenset[str] = frozenset()
+        self._quorum = 1
         self._heartbeat_s = config.heartbeat_interval_ms / 1000
         self._election_s = config.election_timeout_ms / 1000
         self.term = hard_state.term
         self.voted_for = hard_state.voted_for
         self.role = Role.FOLLOWER
         self.leader_id = ""
-        self._snap_data: SnapshotData
-        self.snap_index, self.snap_term, self._snap_data = snapshot or (0, 0, b"")
+        self.voter = config.voter
+        #: set when a configuration in the log promoted this data dir: the shell records
+        #: the identity as a voter
+        self.promoted = False
+        #: the last snapshot as it travels and sits on disk: the configuration at its
+        #: index (membership.wrap_snapshot), then the state; bytes or the shell's map
+        self._snap_wire: SnapshotData
+        self.snap_index, self.snap_term, self._snap_wire = snapshot or (0, 0, b"")
+        snap_conf = mship.snapshot_config(self._snap_wire)
+        #: the configuration at ``snap_index``, then every configuration entry after it
+        self._snap_conf = snap_conf or Membership(tuple(sorted(config.members)))
+        self._confs: list[tuple[int, Membership]] = []
         self._log: list[Entry] = [e for e in entries if e.index > self.snap_index]
         for offset, e in enumerate(self._log):
             assert e.index == self.snap_index + 1 + offset, "log indexes must be contiguous"
+        self._note_configs(self._log)
         self.commit_index = self.snap_index
         self._delivered = self.snap_index  # highest index handed out in Ready.committed
         self._persisted = self.last_index  # what we recovered was durable
@@ -152,6 +183,9 @@ class Replica:
         self._progress: dict[str, Progress] = {}
         self._became_leader_at = 0.0
         self._noop_index = 0
+        self._transfer_to = ""
+        self._transfer_started = 0.0
+        self._frozen_at = 0  # > 0: replicate nothing past it (TimeoutNow sent)
         self._last_heartbeat = -1e18
         self._read_seq = 0
         self._reads_unsent: list[tuple[object, int]] = []  # (token, commit at arrival)
@@ -194,16 +228,122 @@ class Replica:
 
     def _append(self, entries: list[Entry]) -> None:
         self._log.extend(entries)
+        self._note_configs(entries)
 
     def _truncate(self, index: int) -> None:
         assert index > self.commit_index, "a committed entry must never be truncated"
         del self._log[index - self.snap_index - 1 :]
+        if self._confs and self._confs[-1][0] >= index:
+            self._confs = [(i, c) for i, c in self._confs if i < index]
+            self._apply_membership()
         self._persisted = min(self._persisted, index - 1)
         if index < self._unstable_from:
             self._truncate_from = (
                 index if self._truncate_from is None else min(self._truncate_from, index)
             )
             self._unstable_from = index
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def membership(self) -> Membership:
+        """The configuration in force: the latest in the log, committed or not."""
+        return self._confs[-1][1] if self._confs else self._snap_conf
+
+    def membership_at(self, index: int) -> Membership:
+        conf = self._snap_conf
+        for i, c in self._confs:
+            if i > index:
+                break
+            conf = c
+        return conf
+
+    def _note_configs(self, entries: list[Entry]) -> None:
+        found = False
+        for e in entries:
+            if mship.is_config(e.data):
+                try:
+                    conf = mship.decode(e.data)
+                except RemoteProtocolError:
+                    continue  # a malformed entry is a no-op everywhere (the state machine too)
+                self._confs.append((e.index, conf))
+                found = True
+                self._check_admitted(conf)
+        if found or not self._voters:
+            self._apply_membership()
+
+    def _check_admitted(self, conf: Membership) -> None:
+        if not self.voter and self.config.incarnation and conf.admits(
+            self.node_id, self.config.incarnation
+        ):
+            self.voter = True  # this very data dir was promoted: it holds what it acked
+            self.promoted = True
+            if self.term > 0:
+                # A data dir that came back empty has forgotten any vote its predecessor
+                # gave in this term: count it as given (to the leader that admitted us),
+                # so we cannot elect a second leader in the term we rejoined in.
+                self.voted_for = self.leader_id or self.node_id
+                self._hard_state_dirty = True
+
+    def _apply_membership(self) -> None:
+        conf = self.membership
+        self._peers = tuple(m for m in conf.members if m != self.node_id)
+        self._voters = frozenset(conf.voters)
+        self._quorum = conf.quorum
+        if self.role is Role.LEADER:
+            # a new voter's acks say so only from its next reply: give the new quorum one
+            # election timeout to show itself before check-quorum may depose us
+            self._became_leader_at = self._now
+            for p in self._peers:
+                if p not in self._progress:
+                    self._progress[p] = Progress(
+                        next_index=self.last_index + 1, last_ack=self._now,
+                        last_progress=self._now)
+            for p in [p for p in self._progress if p not in self._peers]:
+                del self._progress[p]
+
+    def change_pending(self) -> bool:
+        return bool(self._confs) and self._confs[-1][0] > self.commit_index
+
+    def propose_membership(self, new: Membership, now: float) -> int:
+        """Append configuration ``new`` as leader (rules: ``membership.py``); its index.
+        Raises ``MembershipError`` when a rule forbids it now."""
+        if self.role is not Role.LEADER:
+            raise MembershipError("not the leader")
+        if self.term_at(self.commit_index) != self.term:
+            raise MembershipError("no entry of this term committed yet; retry shortly")
+        if self.change_pending():
+            raise MembershipError("a membership change is in progress; retry shortly")
+        mship.check_change(self.membership, new)
+        index = self.propose(mship.encode(new), now)
+        assert index is not None
+        self._note_configs([self._log[-1]])
+        return index
+
+    def _drive_membership(self, now: float) -> None:
+        """Leader: finish replacements, promote learners that caught up."""
+        conf = self.membership
+        if self.change_pending() or self.term_at(self.commit_index) != self.term:
+            return
+        for new, old in conf.replaces:
+            if new in conf.voters and old in conf.members:
+                self.propose_membership(conf.remove(old), now)
+                return
+        lag_ok = self.last_index - self.config.promote_lag_max
+        for voter in conf.voters:  # a voter slot whose data dir came back empty
+            pr = self._progress.get(voter)
+            if (pr is not None and not pr.voter and pr.incarnation
+                    and pr.match_index >= lag_ok
+                    and (voter, pr.incarnation) not in conf.incarnations):
+                self.propose_membership(conf.readmit(voter, pr.incarnation), now)
+                return
+        for learner in conf.learners:
+            pr = self._progress.get(learner)
+            if pr is None or not pr.incarnation:
+                continue
+            if pr.match_index >= self.last_index - self.config.promote_lag_max:
+                self.propose_membership(conf.promote(learner, pr.incarnation), now)
+                return
 
     # ------------------------------------------------------------------ shell API
 
@@ -225,8 +365,14 @@ class Replica:
         self._reads_unsent.append((token, self.commit_index))
         return True
 
+    def set_voter(self, voter: bool) -> None:
+        """The shell's identity check decided (founding agreed, or admission)."""
+        self.voter = voter
+
     def campaign(self, now: float, known_term: int = 0) -> None:
         """The broker thinks our leader is gone: start a pre-vote."""
+        if not self.voter or self.node_id not in self._voters:
+            return  # an empty data dir, a learner or a removed node must never lead
         if self.role is Role.LEADER or self._in_lease(now) or self._prevote:
             return
         if known_term >= TERM_MAX or self.term >= TERM_MAX:
@@ -249,6 +395,11 @@ class Replica:
         self._now = now
         if self.role is Role.LEADER:
             self._leader_tick(now)
+            if self.role is Role.LEADER:
+                self._drive_membership(now)
+                if (self._transfer_to or self._frozen_at) and (
+                    now - self._transfer_started >= self._election_s):
+                    self._transfer_to, self._frozen_at = "", 0  # no takeover: give up
         elif (self._prevote or self.role is Role.CANDIDATE) and (
             now - self._election_started >= self._election_s
         ):
@@ -266,12 +417,16 @@ class Replica:
         shell once applied >= their read index)."""
 
     def compacted(self, index: int, term: int, data: SnapshotData) -> None:
-        """The shell snapshotted the state at ``index``: drop the log up to it."""
+        """The shell snapshotted the state at ``index``: drop the log up to it. ``data``
+        is the snapshot as written (``membership.wrap_snapshot``: the configuration at
+        ``index``, then the state), what a follower that needs it is sent."""
         if index <= self.snap_index:
             return
         assert index <= self._delivered and self.term_at(index) == term
+        self._snap_conf = self.membership_at(index)
+        self._confs = [(i, c) for i, c in self._confs if i > index]
         del self._log[: index - self.snap_index]
-        self.snap_index, self.snap_term, self._snap_data = index, term, data
+        self.snap_index, self.snap_term, self._snap_wire = index, term, data
 
     def ready(self) -> Ready:
         if self.role is Role.LEADER:
@@ -313,10 +468,22 @@ class Replica:
 
     def step(self, sender: str, msg: PeerMessage, now: float) -> None:
         self._now = now
-        if sender not in self._peers or msg.term >= TERM_MAX:
-            return  # not a member of this group, or a forged term: ignore rather than trust
+        if msg.term >= TERM_MAX:
+            return  # a forged term: ignore rather than trust
+        if sender not in self._peers and not isinstance(
+            msg, (AppendEntries, InstallSnapshot, TimeoutNow)
+        ):
+            # not a member. A leader's messages are taken: a new learner knows no
+            # members yet, and a leader that removed itself hands over with TimeoutNow
+            return
+        if isinstance(msg, TimeoutNow):
+            if (msg.term == self.term and sender == self.leader_id and self.voter
+                    and self.node_id in self._voters and self.role is Role.FOLLOWER):
+                self._become_candidate(now, transfer=True)
+            return
         if isinstance(msg, VoteRequest):
-            self._on_vote_request(sender, msg, now)
+            if self.voter:  # a non-voter has no vote to give: ignore it whole
+                self._on_vote_request(sender, msg, now)
             return
         if isinstance(msg, VoteReply) and msg.pre_vote:
             self._on_prevote_reply(sender, msg, now)
@@ -327,7 +494,7 @@ class Replica:
         elif msg.term < self.term:
             if isinstance(msg, (AppendEntries, InstallSnapshot)):
                 # tell a deposed leader about the newer term
-                self._send(sender, AppendReply(self.term, self.node_id, False, self.last_index, 0))
+                self._send(sender, self._append_reply(False, self.last_index, 0))
             return
         if isinstance(msg, AppendEntries):
             self._on_append(sender, msg, now)
@@ -341,6 +508,33 @@ class Replica:
             self._on_snapshot_reply(sender, msg, now)
 
     # ------------------------------------------------------------------ elections
+
+    def transfer_leadership(self, target: str, now: float) -> bool:
+        """Hand leadership to voter ``target`` (most up-to-date voter if ""); False
+        when not the leader or no such voter."""
+        if self.role is not Role.LEADER:
+            return False
+        voters = [p for p in self._peers if p in self._voters]
+        if not target:
+            ranked = sorted((p for p in voters if self._progress[p].voter),
+                            key=lambda p: -self._progress[p].match_index)
+            target = ranked[0] if ranked else ""
+        if target not in voters:
+            return False
+        self._now = now
+        self._transfer_to, self._transfer_started = target, now
+        self._maybe_send_timeout_now()
+        return True
+
+    def _maybe_send_timeout_now(self) -> None:
+        pr = self._progress.get(self._transfer_to)
+        if pr is not None and pr.match_index >= self.last_index:
+            self._send(self._transfer_to, TimeoutNow(self.term, self.node_id))
+            self._transfer_to = ""
+            # Replicate nothing newer from here: a voter that received more than the
+            # target holds when it campaigns would refuse it its vote. What we append
+            # meanwhile is never acknowledged (we step down) and clients retry it.
+            self._frozen_at = self.last_index
 
     def _in_lease(self, now: float) -> bool:
         """True while we are or hear a live leader: votes are then refused."""
@@ -360,7 +554,7 @@ class Replica:
             self._send(sender, VoteReply(term, self.node_id, grant, True))
             return
         if msg.term > self.term:
-            if self._in_lease(now):
+            if self._in_lease(now) and not msg.transfer:
                 return  # a live leader exists: ignore whole, keep our term
             self._become_follower(msg.term, "", now)
         if msg.term < self.term:
@@ -383,11 +577,14 @@ class Replica:
         elif not msg.granted and msg.term > self.term:
             self._become_follower(msg.term, "", now)
 
+    def _won(self) -> bool:
+        return len(self._votes & self._voters) >= self._quorum
+
     def _check_prevote(self, now: float) -> None:
-        if len(self._votes) >= self._quorum:
+        if self._won():
             self._become_candidate(now)
 
-    def _become_candidate(self, now: float) -> None:
+    def _become_candidate(self, now: float, transfer: bool = False) -> None:
         self._prevote = False
         self.role = Role.CANDIDATE
         self.term = max(self.term + 1, self._prevote_term)
@@ -396,17 +593,19 @@ class Replica:
         self.leader_id = ""
         self._votes = {self.node_id}
         self._election_started = now
-        request = VoteRequest(self.term, self.node_id, self.last_index, self.last_term)
+        request = VoteRequest(
+            self.term, self.node_id, self.last_index, self.last_term, False, transfer
+        )
         for peer in self._peers:
             self._send(peer, request)
-        if len(self._votes) >= self._quorum:
+        if self._won():
             self._become_leader(now)
 
     def _on_vote_reply(self, sender: str, msg: VoteReply, now: float) -> None:
         if self.role is not Role.CANDIDATE or not msg.granted:
             return
         self._votes.add(sender)
-        if len(self._votes) >= self._quorum:
+        if self._won():
             self._become_leader(now)
 
     def _become_follower(self, term: int, leader: str, now: float) -> None:
@@ -421,6 +620,8 @@ class Replica:
         if leader:
             self._last_heard_leader = now
         if was_leader:
+            self._transfer_to = ""
+            self._frozen_at = 0
             self._progress.clear()
             self._reads_failed.extend(t for t, _ in self._reads_unsent)
             self._reads_failed.extend(t for t, _, _ in self._reads_waiting)
@@ -442,7 +643,10 @@ class Replica:
     # ------------------------------------------------------------------ replication
 
     def _leader_tick(self, now: float) -> None:
-        live = 1 + sum(1 for pr in self._progress.values() if now - pr.last_ack < self._election_s)
+        live = int(self.node_id in self._voters) + sum(
+            1 for p, pr in self._progress.items()
+            if pr.voter and p in self._voters and now - pr.last_ack < self._election_s
+        )
         if live < self._quorum and now - self._became_leader_at >= self._election_s:
             self._become_follower(self.term, "", now)
             return
@@ -492,9 +696,10 @@ class Replica:
         prev = next_index - 1
         prev_term = self.term_at(prev)
         assert prev_term is not None
-        entries = self.entries_from(
-            next_index, self.config.entries_per_append_max, self.config.append_bytes_max
-        )
+        count_max = self.config.entries_per_append_max
+        if self._frozen_at:
+            count_max = max(0, min(count_max, self._frozen_at - prev))
+        entries = self.entries_from(next_index, count_max, self.config.append_bytes_max)
         self._send(peer, AppendEntries(
             self.term, self.node_id, prev, prev_term, tuple(entries), self.commit_index,
             self._read_seq,
@@ -515,7 +720,7 @@ class Replica:
                 entries = ()
         if prev > self.last_index or self.term_at(prev) != prev_term:
             hint = self._conflict_hint(prev)
-            self._send(sender, AppendReply(self.term, self.node_id, False, hint, msg.read_seq))
+            self._send(sender, self._append_reply(False, hint, msg.read_seq))
             return
         new_entries: list[Entry] = []
         for i, e in enumerate(entries):
@@ -532,7 +737,12 @@ class Replica:
         commit = min(msg.commit_index, matched)
         if commit > self.commit_index:
             self.commit_index = commit
-        self._send(sender, AppendReply(self.term, self.node_id, True, matched, msg.read_seq))
+        self._send(sender, self._append_reply(True, matched, msg.read_seq))
+
+    def _append_reply(self, success: bool, match_index: int, read_seq: int) -> AppendReply:
+        return AppendReply(self.term, self.node_id, success, match_index, read_seq, self.voter,
+                           "" if self.voter and self.node_id in self._voters
+                           else self.config.incarnation)
 
     def _conflict_hint(self, prev: int) -> int:
         """Where the leader should retry after our log failed to match at ``prev``: our
@@ -550,12 +760,19 @@ class Replica:
         if self.role is not Role.LEADER or pr is None:
             return
         pr.last_ack = now
+        pr.voter = msg.voter
+        if msg.incarnation:
+            pr.incarnation = msg.incarnation
         if msg.read_seq > pr.read_ack:
             pr.read_ack = msg.read_seq
             self._confirm_reads()
         if msg.success:
             if pr.acknowledge(msg.match_index, now):
                 self._maybe_commit()
+                if self.role is not Role.LEADER:
+                    return  # we committed our own removal and stepped down
+                if self._transfer_to == sender:
+                    self._maybe_send_timeout_now()
             if pr.state is ProgressState.PROBE or (
                 pr.state is ProgressState.SNAPSHOT and pr.match_index >= self.snap_index
             ):
@@ -566,15 +783,24 @@ class Replica:
             self._send_append(sender, now)
 
     def _maybe_commit(self) -> None:
+        voters = self._voters
+        own = [self._persisted] if self.node_id in voters else []
         matches = sorted(
-            [self._persisted, *(pr.match_index for pr in self._progress.values())],
+            own + [pr.match_index for p, pr in self._progress.items() if pr.voter and p in voters],
             reverse=True,
         )
+        if len(matches) < self._quorum:
+            return  # not enough voters heard from yet
         candidate = matches[self._quorum - 1]
         if candidate > self.commit_index and self.term_at(candidate) == self.term:
             self.commit_index = candidate
             if self._reads_waiting:
                 self._confirm_reads()
+            if self.node_id not in voters and not self.change_pending():
+                # our removal is committed: a leader outside the voters steps down,
+                # handing over to a caught-up voter so nobody waits for an election
+                self.transfer_leadership("", self._now)
+                self._become_follower(self.term, "", self._now)
 
     # ------------------------------------------------------------------ reads
 
@@ -597,7 +823,14 @@ class Replica:
     def _confirm_reads(self) -> None:
         if self.term_at(self.commit_index) != self.term:
             return  # nothing of our term committed yet: our commit index may be stale
-        acks = sorted([self._read_seq, *(p.read_ack for p in self._progress.values())], reverse=True)
+        voters = self._voters
+        own = [self._read_seq] if self.node_id in voters else []
+        acks = sorted(
+            own + [pr.read_ack for p, pr in self._progress.items() if pr.voter and p in voters],
+            reverse=True,
+        )
+        if len(acks) < self._quorum:
+            return
         confirmed_seq = acks[self._quorum - 1]
         keep: list[tuple[object, int, int]] = []
         for token, index, seq in self._reads_waiting:
@@ -611,8 +844,9 @@ class Replica:
 
     def _send_snapshot_chunk(self, peer: str, pr: Progress, now: float) -> None:
         size = self.config.snapshot_chunk_bytes
-        chunk = self._snap_data[pr.snapshot_offset : pr.snapshot_offset + size]
-        done = pr.snapshot_offset + len(chunk) >= len(self._snap_data)
+        blob = self._snap_wire  # the configuration travels with it
+        chunk = blob[pr.snapshot_offset : pr.snapshot_offset + size]
+        done = pr.snapshot_offset + len(chunk) >= len(blob)
         pr.snapshot_sent_at = now
         self._send(peer, InstallSnapshot(
             self.term, self.node_id, self.snap_index, self.snap_term, pr.snapshot_offset,
@@ -625,7 +859,7 @@ class Replica:
         self._last_heard_leader = now
         if msg.last_index <= self.commit_index:
             # we already hold everything it contains; committed entries match the leader
-            self._send(sender, AppendReply(self.term, self.node_id, True, self.commit_index, 0))
+            self._send(sender, self._append_reply(True, self.commit_index, 0))
             return
         key = (msg.last_index, msg.last_term)
         if msg.offset == 0:
@@ -644,16 +878,24 @@ class Replica:
             self._incoming, self._incoming_data = None, bytearray()
         self._send(sender, SnapshotReply(self.term, self.node_id, msg.last_index, offset, True))
 
-    def _install_snapshot(self, index: int, term: int, data: bytes) -> None:
+    def _install_snapshot(self, index: int, term: int, blob: bytes) -> None:
         """Replace our state by the leader's snapshot; our whole log is discarded."""
+        try:
+            conf, _state = mship.unwrap_snapshot(blob)
+        except RemoteProtocolError:
+            return  # a malformed configuration: refuse the snapshot, the leader resends
+        self._snap_conf = conf or self.membership
+        self._check_admitted(self._snap_conf)
+        self._confs = []
+        self._apply_membership()
         self._log.clear()
-        self.snap_index, self.snap_term, self._snap_data = index, term, data
+        self.snap_index, self.snap_term, self._snap_wire = index, term, blob
         self.commit_index = max(self.commit_index, index)
         self._delivered = index
         self._persisted = index
         self._unstable_from = index + 1
         self._truncate_from = None
-        self._install = (index, term, data)
+        self._install = (index, term, blob)  # as written to disk: configuration + state
 
     def _on_snapshot_reply(self, sender: str, msg: SnapshotReply, now: float) -> None:
         pr = self._progress.get(sender)
@@ -662,7 +904,7 @@ class Replica:
         pr.last_ack = now
         if msg.last_index != self.snap_index:
             pr.snapshot_offset = 0  # we compacted again meanwhile: start over
-        elif msg.success and msg.offset >= len(self._snap_data):
+        elif msg.success and msg.offset >= len(self._snap_wire):
             pr.match_index = max(pr.match_index, self.snap_index)
             pr.become_probe(now)
             self._maybe_commit()

@@ -20,7 +20,7 @@ from loguru import logger
 
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Entry
-from zkv.storage_node import durable_state, snapshot
+from zkv.storage_node import durable_state, membership, snapshot
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.recovery import DiskState, Plan, RecoveryRefused, plan_recovery
 from zkv.storage_node.state_machine import KVStateMachine
@@ -91,7 +91,8 @@ def _plan_and_load(disk: DiskState, state: KVStateMachine,
         problem, offset = (loaded, 0) if isinstance(loaded, str) else ("", 0)
         if isinstance(loaded, snapshot.Snapshot):
             try:
-                state.restore(loaded.data)
+                # the file holds the configuration at its index, then the state
+                state.restore(membership.unwrap_snapshot(loaded.data)[1])
                 # the core keeps the file mapped, not the bytes (they go once restored)
                 return plan, snapshot.mapped_or_bytes(disk.data_dir, loaded.last_index,
                                                       loaded.data)

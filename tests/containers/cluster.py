@@ -305,7 +305,7 @@ class ContainerCluster:
             "--peers", ",".join(f"{p}={a}" for p, a in peers.items()),
             "--brokers", ",".join(backends),
             "--shards", ",".join(str(s) for s in range(self.cfg.shards)),
-            "--fsync", self.cfg.fsync,
+            "--fsync", self.cfg.fsync, "--bootstrap",
             "--heartbeat-ms", str(self.cfg.heartbeat_ms),
             "--election-timeout-ms", str(self.cfg.election_timeout_ms),
         ]  # fmt: skip

@@ -318,7 +318,8 @@ class LoneNode:
         argv = [sys.executable, "-m", "zkv.storage_node.main", "--node-id", NODE_ID, "--shard", "0",
                 "--data-dir", str(self.tmp_path / "node"), "--listen", self.peer_endpoint,
                 "--brokers", f"tcp://127.0.0.1:{self.port}", "--fsync", "never",
-                "--heartbeat-ms", "100", "--election-timeout-ms", "1000", *self.extra_args]
+                "--heartbeat-ms", "100", "--election-timeout-ms", "1000", "--bootstrap",
+                *self.extra_args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)

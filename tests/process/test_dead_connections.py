@@ -97,7 +97,7 @@ def test_half_open_broker_connection_is_replaced(procs: Procs, tmp_path: Path) -
             sys.executable, "-m", "zkv.storage_node.main", "--node-id", "n0", "--shard", "0",
             "--data-dir", str(tmp_path / "n0"), "--listen", "tcp://127.0.0.1:0",
             "--brokers", proxy.endpoint, "--heartbeat-endpoints", heartbeats,
-            "--fsync", "never", *timing,
+            "--fsync", "never", "--bootstrap", *timing,
         ])  # fmt: skip
         with KVClient(frontend, timeout_s=2.0) as kv:
             put_until_ok(kv, "before", "1", timeout_s=30)

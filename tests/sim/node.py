@@ -29,6 +29,7 @@ from tests.sim.disk import SimDisk
 from zkv.protocol import codec
 from zkv.protocol.messages import Heartbeat, MigrateAck
 from zkv.protocol.ring import Ring, RingConfig
+from zkv.storage_node.membership import unwrap_snapshot
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Replica, ReplicaConfig
@@ -85,7 +86,7 @@ class SimNode:
         snap = img.snapshot
         state = KVStateMachine(shard_id=self.shard_id, ring=self.ring)
         if snap is not None:
-            state.restore(snap[2])
+            state.restore(unwrap_snapshot(snap[2])[1])  # the configuration, then the state
         replica = Replica(self.cfg, img.hard_state, img.log, snap)
         self.incarnation += 1
         tasks = LeaderTasks(seq0=(self.incarnation * 7919 + len(self.id)) << 20)

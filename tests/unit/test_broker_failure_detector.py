@@ -217,3 +217,16 @@ def test_leader_stepping_down_waits_timeout_from_last_claim() -> None:
     assert c.tick() == []
     c.now = 1.0
     assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
+def test_a_node_that_may_not_vote_is_never_asked_to_stand() -> None:
+    """A node whose data dir came back empty (heartbeat extra voter=False) would ignore
+    a campaign; the most up-to-date *voter* is asked instead, or nobody."""
+    import dataclasses
+
+    c = Cluster()
+    wiped = dataclasses.replace(hb("s0r0", log=(1, 50)), extra={"voter": False})
+    sent = c.run(3.0, [wiped, hb("s0r1", log=(1, 10))])
+    assert sent and {node for _, node, _ in sent} == {"s0r1"}
+    alone = Cluster()
+    assert alone.run(3.0, [wiped]) == []

@@ -273,3 +273,12 @@ def test_cores_are_pure(module: str) -> None:
             imported.add(node.module.split(".")[0])
     forbidden = {"zmq", "time", "threading", "asyncio", "random", "socket", "loguru", "os"}
     assert not imported & forbidden
+
+
+def test_members_are_the_leaders_configuration_once_there_is_a_leader() -> None:
+    """Membership changes go through the leader's log: a replica removed from the shard
+    may still advertise the larger configuration it last knew."""
+    t = table()
+    t.observe(hb("s0r3", term=5, members=("s0r0", "s0r1", "s0r2", "s0r3")), 0.0)
+    t.observe(hb("s0r0", role=L, term=5, members=("s0r0", "s0r1", "s0r2")), 0.0)
+    assert t.shards[0].members == ("s0r0", "s0r1", "s0r2")

@@ -86,6 +86,15 @@ def test_layout_and_process_flags(tmp_path: Path) -> None:
     assert bflags["--port"] == "6003" and bflags["--broker-id"] == "b1"
 
 
+def test_bootstrap_only_when_the_cluster_creates_the_data_dir(tmp_path: Path) -> None:
+    c = LocalCluster(tmp_path, shards=1, replicas=3, port=0)
+    c._choose_peer_ports()
+    assert "--bootstrap" in c._node_argv({"id": "s0r0", "shard": 0, "replica": 0})
+    (tmp_path / "s0r1").mkdir()
+    (tmp_path / "s0r1" / "identity.json").write_text("{}")
+    assert "--bootstrap" not in c._node_argv({"id": "s0r1", "shard": 0, "replica": 1})
+
+
 def test_single_replica_has_no_peers_flag(tmp_path: Path) -> None:
     c = LocalCluster(tmp_path, shards=1, replicas=1, port=0)
     c._choose_peer_ports()

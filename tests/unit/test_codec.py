@@ -50,6 +50,14 @@ from zkv.protocol.limits import RING_TOKENS_MAX
 from zkv.protocol.messages import (
     ALL_MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    AdminAddReplica,
+    AdminMembers,
+    AdminMembersReply,
+    AdminRemoveReplica,
+    AdminReplaceReplica,
+    AdminSnapshotReply,
+    AdminSnapshotSave,
+    AdminTransferLeader,
     AppendEntries,
     CasRequest,
     Consistency,
@@ -94,6 +102,15 @@ ADMIN_SAMPLES = [
     MigrateBatch(1, 0, 2, 2, Phase.DELTA, 7, b"", b"\x01z", True, b"\x90"),
     MigrateAck(1, 2, Applied(True, phase=Phase.DONE, cursor=b"", stale=True), ""),
     MigrateAck(1, 2, Applied(False, not_leader=True), "s2r1"),
+    AdminAddReplica(b"c", 10, 0, "s0r3", "tcp://h:9"),
+    AdminRemoveReplica(b"c", 11, 0, "s0r1"),
+    AdminReplaceReplica(b"c", 12, 0, "s0r1", "s0r3", "tcp://h:9"),
+    AdminTransferLeader(b"c", 13, 0, ""),
+    AdminMembers(b"c", 14, 0),
+    AdminSnapshotSave(b"c", 15, 1),
+    AdminMembersReply(14, "s0r0", ("s0r0", "s0r2"), ("s0r3",), {"s0r3": "tcp://h:9"},
+                      {"s0r3": "inc"}, {"s0r3": "s0r1"}, True, 7, ""),
+    AdminSnapshotReply(15, "s1r0", 40, 2, 3, RingConfig(1, (0, 1), 16), b"\x90" * 3),
 ]
 
 SAMPLES = [
@@ -282,3 +299,20 @@ def test_admin_messages_with_one_field_replaced_decode_or_are_refused_cleanly(
     except RemoteProtocolError:
         return
     assert type(out) is type(msg)
+
+
+def test_trailing_default_fields_are_left_out_for_older_peers() -> None:
+    """A rolling upgrade: the previous release knows AppendReply with 5 fields and
+    VoteRequest with 5; new fields at their defaults must not reach it."""
+    import msgpack
+
+    from zkv.protocol.messages import AppendReply, VoteRequest
+
+    plain = codec.encode(AppendReply(3, "a", True, 10, 0))
+    assert len(msgpack.unpackb(plain[0])) == 2 + 5
+    assert codec.decode(plain) == AppendReply(3, "a", True, 10, 0)
+    waiting = AppendReply(3, "a", True, 10, 0, False, "inc")
+    assert codec.decode(codec.encode(waiting)) == waiting
+    assert len(msgpack.unpackb(codec.encode(VoteRequest(2, "b", 5, 1))[0])) == 2 + 4
+    transfer = VoteRequest(2, "b", 5, 1, False, True)
+    assert codec.decode(codec.encode(transfer)) == transfer

@@ -41,6 +41,7 @@ from zkv.protocol.messages import (
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.commands import RingSet
 from zkv.storage_node.durable_state import HardState
+from zkv.storage_node.membership import unwrap_snapshot
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig, Pending
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Replica, ReplicaConfig
@@ -386,7 +387,7 @@ def test_snapshot_is_due_every_snapshot_entries() -> None:
     task = leader.take_snapshot()
     assert task is not None and task.index == 3 and task.term == leader.replica.term
     restored = KVStateMachine(shard_id=0)
-    restored.restore(task.data)
+    restored.restore(unwrap_snapshot(task.data)[1])  # the configuration, then the state
     assert restored.get(b"k") == (b"v", 3)
     leader.compacted(task)
     assert leader.replica.snap_index == 3 and leader.take_snapshot() is None
@@ -400,7 +401,8 @@ def test_heartbeat_contents_and_cadence() -> None:
     assert (hb.node_id, hb.shard_id, hb.role, hb.pid, hb.peer_addr) == ("a", 0, Role.FOLLOWER,
                                                                         42, "tcp://a:1")
     assert hb.members == MEMBERS and hb.ring.epoch == 1
-    assert hb.extra == {"fsync": "always", "data_bytes": 0, "max_data_bytes": 0, "disk_full": False}
+    assert hb.extra == {"fsync": "always", "data_bytes": 0, "max_data_bytes": 0, "disk_full": False,
+                        "learners": [], "config_role": "voter"}
     assert node.heartbeat(10.05) is None
     assert node.heartbeat(10.1) is not None
 

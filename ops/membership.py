@@ -1,0 +1,130 @@
+"""Operator side of membership changes: ``zkv admin add-replica / remove-replica /
+replace-replica / transfer-leader`` (storage_node/membership.py has the rules).
+
+Each command sends one ``AdminRequest`` to the shard's leader through the broker (the
+ops are idempotent, so the SDK's retries are safe), then polls the leader's ``members``
+until the change has taken effect: a new replica is a learner until it has caught up
+and the leader promotes it; a replacement ends when the old voter is removed. With
+``--data-dir`` (a ``zkv cluster up`` dir) the supervisor starts the new node's process
+first (``cluster.json`` names it, with its peer port) and stops a removed one last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from zkv.client.sdk import KVClient
+from zkv.ops import cluster
+from zkv.protocol.messages import (
+    AdminAddReplica,
+    AdminMembers,
+    AdminMembersReply,
+    AdminRemoveReplica,
+    AdminReplaceReplica,
+    AdminRequest,
+    AdminTransferLeader,
+)
+
+POLL_S = 0.2
+
+
+def add_arguments(asub: Any, common: argparse.ArgumentParser) -> None:
+    a = asub.add_parser("add-replica", parents=[common],
+                        help="add a replica to a shard (a learner, promoted once caught up)")
+    a.add_argument("shard_id", type=int)
+    _new_node_args(a)
+    a = asub.add_parser("remove-replica", parents=[common], help="remove a shard's replica")
+    a.add_argument("shard_id", type=int)
+    a.add_argument("old_id", metavar="NODE_ID")
+    a.add_argument("--data-dir", help="the `zkv cluster up` dir: its supervisor stops the node")
+    a = asub.add_parser("replace-replica", parents=[common],
+                        help="add NEW as a learner, promote it once caught up, remove OLD")
+    a.add_argument("shard_id", type=int)
+    a.add_argument("old_id", metavar="OLD_ID")
+    _new_node_args(a)
+    a = asub.add_parser("transfer-leader", parents=[common],
+                        help="hand a shard's leadership to an up-to-date voter")
+    a.add_argument("shard_id", type=int)
+    a.add_argument("--to", default="", help="node id (default: the most up-to-date voter)")
+    for name in ("add-replica", "remove-replica", "replace-replica", "transfer-leader"):
+        asub.choices[name].add_argument("--wait", type=float, default=300.0,
+                                        help="seconds to wait for the change to take effect")
+
+
+def _new_node_args(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--node-id", required=True)
+    a.add_argument("--peer-addr", default="", help="the new node's peer address "
+                   "(tcp://host:port); with --data-dir, chosen for you if omitted")
+    a.add_argument("--data-dir", help="the `zkv cluster up` dir: its supervisor starts the "
+                   "new node")
+
+
+def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    cmd, shard = args.admin_command, args.shard_id
+    if cmd == "transfer-leader":
+        before = _call(kv, AdminTransferLeader(b"", 0, shard, args.to)).node
+        leader = _wait(kv, shard, args.wait, lambda m: m.node != before).node
+        say(f"shard {shard}: leadership moved from {before} to {leader}")
+        return 0
+    if cmd == "remove-replica":
+        _call(kv, AdminRemoveReplica(b"", 0, shard, args.old_id))
+        _wait(kv, shard, args.wait, lambda m: args.old_id not in _members(m))
+        say(f"shard {shard}: {args.old_id} removed")
+        if args.data_dir:
+            cluster.spec_remove_replica(Path(args.data_dir), args.old_id)
+        return 0
+    addr = args.peer_addr
+    if args.data_dir:
+        addr = cluster.spec_add_replica(Path(args.data_dir), shard, args.node_id, addr)
+        say(f"{args.node_id} added to {args.data_dir} at {addr}; the supervisor starts it")
+    if not addr:
+        raise ValueError("--peer-addr is needed (or --data-dir)")
+    new = args.node_id
+    if cmd == "add-replica":
+        _call(kv, AdminAddReplica(b"", 0, shard, new, addr))
+        say(f"shard {shard}: {new} is a learner; waiting for it to catch up")
+        _wait(kv, shard, args.wait, lambda m: new in m.voters)
+        say(f"shard {shard}: {new} is a voter")
+        return 0
+    old = args.old_id
+    _call(kv, AdminReplaceReplica(b"", 0, shard, old, new, addr))
+    say(f"shard {shard}: {new} is a learner replacing {old}; waiting for it to catch up")
+    _wait(kv, shard, args.wait, lambda m: new in m.voters and old not in _members(m))
+    say(f"shard {shard}: {new} is a voter and {old} is removed")
+    if args.data_dir:
+        cluster.spec_remove_replica(Path(args.data_dir), old)
+    return 0
+
+
+def _call(kv: KVClient, request: AdminRequest) -> AdminMembersReply:
+    reply = kv.admin(request)
+    if not isinstance(reply, AdminMembersReply):
+        raise ValueError(f"unexpected answer {type(reply).__name__} to {type(request).__name__}")
+    return reply
+
+
+def members(kv: KVClient, shard: int) -> AdminMembersReply:
+    """The configuration in force at ``shard``'s leader."""
+    return _call(kv, AdminMembers(b"", 0, shard))
+
+
+def _members(m: AdminMembersReply) -> list[str]:
+    return [*m.voters, *m.learners]
+
+
+def _wait(kv: KVClient, shard: int, timeout_s: float,
+          done: Callable[[AdminMembersReply], bool]) -> AdminMembersReply:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = _call(kv, AdminMembers(b"", 0, shard))
+        if done(m) and not m.pending:
+            return m
+        if time.monotonic() >= deadline:
+            raise ValueError(f"shard {shard}: the change did not take effect in "
+                             f"{timeout_s:g}s (voters {list(m.voters)}, learners "
+                             f"{list(m.learners)})")
+        time.sleep(POLL_S)

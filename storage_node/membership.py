@@ -1,0 +1,255 @@
+"""A shard's configuration (voters, learners, their peer addresses) and the rules for
+changing it through the log. Pure.
+
+Choice: single-server changes, not joint consensus. Each change moves one node into or
+out of the voter set (adding or removing a learner does not touch it at all), and any
+two majorities of configurations that differ by one voter intersect, so no two leaders
+can be elected from the old and new configurations at once (Ongaro's thesis, 4.1). It
+is a fraction of joint consensus' code (no C_old,new state, no two-quorum commits), and
+a replacement is simply three such steps (add learner, promote it, remove the old).
+
+Rules (enforced by ``Replica.propose_membership`` and ``check_change``):
+- A configuration takes effect as soon as it is in a node's log, committed or not, and
+  is undone if that entry is truncated. The quorum for commits, reads and elections is
+  always a majority of the current configuration's voters.
+- The known fix for single-server changes (Ongaro, raft-dev 2015): a leader starts a
+  change only after it has committed an entry of its own term (its no-op). Without it,
+  two overlapping changes proposed by leaders of different terms can each commit with
+  disjoint majorities.
+- At most one change in flight: a new one only once the previous configuration entry is
+  committed.
+- A change differs from the current configuration by one node's status.
+- Learners receive the log (or a snapshot) but neither vote nor count. The leader
+  promotes a learner only once its log is within ``promote_lag_max`` entries of its own;
+  a learner added to replace a voter (``replaces``) has that voter removed once it is
+  promoted.
+- A voter whose data dir cannot vote (it lost its disk, or started after the shard was
+  founded: ``identity.py``) keeps its slot but counts for nothing; once its log is
+  within ``promote_lag_max`` of the leader's, the leader re-admits it by binding the
+  slot to its new incarnation (voters unchanged). Safe for the reason promotion is:
+  while it was empty it neither voted nor counted, so every entry committed meanwhile
+  is on a majority without it, and it votes again only once it holds nearly all of
+  them (a candidate still needs an up-to-date majority).
+- A leader not among the voters of a committed configuration steps down.
+- The configuration is part of snapshots: a snapshot carries the configuration in force
+  at its last index (``wrap_snapshot``).
+
+Identity (``identity.py``): a learner's data dir is a non-voter until a configuration
+promotes *that data dir*: promotion records the learner's incarnation (which it sends
+in its acks while a non-voter), and a node flips its identity to voter only on seeing
+its own (id, incarnation) among the voters. A wiped node replaying an old promotion of
+its id meets an older incarnation and stays a non-voter.
+
+Wire form of a configuration entry: msgpack
+``[11, voters, learners, addrs, replaces, incarnations]``
+(op 11 in ``commands.py``, applied as a no-op by the state machine).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgpack
+
+from zkv.protocol.admin import AdminAddReplica, AdminRemoveReplica, AdminReplaceReplica
+from zkv.protocol.errors import RemoteProtocolError
+
+CONFIG_OP = 11
+_PREFIX = b"\x96\x0b"  # msgpack fixarray(6), positive fixint 11
+_SNAP_MAGIC = b"ZKVM"
+
+
+class MembershipError(ValueError):
+    """A change the rules forbid (the caller's request is wrong, not the data)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    voters: tuple[str, ...]
+    learners: tuple[str, ...] = ()
+    #: (node id, peer address), sorted: how every member reaches a new member
+    addrs: tuple[tuple[str, str], ...] = ()
+    #: (learner, voter to remove once the learner is a voter)
+    replaces: tuple[tuple[str, str], ...] = ()
+    #: (voter, incarnation of the data dir it was promoted with): only that data dir
+    #: may vote under this id; founders and adopted voters are voters by their own
+    #: identity file and need no entry
+    incarnations: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.voters + self.learners
+
+    @property
+    def quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    def addr_of(self, node: str) -> str:
+        return dict(self.addrs).get(node, "")
+
+    def with_addr(self, node: str, addr: str) -> tuple[tuple[str, str], ...]:
+        out = dict(self.addrs)
+        if addr:
+            out[node] = addr
+        return tuple(sorted(out.items()))
+
+    # ------------------------------------------------------------------ changes
+
+    def add_learner(self, node: str, addr: str, replaces: str = "") -> Membership:
+        if node in self.members:
+            raise MembershipError(f"{node} is already a member")
+        if replaces and replaces not in self.voters:
+            raise MembershipError(f"{replaces} is not a voter")
+        reps = self.replaces + (((node, replaces),) if replaces else ())
+        return replace(self, learners=self.learners + (node,), addrs=self.with_addr(node, addr),
+                       replaces=reps)
+
+    def promote(self, node: str, incarnation: str) -> Membership:
+        if node not in self.learners:
+            raise MembershipError(f"{node} is not a learner")
+        if not incarnation:
+            raise MembershipError(f"{node} has not told its incarnation yet")
+        learners = tuple(n for n in self.learners if n != node)
+        incs = tuple(sorted({**dict(self.incarnations), node: incarnation}.items()))
+        return replace(self, voters=tuple(sorted(self.voters + (node,))), learners=learners,
+                       incarnations=incs)
+
+    def readmit(self, node: str, incarnation: str) -> Membership:
+        """Bind voter ``node``'s slot to a new data dir (voters unchanged)."""
+        if node not in self.voters:
+            raise MembershipError(f"{node} is not a voter")
+        incs = tuple(sorted({**dict(self.incarnations), node: incarnation}.items()))
+        return replace(self, incarnations=incs)
+
+    def admits(self, node: str, incarnation: str) -> bool:
+        """Whether this configuration promoted ``node``'s data dir ``incarnation``."""
+        return node in self.voters and (node, incarnation) in self.incarnations
+
+    def remove(self, node: str) -> Membership:
+        if node not in self.members:
+            raise MembershipError(f"{node} is not a member")
+        voters = tuple(n for n in self.voters if n != node)
+        if not voters:
+            raise MembershipError("cannot remove the last voter")
+        return Membership(
+            voters, tuple(n for n in self.learners if n != node),
+            tuple(a for a in self.addrs if a[0] != node),
+            tuple(r for r in self.replaces if node not in r),
+            tuple(i for i in self.incarnations if i[0] != node),
+        )
+
+
+def check_change(old: Membership, new: Membership) -> None:
+    """Raise ``MembershipError`` unless ``new`` changes at most one voter of ``old``."""
+    if len(set(old.voters) ^ set(new.voters)) > 1:
+        raise MembershipError(
+            f"voters {sorted(old.voters)} -> {sorted(new.voters)}: one change at a time")
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def encode(m: Membership) -> bytes:
+    data: bytes = msgpack.packb(
+        [CONFIG_OP, list(m.voters), list(m.learners), [list(a) for a in m.addrs],
+         [list(r) for r in m.replaces], [list(i) for i in m.incarnations]], use_bin_type=True)
+    return data
+
+
+def is_config(data: bytes) -> bool:
+    return data[:2] == _PREFIX
+
+
+def decode(data: bytes) -> Membership:
+    """A configuration entry's data; anything malformed raises ``RemoteProtocolError``."""
+    try:
+        v = msgpack.unpackb(data, raw=False)
+        op, voters, learners, addrs, reps, incs = v
+        if op != CONFIG_OP:
+            raise ValueError("not a configuration")
+        m = Membership(_names(voters), _names(learners), _pairs(addrs), _pairs(reps), _pairs(incs))
+    except Exception as exc:  # msgpack and unpacking raise many types on garbage
+        raise RemoteProtocolError(f"bad configuration entry: {exc}") from exc
+    if not m.voters:
+        raise RemoteProtocolError("a configuration needs a voter")
+    return m
+
+
+def _names(v: object) -> tuple[str, ...]:
+    if type(v) is not list or not all(type(x) is str for x in v):
+        raise ValueError("names must be a list of str")
+    return tuple(v)
+
+
+def _pairs(v: object) -> tuple[tuple[str, str], ...]:
+    if type(v) is not list:
+        raise ValueError("pairs must be a list")
+    out = []
+    for p in v:
+        if type(p) is not list or len(p) != 2 or not all(type(x) is str for x in p):
+            raise ValueError("a pair must be [str, str]")
+        out.append((p[0], p[1]))
+    return tuple(out)
+
+
+def wrap_snapshot(m: Membership | None, data: bytes) -> bytes:
+    """Snapshot bytes carrying the configuration in force at the snapshot's index."""
+    if m is None:
+        return data
+    conf = encode(m)
+    return _SNAP_MAGIC + struct.pack(">I", len(conf)) + conf + data
+
+
+def snapshot_config(blob: Any) -> Membership | None:
+    """The configuration at the head of a snapshot (None for one written before
+    configurations), reading only the head: ``blob`` may be a map of a large file."""
+    if len(blob) < 8 or blob[:4] != _SNAP_MAGIC:
+        return None
+    (n,) = struct.unpack(">I", blob[4:8])
+    return decode(bytes(blob[8 : 8 + n]))
+
+
+def unwrap_snapshot(blob: bytes) -> tuple[Membership | None, bytes]:
+    """(configuration or None for a snapshot written before configurations, state)."""
+    if blob[:4] != _SNAP_MAGIC or len(blob) < 8:
+        return None, blob
+    (n,) = struct.unpack(">I", blob[4:8])
+    return decode(blob[8 : 8 + n]), blob[8 + n :]
+
+
+# ---------------------------------------------------------------------- admin ops
+
+
+def change_for(req: object, conf: Membership) -> Membership | None:
+    """The configuration an admin request (``protocol.admin``: add, remove or replace a
+    replica) asks for, or None when it is already in effect (requests are retried, so
+    each is idempotent). Bad arguments raise ``MembershipError``."""
+    node = _arg(getattr(req, "node_id", ""), "node_id")
+    if isinstance(req, AdminAddReplica):
+        if node in conf.members:
+            return None
+        return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"))
+    if isinstance(req, AdminRemoveReplica):
+        return conf.remove(node) if node in conf.members else None
+    if isinstance(req, AdminReplaceReplica):
+        old = _arg(req.old_id, "old_id")
+        if node in conf.members or old not in conf.members:
+            return None  # asked before: under way (learner) or done (old removed)
+        if old == node:
+            raise MembershipError("replace with a new node id (or remove, then add)")
+        return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"), replaces=old)
+    raise MembershipError(f"not a membership change: {type(req).__name__}")
+
+
+def _arg(v: object, name: str) -> str:
+    if type(v) is not str or not v or len(v) > 256:
+        raise MembershipError(f"{name} must be a non-empty string")
+    return v
+
+
+def describe(conf: Membership) -> dict[str, object]:
+    return {"voters": list(conf.voters), "learners": list(conf.learners),
+            "addrs": dict(conf.addrs), "replaces": dict(conf.replaces),
+            "incarnations": dict(conf.incarnations)}

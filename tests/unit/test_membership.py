@@ -1,0 +1,357 @@
+"""Membership changes through the log (storage_node/membership.py, replica.py): add,
+remove, replace, leader removal, learner promotion, snapshots carrying the
+configuration, and a deliberately broken variant (two voters changed at once) that
+commits two different entries at one index."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from tests.unit.test_replica import Group
+from zkv.protocol.messages import Entry, Role, VoteReply, VoteRequest
+from zkv.storage_node import membership as mship
+from zkv.storage_node.durable_state import HardState
+from zkv.storage_node.membership import Membership, MembershipError
+from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
+
+
+def _join(g: Group, node: str, voter: bool = False, lag_max: int = 1000) -> None:
+    """Start ``node`` on an empty data dir (a non-voter until promoted)."""
+    cfg = ReplicaConfig(node, (*g.cores, node), voter=voter, incarnation=f"inc-{node}",
+                        promote_lag_max=lag_max)
+    g.cores[node] = Replica(cfg, HardState(0, ""), [])
+    for d in (g.log, g.applied, g.reads, g.failed_reads):
+        d[node] = []  # type: ignore[index]
+
+
+def _ready_group() -> Group:
+    g = Group()
+    g.elect("a")
+    g.advance(0.3)  # the no-op of term 1 is committed
+    return g
+
+
+def _confs(g: Group) -> dict[str, Membership]:
+    return {n: c.membership for n, c in g.cores.items() if n not in g.down}
+
+
+def test_configuration_entry_roundtrip_and_garbage() -> None:
+    m = Membership(("a", "b"), ("c",), (("c", "tcp://x:1"),), (("c", "b"),), (("a", "i"),))
+    data = mship.encode(m)
+    assert mship.is_config(data) and mship.decode(data) == m
+    conf, state = mship.unwrap_snapshot(mship.wrap_snapshot(m, b"STATE"))
+    assert conf == m and state == b"STATE"
+    assert mship.unwrap_snapshot(b"\x96plain") == (None, b"\x96plain")
+    for bad in (b"\x96\x0b", data[:-3], mship.encode(Membership(("a",)))[:-1]):
+        with pytest.raises(Exception):  # noqa: B017 - RemoteProtocolError, checked below
+            mship.decode(bad)
+
+
+def test_add_learner_catches_up_and_is_promoted() -> None:
+    g = _ready_group()
+    for i in range(30):
+        g.cores["a"].propose(b"w%d" % i, g.now)
+    g.settle()
+    _join(g, "d")
+    conf = g.cores["a"].membership
+    g.cores["a"].propose_membership(conf.add_learner("d", "tcp://d"), g.now)
+    g.settle()
+    assert g.cores["a"].membership.learners == ("d",)
+    g.advance(0.5)
+    final = g.cores["a"].membership
+    assert final.voters == ("a", "b", "c", "d") and final.learners == ()
+    assert final.incarnations == (("d", "inc-d"),)
+    assert g.cores["d"].voter and g.cores["d"].promoted
+    assert {n: c.voters for n, c in _confs(g).items()} == {n: final.voters for n in "abcd"}
+    assert [e.data for e in g.applied["d"]] == [e.data for e in g.applied["a"]]
+
+
+def test_learner_far_behind_is_not_promoted() -> None:
+    g = _ready_group()
+    _join(g, "d", lag_max=5)
+    g.cut |= {frozenset(("a", "d"))}
+    g.cores["a"].propose_membership(g.cores["a"].membership.add_learner("d", ""), g.now)
+    for i in range(20):
+        g.cores["a"].propose(b"w%d" % i, g.now)
+    g.advance(0.5)
+    assert g.cores["a"].membership.learners == ("d",)
+    assert not g.cores["d"].voter
+    g.cut.clear()
+    g.advance(0.5)
+    assert "d" in g.cores["a"].membership.voters and g.cores["d"].voter
+
+
+def test_remove_follower_then_commits_with_the_rest() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    a.propose_membership(a.membership.remove("c"), g.now)
+    g.advance(0.3)
+    assert a.membership.voters == ("a", "b") and not a.change_pending()
+    g.down.add("c")
+    idx = a.propose(b"after", g.now)
+    g.settle()
+    assert idx is not None and a.commit_index >= idx
+    g.down.discard("c")
+    g.cores["c"].campaign(g.now + 5)  # a removed node knows it is out: never stands
+    g.settle()
+    assert g.cores["c"].role is Role.FOLLOWER and g.leader() == "a"
+
+
+def test_leader_removal_steps_down_after_commit_and_others_elect() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    a.propose_membership(a.membership.remove("a"), g.now)
+    g.settle()
+    g.advance(0.2)
+    assert a.role is Role.FOLLOWER  # committed by b and c, then it stepped down
+    assert g.cores["b"].membership.voters == ("b", "c")
+    assert g.leader() in ("b", "c")  # handed over: no election timeout to wait
+    a.campaign(g.now)
+    g.settle()
+    assert a.role is Role.FOLLOWER
+
+
+def test_replace_adds_promotes_then_removes_the_old_voter() -> None:
+    g = _ready_group()
+    g.down.add("c")  # the machine is gone for good
+    _join(g, "d")
+    a = g.cores["a"]
+    a.propose_membership(a.membership.add_learner("d", "tcp://d", replaces="c"), g.now)
+    g.advance(1.0)
+    assert a.membership.voters == ("a", "b", "d") and a.membership.learners == ()
+    assert a.role is Role.LEADER
+    a.propose(b"x", g.now)
+    g.advance(0.2)
+    assert b"x" in [e.data for e in g.applied["d"]]
+
+
+def test_rules_refuse_a_second_change_early_changes_and_two_voters_at_once() -> None:
+    fresh = Replica(ReplicaConfig("a", ("a", "b", "c")), HardState(0, ""), [])
+    fresh.campaign(0.0)
+    fresh.step("b", VoteReply(1, "b", True, True), 0.0)
+    fresh.step("b", VoteReply(1, "b", True), 0.0)
+    assert fresh.role is Role.LEADER  # its no-op is not committed: nobody acked it yet
+    with pytest.raises(MembershipError, match="of this term"):
+        fresh.propose_membership(fresh.membership.add_learner("d", ""), 0.0)
+    g = _ready_group()
+    a = g.cores["a"]
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    a.propose_membership(a.membership.add_learner("d", ""), g.now)
+    with pytest.raises(MembershipError, match="in progress"):
+        a.propose_membership(a.membership.add_learner("e", ""), g.now)
+    with pytest.raises(MembershipError, match="one change at a time"):
+        mship.check_change(Membership(("a", "b", "c")), Membership(("a", "b", "c", "d", "e")))
+    with pytest.raises(MembershipError):
+        g.cores["b"].propose_membership(Membership(("b",)), g.now)  # not the leader
+
+
+def test_single_change_majorities_always_intersect_two_changes_do_not() -> None:
+    rng = random.Random(7)
+    names = list("abcdefg")
+    for _ in range(300):
+        old = set(rng.sample(names, rng.randint(1, 6)))
+        other = rng.choice([n for n in names if n not in old] or list(old))
+        new = old ^ {other} or old
+        for m1 in _majorities(old):
+            assert all(m1 & m2 for m2 in _majorities(new))
+    old, new = {"a", "b", "c"}, {"a", "b", "c", "d", "e"}
+    assert any(not (m1 & m2) for m1 in _majorities(old) for m2 in _majorities(new))
+
+
+def _majorities(voters: set[str]) -> list[set[str]]:
+    q = len(voters) // 2 + 1
+    return [set(c) for c in itertools.combinations(sorted(voters), q)]
+
+
+def test_broken_variant_two_voters_at_once_commits_two_entries_at_one_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the one-at-a-time rule switched off, {a,b,c} -> {a,b,c,d,e} lets a commit
+    with {a,d,e} while b, which never saw the change, is elected by {b,c} and commits
+    something else at the same index."""
+    monkeypatch.setattr(mship, "check_change", lambda old, new: None)
+    g = _ready_group()
+    for n in ("d", "e"):
+        _join(g, n, voter=True)  # broken twice over: empty voters counted at once
+    a = g.cores["a"]
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    a.propose_membership(Membership(("a", "b", "c", "d", "e")), g.now)
+    ia = a.propose(b"from-a", g.now)
+    g.settle()
+    g.advance(0.2)
+    assert ia is not None and a.commit_index >= ia  # committed by a, d, e
+    g.cut |= {frozenset((x, y)) for x in "bc" for y in "de"}
+    g.advance(1.2)
+    g.elect("b")
+    b = g.cores["b"]
+    assert b.role is Role.LEADER  # by b and c, a majority of {a, b, c}
+    b.propose(b"from-b", g.now)
+    g.advance(0.3)
+    assert b.commit_index >= ia
+    assert a.term_at(ia) != b.term_at(ia)  # two different committed entries at one index
+
+
+def test_snapshot_carries_the_configuration_to_a_new_learner() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    a.propose_membership(a.membership.remove("c"), g.now)
+    g.advance(0.3)
+    for i in range(10):
+        a.propose(b"%d" % i, g.now)
+    g.advance(0.3)
+    a.compacted(a.commit_index, a.term_at(a.commit_index) or 0, b"STATE")
+    _join(g, "d")
+    a.propose_membership(a.membership.add_learner("d", ""), g.now)
+    installed: list[tuple[int, int, bytes]] = []
+    original = g.cores["d"].ready
+
+    def spy() -> Ready:
+        rd = original()
+        if rd.snapshot:
+            installed.append(rd.snapshot)
+            g.log["d"] = [Entry(0, i + 1, b"") for i in range(rd.snapshot[0])]
+        return rd
+
+    g.cores["d"].ready = spy  # type: ignore[method-assign]
+    g.advance(1.0)
+    assert installed and installed[0][2] == b"STATE"  # the shell sees the state only
+    assert g.cores["d"].membership == a.membership
+    assert a.membership.voters == ("a", "b", "d")
+
+
+def test_restart_recovers_the_configuration_from_snapshot_and_log() -> None:
+    conf = Membership(("a", "b"), ("z",))
+    later = Membership(("a", "b", "z"), (), incarnations=(("z", "i"),))
+    snap = (5, 1, mship.wrap_snapshot(conf, b"S"))
+    entries = [Entry(1, 6, b"x"), Entry(1, 7, mship.encode(later))]
+    core = Replica(ReplicaConfig("z", ("a", "b", "z"), voter=False, incarnation="i"),
+                   HardState(1, ""), entries, snap)
+    assert core.membership == later and core.membership_at(6) == conf
+    assert core.voter  # its own promotion is in its log
+    wiped = Replica(ReplicaConfig("z", ("a", "b", "z"), voter=False, incarnation="other"),
+                    HardState(1, ""), entries, snap)
+    assert not wiped.voter  # a later data dir under the same id is not admitted by it
+
+
+def test_promotion_does_not_depose_the_leader_before_the_new_voter_answers() -> None:
+    """Found by the process test: check-quorum ran against the new (larger) voter set
+    before the promoted learner's acks had said it may vote, and deposed the leader."""
+    g = _ready_group()
+    _join(g, "d", lag_max=0)
+    a = g.cores["a"]
+    g.down.add("b")  # b is gone: the promotion must commit with a, c and d
+    g.advance(1.2)
+    g.cut.add(frozenset(("a", "d")))
+    a.propose_membership(a.membership.add_learner("d", ""), g.now)
+    g.advance(0.3)
+    g.cut.clear()
+    for _ in range(40):  # until d has caught up and a promotes it (in a tick)
+        g.now = round(g.now + 0.01, 6)
+        for n in ("a", "c", "d"):
+            g.cores[n].tick(g.now)
+        if "d" in a.membership.voters:
+            break
+        g.settle()
+    assert "d" in a.membership.voters
+    g.cut.add(frozenset(("a", "d")))  # d's first ack as a voter is late
+    g.settle()
+    g.advance(0.15)
+    assert a.role is Role.LEADER  # no answer from d yet: not a reason to step down at once
+    g.cut.clear()
+    g.advance(0.5)
+    assert a.role is Role.LEADER and not a.change_pending()
+
+
+def test_transfer_leadership_to_a_caught_up_voter_without_election_timeout() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    a.propose(b"x", g.now)
+    g.settle()
+    assert a.transfer_leadership("c", g.now)
+    g.settle()
+    assert g.leader() == "c" and g.cores["c"].term == 2  # at once: no lease wait
+    assert b"x" in [e.data for e in g.log["c"]]
+
+
+def test_transfer_waits_for_the_target_to_catch_up_and_gives_up_after_a_timeout() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    g.cut.add(frozenset(("a", "c")))
+    a.propose(b"x", g.now)
+    g.settle()
+    assert a.transfer_leadership("c", g.now)
+    g.advance(0.3)
+    assert g.leader() == "a"  # c lacks x: no TimeoutNow yet
+    g.cut.clear()
+    g.advance(0.3)
+    assert g.leader() == "c"
+    c = g.cores["c"]
+    g.cut.add(frozenset(("c", "b")))
+    c.propose(b"y", g.now)
+    g.settle()
+    c.transfer_leadership("b", g.now)
+    g.advance(1.2)
+    assert c.role is Role.LEADER or g.leader() != "b"  # never caught up: c gave up
+    assert not c.transfer_leadership("zz", g.now)  # not a voter
+
+
+def test_default_transfer_target_is_the_most_up_to_date_voter() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    g.cut.add(frozenset(("a", "b")))
+    a.propose(b"x", g.now)
+    g.settle()
+    assert a.transfer_leadership("", g.now)
+    g.settle()
+    assert g.leader() == "c"
+
+
+def test_writes_after_timeout_now_do_not_cost_the_target_its_election() -> None:
+    """Found by the rolling-restart test: entries the leader replicated after sending
+    TimeoutNow made the third voter's log longer than the target's, so the transfer
+    election failed and the shard waited an election timeout."""
+    g = _ready_group()
+    a = g.cores["a"]
+    assert a.transfer_leadership("c", g.now)  # c is caught up: TimeoutNow is queued
+    a.propose(b"late", g.now)  # a client write arriving in the same turn
+    g.settle()
+    assert g.leader() == "c" and g.cores["c"].term == 2
+    g.advance(0.3)
+    assert b"late" not in [e.data for e in g.applied["c"]]  # never acknowledged either
+
+
+def test_wiped_voter_is_readmitted_once_caught_up_and_then_counts() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    for i in range(10):
+        a.propose(b"w%d" % i, g.now)
+    g.advance(0.3)
+    members = tuple(g.cores)
+    g.cores["c"] = Replica(ReplicaConfig("c", members, voter=False, incarnation="new-c"),
+                           HardState(0, ""), [])
+    g.log["c"], g.applied["c"] = [], []
+    g.advance(0.5)
+    assert a.membership.incarnations == (("c", "new-c"),)
+    assert g.cores["c"].voter and g.cores["c"].promoted
+    assert [e.data for e in g.log["c"]][:12] == [e.data for e in g.log["a"]][:12]
+    g.down.add("b")  # now c's acks must count: a commits with a and c
+    idx = a.propose(b"after", g.now)
+    g.advance(0.2)
+    assert idx is not None and a.commit_index >= idx
+
+
+def test_a_readmitted_node_gives_no_second_vote_in_the_term_it_rejoined() -> None:
+    """Its predecessor may have voted in this term; the new data dir cannot know."""
+    g = _ready_group()
+    members = tuple(g.cores)
+    g.cores["b"] = Replica(ReplicaConfig("b", members, voter=False, incarnation="new-b"),
+                           HardState(0, ""), [])
+    g.log["b"], g.applied["b"] = [], []
+    g.advance(0.5)
+    b = g.cores["b"]
+    assert b.voter and b.term == 1 and b.voted_for == "a"
+    b.step("c", VoteRequest(1, "c", 99, 1), g.now + 5)  # a late vote request of term 1
+    assert not any(isinstance(m, VoteReply) and m.granted for _, m in b.ready().messages)
