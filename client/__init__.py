@@ -16,6 +16,7 @@ from zkv.protocol.errors import (
     LocalProtocolError,
     NoLeader,
     NotLeader,
+    PermissionDenied,
     ProtocolError,
     RemoteProtocolError,
     RequestError,
@@ -47,6 +48,7 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "Unavailable",
+    "PermissionDenied",
     "UnsupportedVersion",
     "WrongShard",
 ]

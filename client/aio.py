@@ -33,6 +33,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -76,6 +77,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.security import Curve
 
 MAX_IN_FLIGHT = 1024
 
@@ -108,6 +110,7 @@ class AsyncKVClient:
         value_bytes_max: int = VALUE_BYTES_MAX,
         context: zmq.asyncio.Context | None = None,
         seed: int | None = None,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
@@ -121,6 +124,8 @@ class AsyncKVClient:
         self.max_in_flight = max_in_flight
         self.limits = _Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
+        #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
+        self._curve = None if keys is None else Curve.for_identity(Path(keys))
         self._ctx = context or zmq.asyncio.Context.instance()
         self._rng = random.Random(seed)
         self._next_request_id = 1
@@ -246,6 +251,8 @@ class AsyncKVClient:
         if self._socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                self._curve.broker_client(sock, self.endpoints[self._endpoint_index])
             sock.connect(self.endpoints[self._endpoint_index])
             self._socket = sock
             self._socket_opened_at = time.monotonic()

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
-from zkv.protocol.errors import KVError, RequestError, Timeout
+from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
 from zkv.protocol.messages import Consistency, Role
 
 EXIT_OK = 0
@@ -49,10 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=os.environ.get("ZKV_ENDPOINT") or DEFAULT_ENDPOINT,
                    help="broker endpoint(s), comma-separated (env ZKV_ENDPOINT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
+    p.add_argument("--keys", dest="keys_dir", default=os.environ.get("ZKV_KEYS") or None,
+                   help="Curve identity dir (a client/ or admin/ dir of `zkv keys generate`; "
+                   "env ZKV_KEYS)")
     # The global options are accepted after the subcommand too (`zkv get k --timeout 1`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    common.add_argument("--keys", dest="keys_dir", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add = sub.add_parser
@@ -110,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bound the key streams to this many MB/s in all, so live "
                        "traffic keeps more of the CPU (default: 0, no bound)")
 
-    from zkv.ops import cluster
+    from zkv.ops import cluster, keys
+
+    s = sub.add_parser("keys", help="Curve key pairs for a secure cluster")
+    ksub = s.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys.add_arguments(ksub.add_parser("generate", help="write every identity's key pair"))
 
     s = sub.add_parser("cluster", help="run a local cluster")
     csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
@@ -125,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Timeout as exc:
         _fail(f"timeout: {exc}")
         return EXIT_TIMEOUT
+    except PermissionDenied as exc:
+        _fail(f"PERMISSION_DENIED: {exc.message} (use an admin key: zkv --keys DIR/admin)")
+        return EXIT_NEGATIVE
     except RequestError as exc:
         _fail(f"{exc.code.name}: {exc.message or exc.code.name}")
         return EXIT_NEGATIVE
@@ -152,9 +164,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from zkv.ops import cluster
 
         return cluster.run_cli(args)
+    if args.command == "keys":
+        from zkv.ops import keys
+
+        return keys.run_cli(args)
     if args.command == "admin":
         return _admin(args)
-    with KVClient(args.endpoint, timeout_s=args.timeout) as kv:
+    with KVClient(args.endpoint, timeout_s=args.timeout, keys=args.keys_dir) as kv:
         return _COMMANDS[args.command](kv, args)
 
 
@@ -214,7 +230,7 @@ def _admin(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
 
-    with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
+    with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0), keys=args.keys_dir) as kv:
         r = Rebalancer(kv, say, rate_bytes_s=int(args.max_rate * 1e6))
         if args.admin_command == "resume":
             r.resume()

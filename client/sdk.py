@@ -31,6 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -64,6 +65,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.security import Curve
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 KEY_BYTES_MAX = 16 * 1024
@@ -188,6 +190,7 @@ class KVClient:
         value_bytes_max: int = VALUE_BYTES_MAX,
         context: zmq.Context[Any] | None = None,
         seed: int | None = None,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         """``retries``: resends allowed per call (None: as many as the deadline allows).
         ``attempt_timeout_s``: wait per attempt before a socket reset (default
@@ -201,6 +204,8 @@ class KVClient:
         self.consistency = Consistency(consistency)
         self.limits = _Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
+        #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
+        self._curve = None if keys is None else Curve.for_identity(Path(keys))
         self._ctx = context or zmq.Context.instance()
         self._rng = random.Random(seed)
         self._next_request_id = 1
@@ -396,6 +401,8 @@ class KVClient:
         if self._socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                self._curve.broker_client(sock, self.endpoints[self._endpoint_index])
             sock.connect(self.endpoints[self._endpoint_index])
             self._poller.register(sock, zmq.POLLIN)
             self._socket = sock

@@ -27,6 +27,7 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -41,6 +42,7 @@ from zkv.protocol.messages import (
     GetRequest,
     PutRequest,
 )
+from zkv.protocol.security import Curve
 
 OP_GET = 0
 OP_PUT = 1
@@ -168,11 +170,14 @@ class _Window:
 
     __slots__ = ("sock", "client_id", "next_rid", "outstanding", "size")
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, size: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, size: int,
+                 curve: Curve | None = None) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None:
+            curve.broker_client(self.sock, endpoint)
         self.sock.connect(endpoint)
         self.client_id = os.urandom(16)
         self.next_rid = 1
@@ -192,6 +197,7 @@ def _generate(
     codec: RequestCodec | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     tick: Callable[[int, int], None] | None = None,
+    key_dir: str | None = None,
 ) -> dict[str, Any]:
     """Drive the load; return raw samples ``{"lat": [array per op], "errors": {...}, "ops"}``."""
     codec = codec or RequestCodec()
@@ -201,8 +207,10 @@ def _generate(
     n_socks = sockets or max(1, min(16, concurrency // 16))
     n_socks = min(n_socks, concurrency)
     ctx: zmq.Context[Any] = zmq.Context()
+    curve = None if key_dir is None else Curve.for_identity(Path(key_dir))
     windows = [
-        _Window(ctx, endpoint, concurrency // n_socks + (1 if i < concurrency % n_socks else 0))
+        _Window(ctx, endpoint, concurrency // n_socks + (1 if i < concurrency % n_socks else 0),
+                curve)
         for i in range(n_socks)
     ]
     by_sock = {w.sock: w for w in windows}
@@ -313,14 +321,14 @@ def _code_name(code: int) -> str:
 
 
 def _child(args: tuple[Any, ...], counters: Any, index: int, results: Any) -> None:
-    endpoint, concurrency, duration_s, warmup_s, workload, sockets, seed, codec = args
+    endpoint, concurrency, duration_s, warmup_s, workload, sockets, seed, codec, key_dir = args
 
     def tick(ok: int, err: int) -> None:
         counters[2 * index] = ok
         counters[2 * index + 1] = err
 
     raw = _generate(endpoint, concurrency, duration_s, warmup_s, workload, sockets=sockets,
-                    seed=seed, codec=codec, tick=tick)
+                    seed=seed, codec=codec, tick=tick, key_dir=key_dir)
     raw["lat"] = [a.tobytes() for a in raw["lat"]]
     results.put(raw)
 
@@ -337,7 +345,7 @@ def _run_processes(
     procs = []
     for i, share in enumerate(shares):
         child_args = (args[0], share, *args[2:6], None if args[6] is None else args[6] + i,
-                      args[7])
+                      *args[7:])
         procs.append(mp.Process(target=_child, args=(child_args, counters, i, results),
                                 daemon=True))
     for p in procs:
@@ -394,6 +402,7 @@ def run_bench(
     codec: RequestCodec | None = None,
     check: bool = True,
     progress: Callable[[float, int, int], None] | None = None,
+    key_dir: str | None = None,
 ) -> BenchResult:
     """Run a bounded load test against ``endpoint`` (a zkv broker) and summarize it.
 
@@ -405,7 +414,7 @@ def run_bench(
     if check:
         from zkv.client.sdk import KVClient
 
-        with KVClient(endpoint, timeout_s=3.0) as kv:
+        with KVClient(endpoint, timeout_s=3.0, keys=key_dir) as kv:
             kv.ping()
     level = Consistency(consistency)
     workload = Workload(keys, value_size, read_ratio, int(level))
@@ -413,9 +422,10 @@ def run_bench(
     if processes == 1:
         raws = [_generate(endpoint, concurrency, duration_s, warmup_s, workload,
                           sockets=sockets, seed=seed, codec=codec,
-                          tick=_progress_ticker(progress))]
+                          tick=_progress_ticker(progress), key_dir=key_dir)]
     else:
-        args = (endpoint, concurrency, duration_s, warmup_s, workload, sockets, seed, codec)
+        args = (endpoint, concurrency, duration_s, warmup_s, workload, sockets, seed, codec,
+                key_dir)
         raws = _run_processes(processes, args, concurrency, warmup_s + duration_s + 30, progress)
     return _merge(raws, endpoint, concurrency, processes, duration_s, workload, level)
 
@@ -492,6 +502,7 @@ def run_cli(args: argparse.Namespace, endpoint: str) -> int:
         value_size=args.value_size, read_ratio=args.read_ratio,
         consistency=Consistency[args.consistency.upper()], warmup_s=args.warmup,
         processes=args.processes, sockets=args.sockets, seed=args.seed, progress=progress,
+        key_dir=getattr(args, "keys_dir", None),
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -15,8 +15,10 @@ Every exception zkv raises derives from ``KVError``::
     │   ├── Unavailable            UNAVAILABLE: no quorum / node cannot serve now
     │   ├── SessionExpired         SESSION_EXPIRED: retry of a forgotten write
     │   ├── UnsupportedVersion     UNSUPPORTED_VERSION: protocol version mismatch
+    │   ├── PermissionDenied       PERMISSION_DENIED: the key's role may not do this
     │   └── InternalError          INTERNAL: a bug on the server side
-    └── Timeout                    no answer within the caller's deadline (outcome unknown)
+    ├── Timeout                    no answer within the caller's deadline (outcome unknown)
+    └── KeyFileError               (security.py) a Curve key file missing, bad or too open
 
 Operating errors travel on the wire as an ``ErrorCode``; the SDK maps a code to its
 exception with ``error_for_code`` (one table, below), so codes and classes never drift.
@@ -41,6 +43,7 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 8
     INTERNAL = 9
     TIMEOUT = 10
+    PERMISSION_DENIED = 11
 
 
 class KVError(Exception):
@@ -103,6 +106,10 @@ class UnsupportedVersion(RequestError):
     code = ErrorCode.UNSUPPORTED_VERSION
 
 
+class PermissionDenied(RequestError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
 class InternalError(RequestError):
     code = ErrorCode.INTERNAL
 
@@ -122,6 +129,7 @@ _ERROR_TYPES: dict[ErrorCode, type[RequestError]] = {
         Unavailable,
         SessionExpired,
         UnsupportedVersion,
+        PermissionDenied,
         InternalError,
     )
 }

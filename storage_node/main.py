@@ -11,6 +11,7 @@ from loguru import logger
 
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
+from zkv.protocol.security import KeyFileError, TrustStore, is_loopback, load_pair
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.node import NodeConfig, StorageNode
 
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election-timeout-ms", type=int, default=1000)
     p.add_argument("--key-bytes-max", type=int, default=16 * 1024)
     p.add_argument("--value-bytes-max", type=int, default=1024 * 1024)
+    p.add_argument("--keys", type=Path, default=None,
+                   help="a `zkv keys generate` dir: Curve on every socket (this node's pair: "
+                   "nodes/<node-id>/; peers and brokers checked against public/)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plaintext peer port on a non-loopback address")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     return p
@@ -98,9 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         election_timeout_ms=args.election_timeout_ms,
         key_bytes_max=args.key_bytes_max,
         value_bytes_max=args.value_bytes_max,
+        keys_dir=args.keys,
     )
+    if args.keys is None and not is_loopback(args.listen) and not args.insecure:
+        logger.error("refusing to bind {} without keys: anyone who can reach it could vote "
+                     "and write as a member. Give --keys DIR (zkv keys generate), or "
+                     "--insecure to run plaintext anyway", args.listen)
+        return 2
     try:
+        if args.keys is not None:  # check the key files now, not at the first socket
+            TrustStore(args.keys)
+            load_pair(args.keys / "nodes" / args.node_id)
         node = StorageNode(config)
+    except KeyFileError as exc:
+        logger.error("refusing to start: {}", exc)
+        return 2
     except RuntimeError as exc:  # corrupt WAL or state: refuse to start, say why
         logger.error("refusing to start: {}", exc)
         return 3

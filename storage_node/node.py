@@ -50,6 +50,7 @@ from zkv.protocol.messages import (
     Role,
 )
 from zkv.protocol.ring import Ring, RingConfig
+from zkv.protocol.security import Curve, TrustStore, ZapHandler, peer_node_id
 from zkv.storage_node import durable_state
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.commands import Command, command_from_request, encode_command
@@ -67,6 +68,11 @@ PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55})
 #: counts itself toward a commit only once persisted). Sending them first lets the
 #: followers' fsyncs run while the leader's own fsync does.
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
+#: A secure broker forwards a request under its client ident prefixed with the role of
+#: the key that sent it (``broker.server._stamp``); only this prefix may run admin ops.
+ADMIN_STAMP = b"A"
+#: Admin ops the client role may run: a read-only view without data (ring, counts).
+CLIENT_ADMIN_OPS = frozenset({"info"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,8 @@ class NodeConfig:
     key_bytes_max: int = 16 * 1024
     value_bytes_max: int = 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
+    #: a ``zkv keys generate`` dir: Curve on every socket, peers known by their keys
+    keys_dir: Path | None = None
 
 
 @dataclass(slots=True)
@@ -159,10 +167,24 @@ class StorageNode:
             self.core.snap_index, self.state.key_count,
         )
 
+    def _start_security(self) -> None:
+        """With keys: our pair, the allow-lists, and the ZAP handler (before any bind)."""
+        keys = self.config.keys_dir
+        self.curve: Curve | None = None
+        self.zap: ZapHandler | None = None
+        if keys is None:
+            return
+        trust = TrustStore(keys)
+        self.curve = Curve.for_identity(keys / "nodes" / self.config.node_id, trust.public_dir)
+        self.zap = ZapHandler(self._ctx, trust, self.log)
+        self._impostors = 0
+
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
         ident = cfg.node_id.encode()
         alive_ms = cfg.election_timeout_ms
+        self._start_security()
+        curve = self.curve
         self.broker_socks = []
         for endpoint in cfg.brokers:
             s = ctx.socket(zmq.DEALER)
@@ -171,12 +193,16 @@ class StorageNode:
             keep_alive(s, alive_ms)
             s.setsockopt(zmq.SNDHWM, 100_000)
             s.setsockopt(zmq.RCVHWM, 100_000)
+            if curve is not None:
+                curve.broker_client(s, endpoint)
             s.connect(endpoint)
             self.broker_socks.append(s)
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         keep_alive(self.pub, alive_ms)
         for endpoint in cfg.heartbeat_endpoints:
+            if curve is not None:  # taken at connect: one server key per broker
+                curve.broker_client(self.pub, endpoint)
             self.pub.connect(endpoint)
         self.peer_router = ctx.socket(zmq.ROUTER)
         self.peer_router.setsockopt(zmq.LINGER, 0)
@@ -186,6 +212,8 @@ class StorageNode:
         # for the same id lingers.
         self.peer_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         keep_alive(self.peer_router, alive_ms)
+        if curve is not None:
+            curve.server(self.peer_router, "peer")
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         for peer, endpoint in cfg.peers.items():
@@ -195,6 +223,8 @@ class StorageNode:
             s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
             keep_alive(s, alive_ms)
             s.setsockopt(zmq.SNDHWM, 10_000)
+            if curve is not None:
+                curve.node_client(s, peer)
             s.connect(endpoint)
             self.peer_socks[peer] = s
         #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
@@ -209,6 +239,8 @@ class StorageNode:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
             s.close(linger=0)
+        if getattr(self, "zap", None) is not None:
+            self.zap.close()  # type: ignore[union-attr]
         self.wal.close()
 
     def stop(self) -> None:
@@ -264,9 +296,10 @@ class StorageNode:
                 self.log.warning("bad frames {}: {}", where, exc)
 
     def _drain_peers(self, now: float) -> None:
+        secure = self.curve is not None
         for _ in range(BATCH_MAX):
             try:
-                frames = _recv_frames(self.peer_router)
+                frames, key_node = _recv_peer_frames(self.peer_router, secure)
             except zmq.Again:
                 return
             if len(frames) < 2:
@@ -282,8 +315,22 @@ class StorageNode:
             if getattr(msg, "TYPE", None) not in PEER_TYPES:
                 self.log.warning("unexpected {} on the peer socket", type(msg).__name__)
                 continue
-            sender = frames[0].decode(errors="replace")
+            if not secure:
+                sender = frames[0].decode(errors="replace")
+            elif key_node is not None and key_node in self.core.config.members:
+                sender = key_node  # who the key says, whatever the routing id or payload
+            else:
+                self._impostor(key_node, frames[0], msg)
+                continue
             self.core.step(sender, msg, now)  # type: ignore[arg-type]
+
+    def _impostor(self, key_node: str | None, ident: bytes, msg: object) -> None:
+        """A Raft message from a key that is not a member of this group: ignored."""
+        self._impostors += 1
+        if self._impostors <= 10 or self._impostors % 1000 == 0:
+            self.log.warning("ignored {} #{} from key {!r} (routing id {!r}): not a member "
+                             "of shard {}", type(msg).__name__, self._impostors, key_node,
+                             ident[:64], self.config.shard_id)
 
     # ------------------------------------------------------------------ requests
 
@@ -352,6 +399,13 @@ class StorageNode:
         return True
 
     def _on_admin(self, sock: zmq.Socket, ident: bytes, req: AdminRequest, now: float) -> None:  # type: ignore[type-arg]
+        if (self.curve is not None and ident[:1] != ADMIN_STAMP
+                and req.op not in CLIENT_ADMIN_OPS):
+            self._reply(sock, ident, ErrorReply(
+                req.request_id, ErrorCode.PERMISSION_DENIED,
+                f"admin operation {req.op!r} needs an admin key; this request came with a "
+                "client key"))
+            return
         if req.shard_id != self.config.shard_id:
             self._reply(sock, ident, ErrorReply(req.request_id, ErrorCode.WRONG_SHARD,
                                                 f"this node serves shard {self.config.shard_id}"))
@@ -581,6 +635,8 @@ class StorageNode:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 100)
                 keep_alive(sock, self.config.election_timeout_ms)
+                if self.curve is not None:
+                    self.curve.node_client(sock, node)
                 sock.connect(addr)
                 self.poller.register(sock, zmq.POLLIN)
             with contextlib.suppress(zmq.Again):  # a slow peer: the ack timeout resends
@@ -663,3 +719,15 @@ def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]
         frame = sock.recv(zmq.NOBLOCK, copy=False)
         parts.append(frame.bytes)
     return parts
+
+
+def _recv_peer_frames(sock: zmq.Socket, secure: bool) -> tuple[list[bytes], str | None]:  # type: ignore[type-arg]
+    """``_recv_frames``, plus (``secure``) the node id the sender's key authenticated as
+    (ZAP's User-Id; None for a key that is not a node's). Raises ``zmq.Again``."""
+    frame = sock.recv(zmq.NOBLOCK, copy=False)
+    key_node = peer_node_id(frame) if secure else None
+    parts = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+    return parts, key_node
