@@ -51,13 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
     p.add_argument("--keys", dest="keys_dir", default=os.environ.get("ZKV_KEYS") or None,
                    help="Curve identity dir (a client/ or admin/ dir of `zkv keys generate`; "
-                   "env ZKV_KEYS)")
+                   "env ZKV_KEYS); before the command: `bench --keys` is its key count")
     # The global options are accepted after the subcommand too (`zkv get k --timeout 1`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)
-    common.add_argument("--keys", dest="keys_dir", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add = sub.add_parser
