@@ -9,6 +9,7 @@ sockets and exit 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -41,8 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="replies queued per client before further ones are dropped (a client that "
         "stops reading cannot grow the broker)",
     )  # fmt: skip
-    p.add_argument("--keys", type=Path, default=None,
-                   help="a `zkv keys generate` dir: Curve on every socket, keys checked "
+    p.add_argument("--keys", type=Path, default=os.environ.get("ZKV_KEYS_DIR") or None,
+                   help="(env ZKV_KEYS_DIR) a `zkv keys generate` dir: Curve on every socket, keys checked "
                    "against its public/ allow-lists (this broker's pair: brokers/<broker-id>/)")
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback address (anyone who can reach "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election-timeout-ms", type=int, default=1000)
     p.add_argument("--key-bytes-max", type=int, default=16 * 1024)
     p.add_argument("--value-bytes-max", type=int, default=1024 * 1024)
-    p.add_argument("--keys", type=Path, default=None,
-                   help="a `zkv keys generate` dir: Curve on every socket (this node's pair: "
+    p.add_argument("--keys", type=Path, default=os.environ.get("ZKV_KEYS_DIR") or None,
+                   help="(env ZKV_KEYS_DIR) a `zkv keys generate` dir: Curve on every socket (this node's pair: "
                    "nodes/<node-id>/; peers and brokers checked against public/)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a plaintext peer port on a non-loopback address")
