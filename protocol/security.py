@@ -289,11 +289,12 @@ class ZapHandler:
                     self.log.error("cannot check a key: {}", exc)
             if who is None:
                 self.refused += 1
-                if self.log is not None:
-                    self.log.warning("refused a {} connection from {} to {}",
+                # a refused peer reconnects every ~100 ms: log the first few, then samples
+                if self.log is not None and (self.refused <= 10 or self.refused % 1000 == 0):
+                    self.log.warning("refused a {} connection from {} to {} ({} refused so far)",
                                      mechanism.decode(errors="replace"),
                                      address.decode(errors="replace"),
-                                     domain.decode(errors="replace"))
+                                     domain.decode(errors="replace"), self.refused)
                 reply = [version, request_id, b"400", b"key not allowed", b"", b""]
             else:
                 self.accepted += 1

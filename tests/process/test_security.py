@@ -17,6 +17,7 @@ removes a shard).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -31,7 +32,7 @@ import pytest
 import zmq
 
 from tests.support.tcp_proxy import BlackholeProxy
-from zkv.client import KVClient
+from zkv.client import AsyncKVClient, KVClient
 from zkv.ops.cluster import LocalCluster
 from zkv.ops.keys import ensure_identity, generate
 from zkv.protocol import codec
@@ -63,6 +64,13 @@ def test_no_key_or_unknown_key_gets_nothing(secure: LocalCluster, tmp_path: Path
     with KVClient(secure.endpoints, timeout_s=10, keys=secure.client_keys) as kv:
         kv.put("guarded", "v1")
         assert kv.get("guarded") == b"v1"
+
+    async def pipelined() -> list[bytes | None]:
+        async with AsyncKVClient(secure.endpoints, timeout_s=10, keys=secure.client_keys) as akv:
+            await asyncio.gather(*(akv.put(f"a{i}", str(i)) for i in range(50)))
+            return list(await asyncio.gather(*(akv.get(f"a{i}") for i in range(50))))
+
+    assert asyncio.run(asyncio.wait_for(pipelined(), 30)) == [str(i).encode() for i in range(50)]
     other = generate(tmp_path / "other", ["x"], ["b0"])  # a well-formed key nobody trusts
     assert secure.client_keys is not None
     unknown = _copy_identity(other / "client", secure.client_keys.parent / "public", tmp_path)
