@@ -1,8 +1,9 @@
 """Issue 12 against real processes: a ``--secure`` cluster (Curve + ZAP) on 127.0.0.1.
 
 - no key or an unknown key gets nothing back; a client key reads and writes;
-- the wire carries no key or value in plaintext (a recording proxy on the client's path;
-  the same capture against a plaintext cluster does contain them);
+- the wire carries no key or value in plaintext (a recording proxy on the client ->
+  broker and on the broker -> node hop; the same captures against a plaintext cluster
+  do contain them);
 - forged Raft traffic (VoteRequest, AppendEntries carrying writes, InstallSnapshot)
   claiming a dead follower's id, sent to the live members' peer ports with a valid
   *client* key, or with another shard's *node* key, changes nothing; the same attack
@@ -146,6 +147,34 @@ def test_wire_carries_no_plaintext(secure: LocalCluster, tmp_path: Path) -> None
     with _cluster(tmp_path / "plain", secure=False, shards=1) as plain:
         plain.wait_ready(30)
         assert b"PLAINMARK-value-3" in _capture_puts(plain, "PLAINMARK")  # the check can fail
+
+
+def _capture_backend(path: Path, secure: bool, marker: str) -> bytes:
+    """Puts through a 1-node cluster whose node reaches the broker's backend through a
+    recording proxy: the broker -> node hop carries every request, values included."""
+    cluster = LocalCluster(path, shards=1, replicas=1, port=0, fsync="never", secure=secure,
+                           **TIMING)  # type: ignore[arg-type]
+    port = int(cluster.backend_endpoints()[0].rsplit(":", 1)[1])
+    proxy = BlackholeProxy("127.0.0.1", port, record=True)
+    cluster.backend_endpoints = lambda: [proxy.endpoint]  # type: ignore[method-assign]
+    cluster.node_args = ("--heartbeat-endpoints", f"tcp://127.0.0.1:{port + 1}")
+    try:
+        with cluster:
+            cluster.wait_ready(30)
+            with KVClient(cluster.endpoints, timeout_s=10, keys=cluster.client_keys) as kv:
+                for i in range(20):
+                    kv.put(f"{marker}-key-{i}", f"{marker}-value-{i}")
+                    assert kv.get(f"{marker}-key-{i}") == f"{marker}-value-{i}".encode()
+        return bytes(proxy.recorded)
+    finally:
+        proxy.close()
+
+
+def test_broker_to_node_traffic_carries_no_plaintext(tmp_path: Path) -> None:
+    wire = _capture_backend(tmp_path / "secure", True, "SECRETMARK")
+    assert len(wire) > 20 * 40 and b"SECRETMARK" not in wire
+    plain = _capture_backend(tmp_path / "plain", False, "PLAINMARK")
+    assert b"PLAINMARK-value-3" in plain  # the check can fail
 
 
 # ----------------------------------------------------------------------- forged members
