@@ -124,6 +124,26 @@ def test_non_loopback_bind_without_keys_is_refused(tmp_path: Path) -> None:
     assert run.returncode == 2 and "--insecure" in run.stderr
 
 
+def test_two_brokers_each_with_its_own_key(tmp_path: Path) -> None:
+    """Nodes and clients pick each broker's key by endpoint (its certificate lists them):
+    both brokers hear every node, serve clients, and the SDK fails over between them."""
+    with LocalCluster(tmp_path / "d", shards=1, replicas=3, brokers=2, port=0, fsync="never",
+                      secure=True, **TIMING) as c:  # type: ignore[arg-type]
+        c.wait_ready(30)
+        for endpoint in c.endpoints:
+            with KVClient(endpoint, timeout_s=10, keys=c.client_keys) as kv:
+                kv.put("via", endpoint)
+                assert kv.get("via") == endpoint.encode()
+                deadline = time.monotonic() + 10
+                while sum(n["live"] for n in kv.status()["nodes"]) < 3:
+                    assert time.monotonic() < deadline, "a broker does not hear every node"
+                    time.sleep(0.1)
+        c.kill_broker(0)
+        with KVClient(c.endpoints, timeout_s=10, keys=c.client_keys) as kv:
+            kv.put("after", "1")
+            assert kv.get("after") == b"1"
+
+
 # ----------------------------------------------------------------------- wire capture
 
 
