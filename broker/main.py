@@ -9,17 +9,21 @@ sockets and exit 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from loguru import logger
 
 from zkv.broker.server import CLIENT_QUEUE_MAX, BrokerConfig, BrokerServer
+from zkv.protocol.errors import KVError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.runtime import configure_logging, tune_gc
+from zkv.protocol.security import is_loopback
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,6 +46,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0: any free one; default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface for /metrics")
+    p.add_argument("--keys", type=Path, default=os.environ.get("ZKV_KEYS_DIR") or None,
+                   help="(env ZKV_KEYS_DIR) a `zkv keys generate` dir: Curve on every socket, keys checked "
+                   "against its public/ allow-lists (this broker's pair: brokers/<broker-id>/)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback address (anyone who can reach "
+                   "the ports is trusted)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     return p.parse_args(argv)
@@ -60,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         key_bytes_max=args.key_bytes_max,
         value_bytes_max=args.value_bytes_max,
         client_queue_max=args.client_queue_max,
+        keys_dir=args.keys,
     )
 
 
@@ -72,7 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         log.error("bad configuration: {}", exc)
         return 2
-    server = BrokerServer(config)
+    exposed = [e for e in (config.frontend, config.backend, config.heartbeats)
+               if not is_loopback(e)]
+    if exposed and config.keys_dir is None and not args.insecure:
+        log.error("refusing to bind {} without keys: anyone who can reach it could read, "
+                  "write and administer the cluster. Give --keys DIR (zkv keys generate), "
+                  "or --insecure to run plaintext anyway", ", ".join(exposed))
+        return 2
+    try:
+        server = BrokerServer(config)
+    except KVError as exc:  # KeyFileError: missing, bad or too open key files
+        log.error("refusing to start: {}", exc)
+        return 2
     try:
         endpoints = server.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint

@@ -38,6 +38,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -52,6 +53,7 @@ from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import HEARTBEAT_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
+from zkv.protocol.security import Curve, TrustStore, ZapHandler, peer_node_id, user_id
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256
@@ -92,6 +94,8 @@ class BrokerConfig:
     batch_max: int = BATCH_MAX
     hwm: int = HWM
     client_queue_max: int = CLIENT_QUEUE_MAX
+    #: a ``zkv keys generate`` dir: Curve on every socket, keys checked by ZAP
+    keys_dir: Path | None = None
 
     def __post_init__(self) -> None:
         check_timing(self.heartbeat_ms, self.election_timeout_ms)
@@ -174,6 +178,10 @@ class BrokerServer:
         self._own_context = context is None
         self._ctx = context if context is not None else zmq.Context()
         self._stopping = False
+        self.zap: ZapHandler | None = None
+        curve = self._start_security() if config.keys_dir is not None else None
+        #: secure: requests go to nodes under a role-stamped client ident (``_stamp``)
+        self.secure = curve is not None
         self.frontend = self._router_socket(config.client_queue_max)
         self.backend = self._router_socket(config.hwm)
         self.heartbeats = self._ctx.socket(zmq.SUB)
@@ -186,10 +194,22 @@ class BrokerServer:
         # disconnect; still bound what one frame may make us buffer.
         frame_bytes_max = max(64 << 20, 4 * (config.key_bytes_max + config.value_bytes_max))
         self.frontend.setsockopt(zmq.MAXMSGSIZE, frame_bytes_max)
+        if curve is not None:
+            curve.server(self.frontend, "frontend")
+            curve.server(self.backend, "backend")
+            curve.server(self.heartbeats, "heartbeats")
         self.endpoints: dict[str, str] = {}
         #: Replies for clients that were gone or not reading (never an error).
         self.replies_dropped = 0
         self.stats = BrokerStats()  # --metrics-port: counted per batch (stats.py)
+
+    def _start_security(self) -> Curve:
+        """Load our pair and the allow-lists; start the ZAP handler before any bind."""
+        keys = Path(self.config.keys_dir or "")
+        trust = TrustStore(keys)
+        curve = Curve.for_identity(keys / "brokers" / self.config.broker_id, trust.public_dir)
+        self.zap = ZapHandler(self._ctx, trust, self.log)
+        return curve
 
     def _router_socket(self, queue_max: int) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -225,6 +245,8 @@ class BrokerServer:
     def close(self) -> None:
         for sock in (self.frontend, self.backend, self.heartbeats):
             sock.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()
         if self._own_context:
             self._ctx.term()
 
@@ -299,6 +321,8 @@ class BrokerServer:
             if not client.more:
                 continue  # a bare routing id: nothing to route, nobody to answer
             head = recv(_NOBLOCK, False)
+            if self.secure:
+                client = _stamp(head, client)
             msg: list[Any]
             if not head.more:
                 msg = [client, head.bytes]
@@ -314,11 +338,12 @@ class BrokerServer:
                 self._warn_front.warn(now, "frontend: cannot route a message: {!r}", exc)
                 continue
             if type(dest) is bytes and len(msg) == 2:
+                cid = client if type(client) is bytes else client.bytes
                 items = batches.get(dest)
                 if items is None:
-                    batches[dest] = [(client.bytes, msg[1])]
+                    batches[dest] = [(cid, msg[1])]
                 else:
-                    items.append((client.bytes, msg[1]))
+                    items.append((cid, msg[1]))
                     if len(items) >= FORWARD_BATCH_MAX:  # keep the node busy meanwhile
                         self._forward_batch(dest, batches.pop(dest), now)
             elif type(dest) is bytes:
@@ -363,6 +388,8 @@ class BrokerServer:
 
     def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None:
         send = self.frontend.send
+        if self.secure:  # every client ident in a secure broker carries its role stamp
+            client = _unstamp(client)
         try:
             send(client, _SNDMORE_NOBLOCK)
         except zmq.ZMQError:  # the client is gone or not reading: drop its reply
@@ -409,6 +436,8 @@ class BrokerServer:
                 self._warn_back.warn(now, "backend: dropped a bare routing id {!r}", node.bytes[:64])
                 continue
             client = recv(_NOBLOCK, False)
+            if self.secure and not self._from_node(node, client, now):
+                continue
             if client.more and not len(client):
                 self._on_node_control(node, recv(_NOBLOCK, False), now)
                 continue
@@ -423,7 +452,7 @@ class BrokerServer:
             ident = node.bytes
             answered[ident] = answered.get(ident, 0) + 1
             try:
-                send(client, _SNDMORE_NOBLOCK)
+                send(_unstamp(client) if self.secure else client, _SNDMORE_NOBLOCK)
             except zmq.ZMQError:  # the client is gone: drop its reply
                 self.replies_dropped += 1
                 if part.more:
@@ -433,6 +462,17 @@ class BrokerServer:
                 send(part, _SNDMORE_NOBLOCK)
                 part = recv(_NOBLOCK, False)
             send(part, _NOBLOCK)
+
+    def _from_node(self, node: zmq.Frame, first: zmq.Frame, now: float) -> bool:
+        """Secure: a backend message counts only if its connection authenticated as the
+        node whose id it routes under (ZAP admits only node keys; this binds the id)."""
+        if peer_node_id(first) == node.bytes.decode(errors="replace"):
+            return True
+        if first.more:
+            _discard_rest(self.backend)
+        self._warn_back.warn(now, "backend: dropped a message from {!r} authenticated as {!r}",
+                             node.bytes[:64], user_id(first))
+        return False
 
     def _on_node_control(self, node: zmq.Frame, part: zmq.Frame, now: float) -> None:
         """``[node, b"", ReplyBatch]``: fan the replies out to their clients;
@@ -456,12 +496,13 @@ class BrokerServer:
         stats.timer.answered(node.bytes, len(batch.items), now)
         stats.relayed += len(batch.items)
         send = self.frontend.send
+        secure = self.secure
         for item in batch.items:
             if len(item) < 2 or not item[0]:
                 self._warn_back.warn(now, "backend: dropped a malformed batched reply")
                 continue
             try:
-                send(item[0], _SNDMORE_NOBLOCK)
+                send(item[0][1:] if secure else item[0], _SNDMORE_NOBLOCK)
             except zmq.ZMQError:  # the client is gone: drop its reply
                 self.replies_dropped += 1
                 continue
@@ -537,8 +578,14 @@ class BrokerServer:
         recv = self.heartbeats.recv_multipart
         observe = self.table.observe
         for _ in range(self.config.batch_max):
+            sender = None
             try:
-                msg = recv(_NOBLOCK)
+                if self.secure:
+                    frames = recv(_NOBLOCK, copy=False)
+                    sender = peer_node_id(frames[0])
+                    msg = [f.bytes for f in frames]
+                else:
+                    msg = recv(_NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -548,6 +595,10 @@ class BrokerServer:
                 continue
             if type(hb) is not Heartbeat:
                 self._warn_hb.warn(now, "heartbeats: ignored a {}", type(hb).__name__)
+                continue
+            if self.secure and sender != hb.node_id:  # the key names the node, not the payload
+                self._warn_hb.warn(now, "heartbeats: {!r} claims to be {!r}: ignored",
+                                   sender, hb.node_id[:64])
                 continue
             try:
                 observe(hb, now)
@@ -616,3 +667,19 @@ class BrokerServer:
                 )  # fmt: skip
             elif isinstance(ev, HeartbeatRefused):
                 self._warn_hb.warn(now, "heartbeat from {!r} refused: {}", ev.node_id, ev.reason)
+
+
+def _stamp(head: zmq.Frame, client: zmq.Frame) -> bytes:
+    """The client ident a secure broker forwards: one role byte (``A`` admin, ``C``
+    client, from the key ZAP authenticated) + the routing id. Nodes read the role from
+    it (``storage_node.node.ADMIN_STAMP``); replies come back under it and lose it in
+    ``_unstamp``. Per message, never cached per ident: a client may choose its ident."""
+    try:
+        uid = head.get("User-Id")  # inline, not user_id(): this runs per request
+    except zmq.ZMQError:
+        uid = None
+    return (b"A" if type(uid) is str and uid.startswith("admin:") else b"C") + client.bytes
+
+
+def _unstamp(client: zmq.Frame | bytes) -> bytes:
+    return (client if type(client) is bytes else client.bytes)[1:]  # type: ignore[union-attr]

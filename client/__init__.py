@@ -17,6 +17,7 @@ from zkv.protocol.errors import (
     LocalProtocolError,
     NoLeader,
     NotLeader,
+    PermissionDenied,
     ProtocolError,
     QuotaExceeded,
     RemoteProtocolError,
@@ -51,6 +52,7 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "Unavailable",
+    "PermissionDenied",
     "UnsupportedVersion",
     "WrongShard",
 ]

@@ -38,6 +38,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
@@ -73,6 +74,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.security import Curve
 
 MAX_IN_FLIGHT = 1024
 
@@ -94,9 +96,12 @@ class AsyncConnection(Protocol):
 class ZmqAsyncConnection:
     """A DEALER connected to one broker, closed with linger 0."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str,
+                 curve: Curve | None = None) -> None:
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:  # Curve: this client's key, the broker's expected key
+            curve.broker_client(self._sock, endpoint)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -154,6 +159,7 @@ class AsyncKVClient:
         context: zmq.asyncio.Context | None = None,
         seed: int | None = None,
         connect: Callable[[str], AsyncConnection] | None = None,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
@@ -167,9 +173,11 @@ class AsyncKVClient:
         self.max_in_flight = max_in_flight
         self.limits = _Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
+        #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
+        curve = None if keys is None else Curve.for_identity(Path(keys))
         if connect is None:
             ctx = context or zmq.asyncio.Context.instance()
-            connect = lambda endpoint: ZmqAsyncConnection(ctx, endpoint)  # noqa: E731
+            connect = lambda endpoint: ZmqAsyncConnection(ctx, endpoint, curve)  # noqa: E731
         self._connect = connect
         self._rng = random.Random(seed)
         self._next_request_id = 1

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
-from zkv.protocol.errors import KVError, RequestError, Timeout
+from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
 from zkv.protocol.messages import Consistency, Role
 
 EXIT_OK = 0
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=os.environ.get("ZKV_ENDPOINT") or DEFAULT_ENDPOINT,
                    help="broker endpoint(s), comma-separated (env ZKV_ENDPOINT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
+    p.add_argument("--keys", dest="keys_dir", default=os.environ.get("ZKV_KEYS") or None,
+                   help="Curve identity dir (a client/ or admin/ dir of `zkv keys generate`; "
+                   "env ZKV_KEYS); before the command: `bench --keys` is its key count")
     # The global options are accepted after the subcommand too (`zkv get k --timeout 1`).
     common = _Parser(add_help=False)
     common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -123,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_arguments(sub.add_parser("gateway", help="HTTP gateway: REST API, /ui, "
                                          "/metrics (needs zkv[http])"))
 
-    from zkv.ops import cluster
+    from zkv.ops import cluster, keys
+
+    s = sub.add_parser("keys", help="Curve key pairs for a secure cluster")
+    ksub = s.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys.add_arguments(ksub.add_parser("generate", help="write every identity's key pair"))
 
     s = sub.add_parser("cluster", help="run a local cluster")
     csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
@@ -142,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Timeout as exc:
         _fail(f"timeout: {exc}")
         return EXIT_TIMEOUT
+    except PermissionDenied as exc:
+        _fail(f"PERMISSION_DENIED: {exc.message} (use an admin key: zkv --keys DIR/admin)")
+        return EXIT_NEGATIVE
     except RequestError as exc:
         _fail(f"{exc.code.name}: {exc.message or exc.code.name}")
         return EXIT_NEGATIVE
@@ -171,13 +181,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.cluster_command == "restore":
             return backup.run_restore(args)
         return cluster.run_cli(args)
+    if args.command == "keys":
+        from zkv.ops import keys
+
+        return keys.run_cli(args)
     if args.command == "admin":
         return _admin(args)
     if args.command == "gateway":
         from zkv.gateway import main as gateway
 
         return gateway.run_cli(args, args.endpoint)
-    with KVClient(args.endpoint, timeout_s=args.timeout) as kv:
+    with KVClient(args.endpoint, timeout_s=args.timeout, keys=args.keys_dir) as kv:
         return _COMMANDS[args.command](kv, args)
 
 
@@ -237,7 +251,7 @@ def _admin(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
 
-    with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0)) as kv:
+    with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0), keys=args.keys_dir) as kv:
         if args.admin_command == "snapshot":
             from zkv.ops import backup
 

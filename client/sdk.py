@@ -37,6 +37,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
@@ -71,6 +72,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.security import Curve
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -109,9 +111,11 @@ class MonotonicClock:
 class ZmqConnection:
     """A DEALER connected to one broker, closed with linger 0 (Lazy Pirate)."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, curve: Curve | None = None) -> None:
         self._sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:  # Curve: this client's key, the broker's expected key
+            curve.broker_client(self._sock, endpoint)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -218,6 +222,7 @@ class KVClient:
         seed: int | None = None,
         connect: Callable[[str], Connection] | None = None,
         clock: Clock | None = None,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         """``retries``: resends allowed per call (None: as many as the deadline allows).
         ``attempt_timeout_s``: wait per attempt before a connection reset (default
@@ -232,9 +237,11 @@ class KVClient:
         self.consistency = Consistency(consistency)
         self.limits = _Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
+        #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
+        curve = None if keys is None else Curve.for_identity(Path(keys))
         if connect is None:
             ctx = context or zmq.Context.instance()
-            connect = lambda endpoint: ZmqConnection(ctx, endpoint)  # noqa: E731
+            connect = lambda endpoint: ZmqConnection(ctx, endpoint, curve)  # noqa: E731
         self._connect = connect
         self._clock = clock or MonotonicClock()
         self._rng = random.Random(seed)

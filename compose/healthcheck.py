@@ -2,7 +2,8 @@
 """Container health checks for zkv, exit code based (0 healthy, 1 unhealthy).
 
     zkv-health broker [--endpoint tcp://127.0.0.1:5555] [--timeout-ms 2000]
-        PingRequest to the broker's own frontend; healthy on a PongReply.
+        PingRequest to the broker's own frontend; healthy on a PongReply. With
+        ZKV_KEYS_DIR set (secure compose): as its client key, to broker ZKV_BROKER_ID.
     zkv-health node [--port 7100]
         The storage node's peer ROUTER is listening (read from /proc/net/tcp*).
         Deliberately local: a node must not turn unhealthy (and, under Swarm, be
@@ -33,6 +34,15 @@ def _request(endpoint: str, msg: object, timeout_ms: int) -> object:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    keys = os.environ.get("ZKV_KEYS_DIR")
+    if keys:  # a secure broker: ask as the cluster's client key, of this broker's key
+        from pathlib import Path
+
+        from zkv.protocol.security import Curve, load_public
+
+        broker = os.environ.get("ZKV_BROKER_ID", "")
+        Curve.for_identity(Path(keys) / "client").client(
+            sock, load_public(Path(keys) / "public" / "brokers" / f"{broker}.key"))
     try:
         sock.connect(endpoint)
         sock.send_multipart(codec.encode(msg))  # type: ignore[arg-type]

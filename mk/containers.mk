@@ -4,6 +4,8 @@
 #   make image            local base + wheelhouse + zkv:dev (no registry needed)
 #   make compose-up       2 brokers + 2 shards x 3 replicas via docker-compose (v1 CLI)
 #   make compose-down     stop and remove them, volumes included
+#   make compose-keys     Curve keys for the compose cluster in compose/keys (once)
+#   make compose-up-secure  the same cluster with Curve on every socket (keys mounted ro)
 #   make test-containers  the testcontainers suite (tests/containers)
 
 PY ?= .venv/bin/python
@@ -20,7 +22,14 @@ COMPOSE_PROJECT ?= zkv
 ZKV_IMAGE_BASE ?= $(shell $(DOCKER) image inspect python:3.11-slim >/dev/null 2>&1 \
 	&& echo python:3.11-slim || echo $(ZKV_BASE_IMAGE))
 
-.PHONY: base-image wheelhouse image compose-up compose-down compose-ps test-containers
+COMPOSE_SECURE_FILE ?= compose/docker-compose.secure.yml
+COMPOSE_KEYS ?= compose/keys
+# Each broker certificate names the endpoints it serves (in-network and published), so
+# a client or node connecting to several brokers knows which key each must present.
+COMPOSE_BROKERS ?= broker0=tcp://broker0:5555;tcp://broker0:5556;tcp://broker0:5557;tcp://127.0.0.1:5555,broker1=tcp://broker1:5555;tcp://broker1:5556;tcp://broker1:5557;tcp://127.0.0.1:5565
+
+.PHONY: base-image wheelhouse image compose-up compose-down compose-ps test-containers \
+	compose-keys compose-up-secure
 
 base-image:
 	ZKV_BASE_IMAGE=$(ZKV_BASE_IMAGE) compose/build-base.sh
@@ -33,6 +42,12 @@ image: base-image wheelhouse
 
 compose-up: image
 	$(DOCKER_COMPOSE) -f $(COMPOSE_FILE) -p $(COMPOSE_PROJECT) up -d
+
+compose-keys: venv
+	$(VENV)/bin/zkv keys generate $(COMPOSE_KEYS) --shards 2 --replicas 3 --brokers '$(COMPOSE_BROKERS)'
+
+compose-up-secure: image compose-keys
+	$(DOCKER_COMPOSE) -f $(COMPOSE_FILE) -f $(COMPOSE_SECURE_FILE) -p $(COMPOSE_PROJECT) up -d
 
 compose-down:
 	$(DOCKER_COMPOSE) -f $(COMPOSE_FILE) -p $(COMPOSE_PROJECT) down -v --remove-orphans -t 2

@@ -31,6 +31,7 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -45,6 +46,7 @@ from zkv.protocol.messages import (
     GetRequest,
     PutRequest,
 )
+from zkv.protocol.security import Curve
 
 OP_GET = 0
 OP_PUT = 1
@@ -172,13 +174,16 @@ class _Window:
 
     __slots__ = ("sock", "client_id", "next_rid", "outstanding", "size")
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, size: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, size: int,
+                 curve: Curve | None = None) -> None:
         # One endpoint per socket: a DEALER connected to several would queue requests
         # for a broker that is not (yet) connected instead of the live ones.
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None:
+            curve.broker_client(self.sock, endpoint)
         self.sock.connect(endpoint)
         self.client_id = os.urandom(16)
         self.next_rid = 1
@@ -209,6 +214,7 @@ def _generate(
     codec: RequestCodec | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     tick: Callable[[int, int], None] | None = None,
+    key_dir: str | None = None,
 ) -> dict[str, Any]:
     """Drive the load; return raw samples ``{"lat": [array per op], "errors": {...}, "ops"}``."""
     codec = codec or RequestCodec()
@@ -216,10 +222,11 @@ def _generate(
     keys = [f"{workload.key_prefix}{i:08d}".encode() for i in range(workload.keys)]
     value = rng.randbytes(workload.value_size)
     ctx: zmq.Context[Any] = zmq.Context()
+    curve = None if key_dir is None else Curve.for_identity(Path(key_dir))
     windows: list[_Window] = []
     try:
         for endpoint, size in spread(endpoints, concurrency, sockets):
-            windows.append(_Window(ctx, endpoint, size))
+            windows.append(_Window(ctx, endpoint, size, curve))
     except BaseException:
         for w in windows:
             w.sock.close(linger=0)
@@ -333,14 +340,14 @@ def _code_name(code: int) -> str:
 
 
 def _child(args: tuple[Any, ...], counters: Any, index: int, results: Any) -> None:
-    endpoints, concurrency, duration_s, warmup_s, workload, sockets, seed, codec = args
+    endpoints, concurrency, duration_s, warmup_s, workload, sockets, seed, codec, key_dir = args
 
     def tick(ok: int, err: int) -> None:
         counters[2 * index] = ok
         counters[2 * index + 1] = err
 
     raw = _generate(endpoints, concurrency, duration_s, warmup_s, workload, sockets=sockets,
-                    seed=seed, codec=codec, tick=tick)
+                    seed=seed, codec=codec, tick=tick, key_dir=key_dir)
     raw["lat"] = [a.tobytes() for a in raw["lat"]]
     results.put(raw)
 
@@ -358,8 +365,8 @@ def _run_processes(
     endpoints = list(args[0])
     for i, share in enumerate(shares):
         first = i % len(endpoints)  # each process starts on another broker
-        child_args = (endpoints[first:] + endpoints[:first], share, *args[2:6], None if args[6] is None else args[6] + i,
-                      args[7])
+        child_args = (endpoints[first:] + endpoints[:first], share, *args[2:6],
+                      None if args[6] is None else args[6] + i, *args[7:])
         procs.append(mp.Process(target=_child, args=(child_args, counters, i, results),
                                 daemon=True))
     for p in procs:
@@ -416,6 +423,7 @@ def run_bench(
     codec: RequestCodec | None = None,
     check: bool = True,
     progress: Callable[[float, int, int], None] | None = None,
+    key_dir: str | None = None,
 ) -> BenchResult:
     """Run a bounded load test against ``endpoint`` (zkv brokers: one, a comma-separated
     string or a list) and summarize it.
@@ -430,7 +438,7 @@ def run_bench(
         raise ValueError("need concurrency >= 1, duration > 0, keys >= 1, 0 <= read_ratio <= 1")
     if check:
         for one in endpoints:
-            with KVClient(one, timeout_s=3.0) as kv:
+            with KVClient(one, timeout_s=3.0, keys=key_dir) as kv:
                 kv.ping()
     level = Consistency(consistency)
     workload = Workload(keys, value_size, read_ratio, int(level))
@@ -438,9 +446,10 @@ def run_bench(
     if processes == 1:
         raws = [_generate(endpoints, concurrency, duration_s, warmup_s, workload,
                           sockets=sockets, seed=seed, codec=codec,
-                          tick=_progress_ticker(progress))]
+                          tick=_progress_ticker(progress), key_dir=key_dir)]
     else:
-        args = (endpoints, concurrency, duration_s, warmup_s, workload, sockets, seed, codec)
+        args = (endpoints, concurrency, duration_s, warmup_s, workload, sockets, seed, codec,
+                key_dir)
         raws = _run_processes(processes, args, concurrency, warmup_s + duration_s + 30, progress)
     return _merge(raws, ",".join(endpoints), concurrency, processes, duration_s, workload,
                   level)
@@ -518,6 +527,7 @@ def run_cli(args: argparse.Namespace, endpoint: str) -> int:
         value_size=args.value_size, read_ratio=args.read_ratio,
         consistency=Consistency[args.consistency.upper()], warmup_s=args.warmup,
         processes=args.processes, sockets=args.sockets, seed=args.seed, progress=progress,
+        key_dir=getattr(args, "keys_dir", None),
     )
     if args.json:
         print(json.dumps(result.to_dict()))

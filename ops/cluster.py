@@ -190,9 +190,12 @@ class LocalCluster:
         node_module: str = "zkv.storage_node.main",
         grace_s: float = GRACE_S,
         metrics_port: int | None = None,
+        secure: bool = False,
     ) -> None:
         """``port=0`` picks a free block of ports. ``shards``/``replicas`` None: from
-        ``cluster.json`` if present, else 2 and 3; ``vnodes`` likewise (else 1024)."""
+        ``cluster.json`` if present, else 2 and 3; ``vnodes`` likewise (else 1024).
+        ``secure``: Curve keys for every process under ``DIR/keys`` (``ops/keys.py``),
+        generated on first start."""
         self.data_dir = Path(data_dir).absolute()
         self.host = host
         self.fsync = fsync
@@ -214,6 +217,7 @@ class LocalCluster:
         self.metrics_port = metrics_port
         self.metrics_ports: dict[str, int] = {}
         self._started = False
+        self.keys_dir = self.data_dir / "keys" if secure else None
 
     # ------------------------------------------------------------------ layout
 
@@ -245,10 +249,33 @@ class LocalCluster:
     def backend_endpoints(self) -> list[str]:
         return [f"tcp://{self.host}:{self.port + 3 * b + 1}" for b in range(self.spec["brokers"])]
 
+    @property
+    def client_keys(self) -> Path | None:
+        """The client-role identity dir of a secure cluster (``KVClient(keys=...)``)."""
+        return None if self.keys_dir is None else self.keys_dir / "client"
+
+    @property
+    def admin_keys(self) -> Path | None:
+        return None if self.keys_dir is None else self.keys_dir / "admin"
+
+    def _ensure_keys(self) -> None:
+        """Secure: a pair for every node and broker (new ones only), the brokers'
+        certificates naming the endpoints they serve now."""
+        if self.keys_dir is None:
+            return
+        from zkv.ops.keys import generate
+
+        endpoints = {f"b{b}": [f"tcp://{self.host}:{self.port + 3 * b + i}" for i in range(3)]
+                     for b in range(self.spec["brokers"])}
+        generate(self.keys_dir, self.node_ids, list(endpoints), broker_endpoints=endpoints)
+
+    def _keys_args(self) -> list[str]:
+        return [] if self.keys_dir is None else ["--keys", str(self.keys_dir)]
+
     def _broker_argv(self, b: int) -> list[str]:
         argv = [self.python, "-m", self.broker_module, "--host", self.host,
                 "--port", str(self.port + 3 * b), "--broker-id", f"b{b}",
-                "--log-level", self.log_level]
+                "--log-level", self.log_level, *self._keys_args()]
         argv += self._timing_args() + self._metrics_args(f"b{b}")
         return argv + list(self.broker_args)
 
@@ -263,7 +290,7 @@ class LocalCluster:
                 "--brokers", ",".join(self.backend_endpoints()),
                 "--shards", ",".join(str(s) for s in self.initial_shards),
                 "--vnodes", str(self.spec["vnodes"]),
-                "--fsync", self.fsync, "--log-level", self.log_level]
+                "--fsync", self.fsync, "--log-level", self.log_level, *self._keys_args()]
         if peers:
             argv += ["--peers", peers]
         argv += self._timing_args() + self._metrics_args(nid)
@@ -309,6 +336,7 @@ class LocalCluster:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self._choose_peer_ports()
+        self._ensure_keys()
         self.brokers = [Child(f"broker-b{b}", "broker", self._broker_argv(b),
                               logs / f"broker-b{b}.log") for b in range(self.spec["brokers"])]
         self.nodes = {n["id"]: Child(n["id"], "node", self._node_argv(n), logs / f"{n['id']}.log")
@@ -336,7 +364,7 @@ class LocalCluster:
         self.spec = json.loads((self.data_dir / CLUSTER_FILE).read_text())
         self.sync_spec()
         self.leader_of(new_id, ready_timeout_s)
-        with KVClient(self.endpoints, timeout_s=30) as kv:
+        with KVClient(self.endpoints, timeout_s=30, keys=self.admin_keys) as kv:
             Rebalancer(kv, progress, **rebalancer_kw).add_shard(new_id)
         return new_id
 
@@ -345,7 +373,7 @@ class LocalCluster:
         """Move the shard's keys to the others online, then stop its nodes."""
         from zkv.ops.rebalance import Rebalancer
 
-        with KVClient(self.endpoints, timeout_s=30) as kv:
+        with KVClient(self.endpoints, timeout_s=30, keys=self.admin_keys) as kv:
             Rebalancer(kv, progress, **rebalancer_kw).remove_shard(shard)
         spec_remove_shard(self.data_dir, shard)
         self.spec = json.loads((self.data_dir / CLUSTER_FILE).read_text())
@@ -367,6 +395,7 @@ class LocalCluster:
         new = [n for n in self.spec["nodes"] if n["id"] not in self.nodes]
         if new:
             self._choose_peer_ports([n["id"] for n in new])
+            self._ensure_keys()
             logs = self.data_dir / "logs"
             for n in new:
                 (self.data_dir / n["id"]).mkdir(exist_ok=True)
@@ -439,7 +468,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ readiness
 
     def status(self, timeout_s: float = 1.0) -> dict[str, Any]:
-        with KVClient(self.endpoints, timeout_s=timeout_s) as kv:
+        with KVClient(self.endpoints, timeout_s=timeout_s, keys=self.admin_keys) as kv:
             return kv.status()
 
     def leaders(self, status: dict[str, Any] | None = None) -> dict[int, str | None]:
@@ -638,6 +667,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "ports after it (default 0: free ports, printed)")
     p.add_argument("--no-metrics", action="store_true", help="serve no /metrics")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--secure", action="store_true",
+                   help="Curve keys for every process, generated under DATA_DIR/keys")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for every shard to elect a leader")
     p.add_argument("--http-port", type=int, default=8000,
@@ -662,6 +693,7 @@ def run_cli(args: argparse.Namespace) -> int:
             port=args.port, fsync=args.fsync, heartbeat_ms=args.heartbeat_ms,
             election_timeout_ms=args.election_timeout_ms, log_level=args.log_level,
             metrics_port=None if args.no_metrics else args.metrics_port_base,
+            secure=args.secure,
         )
     except ClusterError as exc:
         print(f"zkv: error: {exc}", file=sys.stderr)
@@ -674,6 +706,9 @@ def run_cli(args: argparse.Namespace) -> int:
         cluster.start()
         cluster.wait_ready(args.ready_timeout, progress=lambda s: say(f"waiting: {s}"))
         print(f"zkv cluster up: serving on {cluster.endpoint}", flush=True)
+        if cluster.keys_dir is not None:
+            print(f"zkv cluster up: client key {cluster.client_keys} (zkv --keys DIR, "
+                  f"env ZKV_KEYS)\nzkv cluster up: admin key {cluster.admin_keys}", flush=True)
         for name, url in cluster.metrics_urls().items():
             say(f"metrics of {name} on {url}")
         gateway = _start_gateway(cluster, args, say)

@@ -18,9 +18,11 @@ Every exception zkv raises derives from ``KVError``::
     │   ├── InternalError          INTERNAL: a bug on the server side
     │   ├── QuotaExceeded          QUOTA_EXCEEDED: the write would put the shard over its
     │   │                          data quota (--max-data-bytes); deletes and reads work
-    │   └── DiskFull               DISK_FULL: the leader cannot write its log (no space);
-    │                              it resumes by itself once space returns
-    └── Timeout                    no answer within the caller's deadline (outcome unknown)
+    │   ├── DiskFull               DISK_FULL: the leader cannot write its log (no space);
+    │   │                          it resumes by itself once space returns
+    │   └── PermissionDenied       PERMISSION_DENIED: the key's role may not do this
+    ├── Timeout                    no answer within the caller's deadline (outcome unknown)
+    └── KeyFileError               (security.py) a Curve key file missing, bad or too open
 
 Operating errors travel on the wire as an ``ErrorCode``; the SDK maps a code to its
 exception with ``error_for_code`` (one table, below), so codes and classes never drift.
@@ -47,6 +49,7 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 10
     QUOTA_EXCEEDED = 11
     DISK_FULL = 12
+    PERMISSION_DENIED = 13
 
 
 class KVError(Exception):
@@ -109,6 +112,10 @@ class UnsupportedVersion(RequestError):
     code = ErrorCode.UNSUPPORTED_VERSION
 
 
+class PermissionDenied(RequestError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
 class InternalError(RequestError):
     code = ErrorCode.INTERNAL
 
@@ -136,6 +143,7 @@ _ERROR_TYPES: dict[ErrorCode, type[RequestError]] = {
         Unavailable,
         SessionExpired,
         UnsupportedVersion,
+        PermissionDenied,
         InternalError,
         QuotaExceeded,
         DiskFull,

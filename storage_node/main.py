@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
+from zkv.protocol.security import KeyFileError, TrustStore, is_loopback, load_pair
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.identity import DEFAULT_CLUSTER_ID
 from zkv.storage_node.node import NodeConfig, StorageNode
@@ -108,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "node as its only voter (its majority is gone for good); once only")
     p.add_argument("--cluster-id", default=DEFAULT_CLUSTER_ID,
                    help="recorded in the data dir; a dir of another cluster is refused")
+    p.add_argument("--keys", type=Path, default=os.environ.get("ZKV_KEYS_DIR") or None,
+                   help="(env ZKV_KEYS_DIR) a `zkv keys generate` dir: Curve on every socket (this node's pair: "
+                   "nodes/<node-id>/; peers and brokers checked against public/)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plaintext peer port on a non-loopback address")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     return p
@@ -140,9 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         cluster_id=args.cluster_id,
         bootstrap=args.bootstrap,
         force_new_cluster=args.force_new_cluster,
+        keys_dir=args.keys,
     )
+    if args.keys is None and not is_loopback(args.listen) and not args.insecure:
+        logger.error("refusing to bind {} without keys: anyone who can reach it could vote "
+                     "and write as a member. Give --keys DIR (zkv keys generate), or "
+                     "--insecure to run plaintext anyway", args.listen)
+        return 2
     try:
+        if args.keys is not None:  # check the key files now, not at the first socket
+            TrustStore(args.keys)
+            load_pair(args.keys / "nodes" / args.node_id)
         node = StorageNode(config)
+    except KeyFileError as exc:
+        logger.error("refusing to start: {}", exc)
+        return 2
     except RuntimeError as exc:  # corrupt WAL or state, state lost: refuse, say why
         logger.error("refusing to start: {}", exc)
         return 3

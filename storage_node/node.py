@@ -38,6 +38,7 @@ from zkv.protocol.messages import (
     Role,
 )
 from zkv.protocol.ring import Ring, RingConfig
+from zkv.protocol.security import Curve, TrustStore, ZapHandler, peer_node_id
 from zkv.storage_node import durable_state, identity
 from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import Unpersisted
@@ -85,6 +86,8 @@ class NodeConfig:
     bootstrap: bool = False
     #: disaster recovery: this node alone becomes the shard (``_force_new_cluster``)
     force_new_cluster: bool = False
+    #: a ``zkv keys generate`` dir: Curve on every socket, peers known by their keys
+    keys_dir: Path | None = None
 
 
 class StorageNode:
@@ -255,10 +258,24 @@ class StorageNode:
         self._send_peer(sender, FoundingAnswer(  # type: ignore[arg-type]
             cfg.node_id, cfg.cluster_id, cfg.shard_id, pristine, self.core.term))
 
+    def _start_security(self) -> None:
+        """With keys: our pair, the allow-lists, and the ZAP handler (before any bind)."""
+        keys = self.config.keys_dir
+        self.curve: Curve | None = None
+        self.zap: ZapHandler | None = None
+        if keys is None:
+            return
+        trust = TrustStore(keys)
+        self.curve = Curve.for_identity(keys / "nodes" / self.config.node_id, trust.public_dir)
+        self.zap = ZapHandler(self._ctx, trust, self.log)
+        self.node.secure = True
+
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
         ident = cfg.node_id.encode()
         alive_ms = cfg.election_timeout_ms
+        self._start_security()
+        curve = self.curve
         self.broker_socks = []
         for endpoint in cfg.brokers:
             s = ctx.socket(zmq.DEALER)
@@ -267,12 +284,16 @@ class StorageNode:
             keep_alive(s, alive_ms)
             s.setsockopt(zmq.SNDHWM, 100_000)
             s.setsockopt(zmq.RCVHWM, 100_000)
+            if curve is not None:
+                curve.broker_client(s, endpoint)
             s.connect(endpoint)
             self.broker_socks.append(s)
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         keep_alive(self.pub, alive_ms)
         for endpoint in cfg.heartbeat_endpoints:
+            if curve is not None:  # taken at connect: one server key per broker
+                curve.broker_client(self.pub, endpoint)
             self.pub.connect(endpoint)
         self.peer_router = ctx.socket(zmq.ROUTER)
         self.peer_router.setsockopt(zmq.LINGER, 0)
@@ -282,11 +303,13 @@ class StorageNode:
         # for the same id lingers.
         self.peer_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         keep_alive(self.peer_router, alive_ms)
+        if curve is not None:
+            curve.server(self.peer_router, "peer")
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._peer_addrs: dict[str, str] = {}
         for peer, endpoint in cfg.peers.items():
-            self.peer_socks[peer] = self._peer_socket(endpoint)
+            self.peer_socks[peer] = self._peer_socket(peer, endpoint)
             self._peer_addrs[peer] = endpoint
         #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
         self.migrate_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
@@ -296,13 +319,15 @@ class StorageNode:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
 
-    def _peer_socket(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
+    def _peer_socket(self, peer: str, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
         s: zmq.Socket = self._ctx.socket(zmq.DEALER)  # type: ignore[type-arg]
         s.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
         keep_alive(s, self.config.election_timeout_ms)
         s.setsockopt(zmq.SNDHWM, 10_000)
+        if self.curve is not None:  # the peer must present that node's key
+            self.curve.node_client(s, peer)
         s.connect(endpoint)
         return s
 
@@ -310,6 +335,8 @@ class StorageNode:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
             s.close(linger=0)
+        if getattr(self, "zap", None) is not None:
+            self.zap.close()  # type: ignore[union-attr]
         self.wal.close()
 
     def stop(self) -> None:
@@ -398,13 +425,14 @@ class StorageNode:
 
     def _drain_peers(self, now: float) -> None:
         on_frames, router = self.node.on_peer_frames, self.peer_router
+        secure = self.curve is not None
         for _ in range(BATCH_MAX):
             try:
-                frames = _recv_frames(router)
+                frames, key_node = _recv_peer_frames(router, secure)
             except zmq.Again:
                 return
             try:
-                on_frames(router, frames, now)
+                on_frames(router, frames, now, key_node)
             except RemoteProtocolError as exc:
                 self.log.warning("bad peer frames: {}", exc)
 
@@ -562,7 +590,7 @@ class StorageNode:
             if addr and self._peer_addrs.get(peer) != addr:
                 if peer in self.peer_socks:
                     self.peer_socks.pop(peer).close(linger=0)
-                self.peer_socks[peer] = self._peer_socket(addr)
+                self.peer_socks[peer] = self._peer_socket(peer, addr)
                 self._peer_addrs[peer] = addr
 
     def _send_peer(self, to: str, msg: PeerMessage) -> None:
@@ -595,6 +623,8 @@ class StorageNode:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 100)
                 keep_alive(sock, self.config.election_timeout_ms)
+                if self.curve is not None:
+                    self.curve.node_client(sock, node)
                 sock.connect(addr)
                 self.poller.register(sock, zmq.POLLIN)
             with contextlib.suppress(zmq.Again):  # a slow peer: the ack timeout resends
@@ -637,3 +667,15 @@ def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]
         frame = sock.recv(zmq.NOBLOCK, copy=False)
         parts.append(frame.bytes)
     return parts
+
+
+def _recv_peer_frames(sock: zmq.Socket, secure: bool) -> tuple[list[bytes], str | None]:  # type: ignore[type-arg]
+    """``_recv_frames``, plus (``secure``) the node id the sender's key authenticated as
+    (ZAP's User-Id; None for a key that is not a node's). Raises ``zmq.Again``."""
+    frame = sock.recv(zmq.NOBLOCK, copy=False)
+    key_node = peer_node_id(frame) if secure else None
+    parts = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+    return parts, key_node

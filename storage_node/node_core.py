@@ -214,20 +214,30 @@ class NodeCore(RequestCore):
 
     # ------------------------------------------------------------------ peers, migration
 
-    def on_peer_frames(self, origin: object, frames: list[bytes], now: float) -> None:
-        """``[sender, message...]`` from the peer socket; ``RemoteProtocolError`` if bad."""
+    def on_peer_frames(self, origin: object, frames: list[bytes], now: float,
+                       key_node: str | None = None) -> None:
+        """``[sender, message...]`` from the peer socket; ``RemoteProtocolError`` if bad.
+        ``secure``: the sender is the node id its Curve key authenticated (``key_node``,
+        None for a key that is no node's), never the routing id or a payload field, and
+        Raft traffic from a key that is not a member of this group changes nothing.
+        Migration batches come from other shards' leaders: any node key may send them."""
         if len(frames) < 2:
             raise RemoteProtocolError("too few frames")
         msg = codec.decode(frames[1:])
         if type(msg) is MigrateBatch:
-            self.on_migrate_batch(origin, frames[0], msg, now)
+            if not self.secure or key_node is not None:
+                self.on_migrate_batch(origin, frames[0], msg, now)
+            return
+        claimed = frames[0].decode(errors="replace")
+        sender = claimed if not self.secure else key_node
+        if sender is None or (self.secure and sender not in self._member_keys()):
+            self._impostor(key_node, claimed, msg)
             return
         if type(msg) is FoundingProbe or type(msg) is FoundingAnswer:
-            self.founding_events.append((frames[0].decode(errors="replace"), msg))
+            self.founding_events.append((sender, msg))
             return
         if getattr(msg, "TYPE", None) not in PEER_TYPES:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the peer socket")
-        sender = frames[0].decode(errors="replace")
         if self.founding_active and type(msg) is AppendEntries and msg.term > 0:
             self.founding_events.append((sender, None))  # a leader: the shard exists
         peer_msg: PeerMessage | None = msg  # type: ignore[assignment]
@@ -235,6 +245,19 @@ class NodeCore(RequestCore):
             peer_msg = self.disk_gate.incoming(peer_msg)  # type: ignore[arg-type]
         if peer_msg is not None:
             self.replica.step(sender, peer_msg, now)
+
+    def _member_keys(self) -> set[str]:
+        """Who may speak Raft to us: the members in force and those we started with."""
+        return {*self.replica.membership.members, *self.config.members}
+
+    def _impostor(self, key_node: str | None, claimed: str, msg: object) -> None:
+        """Peer traffic from a key that is not a member of this group: ignored, and said
+        (the first ten times, then every thousandth)."""
+        self.impostors += 1
+        if self.impostors <= 10 or self.impostors % 1000 == 0:
+            self.notes.append(
+                f"ignored {type(msg).__name__} #{self.impostors} from key {key_node!r} "
+                f"(claiming {claimed[:64]!r}): not a member of shard {self.config.shard_id}")
 
     def on_migrate_batch(self, origin: object, ident: bytes, batch: MigrateBatch,
                          now: float) -> None:

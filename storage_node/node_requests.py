@@ -40,6 +40,7 @@ from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
     ADMIN_REPLY_CLASSES,
     MEMBERSHIP_REQUEST_CLASSES,
+    AdminInfo,
     AdminMembers,
     AdminMembersReply,
     AdminRequest,
@@ -72,6 +73,11 @@ from zkv.storage_node.state_machine import KVStateMachine
 from zkv.storage_node.stats import NodeStats
 
 Frames = tuple[bytes, ...]
+#: A secure broker forwards a request under its client ident prefixed with the role of
+#: the key that sent it (``broker.server._stamp``); only this prefix may run admin ops.
+ADMIN_STAMP = b"A"
+#: Admin requests the client role may make: a read-only view without data.
+CLIENT_ADMIN_OPS = (AdminInfo, AdminMembers)
 
 @dataclass(frozen=True, slots=True)
 class NodeCoreConfig:
@@ -143,6 +149,10 @@ class RequestCore:
         #: exists) are set aside for the shell, which holds the identity
         self.founding_active = False
         self.founding_events: list[tuple[str, object]] = []
+        #: set by the shell when Curve is on: peers are known by their keys, and admin
+        #: requests need the admin role the broker stamps on them (``ADMIN_STAMP``)
+        self.secure = False
+        self.impostors = 0
         #: set by the shell: writes find no space (answer DISK_FULL) ...
         self.disk_full = False
         #: ... and something the core asked to persist is still waiting for the disk
@@ -223,6 +233,11 @@ class RequestCore:
         return True
 
     def _on_admin(self, origin: object, ident: bytes, req: AdminRequest, now: float) -> None:
+        if self.secure and ident[:1] != ADMIN_STAMP and not isinstance(req, CLIENT_ADMIN_OPS):
+            self._reply(origin, ident, ErrorReply(
+                req.request_id, ErrorCode.PERMISSION_DENIED,
+                f"{type(req).__name__} needs an admin key; this request came with a client key"))
+            return
         if req.shard_id != self.config.shard_id:
             self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.WRONG_SHARD,
                                                   f"this node serves shard {self.config.shard_id}"))

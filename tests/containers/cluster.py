@@ -287,7 +287,7 @@ class ContainerCluster:
             return self.cfg.broker_command(broker_id)
         return [
             "zkv-broker", "--host", "0.0.0.0", "--port", str(BROKER_PORT),
-            "--broker-id", broker_id,
+            "--broker-id", broker_id, "--insecure",  # plaintext on the private network
             "--heartbeat-ms", str(self.cfg.heartbeat_ms),
             "--election-timeout-ms", str(self.cfg.election_timeout_ms),
         ]  # fmt: skip
@@ -306,6 +306,7 @@ class ContainerCluster:
             "--brokers", ",".join(backends),
             "--shards", ",".join(str(s) for s in range(self.cfg.shards)),
             "--fsync", self.cfg.fsync, "--bootstrap",
+            "--insecure",  # plaintext on the private network
             "--heartbeat-ms", str(self.cfg.heartbeat_ms),
             "--election-timeout-ms", str(self.cfg.election_timeout_ms),
         ]  # fmt: skip
