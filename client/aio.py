@@ -49,6 +49,7 @@ from zkv.client.sdk import (
     VALUE_BYTES_MAX,
     ClientClosed,
     _Limits,
+    check_delete_version,
     check_reply,
     check_version,
     parse_endpoints,
@@ -219,12 +220,20 @@ class AsyncKVClient:
         )
         return int(reply.version)
 
-    async def delete(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+    async def delete(self, key: str | bytes, *, expected_version: int | None = None,
+                     timeout: float | None = None) -> bool:
+        return (await self.delete_versioned(key, expected_version=expected_version,
+                                            timeout=timeout))[0]
+
+    async def delete_versioned(self, key: str | bytes, *, expected_version: int | None = None,
+                               timeout: float | None = None) -> tuple[bool, int]:
         k = self.limits.key(key)
+        expected = check_delete_version(expected_version)
         reply = await self._call(
-            lambda rid, low: DeleteRequest(self.client_id, rid, k, low), DeleteReply, timeout
+            lambda rid, low: DeleteRequest(self.client_id, rid, k, low, expected), DeleteReply,
+            timeout,
         )
-        return bool(reply.deleted)
+        return bool(reply.deleted), int(reply.version)
 
     async def cas(
         self,

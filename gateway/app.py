@@ -2,8 +2,8 @@
 
 Theory of operation:
 
-- The gateway holds no state of its own: every request becomes one SDK call (two for a
-  conditional DELETE, see below) on the worker's single ``AsyncKVClient``, which
+- The gateway holds no state of its own: every request becomes one SDK call on the
+  worker's single ``AsyncKVClient``, which
   multiplexes every in-flight request on one DEALER socket and retries safely (a
   retried write is applied once). A gateway can be killed and restarted at any time.
 - Routes: ``PUT/GET/DELETE /kv/{key:path}``, ``GET /health`` (the process answers),

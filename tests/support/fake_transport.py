@@ -94,8 +94,13 @@ class FakeBrokerCore:
             self.data[msg.key] = (msg.value, self.version)
             return PutReply(msg.request_id, self.version)
         if isinstance(msg, DeleteRequest):
-            existed = self.data.pop(msg.key, None) is not None
-            return DeleteReply(msg.request_id, existed, self.version)
+            found = self.data.get(msg.key)
+            if found is None:
+                return DeleteReply(msg.request_id, False, 0)
+            if msg.expected_version and found[1] != msg.expected_version:
+                return DeleteReply(msg.request_id, False, found[1])
+            del self.data[msg.key]
+            return DeleteReply(msg.request_id, True, self.version)
         current = self.data.get(msg.key, (b"", 0))[1]
         if current != msg.expected_version:
             return CasReply(msg.request_id, False, current)
