@@ -228,11 +228,16 @@ class FakeAsyncConnection:
         for reply in self.net.exchange(self.endpoint, self.ident, frames):
             self.inbox.put_nowait(reply)
 
-    async def recv(self) -> list[bytes]:
+    async def recv_many(self) -> list[list[bytes]]:
+        """Every reply waiting, at least one (what ``ZmqAsyncConnection`` does)."""
         frames = None if self.closed else await self.inbox.get()
-        if frames is None:
+        out = []
+        while frames is not None:
+            out.append(frames)
+            frames = self.inbox.get_nowait() if not self.inbox.empty() else None
+        if not out or self.closed:
             raise ConnectionClosed(self.endpoint)
-        return frames
+        return out
 
     def deliver(self, frames: list[bytes]) -> None:
         self.inbox.put_nowait(frames)
