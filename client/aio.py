@@ -2,8 +2,11 @@
 
 Theory of operation:
 
-- One reader task per connection receives every reply and resolves the future of the
-  pending request with the same ``request_id``; a reply for an id no longer pending (an
+- One reader task per connection takes every reply waiting at each wake-up
+  (``recv_many``) and resolves the future of the pending request with the same
+  ``request_id``; sends are queued and leave together once per loop iteration (see
+  ``ZmqAsyncConnection``: batching on both sides is most of what keeps the gateway's
+  and the broker's cost per request down). A reply for an id no longer pending (an
   answer to an attempt given up on, or to a request already answered) is dropped, and so
   is an error reply from a broker the request has since left.
 - Each request keeps its own deadline and follows the pure retry policy of
@@ -27,7 +30,8 @@ Theory of operation:
   connections come from ``connect(endpoint)`` (default: zmq DEALER sockets), so a test
   runs the client on a virtual-time loop over in-memory connections.
 
-The client binds to the event loop it is first used in.
+The client binds to the event loop it is first used in. Conditional deletes
+(``delete(key, expected_version=N)``) are decided by the shard like a CAS, atomically.
 """
 
 from __future__ import annotations
@@ -39,17 +43,21 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
-import zmq.asyncio
 
+from zkv.client.aio_connection import (
+    AsyncConnection,
+    ZmqAsyncConnection,
+)
 from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
 from zkv.client.sdk import (
     KEY_BYTES_MAX,
     VALUE_BYTES_MAX,
     ClientClosed,
     _Limits,
+    check_delete_version,
     check_reply,
     check_version,
     parse_endpoints,
@@ -80,42 +88,6 @@ MAX_IN_FLIGHT = 1024
 
 _TIMED_OUT = object()  # an attempt's timer fired
 _RESEND = object()  # the connection was reset: resend now
-
-
-class AsyncConnection(Protocol):
-    """One connection to one broker, as the asyncio client needs it."""
-
-    async def send(self, frames: list[bytes]) -> None: ...
-
-    async def recv(self) -> list[bytes]:
-        """The next frames; raises once the connection is closed."""
-
-    def close(self) -> None: ...
-
-
-class ZmqAsyncConnection:
-    """A DEALER connected to one broker, closed with linger 0."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str,
-                 curve: Curve | None = None) -> None:
-        self._sock = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:  # Curve: this client's key, the broker's expected key
-            curve.broker_client(self._sock, endpoint)
-        try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(linger=0)
-            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
-
-    async def send(self, frames: list[bytes]) -> None:
-        await self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
-
-    async def recv(self) -> list[bytes]:
-        return list(await self._sock.recv_multipart())
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
 
 
 class _Link:
@@ -156,7 +128,7 @@ class AsyncKVClient:
         max_in_flight: int = MAX_IN_FLIGHT,
         key_bytes_max: int = KEY_BYTES_MAX,
         value_bytes_max: int = VALUE_BYTES_MAX,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         seed: int | None = None,
         connect: Callable[[str], AsyncConnection] | None = None,
         keys: str | os.PathLike[str] | None = None,
@@ -176,7 +148,7 @@ class AsyncKVClient:
         #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
         curve = None if keys is None else Curve.for_identity(Path(keys))
         if connect is None:
-            ctx = context or zmq.asyncio.Context.instance()
+            ctx = context or zmq.Context.instance()
             connect = lambda endpoint: ZmqAsyncConnection(ctx, endpoint, curve)  # noqa: E731
         self._connect = connect
         self._rng = random.Random(seed)
@@ -227,12 +199,20 @@ class AsyncKVClient:
         )
         return int(reply.version)
 
-    async def delete(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+    async def delete(self, key: str | bytes, *, expected_version: int | None = None,
+                     timeout: float | None = None) -> bool:
+        return (await self.delete_versioned(key, expected_version=expected_version,
+                                            timeout=timeout))[0]
+
+    async def delete_versioned(self, key: str | bytes, *, expected_version: int | None = None,
+                               timeout: float | None = None) -> tuple[bool, int]:
         k = self.limits.key(key)
+        expected = check_delete_version(expected_version)
         reply = await self._call(
-            lambda rid, low: DeleteRequest(self.client_id, rid, k, low), DeleteReply, timeout
+            lambda rid, low: DeleteRequest(self.client_id, rid, k, low, expected), DeleteReply,
+            timeout,
         )
-        return bool(reply.deleted)
+        return bool(reply.deleted), int(reply.version)
 
     async def cas(
         self,
@@ -401,22 +381,24 @@ class AsyncKVClient:
     async def _read(self, link: _Link) -> None:
         """A connection's reader: resolve the future of the request each reply answers."""
         loop = asyncio.get_running_loop()
+        pending, decode = self._pending, codec.decode
         while True:
             try:
-                frames = await link.conn.recv()
+                batch = await link.conn.recv_many()
             except (asyncio.CancelledError, Exception):
                 return  # closed under us
             link.last_reply_at = loop.time()
-            try:
-                reply = codec.decode(frames)
-            except RemoteProtocolError:
-                continue
-            p = self._pending.get(getattr(reply, "request_id", -1))
-            if p is None or p.future.done():
-                continue
-            # An error from a broker the request has left is stale; an answer is not.
-            if p.link is link or not isinstance(reply, ErrorReply):
-                p.future.set_result(reply)
+            for frames in batch:
+                try:
+                    reply = decode(frames)
+                except RemoteProtocolError:
+                    continue
+                p = pending.get(getattr(reply, "request_id", -1))
+                if p is None or p.future.done():
+                    continue
+                # An error from a broker the request has left is stale; an answer is not.
+                if p.link is link or not isinstance(reply, ErrorReply):
+                    p.future.set_result(reply)
 
     def _drop_link(self, link: _Link) -> None:
         link.closed = True

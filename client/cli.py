@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("delete", help="remove a key")
     s.add_argument("key")
+    s.add_argument("--if-version", type=int, default=None, metavar="N",
+                   help="only if the key's version is N (atomic; exit 1 when it is not)")
 
     s = sub.add_parser("cas", help="write only if the version matches (0: key absent)")
     s.add_argument("key")
@@ -222,8 +224,13 @@ def _print_value(value: bytes) -> None:
 
 
 def _delete(kv: KVClient, args: argparse.Namespace) -> int:
+    deleted, version = kv.delete_versioned(args.key, expected_version=args.if_version)
+    if not deleted and version:  # only a conditional delete leaves a key behind
+        print(f"not deleted: current version {version}, expected {args.if_version}",
+              file=sys.stderr)
+        return EXIT_NEGATIVE
     # Deleting an absent key is not a failure: the key is absent either way.
-    print("deleted" if kv.delete(args.key) else "(not found)")
+    print("deleted" if deleted else "(not found)")
     return EXIT_OK
 
 

@@ -189,6 +189,18 @@ def check_version(expected_version: Any) -> int:
     return expected_version
 
 
+def check_delete_version(expected_version: Any) -> int:
+    """The wire's ``DeleteRequest.expected_version``: None (unconditional) is 0."""
+    if expected_version is None:
+        return 0
+    if type(expected_version) is not int:
+        raise TypeError(f"expected_version must be int, not {type(expected_version).__name__}")
+    if expected_version < 1:
+        raise ValueError("expected_version of a delete must be >= 1 (a key's version), "
+                         "or None for an unconditional delete")
+    return expected_version
+
+
 def check_reply(reply: Message, expected: type) -> Any:
     """Raise for an error reply or a reply of the wrong type; else return the reply."""
     if isinstance(reply, ErrorReply):
@@ -290,13 +302,25 @@ class KVClient:
         )
         return int(reply.version)
 
-    def delete(self, key: str | bytes, *, timeout: float | None = None) -> bool:
-        """Remove ``key``; True if it existed."""
+    def delete(self, key: str | bytes, *, expected_version: int | None = None,
+               timeout: float | None = None) -> bool:
+        """Remove ``key``; True if it was removed. With ``expected_version``, only if that
+        is the key's version, decided atomically where the delete is applied."""
+        return self.delete_versioned(key, expected_version=expected_version,
+                                     timeout=timeout)[0]
+
+    def delete_versioned(self, key: str | bytes, *, expected_version: int | None = None,
+                         timeout: float | None = None) -> tuple[bool, int]:
+        """Like ``delete`` but also return a version: the delete's own when removed,
+        else the key's current one (0: it did not exist; > 0: ``expected_version``
+        did not match)."""
         k = self.limits.key(key)
+        expected = check_delete_version(expected_version)
         reply = self._call(
-            lambda rid: DeleteRequest(self.client_id, rid, k, rid), DeleteReply, timeout
+            lambda rid: DeleteRequest(self.client_id, rid, k, rid, expected), DeleteReply,
+            timeout,
         )
-        return bool(reply.deleted)
+        return bool(reply.deleted), int(reply.version)
 
     def cas(
         self,

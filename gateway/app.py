@@ -2,8 +2,8 @@
 
 Theory of operation:
 
-- The gateway holds no state of its own: every request becomes one SDK call (two for a
-  conditional DELETE, see below) on the worker's single ``AsyncKVClient``, which
+- The gateway holds no state of its own: every request becomes one SDK call on the
+  worker's single ``AsyncKVClient``, which
   multiplexes every in-flight request on one DEALER socket and retries safely (a
   retried write is applied once). A gateway can be killed and restarted at any time.
 - Routes: ``PUT/GET/DELETE /kv/{key:path}``, ``GET /health`` (the process answers),
@@ -14,8 +14,11 @@ Theory of operation:
 - Translation of headers, bodies and errors lives in ``mapping.py`` (pure); the /kv
   handlers in ``kv.py``, served by a raw ASGI fast path ahead of FastAPI's router (the
   FastAPI routes exist for the OpenAPI schema and call the same handlers).
-- Middleware order, outermost first: metrics (counts everything), the /kv fast path,
-  then FastAPI (docs, health, ready, ui, metrics).
+- What uvicorn serves is ``GatewayApp``: metrics (counts everything), then the /kv
+  fast path, then FastAPI (docs, health, ready, ui, metrics), chained *outside*
+  FastAPI. Why: inside, every /kv request also crossed Starlette's and FastAPI's own
+  middleware (server errors, body limit, telemetry), each wrapping ``send`` again. An
+  exception escaping the fast path is uvicorn's to answer (500), as FastAPI's would be.
 - Configuration comes from arguments, or from the environment in ``app_from_env`` (what
   uvicorn calls in each worker when ``--workers`` > 1).
 """
@@ -33,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zkv.client.aio import AsyncKVClient
 from zkv.gateway import ui
@@ -70,7 +74,7 @@ def _response(reply: Reply) -> Response:
 
 
 def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-               metrics_enabled: bool = True, fast_path: bool = True) -> FastAPI:
+               metrics_enabled: bool = True, fast_path: bool = True) -> GatewayApp:
     """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two)."""
     metrics = GatewayMetrics()
     history = History(metrics)
@@ -148,11 +152,25 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
                         headers={"Content-Security-Policy": LOCAL_ONLY_CSP})
 
     ui.install(app, client)
+    asgi: Any = app
     if fast_path:
-        app.add_middleware(KVFastPath, handlers=handlers)
-    if metrics_enabled:  # added last: outermost, so it also counts the fast path
-        app.add_middleware(MetricsMiddleware, metrics=metrics)
-    return app
+        asgi = KVFastPath(asgi, handlers)
+    if metrics_enabled:  # outermost, so it also counts the fast path
+        asgi = MetricsMiddleware(asgi, metrics)
+    return GatewayApp(app, asgi)
+
+
+class GatewayApp:
+    """The ASGI app uvicorn serves: ``asgi`` (the chain in front of FastAPI, see the
+    module doc), with the FastAPI app's ``state`` (metrics, history, the client)."""
+
+    def __init__(self, fastapi: FastAPI, asgi: ASGIApp) -> None:
+        self.fastapi = fastapi
+        self.state = fastapi.state
+        self._asgi = asgi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._asgi(scope, receive, send)
 
 
 async def _sample(history: History) -> None:
@@ -162,7 +180,7 @@ async def _sample(history: History) -> None:
             history.sample()
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> GatewayApp:
     """The app for one uvicorn worker, configured by ``zkv gateway`` through the env."""
     return create_app(
         os.environ.get("ZKV_ENDPOINT") or None,

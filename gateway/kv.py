@@ -5,9 +5,9 @@ Theory of operation:
 - ``KVHandlers`` does one request: headers (a dict with lower-case names), the key and
   the body in; a ``Reply`` (status, body, content type, headers) out. It never raises
   for a request it can answer: ``HTTPProblem`` and SDK errors become replies through
-  ``mapping``. Conditional DELETE (``If-Match``) is check-then-act: a linearizable read
-  of the version, then the delete (the wire protocol has no delete-if-version yet, so a
-  write landing between the two can be deleted); PUT's ``If-Match`` is an atomic CAS.
+  ``mapping``. ``If-Match`` is atomic on both writes: PUT's is a CAS, DELETE's a delete
+  carrying the expected version, decided where the shard applies it (412 with the key's
+  current version when it does not match).
 - ``KVFastPath`` is an ASGI middleware in front of FastAPI's router: requests for
   ``/kv/...`` with GET, PUT or DELETE go straight to ``KVHandlers``; everything else
   (and every other method) goes on to FastAPI. Why: FastAPI's routing and dependency
@@ -101,13 +101,10 @@ class KVHandlers:
         try:
             key = mapping.parse_key(key)
             cond = mapping.parse_precondition(headers.get("if-match"), None)
-            kv = self.client()
-            if cond.expected_version is not None:
-                found = await kv.get_versioned(key)
-                current = 0 if found is None else found[1]
-                if current != cond.expected_version:
-                    return _precondition_failed(key, current)
-            existed = await kv.delete(key)
+            existed, current = await self.client().delete_versioned(
+                key, expected_version=cond.expected_version)
+            if not existed and cond.expected_version is not None:
+                return _precondition_failed(key, current)
         except HTTPProblem as p:
             return problem_reply(p)
         except Exception as exc:

@@ -118,11 +118,17 @@ class PutRequest:
 
 @dataclass(frozen=True, slots=True)
 class DeleteRequest:
+    """Remove ``key``; with ``expected_version`` > 0, only if the key's version is that
+    (checked where the delete is applied, so nothing can land in between). 0 means
+    unconditional: "must not exist" means nothing for a delete, and a sender that
+    predates the field omits it (a trailing default), so the wire stays compatible."""
+
     TYPE: ClassVar[int] = 3
     client_id: bytes
     request_id: int
     key: bytes
     lowest_pending: int
+    expected_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,10 @@ class PutReply:
 
 @dataclass(frozen=True, slots=True)
 class DeleteReply:
+    """``deleted``: ``version`` is the delete's own version. Not deleted: ``version`` is
+    the key's current version, 0 when it did not exist; > 0 only when a conditional
+    delete found another version (like ``CasReply``)."""
+
     TYPE: ClassVar[int] = 22
     request_id: int
     deleted: bool

@@ -4,7 +4,7 @@ msgpack arrays, first element the op::
 
     [0]                                                                   NOOP
     [1, client_id, request_id, lowest_pending, ts_ms, key, value]         PUT
-    [2, client_id, request_id, lowest_pending, ts_ms, key]                DELETE
+    [2, client_id, request_id, lowest_pending, ts_ms, key(, expected_version)]  DELETE
     [3, client_id, request_id, lowest_pending, ts_ms, key, expected_version, value]  CAS
     [4, ring]                                     RING_SET: adopt ``ring`` if its epoch is newer
     [5, old_ring, new_ring]                       FENCE: refuse keys leaving this shard
@@ -84,11 +84,15 @@ class PutCommand:
 
 @dataclass(frozen=True, slots=True)
 class DeleteCommand:
+    """Remove ``key``; with ``expected_version`` > 0 only if that is its version (0:
+    unconditional, written without the field, as before conditional deletes)."""
+
     client_id: bytes
     request_id: int
     lowest_pending: int
     ts_ms: int
     key: bytes
+    expected_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,9 @@ def encode_command(cmd: Command) -> bytes:
         return _pack((_PUT, c.client_id, c.request_id, c.lowest_pending, c.ts_ms, c.key, c.value))  # type: ignore[no-any-return]
     if t is DeleteCommand:
         c = cmd
+        if c.expected_version:
+            return _pack((_DELETE, c.client_id, c.request_id, c.lowest_pending, c.ts_ms,  # type: ignore[no-any-return]
+                          c.key, c.expected_version))
         return _pack((_DELETE, c.client_id, c.request_id, c.lowest_pending, c.ts_ms, c.key))  # type: ignore[no-any-return]
     if t is CasCommand:
         c = cmd
@@ -225,7 +232,8 @@ def command_from_request(req: WriteRequest, ts_ms: int) -> WriteCommand:
             req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key, req.value
         )
     if isinstance(req, DeleteRequest):
-        return DeleteCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key)
+        return DeleteCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key,
+                             req.expected_version)
     if isinstance(req, CasRequest):
         return CasCommand(
             req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key,
@@ -280,6 +288,8 @@ def _decode_put(v: list[Any]) -> Command:
 
 
 def _decode_delete(v: list[Any]) -> Command:
+    if len(v) == 7:
+        return DeleteCommand(*_head(v), _uint(v[6], "expected_version"))
     if _head_ok(v):
         return DeleteCommand(v[1], v[2], v[3], v[4], v[5])
     return DeleteCommand(*_head(v))
@@ -353,7 +363,7 @@ def _decode_drop(v: list[Any]) -> Command:
 _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.NOOP: ((1,), _decode_noop),
     Op.PUT: ((7,), _decode_put),
-    Op.DELETE: ((6,), _decode_delete),
+    Op.DELETE: ((6, 7), _decode_delete),
     Op.CAS: ((8,), _decode_cas),
     Op.RING: ((2,), _decode_ring_set),
     Op.FENCE: ((3,), _decode_fence),

@@ -8,7 +8,8 @@ applied the same prefix holds the same state and the same snapshot.
 Semantics (``apply``):
 - PUT stores the value at version = index: ``PutReply(version=index)``.
 - DELETE removes the key: ``DeleteReply(True, index)``, or ``DeleteReply(False, 0)`` if
-  it did not exist (nothing was written).
+  it did not exist (nothing was written). With ``expected_version`` > 0 it removes the
+  key only if that is its version, else ``DeleteReply(False, current version or 0)``.
 - CAS writes only if the key's version equals ``expected_version`` (0: the key must not
   exist): ``CasReply(True, index)``, else ``CasReply(False, current version or 0)``.
 - A write whose (client id, request id) was seen returns the cached reply and changes
@@ -265,9 +266,13 @@ class KVStateMachine:
             data.put(cmd.key, cmd.value, index)
             reply = PutReply(cmd.request_id, index)
         elif isinstance(cmd, DeleteCommand):
-            if data.pop(cmd.key, None) is None:
+            current = data.get(cmd.key)
+            if current is None:
                 reply = DeleteReply(cmd.request_id, False, 0)
+            elif cmd.expected_version and current[1] != cmd.expected_version:
+                reply = DeleteReply(cmd.request_id, False, current[1])
             else:
+                del data[cmd.key]
                 reply = DeleteReply(cmd.request_id, True, index)
         else:
             current = data.get(cmd.key)

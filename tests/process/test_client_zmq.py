@@ -103,3 +103,54 @@ def test_async_reset_when_everything_timed_out() -> None:
     with FakeBroker(lambda i, m, s: DROP) as dead, FakeBroker(broker_id="live") as live:
         asyncio.run(asyncio.wait_for(main(), 20))
         assert len(dead.received) == 10 and len(live.received) == 10
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_async_connection_batches_sends_and_drains_replies(loop_kind: str) -> None:
+    """``ZmqAsyncConnection`` against a raw ROUTER: the sends of one loop iteration
+    leave together, one wake-up takes every waiting reply, and replies that arrive while
+    requests are being flushed (libzmq may take the fd's signal during a send) are never
+    left unread: the reader does not stall."""
+    from zkv.client.aio_connection import ConnectionClosed, ZmqAsyncConnection
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    n = 2000
+
+    async def main() -> list[int]:
+        conn = ZmqAsyncConnection(ctx, f"tcp://127.0.0.1:{port}")
+        batches: list[int] = []
+        try:
+            for i in range(n):  # one loop iteration: flushed as one burst
+                await conn.send([b"%d" % i])
+            await asyncio.sleep(0)
+            echoed = 0
+            while echoed < n:  # the peer echoes in bursts while we keep sending
+                while router.poll(0):
+                    ident, body = router.recv_multipart()
+                    router.send_multipart([ident, body])
+                    echoed += 1
+                await asyncio.sleep(0)
+            got = 0
+            while got < n:
+                batch = await asyncio.wait_for(conn.recv_many(), 5)
+                batches.append(len(batch))
+                got += len(batch)
+                if got < n // 2:
+                    await conn.send([b"more"])  # a flush between wake-ups
+            assert got == n
+        finally:
+            conn.close()
+        with pytest.raises(ConnectionClosed):
+            await conn.recv_many()
+        return batches
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        batches = uvloop.run(asyncio.wait_for(main(), 20))
+    else:
+        batches = asyncio.run(asyncio.wait_for(main(), 20))
+    router.close(linger=0)
+    assert sum(batches) == n and len(batches) < n // 10, batches  # many replies per wake-up

@@ -222,6 +222,49 @@ def test_cas_races_between_two_clients(gateway: GatewayProcess) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_conditional_delete_races_a_write_atomically(gateway: GatewayProcess) -> None:
+    """DELETE with If-Match races a write from another client on the same version.
+    Atomic: the write is never lost. Either the delete went first (200) and the write
+    stands after it, or the write went first and the delete is 412 with its version.
+    Against a CAS write, exactly one of the two wins. (A read-then-delete gateway loses
+    the write whenever it lands between its read and its delete.)"""
+
+    async def main() -> dict[str, int]:
+        outcomes = {"delete first": 0, "write first": 0}
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as a, \
+                httpx.AsyncClient(base_url=gateway.url, timeout=15) as b:
+            for round_ in range(40):
+                key = f"/kv/del-race/{round_ % 4}"
+                version = (await a.put(key, content=b"old")).json()["version"]
+                new = f"b{round_}".encode()
+                cas = round_ % 2 == 1  # every other round the writer uses If-Match too
+                headers = {"If-Match": f'"{version}"'} if cas else {}
+                deleted, wrote = await asyncio.gather(
+                    a.delete(key, headers={"If-Match": f'"{version}"'}),
+                    b.put(key, content=new, headers=headers))
+                after = await a.get(key)
+                if cas:
+                    codes = sorted([deleted.status_code, wrote.status_code])
+                    assert codes == [200, 412], (deleted.text, wrote.text)
+                    if wrote.status_code == 200:
+                        assert deleted.json()["version"] == wrote.json()["version"]
+                        assert after.json()["value"] == new.decode()
+                    else:
+                        assert wrote.json()["version"] == 0 and after.status_code == 404
+                    continue
+                assert wrote.status_code == 200, wrote.text
+                assert deleted.status_code in (200, 412), deleted.text
+                assert after.status_code == 200, f"round {round_}: the write was deleted"
+                assert after.json()["value"] == new.decode()
+                assert after.json()["version"] == wrote.json()["version"]
+                if deleted.status_code == 412:
+                    assert deleted.json()["version"] == wrote.json()["version"]
+                outcomes["delete first" if deleted.status_code == 200 else "write first"] += 1
+        return outcomes
+
+    print(asyncio.run(asyncio.wait_for(main(), 90)))
+
+
 # --------------------------------------------------------------------------- metrics, ui
 
 

@@ -89,6 +89,12 @@ class SimClient:
         expected = None
         if op == "cas":
             expected = self.versions.get(key, 0) if rng.random() < 0.8 else rng.randrange(5)
+        elif op == "delete" and self.seq % 2 == 0:
+            # Every other delete is conditional: mostly on the last version seen, else on
+            # a guess. Chosen from seq, not drawn, so the seeds' random streams are as
+            # they were before conditional deletes.
+            seen = self.versions.get(key, 0)
+            expected = seen if seen and self.seq % 3 else self.seq % 5 + 1
         self.start(op, key, value, expected)
 
     def start(self, op: str, key: str, value: str | None = None, expected: int | None = None) -> None:
@@ -108,7 +114,7 @@ class SimClient:
         if cur.op == "put":
             return PutRequest(cid, rid, key, rid, value)
         if cur.op == "delete":
-            return DeleteRequest(cid, rid, key, rid)
+            return DeleteRequest(cid, rid, key, rid, cur.expected or 0)
         return CasRequest(cid, rid, key, rid, cur.expected or 0, value)
 
     def _send(self) -> None:
@@ -183,6 +189,10 @@ class SimClient:
         elif type(msg) is CasReply:
             result = (msg.swapped, msg.version)
             self.versions[cur.key] = msg.version
+        elif type(msg) is DeleteReply and cur.expected is not None:
+            result = (msg.deleted, msg.version)
+            if not msg.deleted:
+                self.versions[cur.key] = msg.version
         elif type(msg) is DeleteReply:
             result = msg.deleted
         else:

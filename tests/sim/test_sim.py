@@ -123,3 +123,21 @@ def test_the_harness_catches_a_node_core_that_acknowledges_before_commit(monkeyp
     monkeypatch.setattr(RequestCore, "_propose", eager_propose)
     caught = [r for r in (run_seed(s) for s in range(60)) if not r.ok]
     assert caught, "60 seeds with writes acknowledged before commit and no invariant fired"
+
+
+def test_the_harness_catches_a_conditional_delete_that_ignores_its_version(monkeypatch):
+    """Keep the model honest about conditional deletes: a state machine that deletes
+    whatever the key's version (the check-then-act bug, at its worst) must be caught."""
+    from zkv.storage_node.commands import DeleteCommand
+    from zkv.storage_node.state_machine import KVStateMachine
+
+    apply_write = KVStateMachine._apply_write
+
+    def careless(self, index, cmd):
+        if type(cmd) is DeleteCommand:
+            cmd = dataclasses.replace(cmd, expected_version=0)
+        return apply_write(self, index, cmd)
+
+    monkeypatch.setattr(KVStateMachine, "_apply_write", careless)
+    caught = [r for r in (run_seed(s) for s in range(30)) if not r.ok]
+    assert caught, "30 seeds with conditional deletes ignoring their version and no violation"

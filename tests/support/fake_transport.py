@@ -94,8 +94,13 @@ class FakeBrokerCore:
             self.data[msg.key] = (msg.value, self.version)
             return PutReply(msg.request_id, self.version)
         if isinstance(msg, DeleteRequest):
-            existed = self.data.pop(msg.key, None) is not None
-            return DeleteReply(msg.request_id, existed, self.version)
+            found = self.data.get(msg.key)
+            if found is None:
+                return DeleteReply(msg.request_id, False, 0)
+            if msg.expected_version and found[1] != msg.expected_version:
+                return DeleteReply(msg.request_id, False, found[1])
+            del self.data[msg.key]
+            return DeleteReply(msg.request_id, True, self.version)
         current = self.data.get(msg.key, (b"", 0))[1]
         if current != msg.expected_version:
             return CasReply(msg.request_id, False, current)
@@ -223,11 +228,16 @@ class FakeAsyncConnection:
         for reply in self.net.exchange(self.endpoint, self.ident, frames):
             self.inbox.put_nowait(reply)
 
-    async def recv(self) -> list[bytes]:
+    async def recv_many(self) -> list[list[bytes]]:
+        """Every reply waiting, at least one (what ``ZmqAsyncConnection`` does)."""
         frames = None if self.closed else await self.inbox.get()
-        if frames is None:
+        out = []
+        while frames is not None:
+            out.append(frames)
+            frames = self.inbox.get_nowait() if not self.inbox.empty() else None
+        if not out or self.closed:
             raise ConnectionClosed(self.endpoint)
-        return frames
+        return out
 
     def deliver(self, frames: list[bytes]) -> None:
         self.inbox.put_nowait(frames)

@@ -29,6 +29,11 @@ Model: a register per key whose state is ``(value, version, floor)``.
 - get ok -> (v, r): v must equal the value; r must equal the version (binding an
   unknown one if r > floor). A bare value result skips the version check.
 - delete ok -> deleted: deleted == key present; state becomes (None, 0, floor).
+- delete(expected=E) ok -> (deleted, r) (a conditional delete, E >= 1): deleted requires
+  version == E and gives (None, 0, max(E, r)) (r is the delete's own version); not
+  deleted with r == 0 requires the key absent; not deleted with r > 0 requires the key
+  present at version r != E (binding an unknown version like a get). An info one may
+  have deleted only where the version may be E.
 - cas(expected=E, v) ok -> (swapped, r): swapped requires version == E (0 = absent) and
   gives (v, r, r) with r > E; not swapped requires version != E, and r, if given, is
   the key's current version.
@@ -95,6 +100,8 @@ def step(state: tuple[Any, Any, int], op: Operation) -> list[tuple[Any, Any, int
         if rver is None:
             return [(op.value, None, base)]
         return [(op.value, rver, rver)] if rver > base else []
+    if kind == "delete" and op.expected is not None:
+        return _delete_if(state, op, info)
     if kind == "delete":
         after = (None, 0, _known_floor(state))
         if info:
@@ -130,6 +137,28 @@ def _cas(state: tuple[Any, Any, int], op: Operation, info: bool) -> list[tuple[A
     if current == expected:
         return []
     return [state] if rver is None or rver == current else []
+
+
+def _delete_if(state: tuple[Any, Any, int], op: Operation, info: bool
+               ) -> list[tuple[Any, Any, int]]:
+    value, version, floor = state
+    expected = op.expected
+    if value is None:  # absent: nothing to delete, whatever E says
+        return [state] if info or _split(op.result) == (False, 0) else []
+    if info:
+        if version is None:
+            return [(None, 0, expected), state] if expected > floor else [state]
+        return [(None, 0, expected)] if version == expected else [state]
+    deleted, rver = _split(op.result)
+    if deleted:
+        if (version is None and expected <= floor) or version not in (None, expected):
+            return []
+        return [(None, 0, max(expected, rver or 0))]
+    if rver is None or rver == expected or rver == 0:
+        return []
+    if version is None:
+        return [(value, rver, rver)] if rver > floor else []
+    return [state] if rver == version else []
 
 
 # --------------------------------------------------------------------------- search
@@ -268,7 +297,8 @@ def check_key(key: Any, ops: list[Operation], steps_max: int = STEPS_MAX_DEFAULT
 
 
 def describe(op: Operation) -> str:
-    args = {"put": f"{op.value!r}", "get": "", "delete": ""}.get(
+    args = {"put": f"{op.value!r}", "get": "",
+            "delete": "" if op.expected is None else f"expected={op.expected!r}"}.get(
         op.op, f"expected={op.expected!r}, {op.value!r}"
     )
     outcome = f"-> {op.result!r}" if op.status == "ok" else f"[{op.status}]"

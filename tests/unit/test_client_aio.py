@@ -60,6 +60,12 @@ def test_round_trip_of_every_op() -> None:
             assert await kv.cas("k", v, "x") is False
             assert await kv.delete("k") is True
             assert await kv.delete("k") is False
+            v2 = await kv.put("k", "v2")
+            assert await kv.delete_versioned("k", expected_version=v2 + 1) == (False, v2)
+            assert await kv.delete("k", expected_version=v2) is True
+            assert await kv.delete_versioned("k", expected_version=v2) == (False, 0)
+            with pytest.raises(ValueError):
+                await kv.delete("k", expected_version=0)
             assert await kv.ping() == "fake-b0"
             assert (await kv.status())["broker_id"] == "fake-b0"
             with pytest.raises(TooLarge):

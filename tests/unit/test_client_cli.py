@@ -55,6 +55,9 @@ def test_put_get_delete_cas(broker: FakeBrokerCore, capsys: pytest.CaptureFixtur
     assert "not swapped" in err and "current version 1" in err
     assert zkv(broker, "cas", "greeting", "1", "x") == 0
     assert capsys.readouterr().out.startswith("OK version ")
+    assert zkv(broker, "delete", "greeting", "--if-version", "1") == 1
+    err = capsys.readouterr().err
+    assert "not deleted" in err and "expected 1" in err
     assert zkv(broker, "delete", "greeting") == 0
     assert capsys.readouterr().out == "deleted\n"
     assert zkv(broker, "delete", "greeting") == 0

@@ -75,6 +75,14 @@ def test_round_trip_of_every_op(env: Setup) -> None:
         assert kv.delete("k") is True
         assert kv.delete("k") is False
         assert kv.get("k") is None
+        v3 = kv.put("k", "v3")
+        assert kv.delete_versioned("k", expected_version=v3 + 1) == (False, v3)
+        assert kv.delete("k", expected_version=v3) is True
+        assert kv.delete_versioned("k", expected_version=v3) == (False, 0)
+        with pytest.raises(ValueError):
+            kv.delete("k", expected_version=0)
+        with pytest.raises(TypeError):
+            kv.delete("k", expected_version="1")  # type: ignore[arg-type]
         assert kv.ping() == "fake-b0"
         status = kv.status()
         assert status["broker_id"] == "fake-b0"

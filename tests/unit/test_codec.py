@@ -61,6 +61,8 @@ from zkv.protocol.messages import (
     AppendEntries,
     CasRequest,
     Consistency,
+    DeleteReply,
+    DeleteRequest,
     Entry,
     ErrorReply,
     GetReply,
@@ -117,6 +119,9 @@ SAMPLES = [
     GetRequest(b"c" * 16, 1, b"key", Consistency.STALE),
     PutRequest(b"c" * 16, 2, b"key", 1, b"value" * 100),
     CasRequest(b"c", 3, b"k", 2, 7, b""),
+    DeleteRequest(b"c", 3, b"k", 2),
+    DeleteRequest(b"c", 3, b"k", 2, 41),
+    DeleteReply(3, False, 41),
     GetReply(4, True, 9, b"\x00\xff"),
     ErrorReply(5, ErrorCode.NOT_LEADER, "not the leader", "s0r1", 3),
     StatusReply(6, "b0", ({"node_id": "s0r0", "term": 2},), RingConfig(1, (0, 1), 16)),
@@ -152,6 +157,27 @@ def test_small_value_rides_in_the_header_and_both_forms_decode() -> None:
     assert len(frames) == 1 and codec.decode(frames) == msg
     head = msgpack.packb([PROTOCOL_VERSION, PutRequest.TYPE, b"c", 1, b"k", 1])
     assert codec.decode([head, b"V" * 1000]) == msg
+
+
+def test_a_delete_without_expected_version_decodes_as_unconditional() -> None:
+    """A sender that predates conditional deletes omits the field: still accepted."""
+    old = msgpack.packb([PROTOCOL_VERSION, DeleteRequest.TYPE, b"c", 1, b"k", 1])
+    assert codec.decode([old]) == DeleteRequest(b"c", 1, b"k", 1, 0)
+    header = codec.encode(DeleteRequest(b"c", 1, b"key", 1, 9))[0]
+    assert codec.route_fields(header) == (DeleteRequest.TYPE, b"key", 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(-(2**63), 2**64 - 1) | st.booleans() | st.none() | st.binary(max_size=4))
+def test_a_delete_expected_version_decodes_only_as_a_non_negative_int(v: object) -> None:
+    header = msgpack.packb([PROTOCOL_VERSION, DeleteRequest.TYPE, b"c", 1, b"k", 1, v])
+    try:
+        msg = codec.decode([header])
+    except RemoteProtocolError:
+        assert type(v) is not int or not 0 <= v <= codec.INT_MAX
+    else:
+        assert isinstance(msg, DeleteRequest) and msg.expected_version == v
+        assert type(v) is int and codec.decode(codec.encode(msg)) == msg
 
 
 def test_route_fields_reads_type_key_and_consistency() -> None:

@@ -28,6 +28,7 @@ COMMANDS = [
     PutCommand(b"client", 7, 5, 1_700_000_000_000, b"key", b"value"),
     PutCommand(b"", 0, 0, 0, b"", b""),
     DeleteCommand(b"client", 8, 5, 1_700_000_000_001, b"key"),
+    DeleteCommand(b"client", 8, 5, 1_700_000_000_001, b"key", 2**64 - 1),
     CasCommand(b"client", 9, 9, 1_700_000_000_002, b"key", 0, b"new"),
     CasCommand(b"c", 2**63, 2**63, 2**63, b"k" * 1000, 2**64 - 1, b"v" * 100_000),
 ]
@@ -45,6 +46,8 @@ def test_wire_layout_matches_the_docs():
     assert msgpack.unpackb(encode_command(put)) == [1, b"c", 1, 1, 99, b"k", b"v"]
     delete = DeleteCommand(b"c", 2, 1, 99, b"k")
     assert msgpack.unpackb(encode_command(delete)) == [2, b"c", 2, 1, 99, b"k"]
+    delete_if = DeleteCommand(b"c", 2, 1, 99, b"k", 7)
+    assert msgpack.unpackb(encode_command(delete_if)) == [2, b"c", 2, 1, 99, b"k", 7]
     cas = CasCommand(b"c", 3, 1, 99, b"k", 42, b"v")
     assert msgpack.unpackb(encode_command(cas)) == [3, b"c", 3, 1, 99, b"k", 42, b"v"]
 
@@ -54,6 +57,8 @@ def test_commands_from_requests():
     assert command_from_request(put, 1234) == PutCommand(b"c", 4, 3, 1234, b"k", b"v")
     delete = DeleteRequest(b"c", 5, b"k", 3)
     assert command_from_request(delete, 1) == DeleteCommand(b"c", 5, 3, 1, b"k")
+    delete_if = DeleteRequest(b"c", 5, b"k", 3, 12)
+    assert command_from_request(delete_if, 1) == DeleteCommand(b"c", 5, 3, 1, b"k", 12)
     cas = CasRequest(b"c", 6, b"k", 3, 17, b"v")
     assert command_from_request(cas, 2) == CasCommand(b"c", 6, 3, 2, b"k", 17, b"v")
     with pytest.raises(TypeError):

@@ -42,8 +42,16 @@ class FakeKV:
             return False, cur[1] if cur else 0
         return True, await self.put(key, value)
 
-    async def delete(self, key: Any) -> bool:
-        return self.data.pop(self._k(key), None) is not None
+    async def delete_versioned(self, key: Any, expected_version: int | None = None
+                               ) -> tuple[bool, int]:
+        cur = self.data.get(self._k(key))
+        if cur is None:
+            return False, 0
+        if expected_version is not None and cur[1] != expected_version:
+            return False, cur[1]
+        del self.data[self._k(key)]
+        self.version += 1
+        return True, self.version
 
 
 SCRIPT: list[tuple[str, str, dict[str, Any]]] = [
@@ -59,6 +67,8 @@ SCRIPT: list[tuple[str, str, dict[str, Any]]] = [
     ("PUT", "/kv/new", {"content": b"n", "headers": {"If-None-Match": "*"}}),
     ("PUT", "/kv/new", {"content": b"n", "headers": {"If-None-Match": "*"}}),
     ("DELETE", "/kv/new", {"headers": {"If-Match": '"1"'}}),  # it is at version 3
+    ("DELETE", "/kv/new", {"headers": {"If-Match": '"3"'}}),
+    ("PUT", "/kv/new", {"content": b"n"}),
     ("DELETE", "/kv/new", {}),
     ("DELETE", "/kv/new", {}),
     ("GET", "/kv/new", {}),
@@ -89,6 +99,7 @@ def test_fast_path_and_fastapi_routes_answer_alike() -> None:
     routed = _run(slow, slow)
     assert fast == routed
     assert [s for s, _, _ in fast] == [200, 200, 200, 200, 422, 412, 200, 200, 422, 200, 412,
-                                      412, 200, 404, 404, 422]
+                                      412, 200, 200, 200, 404, 404, 422]
+    assert "version is 3" in fast[11][1]
     metrics = app.state.metrics.exposition()[0].decode()
     assert 'zkv_gateway_requests_total{code="412",op="put",route="kv"} 2.0' in metrics

@@ -218,6 +218,55 @@ def test_delete_result_must_match_presence():
     _bad(s)
 
 
+def test_conditional_delete_good_histories():
+    s = Script()
+    s.seq(0, "put", value="a", result=1)
+    s.seq(0, "delete", expected=7, result=(False, 1))  # mismatch: still there
+    s.seq(0, "get", result=("a", 1))
+    s.seq(0, "delete", expected=1, result=(True, 3))
+    s.seq(0, "delete", expected=1, result=(False, 0))  # absent
+    s.seq(0, "put", value="b", result=4)
+    assert check(s.h).ok
+    # two racing conditional deletes at the same version: exactly one may win
+    r = Script()
+    r.seq(0, "put", value="a", result=1)
+    r.call(0, "delete", expected=1).call(1, "delete", expected=1)
+    r.ok(1, (True, 2)).ok(0, (False, 0))
+    assert check(r.h).ok
+    # an info put leaves the version unknown: a mismatch reply binds it
+    u = Script()
+    u.seq(0, "put", value="a", result=1)
+    u.call(1, "put", value="b").info(1)
+    u.seq(0, "delete", expected=1, result=(False, 5))
+    u.seq(0, "get", result=("b", 5))
+    assert check(u.h).ok
+
+
+def test_conditional_delete_bad_histories():
+    both = Script()  # two deletes at one version both winning: not atomic
+    both.seq(0, "put", value="a", result=1)
+    both.call(0, "delete", expected=1).call(1, "delete", expected=1)
+    both.ok(1, (True, 2)).ok(0, (True, 3))
+    _bad(both)
+    stale = Script()  # deleted although a later write changed the version
+    stale.seq(0, "put", value="a", result=1)
+    stale.seq(0, "put", value="b", result=2)
+    stale.seq(0, "delete", expected=1, result=(True, 3))
+    _bad(stale)
+    wrong = Script()  # a mismatch must report the current version
+    wrong.seq(0, "put", value="a", result=1)
+    wrong.seq(0, "delete", expected=4, result=(False, 2))
+    _bad(wrong)
+    kept = Script()  # a mismatch leaves the key in place
+    kept.seq(0, "put", value="a", result=1)
+    kept.seq(0, "delete", expected=4, result=(False, 1))
+    kept.seq(0, "get", result=(None, 0))
+    _bad(kept)
+    absent = Script()  # an absent key is not a mismatch
+    absent.seq(0, "delete", expected=1, result=(False, 1))
+    _bad(absent)
+
+
 def test_first_failing_key_is_named_with_a_window():
     s = Script()
     s.seq(0, "put", "good", value="a", result=1)

@@ -21,6 +21,8 @@ from zkv.protocol.messages import (
     AppendReply,
     Campaign,
     Consistency,
+    DeleteReply,
+    DeleteRequest,
     Entry,
     ErrorReply,
     GetReply,
@@ -200,6 +202,31 @@ def test_a_write_is_answered_once_applied_with_the_leaders_stamp() -> None:
     assert replies(leader) == [PutReply(1, 2)]  # index 1 is the leader's no-op
     assert shard.logs["b"][-1].data == shard.logs["a"][-1].data
     assert leader.state.get(b"k") == (b"v", 2)
+
+
+def test_a_conditional_delete_is_decided_in_the_log_alike_on_every_replica() -> None:
+    """The version check travels in the entry: a write proposed before the delete makes
+    it a mismatch on every replica (no read-then-delete window at the leader)."""
+    shard = Shard()
+    leader = shard.elect("a")
+    replies(leader)
+    request(leader, put(1), shard.now)
+    shard.settle()
+    (first,) = replies(leader)
+    assert isinstance(first, PutReply)
+    request(leader, put(2, value=b"w"), shard.now)  # lands first: the delete must miss
+    request(leader, DeleteRequest(b"c1", 3, b"k", 1, first.version), shard.now)
+    shard.settle()
+    (written, missed) = replies(leader)
+    assert isinstance(written, PutReply)
+    assert missed == DeleteReply(3, False, written.version)
+    request(leader, DeleteRequest(b"c1", 4, b"k", 4, written.version), shard.now)
+    shard.settle()
+    assert replies(leader) == [DeleteReply(4, True, written.version + 2)]
+    shard.tick(0.5)  # followers learn the commit index from the next append
+    for node in shard.nodes.values():
+        assert node.state.get(b"k") is None
+    assert len({node.state.applied_index for node in shard.nodes.values()}) == 1
 
 
 # ------------------------------------------------------------------ pending writes

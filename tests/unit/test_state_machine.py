@@ -37,9 +37,10 @@ class Driver:
         rid = self._rid(rid)
         return self.apply(encode_command(PutCommand(client, rid, lowest or rid, ts, key, value)))
 
-    def delete(self, key: bytes, client: bytes = b"c", rid: int | None = None, ts: int = 0):
+    def delete(self, key: bytes, client: bytes = b"c", rid: int | None = None, ts: int = 0,
+               expected: int = 0):  # fmt: skip
         rid = self._rid(rid)
-        return self.apply(encode_command(DeleteCommand(client, rid, rid, ts, key)))
+        return self.apply(encode_command(DeleteCommand(client, rid, rid, ts, key, expected)))
 
     def cas(self, key: bytes, expected: int, value: bytes, client: bytes = b"c",
             rid: int | None = None, ts: int = 0):  # fmt: skip
@@ -74,6 +75,36 @@ def test_semantics_table():
     assert d.sm.key_count == 2
     assert d.sm.applied_index == 10
     assert d.sm.get(b"missing") is None
+
+
+def test_conditional_delete_table():
+    """A delete with an expected version removes the key only at that version; the
+    reply tells deleted, absent (version 0) and mismatch (the current version) apart."""
+    d = Driver()
+    steps = [
+        (lambda: d.put(b"k", b"v1"), lambda r: PutReply(r, 1), (b"v1", 1)),
+        (lambda: d.delete(b"k", expected=7), lambda r: DeleteReply(r, False, 1), (b"v1", 1)),
+        (lambda: d.put(b"k", b"v2"), lambda r: PutReply(r, 3), (b"v2", 3)),
+        (lambda: d.delete(b"k", expected=1), lambda r: DeleteReply(r, False, 3), (b"v2", 3)),
+        (lambda: d.delete(b"k", expected=3), lambda r: DeleteReply(r, True, 5), None),
+        (lambda: d.delete(b"k", expected=5), lambda r: DeleteReply(r, False, 0), None),
+        (lambda: d.delete(b"k", expected=0), lambda r: DeleteReply(r, False, 0), None),
+        (lambda: d.put(b"k", b"v3"), lambda r: PutReply(r, 8), (b"v3", 8)),
+        (lambda: d.delete(b"k", expected=0), lambda r: DeleteReply(r, True, 9), None),
+    ]
+    for n, (op, reply, after) in enumerate(steps, 1):
+        assert op() == reply(n), n
+        assert d.sm.get(b"k") == after, n
+    assert d.sm.data_bytes == 0
+
+
+def test_a_retried_conditional_delete_returns_its_first_reply():
+    d = Driver()
+    d.put(b"k", b"v", rid=1)
+    first = d.delete(b"k", rid=2, expected=9)
+    d.put(b"k", b"w", rid=3, lowest=2)  # now at version 3: the retry must not re-decide
+    assert d.delete(b"k", rid=2, expected=3) == first == DeleteReply(2, False, 1)
+    assert d.sm.get(b"k") == (b"w", 3)
 
 
 def test_noop_and_garbage_return_none():
