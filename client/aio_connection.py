@@ -15,6 +15,7 @@ import collections
 from typing import Any, Protocol
 
 import zmq
+
 from zkv.protocol.security import Curve
 
 
