@@ -470,11 +470,16 @@ class Replica:
         self._now = now
         if msg.term >= TERM_MAX:
             return  # a forged term: ignore rather than trust
-        if sender not in self._peers and not isinstance(
-            msg, (AppendEntries, InstallSnapshot, TimeoutNow)
+        if sender not in self._peers and not (
+            isinstance(msg, TimeoutNow)
+            or (isinstance(msg, (AppendEntries, InstallSnapshot))
+                and self.node_id not in self._voters)
         ):
-            # not a member. A leader's messages are taken: a new learner knows no
-            # members yet, and a leader that removed itself hands over with TimeoutNow
+            # Not a member. A leader's appends are taken only by a node that is not a
+            # voter of its configuration (a new learner knows no members yet); a voter
+            # ignores them, so a connection that reached the wrong node (an address
+            # another group now uses) cannot feed it another group's log. TimeoutNow
+            # is checked against the leader we follow (a removed leader hands over).
             return
         if isinstance(msg, TimeoutNow):
             if (msg.term == self.term and sender == self.leader_id and self.voter
@@ -728,6 +733,10 @@ class Replica:
                 new_entries = list(entries[i:])
                 break
             if self.term_at(e.index) != e.term:
+                if e.index <= self.commit_index:
+                    # No leader of this term can contradict a committed entry (Leader
+                    # Completeness): forged or misrouted input. Refuse it whole.
+                    return
                 self._truncate(e.index)
                 new_entries = list(entries[i:])
                 break

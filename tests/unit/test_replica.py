@@ -248,3 +248,39 @@ def test_absurd_terms_are_ignored_not_adopted() -> None:
     core3 = Replica(ReplicaConfig("a", MEMBERS), HardState(1, ""), [])
     core3.step("b", VoteRequest(TERM_MAX, "b", 0, 0), 1.0)
     assert core3.term == 1 and not core3.ready().messages
+
+
+def test_an_append_that_contradicts_committed_entries_is_refused_not_a_crash() -> None:
+    """Network input never trips an assertion (invariant 6): a forged or misrouted
+    AppendEntries at our term whose entries conflict with what we committed is refused
+    (a real leader never sends one: its log contains every committed entry)."""
+    g = Group()
+    g.elect("a")
+    for i in range(3):
+        g.cores["a"].propose(b"w%d" % i, g.now)
+        g.settle()
+    b = g.cores["b"]
+    committed = b.commit_index
+    assert committed >= 3
+    term = b.term
+    forged = AppendEntries(term, "a", 0, 0, (Entry(term + 1, 1, b"forged"),), committed, 0)
+    b.step("a", forged, g.now)  # must not raise
+    assert b.commit_index == committed
+    assert b.term_at(1) == term or b.term_at(1) != term + 1
+    rd = b.ready()
+    assert rd.truncate_from is None and not rd.entries
+
+
+def test_a_voter_ignores_appends_from_a_node_outside_its_group() -> None:
+    """A connection that reached a node of another shard (a stale address now used by
+    another group) must not feed it that group's log."""
+    g = Group()
+    g.elect("a")
+    g.cores["a"].propose(b"x", g.now)
+    g.settle()
+    b = g.cores["b"]
+    last, term = b.last_index, b.term
+    stranger = AppendEntries(term + 5, "zz", last, b.last_term, (Entry(term + 5, last + 1, b"y"),),
+                             last + 1, 0)
+    b.step("zz", stranger, g.now)
+    assert b.term == term and b.last_index == last and b.leader_id == "a"
