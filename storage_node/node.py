@@ -209,7 +209,7 @@ class StorageNode:
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
-                self.core.tick(now)
+                node.tick(now)  # the replica's timers and the availability rule
                 self._handle_ready(now)
                 batches = node.pump_tasks(now)
                 if batches:

@@ -117,7 +117,7 @@ class SimNode:
             return
         w = self.world
         if not self.paused():
-            self.node.replica.tick(w.now)
+            self.node.tick(w.now)
             self._turn()
             if w.cfg.fsync == "never" and w.rng.random() < 0.05:
                 self.disk.flush()
@@ -142,7 +142,7 @@ class SimNode:
                 node.on_peer_frames(src, msg, w.now)
         else:
             node.replica.step(src, msg, w.now)
-        node.replica.tick(w.now)
+        node.tick(w.now)
         self._turn()
 
     # ------------------------------------------------------------------ the shell

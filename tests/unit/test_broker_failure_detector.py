@@ -217,3 +217,50 @@ def test_leader_stepping_down_waits_timeout_from_last_claim() -> None:
     assert c.tick() == []
     c.now = 1.0
     assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
+def test_restarted_broker_elects_at_once_when_the_named_leader_stepped_down() -> None:
+    """The followers still name a leader that stepped down (no broker heard it for an
+    election timeout, e.g. every broker was down): hearing that node as a follower makes
+    the name stale, so a majority heard with no live claim elects at once."""
+    c = Cluster()
+    c.beat(
+        hb("s0r0", F, 4, leader=""), hb("s0r1", term=4, leader="s0r0"),
+        hb("s0r2", term=4, leader="s0r0"),
+    )  # fmt: skip
+    assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
+def test_a_named_leader_not_heard_yet_still_waits() -> None:
+    c = Cluster()
+    c.beat(hb("s0r1", term=4, leader="s0r0"), hb("s0r2", term=4, leader="s0r0"))
+    assert c.tick() == []
+
+
+# --------------------------------------------------------------------------- confirmations
+
+
+def heard(c: Cluster) -> dict[str, int]:
+    return {o.node_id: o.heard.term for o in c.fd.confirmations(c.table, c.now)}
+
+
+def test_every_node_heard_recently_is_confirmed_with_its_term() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L, 3), hb("s0r1", term=3), hb("s1r0", term=7, shard=1, members=("s1r0",)))
+    assert heard(c) == {"s0r0": 3, "s0r1": 3, "s1r0": 7}
+    orders = c.fd.confirmations(c.table, c.now)
+    assert {o.ident for o in orders} == {b"s0r0", b"s0r1", b"s1r0"}
+    assert {o.heard.broker_id for o in orders} == {"b1"}
+
+
+def test_confirmation_stops_within_three_heartbeats_of_silence() -> None:
+    """Not at liveness (an election timeout): a leader cut from the brokers must learn
+    it within a few intervals, so that it steps down ~1 election timeout after the cut."""
+    c = Cluster()
+    c.beat(hb("s0r0", L, 3), hb("s0r1", term=3))
+    c.now = 0.29
+    c.beat(hb("s0r1", term=3))
+    assert heard(c) == {"s0r0": 3, "s0r1": 3}  # two heartbeats lost: still confirmed
+    c.now = 0.31
+    assert heard(c) == {"s0r1": 3}
+    assert c.table.is_live("s0r0", c.now)  # while the table still counts it live
