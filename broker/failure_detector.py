@@ -7,6 +7,10 @@ Theory of operation (elections are started by brokers, voted by nodes under Raft
   * it had a leader known to this broker whose last heartbeat is ``election_timeout`` old
     (when the leader's heartbeats stop, it stops being live at exactly that moment, so the
     campaign goes out at the first tick after), or
+  * that leader is heard again, at its term or above, claiming no leadership: it stepped
+    down (it lost its quorum, or no broker confirmed it). Asking at once costs nothing
+    when the followers still hear it (they ignore the request until their lease runs
+    out) and saves an election timeout when they stopped hearing it long ago, or
   * it never had a leader known to this broker, and either a majority of its members
     (``Heartbeat.members``) has been heard while none of them names a leader that might
     still lead (a fresh cluster elects at once, a 1-replica shard too; a name is stale
@@ -116,15 +120,20 @@ class FailureDetector:
         self.election_timeout_s = election_timeout_ms / 1000
         self.tries_per_candidate = tries_per_candidate
         self._episodes: dict[int, _Episode] = {}
+        #: shard -> the last leader this broker knew, to notice it stepping down
+        self._last_leader: dict[int, str] = {}
 
     def tick(self, table: NodeTable, now: float) -> list[CampaignOrder]:
         """Campaign requests to send now (call after ``table.tick(now)``)."""
         orders: list[CampaignOrder] = []
         for shard_id in [s for s in self._episodes if s not in table.shards]:
             del self._episodes[shard_id]
+        for shard_id in [s for s in self._last_leader if s not in table.shards]:
+            del self._last_leader[shard_id]
         for shard_id, view in table.shards.items():
             if view.leader_id is not None:
                 self._episodes.pop(shard_id, None)
+                self._last_leader[shard_id] = view.leader_id
                 continue
             live = table.live_nodes(shard_id, now)
             if not live:
@@ -154,6 +163,12 @@ class FailureDetector:
         if view.leader_last_seen is not None:
             if now - view.leader_last_seen >= timeout:
                 return "leader silent"
+            last = self._last_leader.get(view.shard_id)
+            for r in live:
+                hb = r.heartbeat
+                if (hb.node_id == last and hb.role is not Role.LEADER
+                        and hb.term >= view.leader_term and r.last_seen > view.leader_last_seen):
+                    return "leader stepped down"
             return ""
         members = set(view.members)
         if members:

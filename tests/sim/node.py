@@ -11,8 +11,8 @@ the snapshot trigger. One deviation, documented: the SimDisk writes a received s
 before the hard state (one ``write`` call holds hard state, truncation and entries).
 
 Wire: the broker sends request frames exactly as a broker's backend delivers them
-(``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign]``); replies go
-back as frames to the broker address they came from; Raft messages travel between nodes
+(``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign | Heard]``);
+replies go back as frames to the broker address they came from; Raft messages travel between nodes
 as message objects (the codec is tested on its own; encoding every append would only
 slow the sweep); migration batches and acks travel as frames, as on the peer socket.
 

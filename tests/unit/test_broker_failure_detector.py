@@ -206,17 +206,38 @@ def test_shards_are_independent() -> None:
     assert c.tick() == [("s1r0", Campaign(1, 1, "b1"))]
 
 
-def test_leader_stepping_down_waits_timeout_from_last_claim() -> None:
+def test_leader_heard_stepping_down_makes_the_shard_due_at_once() -> None:
+    """A leader heard claiming no leadership at its term stepped down (lost its quorum,
+    or no broker confirmed it): ask at once rather than an election timeout after its
+    last claim. Followers that still hear it ignore the request until their lease ends;
+    followers cut from it long ago (the reason it lost its quorum) elect at once."""
     c = Cluster()
     c.beat(hb("s0r0", L, 2), hb("s0r1", term=2))
+    assert c.tick() == []
     c.now = 0.1
     c.beat(hb("s0r0", F, 2), hb("s0r1", term=2))
+    assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
+def test_a_stale_non_leader_heartbeat_of_the_leader_does_not_count_as_stepping_down() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", F, 1), hb("s0r1", term=2))  # from before its election
+    c.now = 0.05
+    c.beat(hb("s0r0", L, 2))
     assert c.tick() == []
+    c.now = 0.1
+    c.table.observe(hb("s0r0", F, 1), c.now)  # a late duplicate of the old heartbeat
+    assert c.tick() == []
+
+
+def test_leader_silent_then_due_timeout_after_its_last_claim() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2), hb("s0r1", term=2))
     c.now = 0.99
-    c.beat(hb("s0r0", F, 2), hb("s0r1", term=2))
+    c.beat(hb("s0r1", term=2))
     assert c.tick() == []
     c.now = 1.0
-    assert [n for n, _ in c.tick()] == ["s0r0"]
+    assert [n for n, _ in c.tick()] == ["s0r1"]
 
 
 def test_restarted_broker_elects_at_once_when_the_named_leader_stepped_down() -> None:
