@@ -22,9 +22,10 @@ the brokers answer NO_LEADER or time out, and no follower may replace it. The ru
   hand-over to a follower a broker confirms would save the followers' lease (about one
   election timeout) and is the natural next step once leadership transfer exists.
 - Rolling upgrades: brokers older than this rule never send ``Heard``, so the rule is
-  enforced only once this process has received at least one. A node confirmed once and
-  then served only by old brokers would step down every election timeout: upgrade the
-  brokers first, which is the order the rule asks for anyway.
+  enforced only once this process has received at least one. Upgrade the nodes first,
+  then the brokers: nodes older than the rule log every ``Heard`` as an undecodable
+  frame, and while old and new brokers are mixed, a leader that only old brokers hear
+  steps down (the rule counts only the brokers that speak it).
 - Every broker down: the leader steps down too (nobody can route to it anyway). The
   followers keep naming it; a broker that starts and hears it claim no leadership
   elects at once (the failure detector treats such a name as stale).
