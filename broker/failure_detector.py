@@ -120,20 +120,15 @@ class FailureDetector:
         self.election_timeout_s = election_timeout_ms / 1000
         self.tries_per_candidate = tries_per_candidate
         self._episodes: dict[int, _Episode] = {}
-        #: shard -> the last leader this broker knew, to notice it stepping down
-        self._last_leader: dict[int, str] = {}
 
     def tick(self, table: NodeTable, now: float) -> list[CampaignOrder]:
         """Campaign requests to send now (call after ``table.tick(now)``)."""
         orders: list[CampaignOrder] = []
         for shard_id in [s for s in self._episodes if s not in table.shards]:
             del self._episodes[shard_id]
-        for shard_id in [s for s in self._last_leader if s not in table.shards]:
-            del self._last_leader[shard_id]
         for shard_id, view in table.shards.items():
             if view.leader_id is not None:
                 self._episodes.pop(shard_id, None)
-                self._last_leader[shard_id] = view.leader_id
                 continue
             live = table.live_nodes(shard_id, now)
             if not live:
@@ -163,7 +158,7 @@ class FailureDetector:
         if view.leader_last_seen is not None:
             if now - view.leader_last_seen >= timeout:
                 return "leader silent"
-            last = self._last_leader.get(view.shard_id)
+            last = view.last_leader_id
             for r in live:
                 hb = r.heartbeat
                 if (hb.node_id == last and hb.role is not Role.LEADER

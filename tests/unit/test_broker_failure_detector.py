@@ -219,6 +219,16 @@ def test_leader_heard_stepping_down_makes_the_shard_due_at_once() -> None:
     assert [n for n, _ in c.tick()] == ["s0r0"]
 
 
+def test_a_leader_claim_and_its_step_down_between_two_ticks_still_count() -> None:
+    """A restarted broker may get a node's queued (stale) leader heartbeats and its
+    fresh follower ones in one drain: the step-down must still be noticed."""
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2), hb("s0r1", term=2, leader="s0r0"))
+    c.now = 0.05
+    c.beat(hb("s0r0", F, 2), hb("s0r1", term=2, leader="s0r0"))
+    assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
 def test_a_stale_non_leader_heartbeat_of_the_leader_does_not_count_as_stepping_down() -> None:
     c = Cluster()
     c.beat(hb("s0r0", F, 1), hb("s0r1", term=2))  # from before its election
