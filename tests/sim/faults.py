@@ -73,6 +73,8 @@ class FaultPlan:
             if kind.endswith("_leader")
             else w.nodes[ids[int(draw * len(ids))]]
         )
+        if w.availability is not None:
+            w.availability.on_fault()
         w.faults_log.append(f"{w.now:.2f}s {kind} {victim.id} for {length:.2f}s")
         w.trace.append((w.now, "FAULT", (kind, victim.id, round(length, 2))))
         if kind in ("crash", "crash_leader"):
