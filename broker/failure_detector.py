@@ -1,4 +1,5 @@
-"""Decides when the broker asks a storage node to stand for election.
+"""Decides when the broker asks a storage node to stand for election, and which nodes
+it confirms hearing.
 
 Theory of operation (elections are started by brokers, voted by nodes under Raft rules):
 
@@ -6,11 +7,17 @@ Theory of operation (elections are started by brokers, voted by nodes under Raft
   * it had a leader known to this broker whose last heartbeat is ``election_timeout`` old
     (when the leader's heartbeats stop, it stops being live at exactly that moment, so the
     campaign goes out at the first tick after), or
+  * that leader is heard again, at its term or above, claiming no leadership: it stepped
+    down (it lost its quorum, or no broker confirmed it). Asking at once costs nothing
+    when the followers still hear it (they ignore the request until their lease runs
+    out) and saves an election timeout when they stopped hearing it long ago, or
   * it never had a leader known to this broker, and either a majority of its members
-    (``Heartbeat.members``) has been heard while none of them names a leader (a fresh
-    cluster elects at once, a 1-replica shard too), or ``election_timeout`` has passed
-    since the broker first heard the shard (a restarted broker first waits to hear the
-    leader that the followers name).
+    (``Heartbeat.members``) has been heard while none of them names a leader that might
+    still lead (a fresh cluster elects at once, a 1-replica shard too; a name is stale
+    when we hear that node and it does not claim to lead: a leader that stepped down
+    because no broker heard it), or ``election_timeout`` has passed since the broker
+    first heard the shard (a restarted broker first waits to hear the leader that the
+    followers name).
 - The request goes to the most up-to-date live member: highest
   ``(last_log_term, last_index)``, ties by node id. It carries the highest term the
   broker has seen in the shard; a node above that term, or hearing a live leader, ignores
@@ -20,6 +27,22 @@ Theory of operation (elections are started by brokers, voted by nodes under Raft
   favour of the next best, so one stuck node cannot block the shard. When every live
   member has been skipped, the rotation starts again from the best.
 - A leader appearing ends the episode and clears its state.
+
+Confirmations (the availability rule, issue 10): every heartbeat interval the broker
+sends ``Heard`` to each node whose latest heartbeat is under ``CONFIRM_HEARTBEATS``
+intervals old. A leader that no broker confirms for an election timeout steps down
+(``storage_node/node_core.py``), because only brokers start elections and followers
+refuse to campaign while they hear a live leader: a leader the brokers cannot hear (or
+cannot reach: our ``Heard`` never arrives) would otherwise block its shard for as long as
+the cut lasts. Why a short window and not liveness (``election_timeout``): a leader whose
+heartbeats stop is then unconfirmed within a few intervals, so it steps down about one
+election timeout after the cut, its followers' lease on it runs out one more election
+timeout later, and the campaigns this broker has been sending since succeed: the shard
+serves again ~2 election timeouts after the cut. Three intervals tolerate two lost or
+late heartbeats in a row; losing ten rounds of either message is what an election
+timeout of silence means. The stepped-down leader is not asked to stand again while
+the cut lasts: a broker that cannot hear it never picks it, and one that hears it but
+cannot reach it skips it after ``tries_per_candidate`` unanswered tries (above).
 
 Config relation: ``election_timeout_ms >= 3 x heartbeat_ms`` (ValueError otherwise), so
 one or two lost heartbeats never look like a dead leader.
@@ -32,9 +55,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zkv.broker.node_table import NodeRecord, NodeTable, ShardView
-from zkv.protocol.messages import Campaign
+from zkv.protocol.messages import Campaign, Heard, Role
 
 TRIES_PER_CANDIDATE = 3
+#: A node is confirmed (``Heard``) while its latest heartbeat is younger than this many
+#: heartbeat intervals (see the module docstring).
+CONFIRM_HEARTBEATS = 3
 
 
 def check_timing(heartbeat_ms: int, election_timeout_ms: int) -> None:
@@ -57,6 +83,15 @@ class CampaignOrder:
     ident: bytes
     campaign: Campaign
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeardOrder:
+    """Tell ``node_id`` (routing id ``ident``) that this broker hears it."""
+
+    node_id: str
+    ident: bytes
+    heard: Heard
 
 
 @dataclass(slots=True)
@@ -106,6 +141,16 @@ class FailureDetector:
                 orders.append(order)
         return orders
 
+    def confirmations(self, table: NodeTable, now: float) -> list[HeardOrder]:
+        """``Heard`` for every node heard within ``CONFIRM_HEARTBEATS`` intervals."""
+        window_s = min(CONFIRM_HEARTBEATS * self.heartbeat_s, self.election_timeout_s)
+        broker_id = self.broker_id
+        return [
+            HeardOrder(node_id, rec.ident, Heard(broker_id, rec.heartbeat.term))
+            for node_id, rec in table.nodes.items()
+            if now - rec.last_seen < window_s
+        ]
+
     # ------------------------------------------------------------------ internals
 
     def _due(self, view: ShardView, live: list[NodeRecord], now: float) -> str:
@@ -113,11 +158,21 @@ class FailureDetector:
         if view.leader_last_seen is not None:
             if now - view.leader_last_seen >= timeout:
                 return "leader silent"
+            last = view.last_leader_id
+            for r in live:
+                hb = r.heartbeat
+                if (hb.node_id == last and hb.role is not Role.LEADER
+                        and hb.term >= view.leader_term and r.last_seen > view.leader_last_seen):
+                    return "leader stepped down"
             return ""
         members = set(view.members)
         if members:
             heard = sum(1 for r in live if r.heartbeat.node_id in members)
-            named = any(r.heartbeat.leader_id for r in live)
+            claims = {r.heartbeat.node_id: r.heartbeat.role is Role.LEADER for r in live}
+            named = any(
+                r.heartbeat.leader_id and claims.get(r.heartbeat.leader_id, True)
+                for r in live
+            )
             if heard >= len(members) // 2 + 1 and not named:
                 return "new shard, majority heard"
         if now - view.first_heard >= timeout:

@@ -51,6 +51,8 @@ class ShardView:
     leader_term: int = 0
     #: Receive time of the last heartbeat of a live leader; None if never seen one.
     leader_last_seen: float | None = None
+    #: The node whose claim that was (kept when the shard loses its leader).
+    last_leader_id: str | None = None
     max_term: int = 0
     members: tuple[str, ...] = ()
     node_ids: set[str] = field(default_factory=set)
@@ -277,6 +279,7 @@ class NodeTable:
             view.leader_id = best.heartbeat.node_id
             view.leader_term = best.heartbeat.term
             view.leader_last_seen = best.last_seen
+            view.last_leader_id = view.leader_id
             self.leaders[sid] = best.ident
         if (view.leader_id, view.leader_term) != old:
             self._events.append(LeaderChange(sid, view.leader_id or "", view.leader_term))

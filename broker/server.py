@@ -3,7 +3,7 @@
 Loop: poll until the next housekeeping deadline (one heartbeat interval), read the clock
 once, drain each ready socket in bounded non-blocking batches, route and send; when the
 deadline has passed, tick the node table and the failure detector and send the campaign
-requests they decide. The pure cores (``node_table``, ``failure_detector``, ``router``)
+requests and ``Heard`` confirmations they decide. The pure cores (``node_table``, ``failure_detector``, ``router``)
 make every decision; this module only moves frames.
 
 Frames (docs/internals.md):
@@ -11,6 +11,7 @@ Frames (docs/internals.md):
   backend ROUTER   out [node, client, header, (blob)]  in  [node, client, reply, (blob)]
                    out [node, b"", RequestBatch]       in  [node, b"", ReplyBatch]
                    out [node, b"", Campaign]           in  [node, b"", Redirect]
+                   out [node, b"", Heard]
   heartbeat SUB    in  [Heartbeat]
 
 Batching: the requests for one node taken in one drain of the frontend travel as one
@@ -621,6 +622,7 @@ class BrokerServer:
                 self.backend.send_multipart([order.ident, b"", *codec.encode(c)], _NOBLOCK)
             except zmq.ZMQError as exc:
                 self._warn_back.warn(now, "cannot send campaign to {}: {}", order.node_id, exc)
+        self._confirm(now)
         router = self.router
         if router.rejected != self._rejected_reported:
             self._warn_front.warn(
@@ -633,6 +635,18 @@ class BrokerServer:
             limiter.flush(now)
         self.stats.timer.expire(now)
         self.stats.publish(router, self.table, self.replies_dropped, self.rerouted)
+
+    def _confirm(self, now: float) -> None:
+        """``Heard`` to every node heard lately: a leader none confirms steps down
+        (failure_detector.py). A node whose pipe is full or gone misses one round."""
+        send = self.backend.send
+        for order in self.detector.confirmations(self.table, now):
+            try:
+                send(order.ident, _SNDMORE_NOBLOCK)
+            except zmq.ZMQError:
+                continue  # unknown routing id (not connected) or pipe full
+            send(b"", _SNDMORE_NOBLOCK)
+            send(codec.encode(order.heard)[0], _NOBLOCK)
 
     def _log_reroutes(self, now: float) -> None:
         counts = (self.rerouted, self.router.wrong_shard)

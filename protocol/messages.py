@@ -10,7 +10,8 @@ so the broker can route from the header alone (``codec.route_fields``).
 
 Flows:
   client  -> broker frontend : *Request
-  broker  -> node            : *Request (forwarded, client identity in front), Campaign
+  broker  -> node            : *Request (forwarded, client identity in front), Campaign,
+                               Heard
   node    -> broker          : *Reply (addressed to the client identity)
   node    -> broker SUB      : Heartbeat
   node   <-> node            : VoteRequest/VoteReply, AppendEntries/AppendReply,
@@ -272,6 +273,20 @@ class Campaign:
 
 
 @dataclass(frozen=True, slots=True)
+class Heard:
+    """Broker -> node, as ``[b"", Heard]`` every heartbeat interval: "I hear your
+    heartbeats" (the latest at ``term``), sent only to nodes heard within a few heartbeat
+    intervals. A leader that no broker has confirmed for an election timeout steps down
+    (``storage_node/node_core.py``): nobody could route to it, and its followers would
+    refuse to elect anyone else while it lives. Older nodes drop it as an unknown type.
+    """
+
+    TYPE: ClassVar[int] = 45
+    broker_id: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
 class RequestBatch:
     """Broker -> node: client requests for one node taken in one drain of the frontend,
     sent as one frame. Each item is ``(client_ident, header[, blob])`` exactly as the
@@ -454,8 +469,8 @@ PeerMessage = (
 )
 FoundingMessage = FoundingProbe | FoundingAnswer
 Message = (
-    ClientRequest | ClientReply | Heartbeat | Campaign | RequestBatch | ReplyBatch | Redirect
-    | PeerMessage | MigrationMessage | FoundingMessage
+    ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
+    | Redirect | PeerMessage | MigrationMessage | FoundingMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -463,7 +478,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     *ADMIN_REQUEST_CLASSES,
     GetReply, PutReply, DeleteReply, CasReply, ErrorReply, StatusReply, PongReply,
     *ADMIN_REPLY_CLASSES,
-    Heartbeat, Campaign, RequestBatch, ReplyBatch, Redirect,
+    Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
     MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
 )  # fmt: skip
@@ -483,7 +498,7 @@ __all__ = [
     "AdminSessionsReply", "AdminTrack", "AppendEntries", "AppendReply", "Applied",
     "Campaign", "CasReply", "CasRequest", "ClientReply", "ClientRequest", "Consistency",
     "DATA_REQUEST_TYPES", "DeleteReply", "DeleteRequest", "Entry", "ErrorReply",
-    "GetReply", "GetRequest", "Heartbeat", "InstallSnapshot", "LogIndex", "Message",
+    "GetReply", "GetRequest", "Heard", "Heartbeat", "InstallSnapshot", "LogIndex", "Message",
     "MigrateAck", "MigrateBatch", "MigrationMessage", "NodeId", "PROTOCOL_VERSION",
     "PeerMessage", "Phase", "PingRequest", "PongReply", "PutReply", "PutRequest",
     "Redirect", "ReplyBatch", "RequestBatch", "RingConfig", "Role", "ShardId",

@@ -384,7 +384,7 @@ class StorageNode:
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
-                self.core.tick(now)
+                node.tick(now)  # the replica's timers and the availability rule
                 if self._stop_requested:
                     self._check_stop(now)
                 self._handle_ready(now)

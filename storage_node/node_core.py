@@ -19,6 +19,8 @@ the manner of ``Replica.ready()`` (``replica.py``, the model):
   then calls ``advance(rd)``: install a snapshot into the state machine, fail writes
   whose log entries were truncated, apply ``committed``, queue reads. After the loop,
   ``settle()`` serves reads whose index is applied and notices a step-down.
+- ``tick(now)``: the replica's timers, then the availability rule (``broker_contact.py``:
+  a leader that no broker has confirmed hearing for an election timeout steps down).
 - ``pump_tasks(now)``: migration batches to send; ``heartbeat(now)``: the heartbeat,
   when due; ``take_snapshot()`` / ``compacted(...)``: the snapshot trigger;
   ``take_outgoing()``: every queued reply, once per loop turn (batched: ``node_requests.py``).
@@ -98,6 +100,15 @@ class NodeCore(RequestCore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
+
+    def tick(self, now: float) -> None:
+        """Once per shell loop turn: the replica's timers, then the availability rule."""
+        replica = self.replica
+        replica.tick(now)
+        why = self.broker_contact.step_down_reason(replica.role is Role.LEADER, replica.term, now)
+        if why:
+            replica.step_down(now)
+            self.notes.append(why)
 
     # ------------------------------------------------------------------ ready
 

@@ -54,6 +54,7 @@ from zkv.protocol.messages import (
     ErrorReply,
     GetReply,
     GetRequest,
+    Heard,
     PingRequest,
     PongReply,
     PutRequest,
@@ -65,6 +66,7 @@ from zkv.protocol.messages import (
 from zkv.protocol.ring import Ring
 from zkv.storage_node import membership as mship
 from zkv.storage_node.admin import AdminError, admin_request
+from zkv.storage_node.broker_contact import BrokerContact
 from zkv.storage_node.commands import Command, command_from_request, encode_command
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.quota import Quota, write_growth_bytes
@@ -157,13 +159,15 @@ class RequestCore:
         self.disk_full = False
         #: ... and something the core asked to persist is still waiting for the disk
         self.unpersisted = False
+        #: brokers' ``Heard`` confirmations: a leader none confirms steps down (tick)
+        self.broker_contact = BrokerContact(replica.config.election_timeout_ms / 1000)
 
     # ------------------------------------------------------------------ requests
 
     def on_broker_frames(self, origin: object, frames: list[bytes], now: float,
                          ts_ms: int) -> None:
-        """``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign]``;
-        raises ``RemoteProtocolError`` on frames that name no client to answer."""
+        """``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign |
+        Heard]``; raises ``RemoteProtocolError`` on frames that name no client to answer."""
         if len(frames) < 2:
             raise RemoteProtocolError("too few frames")
         ident = frames[0]
@@ -173,6 +177,8 @@ class RequestCore:
                 for item in msg.items:
                     if len(item) >= 2 and item[0]:
                         self.on_request(origin, item[0], item[1:], now, ts_ms)
+            elif isinstance(msg, Heard):
+                self.broker_contact.heard(msg, self.replica.term, now)
             elif (isinstance(msg, Campaign) and msg.shard_id == self.config.shard_id
                   and not self.unpersisted):  # no standing while behind on durability
                 self.notes.append(f"broker {msg.broker_id} asks us to stand (term {msg.term})")

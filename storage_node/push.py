@@ -227,6 +227,11 @@ class Push:
             self._inflight = None
             return
         self._inflight = None
+        if r.noop:
+            # the target is at the new epoch already: the change finished there (a stale
+            # or resumed stream); nothing this stream sends can matter any more
+            self.state = DONE
+            return
         if r.phase is not None and r.phase > self.spec.phase:
             self.state = DONE  # this batch closed the phase, or an earlier stream did
             if not r.stale:

@@ -391,6 +391,13 @@ class Replica:
             self._send(peer, request)
         self._check_prevote(now)
 
+    def step_down(self, now: float) -> None:
+        """Stop leading, staying at our term (the node core's availability rule: no
+        broker hears us). Pending reads fail; the followers' lease on us runs out."""
+        if self.role is Role.LEADER:
+            self._now = now
+            self._become_follower(self.term, "", now)
+
     def tick(self, now: float) -> None:
         self._now = now
         if self.role is Role.LEADER:

@@ -30,6 +30,7 @@ from zkv.protocol.messages import (
     ErrorReply,
     GetReply,
     GetRequest,
+    Heard,
     Heartbeat,
     PingRequest,
     PongReply,
@@ -175,6 +176,7 @@ class FakeNode:
         self.backend, self.heartbeats = broker.backend, broker.heartbeats
         self.beating = True
         self.campaigns: list[Campaign] = []
+        self.heard: list[tuple[float, Heard]] = []  # (receive time, confirmation)
         self.requests: list[list[bytes]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"fake-{node_id}", daemon=True)
@@ -217,6 +219,9 @@ class FakeNode:
             if isinstance(control, RequestBatch):  # several requests in one frame
                 for item in control.items:
                     self._serve(dealer, list(item))
+                return
+            if isinstance(control, Heard):
+                self.heard.append((time.monotonic(), control))
                 return
             assert isinstance(control, Campaign)
             self.campaigns.append(control)
@@ -401,6 +406,28 @@ def test_restarted_broker_routes_again_within_a_few_heartbeats(
     assert reply.value == b"s0r0:k"
     # Typically ~0.2 s: zmq reconnect intervals (100 ms) plus one heartbeat.
     assert took < 30 * HEARTBEAT_MS / 1000, f"took {took:.2f}s"
+
+
+def test_broker_confirms_the_nodes_it_hears_and_stops_when_it_no_longer_does(
+    broker: BrokerProcess, nodes: Any
+) -> None:
+    """``Heard`` every heartbeat interval to each node heard lately; a node whose
+    heartbeats stop is no longer confirmed within a few intervals (issue 10: a leader
+    no broker confirms steps down)."""
+    members = ("s0r0", "s0r1")
+    leader = nodes(broker, "s0r0", Role.LEADER, term=3, members=members)
+    follower = nodes(broker, "s0r1", term=3, members=members)
+    deadline = time.monotonic() + 5
+    while len(leader.heard) < 5 or len(follower.heard) < 5:
+        assert time.monotonic() < deadline, broker.log()
+        time.sleep(0.02)
+    assert leader.heard[-1][1] == Heard("tb", 3) and follower.heard[-1][1] == Heard("tb", 3)
+    leader.beating = False
+    stopped = time.monotonic()
+    time.sleep(1.0)
+    last = max(t for t, _ in leader.heard)
+    assert last - stopped < 6 * HEARTBEAT_MS / 1000, f"confirmed {last - stopped:.2f}s after"
+    assert max(t for t, _ in follower.heard) > stopped + 0.7  # the other one still is
 
 
 def two_shard_leaders(

@@ -5,7 +5,8 @@ ask to campaign) and ``Router`` (where a client's frames go) are the broker's ow
 this shell does what ``broker/server.py`` does with its sockets:
 
 - a node's ``Heartbeat`` -> ``table.observe``; every ``heartbeat_ms``: ``table.tick``,
-  then ``detector.tick`` and a ``Campaign`` frame to each node it names;
+  then ``detector.tick`` and a ``Campaign`` frame to each node it names, then a
+  ``Heard`` frame to each node ``detector.confirmations`` names;
 - a client's ``[header(, blob)]`` -> ``router.route([client, ...])``: forwarded to the
   node it names as ``[client, header(, blob)]``, or its reply frames back to the client;
 - a node's ``[client, reply...]`` -> the client; ``[b"", ReplyBatch]`` -> each item to
@@ -40,6 +41,8 @@ class SimBroker:
         self.detector = FailureDetector(addr, cfg.heartbeat_ms, cfg.election_timeout_ms)
         self.router = Router(self.table, addr)
         self.campaigns = 0
+        #: False: behave like a broker older than the availability rule (no ``Heard``)
+        self.confirms = True
         self.rerouted = 0
         self._hb_s = cfg.heartbeat_ms / 1000
         world.at(self._hb_s, self._check)
@@ -100,3 +103,6 @@ class SimBroker:
         for order in self.detector.tick(self.table, w.now):
             self.campaigns += 1
             w.net.send(self.addr, order.node_id, [b"", *codec.encode(order.campaign)], w.now)
+        if self.confirms:
+            for heard in self.detector.confirmations(self.table, w.now):
+                w.net.send(self.addr, heard.node_id, [b"", *codec.encode(heard.heard)], w.now)

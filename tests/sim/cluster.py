@@ -22,6 +22,9 @@ Invariants, checked after every step (``check_*``, raising ``Violation``):
   after snapshots) must match; no node truncates below what it applied, nor installs a
   snapshot below it, nor sees its commit index go back within an incarnation;
 - a node's term never decreases across restarts (with fsync=always);
+- the availability rule (``availability.py``): while a majority of the shard and a
+  broker reach each other, the shard is never without a usable leader for longer than
+  ``availability_s``;
 - at quiescence: one leader, every replica caught up, equal state digests;
 - every acknowledged write is in the committed log; the client history is linearizable.
 """
@@ -38,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.sim.availability import AvailabilityCheck, bound_for
 from tests.sim.broker import SimBroker
 from tests.sim.client import SimClient
 from tests.sim.clock import SimClock
@@ -80,6 +84,11 @@ class SimConfig:
     shards: int = 1
     ring_shards: int = 0
     vnodes: int = 16
+    #: the availability rule's bound on a down stretch (availability.py): None, by
+    #: the network's loss and delay; 0: unchecked
+    availability_s: float | None = None
+    #: only these fault kinds (faults.py); empty: all
+    fault_kinds: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -134,6 +143,7 @@ class World:
         self.events = 0
         self.faults_log: list[str] = []
         self.faults = FaultPlan(self)
+        self.availability: AvailabilityCheck | None = None
         for node in self.nodes.values():
             node.start()
 
@@ -238,6 +248,9 @@ class World:
         cfg = self.cfg
         if cfg.faults:
             self.faults.plan()
+        if cfg.availability_s != 0:
+            bound = cfg.availability_s if cfg.availability_s else bound_for(self)
+            self.availability = AvailabilityCheck(self, bound)
         self.run_until(cfg.duration_s)
         self.ops_left = 0
         self.faults.heal_everything()
@@ -330,6 +343,7 @@ class World:
             "terms": len(self.leaders_by_term),
             "committed": len(self.committed),
             "campaigns": self.broker.campaigns,
+            "down_s_max": round(self.availability.down_s_max, 2) if self.availability else None,
             "net": self.net.stats,
             "faults": list(self.faults_log),
         }

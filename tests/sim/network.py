@@ -68,6 +68,10 @@ class SimNetwork:
         """Cut one direction only (asymmetric partition)."""
         self._blocked.add((src, dst))
 
+    def uncut(self, src: str, dst: str) -> None:
+        """Restore one direction (only what ``cut`` or ``partition`` blocked there)."""
+        self._blocked.discard((src, dst))
+
     def isolate(self, node: str, others: Iterable[str]) -> None:
         self.partition([node], others)
 

@@ -11,8 +11,8 @@ the snapshot trigger. One deviation, documented: the SimDisk writes a received s
 before the hard state (one ``write`` call holds hard state, truncation and entries).
 
 Wire: the broker sends request frames exactly as a broker's backend delivers them
-(``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign]``); replies go
-back as frames to the broker address they came from; Raft messages travel between nodes
+(``[client_ident, header(, blob)]`` or ``[b"", RequestBatch | Campaign | Heard]``);
+replies go back as frames to the broker address they came from; Raft messages travel between nodes
 as message objects (the codec is tested on its own; encoding every append would only
 slow the sweep); migration batches and acks travel as frames, as on the peer socket.
 
@@ -118,7 +118,7 @@ class SimNode:
             return
         w = self.world
         if not self.paused():
-            self.node.replica.tick(w.now)
+            self.node.tick(w.now)
             self._turn()
             if w.cfg.fsync == "never" and w.rng.random() < 0.05:
                 self.disk.flush()
@@ -143,7 +143,7 @@ class SimNode:
                 node.on_peer_frames(src, msg, w.now)
         else:
             node.replica.step(src, msg, w.now)
-        node.replica.tick(w.now)
+        node.tick(w.now)
         self._turn()
 
     # ------------------------------------------------------------------ the shell

@@ -141,3 +141,25 @@ def test_the_harness_catches_a_conditional_delete_that_ignores_its_version(monke
     monkeypatch.setattr(KVStateMachine, "_apply_write", careless)
     caught = [r for r in (run_seed(s) for s in range(30)) if not r.ok]
     assert caught, "30 seeds with conditional deletes ignoring their version and no violation"
+
+
+ONE_WAY_ONLY = {"fault_kinds": ("mute_leader", "deaf_leader")}
+
+
+def test_one_way_cuts_between_leader_and_brokers_keep_the_availability_rule():
+    """Only one-way leader/broker cuts (2-8 s each): every seed keeps the rule."""
+    results = [run_seed(s, **ONE_WAY_ONLY) for s in range(12)]
+    assert all(r.ok for r in results), _report(results)
+    assert max(r.stats["down_s_max"] for r in results) > 1.0  # the faults did bite
+
+
+def test_the_harness_catches_a_leader_that_never_steps_down_for_the_brokers(monkeypatch):
+    """Keep the availability check honest: without the step-down rule (a leader no
+    broker confirms leads on), one-way cuts between the leader and the brokers leave
+    the shard without a usable leader for as long as they last; some seed must show it."""
+    from zkv.storage_node.broker_contact import BrokerContact
+
+    monkeypatch.setattr(BrokerContact, "step_down_reason", lambda self, leading, term, now: "")
+    caught = [r for r in (run_seed(s, **ONE_WAY_ONLY) for s in range(12)) if not r.ok]
+    assert caught, "12 seeds with a leader that ignores the brokers and no violation"
+    assert all("availability" in r.message for r in caught), caught[0].message

@@ -6,6 +6,12 @@ network fault, a NAT that forgot the flow, or a peer whose end was closed while 
 was not. Connections made afterwards forward normally, so a side that notices the dead
 connection and reconnects is served again. It also records every byte it forwards
 (``recorded``), for tests that look for plaintext on the wire.
+
+``drop(to_upstream=..., to_client=...)`` is the other fault: from then on, until
+``restore()``, bytes in the chosen direction are swallowed on every connection, open or
+made later (what a firewall rule dropping one direction between two hosts does: a side
+that reconnects gets nowhere). The proxy still reads them, so neither side sees TCP
+push back; ZMTP heartbeats are what notice.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ class BlackholeProxy:
         #: socket -> its partner; both stay open while black-holed
         self._pairs: dict[socket.socket, socket.socket] = {}
         self._holes: set[socket.socket] = set()
+        #: the sockets accepted from clients (the other end of each pair is upstream)
+        self._clients: set[socket.socket] = set()
+        self._drop_to_upstream = False
+        self._drop_to_client = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._record = record
@@ -43,6 +53,17 @@ class BlackholeProxy:
         with self._lock:
             self._holes.update(self._pairs)
             return len(self._pairs) // 2
+
+    def drop(self, to_upstream: bool = True, to_client: bool = True) -> None:
+        """Swallow, from now until ``restore``, what flows client -> upstream and/or
+        upstream -> client, on every connection present or future."""
+        with self._lock:
+            self._drop_to_upstream, self._drop_to_client = to_upstream, to_client
+
+    def restore(self) -> None:
+        """Forward both directions again (black holes made by ``blackhole`` stay)."""
+        with self._lock:
+            self._drop_to_upstream = self._drop_to_client = False
 
     def close(self) -> None:
         self._stop.set()
@@ -80,6 +101,7 @@ class BlackholeProxy:
         with self._lock:
             self._pairs[client] = upstream
             self._pairs[upstream] = client
+            self._clients.add(client)
         self._sel.register(client, selectors.EVENT_READ, None)
         self._sel.register(upstream, selectors.EVENT_READ, None)
 
@@ -92,7 +114,9 @@ class BlackholeProxy:
             data = b""
         with self._lock:
             partner = self._pairs.get(sock)
-            hole = sock in self._holes
+            hole = sock in self._holes or (
+                self._drop_to_upstream if sock in self._clients else self._drop_to_client
+            )
         if partner is None:
             return
         if not data:
@@ -114,6 +138,7 @@ class BlackholeProxy:
             for s in (a, b):
                 self._pairs.pop(s, None)
                 self._holes.discard(s)
+                self._clients.discard(s)
         for s in (a, b):
             try:
                 self._sel.unregister(s)

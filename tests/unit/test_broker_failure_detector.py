@@ -206,16 +206,59 @@ def test_shards_are_independent() -> None:
     assert c.tick() == [("s1r0", Campaign(1, 1, "b1"))]
 
 
-def test_leader_stepping_down_waits_timeout_from_last_claim() -> None:
+def test_leader_heard_stepping_down_makes_the_shard_due_at_once() -> None:
+    """A leader heard claiming no leadership at its term stepped down (lost its quorum,
+    or no broker confirmed it): ask at once rather than an election timeout after its
+    last claim. Followers that still hear it ignore the request until their lease ends;
+    followers cut from it long ago (the reason it lost its quorum) elect at once."""
     c = Cluster()
     c.beat(hb("s0r0", L, 2), hb("s0r1", term=2))
+    assert c.tick() == []
     c.now = 0.1
     c.beat(hb("s0r0", F, 2), hb("s0r1", term=2))
+    assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
+def test_a_leader_claim_and_its_step_down_between_two_ticks_still_count() -> None:
+    """A restarted broker may get a node's queued (stale) leader heartbeats and its
+    fresh follower ones in one drain: the step-down must still be noticed."""
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2), hb("s0r1", term=2, leader="s0r0"))
+    c.now = 0.05
+    c.beat(hb("s0r0", F, 2), hb("s0r1", term=2, leader="s0r0"))
+    assert [n for n, _ in c.tick()] == ["s0r0"]
+
+
+def test_a_stale_non_leader_heartbeat_of_the_leader_does_not_count_as_stepping_down() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", F, 1), hb("s0r1", term=2))  # from before its election
+    c.now = 0.05
+    c.beat(hb("s0r0", L, 2))
     assert c.tick() == []
+    c.now = 0.1
+    c.table.observe(hb("s0r0", F, 1), c.now)  # a late duplicate of the old heartbeat
+    assert c.tick() == []
+
+
+def test_leader_silent_then_due_timeout_after_its_last_claim() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2), hb("s0r1", term=2))
     c.now = 0.99
-    c.beat(hb("s0r0", F, 2), hb("s0r1", term=2))
+    c.beat(hb("s0r1", term=2))
     assert c.tick() == []
     c.now = 1.0
+    assert [n for n, _ in c.tick()] == ["s0r1"]
+
+
+def test_restarted_broker_elects_at_once_when_the_named_leader_stepped_down() -> None:
+    """The followers still name a leader that stepped down (no broker heard it for an
+    election timeout, e.g. every broker was down): hearing that node as a follower makes
+    the name stale, so a majority heard with no live claim elects at once."""
+    c = Cluster()
+    c.beat(
+        hb("s0r0", F, 4, leader=""), hb("s0r1", term=4, leader="s0r0"),
+        hb("s0r2", term=4, leader="s0r0"),
+    )  # fmt: skip
     assert [n for n, _ in c.tick()] == ["s0r0"]
 
 
@@ -230,3 +273,38 @@ def test_a_node_that_may_not_vote_is_never_asked_to_stand() -> None:
     assert sent and {node for _, node, _ in sent} == {"s0r1"}
     alone = Cluster()
     assert alone.run(3.0, [wiped]) == []
+
+
+def test_a_named_leader_not_heard_yet_still_waits() -> None:
+    c = Cluster()
+    c.beat(hb("s0r1", term=4, leader="s0r0"), hb("s0r2", term=4, leader="s0r0"))
+    assert c.tick() == []
+
+
+# --------------------------------------------------------------------------- confirmations
+
+
+def heard(c: Cluster) -> dict[str, int]:
+    return {o.node_id: o.heard.term for o in c.fd.confirmations(c.table, c.now)}
+
+
+def test_every_node_heard_recently_is_confirmed_with_its_term() -> None:
+    c = Cluster()
+    c.beat(hb("s0r0", L, 3), hb("s0r1", term=3), hb("s1r0", term=7, shard=1, members=("s1r0",)))
+    assert heard(c) == {"s0r0": 3, "s0r1": 3, "s1r0": 7}
+    orders = c.fd.confirmations(c.table, c.now)
+    assert {o.ident for o in orders} == {b"s0r0", b"s0r1", b"s1r0"}
+    assert {o.heard.broker_id for o in orders} == {"b1"}
+
+
+def test_confirmation_stops_within_three_heartbeats_of_silence() -> None:
+    """Not at liveness (an election timeout): a leader cut from the brokers must learn
+    it within a few intervals, so that it steps down ~1 election timeout after the cut."""
+    c = Cluster()
+    c.beat(hb("s0r0", L, 3), hb("s0r1", term=3))
+    c.now = 0.29
+    c.beat(hb("s0r1", term=3))
+    assert heard(c) == {"s0r0": 3, "s0r1": 3}  # two heartbeats lost: still confirmed
+    c.now = 0.31
+    assert heard(c) == {"s0r1": 3}
+    assert c.table.is_live("s0r0", c.now)  # while the table still counts it live

@@ -27,6 +27,7 @@ from zkv.protocol.messages import (
     ErrorReply,
     GetReply,
     GetRequest,
+    Heard,
     Heartbeat,
     MigrateAck,
     MigrateBatch,
@@ -73,6 +74,8 @@ class Shard:
         self.cut: set[str] = set()  # nodes whose peer traffic is lost
         self.mail: list[tuple[str, str, object]] = []
         self.truncations: list[tuple[str, int]] = []
+        #: nodes a broker confirms (``Heard``) on every tick
+        self.heard_by_broker: set[str] = set()
 
     def run(self, name: str) -> None:
         """One shell turn's ready rounds for ``name`` (persisting to memory)."""
@@ -113,8 +116,11 @@ class Shard:
         end = self.now + seconds
         while self.now < end:
             self.now = round(self.now + 0.05, 6)
-            for node in self.nodes.values():
-                node.replica.tick(self.now)
+            for name, node in self.nodes.items():
+                if name in self.heard_by_broker:
+                    heard = Heard("b1", node.replica.term)
+                    node.on_broker_frames(BROKER, [b"", *codec.encode(heard)], self.now, 0)
+                node.tick(self.now)
             self.settle()
 
     def elect(self, name: str) -> NodeCore:
@@ -451,10 +457,66 @@ def test_appends_go_before_persisting_and_votes_after() -> None:
     assert nrd.send_after == []
 
 
+# ------------------------------------------------------------------ availability rule
+
+
+def test_a_leader_no_broker_confirms_for_an_election_timeout_steps_down() -> None:
+    """Issue 10: the leader reaches its followers, but no broker hears it. It steps down
+    an election timeout after the last confirmation and answers NO_LEADER; once the
+    followers' lease runs out, a follower the broker hears is elected."""
+    shard = Shard()
+    shard.heard_by_broker = set(MEMBERS)
+    leader = shard.elect("a")
+    shard.tick(3.0)  # confirmed all along: leads on
+    assert leader.replica.role is Role.LEADER
+    replies(leader)
+    shard.heard_by_broker = {"b", "c"}  # the cut
+    cut_at = shard.now
+    shard.tick(0.9)
+    assert leader.replica.role is Role.LEADER
+    shard.tick(0.15)
+    assert leader.replica.role is Role.FOLLOWER
+    request(leader, put(1), shard.now)
+    assert [r.code for r in replies(leader)] == [ErrorCode.NO_LEADER]  # type: ignore[attr-defined]
+    assert any("no broker has confirmed hearing us" in n for n in leader.notes)
+    # the broker asks b (the candidate it would pick) until b's lease on a runs out
+    b = shard.nodes["b"]
+    while b.replica.role is not Role.LEADER:
+        assert shard.now - cut_at < 2.5, "no follower elected within ~2 election timeouts"
+        b.on_broker_frames(BROKER, [b"", *codec.encode(Campaign(0, 1, "b1"))], shard.now, 0)
+        shard.settle()
+        shard.tick(0.1)
+    assert leader.replica.role is Role.FOLLOWER and leader.replica.leader_id == "b"
+
+
+def test_a_node_never_confirmed_keeps_leading() -> None:
+    """Rolling upgrade: brokers older than the rule never send Heard."""
+    shard = Shard()
+    leader = shard.elect("a")
+    shard.tick(5.0)
+    assert leader.replica.role is Role.LEADER
+
+
+def test_a_fresh_leader_has_an_election_timeout_to_be_confirmed_at_its_term() -> None:
+    shard = Shard()
+    a = shard.nodes["a"]
+    old = Heard("b1", 0)  # heard before the election: turns the rule on, confirms nothing
+    a.on_broker_frames(BROKER, [b"", *codec.encode(old)], shard.now, 0)
+    leader = shard.elect("a")
+    shard.tick(0.9)
+    assert leader.replica.role is Role.LEADER
+    fresh = Heard("b1", leader.replica.term)
+    leader.on_broker_frames(BROKER, [b"", *codec.encode(fresh)], shard.now, 0)
+    shard.tick(0.9)
+    assert leader.replica.role is Role.LEADER
+    shard.tick(0.2)
+    assert leader.replica.role is Role.FOLLOWER
+
+
 # ------------------------------------------------------------------ purity
 
 
-@pytest.mark.parametrize("module", ["node_core", "node_requests"])
+@pytest.mark.parametrize("module", ["node_core", "node_requests", "broker_contact"])
 def test_the_node_core_is_pure(module: str) -> None:
     """No sockets, clocks, threads, files, logging or global random in the node core."""
     import zkv.storage_node as pkg

@@ -272,3 +272,22 @@ def test_a_late_ack_from_before_a_restart_does_not_end_a_stream() -> None:
     push = after.pushes[(2, 1, PHASE_COPY)]
     assert push.state != DONE or progress.phase > PHASE_COPY, (
         f"stream done, target still in phase {progress.phase}")
+
+
+def test_a_stream_to_a_target_already_past_the_change_ends() -> None:
+    """The target flipped its ring to the new epoch already (the change finished, and a
+    stale or resumed stream still sends): its MigrateIn answers ``noop``, and the stream
+    must end, not resend its last batch forever (found by the shard-move simulation:
+    the same done batch was appended to the target's log every few milliseconds)."""
+    src, _ = _shards(50)
+    push = Push(PushSpec(OLD, NEW, 0, 1, 1, 0, b"", TARGETS, batch_keys=17), src)
+    done_target = KVStateMachine(shard_id=1, ring=NEW)
+    now, sent = 0.0, 0
+    while push.state != DONE and sent < 20:
+        now += 0.01
+        for _node, batch in push.pump(src, now):
+            sent += 1
+            result = done_target.apply_command(sent, command_for(batch))
+            assert isinstance(result, Applied) and result.noop
+            push.on_ack(MigrateAck(batch.seq, 1, result, ""), now)
+    assert push.state == DONE, f"still sending after {sent} batches"
