@@ -31,17 +31,19 @@ not meant to be shared between threads; a lock serializes calls if it is.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
+from zkv.client.connection import Clock as Clock  # re-exported: the client's edges
+from zkv.client.connection import Connection as Connection
+from zkv.client.connection import MonotonicClock as MonotonicClock
+from zkv.client.connection import ZmqConnection as ZmqConnection
 from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
 from zkv.protocol import codec
 from zkv.protocol.errors import (
@@ -79,63 +81,6 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 class ClientClosed(KVError):
     """The client was closed; no request can be sent on it."""
-
-
-class Connection(Protocol):
-    """One connection to one broker, as the sync client needs it."""
-
-    def send(self, frames: list[bytes]) -> None: ...
-
-    def recv(self, until: float) -> list[bytes] | None:
-        """The next frames, or None if none arrive before clock time ``until``."""
-
-    def close(self) -> None: ...
-
-
-class Clock(Protocol):
-    def now(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class MonotonicClock:
-    """The real clock: ``time.monotonic`` and ``time.sleep``."""
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-class ZmqConnection:
-    """A DEALER connected to one broker, closed with linger 0 (Lazy Pirate)."""
-
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, curve: Curve | None = None) -> None:
-        self._sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:  # Curve: this client's key, the broker's expected key
-            curve.broker_client(self._sock, endpoint)
-        try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(linger=0)
-            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-
-    def send(self, frames: list[bytes]) -> None:
-        self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
-
-    def recv(self, until: float) -> list[bytes] | None:
-        left_ms = math.ceil((until - time.monotonic()) * 1000)
-        if left_ms <= 0 or not self._poller.poll(left_ms):
-            return None
-        return self._sock.recv_multipart()
-
-    def close(self) -> None:
-        self._poller.unregister(self._sock)
-        self._sock.close(linger=0)
 
 
 def parse_endpoints(endpoints: str | Sequence[str] | None) -> list[str]:

@@ -1,169 +1,56 @@
-"""``zkv cluster up`` and ``LocalCluster``: a whole zkv cluster as local processes.
+"""``LocalCluster``: a whole zkv cluster as child processes of this one.
 
 Layout (docs/internals.md): broker ``b`` listens on ``P+3b`` (frontend), ``P+3b+1``
 (backend), ``P+3b+2`` (heartbeats); node ``s{shard}r{replica}`` keeps its data in
 ``DIR/s{shard}r{replica}`` and gets a free peer port at each ``start()`` (kept across
-``restart_node`` so its peers can still reach it). ``DIR/cluster.json`` records the
-shards, replicas, ring vnodes and node ids on first start and is reused after: the same
-data dir brings back the same nodes and data, on any port. Every node gets the recorded
-``--vnodes``, so a shard added later starts from the same epoch-1 ring as the others (a
-file written before vnodes were recorded means the old default, 256). Logs go to ``DIR/logs/<name>.log``.
-
-Children run in their own sessions (a Ctrl-C reaches only the supervisor, which then
-stops them in order: SIGTERM, a grace period, SIGKILL) and, on Linux, die with the
-thread that started them if the supervisor itself is killed.
+``restart_node`` so its peers can still reach it). ``DIR/cluster.json``
+(``ops/cluster_spec.py``) names the nodes: the same data dir brings back the same nodes
+and data, on any port. Every node gets the recorded ``--vnodes``, so a shard added later
+starts from the same epoch-1 ring as the others. Logs go to ``DIR/logs/<name>.log``.
+Children run in their own sessions and are stopped in order (``ops/child.py``); the
+``zkv cluster up`` command around this class is ``ops/cluster_cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import json
 import os
-import random
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from zkv.client.sdk import KVClient
+from zkv.ops.child import Child, kill, spawn, stop_all
+from zkv.ops.cluster_spec import (  # re-exported: callers import them from here
+    CLUSTER_FILE,
+    CLUSTER_FORMAT,
+    LEGACY_VNODES,
+    ClusterError,
+    choose_peer_ports,
+    free_port,
+    free_port_block,
+    load_or_create_spec,
+    node_id,
+    spec_add_replica,
+    spec_add_shard,
+    spec_remove_replica,
+    spec_remove_shard,
+)
 from zkv.protocol.errors import KVError
-from zkv.protocol.ring import DEFAULT_VNODES
 
-CLUSTER_FILE = "cluster.json"
-CLUSTER_FORMAT = 1
+__all__ = [
+    "CLUSTER_FILE", "CLUSTER_FORMAT", "GRACE_S", "LEGACY_VNODES", "READY_POLL_S", "Child",
+    "ClusterError", "LocalCluster", "free_port", "free_port_block", "load_or_create_spec",
+    "node_id", "spec_add_replica", "spec_add_shard", "spec_remove_replica",
+    "spec_remove_shard",
+]
+
 GRACE_S = 5.0
 READY_POLL_S = 0.2
-#: The vnode default before it became 1024: what a cluster.json without "vnodes" used.
-LEGACY_VNODES = 256
-
-
-class ClusterError(Exception):
-    """The local cluster cannot be started or does not become ready."""
-
-
-# --------------------------------------------------------------------------- spec
-
-
-def node_id(shard: int, replica: int) -> str:
-    return f"s{shard}r{replica}"
-
-
-def load_or_create_spec(
-    data_dir: Path, shards: int | None, replicas: int | None, brokers: int,
-    vnodes: int | None = None,
-) -> dict[str, Any]:
-    """Read ``cluster.json`` (checking it agrees with explicit arguments) or write one."""
-    path = data_dir / CLUSTER_FILE
-    if path.exists():
-        try:
-            spec = json.loads(path.read_text())
-            n_shards, n_replicas = len(spec["shards"]), int(spec["replicas"])
-            n_vnodes = int(spec.get("vnodes", LEGACY_VNODES))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ClusterError(f"{path} is not a valid cluster file: {exc}") from exc
-        if shards is not None and shards != n_shards:
-            raise ClusterError(f"{path} has {n_shards} shards, not {shards}: use another "
-                               f"--data-dir or drop --shards")
-        if replicas is not None and replicas != n_replicas:
-            raise ClusterError(f"{path} has {n_replicas} replicas, not {replicas}: use "
-                               f"another --data-dir or drop --replicas")
-        if vnodes is not None and vnodes != n_vnodes:
-            raise ClusterError(f"{path} has {n_vnodes} vnodes per shard, not {vnodes}: "
-                               f"the ring is fixed at creation (drop --vnodes)")
-        if spec.get("brokers") != brokers or "vnodes" not in spec:
-            spec["brokers"] = brokers  # brokers are stateless: any count will do
-            spec["vnodes"] = n_vnodes
-            _write_json(path, spec)
-        return spec  # type: ignore[no-any-return]
-    shards = 2 if shards is None else shards
-    replicas = 3 if replicas is None else replicas
-    vnodes = DEFAULT_VNODES if vnodes is None else vnodes
-    if shards < 1 or replicas < 1 or brokers < 1 or vnodes < 1:
-        raise ClusterError("need at least one shard, one replica, one broker and one vnode")
-    spec = {
-        "format": CLUSTER_FORMAT,
-        "shards": list(range(shards)),
-        "initial_shards": list(range(shards)),  # the epoch-1 ring every node starts from
-        "next_shard": shards,  # shard ids are never reused
-        "replicas": replicas,
-        "brokers": brokers,
-        "vnodes": vnodes,
-        "nodes": [{"id": node_id(s, r), "shard": s, "replica": r}
-                  for s in range(shards) for r in range(replicas)],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    data_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, spec)
-    return spec
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_block(count: int, host: str = "127.0.0.1", tries: int = 200) -> int:
-    """A base port P with P .. P+count-1 all free right now."""
-    rng = random.Random()
-    for _ in range(tries):
-        base = rng.randrange(20000, 60000 - count)
-        if all(_port_free(base + i, host) for i in range(count)):
-            return base
-    raise ClusterError(f"found no block of {count} free ports")
-
-
-def _port_free(port: int, host: str) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Child:
-    name: str
-    kind: str  # "broker" | "node"
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    reported: bool = False
-    log: IO[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 class LocalCluster:
@@ -346,7 +233,7 @@ class LocalCluster:
             for nid in self.nodes:
                 (self.data_dir / nid).mkdir(exist_ok=True)
             for child in [*self.brokers, *self.nodes.values()]:
-                self._spawn(child)
+                spawn(child)
         except BaseException:
             self.stop()
             raise
@@ -388,7 +275,7 @@ class LocalCluster:
         changes = []
         for nid in [n for n in self.nodes if n not in wanted]:
             c = self.nodes.pop(nid)
-            _kill(c, signal.SIGTERM, self.grace_s)
+            kill(c, signal.SIGTERM, self.grace_s)
             if c.log is not None:
                 c.log.close()
             changes.append(f"stopped {nid} (its shard left the cluster)")
@@ -401,62 +288,17 @@ class LocalCluster:
                 (self.data_dir / n["id"]).mkdir(exist_ok=True)
                 child = Child(n["id"], "node", self._node_argv(n), logs / f"{n['id']}.log")
                 self.nodes[n["id"]] = child
-                self._spawn(child)
+                spawn(child)
                 changes.append(f"started {n['id']} for shard {n['shard']}")
         return changes
 
     def _choose_peer_ports(self, node_ids: list[str] | None = None) -> None:
-        held = []
-        try:
-            fixed = {n["id"]: int(n["peer_port"]) for n in self.spec["nodes"] if n.get("peer_port")}
-            for nid in node_ids if node_ids is not None else self.node_ids:
-                if nid in fixed:  # chosen by `zkv admin add-replica --data-dir`
-                    self.peer_ports[nid] = fixed[nid]
-                    continue
-                s = socket.socket()
-                s.bind((self.host, 0))
-                held.append(s)
-                self.peer_ports[nid] = int(s.getsockname()[1])
-        finally:
-            for s in held:
-                s.close()
-
-    def _spawn(self, child: Child) -> None:
-        if child.log is None or child.log.closed:
-            child.log = open(child.log_path, "ab")  # noqa: SIM115 - owned by the child record
-        child.log.write(f"--- {time.strftime('%H:%M:%S')} zkv cluster: starting "
-                        f"{' '.join(child.argv)}\n".encode())
-        child.log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        on_main = threading.current_thread() is threading.main_thread()
-        child.proc = subprocess.Popen(
-            child.argv, stdin=subprocess.DEVNULL, stdout=child.log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
-            preexec_fn=_die_with_parent if on_main and sys.platform == "linux" else None,
-        )
-        child.started_at = time.monotonic()
-        child.reported = False
+        ids = node_ids if node_ids is not None else self.node_ids
+        self.peer_ports.update(choose_peer_ports(self.spec, ids, self.host))
 
     def stop(self) -> None:
         """SIGTERM every child, wait ``grace_s``, SIGKILL the rest; idempotent."""
-        children = [c for c in [*self.nodes.values(), *self.brokers] if c.proc is not None]
-        for c in children:
-            if c.alive:
-                _signal(c, signal.SIGCONT)  # a SIGSTOPped child cannot handle SIGTERM
-                _signal(c, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        for c in children:
-            assert c.proc is not None
-            try:
-                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(c, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    c.proc.wait(timeout=5)
-        for c in [*self.nodes.values(), *self.brokers]:
-            if c.log is not None:
-                c.log.close()
-                c.log = None
+        stop_all([*self.nodes.values(), *self.brokers], self.grace_s)
         self._started = False
 
     def __enter__(self) -> LocalCluster:
@@ -546,21 +388,21 @@ class LocalCluster:
         return c.proc.pid if c.alive and c.proc is not None else None
 
     def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
-        _kill(self._node(node_id), sig, self.grace_s)
+        kill(self._node(node_id), sig, self.grace_s)
 
     def restart_node(self, node_id: str) -> None:
         """Kill (SIGKILL) the node if it runs, then start it again, same ports and data."""
         c = self._node(node_id)
-        _kill(c, signal.SIGKILL, self.grace_s)
-        self._spawn(c)
+        kill(c, signal.SIGKILL, self.grace_s)
+        spawn(c)
 
     def kill_broker(self, i: int, sig: int = signal.SIGKILL) -> None:
-        _kill(self._broker(i), sig, self.grace_s)
+        kill(self._broker(i), sig, self.grace_s)
 
     def restart_broker(self, i: int) -> None:
         c = self._broker(i)
-        _kill(c, signal.SIGKILL, self.grace_s)
-        self._spawn(c)
+        kill(c, signal.SIGKILL, self.grace_s)
+        spawn(c)
 
     def _node(self, node_id: str) -> Child:
         try:
@@ -572,195 +414,3 @@ class LocalCluster:
         if not 0 <= i < len(self.brokers):
             raise IndexError(f"no broker {i} (have {len(self.brokers)})")
         return self.brokers[i]
-
-
-def spec_add_shard(data_dir: Path) -> int:
-    """Add a shard group (not yet in the ring) to ``cluster.json``; returns its id."""
-    path = Path(data_dir) / CLUSTER_FILE
-    spec = json.loads(path.read_text())
-    spec.setdefault("initial_shards", list(spec["shards"]))
-    new_id = int(spec.get("next_shard", max(spec["shards"]) + 1))
-    spec["next_shard"] = new_id + 1
-    spec["shards"].append(new_id)
-    spec["nodes"] += [{"id": node_id(new_id, r), "shard": new_id, "replica": r}
-                      for r in range(int(spec["replicas"]))]
-    _write_json(path, spec)
-    return new_id
-
-
-def spec_add_replica(data_dir: Path, shard: int, new_id: str, peer_addr: str = "",
-                     host: str = "127.0.0.1") -> str:
-    """Name a node joining ``shard`` in ``cluster.json`` (the supervisor starts it, with
-    no ``--bootstrap``: it joins as a learner); returns its peer address."""
-    path = Path(data_dir) / CLUSTER_FILE
-    spec = json.loads(path.read_text())
-    if shard not in [int(s) for s in spec["shards"]]:
-        raise ClusterError(f"{path} has no shard {shard}")
-    old = next((n for n in spec["nodes"] if n["id"] == new_id), None)
-    if old is not None:  # asked before: keep its port
-        return f"tcp://{host}:{old['peer_port']}" if old.get("peer_port") else peer_addr
-    port = int(peer_addr.rpartition(":")[2]) if peer_addr else free_port(host)
-    replica = 1 + max(int(n["replica"]) for n in spec["nodes"] if int(n["shard"]) == shard)
-    spec["nodes"].append({"id": new_id, "shard": shard, "replica": replica,
-                          "peer_port": port, "join": True})
-    _write_json(path, spec)
-    return peer_addr or f"tcp://{host}:{port}"
-
-
-def spec_remove_replica(data_dir: Path, node: str) -> None:
-    """Drop a node from ``cluster.json`` once the shard removed it (the supervisor stops
-    it; its data dir stays, for the operator to delete)."""
-    path = Path(data_dir) / CLUSTER_FILE
-    spec = json.loads(path.read_text())
-    spec["nodes"] = [n for n in spec["nodes"] if n["id"] != node]
-    _write_json(path, spec)
-
-
-def spec_remove_shard(data_dir: Path, shard: int) -> None:
-    """Drop a shard group from ``cluster.json`` (after its keys moved away)."""
-    path = Path(data_dir) / CLUSTER_FILE
-    spec = json.loads(path.read_text())
-    spec.setdefault("initial_shards", list(spec["shards"]))
-    spec["shards"] = [s for s in spec["shards"] if int(s) != shard]
-    spec["nodes"] = [n for n in spec["nodes"] if int(n["shard"]) != shard]
-    _write_json(path, spec)
-
-
-def _signal(c: Child, sig: int) -> None:
-    if c.proc is not None:
-        with contextlib.suppress(ProcessLookupError):
-            c.proc.send_signal(sig)
-
-
-def _kill(c: Child, sig: int, grace_s: float) -> None:
-    """Send ``sig``; for a terminating signal wait for the exit (SIGKILL after grace)."""
-    if not c.alive:
-        return
-    assert c.proc is not None
-    if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
-        _signal(c, signal.SIGCONT)
-    _signal(c, sig)
-    if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
-        try:
-            c.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            _signal(c, signal.SIGKILL)
-            c.proc.wait(timeout=5)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", type=int, default=None, help="shards (default 2)")
-    p.add_argument("--replicas", type=int, default=None, help="replicas per shard (default 3)")
-    p.add_argument("--brokers", type=int, default=1)
-    p.add_argument("--vnodes", type=int, default=None,
-                   help=f"ring vnodes per shard, fixed at creation (default {DEFAULT_VNODES})")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--port", type=int, default=5555, help="first broker port (0: free)")
-    p.add_argument("--fsync", default="always", help="always | interval:<ms> | never")
-    p.add_argument("--heartbeat-ms", type=int, default=None)
-    p.add_argument("--election-timeout-ms", type=int, default=None)
-    p.add_argument("--metrics-port-base", type=int, default=0,
-                   help="/metrics of broker b0 on this port, the next processes on the "
-                   "ports after it (default 0: free ports, printed)")
-    p.add_argument("--no-metrics", action="store_true", help="serve no /metrics")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--secure", action="store_true",
-                   help="Curve keys for every process, generated under DATA_DIR/keys")
-    p.add_argument("--ready-timeout", type=float, default=60.0,
-                   help="seconds to wait for every shard to elect a leader")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="port of the HTTP gateway (REST API, /ui, /metrics; default 8000; "
-                   "0: no gateway)")
-    p.add_argument("--http-workers", type=int, default=1, help="gateway worker processes")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Start, wait until serving, supervise until SIGINT/SIGTERM, stop; 0 on a clean stop."""
-
-    def say(line: str) -> None:
-        print(f"zkv cluster up: {line}", file=sys.stderr, flush=True)
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        cluster = LocalCluster(
-            args.data_dir, shards=args.shards, replicas=args.replicas, brokers=args.brokers,
-            vnodes=args.vnodes,
-            port=args.port, fsync=args.fsync, heartbeat_ms=args.heartbeat_ms,
-            election_timeout_ms=args.election_timeout_ms, log_level=args.log_level,
-            metrics_port=None if args.no_metrics else args.metrics_port_base,
-            secure=args.secure,
-        )
-    except ClusterError as exc:
-        print(f"zkv: error: {exc}", file=sys.stderr)
-        return 1
-    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
-    gateway = None
-    try:
-        say(f"{len(cluster.shard_ids)} shard(s) x {cluster.spec['replicas']} replica(s), "
-            f"{cluster.spec['brokers']} broker(s), data in {cluster.data_dir}")
-        cluster.start()
-        cluster.wait_ready(args.ready_timeout, progress=lambda s: say(f"waiting: {s}"))
-        print(f"zkv cluster up: serving on {cluster.endpoint}", flush=True)
-        if cluster.keys_dir is not None:
-            print(f"zkv cluster up: client key {cluster.client_keys} (zkv --keys DIR, "
-                  f"env ZKV_KEYS)\nzkv cluster up: admin key {cluster.admin_keys}", flush=True)
-        for name, url in cluster.metrics_urls().items():
-            say(f"metrics of {name} on {url}")
-        gateway = _start_gateway(cluster, args, say)
-        spec_path = cluster.data_dir / CLUSTER_FILE
-        spec_mtime = spec_path.stat().st_mtime_ns
-        while True:
-            time.sleep(0.5)
-            mtime = spec_path.stat().st_mtime_ns
-            if mtime != spec_mtime:  # `zkv admin add-shard/add-replica/... --data-dir`
-                spec_mtime = mtime
-                for line in cluster.sync_spec():
-                    say(line)
-            for c in cluster.dead_children():
-                say(f"{c.name} exited with code {c.proc.returncode if c.proc else '?'} "
-                    f"(not restarted; log {c.log_path})")
-            if gateway is not None and not gateway.alive:
-                say(f"the gateway exited (not restarted; log {gateway.log_path})")
-                gateway = None
-    except KeyboardInterrupt:
-        say("stopping")
-        return 0
-    except ClusterError as exc:
-        print(f"zkv: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for s in old:
-            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
-        if gateway is not None:
-            gateway.stop()
-        cluster.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
-                   say: Callable[[str], None]) -> Any:
-    """The HTTP gateway as one more child (``--http-port``, 0: none); when it cannot run
-    (no http extra, port taken) say why and carry on without it."""
-    if not args.http_port:
-        return None
-    from zkv.gateway.process import GatewayProcess
-
-    gw = GatewayProcess(cluster.endpoint, args.http_port, host=cluster.host,
-                        workers=args.http_workers,
-                        log_path=cluster.data_dir / "logs" / "gateway.log")
-    why = gw.start()
-    if why is None and not gw.wait_healthy():
-        gw.stop()
-        why = f"it did not answer /health (log {gw.log_path})"
-    if why is not None:
-        say(f"no HTTP gateway: {why}; running without it")
-        return None
-    print(f"zkv cluster up: HTTP gateway on {gw.url} (docs {gw.url}/docs, live page "
-          f"{gw.url}/ui)", flush=True)
-    return gw

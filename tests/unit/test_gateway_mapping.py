@@ -166,7 +166,7 @@ def test_cluster_up_runs_without_gateway_when_the_extra_is_missing(
     import types
 
     from zkv.gateway import process
-    from zkv.ops import cluster
+    from zkv.ops import cluster_cli
 
     monkeypatch.setattr(process, "http_available",
                         lambda: "fastapi is not installed (pip install 'zkv[http]')")
@@ -174,10 +174,10 @@ def test_cluster_up_runs_without_gateway_when_the_extra_is_missing(
     fake = types.SimpleNamespace(endpoint="tcp://127.0.0.1:1", host="127.0.0.1",
                                  data_dir=tmp_path)
     args = argparse.Namespace(http_port=8000, http_workers=1)
-    assert cluster._start_gateway(fake, args, said.append) is None  # type: ignore[arg-type]
+    assert cluster_cli._start_gateway(fake, args, said.append) is None  # type: ignore[arg-type]
     assert said == ["no HTTP gateway: the http extra is not installed (fastapi is not "
                     "installed (pip install 'zkv[http]')); running without it"]
     said.clear()
-    assert cluster._start_gateway(fake, argparse.Namespace(http_port=0, http_workers=1),
-                                  said.append) is None  # type: ignore[arg-type]
+    assert cluster_cli._start_gateway(fake, argparse.Namespace(http_port=0, http_workers=1),
+                                      said.append) is None  # type: ignore[arg-type]
     assert said == []
