@@ -69,6 +69,23 @@ def test_add_learner_catches_up_and_is_promoted() -> None:
     assert [e.data for e in g.applied["d"]] == [e.data for e in g.applied["a"]]
 
 
+def test_two_caught_up_learners_are_promoted_one_change_at_a_time() -> None:
+    """The leader proposes one promotion per tick: a second in the same tick would break
+    the one-change-at-a-time rule (propose_membership raises out of tick)."""
+    g = _ready_group()
+    _join(g, "d")
+    _join(g, "e")
+    g.cut |= {frozenset(("a", "d")), frozenset(("a", "e"))}  # neither catches up yet
+    for learner in "de":
+        g.cores["a"].propose_membership(g.cores["a"].membership.add_learner(learner, ""), g.now)
+        g.settle()
+    assert g.cores["a"].membership.learners == ("d", "e")
+    g.cut.clear()  # both catch up in the same round of heartbeats
+    g.advance(1.0)
+    final = g.cores["a"].membership
+    assert final.voters == ("a", "b", "c", "d", "e") and final.learners == ()
+
+
 def test_learner_far_behind_is_not_promoted() -> None:
     g = _ready_group()
     _join(g, "d", lag_max=5)

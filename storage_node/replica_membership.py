@@ -1,0 +1,162 @@
+"""Membership and leadership transfer, as the replica applies them. Pure.
+
+A part of ``Replica`` (``replica.py``); the state is ``replica_state.py``'s. The rules of
+single-server changes through the log, and why, are in ``membership.py``; here:
+- The configuration in force is the latest in the log, committed or not (the snapshot's
+  when the log holds none); quorums are majorities of its voters; learners replicate but
+  never vote or count; a node outside the voters never campaigns; a leader removed by a
+  committed configuration steps down (``replica_replication.py``).
+- A leader proposes a change only once it has committed an entry of its term and no
+  other change is pending. It drives changes itself on ``tick``: it finishes a
+  replacement (removes the old node once the new one votes), readmits a voter whose data
+  dir came back empty, and promotes a learner within ``promote_lag_max`` of its log.
+- A configuration that admits this data dir's incarnation makes this node a voter
+  (``promoted``); it then counts a vote as given in the current term, since an empty
+  data dir forgot any vote its predecessor gave.
+- Leadership transfer (``transfer_leadership``): once the target's log matches ours the
+  leader sends it ``TimeoutNow`` and replicates nothing newer (a voter holding more than
+  the target would refuse it its vote); it campaigns at once (``replica_elections.py``).
+  A transfer that does not complete within ``election_timeout`` is given up.
+"""
+
+from __future__ import annotations
+
+from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.messages import Entry, Role, TimeoutNow
+from zkv.storage_node import membership as mship
+from zkv.storage_node.membership import Membership, MembershipError
+from zkv.storage_node.progress import Progress
+from zkv.storage_node.replica_state import ReplicaState
+
+
+class ReplicaMembership(ReplicaState):
+    """Configuration tracking, changes, promotion and transfer (module docstring)."""
+
+    @property
+    def membership(self) -> Membership:
+        """The configuration in force: the latest in the log, committed or not."""
+        return self._confs[-1][1] if self._confs else self._snap_conf
+
+    def membership_at(self, index: int) -> Membership:
+        conf = self._snap_conf
+        for i, c in self._confs:
+            if i > index:
+                break
+            conf = c
+        return conf
+
+    def _note_configs(self, entries: list[Entry]) -> None:
+        found = False
+        for e in entries:
+            if mship.is_config(e.data):
+                try:
+                    conf = mship.decode(e.data)
+                except RemoteProtocolError:
+                    continue  # a malformed entry is a no-op everywhere (the state machine too)
+                self._confs.append((e.index, conf))
+                found = True
+                self._check_admitted(conf)
+        if found or not self._voters:
+            self._apply_membership()
+
+    def _check_admitted(self, conf: Membership) -> None:
+        if not self.voter and self.config.incarnation and conf.admits(
+            self.node_id, self.config.incarnation
+        ):
+            self.voter = True  # this very data dir was promoted: it holds what it acked
+            self.promoted = True
+            if self.term > 0:
+                # A data dir that came back empty has forgotten any vote its predecessor
+                # gave in this term: count it as given (to the leader that admitted us),
+                # so we cannot elect a second leader in the term we rejoined in.
+                self.voted_for = self.leader_id or self.node_id
+                self._hard_state_dirty = True
+
+    def _apply_membership(self) -> None:
+        conf = self.membership
+        self._peers = tuple(m for m in conf.members if m != self.node_id)
+        self._voters = frozenset(conf.voters)
+        self._quorum = conf.quorum
+        if self.role is Role.LEADER:
+            # a new voter's acks say so only from its next reply: give the new quorum one
+            # election timeout to show itself before check-quorum may depose us
+            self._became_leader_at = self._now
+            for p in self._peers:
+                if p not in self._progress:
+                    self._progress[p] = Progress(
+                        next_index=self.last_index + 1, last_ack=self._now,
+                        last_progress=self._now)
+            for p in [p for p in self._progress if p not in self._peers]:
+                del self._progress[p]
+
+    def change_pending(self) -> bool:
+        return bool(self._confs) and self._confs[-1][0] > self.commit_index
+
+    def propose_membership(self, new: Membership, now: float) -> int:
+        """Append configuration ``new`` as leader (rules: ``membership.py``); its index.
+        Raises ``MembershipError`` when a rule forbids it now."""
+        if self.role is not Role.LEADER:
+            raise MembershipError("not the leader")
+        if self.term_at(self.commit_index) != self.term:
+            raise MembershipError("no entry of this term committed yet; retry shortly")
+        if self.change_pending():
+            raise MembershipError("a membership change is in progress; retry shortly")
+        mship.check_change(self.membership, new)
+        index = self.propose(mship.encode(new), now)
+        assert index is not None
+        self._note_configs([self._log[-1]])
+        return index
+
+    def _drive_membership(self, now: float) -> None:
+        """Leader: finish replacements, promote learners that caught up."""
+        conf = self.membership
+        if self.change_pending() or self.term_at(self.commit_index) != self.term:
+            return
+        for new, old in conf.replaces:
+            if new in conf.voters and old in conf.members:
+                self.propose_membership(conf.remove(old), now)
+                return
+        lag_ok = self.last_index - self.config.promote_lag_max
+        for voter in conf.voters:  # a voter slot whose data dir came back empty
+            pr = self._progress.get(voter)
+            if (pr is not None and not pr.voter and pr.incarnation
+                    and pr.match_index >= lag_ok
+                    and (voter, pr.incarnation) not in conf.incarnations):
+                self.propose_membership(conf.readmit(voter, pr.incarnation), now)
+                return
+        for learner in conf.learners:
+            pr = self._progress.get(learner)
+            if pr is None or not pr.incarnation:
+                continue
+            if pr.match_index >= self.last_index - self.config.promote_lag_max:
+                self.propose_membership(conf.promote(learner, pr.incarnation), now)
+                return
+
+    # ------------------------------------------------------------------ leadership transfer
+
+    def transfer_leadership(self, target: str, now: float) -> bool:
+        """Hand leadership to voter ``target`` (most up-to-date voter if ""); False
+        when not the leader or no such voter."""
+        if self.role is not Role.LEADER:
+            return False
+        voters = [p for p in self._peers if p in self._voters]
+        if not target:
+            ranked = sorted((p for p in voters if self._progress[p].voter),
+                            key=lambda p: -self._progress[p].match_index)
+            target = ranked[0] if ranked else ""
+        if target not in voters:
+            return False
+        self._now = now
+        self._transfer_to, self._transfer_started = target, now
+        self._maybe_send_timeout_now()
+        return True
+
+    def _maybe_send_timeout_now(self) -> None:
+        pr = self._progress.get(self._transfer_to)
+        if pr is not None and pr.match_index >= self.last_index:
+            self._send(self._transfer_to, TimeoutNow(self.term, self.node_id))
+            self._transfer_to = ""
+            # Replicate nothing newer from here: a voter that received more than the
+            # target holds when it campaigns would refuse it its vote. What we append
+            # meanwhile is never acknowledged (we step down) and clients retry it.
+            self._frozen_at = self.last_index
