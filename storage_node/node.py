@@ -27,10 +27,7 @@ from loguru import logger
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
-from zkv.protocol.messages import (
-    MigrateAck,
-    Role,
-)
+from zkv.protocol.messages import MigrateAck, Role
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.protocol.security import peer_node_id
 from zkv.storage_node import durable_state, identity
