@@ -19,12 +19,9 @@ Batching: the requests for one node taken in one drain of the frontend travel as
 ``ReplyBatch``. Each zmq message costs several microseconds of Python and syscalls on
 both sides; a batch costs about half a microsecond per item.
 
-Redirect: a node hands back, whole, the requests it refused because its ring gives the
-key to another shard (``WRONG_SHARD``). The table adopts the node's ring if newer, the
-router decides each item again (``Router.reroute``: the new owner, or ``WRONG_SHARD`` to
-the client if the ring still names the refusing shard), and the items are forwarded the
-way the frontend forwards. Counts (``rerouted``, ``router.wrong_shard``) are logged at
-most every ``REROUTE_LOG_INTERVAL_S``, never per request.
+Redirects and reply batches from nodes: ``node_control.py``; heartbeats and the
+per-interval housekeeping: ``housekeeping.py``; keys and role stamps:
+``server_security.py``; settings and bounds: ``config.py``; warnings: ``bad_input.py``.
 
 Both ROUTERs are ``ROUTER_MANDATORY``: an unknown node is ``EHOSTUNREACH`` (the client gets
 ``NO_LEADER``), an unknown client drops the reply. Sends never block (a full peer queue
@@ -38,122 +35,36 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
 from loguru import logger
 
-from zkv.broker.failure_detector import FailureDetector, check_timing
-from zkv.broker.node_table import HeartbeatRefused, LeaderChange, NodeTable, RingAdopted, TableEvent
+from zkv.broker.bad_input import WarningLimiter, discard_rest
+from zkv.broker.config import BATCH_MAX, CLIENT_QUEUE_MAX, FORWARD_BATCH_MAX, HWM, BrokerConfig
+from zkv.broker.failure_detector import FailureDetector
+from zkv.broker.housekeeping import BrokerLiveness
+from zkv.broker.node_control import NodeControl
+from zkv.broker.node_table import NodeTable
 from zkv.broker.router import Router
+from zkv.broker.server_security import BrokerSecurity, stamp, unstamp
 from zkv.broker.stats import BrokerStats
 from zkv.protocol import codec
-from zkv.protocol.errors import RemoteProtocolError
-from zkv.protocol.limits import HEARTBEAT_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX
+from zkv.protocol.limits import HEARTBEAT_BYTES_MAX
 from zkv.protocol.liveness import keep_alive
-from zkv.protocol.messages import Heartbeat, Redirect, ReplyBatch, RequestBatch
-from zkv.protocol.security import Curve, TrustStore, ZapHandler, peer_node_id, user_id
+from zkv.protocol.messages import RequestBatch
+from zkv.protocol.security import ZapHandler
 
-#: Messages taken from one socket per wake-up before looking at the others.
-BATCH_MAX = 256
-#: Requests per RequestBatch: big enough to amortize a message, small enough that the
-#: node starts working while the broker is still draining (the two overlap on 2 cores).
-FORWARD_BATCH_MAX = 32
-#: Per-pipe queue bound towards and from each node, in messages (a RequestBatch of up to
-#: FORWARD_BATCH_MAX requests is one). About a second of a node's work: queueing more
-#: only turns into client timeouts, while a full pipe answers UNAVAILABLE at once.
-#: (100,000 let a flood of clients grow the broker by 500 MB.)
-HWM = 1_000
-#: Per-client queue bound on the frontend, both directions. A client that stops reading
-#: holds at most this many replies in the broker; later replies to it are dropped (it
-#: sees timeouts), so no client can grow the broker (Redis's client-output-buffer-limit).
-#: Well above any in-flight window the SDK or `zkv bench` uses (<= 256 per socket).
-CLIENT_QUEUE_MAX = 1_000
-WARNINGS_PER_WINDOW = 10
-#: At most one INFO line of re-routing counts per this many seconds (a ring change can
-#: redirect every request for a while; a line per request or per tick would flood).
-REROUTE_LOG_INTERVAL_S = 10.0
-WARNING_WINDOW_S = 10.0
+#: what other modules import from here (the settings live in config.py)
+__all__ = ["BATCH_MAX", "CLIENT_QUEUE_MAX", "FORWARD_BATCH_MAX", "HWM", "BrokerConfig",
+           "BrokerServer"]
 
 _NOBLOCK = zmq.NOBLOCK
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 _EHOSTUNREACH = zmq.EHOSTUNREACH
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    broker_id: str
-    frontend: str = "tcp://*:5555"
-    backend: str = "tcp://*:5556"
-    heartbeats: str = "tcp://*:5557"
-    heartbeat_ms: int = 100
-    election_timeout_ms: int = 1000
-    key_bytes_max: int = KEY_BYTES_MAX
-    value_bytes_max: int = VALUE_BYTES_MAX
-    batch_max: int = BATCH_MAX
-    hwm: int = HWM
-    client_queue_max: int = CLIENT_QUEUE_MAX
-    #: a ``zkv keys generate`` dir: Curve on every socket, keys checked by ZAP
-    keys_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        check_timing(self.heartbeat_ms, self.election_timeout_ms)
-        if self.batch_max < 1:
-            raise ValueError("batch_max must be >= 1")
-        if self.client_queue_max < 1:
-            raise ValueError("client_queue_max must be >= 1")
-
-
-class WarningLimiter:
-    """At most ``limit`` warnings per ``window_s``; the rest are counted and summarized."""
-
-    def __init__(
-        self,
-        log: Any,
-        source: str,
-        limit: int = WARNINGS_PER_WINDOW,
-        window_s: float = WARNING_WINDOW_S,
-    ) -> None:
-        self._log = log
-        self._source = source
-        self._limit = limit
-        self._window_s = window_s
-        self._window_start = -math.inf
-        self._count = 0
-        self._suppressed = 0
-
-    def warn(self, now: float, message: str, *args: Any) -> None:
-        if now - self._window_start >= self._window_s:
-            self.flush(now)
-            self._window_start = now
-            self._count = 0
-        if self._count < self._limit:
-            self._count += 1
-            self._log.warning(message, *args)
-        else:
-            self._suppressed += 1
-
-    def flush(self, now: float) -> None:
-        if self._suppressed and now - self._window_start >= self._window_s:
-            self._log.warning(
-                "{}: {} more warnings suppressed in the last {:.0f} s",
-                self._source, self._suppressed, self._window_s,
-            )  # fmt: skip
-            self._suppressed = 0
-
-
-def _discard_rest(sock: zmq.Socket[Any]) -> int:
-    """Receive and drop the remaining parts of the current message; returns how many."""
-    n = 0
-    while sock.get(zmq.RCVMORE):
-        sock.recv(_NOBLOCK, False)
-        n += 1
-    return n
-
-
-class BrokerServer:
+class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
     """Owns the three sockets; ``bind()``, then ``run()`` until ``stop()``; ``close()``."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
@@ -181,7 +92,7 @@ class BrokerServer:
         self._stopping = False
         self.zap: ZapHandler | None = None
         curve = self._start_security() if config.keys_dir is not None else None
-        #: secure: requests go to nodes under a role-stamped client ident (``_stamp``)
+        #: secure: requests go to nodes under a role-stamped client ident (``stamp``)
         self.secure = curve is not None
         self.frontend = self._router_socket(config.client_queue_max)
         self.backend = self._router_socket(config.hwm)
@@ -203,14 +114,6 @@ class BrokerServer:
         #: Replies for clients that were gone or not reading (never an error).
         self.replies_dropped = 0
         self.stats = BrokerStats()  # --metrics-port: counted per batch (stats.py)
-
-    def _start_security(self) -> Curve:
-        """Load our pair and the allow-lists; start the ZAP handler before any bind."""
-        keys = Path(self.config.keys_dir or "")
-        trust = TrustStore(keys)
-        curve = Curve.for_identity(keys / "brokers" / self.config.broker_id, trust.public_dir)
-        self.zap = ZapHandler(self._ctx, trust, self.log)
-        return curve
 
     def _router_socket(self, queue_max: int) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -290,7 +193,7 @@ class BrokerServer:
     def _recover(self, sock: zmq.Socket[Any], exc: Exception, now: float) -> None:
         """An unexpected error mid-message: drop the rest of it so frames stay aligned."""
         with contextlib.suppress(zmq.ZMQError):
-            _discard_rest(sock)
+            discard_rest(sock)
         self._warn_back.warn(now, "unexpected error while draining a socket: {!r}", exc)
 
     # ------------------------------------------------------------------ sockets
@@ -323,7 +226,7 @@ class BrokerServer:
                 continue  # a bare routing id: nothing to route, nobody to answer
             head = recv(_NOBLOCK, False)
             if self.secure:
-                client = _stamp(head, client)
+                client = stamp(head, client)
             msg: list[Any]
             if not head.more:
                 msg = [client, head.bytes]
@@ -331,7 +234,7 @@ class BrokerServer:
                 blob = recv(_NOBLOCK, False)
                 msg = [client, head.bytes, blob]
                 if blob.more:  # too many frames: the router answers BAD_REQUEST
-                    _discard_rest(sock)
+                    discard_rest(sock)
                     msg.append(b"")
             try:
                 dest = route(msg, now)
@@ -390,7 +293,7 @@ class BrokerServer:
     def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None:
         send = self.frontend.send
         if self.secure:  # every client ident in a secure broker carries its role stamp
-            client = _unstamp(client)
+            client = unstamp(client)
         try:
             send(client, _SNDMORE_NOBLOCK)
         except zmq.ZMQError:  # the client is gone or not reading: drop its reply
@@ -443,7 +346,7 @@ class BrokerServer:
                 self._on_node_control(node, recv(_NOBLOCK, False), now)
                 continue
             if not client.more or not len(client):
-                parts = 2 + _discard_rest(sock) if client.more else 2
+                parts = 2 + discard_rest(sock) if client.more else 2
                 self._warn_back.warn(
                     now, "backend: dropped a {}-frame message from {!r} without a client",
                     parts, node.bytes[:64],
@@ -453,101 +356,16 @@ class BrokerServer:
             ident = node.bytes
             answered[ident] = answered.get(ident, 0) + 1
             try:
-                send(_unstamp(client) if self.secure else client, _SNDMORE_NOBLOCK)
+                send(unstamp(client) if self.secure else client, _SNDMORE_NOBLOCK)
             except zmq.ZMQError:  # the client is gone: drop its reply
                 self.replies_dropped += 1
                 if part.more:
-                    _discard_rest(sock)
+                    discard_rest(sock)
                 continue
             while part.more:
                 send(part, _SNDMORE_NOBLOCK)
                 part = recv(_NOBLOCK, False)
             send(part, _NOBLOCK)
-
-    def _from_node(self, node: zmq.Frame, first: zmq.Frame, now: float) -> bool:
-        """Secure: a backend message counts only if its connection authenticated as the
-        node whose id it routes under (ZAP admits only node keys; this binds the id)."""
-        if peer_node_id(first) == node.bytes.decode(errors="replace"):
-            return True
-        if first.more:
-            _discard_rest(self.backend)
-        self._warn_back.warn(now, "backend: dropped a message from {!r} authenticated as {!r}",
-                             node.bytes[:64], user_id(first))
-        return False
-
-    def _on_node_control(self, node: zmq.Frame, part: zmq.Frame, now: float) -> None:
-        """``[node, b"", ReplyBatch]``: fan the replies out to their clients;
-        ``[node, b"", Redirect]``: route the refused requests again."""
-        if part.more:
-            _discard_rest(self.backend)
-            self._warn_back.warn(now, "backend: dropped an over-long control message")
-            return
-        try:
-            batch = codec.decode([part.bytes])
-        except RemoteProtocolError as exc:
-            self._warn_back.warn(now, "backend: undecodable control message: {}", exc)
-            return
-        if type(batch) is not ReplyBatch:
-            if type(batch) is Redirect:
-                self._on_redirect(node, batch, now)
-            else:
-                self._warn_back.warn(now, "backend: ignored a {} from a node", type(batch).__name__)
-            return
-        stats = self.stats
-        stats.timer.answered(node.bytes, len(batch.items), now)
-        stats.relayed += len(batch.items)
-        send = self.frontend.send
-        secure = self.secure
-        for item in batch.items:
-            if len(item) < 2 or not item[0]:
-                self._warn_back.warn(now, "backend: dropped a malformed batched reply")
-                continue
-            try:
-                send(item[0][1:] if secure else item[0], _SNDMORE_NOBLOCK)
-            except zmq.ZMQError:  # the client is gone: drop its reply
-                self.replies_dropped += 1
-                continue
-            last = len(item) - 1
-            for i in range(1, last):
-                send(item[i], _SNDMORE_NOBLOCK)
-            send(item[last], _NOBLOCK)
-
-    def _on_redirect(self, node: zmq.Frame, redirect: Redirect, now: float) -> None:
-        """Adopt the refusing node's ring if newer, then forward each refused request
-        where the router now sends it, or answer its client. Batched per node like the
-        frontend, with large values sent alone and each node's order kept."""
-        # Only a node we route to (so have heard) may move the ring: a stray peer on the
-        # backend must not pin a bogus epoch that no heartbeat could ever replace.
-        if node.bytes.decode(errors="replace") in self.table.nodes:
-            try:
-                self.table.adopt_ring(redirect.ring)
-            except Exception as exc:  # a table bug must not take the broker down
-                self._warn_back.warn(now, "backend: cannot adopt a Redirect's ring: {!r}", exc)
-        else:
-            self._warn_back.warn(
-                now, "backend: Redirect from unknown node {!r}: ring ignored", node.bytes[:64]
-            )
-        # handed back, not answered: retired unobserved (the re-forward is timed anew)
-        self.stats.timer.answered(node.bytes, len(redirect.items), now, observe=False)
-        reroute = self.router.reroute
-        refused_by = redirect.shard_id
-        batches: dict[bytes, list[tuple[bytes, ...]]] = {}
-        try:
-            for item in redirect.items:
-                try:
-                    dest = reroute(item, refused_by, now)
-                except Exception as exc:  # a router bug must not take the broker down
-                    self._warn_back.warn(now, "backend: cannot re-route a request: {!r}", exc)
-                    continue
-                if isinstance(dest, bytes):
-                    self.rerouted += 1
-                    self._batch_or_send(dest, item, batches, now)
-                elif dest is not None:
-                    self._reply(item[0], dest)
-                # else: nobody to answer; the router counted it in ``rejected``
-        finally:
-            for dest, items in batches.items():
-                self._forward_batch(dest, items, now)
 
     def _batch_or_send(
         self, node: bytes, item: tuple[bytes, ...], batches: dict[bytes, list[tuple[bytes, ...]]],
@@ -575,125 +393,4 @@ class BrokerServer:
             send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK)
         self.stats.timer.sent(node, 1, now)
 
-    def _drain_heartbeats(self, now: float) -> None:
-        recv = self.heartbeats.recv_multipart
-        observe = self.table.observe
-        for _ in range(self.config.batch_max):
-            sender = None
-            try:
-                if self.secure:
-                    frames = recv(_NOBLOCK, copy=False)
-                    sender = peer_node_id(frames[0])
-                    msg = [f.bytes for f in frames]
-                else:
-                    msg = recv(_NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                hb = codec.decode(msg)
-            except RemoteProtocolError as exc:
-                self._warn_hb.warn(now, "heartbeats: undecodable message: {}", exc)
-                continue
-            if type(hb) is not Heartbeat:
-                self._warn_hb.warn(now, "heartbeats: ignored a {}", type(hb).__name__)
-                continue
-            if self.secure and sender != hb.node_id:  # the key names the node, not the payload
-                self._warn_hb.warn(now, "heartbeats: {!r} claims to be {!r}: ignored",
-                                   sender, hb.node_id[:64])
-                continue
-            try:
-                observe(hb, now)
-            except Exception as exc:  # a table bug must not take the broker down
-                self._warn_hb.warn(now, "heartbeats: cannot record {}: {!r}", hb.node_id[:64], exc)
-
     # ------------------------------------------------------------------ housekeeping
-
-    def housekeeping(self, now: float) -> None:
-        """Expire liveness, log what changed, send the campaign requests decided now."""
-        self._log_events(self.table.tick(now), now)
-        for order in self.detector.tick(self.table, now):
-            self.stats.campaigns += 1
-            c = order.campaign
-            self.log.info(
-                "shard {} has no leader ({}): asking {} to campaign above term {}",
-                c.shard_id, order.reason, order.node_id, c.term,
-            )  # fmt: skip
-            try:
-                self.backend.send_multipart([order.ident, b"", *codec.encode(c)], _NOBLOCK)
-            except zmq.ZMQError as exc:
-                self._warn_back.warn(now, "cannot send campaign to {}: {}", order.node_id, exc)
-        self._confirm(now)
-        router = self.router
-        if router.rejected != self._rejected_reported:
-            self._warn_front.warn(
-                now, "frontend: refused {} requests (last: {})",
-                router.rejected - self._rejected_reported, router.last_rejection,
-            )  # fmt: skip
-            self._rejected_reported = router.rejected
-        self._log_reroutes(now)
-        for limiter in (self._warn_back, self._warn_hb, self._warn_front):
-            limiter.flush(now)
-        self.stats.timer.expire(now)
-        self.stats.publish(router, self.table, self.replies_dropped, self.rerouted)
-
-    def _confirm(self, now: float) -> None:
-        """``Heard`` to every node heard lately: a leader none confirms steps down
-        (failure_detector.py). A node whose pipe is full or gone misses one round."""
-        send = self.backend.send
-        for order in self.detector.confirmations(self.table, now):
-            try:
-                send(order.ident, _SNDMORE_NOBLOCK)
-            except zmq.ZMQError:
-                continue  # unknown routing id (not connected) or pipe full
-            send(b"", _SNDMORE_NOBLOCK)
-            send(codec.encode(order.heard)[0], _NOBLOCK)
-
-    def _log_reroutes(self, now: float) -> None:
-        counts = (self.rerouted, self.router.wrong_shard)
-        if counts == self._reroutes_reported:
-            return
-        if now - self._reroutes_logged_at < REROUTE_LOG_INTERVAL_S:
-            return
-        (rerouted, wrong), (rerouted_0, wrong_0) = counts, self._reroutes_reported
-        self.log.info(
-            "re-routed {} requests refused by a node as another shard's, answered {} "
-            "WRONG_SHARD (totals {} and {})",
-            rerouted - rerouted_0, wrong - wrong_0, rerouted, wrong,
-        )  # fmt: skip
-        self._reroutes_reported = counts
-        self._reroutes_logged_at = now
-
-    def _log_events(self, events: list[TableEvent], now: float) -> None:
-        for ev in events:
-            if isinstance(ev, LeaderChange):
-                if ev.leader_id:
-                    self.stats.leader_changes += 1
-                    self.log.info(
-                        "shard {} leader is {} at term {}", ev.shard_id, ev.leader_id, ev.term
-                    )
-                else:
-                    self.log.info("shard {} has no live leader (last term {})", ev.shard_id, ev.term)
-            elif isinstance(ev, RingAdopted):
-                cfg = ev.config
-                self.log.info(
-                    "adopted ring epoch {}: shards {} x {} vnodes",
-                    cfg.epoch, list(cfg.shards), cfg.vnodes,
-                )  # fmt: skip
-            elif isinstance(ev, HeartbeatRefused):
-                self._warn_hb.warn(now, "heartbeat from {!r} refused: {}", ev.node_id, ev.reason)
-
-
-def _stamp(head: zmq.Frame, client: zmq.Frame) -> bytes:
-    """The client ident a secure broker forwards: one role byte (``A`` admin, ``C``
-    client, from the key ZAP authenticated) + the routing id. Nodes read the role from
-    it (``storage_node.node.ADMIN_STAMP``); replies come back under it and lose it in
-    ``_unstamp``. Per message, never cached per ident: a client may choose its ident."""
-    try:
-        uid = head.get("User-Id")  # inline, not user_id(): this runs per request
-    except zmq.ZMQError:
-        uid = None
-    return (b"A" if type(uid) is str and uid.startswith("admin:") else b"C") + client.bytes
-
-
-def _unstamp(client: zmq.Frame | bytes) -> bytes:
-    return (client if type(client) is bytes else client.bytes)[1:]  # type: ignore[union-attr]

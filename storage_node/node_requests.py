@@ -76,7 +76,7 @@ from zkv.storage_node.stats import NodeStats
 
 Frames = tuple[bytes, ...]
 #: A secure broker forwards a request under its client ident prefixed with the role of
-#: the key that sent it (``broker.server._stamp``); only this prefix may run admin ops.
+#: the key that sent it (``broker.server_security.stamp``); only this prefix may run admin ops.
 ADMIN_STAMP = b"A"
 #: Admin requests the client role may make: a read-only view without data.
 CLIENT_ADMIN_OPS = (AdminInfo, AdminMembers)

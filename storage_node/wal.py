@@ -32,6 +32,8 @@ Rules and invariants:
   have dropped the pages: retrying the fsync proves nothing), poisons the log (memory
   and disk may disagree): every later call raises. The node must exit; recovery
   repairs the torn tail on restart.
+
+The record format and the recovery scan of a segment are in ``wal_records.py``.
 """
 
 from __future__ import annotations
@@ -39,9 +41,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-import struct
 import zlib
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,32 +53,18 @@ from loguru import logger
 from zkv.protocol.messages import Entry
 from zkv.storage_node.durable_state import fsync_directory
 from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy
+from zkv.storage_node.wal_records import (
+    HEADER,
+    HEADER_BYTES,
+    RECORD_BYTES_MAX,
+    CorruptLogError,
+    Segment,
+    scan_segment,
+)
 
 WAL_DIR = "wal"
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
-#: Largest payload one record may hold: far above a command (1 MiB value), far below
-#: what would let a corrupt length field make recovery allocate without limit.
-RECORD_BYTES_MAX = 64 * 1024 * 1024
-
-_HEADER = struct.Struct("<II")
-_HEADER_BYTES = _HEADER.size
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
-#: msgpack "fixarray of 3": the first byte of every payload we write; the corruption
-#: scan only tries offsets whose payload would start with it.
-_PAYLOAD_TAG = 0x93
-_REPAIR = "remove this replica's data directory and let it rebuild from its peers"
-
-
-class CorruptLogError(RuntimeError):
-    """The log is damaged beyond a torn tail: the node must not start on it."""
-
-    def __init__(self, path: Path, offset: int, reason: str) -> None:
-        super().__init__(
-            f"write-ahead log corrupt in {path} at byte offset {offset}: {reason}. "
-            f"To repair, {_REPAIR}."
-        )
-        self.path = path
-        self.offset = offset
 
 
 class DiskFullError(OSError):
@@ -112,76 +98,6 @@ def segment_name(first_index: int) -> str:
     return f"{first_index:020d}.seg"
 
 
-class _Segment:
-    """One segment file and where each of its records starts (so truncation is a seek)."""
-
-    __slots__ = ("path", "first_index", "offsets", "size")
-
-    def __init__(self, path: Path, first_index: int) -> None:
-        self.path = path
-        self.first_index = first_index
-        self.offsets = array("Q")  # offsets[i] = byte offset of entry first_index + i
-        self.size = 0
-
-    @property
-    def last_index(self) -> int:
-        return self.first_index + len(self.offsets) - 1
-
-
-def _parse_payload(payload: bytes | memoryview) -> tuple[int, int, bytes] | None:
-    """``(term, index, data)`` if ``payload`` is a plausible entry, else ``None``."""
-    try:
-        value = msgpack.unpackb(payload, raw=False, use_list=False)
-    except Exception:  # garbage makes msgpack raise many types
-        return None
-    if type(value) is not tuple or len(value) != 3:
-        return None
-    term, index, data = value
-    if type(term) is not int or type(index) is not int or type(data) is not bytes:
-        return None
-    if term < 0 or index < 1:
-        return None
-    return term, index, data
-
-
-def _read_record(buf: bytes, pos: int) -> tuple[int, tuple[int, int, bytes] | None, str]:
-    """Parse the record at ``pos``: (its size, its entry or None, why it is bad)."""
-    if len(buf) - pos < _HEADER_BYTES:
-        return 0, None, "short record header"
-    length, crc = _HEADER.unpack_from(buf, pos)
-    if length == 0 or length > RECORD_BYTES_MAX:
-        return 0, None, f"implausible record length {length}"
-    end = pos + _HEADER_BYTES + length
-    if end > len(buf):
-        return 0, None, "record runs past the end of the file"
-    payload = memoryview(buf)[pos + _HEADER_BYTES : end]
-    if zlib.crc32(payload) != crc:
-        return 0, None, "checksum mismatch"
-    parsed = _parse_payload(payload)
-    if parsed is None:
-        return 0, None, "checksum matches but the payload is not [term, index, data]"
-    return end - pos, parsed, ""
-
-
-def _valid_record_after(buf: bytes, pos: int, expected_index: int) -> int | None:
-    """Offset of a valid record after ``pos`` continuing the log, if any.
-
-    A record only parses with a good checksum where one was really written, so finding
-    one behind a bad record means the bad one is damage in the middle of the log, not a
-    write cut short by a crash.
-    """
-    start = pos + 1 + _HEADER_BYTES
-    while True:
-        tag = buf.find(_PAYLOAD_TAG, start)
-        if tag < 0:
-            return None
-        candidate = tag - _HEADER_BYTES
-        _, parsed, _ = _read_record(buf, candidate)
-        if parsed is not None and parsed[1] >= expected_index:
-            return candidate
-        start = tag + 1
-
-
 class WriteAheadLog:
     """Append-only Raft log on disk; see the module docstring for the rules."""
 
@@ -191,7 +107,7 @@ class WriteAheadLog:
         self._dir = directory
         self._policy = policy
         self._segment_bytes_max = segment_bytes_max
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._file: Any = None  # the last segment, open for appending, unbuffered
         self._next_index = 1  # index the next append must carry, once known
         self._next_known = False  # False only while a log recovered empty is untouched
@@ -229,85 +145,15 @@ class WriteAheadLog:
                     wal_dir / name, 0,
                     f"segment starts at index {first}, expected {wal._next_index}"
                 )  # fmt: skip
-            wal._recover_segment(wal_dir / name, first, entries, last=i == len(names) - 1)
+            seg = scan_segment(wal_dir / name, first, entries, last=i == len(names) - 1)
+            if seg is not None:
+                wal._segments.append(seg)
+                wal._next_index = seg.last_index + 1
         if wal._segments:
             wal._file = open(wal._segments[-1].path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
             wal._next_known = True
         return wal, entries
 
-    def _recover_segment(self, path: Path, first: int, out: list[Entry], last: bool) -> None:
-        buf = path.read_bytes()
-        seg = _Segment(path, first)
-        pos, expected = 0, first
-        n = len(buf)
-        view = memoryview(buf)
-        offsets, append = seg.offsets, out.append
-        unpack_header, crc32, unpackb = _HEADER.unpack_from, zlib.crc32, msgpack.unpackb
-        last_header = n - _HEADER_BYTES
-        while pos < n:
-            # Fast path (restart speed): a whole record, good checksum, [term, index,
-            # data] continuing the log, inlined. Anything else takes the slow path,
-            # which says what is wrong with the record.
-            if pos <= last_header:
-                length, crc = unpack_header(buf, pos)
-                end = pos + _HEADER_BYTES + length
-                if 0 < length <= RECORD_BYTES_MAX and end <= n:
-                    payload = view[pos + _HEADER_BYTES : end]
-                    if crc32(payload) == crc and payload[0] == _PAYLOAD_TAG:
-                        try:
-                            term, index, data = unpackb(payload, raw=False, use_list=False)
-                        except Exception:  # not a 3-array: the slow path says why
-                            term = index = data = None
-                        if (index == expected and type(index) is int and type(term) is int
-                                and term >= 0 and type(data) is bytes):
-                            offsets.append(pos)
-                            append(Entry(term, index, data))
-                            pos = end
-                            expected += 1
-                            continue
-            size, parsed, reason = _read_record(buf, pos)
-            if parsed is None:
-                self._bad_record(path, buf, pos, expected, reason, last)
-                break
-            term, index, data = parsed
-            if index != expected:
-                raise CorruptLogError(path, pos, f"entry index {index}, expected {expected}")
-            offsets.append(pos)
-            append(Entry(term, index, data))
-            pos += size
-            expected += 1
-        seg.size = pos
-        if not seg.offsets and not last:
-            raise CorruptLogError(path, 0, "empty segment that is not the last")
-        if not seg.offsets:
-            logger.warning("WAL {}: no complete record, removing the empty segment", path)
-            path.unlink()
-            fsync_directory(self._dir)
-            return
-        self._segments.append(seg)
-        self._next_index = expected
-
-    def _bad_record(
-        self, path: Path, buf: bytes, pos: int, expected: int, reason: str, last: bool
-    ) -> None:
-        """Torn tail (truncate it) or corruption (raise)."""
-        if not last:
-            raise CorruptLogError(path, pos, f"{reason} in a segment that is not the last")
-        after = _valid_record_after(buf, pos, expected)
-        if after is not None:
-            raise CorruptLogError(
-                path, pos, f"{reason}, yet a valid record follows at byte offset {after}"
-            )
-        logger.warning(
-            "WAL {}: torn record at byte offset {} ({}); truncating {} bytes",
-            path, pos, reason, len(buf) - pos,
-        )  # fmt: skip
-        with open(path, "r+b") as f:
-            f.truncate(pos)
-            f.flush()
-            os.fsync(f.fileno())
-
-    # ------------------------------------------------------------------ reading state
 
     @property
     def first_index(self) -> int:
@@ -373,12 +219,12 @@ class WriteAheadLog:
         self._next_known = True
 
     def _write_records(self, first_index: int, payloads: list[bytes]) -> None:
-        header, crc32, limit = _HEADER.pack, zlib.crc32, self._segment_bytes_max
+        header, crc32, limit = HEADER.pack, zlib.crc32, self._segment_bytes_max
         seg = self._segments[-1] if self._segments else None
         parts: list[bytes] = []
         pending = 0  # bytes in parts, not yet written
         for i, payload in enumerate(payloads):
-            size = _HEADER_BYTES + len(payload)
+            size = HEADER_BYTES + len(payload)
             if seg is None or (seg.size + pending > 0 and seg.size + pending + size > limit):
                 if parts:
                     self._write(seg, parts, pending)
@@ -390,7 +236,7 @@ class WriteAheadLog:
             pending += size
         self._write(seg, parts, pending)
 
-    def _write(self, seg: _Segment | None, parts: list[bytes], size: int) -> None:
+    def _write(self, seg: Segment | None, parts: list[bytes], size: int) -> None:
         assert seg is not None and self._file is not None
         view = memoryview(b"".join(parts))
         fd, write = self._file.fileno(), self._io.write
@@ -427,7 +273,7 @@ class WriteAheadLog:
             return False
         return True
 
-    def _roll(self, first_index: int) -> _Segment:
+    def _roll(self, first_index: int) -> Segment:
         """Close the current segment durably and start ``<first_index>.seg``."""
         if self._file is not None:
             if self._policy.mode is not FsyncMode.NEVER:
@@ -438,7 +284,7 @@ class WriteAheadLog:
                     raise
             self._file.close()
             self._file = None
-        seg = _Segment(self._dir / segment_name(first_index), first_index)
+        seg = Segment(self._dir / segment_name(first_index), first_index)
         self._file = open(seg.path, "xb", buffering=0)  # noqa: SIM115 - owned by the WAL
         if self._policy.mode is not FsyncMode.NEVER:
             fsync_directory(self._dir)

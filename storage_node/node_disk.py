@@ -1,0 +1,140 @@
+"""The storage node's durable writes: what the core says to persist, and a full disk.
+
+A mixin of ``StorageNode``. ``_persist`` writes a ``ready`` round in the order the core
+needs (hard state, snapshot, truncation, new entries, then one sync: group commit);
+``_maybe_snapshot`` writes the snapshots the core asks for and compacts the log. Rules:
+only ``OSError``s that mean "disk full" are survived (anything else propagates); while
+the disk is full, what did not fit waits in ``_unpersisted`` (``disk_full.py``) and is
+retried every ``DISK_RETRY_S``, a refused snapshot every ``SNAPSHOT_RETRY_S``; an append
+ack claims only what the disk holds (``_durable_index``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from zkv.storage_node import durable_state
+from zkv.storage_node.disk_full import Unpersisted
+from zkv.storage_node.replica import Ready
+from zkv.storage_node.snapshot import compactable_index, mapped_or_bytes, save_snapshot
+from zkv.storage_node.wal import is_disk_full
+
+if TYPE_CHECKING:
+    from loguru import Logger
+
+    from zkv.storage_node.node import NodeConfig
+    from zkv.storage_node.node_core import NodeCore
+    from zkv.storage_node.replica import Replica
+    from zkv.storage_node.wal import WriteAheadLog
+
+#: how often a node whose disk is full retries what it could not write, and a snapshot
+DISK_RETRY_S = 0.25
+SNAPSHOT_RETRY_S = 5.0
+
+
+class NodeDisk:
+    """Durable-write methods of ``StorageNode`` (which provides the rest)."""
+
+    if TYPE_CHECKING:
+        config: NodeConfig
+        log: Logger
+        core: Replica
+        node: NodeCore
+        wal: WriteAheadLog
+        _unpersisted: Unpersisted
+        _disk_full_since: float | None
+        _disk_retry_at: float
+        _snapshot_retry_at: float
+        _disk_snapshot_index: int
+
+    def _persist(self, rd: Ready, now: float) -> bool:
+        """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
+        hard state, snapshot, truncation, new entries, then one sync. False while the
+        disk is full: what did not fit waits in ``_unpersisted`` (see disk_full.py)."""
+        todo = self._unpersisted
+        waiting = bool(todo)
+        todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries)
+        try:
+            if not todo:
+                return True
+            if waiting and now < self._disk_retry_at:
+                return False
+            try:
+                self._write_durable(todo, now)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                if self._disk_full_since is None:
+                    self._disk_full_since = now
+                    self.log.warning("disk full ({}): writes answer DISK_FULL until space "
+                                     "returns", exc)
+                self._disk_retry_at = now + DISK_RETRY_S
+                return False
+            if self._disk_full_since is not None:
+                self.log.info("disk has room again after {:.1f} s: writes resume",
+                              now - self._disk_full_since)
+                self._disk_full_since = None
+            return True
+        finally:
+            self.node.unpersisted = bool(todo)
+            self.node.disk_full = self._disk_full_since is not None
+
+    def _write_durable(self, todo: Unpersisted, now: float) -> None:
+        """Write ``todo`` in order, clearing each part once it is durable."""
+        if todo.hard_state is not None:
+            durable_state.save_hard_state(self.config.data_dir, todo.hard_state)
+            todo.hard_state = None
+        if todo.snapshot is not None:
+            index, term, data = todo.snapshot
+            save_snapshot(self.config.data_dir, index, term, data)
+            self.wal.reset(index + 1)
+            todo.snapshot = None
+            self._disk_snapshot_index = index
+            self.node.stats.snapshot("installed", len(data))
+        wrote = False
+        if todo.truncate_from is not None:
+            self.wal.truncate_from(todo.truncate_from)
+            todo.truncate_from, wrote = None, True
+        entries = len(todo.entries)
+        if todo.entries:
+            self.wal.append(todo.entries)
+            todo.entries, wrote = [], True
+        if wrote:
+            started = time.perf_counter()
+            # One write and (fsync=always) one fsync for everything this turn brought:
+            # group commit. The disk is fast next to a Python loop turn, so waiting for
+            # it inline costs less than handing it to a thread and back (measured).
+            synced = self.wal.sync(now)
+            self.node.stats.wal_synced(time.perf_counter() - started if synced else None,
+                                       entries)
+            self.core.persisted(self.wal.last_index)
+
+    def _durable_index(self) -> int:
+        """Where this node's log ends on disk (what an append ack may claim)."""
+        return max(self.wal.last_index, self._disk_snapshot_index)
+
+    def _maybe_snapshot(self, now: float) -> None:
+        if now < self._snapshot_retry_at:
+            return
+        started = time.monotonic()
+        task = self.node.take_snapshot()
+        if task is None:
+            return
+        try:
+            save_snapshot(self.config.data_dir, task.index, task.term, task.data)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._snapshot_retry_at = now + SNAPSHOT_RETRY_S
+            self.log.warning("no space for a snapshot at index {} ({}); retrying in {} s",
+                             task.index, exc, SNAPSHOT_RETRY_S)
+            return
+        self._disk_snapshot_index = task.index
+        self.node.compacted(task, mapped_or_bytes(self.config.data_dir, task.index, task.data))
+        self.node.stats.snapshot("taken", len(task.data))
+        # keep the log back to the older kept snapshot, so falling back to it (if the
+        # newest is ever damaged) still meets a contiguous log
+        self.wal.compact(compactable_index(self.config.data_dir))
+        self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", task.index, len(task.data),
+                      (time.monotonic() - started) * 1000)
