@@ -74,6 +74,7 @@ class Shard:
                 "--data-dir", str(self.tmp / n), "--listen", f"tcp://127.0.0.1:{ports[n]}",
                 "--peers", peers, "--brokers", proxies[0].endpoint,
                 "--heartbeat-endpoints", proxies[1].endpoint, "--fsync", "always", *timing,
+                "--bootstrap",  # a new shard: founded once a majority of peers agree
             ])  # fmt: skip
 
     def start_broker(self, frontend: str, backend: str, heartbeats: str) -> tuple[str, ...]:
