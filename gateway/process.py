@@ -14,12 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import IO
 
 from zkv.gateway.main import http_available
+from zkv.ops.child import die_with_parent
 
 GRACE_S = 5.0
 
@@ -68,9 +70,15 @@ class GatewayProcess:
         if self.log_path is not None:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             out = self._log
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        # Its own session (a terminal's Ctrl-C goes to the supervisor, which stops it),
+        # and it dies with the supervisor like the nodes and brokers do: a gateway left
+        # behind by a killed supervisor would hold the HTTP port.
+        on_main = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=die_with_parent if on_main and sys.platform == "linux" else None,
+        )
         return None
 
     @property

@@ -45,7 +45,8 @@ class Child:
             return ""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """In a child about to exec: the kernel SIGKILLs it when its parent thread dies."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -62,7 +63,7 @@ def spawn(child: Child) -> None:
     child.proc = subprocess.Popen(
         child.argv, stdin=subprocess.DEVNULL, stdout=child.log, stderr=subprocess.STDOUT,
         env=env, start_new_session=True,
-        preexec_fn=_die_with_parent if on_main and sys.platform == "linux" else None,
+        preexec_fn=die_with_parent if on_main and sys.platform == "linux" else None,
     )
     child.started_at = time.monotonic()
     child.reported = False

@@ -5,6 +5,7 @@ without a gateway when its port is taken."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -102,3 +103,44 @@ def test_cluster_up_runs_without_a_gateway_when_the_port_is_taken(tmp_path: Path
             _out, err = _stop(proc)
     assert f"no HTTP gateway: port {port} on 127.0.0.1 is taken; running without it" in err
     assert proc.returncode == 0, err
+
+
+def _pids_with(*words: str) -> list[int]:
+    """Processes whose command line holds every one of ``words``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if all(w.encode() in argv for w in words):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_gateway_dies_with_a_killed_supervisor(tmp_path: Path) -> None:
+    """SIGKILL of `zkv cluster up` takes its gateway too, as it takes its nodes and
+    brokers: a gateway left behind held port 8000 after a killed supervisor, so the next
+    `make run` or `make compose-up` could not serve HTTP."""
+    port = free_port_block(1)
+    proc = _cluster_up(tmp_path / "data", "--shards", "1", "--replicas", "1",
+                       "--http-port", str(port))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("zkv cluster up: serving on tcp://")
+        assert proc.stdout.readline().startswith("zkv cluster up: HTTP gateway on")
+        gateways = _pids_with("gateway", "--port", str(port))
+        assert gateways, "no gateway process found"
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _pids_with("gateway", "--port", str(port)):
+            assert time.monotonic() < deadline, "the gateway outlived its supervisor"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _pids_with("gateway", "--port", str(port)):
+            os.kill(pid, signal.SIGKILL)
