@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from zkv.client.connection import open_dealer
 from zkv.protocol.security import Curve
 
 
@@ -63,15 +64,7 @@ class ZmqAsyncConnection:
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str,
                  curve: Curve | None = None) -> None:
-        self._sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:  # Curve: this client's key, the broker's expected key
-            curve.broker_client(self._sock, endpoint)
-        try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(linger=0)
-            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
+        self._sock: zmq.Socket[Any] = open_dealer(ctx, endpoint, curve)
         self._loop = asyncio.get_running_loop()
         self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop.add_reader(self._fd, self._on_readable)

@@ -46,19 +46,26 @@ class MonotonicClock:
         time.sleep(seconds)
 
 
+def open_dealer(ctx: zmq.Context[Any], endpoint: str, curve: Curve | None) -> zmq.Socket[Any]:
+    """A plain (not asyncio) DEALER to broker ``endpoint``, linger 0, Curve when given
+    keys; a bad endpoint is ``ValueError``. Both clients' connections start here."""
+    sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:  # Curve: this client's key, the broker's expected key
+        curve.broker_client(sock, endpoint)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
+    return sock
+
+
 class ZmqConnection:
     """A DEALER connected to one broker, closed with linger 0 (Lazy Pirate)."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str, curve: Curve | None = None) -> None:
-        self._sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:  # Curve: this client's key, the broker's expected key
-            curve.broker_client(self._sock, endpoint)
-        try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(linger=0)
-            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from exc
+        self._sock: zmq.Socket[Any] = open_dealer(ctx, endpoint, curve)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 
