@@ -129,7 +129,10 @@ def test_cli_cluster_up_with_8_shards_spreads_the_keys(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
-        assert line.strip() == f"zkv cluster up: serving on {endpoint}", proc.stderr
+        if line.strip() != f"zkv cluster up: serving on {endpoint}":
+            proc.kill()  # say why: the supervisor's own account of its start
+            raise AssertionError(f"no serving line ({line!r}); supervisor stderr:\n"
+                                 f"{proc.communicate(timeout=30)[1][-4000:]}")
         keys = [f"key-{i}" for i in range(800)]
         with KVClient(endpoint, timeout_s=20) as kv:
             for k in keys:

@@ -13,6 +13,7 @@ real 3-node shard on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import struct
 import time
@@ -133,10 +134,21 @@ def test_follower_with_a_damaged_installed_snapshot_refuses_to_start(
             _put_many(cluster, "after", entries_after_install)
             time.sleep(0.5)  # let the follower append them
         cluster.kill_node(follower, signal.SIGKILL)
-        fdir = cluster.data_dir / follower
-        snaps = sorted((fdir / "snap").glob("*.snap"))
-        assert snaps, "the follower kept no snapshot"
-        _flip_byte(snaps[-1])
+        installed = int(re.findall(r"installed snapshot at index (\d+)",
+                                   log_path.read_text(errors="replace"))[-1])
+        snap_dir = cluster.data_dir / follower / "snap"
+        # The follower may have taken a snapshot of its own after the install (the leader's
+        # snapshot can be up to --snapshot-entries behind its log, so the entries sent
+        # after it can reach the threshold). Drop those: the disk is then as a crash just
+        # before that snapshot's rename leaves it, and the installed snapshot is again
+        # the only copy of the state below the WAL, which is the case under test.
+        for newer in snap_dir.glob("*.snap"):
+            if int(newer.stem) > installed:
+                newer.unlink()
+        damaged = snap_dir / f"{installed:020d}.snap"
+        assert damaged.exists(), sorted(p.name for p in snap_dir.iterdir())
+        _flip_byte(damaged)
+        snaps = [damaged]
         cluster.restart_node(follower)
         proc = cluster.nodes[follower].proc
         assert proc is not None
