@@ -90,10 +90,43 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+#: Listening ports are chosen below the kernel's ephemeral range: a port the kernel
+#: handed out as "free" (bind to 0) comes from that range, so any outgoing connection
+#: may take it as its source port between our choice and the process's bind (a node
+#: then died with "Address already in use"; seen in CI). Below it only listeners live.
+LISTEN_PORT_MIN = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now, below the ephemeral range (see ``LISTEN_PORT_MIN``)."""
+    s = _hold_free_port(host)
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+def _hold_free_port(host: str, tries: int = 200) -> socket.socket:
+    """A socket bound to a free port below the ephemeral range (the caller closes it)."""
+    rng = random.Random()
+    high = max(LISTEN_PORT_MIN + 1000, _ephemeral_low())
+    for _ in range(tries):
+        s = socket.socket()
+        try:
+            s.bind((host, rng.randrange(LISTEN_PORT_MIN, high)))
+            return s
+        except OSError:
+            s.close()
+    s = socket.socket()  # crowded: fall back to any port the kernel gives
+    s.bind((host, 0))
+    return s
 
 
 def choose_peer_ports(spec: dict[str, Any], node_ids: list[str], host: str) -> dict[str, int]:
@@ -108,8 +141,7 @@ def choose_peer_ports(spec: dict[str, Any], node_ids: list[str], host: str) -> d
             if nid in fixed:  # chosen by `zkv admin add-replica --data-dir`
                 ports[nid] = fixed[nid]
                 continue
-            s = socket.socket()
-            s.bind((host, 0))
+            s = _hold_free_port(host)
             held.append(s)
             ports[nid] = int(s.getsockname()[1])
     finally:
@@ -122,7 +154,7 @@ def free_port_block(count: int, host: str = "127.0.0.1", tries: int = 200) -> in
     """A base port P with P .. P+count-1 all free right now."""
     rng = random.Random()
     for _ in range(tries):
-        base = rng.randrange(20000, 60000 - count)
+        base = rng.randrange(LISTEN_PORT_MIN, max(LISTEN_PORT_MIN + 1000, _ephemeral_low()) - count)
         if all(_port_free(base + i, host) for i in range(count)):
             return base
     raise ClusterError(f"found no block of {count} free ports")
