@@ -443,6 +443,19 @@ class FoundingProbe:
 
 
 @record
+class WrongNode:
+    """A node's answer to peer traffic on a connection that announced another target
+    node or another cluster (``storage_node.peer_link``): who it really is, and why it
+    refused. The dialer redials (resolving the name again) and logs the stale address."""
+
+    TYPE: ClassVar[int] = 46
+    node_id: str
+    shard_id: int
+    cluster_id: str
+    reason: str
+
+
+@record
 class FoundingAnswer:
     """Answer to ``FoundingProbe``: ``pristine`` if the member is bootstrapping on an
     empty data dir, or founded and still at term 0; ``term`` is its current term."""
@@ -471,7 +484,7 @@ PeerMessage = (
 FoundingMessage = FoundingProbe | FoundingAnswer
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
-    | Redirect | PeerMessage | MigrationMessage | FoundingMessage
+    | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -481,7 +494,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     *ADMIN_REPLY_CLASSES,
     Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
-    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
+    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
@@ -504,5 +517,5 @@ __all__ = [
     "PeerMessage", "Phase", "PingRequest", "PongReply", "PutReply", "PutRequest",
     "Redirect", "ReplyBatch", "RequestBatch", "RingConfig", "Role", "ShardId",
     "SnapshotReply", "StatusReply", "StatusRequest", "Term", "VoteReply", "VoteRequest",
-    "WriteRequest",
+    "WriteRequest", "WrongNode",
 ]
