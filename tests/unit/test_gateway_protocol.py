@@ -323,3 +323,37 @@ def test_no_metrics_means_no_counting_and_no_fast_path_means_plain_uvicorn() -> 
         assert split_responses(conn.output)[0][0] == 200 and len(conn.transport.writes) == 2
 
     asyncio.run(main())
+
+
+def test_keep_alive_timeout_closes_an_idle_connection_only() -> None:
+    """One timer per connection (not per response) still closes a connection idle for
+    ``timeout_keep_alive`` and never one that keeps sending requests."""
+
+    async def main() -> None:
+        conn = Conn(gateway())
+        conn.proto.timeout_keep_alive = 0.2
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(6):  # a request every 0.06 s: busy for longer than the timeout
+            conn.send(raw("PUT", f"/kv/t{i}", content=b"v"))
+            await conn.responses(i + 1)
+            await asyncio.sleep(0.06)
+        assert not conn.transport.closed and loop.time() - start > 0.3
+        idle_from = loop.time()
+        while not conn.transport.closed:
+            await asyncio.sleep(0.01)
+            assert loop.time() - idle_from < 1.0
+        assert loop.time() - idle_from >= 0.2 - 0.07  # idle since the last response
+        conn.proto.connection_lost(None)
+        assert conn.proto.timeout_keep_alive_task is None
+
+        slow = SlowFirstGet()  # a request served for longer than the timeout stays open
+        busy = Conn(gateway(slow))
+        busy.proto.timeout_keep_alive = 0.02
+        busy.send(raw("GET", "/kv/x"))
+        await busy.responses(1)
+        assert not busy.transport.closed
+        await asyncio.sleep(0.1)
+        assert busy.transport.closed
+
+    asyncio.run(main())
