@@ -32,7 +32,6 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.parse
 from typing import Any
 
@@ -164,10 +163,8 @@ class KVCycle:
         if self.disconnected:
             return  # nobody to answer; and a cut-off body must not be stored
         metrics = self.service.metrics
-        started = time.perf_counter()
+        started = metrics.begin() if metrics is not None else 0.0
         code = 500
-        if metrics is not None:
-            metrics.in_flight += 1
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
             reply = await answer(self.service.handlers, self.method, self.key, headers,
@@ -180,8 +177,7 @@ class KVCycle:
             data = encode_response(_ERROR_500, proto.server_state.default_headers, False)
         finally:
             if metrics is not None:
-                metrics.in_flight -= 1
-                metrics.count("kv", _OPS[self.method], code, time.perf_counter() - started)
+                metrics.end_kv(_OPS[self.method], code, started)
         if proto.flow.write_paused and not self.disconnected:
             await proto.flow.drain()
         if self.disconnected:
