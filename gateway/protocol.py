@@ -220,12 +220,24 @@ class KVHttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
+            self._start_cycle(cycle, app)
             return
         self.idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_at(
                 self.idle_since + self.timeout_keep_alive, self._keep_alive_check)
+
+    def _start_cycle(self, cycle: Any, app: Any) -> None:
+        """Run ``cycle`` (uvicorn's or a ``KVCycle``) as a task the server tracks: with
+        uvicorn's own helper where it has one (recent versions; it also honours
+        ``reset_contextvars``), else as earlier versions did inline."""
+        start = getattr(super(), "_start_asgi_task", None)
+        if start is not None:
+            start(cycle, app)
+            return
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def _keep_alive_check(self) -> None:
         self.timeout_keep_alive_task = None
@@ -261,7 +273,7 @@ class KVHttpProtocol(HttpToolsProtocol):
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]  # the attributes uvicorn uses
         if existing is None or existing.response_complete:
-            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
+            self._start_cycle(cycle, self.app)
         else:  # pipelined behind a response not yet sent: wait for it, as uvicorn does
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]

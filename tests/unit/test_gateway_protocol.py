@@ -190,7 +190,12 @@ class SlowFirstGet(FakeKV):
         return await super().get_versioned(key, consistency)
 
 
-def test_pipelined_requests_are_answered_in_order_across_both_paths() -> None:
+@pytest.mark.parametrize("uvicorn_helper", [True, False])
+def test_pipelined_requests_are_answered_in_order_across_both_paths(
+        uvicorn_helper: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not uvicorn_helper:  # uvicorns without _start_asgi_task: tasks started inline
+        monkeypatch.delattr(HttpToolsProtocol, "_start_asgi_task")
+
     async def main() -> list[tuple[int, dict[str, str], bytes]]:
         kv = SlowFirstGet()
         kv.data[b"a"] = (b"1", 1)
