@@ -180,8 +180,8 @@ class KVCycle:
                 metrics.end_kv(_OPS[self.method], code, started)
         if proto.flow.write_paused and not self.disconnected:
             await proto.flow.drain()
-        if self.disconnected:
-            return
+        if self.disconnected or proto.transport.is_closing():
+            return  # gone while we served (uvicorn marks only the newest cycle of a pipeline)
         proto.transport.write(data)
         self.response_complete = True
         if not self.keep_alive:
