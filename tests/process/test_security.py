@@ -2,8 +2,8 @@
 
 - no key or an unknown key gets nothing back; a client key reads and writes;
 - the wire carries no key or value in plaintext (a recording proxy on the client ->
-  broker and on the broker -> node hop; the same captures against a plaintext cluster
-  do contain them);
+  broker hop, on the broker -> node hop and in front of every node's peer port; the
+  same captures against a plaintext cluster do contain them);
 - forged Raft traffic (VoteRequest, AppendEntries carrying writes, InstallSnapshot)
   claiming a dead follower's id, sent to the live members' peer ports with a valid
   *client* key, or with another shard's *node* key, changes nothing; the same attack
@@ -194,6 +194,53 @@ def test_broker_to_node_traffic_carries_no_plaintext(tmp_path: Path) -> None:
     wire = _capture_backend(tmp_path / "secure", True, "SECRETMARK")
     assert len(wire) > 20 * 40 and b"SECRETMARK" not in wire
     plain = _capture_backend(tmp_path / "plain", False, "PLAINMARK")
+    assert b"PLAINMARK-value-3" in plain  # the check can fail
+
+
+class _PeerCapture(LocalCluster):
+    """A cluster whose nodes reach each other's peer ports only through recording
+    proxies (one per node): every node -> node byte (appends carrying the values,
+    votes, snapshots) crosses a proxy."""
+
+    proxies: dict[str, BlackholeProxy]
+
+    def _node_argv(self, spec: dict[str, Any]) -> list[str]:
+        argv = super()._node_argv(spec)
+        if "--peers" in argv:
+            i = argv.index("--peers") + 1
+            peers = []
+            for item in argv[i].split(","):
+                nid, _, _ = item.partition("=")
+                if nid not in self.proxies:
+                    self.proxies[nid] = BlackholeProxy("127.0.0.1", self.peer_ports[nid],
+                                                       record=True)
+                peers.append(f"{nid}={self.proxies[nid].endpoint}")
+            argv[i] = ",".join(peers)
+        return argv
+
+
+def _capture_peers(path: Path, secure: bool, marker: str) -> bytes:
+    cluster = _PeerCapture(path, shards=1, replicas=3, port=0, fsync="never", secure=secure,
+                           **TIMING)  # type: ignore[arg-type]
+    cluster.proxies = {}
+    try:
+        with cluster:
+            cluster.wait_ready(30)
+            with KVClient(cluster.endpoints, timeout_s=10, keys=cluster.client_keys) as kv:
+                for i in range(20):
+                    kv.put(f"{marker}-key-{i}", f"{marker}-value-{i}")
+                    assert kv.get(f"{marker}-key-{i}") == f"{marker}-value-{i}".encode()
+        assert len(cluster.proxies) == 3
+        return b"".join(bytes(p.recorded) for p in cluster.proxies.values())
+    finally:
+        for p in cluster.proxies.values():
+            p.close()
+
+
+def test_node_to_node_traffic_carries_no_plaintext(tmp_path: Path) -> None:
+    wire = _capture_peers(tmp_path / "secure", True, "SECRETMARK")
+    assert len(wire) > 20 * 40 and b"SECRETMARK" not in wire
+    plain = _capture_peers(tmp_path / "plain", False, "PLAINMARK")
     assert b"PLAINMARK-value-3" in plain  # the check can fail
 
 
