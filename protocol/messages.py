@@ -468,9 +468,24 @@ PeerMessage = (
     | TimeoutNow
 )
 FoundingMessage = FoundingProbe | FoundingAnswer
+# Batches and scans live in their own module (they need ``Consistency`` from here).
+from zkv.protocol.multikey import (  # noqa: E402
+    MULTIKEY_MESSAGE_TYPES,
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    MultiReply,
+    ScanReply,
+    ScanRequest,
+)
+
+MultiKeyMessage = (
+    MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
+    | ScanReply
+)
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
-    | Redirect | PeerMessage | MigrationMessage | FoundingMessage
+    | Redirect | PeerMessage | MigrationMessage | FoundingMessage | MultiKeyMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -481,6 +496,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
     MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
+    *MULTIKEY_MESSAGE_TYPES,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(

@@ -24,11 +24,29 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
-from zkv.protocol.messages import CasReply, DeleteReply, PutReply
+import msgpack
 
-SessionReply = PutReply | DeleteReply | CasReply
+from zkv.protocol.messages import CasReply, DeleteReply, PutReply
+from zkv.protocol.multikey import KeyResult
+
+
+@dataclass(frozen=True, slots=True)
+class MultiCached:
+    """The remembered outcome of a batch write's part (``multikey_state.py``): per-key
+    results without the keys, which a retry names again (``digest`` must match)."""
+
+    request_id: int
+    digest: bytes
+    results: tuple[KeyResult, ...]
+
+
+#: A batch's cached reply in a snapshot: ``[MULTI_CACHED_TYPE, request_id, False, blob]``.
+MULTI_CACHED_TYPE = 110
+
+SessionReply = PutReply | DeleteReply | CasReply | MultiCached
 
 REPLIES_PER_CLIENT_MAX = 2048  # >= the SDK's in-flight bound (1024)
 CLIENTS_MAX = 20_000  # with the reply bound: a hard ceiling on session memory
@@ -49,8 +67,13 @@ class _Session:
         self.replies: dict[int, SessionReply] = {}  # insertion order = order applied
 
 
-# Replies in a snapshot: [type, request_id, flag, version] (flag: deleted / swapped).
-def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int]:
+# Replies in a snapshot: [type, request_id, flag, version] (flag: deleted / swapped);
+# a batch's: [MULTI_CACHED_TYPE, request_id, False, msgpack [digest, [[code, found, version]]]].
+def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int | bytes]:
+    if isinstance(r, MultiCached):
+        rows = [[x.code, x.found, x.version] for x in r.results]
+        blob: bytes = msgpack.packb([r.digest, rows], use_bin_type=True)
+        return MULTI_CACHED_TYPE, r.request_id, False, blob
     if isinstance(r, PutReply):
         return PutReply.TYPE, r.request_id, False, r.version
     if isinstance(r, DeleteReply):
@@ -58,7 +81,20 @@ def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int]:
     return CasReply.TYPE, r.request_id, r.swapped, r.version
 
 
-def _reply_from(kind: int, request_id: int, flag: bool, version: int) -> SessionReply:
+def _multi_from(request_id: int, blob: Any) -> MultiCached:
+    try:
+        digest, rows = msgpack.unpackb(blob, raw=False)
+        results = tuple(KeyResult(int(c), bool(f), int(v)) for c, f, v in rows)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ValueError(f"bad cached batch reply: {exc.__class__.__name__}") from exc
+    if type(digest) is not bytes:
+        raise ValueError("bad cached batch reply digest")
+    return MultiCached(request_id, digest, results)
+
+
+def _reply_from(kind: int, request_id: int, flag: bool, version: Any) -> SessionReply:
+    if kind == MULTI_CACHED_TYPE:
+        return _multi_from(request_id, version)
     if kind == PutReply.TYPE:
         return PutReply(request_id, version)
     if kind == DeleteReply.TYPE:
