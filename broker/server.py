@@ -43,10 +43,12 @@ from loguru import logger
 from zkv.broker.bad_input import WarningLimiter, discard_rest
 from zkv.broker.config import BATCH_MAX, CLIENT_QUEUE_MAX, FORWARD_BATCH_MAX, HWM, BrokerConfig
 from zkv.broker.failure_detector import FailureDetector
+from zkv.broker.fanout import FanOutTable
+from zkv.broker.fanout_shell import FanOutShell
 from zkv.broker.housekeeping import BrokerLiveness
 from zkv.broker.node_control import NodeControl
 from zkv.broker.node_table import NodeTable
-from zkv.broker.router import Router
+from zkv.broker.router import FAN_OUT, Router
 from zkv.broker.server_security import BrokerSecurity, stamp, unstamp
 from zkv.broker.stats import BrokerStats
 from zkv.protocol import codec
@@ -64,7 +66,7 @@ _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 _EHOSTUNREACH = zmq.EHOSTUNREACH
 
 
-class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
+class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness, FanOutShell):
     """Owns the three sockets; ``bind()``, then ``run()`` until ``stop()``; ``close()``."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
@@ -114,6 +116,8 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
         #: Replies for clients that were gone or not reading (never an error).
         self.replies_dropped = 0
         self.stats = BrokerStats()  # --metrics-port: counted per batch (stats.py)
+        #: batches and scans in flight (fanout.py): the broker's only per-request state
+        self.fanout = FanOutTable(config.key_bytes_max)
 
     def _router_socket(self, queue_max: int) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -267,6 +271,8 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
                     forward(head, _SNDMORE_NOBLOCK)
                     forward(msg[2], _NOBLOCK)
                 self.stats.timer.sent(dest, 1, now)
+            elif dest is FAN_OUT:  # a batch or a scan: fanout_shell.py
+                self._fan_out(client, msg[1], now)
             elif dest is not None:
                 self._reply(client, dest)
 
@@ -355,6 +361,13 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
             part = recv(_NOBLOCK, False)
             ident = node.bytes
             answered[ident] = answered.get(ident, 0) + 1
+            if self.is_part_ident(client.bytes):  # a batch's or scan's part: merged here
+                frames = [part.bytes]
+                while part.more:
+                    part = recv(_NOBLOCK, False)
+                    frames.append(part.bytes)
+                self._on_part_reply(ident, client.bytes, frames, now)
+                continue
             try:
                 send(unstamp(client) if self.secure else client, _SNDMORE_NOBLOCK)
             except zmq.ZMQError:  # the client is gone: drop its reply
