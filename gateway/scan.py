@@ -32,7 +32,7 @@ def decode_cursor(text: str | None) -> bytes | None:
     if text is None or text == "":
         return None
     try:
-        return base64.urlsafe_b64decode(text.encode("ascii"))
+        return base64.b64decode(text.encode("ascii"), altchars=b"-_", validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise HTTPProblem(422, "cursor must be the value a previous page returned") from None
 
