@@ -75,11 +75,7 @@ def decode_multi_write(v: list[Any]) -> MultiWrite:
                       _uint(v[4], "ts_ms"), MultiKind(kind), keys, values)
 
 
-def keys_digest(keys: tuple[bytes, ...]) -> bytes:
-    """8 bytes naming a key list: a retried batch must name the same keys to be answered
-    from the session table (``multikey_state.py``)."""
-    h = hashlib.blake2b(digest_size=8)
-    for k in keys:
-        h.update(len(k).to_bytes(4, "little"))
-        h.update(k)
-    return h.digest()
+def key_hash(key: bytes) -> int:
+    """64 bits naming a key in the session table (``sessions.MultiCached``): which keys a
+    batch's request id already wrote, without keeping the keys."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")

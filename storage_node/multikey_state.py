@@ -9,10 +9,16 @@ calls ``multi_get_reply`` and ``scan_page`` once a read may be served):
   the whole part (its retry is applied by the right owner). Otherwise every key is
   written at version ``index + version_offset`` (one entry, one version), each write to
   a leaving key noted for the move like a single write's.
-- Exactly once: the part's (client id, request id) goes through the session table like
-  a single write. A duplicate whose keys are the ones first sent (same ``keys_digest``)
-  gets the cached per-key results again; a request id reused with other keys cannot be
-  answered truthfully, so it gets ``SESSION_EXPIRED`` (outcome unknown).
+- Exactly once, per key: the part's (client id, request id) goes through the session
+  table like a single write, which remembers, per key written under that request id, a
+  hash of the key and its result (``sessions.MultiCached``). A retry answers the keys
+  already written from there and writes only the others. Why per key and not per part:
+  the SDK's next round resends only the keys still pending, split by a newer ring, so
+  a shard may see the same request id again with other keys; and a ring change merges
+  the source's session table into the target's, so the target may hold a record of
+  the same request id for keys written at the source (the records are merged, see
+  ``sessions.merge_session_state``). A key written once under a request id is never
+  written again under it, wherever it moved.
 - Reads (``multi_get_reply``): per key, a refusal code, or found/version/value. Values
   stop at ``MULTI_REPLY_BYTES_MAX`` bytes; keys past it answer ``UNAVAILABLE`` and the SDK
   asks again for them.
@@ -35,7 +41,7 @@ from zkv.protocol.limits import MULTI_REPLY_BYTES_MAX, SCAN_EXAMINED_MAX, SCAN_R
 from zkv.protocol.messages import ErrorReply
 from zkv.protocol.multikey import KeyResult, MultiReply, ScanReply
 from zkv.protocol.ring import RingConfig
-from zkv.storage_node.multikey_commands import MultiKind, MultiWrite, keys_digest
+from zkv.storage_node.multikey_commands import MultiKind, MultiWrite, key_hash
 from zkv.storage_node.ownership import Ownership
 from zkv.storage_node.sessions import MultiCached, SessionStatus, SessionTable
 
@@ -52,41 +58,57 @@ def apply_multi_write(index: int, cmd: MultiWrite, data: KeyTable, sessions: Ses
                       ownership: Ownership) -> MultiReply | ErrorReply:
     """Apply one shard's part of a batch write at log ``index`` (see the rules)."""
     seen = sessions.lookup(cmd.client_id, cmd.request_id, cmd.ts_ms)
-    if seen is not SessionStatus.NEW:
-        if isinstance(seen, MultiCached) and seen.digest == keys_digest(cmd.keys):
-            return MultiReply(cmd.request_id, cmd.keys, seen.results)
+    if seen is SessionStatus.EXPIRED or not (seen is SessionStatus.NEW
+                                             or isinstance(seen, MultiCached)):
         why = ("this batch's session was forgotten; its outcome is unknown"
-               if seen is SessionStatus.EXPIRED else
-               "request id reused with other keys than first sent; outcome unknown")
-        return ErrorReply(cmd.request_id, ErrorCode.SESSION_EXPIRED, why)
-    for key in cmd.keys:
-        refused = ownership.refusal(key)
+               if seen is SessionStatus.EXPIRED else "request id already used by a single write")
+        code = ErrorCode.SESSION_EXPIRED if seen is SessionStatus.EXPIRED else ErrorCode.BAD_REQUEST
+        return ErrorReply(cmd.request_id, code, why)
+    hashes = [key_hash(k) for k in cmd.keys]
+    done: dict[int, KeyResult] = {}
+    if isinstance(seen, MultiCached):
+        done = dict(zip(seen.hashes, seen.results, strict=True))
+    todo = [i for i, h in enumerate(hashes) if h not in done]
+    if not todo:
+        return MultiReply(cmd.request_id, cmd.keys, tuple(done[h] for h in hashes))
+    for i in todo:
+        refused = ownership.refusal(cmd.keys[i])
         if refused:
             return ErrorReply(cmd.request_id, refused, "key not served by this shard now",
                               epoch=ownership.epoch)
+    fresh = _write(index, cmd, todo, data, ownership)
+    new = MultiCached(cmd.request_id, tuple(hashes[i] for i in todo), fresh)
+    record = new if not isinstance(seen, MultiCached) else seen.merged(new)
+    sessions.record(cmd.client_id, cmd.request_id, cmd.lowest_pending, record)
+    done.update(zip(new.hashes, fresh, strict=True))
+    return MultiReply(cmd.request_id, cmd.keys, tuple(done[h] for h in hashes))
+
+
+def _write(index: int, cmd: MultiWrite, todo: list[int], data: KeyTable,
+           ownership: Ownership) -> tuple[KeyResult, ...]:
+    """Write the keys at positions ``todo``, all at one version; their results."""
     noting = ownership.outgoing is not None
     version = index + ownership.version_offset
     results: list[KeyResult] = []
     if cmd.kind is MultiKind.PUT:
-        done = KeyResult(0, True, version)
-        for key, value in zip(cmd.keys, cmd.values, strict=True):
+        written = KeyResult(0, True, version)
+        for i in todo:
+            key = cmd.keys[i]
             if noting:
                 ownership.note_write(key, index)
-            data.put(key, value, version)
-            results.append(done)
-    else:
-        for key in cmd.keys:
-            if key in data:
-                if noting:
-                    ownership.note_write(key, index)
-                del data[key]
-                results.append(KeyResult(0, True, version))
-            else:
-                results.append(KeyResult(0, False, 0))
-    cached = tuple(results)
-    sessions.record(cmd.client_id, cmd.request_id, cmd.lowest_pending,
-                    MultiCached(cmd.request_id, keys_digest(cmd.keys), cached))
-    return MultiReply(cmd.request_id, cmd.keys, cached)
+            data.put(key, cmd.values[i], version)
+            results.append(written)
+        return tuple(results)
+    for i in todo:
+        key = cmd.keys[i]
+        if key in data:
+            if noting:
+                ownership.note_write(key, index)
+            del data[key]
+            results.append(KeyResult(0, True, version))
+        else:
+            results.append(KeyResult(0, False, 0))
+    return tuple(results)
 
 
 def multi_get_reply(request_id: int, keys: tuple[bytes, ...], data: KeyTable,

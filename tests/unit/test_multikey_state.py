@@ -13,9 +13,10 @@ from zkv.protocol.multikey import KeyResult, MultiReply, ScanReply
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.commands import Fence, PutCommand, decode_command, encode_command
 from zkv.storage_node.key_index import NOTES_SLACK, SortedKeys
-from zkv.storage_node.multikey_commands import MultiKind, MultiWrite, keys_digest
+from zkv.storage_node.multikey_commands import MultiKind, MultiWrite, key_hash
 from zkv.storage_node.multikey_state import multi_get_reply, scan_page
 from zkv.storage_node.ownership import Ownership
+from zkv.storage_node.sessions import merge_session_state
 from zkv.storage_node.state_machine import KeyTable, KVStateMachine
 
 pytestmark = pytest.mark.unit
@@ -81,10 +82,30 @@ def test_a_retried_batch_applies_once_and_gets_the_same_results() -> None:
     again = sm.apply(3, encode_command(mput(7, {b"a": b"1", b"b": b"2"})))
     assert again == first
     assert sm.get(b"a") == (b"changed", 2)  # not written again
-    other_keys = sm.apply(4, encode_command(mput(7, {b"a": b"1"})))
-    assert isinstance(other_keys, ErrorReply) and other_keys.code == ErrorCode.SESSION_EXPIRED
     single = sm.apply(5, encode_command(PutCommand(b"c", 7, 7, 1000, b"x", b"y")))
     assert isinstance(single, ErrorReply) and single.code == ErrorCode.BAD_REQUEST
+
+
+def test_a_later_round_writes_only_the_keys_not_yet_written_under_its_request_id() -> None:
+    sm = KVStateMachine()
+    sm.apply(1, encode_command(mput(7, {b"a": b"1"})))
+    sm.apply(2, encode_command(PutCommand(b"other", 1, 1, 1000, b"a", b"changed")))
+    reply = sm.apply(3, encode_command(mput(7, {b"b": b"2", b"a": b"1"})))
+    assert reply == MultiReply(7, (b"b", b"a"), (KeyResult(0, True, 3), KeyResult(0, True, 1)))
+    assert sm.get(b"a") == (b"changed", 2) and sm.get(b"b") == (b"2", 3)
+
+
+def test_parts_of_one_batch_from_two_shards_stay_written_once_after_a_move() -> None:
+    """Shard X wrote key a under request 7, shard Y wrote b under 7; a moves to Y with
+    X's sessions: a retry of a (and b) under 7 at Y must write nothing."""
+    x, y = KVStateMachine(), KVStateMachine()
+    x.apply(1, encode_command(mput(7, {b"a": b"1"})))
+    y.apply(1, encode_command(mput(7, {b"b": b"2"})))
+    merge_session_state(y.sessions, x.sessions.to_state())
+    y.apply(2, encode_command(PutCommand(b"other", 1, 1, 1000, b"b", b"changed")))
+    reply = y.apply(3, encode_command(mput(7, {b"a": b"1", b"b": b"2"})))
+    assert reply == MultiReply(7, (b"a", b"b"), (KeyResult(0, True, 1), KeyResult(0, True, 1)))
+    assert y.get(b"a") is None and y.get(b"b") == (b"changed", 2)
 
 
 def test_a_batch_with_one_key_not_served_here_applies_nothing() -> None:
@@ -105,7 +126,7 @@ def test_cached_batch_replies_survive_a_snapshot() -> None:
     restored.restore(sm.snapshot_bytes())
     assert restored == sm
     assert restored.apply(2, encode_command(mput(9, {b"a": b"1"}))) == first
-    assert keys_digest((b"a", b"b")) != keys_digest((b"ab",))
+    assert key_hash(b"a") != key_hash(b"b")
 
 
 # ------------------------------------------------------------------ the sorted index

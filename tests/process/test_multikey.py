@@ -1,0 +1,225 @@
+"""Batches and scans on real processes (2 shards x 3 replicas, one broker).
+
+- ``test_batches_scans_and_the_cli``: mset/mget/mdelete across shards, a batch write
+  resent under the same request id applies once (same versions, no new write), scans
+  by prefix with small pages equal a sorted reference, the pipeline, and the CLI verbs
+  (``mset``, ``mget``, ``mdel``, ``scan``, ``put KEY -``).
+- ``test_scan_during_add_shard_with_concurrent_writes``: while ``zkv admin add-shard``
+  (a real subprocess; this test plays the ``zkv cluster up`` supervisor that starts the
+  new nodes) moves keys to a third shard and writers put and delete other keys, scanner
+  threads page through the whole key space again and again. Every scan must return
+  keys in strictly increasing order (so no key twice), every key present for the whole
+  scan (written before, never touched) exactly once, and no key deleted before the
+  scan began. At least one scan must overlap the ring change.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import ROOT, ZkvCli
+from zkv.client import KVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import KVError
+from zkv.protocol.multikey import MultiPutRequest, MultiReply
+from zkv.protocol.ring import Ring, RingConfig
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(240)]
+
+
+def _ring(d: dict[str, object]) -> Ring:
+    return Ring(RingConfig(int(d["epoch"]), tuple(d["shards"]), int(d["vnodes"])))  # type: ignore[arg-type, call-overload]
+
+
+def _cli(endpoint: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "zkv.client.cli", "--endpoint", endpoint,
+                           *args], cwd=ROOT, input=stdin, capture_output=True, timeout=60,
+                          check=False)
+
+
+def test_batches_scans_and_the_cli(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path / "data", shards=2, replicas=3, port=0, fsync="never") as c:
+        c.wait_ready(60)
+        with KVClient(c.endpoints, timeout_s=10) as kv:
+            items = {f"user:{i:04d}": f"v{i}" for i in range(300)}
+            versions = kv.mset(items)
+            assert set(versions) == set(items)
+            ring = _ring(kv.status()["ring"])
+            by_shard: dict[int, set[int]] = {}
+            for key, version in versions.items():
+                by_shard.setdefault(ring.shard_for(key.encode()), set()).add(version)
+            assert len(by_shard) == 2 and all(len(v) == 1 for v in by_shard.values()), \
+                by_shard  # one log entry per shard: one version for all of its keys
+            assert kv.mget([*items, "user:none"]) == {
+                **{k: v.encode() for k, v in items.items()}, "user:none": None}
+            # a batch resent under the same request id applies once
+            rid = kv.new_request_id()
+            req = MultiPutRequest(kv.client_id, rid, rid, (b"once:a", b"once:b"), (b"1", b"2"))
+            first = kv._call(lambda r: req, MultiReply, 5.0, rid)
+            again = kv._call(lambda r: req, MultiReply, 5.0, rid)
+            assert first.results == again.results
+            assert kv.get_versioned("once:a") == (b"1", first.results[0].version)
+            deleted = kv.mdelete([f"user:{i:04d}" for i in range(0, 300, 3)] + ["user:none"])
+            assert sum(deleted.values()) == 100 and deleted["user:none"] is False
+            expected = sorted(k.encode() for i, k in enumerate(items) if i % 3)
+            assert [k for k, _ in kv.scan_iter("user:", page_size=17)] == expected
+            page = kv.scan("user:", limit=5, keys_only=True)
+            assert page.keys == expected[:5] and page.cursor is not None
+            assert [k for k, _ in kv.scan_iter("", page_size=1000)] == sorted(
+                [*expected, b"once:a", b"once:b"])
+            with kv.pipeline() as p:
+                for i in range(50):
+                    p.put(f"pipe:{i}", str(i))
+            assert all(isinstance(v, int) for v in p.results)
+            with kv.pipeline() as p:
+                for i in range(50):
+                    p.get(f"pipe:{i}")
+            assert p.results == [str(i).encode() for i in range(50)]
+        e = c.endpoint
+        assert _cli(e, "mset", "cli:a", "1", "cli:b", "2").returncode == 0
+        out = _cli(e, "mget", "cli:a", "cli:b", "cli:c")
+        assert out.returncode == 1 and out.stdout == b"cli:a\t1\ncli:b\t2\ncli:c\t(nil)\n"
+        assert _cli(e, "put", "cli:c", "-", stdin=b"from\nstdin").returncode == 0
+        out = _cli(e, "scan", "cli:", "--limit", "5")
+        assert out.stdout == b"cli:a\t1\ncli:b\t2\ncli:c\tfrom\\nstdin\n"
+        assert _cli(e, "mdel", "cli:a", "cli:z").stdout == b"cli:a\tdeleted\ncli:z\t(not found)\n"
+        assert _cli(e, "scan", "cli:", "--keys-only").stdout == b"cli:b\ncli:c\n"
+
+
+STABLE = [f"s:{i:05d}".encode() for i in range(1500)]
+DELETED = [f"d:{i:05d}".encode() for i in range(300)]
+
+
+def _writer(stop: threading.Event, endpoints: list[str], seed: int, counts: dict[str, int]) -> None:
+    rng = random.Random(seed)
+    with KVClient(endpoints, timeout_s=10, seed=seed) as kv:
+        while not stop.is_set():
+            key = f"w:{rng.randrange(400):04d}"
+            try:
+                if rng.random() < 0.6:
+                    kv.put(key, "x" * rng.randrange(50))
+                elif rng.random() < 0.5:
+                    kv.delete(key)
+                else:
+                    kv.mset({f"w:{rng.randrange(400):04d}": "m" for _ in range(5)})
+                counts["ok"] += 1
+            except KVError as exc:
+                name = type(exc).__name__
+                counts[name] = counts.get(name, 0) + 1
+
+
+def _scanner(stop: threading.Event, endpoints: list[str], seed: int,
+             scans: list[tuple[float, float, int]], problems: list[str]) -> None:
+    rng = random.Random(seed)
+    stable, deleted = set(STABLE), set(DELETED)
+    with KVClient(endpoints, timeout_s=20, seed=seed) as kv:
+        while not stop.is_set():
+            started = time.monotonic()
+            keys: list[bytes] = []
+            try:
+                for key, _ in kv.scan_iter("", page_size=rng.choice([37, 100, 250])):
+                    keys.append(key)
+            except KVError as exc:
+                problems.append(f"scan failed: {exc!r}")
+                return
+            ended = time.monotonic()
+            if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+                problems.append("keys out of order or repeated")
+            seen = set(keys)
+            if not stable <= seen:
+                problems.append(f"{len(stable - seen)} stable keys missing, e.g. "
+                                f"{sorted(stable - seen)[:3]}")
+            if seen & deleted:
+                problems.append(f"deleted keys returned: {sorted(seen & deleted)[:3]}")
+            scans.append((started, ended, len(keys)))
+
+
+def _add_shard_by_cli(cluster: LocalCluster) -> list[str]:
+    """``zkv admin add-shard --data-dir`` as a subprocess, this test playing the
+    ``zkv cluster up`` supervisor that starts the nodes it adds."""
+    def on_line(line: str) -> bool:
+        if "waiting for its leader" in line:
+            cluster.sync_spec()
+        return False
+
+    with ZkvCli("admin", "add-shard", "--data-dir", str(cluster.data_dir),
+                "--endpoint", cluster.endpoint) as cli:
+        cli.follow(on_line, timeout_s=150)
+        code = cli.proc.wait(timeout=10)  # follow read to the end
+    assert code == 0, f"add-shard failed ({code}): {cli.lines}"
+    return cli.lines
+
+
+def _add_shard_pausing_before_drop(cluster: LocalCluster) -> list[str]:
+    """The same coordinator in this process, pausing 3 s once the new ring is in force
+    and before the old owners drop the keys they gave away: for those 3 s the old owners
+    still hold copies of keys they no longer own, which a scan must not return."""
+    lines: list[str] = []
+
+    def on_step(step: str) -> None:
+        if step == "drop":
+            time.sleep(3.0)
+
+    cluster.add_shard(progress=lines.append, on_step=on_step)
+    return lines
+
+
+@pytest.mark.parametrize("coordinator", ["cli", "pause-before-drop"])
+def test_scan_during_add_shard_with_concurrent_writes(tmp_path: Path, coordinator: str) -> None:
+    with LocalCluster(tmp_path / "data", shards=2, replicas=3, port=0, fsync="never",
+                      heartbeat_ms=100, election_timeout_ms=600) as cluster:
+        cluster.wait_ready(60)
+        with KVClient(cluster.endpoints, timeout_s=20) as kv:
+            for i in range(0, len(STABLE), 500):
+                kv.mset({k: b"stable" for k in STABLE[i:i + 500]})
+            kv.mset(dict.fromkeys(DELETED, b"doomed"))
+            kv.mdelete(DELETED)
+        stop = threading.Event()
+        counts = {"ok": 0}
+        scans: list[tuple[float, float, int]] = []
+        problems: list[str] = []
+        threads = [threading.Thread(target=_writer, args=(stop, cluster.endpoints, i, counts),
+                                    daemon=True) for i in range(2)]
+        threads += [threading.Thread(target=_scanner, daemon=True,
+                                     args=(stop, cluster.endpoints, 100 + i, scans, problems))
+                    for i in range(2)]
+        for t in threads:
+            t.start()
+        lines: list[str] = []
+        try:
+            time.sleep(1.0)
+            add_started = time.monotonic()
+            lines = (_add_shard_by_cli(cluster) if coordinator == "cli"
+                     else _add_shard_pausing_before_drop(cluster))
+            add_ended = time.monotonic()
+            time.sleep(1.0)
+            n_before_stop = len(scans)
+            deadline = time.monotonic() + 30
+            while len(scans) < n_before_stop + 2 and time.monotonic() < deadline:
+                time.sleep(0.2)  # scans that start after the change as well
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        with KVClient(cluster.endpoints, timeout_s=20) as kv:
+            ring = kv.status()["ring"]
+            final = [k for k, _ in kv.scan_iter("s:", page_size=500)]
+    overlapping = [s for s in scans if s[0] < add_ended and s[1] > add_started]
+    print(f"\n{coordinator}: add-shard {add_ended - add_started:.1f}s; {len(scans)} full scans "
+          f"({len(overlapping)} overlapping the change), keys per scan "
+          f"{min(n for _, _, n in scans)}..{max(n for _, _, n in scans)}; writes {counts}; "
+          f"final ring {ring}")
+    for line in lines:
+        print("  " + line)
+    assert not problems, problems[:5]
+    assert len(ring["shards"]) == 3, ring
+    assert overlapping, "no scan overlapped the ring change"
+    assert final == STABLE
+    assert counts["ok"] > 0
