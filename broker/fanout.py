@@ -125,8 +125,6 @@ def merge_pages(pages: list[ScanReply], limit: int
     for key, value, version in heapq.merge(*(rows(p) for p in pages)):
         if bound is not None and key > bound:
             break
-        if keys and key == keys[-1]:
-            continue  # the same key from two shards cannot happen under one ring; keep one
         if len(keys) >= limit:
             more = True
             break

@@ -95,6 +95,9 @@ def test_batches_scans_and_the_cli(tmp_path: Path) -> None:
 
 STABLE = [f"s:{i:05d}".encode() for i in range(1500)]
 DELETED = [f"d:{i:05d}".encode() for i in range(300)]
+#: deleted while the change is in flight (pause-before-drop: once the new ring is in
+#: force, while the old owners still hold copies): scans that begin later must not see them
+LATE = [f"l:{i:05d}".encode() for i in range(300)]
 
 
 def _writer(stop: threading.Event, endpoints: list[str], seed: int, counts: dict[str, int]) -> None:
@@ -116,9 +119,10 @@ def _writer(stop: threading.Event, endpoints: list[str], seed: int, counts: dict
 
 
 def _scanner(stop: threading.Event, endpoints: list[str], seed: int,
-             scans: list[tuple[float, float, int]], problems: list[str]) -> None:
+             scans: list[tuple[float, float, int]], problems: list[str],
+             late_deleted_at: list[float]) -> None:
     rng = random.Random(seed)
-    stable, deleted = set(STABLE), set(DELETED)
+    stable, deleted, late = set(STABLE), set(DELETED), set(LATE)
     with KVClient(endpoints, timeout_s=20, seed=seed) as kv:
         while not stop.is_set():
             started = time.monotonic()
@@ -138,6 +142,9 @@ def _scanner(stop: threading.Event, endpoints: list[str], seed: int,
                                 f"{sorted(stable - seen)[:3]}")
             if seen & deleted:
                 problems.append(f"deleted keys returned: {sorted(seen & deleted)[:3]}")
+            if late_deleted_at and started > late_deleted_at[0] and seen & late:
+                problems.append(f"keys deleted during the change returned: "
+                                f"{sorted(seen & late)[:3]}")
             scans.append((started, ended, len(keys)))
 
 
@@ -157,14 +164,19 @@ def _add_shard_by_cli(cluster: LocalCluster) -> list[str]:
     return cli.lines
 
 
-def _add_shard_pausing_before_drop(cluster: LocalCluster) -> list[str]:
+def _add_shard_pausing_before_drop(cluster: LocalCluster,
+                                   late_deleted_at: list[float]) -> list[str]:
     """The same coordinator in this process, pausing 3 s once the new ring is in force
     and before the old owners drop the keys they gave away: for those 3 s the old owners
-    still hold copies of keys they no longer own, which a scan must not return."""
+    still hold copies of keys they no longer own, which a scan must not return. The
+    ``LATE`` keys are deleted at the start of the pause (the old owners' copies stay)."""
     lines: list[str] = []
 
     def on_step(step: str) -> None:
         if step == "drop":
+            with KVClient(cluster.endpoints, timeout_s=20) as kv:
+                kv.mdelete(LATE)
+            late_deleted_at.append(time.monotonic())
             time.sleep(3.0)
 
     cluster.add_shard(progress=lines.append, on_step=on_step)
@@ -181,6 +193,8 @@ def test_scan_during_add_shard_with_concurrent_writes(tmp_path: Path, coordinato
                 kv.mset({k: b"stable" for k in STABLE[i:i + 500]})
             kv.mset(dict.fromkeys(DELETED, b"doomed"))
             kv.mdelete(DELETED)
+            kv.mset(dict.fromkeys(LATE, b"late"))
+        late_deleted_at: list[float] = []
         stop = threading.Event()
         counts = {"ok": 0}
         scans: list[tuple[float, float, int]] = []
@@ -188,7 +202,8 @@ def test_scan_during_add_shard_with_concurrent_writes(tmp_path: Path, coordinato
         threads = [threading.Thread(target=_writer, args=(stop, cluster.endpoints, i, counts),
                                     daemon=True) for i in range(2)]
         threads += [threading.Thread(target=_scanner, daemon=True,
-                                     args=(stop, cluster.endpoints, 100 + i, scans, problems))
+                                     args=(stop, cluster.endpoints, 100 + i, scans, problems,
+                                           late_deleted_at))
                     for i in range(2)]
         for t in threads:
             t.start()
@@ -197,7 +212,7 @@ def test_scan_during_add_shard_with_concurrent_writes(tmp_path: Path, coordinato
             time.sleep(1.0)
             add_started = time.monotonic()
             lines = (_add_shard_by_cli(cluster) if coordinator == "cli"
-                     else _add_shard_pausing_before_drop(cluster))
+                     else _add_shard_pausing_before_drop(cluster, late_deleted_at))
             add_ended = time.monotonic()
             time.sleep(1.0)
             n_before_stop = len(scans)
@@ -212,6 +227,8 @@ def test_scan_during_add_shard_with_concurrent_writes(tmp_path: Path, coordinato
             ring = kv.status()["ring"]
             final = [k for k, _ in kv.scan_iter("s:", page_size=500)]
     overlapping = [s for s in scans if s[0] < add_ended and s[1] > add_started]
+    after_late = [s for s in scans if late_deleted_at and s[0] > late_deleted_at[0]
+                  and s[0] < add_ended]
     print(f"\n{coordinator}: add-shard {add_ended - add_started:.1f}s; {len(scans)} full scans "
           f"({len(overlapping)} overlapping the change), keys per scan "
           f"{min(n for _, _, n in scans)}..{max(n for _, _, n in scans)}; writes {counts}; "
@@ -221,5 +238,7 @@ def test_scan_during_add_shard_with_concurrent_writes(tmp_path: Path, coordinato
     assert not problems, problems[:5]
     assert len(ring["shards"]) == 3, ring
     assert overlapping, "no scan overlapped the ring change"
+    if coordinator != "cli":
+        assert after_late, "no scan began while the old owners held copies"
     assert final == STABLE
     assert counts["ok"] > 0
