@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +105,78 @@ def test_batches_and_scans_on_a_secure_cluster(tmp_path: Path) -> None:
             assert kv.mget(["k1", "k39", "k40"]) == {"k1": b"1", "k39": b"39", "k40": None}
             assert len(list(kv.scan_iter("k", page_size=7))) == 40
             assert sum(kv.mdelete([f"k{i}" for i in range(10)]).values()) == 10
+
+
+def test_batches_across_a_leader_kill_and_over_asyncio_and_http(tmp_path: Path) -> None:
+    """A writer loops ``mset`` of 20 keys (each round its own values) while shard 0's
+    leader is SIGKILLed and restarted: every acknowledged batch's keys on one shard share
+    one version (one entry), and at the end every key holds the value of the last
+    acknowledged batch (or of a later, unacknowledged one). Then the asyncio client and
+    the gateway's ``GET /kv`` read the same keys."""
+    import asyncio
+    import signal
+
+    keys = [f"kill:{i:02d}" for i in range(20)]
+    acked: list[dict[str, int]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer(endpoints: list[str]) -> None:
+        with KVClient(endpoints, timeout_s=15) as kv:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    acked.append({"round": n, **kv.mset({k: f"{n}" for k in keys})})
+                except KVError as exc:
+                    errors.append(repr(exc))
+
+    with LocalCluster(tmp_path / "data", shards=2, replicas=3, port=0, fsync="always",
+                      heartbeat_ms=100, election_timeout_ms=600) as c:
+        c.wait_ready(60)
+        t = threading.Thread(target=writer, args=(c.endpoints,), daemon=True)
+        t.start()
+        time.sleep(1.0)
+        leader = c.leader_of(0)
+        c.kill_node(leader, signal.SIGKILL)
+        time.sleep(2.0)
+        c.restart_node(leader)
+        time.sleep(1.5)
+        stop.set()
+        t.join(30)
+        assert not t.is_alive()
+        with KVClient(c.endpoints, timeout_s=15) as kv:
+            ring = _ring(kv.status()["ring"])
+            final = kv.mget(keys)
+        for batch in acked:
+            by_shard: dict[int, set[int]] = {}
+            for k in keys:
+                by_shard.setdefault(ring.shard_for(k.encode()), set()).add(batch[k])
+            assert all(len(v) == 1 for v in by_shard.values()), batch
+        last = acked[-1]["round"]
+        assert all(v is not None and int(v) >= last for v in final.values()), (final, last)
+
+        async def async_reads() -> tuple[dict[object, bytes | None], Any]:
+            from zkv.client import AsyncKVClient
+            from zkv.gateway.app import create_app
+
+            async with AsyncKVClient(c.endpoints, timeout_s=15) as akv:
+                got = await akv.mget(keys)
+                app = create_app(c.endpoints)
+                app.state.kv_state["kv"] = akv
+                import httpx
+
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                             base_url="http://t") as http:
+                    page = (await http.get("/kv", params={"prefix": "kill:",
+                                                          "limit": 50})).json()
+            return got, page
+
+        got, page = asyncio.run(async_reads())
+        assert got == final
+        assert [i["key"] for i in page["items"]] == keys and page["cursor"] is None
+    print(f"\n{len(acked)} batches acknowledged across the kill of {leader}; "
+          f"errors {errors[:3]} ({len(errors)})")
 
 
 STABLE = [f"s:{i:05d}".encode() for i in range(1500)]
