@@ -1,7 +1,8 @@
 """Scatter-gather of batches and scans: split per shard, send at once, merge. Pure.
 
 Theory of operation. The broker otherwise keeps no per-request state; a batch or a
-scan needs some, bounded here: at most ``FANOUT_PENDING_MAX`` fan-outs in flight, each
+scan needs some, bounded here: at most ``FANOUT_PENDING_MAX`` fan-outs in flight holding
+at most ``FANOUT_HELD_BYTES_MAX`` bytes of requests and answers between them, each
 forgotten by ``FANOUT_TIMEOUT_S`` (the SDK has resent by then). A fan-out sends each
 shard's part to that shard's leader under its own ident (``FANOUT_MAGIC`` + fan-out id
 + shard + round), so a reply is matched without decoding anything else; a reply for a
@@ -66,8 +67,12 @@ FANOUT_PENDING_MAX = 4096
 FANOUT_TIMEOUT_S = 3.0
 #: Times a scan page is asked again because its shards answered under different rings.
 SCAN_ROUNDS_MAX = 3
+#: Bytes of requests and partial answers the fan-outs in flight may hold in all; beyond,
+#: a new one is answered UNAVAILABLE (a batch may carry 16 MiB: 4,096 of them must not).
+FANOUT_HELD_BYTES_MAX = 256 * 1024 * 1024
 
-_IDENT_BYTES = len(FANOUT_MAGIC) + 8 + 4 + 2
+#: magic, fan-out id, shard, round
+PART_IDENT_BYTES = len(FANOUT_MAGIC) + 8 + 4 + 2
 
 
 def part_ident(fid: int, shard: int, round_: int) -> bytes:
@@ -77,7 +82,7 @@ def part_ident(fid: int, shard: int, round_: int) -> bytes:
 
 def parse_ident(ident: bytes) -> tuple[int, int, int] | None:
     """``(fan-out id, shard, round)`` of a part ident, None if it is not one."""
-    if len(ident) != _IDENT_BYTES or not ident.startswith(FANOUT_MAGIC):
+    if len(ident) != PART_IDENT_BYTES or not ident.startswith(FANOUT_MAGIC):
         return None
     n = len(FANOUT_MAGIC)
     return (int.from_bytes(ident[n:n + 8], "big"), int.from_bytes(ident[n + 8:n + 12], "big"),
@@ -157,16 +162,21 @@ class _FanOut:
     queried: frozenset[int] = frozenset()
     round: int = 0
     value_bytes: int = 0
+    held: int = 0  # bytes counted in FanOutTable.held_bytes
 
 
 class FanOutTable:
     """The fan-outs in flight; see the module docstring for the rules."""
 
     def __init__(self, key_bytes_max: int, pending_max: int = FANOUT_PENDING_MAX,
-                 timeout_s: float = FANOUT_TIMEOUT_S) -> None:
+                 timeout_s: float = FANOUT_TIMEOUT_S,
+                 held_bytes_max: int = FANOUT_HELD_BYTES_MAX) -> None:
         self.key_bytes_max = key_bytes_max
         self.pending_max = pending_max
         self.timeout_s = timeout_s
+        self.held_bytes_max = held_bytes_max
+        #: bytes the fan-outs in flight hold: their requests and the answers so far
+        self.held_bytes = 0
         self._fans: dict[int, _FanOut] = {}
         self._next_fid = 1
         self._rr = 0
@@ -193,6 +203,7 @@ class FanOutTable:
         fid = self._next_fid
         self._next_fid += 1
         fan = _FanOut(fid, client, stamp, req, now + self.timeout_s, {}, [])
+        self._hold(fan, len(req.prefix) if isinstance(req, ScanRequest) else request_bytes(req))
         if isinstance(req, ScanRequest):
             self._fans[fid] = fan
             self._send_scan(fan, ring, leaders, out)
@@ -211,12 +222,13 @@ class FanOutTable:
         if fan.awaiting:
             self._fans[fid] = fan
         else:
+            self._forget(fan)
             self._finish(fan, out)
         return out
 
     def _refusal(self, req: FanOutRequest, ring: Ring | None) -> ErrorReply | None:
         rid = req.request_id
-        if len(self._fans) >= self.pending_max:
+        if len(self._fans) >= self.pending_max or self.held_bytes >= self.held_bytes_max:
             return ErrorReply(rid, ErrorCode.UNAVAILABLE, "broker busy with batches; retry")
         if isinstance(req, ScanRequest):
             if not 1 <= req.limit <= SCAN_LIMIT_MAX:
@@ -236,6 +248,15 @@ class FanOutTable:
             return ErrorReply(rid, ErrorCode.NO_LEADER, "no ring known yet")
         return None
 
+    def _hold(self, fan: _FanOut, n: int) -> None:
+        fan.held += n
+        self.held_bytes += n
+
+    def _forget(self, fan: _FanOut) -> None:
+        self._fans.pop(fan.fid, None)
+        self.held_bytes -= fan.held
+        fan.held = 0
+
     def _pick(self, shard: int, leaders: Mapping[int, bytes],
               replicas: Mapping[int, tuple[bytes, ...]] | None) -> bytes | None:
         if replicas is not None:
@@ -250,7 +271,7 @@ class FanOutTable:
         shards = ring.config.shards
         missing = [s for s in shards if s not in leaders]
         if missing:
-            del self._fans[fan.fid]
+            self._forget(fan)
             out.replies.append((fan.client, codec.encode(ErrorReply(
                 fan.req.request_id, ErrorCode.NO_LEADER, f"no leader for shard {missing[0]}",
                 epoch=ring.config.epoch))))
@@ -283,7 +304,7 @@ class FanOutTable:
             return out
         self._multi_part(fan, positions, reply)
         if not fan.awaiting:
-            del self._fans[fid]
+            self._forget(fan)
             self._finish(fan, out)
         return out
 
@@ -297,6 +318,7 @@ class FanOutTable:
                     r = KeyResult(int(ErrorCode.UNAVAILABLE))
                 elif r.value:
                     fan.value_bytes += len(r.value)
+                    self._hold(fan, len(r.value))
                     if fan.value_bytes > MULTI_REPLY_BYTES_MAX:
                         r = KeyResult(int(ErrorCode.UNAVAILABLE))
                 fan.results[i] = r
@@ -310,19 +332,20 @@ class FanOutTable:
         req = fan.req
         assert isinstance(req, ScanRequest)
         if not isinstance(reply, ScanReply):
-            del self._fans[fan.fid]
+            self._forget(fan)
             err = reply if isinstance(reply, ErrorReply) else ErrorReply(
                 req.request_id, ErrorCode.INTERNAL, f"unexpected {type(reply).__name__}")
             out.replies.append((fan.client, codec.encode(
                 ErrorReply(req.request_id, err.code, err.message, err.leader_hint, err.epoch))))
             return
         fan.pages.append(reply)
+        self._hold(fan, sum(map(len, reply.keys)) + sum(map(len, reply.values)))
         if fan.awaiting:
             return
         epochs = {p.epoch for p in fan.pages}
         ring_shards = {frozenset(p.ring.shards) for p in fan.pages if p.ring is not None}
         if len(epochs) == 1 and ring_shards == {fan.queried}:
-            del self._fans[fan.fid]
+            self._forget(fan)
             keys, values, versions, next_after = merge_pages(fan.pages, req.limit)
             out.replies.append((fan.client, codec.encode(ScanReply(
                 req.request_id, tuple(keys), tuple(values), tuple(versions), next_after,
@@ -331,7 +354,7 @@ class FanOutTable:
         self.scan_rounds += 1
         fan.round += 1
         if fan.round > SCAN_ROUNDS_MAX or ring is None:
-            del self._fans[fan.fid]
+            self._forget(fan)
             out.replies.append((fan.client, codec.encode(ErrorReply(
                 req.request_id, ErrorCode.UNAVAILABLE, "the ring is changing; retry"))))
             return
@@ -353,7 +376,7 @@ class FanOutTable:
         out = FanOutput()
         late = [fan for fan in self._fans.values() if fan.deadline <= now]
         for fan in late:
-            del self._fans[fan.fid]
+            self._forget(fan)
             self.expired += 1
             if isinstance(fan.req, ScanRequest):
                 out.replies.append((fan.client, codec.encode(ErrorReply(

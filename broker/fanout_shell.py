@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from zkv.broker.fanout import FanOutput, FanOutTable
+from zkv.broker.fanout import PART_IDENT_BYTES, FanOutput, FanOutTable
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
 from zkv.protocol.messages import ErrorReply
@@ -47,10 +47,15 @@ class FanOutShell:
 
         def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None: ...
 
+    @property
+    def part_ident_len(self) -> int:
+        """The length of a part ident as nodes echo it (a cheap first test per reply)."""
+        return PART_IDENT_BYTES + (1 if self.secure else 0)
+
     def is_part_ident(self, ident: bytes) -> bool:
         """Whether a reply's client ident names one of our fan-out parts."""
         off = 1 if self.secure else 0
-        return ident[off:off + _MAGIC_LEN] == FANOUT_MAGIC
+        return len(ident) == PART_IDENT_BYTES + off and ident[off:off + _MAGIC_LEN] == FANOUT_MAGIC
 
     def _fan_out(self, client: zmq.Frame | bytes, header: bytes, now: float) -> None:
         cid = client if type(client) is bytes else client.bytes  # type: ignore[union-attr]

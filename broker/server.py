@@ -361,7 +361,8 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness, FanOutShell):
             part = recv(_NOBLOCK, False)
             ident = node.bytes
             answered[ident] = answered.get(ident, 0) + 1
-            if self.is_part_ident(client.bytes):  # a batch's or scan's part: merged here
+            if len(client) == self.part_ident_len and self.is_part_ident(client.bytes):
+                # a batch's or scan's part: merged here (fanout_shell.py)
                 frames = [part.bytes]
                 while part.more:
                     part = recv(_NOBLOCK, False)

@@ -161,6 +161,26 @@ def test_bounds_answer_at_once() -> None:
     assert isinstance(busy, ErrorReply) and busy.code == ErrorCode.UNAVAILABLE
 
 
+def test_held_bytes_are_bounded_and_released() -> None:
+    table = FanOutTable(1024, held_bytes_max=100)
+    big = MultiPutRequest(b"c", 1, 1, (b"k",), (b"v" * 200,))
+    out = table.start(CLIENT, b"", big, 0.0, RING, LEADERS)
+    assert table.held_bytes == 201
+    (_, frames), = table.start(CLIENT, b"", MultiGetRequest(b"c", 2, (b"k",)), 0.0, RING,
+                               LEADERS).replies
+    busy = decode(frames)
+    assert isinstance(busy, ErrorReply) and busy.code == ErrorCode.UNAVAILABLE
+    (node, ident, frames), = out.sends
+    table.on_reply(ident, answer_multi(node, frames, {}), 0.0, RING, LEADERS)
+    assert table.held_bytes == 0 and len(table) == 0
+    table.start(CLIENT, b"", MultiGetRequest(b"c", 3, KEYS), 0.0, RING, LEADERS)
+    assert table.held_bytes > 0
+    table.expire(10.0)
+    assert table.held_bytes == 0
+    table.start(CLIENT, b"", MultiGetRequest(b"c", 4, KEYS), 0.0, RING, {})  # no leaders
+    assert table.held_bytes == 0 and len(table) == 0
+
+
 def test_stale_batch_reads_spread_over_replicas() -> None:
     table = FanOutTable(1024)
     replicas = {s: (b"r%da" % s, b"r%db" % s) for s in range(3)}
