@@ -4,13 +4,21 @@
   resent under the same request id applies once (same versions, no new write), scans
   by prefix with small pages equal a sorted reference, the pipeline, and the CLI verbs
   (``mset``, ``mget``, ``mdel``, ``scan``, ``put KEY -``).
+- ``test_batches_and_scans_on_a_secure_cluster``: the same through Curve.
+- ``test_batches_across_a_leader_kill_and_over_asyncio_and_http``: msets while shard 0's
+  leader is SIGKILLed keep one version per shard part and end at the last acknowledged
+  values; the asyncio client and the gateway's ``GET /kv`` read them back.
 - ``test_scan_during_add_shard_with_concurrent_writes``: while ``zkv admin add-shard``
   (a real subprocess; this test plays the ``zkv cluster up`` supervisor that starts the
   new nodes) moves keys to a third shard and writers put and delete other keys, scanner
   threads page through the whole key space again and again. Every scan must return
   keys in strictly increasing order (so no key twice), every key present for the whole
   scan (written before, never touched) exactly once, and no key deleted before the
-  scan began. At least one scan must overlap the ring change.
+  scan began. At least one scan must overlap the ring change. Two coordinators: the
+  real CLI, and the same code in-process pausing 3 s before the old owners drop the
+  keys they gave away, with keys deleted at the start of the pause (their stale copies
+  stay on the old owners): scans that begin later must not return them. Without the
+  ownership filter of scan pages this variant fails (keys twice, deleted keys back).
 """
 
 from __future__ import annotations
