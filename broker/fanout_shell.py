@@ -43,14 +43,10 @@ class FanOutShell:
         backend: zmq.Socket[Any]
         secure: bool
         fanout: FanOutTable
+        part_ident_len: int
         _warn_back: WarningLimiter
 
         def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None: ...
-
-    @property
-    def part_ident_len(self) -> int:
-        """The length of a part ident as nodes echo it (a cheap first test per reply)."""
-        return PART_IDENT_BYTES + (1 if self.secure else 0)
 
     def is_part_ident(self, ident: bytes) -> bool:
         """Whether a reply's client ident names one of our fan-out parts."""

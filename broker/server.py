@@ -43,7 +43,7 @@ from loguru import logger
 from zkv.broker.bad_input import WarningLimiter, discard_rest
 from zkv.broker.config import BATCH_MAX, CLIENT_QUEUE_MAX, FORWARD_BATCH_MAX, HWM, BrokerConfig
 from zkv.broker.failure_detector import FailureDetector
-from zkv.broker.fanout import FanOutTable
+from zkv.broker.fanout import PART_IDENT_BYTES, FanOutTable
 from zkv.broker.fanout_shell import FanOutShell
 from zkv.broker.housekeeping import BrokerLiveness
 from zkv.broker.node_control import NodeControl
@@ -96,6 +96,10 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness, FanOutShell):
         curve = self._start_security() if config.keys_dir is not None else None
         #: secure: requests go to nodes under a role-stamped client ident (``stamp``)
         self.secure = curve is not None
+        #: batches and scans in flight (fanout.py): the broker's only per-request state;
+        #: a reply whose ident has this length may be a part's (a cheap first test)
+        self.fanout = FanOutTable(config.key_bytes_max)
+        self.part_ident_len = PART_IDENT_BYTES + (1 if self.secure else 0)
         self.frontend = self._router_socket(config.client_queue_max)
         self.backend = self._router_socket(config.hwm)
         self.heartbeats = self._ctx.socket(zmq.SUB)
@@ -116,8 +120,6 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness, FanOutShell):
         #: Replies for clients that were gone or not reading (never an error).
         self.replies_dropped = 0
         self.stats = BrokerStats()  # --metrics-port: counted per batch (stats.py)
-        #: batches and scans in flight (fanout.py): the broker's only per-request state
-        self.fanout = FanOutTable(config.key_bytes_max)
 
     def _router_socket(self, queue_max: int) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
