@@ -1,20 +1,22 @@
-"""A sorted index over a shard's keys, built lazily, for prefix scans. Pure.
+"""A sorted index over a shard's keys, for prefix scans. Pure.
 
 Why this shape: the key table is a dict (the hot path of every get and put); a scan
-needs the keys in byte order. Keeping a balanced tree beside the dict would tax every
-write for a feature many clusters never use, so the index is a plain sorted ``list`` of
-the dict's own key objects (8 bytes per key plus the list's spare room: measured in the
-README), built at the first scan and then kept up to date lazily:
+needs the keys in byte order. The index is built at a shard's first scan (a shard that
+is never scanned pays nothing) and from then on kept up to date by every write that adds
+or removes a key. It is a list of sorted chunks of the table's own key objects (no
+copies) with each chunk's last key in ``maxes``, the layout of ``sortedcontainers``'
+``SortedList`` in a few lines: finding a key is two bisects, inserting or removing one
+moves at most ``CHUNK_MAX`` pointers, so a write pays about a microsecond whatever the
+shard's size, where one flat sorted list would move half of a million pointers, and
+re-sorting it at each scan page after a few writes would cost tens of milliseconds at a
+million keys (both measured). Memory: a pointer per key plus a list header per chunk of
+hundreds of keys, about 8.5 bytes per key (README, ``bench/multikey.py``).
 
-- a write that adds a key, or a delete, only notes the key in ``added`` / ``removed``
-  (a set operation); the next scan folds the notes in: removals by bisect (few) or one
-  filtering pass (many), additions by ``extend`` + ``sort`` (Timsort merges the new run
-  into the sorted one in about linear time, in C).
-- Bound: when the notes outgrow a quarter of the index (plus 1024), ``stale`` says so
-  and the owner drops the index; the next scan rebuilds it with one ``sorted``. So the
-  notes never hold more than about a quarter of the keys, however long no scan comes.
-
-Keys compare as bytes: lexicographic by unsigned byte, which is the scan order.
+Rules: chunks hold between ``CHUNK_MIN`` and ``CHUNK_MAX`` keys (a chunk that outgrows
+the bound is split in two; one that shrinks below the floor is merged into a neighbour,
+so deletes cannot leave a chunk header per key); none is empty; ``maxes[i]`` is
+``chunks[i][-1]``. Keys compare as bytes: lexicographic by unsigned byte, which is the
+scan order.
 """
 
 from __future__ import annotations
@@ -22,68 +24,94 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 
-#: Removals folded in one bisect at a time below this; above, one filtering pass.
-_BISECT_REMOVALS_MAX = 64
-#: Notes kept before the index is dropped: ``len // 4 + NOTES_SLACK``.
-NOTES_SLACK = 1024
+CHUNK_MAX = 1024
+CHUNK_MIN = 128
+_BUILD = 512  # keys per chunk when built from scratch
 
 
 class SortedKeys:
     """The keys of a table in byte order; see the module docstring."""
 
-    __slots__ = ("_keys", "_added", "_removed")
+    __slots__ = ("_chunks", "_maxes", "_len")
 
-    def __init__(self, keys: Iterable[bytes]) -> None:
-        self._keys: list[bytes] = sorted(keys)
-        self._added: set[bytes] = set()
-        self._removed: set[bytes] = set()
+    def __init__(self, keys: Iterable[bytes] = ()) -> None:
+        ordered = sorted(keys)
+        self._chunks: list[list[bytes]] = [ordered[i:i + _BUILD]
+                                           for i in range(0, len(ordered), _BUILD)]
+        self._maxes: list[bytes] = [c[-1] for c in self._chunks]
+        self._len = len(ordered)
+
+    def __len__(self) -> int:
+        return self._len
 
     def add(self, key: bytes) -> None:
-        """``key`` is new in the table (it was absent)."""
-        if key in self._removed:
-            self._removed.discard(key)
-        else:
-            self._added.add(key)
+        """``key`` is new in the table (the caller knows it was absent)."""
+        chunks, maxes = self._chunks, self._maxes
+        self._len += 1
+        if not chunks:
+            chunks.append([key])
+            maxes.append(key)
+            return
+        i = bisect.bisect_left(maxes, key)
+        if i == len(maxes):
+            i -= 1
+        chunk = chunks[i]
+        bisect.insort(chunk, key)
+        maxes[i] = chunk[-1]
+        if len(chunk) > CHUNK_MAX:
+            half = len(chunk) // 2
+            chunks[i:i + 1] = [chunk[:half], chunk[half:]]
+            maxes[i:i + 1] = [chunk[half - 1], chunk[-1]]
 
     def remove(self, key: bytes) -> None:
-        """``key`` left the table (it was present)."""
-        if key in self._added:
-            self._added.discard(key)
+        """``key`` left the table (absent keys are ignored)."""
+        chunks, maxes = self._chunks, self._maxes
+        i = bisect.bisect_left(maxes, key)
+        if i == len(maxes):
+            return
+        chunk = chunks[i]
+        j = bisect.bisect_left(chunk, key)
+        if j == len(chunk) or chunk[j] != key:
+            return
+        del chunk[j]
+        self._len -= 1
+        if not chunk:
+            del chunks[i]
+            del maxes[i]
+            return
+        maxes[i] = chunk[-1]
+        if len(chunk) < CHUNK_MIN and len(chunks) > 1:
+            self._merge(i if i + 1 < len(chunks) else i - 1)
+
+    def _merge(self, i: int) -> None:
+        """Merge chunk ``i + 1`` into chunk ``i``, split again if too large."""
+        chunks, maxes = self._chunks, self._maxes
+        merged = chunks[i] + chunks[i + 1]
+        if len(merged) > CHUNK_MAX:
+            half = len(merged) // 2
+            chunks[i:i + 2] = [merged[:half], merged[half:]]
+            maxes[i:i + 2] = [merged[half - 1], merged[-1]]
         else:
-            self._removed.add(key)
-
-    @property
-    def stale(self) -> bool:
-        """Too many changes noted since the last fold: cheaper to rebuild when needed."""
-        return len(self._added) + len(self._removed) > len(self._keys) // 4 + NOTES_SLACK
-
-    def _fold(self) -> None:
-        keys = self._keys
-        removed = self._removed
-        if removed:
-            if len(removed) <= _BISECT_REMOVALS_MAX:
-                for key in removed:
-                    i = bisect.bisect_left(keys, key)
-                    if i < len(keys) and keys[i] == key:
-                        del keys[i]
-            else:
-                self._keys = keys = [k for k in keys if k not in removed]
-            removed.clear()
-        if self._added:
-            keys.extend(self._added)
-            keys.sort()
-            self._added.clear()
+            chunks[i:i + 2] = [merged]
+            maxes[i:i + 2] = [merged[-1]]
 
     def iter_from(self, start: bytes) -> Iterator[bytes]:
         """Keys ``>= start`` in order. The caller must not change the table while it
         iterates (a scan page is served within one call)."""
-        self._fold()
-        keys = self._keys
-        i = bisect.bisect_left(keys, start)
-        n = len(keys)
-        while i < n:
-            yield keys[i]
-            i += 1
+        chunks = self._chunks
+        i = bisect.bisect_left(self._maxes, start)
+        if i == len(chunks):
+            return
+        chunk = chunks[i]
+        for j in range(bisect.bisect_left(chunk, start), len(chunk)):
+            yield chunk[j]
+        for chunk in chunks[i + 1:]:
+            yield from chunk
 
-    def __len__(self) -> int:
-        return len(self._keys) + len(self._added) - len(self._removed)
+    def check(self) -> None:
+        """Assert the rules of the module docstring (for tests)."""
+        assert all(self._chunks), "an empty chunk"
+        assert self._maxes == [c[-1] for c in self._chunks]
+        flat = [k for c in self._chunks for k in c]
+        assert flat == sorted(flat) and len(flat) == self._len == len(set(flat))
+        assert all(len(c) <= CHUNK_MAX for c in self._chunks)

@@ -91,7 +91,7 @@ class KeyTable:
         self._d: dict[bytes, bytes] = {}
         self.size_bytes = 0
         #: the sorted key index for scans (``key_index.py``): None until a scan asks
-        #: for it, and again whenever its change notes outgrow it (then rebuilt lazily)
+        #: for it; from then on every write that adds or removes a key updates it
         self._index: SortedKeys | None = None
         pairs = items.items() if hasattr(items, "items") else items
         for key, (value, version) in pairs:
@@ -112,26 +112,12 @@ class KeyTable:
         if old is None:
             self.size_bytes += len(key) + len(value)
             if self._index is not None:
-                self._noted_add(key)
+                self._index.add(key)
         else:
             self.size_bytes += len(value) - len(old) + _VERSION_BYTES
         d[key] = value + version.to_bytes(_VERSION_BYTES, "little")
 
     # ------------------------------------------------------------------ sorted index
-
-    def _noted_add(self, key: bytes) -> None:
-        index = self._index
-        assert index is not None
-        index.add(key)
-        if index.stale:
-            self._index = None
-
-    def _noted_remove(self, key: bytes) -> None:
-        index = self._index
-        assert index is not None
-        index.remove(key)
-        if index.stale:
-            self._index = None
 
     def keys_from(self, start: bytes) -> Iterator[bytes]:
         """Keys ``>= start`` in byte order (builds the sorted index at the first call).
@@ -161,7 +147,7 @@ class KeyTable:
         old = self._d.pop(key)
         self.size_bytes -= len(key) + len(old) - _VERSION_BYTES
         if self._index is not None:
-            self._noted_remove(key)
+            self._index.remove(key)
 
     def pop(self, key: bytes, *default: Any) -> Any:
         old = self._d.pop(key, None)
@@ -171,7 +157,7 @@ class KeyTable:
             raise KeyError(key)
         self.size_bytes -= len(key) + len(old) - _VERSION_BYTES
         if self._index is not None:
-            self._noted_remove(key)
+            self._index.remove(key)
         return old[:-_VERSION_BYTES], int.from_bytes(old[-_VERSION_BYTES:], "little")
 
     def __contains__(self, key: object) -> bool:

@@ -12,7 +12,7 @@ from zkv.protocol.messages import ErrorReply, PutReply
 from zkv.protocol.multikey import KeyResult, MultiReply, ScanReply
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.commands import Fence, PutCommand, decode_command, encode_command
-from zkv.storage_node.key_index import NOTES_SLACK, SortedKeys
+from zkv.storage_node.key_index import CHUNK_MAX, SortedKeys
 from zkv.storage_node.multikey_commands import MultiKind, MultiWrite, key_hash
 from zkv.storage_node.multikey_state import multi_get_reply, scan_page
 from zkv.storage_node.ownership import Ownership
@@ -136,7 +136,7 @@ def test_sorted_keys_follow_a_table_through_random_changes() -> None:
     rng = random.Random(7)
     table = KeyTable()
     naive: dict[bytes, bytes] = {}
-    for step in range(6000):
+    for step in range(20000):
         key = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3)))
         r = rng.random()
         if r < 0.55:
@@ -152,28 +152,27 @@ def test_sorted_keys_follow_a_table_through_random_changes() -> None:
         else:
             start = bytes([rng.randrange(256)])
             assert list(table.keys_from(start)) == sorted(k for k in naive if k >= start)
+            assert table._index is not None
+            table._index.check()
     assert list(table.keys_from(b"")) == sorted(naive)
 
 
-def test_the_index_is_dropped_when_its_notes_outgrow_it_and_rebuilt_on_demand() -> None:
-    table = KeyTable()
-    for i in range(10):
-        table.put(b"%05d" % i, b"", 1)
-    assert list(table.keys_from(b""))[:2] == [b"00000", b"00001"]
-    assert table._index is not None
-    for i in range(10, 10 + NOTES_SLACK + 10):
-        table.put(b"%05d" % i, b"", 1)
-    assert table._index is None  # no notes kept without bound
-    assert len(list(table.keys_from(b""))) == 10 + NOTES_SLACK + 10
-
-
-def test_sorted_keys_bisect_and_bulk_removals_agree() -> None:
-    keys = [b"%04d" % i for i in range(500)]
-    for removed in (keys[:5], keys[::3]):
-        index = SortedKeys(keys)
-        for k in removed:
-            index.remove(k)
-        assert list(index.iter_from(b"")) == [k for k in keys if k not in set(removed)]
+def test_sorted_keys_keep_their_chunk_rules_through_growth_and_mass_deletes() -> None:
+    rng = random.Random(3)
+    keys = [b"%08d" % i for i in range(6000)]
+    rng.shuffle(keys)
+    index = SortedKeys(keys[:1000])
+    for k in keys[1000:]:
+        index.add(k)
+    index.check()
+    assert len(index._chunks) >= 6000 // CHUNK_MAX
+    for k in keys[:5900]:
+        index.remove(k)
+    index.check()
+    assert list(index.iter_from(b"")) == sorted(keys[5900:])
+    assert len(index._chunks) <= 2  # merged as they shrank: no chunk header per key
+    index.remove(b"absent")
+    assert len(index) == 100
 
 
 # ------------------------------------------------------------------ reads
