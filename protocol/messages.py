@@ -26,7 +26,7 @@ Version 2: typed admin messages, one ring wire format (Heartbeat, Redirect, Stat
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar, NewType
 
 from zkv.protocol.admin import (
@@ -64,6 +64,7 @@ from zkv.protocol.admin import (
     MigrationMessage,
     Phase,
 )
+from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
 
 PROTOCOL_VERSION = 2
@@ -91,7 +92,7 @@ class Consistency(enum.IntEnum):
 # --------------------------------------------------------------------------- client
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetRequest:
     TYPE: ClassVar[int] = 1
     client_id: bytes
@@ -100,7 +101,7 @@ class GetRequest:
     consistency: Consistency = Consistency.LINEARIZABLE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutRequest:
     """A write; (client_id, request_id) makes a retry idempotent.
 
@@ -117,7 +118,7 @@ class PutRequest:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteRequest:
     """Remove ``key``; with ``expected_version`` > 0, only if the key's version is that
     (checked where the delete is applied, so nothing can land in between). 0 means
@@ -132,7 +133,7 @@ class DeleteRequest:
     expected_version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CasRequest:
     """Compare-and-set: write ``value`` only if the key's version is ``expected_version``
     (0 means "the key must not exist")."""
@@ -147,7 +148,7 @@ class CasRequest:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StatusRequest:
     """Answered by the broker from its heartbeat table."""
 
@@ -156,14 +157,14 @@ class StatusRequest:
     request_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PingRequest:
     TYPE: ClassVar[int] = 6
     client_id: bytes
     request_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetReply:
     TYPE: ClassVar[int] = 20
     BLOB: ClassVar[str] = "value"
@@ -173,14 +174,14 @@ class GetReply:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutReply:
     TYPE: ClassVar[int] = 21
     request_id: int
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteReply:
     """``deleted``: ``version`` is the delete's own version. Not deleted: ``version`` is
     the key's current version, 0 when it did not exist; > 0 only when a conditional
@@ -192,7 +193,7 @@ class DeleteReply:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CasReply:
     """``version`` is the key's version after the call (the new one when swapped)."""
 
@@ -202,7 +203,7 @@ class CasReply:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ErrorReply:
     TYPE: ClassVar[int] = 24
     request_id: int
@@ -212,7 +213,7 @@ class ErrorReply:
     epoch: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StatusReply:
     """``nodes`` holds one dict per node the broker remembers: the fields of its latest
     Heartbeat plus ``age_ms`` and ``live``; ``ring`` is the adopted ring (None before
@@ -225,7 +226,7 @@ class StatusReply:
     ring: RingConfig | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PongReply:
     TYPE: ClassVar[int] = 26
     request_id: int
@@ -235,7 +236,7 @@ class PongReply:
 # --------------------------------------------------------------------------- cluster
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Heartbeat:
     """Published by every node every ``heartbeat_ms``; the broker's only source of truth."""
 
@@ -258,7 +259,7 @@ class Heartbeat:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Campaign:
     """Broker -> node: the shard's leader is gone, stand for election.
 
@@ -272,7 +273,7 @@ class Campaign:
     broker_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Heard:
     """Broker -> node, as ``[b"", Heard]`` every heartbeat interval: "I hear your
     heartbeats" (the latest at ``term``), sent only to nodes heard within a few heartbeat
@@ -286,7 +287,7 @@ class Heard:
     term: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestBatch:
     """Broker -> node: client requests for one node taken in one drain of the frontend,
     sent as one frame. Each item is ``(client_ident, header[, blob])`` exactly as the
@@ -298,7 +299,7 @@ class RequestBatch:
     items: tuple[tuple[bytes, ...], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReplyBatch:
     """Node -> broker: the replies of one loop iteration, ``(client_ident, reply[, blob])``
     each; the broker sends every item to its client as a separate message."""
@@ -307,7 +308,7 @@ class ReplyBatch:
     items: tuple[tuple[bytes, ...], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Redirect:
     """Node -> broker, as ``[b"", Redirect]``: requests this node refused as not its
     shard's at ``ring`` (``WRONG_SHARD``), handed back whole so the broker
@@ -327,7 +328,7 @@ class Redirect:
 # --------------------------------------------------------------------------- peers
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Entry:
     """One log entry; ``data`` is an encoded state-machine command (opaque here)."""
 
@@ -336,7 +337,7 @@ class Entry:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VoteRequest:
     """``pre_vote`` asks "would you vote for me at ``term``?" without anyone changing
     state, so a node that cannot win never bumps the cluster's term (Raft thesis 9.6)."""
@@ -351,7 +352,7 @@ class VoteRequest:
     transfer: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VoteReply:
     TYPE: ClassVar[int] = 51
     term: int
@@ -360,7 +361,7 @@ class VoteReply:
     pre_vote: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendEntries:
     """Also the leader's heartbeat to followers (empty ``entries``). ``read_seq`` lets a
     majority of replies confirm leadership for a batch of linearizable reads."""
@@ -375,7 +376,7 @@ class AppendEntries:
     read_seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendReply:
     """On failure ``match_index`` is a hint: the follower's last index (or a conflict)."""
 
@@ -392,7 +393,7 @@ class AppendReply:
     incarnation: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InstallSnapshot:
     TYPE: ClassVar[int] = 54
     BLOB: ClassVar[str] = "data"
@@ -405,7 +406,7 @@ class InstallSnapshot:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnapshotReply:
     """``offset`` is the next byte the follower expects (the total size once done)."""
 
@@ -420,7 +421,7 @@ class SnapshotReply:
 # --------------------------------------------------------------------------- membership
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TimeoutNow:
     """Leader -> an up-to-date follower: stand for election now (leadership transfer,
     Raft thesis 3.10); its vote requests carry ``transfer`` so voters ignore the lease."""
@@ -430,7 +431,7 @@ class TimeoutNow:
     leader_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FoundingProbe:
     """Peer -> peer: a node bootstrapping a new shard asks a member of its initial
     configuration for its state (``storage_node/identity.py``)."""
@@ -441,7 +442,20 @@ class FoundingProbe:
     shard_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
+class WrongNode:
+    """A node's answer to peer traffic on a connection that announced another target
+    node or another cluster (``storage_node.peer_link``): who it really is, and why it
+    refused. The dialer redials (resolving the name again) and logs the stale address."""
+
+    TYPE: ClassVar[int] = 46
+    node_id: str
+    shard_id: int
+    cluster_id: str
+    reason: str
+
+
+@record
 class FoundingAnswer:
     """Answer to ``FoundingProbe``: ``pristine`` if the member is bootstrapping on an
     empty data dir, or founded and still at term 0; ``term`` is its current term."""
@@ -485,7 +499,8 @@ MultiKeyMessage = (
 )
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
-    | Redirect | PeerMessage | MigrationMessage | FoundingMessage | MultiKeyMessage
+    | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
+    | MultiKeyMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -495,7 +510,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     *ADMIN_REPLY_CLASSES,
     Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
-    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
+    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
     *MULTIKEY_MESSAGE_TYPES,
 )  # fmt: skip
 
@@ -519,5 +534,5 @@ __all__ = [
     "PeerMessage", "Phase", "PingRequest", "PongReply", "PutReply", "PutRequest",
     "Redirect", "ReplyBatch", "RequestBatch", "RingConfig", "Role", "ShardId",
     "SnapshotReply", "StatusReply", "StatusRequest", "Term", "VoteReply", "VoteRequest",
-    "WriteRequest",
+    "WriteRequest", "WrongNode",
 ]

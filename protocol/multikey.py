@@ -28,10 +28,10 @@ shards that all used the same ring epoch (``epoch``), so each key had exactly on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from zkv.protocol.messages import Consistency
+from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
 
 #: Fan-out sub-requests go to nodes under a client ident that starts with these bytes
@@ -40,7 +40,7 @@ from zkv.protocol.ring import RingConfig
 FANOUT_MAGIC = b"\xffzkvF"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class KeyResult:
     """One key's outcome. ``code`` 0: done; else an ``ErrorCode`` for this key only.
     ``found``: get: the key exists; delete: it was deleted; put: True."""
@@ -51,7 +51,7 @@ class KeyResult:
     value: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MultiGetRequest:
     TYPE: ClassVar[int] = 100
     client_id: bytes
@@ -60,7 +60,7 @@ class MultiGetRequest:
     consistency: Consistency = Consistency.LINEARIZABLE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MultiPutRequest:
     """``keys[i]`` gets ``values[i]``; per shard one log entry (atomic per shard)."""
 
@@ -72,7 +72,7 @@ class MultiPutRequest:
     values: tuple[bytes, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MultiDeleteRequest:
     TYPE: ClassVar[int] = 102
     client_id: bytes
@@ -81,7 +81,7 @@ class MultiDeleteRequest:
     keys: tuple[bytes, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ScanRequest:
     """Keys starting with ``prefix``, strictly after ``after`` (None: from the first)."""
 
@@ -95,7 +95,7 @@ class ScanRequest:
     consistency: Consistency = Consistency.LINEARIZABLE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MultiReply:
     """``results[i]`` is the outcome for ``keys[i]`` (keys echoed, so a reply is read by
     key: the SDK may have asked again for fewer keys meanwhile). ``ring``: the node's
@@ -108,7 +108,7 @@ class MultiReply:
     ring: RingConfig | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ScanReply:
     """One page: ``keys`` ascending with their ``values`` (empty with ``keys_only``) and
     ``versions``; ``next_after``: continue strictly after this key (None: done);

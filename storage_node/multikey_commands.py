@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.record import record
 
 #: Wire value of the op: never renumber.
 MULTI_WRITE_OP = 100
@@ -29,7 +29,7 @@ class MultiKind(enum.IntEnum):
     DELETE = 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MultiWrite:
     client_id: bytes
     request_id: int
