@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from zkv.gateway.main import http_available
-from zkv.ops.child import die_with_parent
+from zkv.protocol.runtime import die_with_parent
 
 GRACE_S = 5.0
 

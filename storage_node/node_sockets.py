@@ -190,6 +190,9 @@ class NodeSockets:
             self.peer_socks[peer] = self._peer_socket(peer, addr)  # resolves the name again
 
     def close(self) -> None:
+        child = getattr(self, "_snapshot_child", None)
+        if child is not None:  # a snapshot half written is of no use to the next start
+            child.kill()
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
             s.close(linger=0)
