@@ -258,3 +258,20 @@ def test_bad_tokens_tls_or_key_files_stop_the_gateway(tmp_path: Path) -> None:
     assert why is not None and "not found" in why
     why, _ = check_security(_args(keys_dir=tmp_path))
     assert why is not None and "the gateway's Curve key" in why
+
+
+def test_keys_generate_gives_the_gateway_a_client_key_and_tokens(tmp_path: Path) -> None:
+    from zkv.ops.keys import generate
+    from zkv.protocol.security import TrustStore, load_pair
+
+    keys = generate(tmp_path / "keys", ["s0r0"], ["b0"], gateway="gateway")
+    public, _ = load_pair(keys / "gateway")
+    who = TrustStore(keys).lookup(public)
+    assert who is not None and (who.role, who.name) == ("client", "gateway")  # never admin
+    path = keys / "gateway" / "tokens"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert tokens.load(path).roles() == {"client": 1, "admin": 1, "metrics": 1}
+    before = path.read_text()
+    generate(keys, ["s0r0", "s1r0"], ["b0"], gateway="gateway")  # growing keeps the tokens
+    assert path.read_text() == before
+    assert not (generate(tmp_path / "none", [], ["b0"]) / "gateway").exists()
