@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +162,50 @@ def test_without_tokens_nothing_is_checked() -> None:
     assert app.kv is not None and app.kv.auth is None
     got = _asgi(app, [("GET", "/metrics", {}), ("GET", "/ui/data", {}), ("GET", "/kv/x", {})])
     assert [r.status_code for r in got] == [200, 200, 404]
+
+
+NODE_HARNESS = r"""
+const fs = require("fs");
+const elements = {};
+const classes = () => { const s = new Set(["hidden"]); return {
+  add: (c) => s.add(c), remove: (c) => s.delete(c), contains: (c) => s.has(c),
+  toggle: (c, on) => (on ? s.add(c) : s.delete(c)) }; };
+global.document = { getElementById: (id) => (elements[id] ??= {
+  id, value: "", textContent: "", classList: classes(), listeners: {},
+  addEventListener(kind, f) { this.listeners[kind] = f; } }) };
+global.sessionStorage = { m: {}, getItem(k) { return this.m[k] ?? null; },
+                          setItem(k, v) { this.m[k] = v; } };
+const seen = [];
+global.fetch = async (url, opts) => {
+  seen.push((opts.headers || {}).Authorization || null);
+  return { status: 401, json: async () => ({ detail: "a bearer token is required" }) };
+};
+const timers = [];
+global.setTimeout = (f) => timers.push(f);
+eval(fs.readFileSync(process.argv[2], "utf8"));
+(async () => {
+  await new Promise((r) => setImmediate(r));
+  const shown = !elements.auth.classList.contains("hidden");
+  const error = elements.error.textContent;
+  document.getElementById("token").value = " the-admin-token ";
+  elements.auth.listeners.submit({ preventDefault() {} });
+  const hidden = elements.auth.classList.contains("hidden");
+  await timers.shift()();
+  console.log(JSON.stringify({ seen, shown, error, hidden }));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_live_page_asks_for_a_token_on_401_and_sends_it(tmp_path: Path) -> None:
+    """ui.js under node with a stub DOM: a 401 shows the token form; the token entered
+    is sent as a Bearer header on the next poll (Chromium's test needs no token)."""
+    harness = tmp_path / "harness.js"
+    harness.write_text(NODE_HARNESS)
+    script = Path(__file__).resolve().parents[2] / "gateway" / "static" / "ui.js"
+    done = subprocess.run(["node", str(harness), str(script)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out == {"seen": [None, "Bearer the-admin-token"], "shown": True,
+                   "error": "a bearer token is required", "hidden": True}
