@@ -102,6 +102,12 @@ def unauthorized(detail: str, error: str | None) -> Reply:
     return json_reply({"detail": detail}, 401, {"WWW-Authenticate": challenge})
 
 
+#: the 401s do not depend on the request: built once (a flood of them costs little)
+MISSING = unauthorized("a bearer token is required: Authorization: Bearer <token>", None)
+NOT_BEARER = unauthorized("the Authorization header is not 'Bearer <token>'", "invalid_token")
+UNKNOWN = unauthorized("the bearer token is not valid", "invalid_token")
+
+
 def forbidden(role: str, method: str, path: str, allowed: Iterable[str]) -> Reply:
     need = " or ".join(sorted(allowed))
     return json_reply({"detail": f"the token's role {role!r} may not {method} {path} "
@@ -139,13 +145,11 @@ class Authenticator:
         token = bearer_token(authorization)
         if token is None:
             if authorization is None or not authorization.strip():
-                return unauthorized("a bearer token is required: Authorization: Bearer "
-                                    "<token>", None)
-            return unauthorized("the Authorization header is not 'Bearer <token>'",
-                                "invalid_token")
+                return MISSING
+            return NOT_BEARER
         role = self.table.role_of(token)
         if role is None:
-            return unauthorized("the bearer token is not valid", "invalid_token")
+            return UNKNOWN
         if role not in allowed:
             return forbidden(role, method, path, allowed)
         return None
