@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the certificate's private key (PEM, mode 0600)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without --tokens")
+    p.epilog = ("Its own Curve key toward a secure cluster's brokers is the global --keys: "
+                "zkv --keys DIR/gateway gateway ... (env ZKV_KEYS).")
 
 
 def check_security(args: argparse.Namespace) -> tuple[str | None, list[str]]:
