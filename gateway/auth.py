@@ -7,7 +7,7 @@ Theory of operation:
   ===========================================  ====================  ==================
   path                                         roles                 why
   ===========================================  ====================  ==================
-  ``/kv/...`` (every method)                   client, admin         the data
+  ``/kv/...``, ``/kv`` (every method)          client, admin         the data
   ``/metrics``                                 admin, metrics        operator data; a
                                                                      scraper's token
                                                                      reads no keys
@@ -66,7 +66,7 @@ RELOAD_S = 1.0
 
 def required_roles(path: str) -> frozenset[str] | None:
     """The roles that may use ``path`` (ASGI's percent-decoded path); None: open."""
-    if path.startswith("/kv/"):
+    if path.startswith("/kv/") or path == "/kv":  # "/kv": the scan route (GET /kv?prefix=)
         return DATA_ROLES
     if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
         return None

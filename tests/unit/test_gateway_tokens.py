@@ -122,14 +122,14 @@ def test_lookup_compares_every_digest_in_constant_time(monkeypatch: pytest.Monke
 
 
 def test_route_table() -> None:
-    for path in ("/kv/a", "/kv/a/b", "/kv/"):
-        assert required_roles(path) == {"client", "admin"}
+    for path in ("/kv/a", "/kv/a/b", "/kv/", "/kv"):  # /kv: the scan (GET /kv?prefix=)
+        assert required_roles(path) == {"client", "admin"}, path
     for path in ("/health", "/ready", "/docs", "/redoc", "/openapi.json", "/ui", "/ui/app.js",
                  "/docs/oauth2-redirect", "/static-offline-docs/swagger-ui.css"):
         assert required_roles(path) is None, path
     assert required_roles("/metrics") == {"admin", "metrics"}
     assert required_roles("/ui/data") == {"admin"}
-    for path in ("/", "/kv", "/health/", "/admin", "/metrics/x", "/HEALTH"):
+    for path in ("/", "/kvx", "/health/", "/admin", "/metrics/x", "/HEALTH"):
         assert required_roles(path) == {"client", "admin", "metrics"}, path
 
 
