@@ -43,10 +43,12 @@ from loguru import logger
 from zkv.broker.bad_input import WarningLimiter, discard_rest
 from zkv.broker.config import BATCH_MAX, CLIENT_QUEUE_MAX, FORWARD_BATCH_MAX, HWM, BrokerConfig
 from zkv.broker.failure_detector import FailureDetector
+from zkv.broker.fanout import PART_IDENT_BYTES, FanOutTable
+from zkv.broker.fanout_shell import FanOutShell
 from zkv.broker.housekeeping import BrokerLiveness
 from zkv.broker.node_control import NodeControl
 from zkv.broker.node_table import NodeTable
-from zkv.broker.router import Router
+from zkv.broker.router import FAN_OUT, Router
 from zkv.broker.server_security import BrokerSecurity, stamp, unstamp
 from zkv.broker.stats import BrokerStats
 from zkv.protocol import codec
@@ -64,7 +66,7 @@ _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 _EHOSTUNREACH = zmq.EHOSTUNREACH
 
 
-class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
+class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness, FanOutShell):
     """Owns the three sockets; ``bind()``, then ``run()`` until ``stop()``; ``close()``."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
@@ -94,6 +96,10 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
         curve = self._start_security() if config.keys_dir is not None else None
         #: secure: requests go to nodes under a role-stamped client ident (``stamp``)
         self.secure = curve is not None
+        #: batches and scans in flight (fanout.py): the broker's only per-request state;
+        #: a reply whose ident has this length may be a part's (a cheap first test)
+        self.fanout = FanOutTable(config.key_bytes_max)
+        self.part_ident_len = PART_IDENT_BYTES + (1 if self.secure else 0)
         self.frontend = self._router_socket(config.client_queue_max)
         self.backend = self._router_socket(config.hwm)
         self.heartbeats = self._ctx.socket(zmq.SUB)
@@ -267,6 +273,8 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
                     forward(head, _SNDMORE_NOBLOCK)
                     forward(msg[2], _NOBLOCK)
                 self.stats.timer.sent(dest, 1, now)
+            elif dest is FAN_OUT:  # a batch or a scan: fanout_shell.py
+                self._fan_out(client, msg[1], now)
             elif dest is not None:
                 self._reply(client, dest)
 
@@ -355,6 +363,14 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
             part = recv(_NOBLOCK, False)
             ident = node.bytes
             answered[ident] = answered.get(ident, 0) + 1
+            if len(client) == self.part_ident_len and self.is_part_ident(client.bytes):
+                # a batch's or scan's part: merged here (fanout_shell.py)
+                frames = [part.bytes]
+                while part.more:
+                    part = recv(_NOBLOCK, False)
+                    frames.append(part.bytes)
+                self._on_part_reply(ident, client.bytes, frames, now)
+                continue
             try:
                 send(unstamp(client) if self.secure else client, _SNDMORE_NOBLOCK)
             except zmq.ZMQError:  # the client is gone: drop its reply

@@ -57,6 +57,7 @@ from zkv.gateway import ui
 from zkv.gateway.auth import RELOAD_S, Authenticator, BearerAuth, openapi_security
 from zkv.gateway.kv import KVFastPath, KVHandlers, KVService, Reply
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
+from zkv.gateway.scan import scan_reply
 
 DEFAULT_TIMEOUT_S = 5.0
 DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its assets
@@ -168,6 +169,13 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
     @app.delete("/kv/{key:path}", summary="Remove a key (404 if absent; If-Match: version)")
     async def delete(key: str, request: Request) -> Response:
         return _response(await handlers.delete(key, dict(request.headers)))
+
+    @app.get("/kv", summary="One page of a prefix scan across every shard, in key order "
+             "(pass the reply's cursor back for the next page; null: done)")
+    async def scan(prefix: str = "", limit: str | None = None, cursor: str | None = None,
+                   keys_only: str | None = None, consistency: str | None = None) -> Response:
+        return _response(await scan_reply(client, prefix, limit, cursor, keys_only,
+                                          consistency))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> Response:

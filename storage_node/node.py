@@ -214,6 +214,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     node.stats.publish(hb.node_id, hb.shard_id, self.core, self.state,
                                        self.tasks, bool(hb.extra["disk_full"]))
                     self._found()
+                    self._follow_peer_keys()
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused

@@ -226,7 +226,9 @@ class NodeCore(RequestCore):
         keep = []
         for index, p in self.waiting_reads:
             if index <= applied:
-                if self._owned(p.origin, p.ident, p.request_id, p.key):
+                if p.multi is not None:  # a batch read or scan: ownership per key
+                    self.serve_multi_read(p)
+                elif self._owned(p.origin, p.ident, p.request_id, p.key):
                     self._answer_get(p.origin, p.ident, p.request_id, p.key)
             else:
                 keep.append((index, p))

@@ -11,6 +11,7 @@ or absent peer loses the message (Raft resends) rather than stalling the loop.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -19,7 +20,7 @@ from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import MigrateBatch, PeerMessage, WrongNode
-from zkv.protocol.security import Curve, TrustStore, ZapHandler
+from zkv.protocol.security import Curve, KeyFileError, TrustStore, ZapHandler, load_public
 from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
 
@@ -99,6 +100,8 @@ class NodeSockets:
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._peer_addrs: dict[str, str] = {}
+        #: with Curve: the certificate's mtime and the key each peer socket expects
+        self._peer_keys: dict[str, tuple[int, bytes]] = {}
         for peer, endpoint in cfg.peers.items():
             self.peer_socks[peer] = self._peer_socket(peer, endpoint)
             self._peer_addrs[peer] = endpoint
@@ -125,10 +128,41 @@ class NodeSockets:
         keep_alive(s, self.config.election_timeout_ms)
         s.setsockopt(zmq.SNDHWM, 10_000)
         if self.curve is not None:  # the peer must present that node's key
-            self.curve.node_client(s, peer)
+            self._peer_keys[peer] = (self._key_stamp(peer), self.curve.node_client(s, peer))
         s.connect(endpoint)
         self.poller.register(s, zmq.POLLIN)  # only a WrongNode ever comes back on it
         return s
+
+    def _key_stamp(self, peer: str) -> int:
+        assert self.curve is not None
+        try:
+            return os.stat(self.curve.node_key_file(peer)).st_mtime_ns
+        except OSError:
+            return -1
+
+    def _follow_peer_keys(self) -> None:
+        """Once per heartbeat, with Curve: a peer whose published certificate changed
+        (``zkv keys rotate``) is redialed with its new server key, so a node key can be
+        replaced by restarting only its holder (README, "Key rotation")."""
+        if self.curve is None:
+            return
+        for peer in list(self.peer_socks):
+            stamp, key = self._peer_keys.get(peer, (-1, b""))
+            if self._key_stamp(peer) == stamp:
+                continue
+            try:
+                new = load_public(self.curve.node_key_file(peer))
+            except KeyFileError as exc:
+                self.log.warning("cannot read {}'s key ({}); keeping the old one", peer, exc)
+                self._peer_keys[peer] = (self._key_stamp(peer), key)
+                continue
+            if new == key:
+                self._peer_keys[peer] = (self._key_stamp(peer), key)
+                continue
+            self.log.info("{}'s key changed: redialing it with the new one", peer)
+            addr = self._peer_addrs[peer]
+            self._close_peer(peer)
+            self.peer_socks[peer] = self._peer_socket(peer, addr)
 
     def _close_peer(self, peer: str) -> None:
         s = self.peer_socks.pop(peer)
