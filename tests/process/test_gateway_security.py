@@ -81,6 +81,9 @@ def test_tokens_and_roles_against_a_secure_cluster(cluster: LocalCluster,
         assert http.get("/kv/sec", headers=client).json()["value"] == "v1"
         with KVClient(cluster.endpoint, timeout_s=5, keys=cluster.client_keys) as kv:
             assert kv.get("sec") == b"v1"
+        scan = http.get("/kv", params={"prefix": "sec"}, headers=client)
+        assert scan.status_code == 200 and [i["key"] for i in scan.json()["items"]] == ["sec"]
+        assert http.get("/kv", params={"prefix": "sec"}).status_code == 401
         # ... and nothing else: the operator routes are 403
         for path in ("/metrics", "/ui/data"):
             r = http.get(path, headers=client)
@@ -94,6 +97,7 @@ def test_tokens_and_roles_against_a_secure_cluster(cluster: LocalCluster,
         # metrics: scrape only
         assert http.get("/metrics", headers=metrics).status_code == 200
         assert http.get("/kv/sec", headers=metrics).status_code == 403
+        assert http.get("/kv", params={"prefix": ""}, headers=metrics).status_code == 403
         # the gateway's tally counts the refusals (what an operator alerts on)
         text = http.get("/metrics", headers=metrics).text
         assert 'code="401"' in text and 'code="403"' in text

@@ -131,6 +131,8 @@ def test_asgi_routes_follow_the_policy(fast_path: bool) -> None:
         ("GET", "/kv/a", bearer(CLIENT_T), 404),
         ("POST", "/kv/a", bearer(METRICS_T), 403),
         ("POST", "/kv/a", bearer(CLIENT_T), 405),
+        ("GET", "/kv?prefix=a", none, 401),  # the scan lists keys: a data role only
+        ("GET", "/kv?prefix=a", bearer(METRICS_T), 403),
         ("GET", "/no-such-route", none, 401),  # deny by default: no route map for free
         ("GET", "/no-such-route", bearer(METRICS_T), 404),
     ]
