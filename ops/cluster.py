@@ -51,6 +51,7 @@ __all__ = [
 
 GRACE_S = 5.0
 READY_POLL_S = 0.2
+GATEWAY_IDENTITY = "gateway"  # the HTTP gateway's key and tokens under DATA_DIR/keys/
 
 
 class LocalCluster:
@@ -145,6 +146,16 @@ class LocalCluster:
     def admin_keys(self) -> Path | None:
         return None if self.keys_dir is None else self.keys_dir / "admin"
 
+    @property
+    def gateway_keys(self) -> Path | None:
+        """The HTTP gateway's own client-role identity dir of a secure cluster."""
+        return None if self.keys_dir is None else self.keys_dir / GATEWAY_IDENTITY
+
+    @property
+    def gateway_tokens(self) -> Path | None:
+        """The gateway's bearer tokens file (``<role> <token>`` lines) of a secure cluster."""
+        return None if self.keys_dir is None else self.keys_dir / GATEWAY_IDENTITY / "tokens"
+
     def _ensure_keys(self) -> None:
         """Secure: a pair for every node and broker (new ones only), the brokers'
         certificates naming the endpoints they serve now."""
@@ -154,7 +165,8 @@ class LocalCluster:
 
         endpoints = {f"b{b}": [f"tcp://{self.host}:{self.port + 3 * b + i}" for i in range(3)]
                      for b in range(self.spec["brokers"])}
-        generate(self.keys_dir, self.node_ids, list(endpoints), broker_endpoints=endpoints)
+        generate(self.keys_dir, self.node_ids, list(endpoints), broker_endpoints=endpoints,
+                 gateway=GATEWAY_IDENTITY)
 
     def _keys_args(self) -> list[str]:
         return [] if self.keys_dir is None else ["--keys", str(self.keys_dir)]
