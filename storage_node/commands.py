@@ -14,6 +14,8 @@ msgpack arrays, first element the op::
     [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
     [10, old_ring, new_ring]                      MIGRATE_OUT: note every write to a leaving key
     [11, voters, learners, addrs, replaces, incs] CONFIG: read by the replica core; a no-op here
+    [120..122, ...]                               TTL: PUT_TTL, EXPIRE_SET, EXPIRE_SWEEP
+                                                  (``ttl_commands.py``)
 
 ``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
 only where the target's progress stands exactly there (``None``: no such check, the
@@ -42,6 +44,14 @@ from zkv.protocol.admin import Phase
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
 from zkv.protocol.ring import RingConfig
+from zkv.storage_node.ttl_commands import (
+    TTL_DECODERS,
+    ExpireCommand,
+    PutTtlCommand,
+    SweepCommand,
+    TtlCommand,
+    encode_ttl,
+)
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
 #: raised limits and for the future ring-change command. msgpack's ``unpackb`` already
@@ -170,8 +180,10 @@ class DropUnowned:
 RingCommand = (
     RingSet | Fence | MigrateBegin | MigrateOut | MigrateIn | MigrateSessions | DropUnowned
 )
-Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand
+Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand | TtlCommand
 WriteCommand = PutCommand | DeleteCommand | CasCommand
+#: client writes answered through the session table (``KVStateMachine._apply_write``)
+SessionCommand = WriteCommand | PutTtlCommand | ExpireCommand
 
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
 
@@ -200,6 +212,8 @@ def encode_command(cmd: Command) -> bytes:
         ))  # fmt: skip
     if t is Noop:
         return NOOP_DATA
+    if t is PutTtlCommand or t is ExpireCommand or t is SweepCommand:
+        return _pack(encode_ttl(cmd))  # type: ignore[arg-type,no-any-return]
     return _encode_ring_command(cmd)
 
 
@@ -373,6 +387,7 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.DROP_UNOWNED: ((2, 4), _decode_drop),
     Op.MIGRATE_OUT: ((3,), _decode_out),
     Op.CONFIG: ((6,), lambda v: Noop()),
+    **TTL_DECODERS,
 }
 
 

@@ -26,9 +26,9 @@ import enum
 from collections import OrderedDict
 from typing import Any
 
-from zkv.protocol.messages import CasReply, DeleteReply, PutReply
+from zkv.protocol.messages import CasReply, DeleteReply, ExpireReply, PutReply
 
-SessionReply = PutReply | DeleteReply | CasReply
+SessionReply = PutReply | DeleteReply | CasReply | ExpireReply
 
 REPLIES_PER_CLIENT_MAX = 2048  # >= the SDK's in-flight bound (1024)
 CLIENTS_MAX = 20_000  # with the reply bound: a hard ceiling on session memory
@@ -55,6 +55,8 @@ def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int]:
         return PutReply.TYPE, r.request_id, False, r.version
     if isinstance(r, DeleteReply):
         return DeleteReply.TYPE, r.request_id, r.deleted, r.version
+    if isinstance(r, ExpireReply):  # expire / persist (TTL)
+        return ExpireReply.TYPE, r.request_id, r.found, r.version
     return CasReply.TYPE, r.request_id, r.swapped, r.version
 
 
@@ -65,6 +67,8 @@ def _reply_from(kind: int, request_id: int, flag: bool, version: int) -> Session
         return DeleteReply(request_id, flag, version)
     if kind == CasReply.TYPE:
         return CasReply(request_id, flag, version)
+    if kind == ExpireReply.TYPE:
+        return ExpireReply(request_id, flag, version)
     raise ValueError(f"unknown cached reply type {kind}")
 
 
