@@ -64,10 +64,12 @@ from zkv.protocol.messages import (
     TimeoutNow,
 )
 from zkv.storage_node import membership as mship
+from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
+from zkv.storage_node.ttl_requests import sweep_command
 
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
@@ -101,14 +103,35 @@ class NodeCore(RequestCore):
         super().__init__(*args, **kwargs)
         self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
 
-    def tick(self, now: float) -> None:
-        """Once per shell loop turn: the replica's timers, then the availability rule."""
+    def tick(self, now: float, ts_ms: int | None = None) -> None:
+        """Once per shell loop turn: the replica's timers, then the availability rule;
+        with the wall clock ``ts_ms``, the expiry sweep too (``ttl_requests.py``)."""
         replica = self.replica
         replica.tick(now)
         why = self.broker_contact.step_down_reason(replica.role is Role.LEADER, replica.term, now)
         if why:
             replica.step_down(now)
             self.notes.append(why)
+        if ts_ms is not None:
+            if ts_ms > self.wall_ms:
+                self.wall_ms = ts_ms
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Propose the next expiry sweep: leader only, one entry in flight at a time."""
+        replica, state = self.replica, self.state
+        if (replica.role is not Role.LEADER or not len(state.expiry) or self.disk_full
+                or self.unpersisted):
+            return
+        term, index = self.sweep_inflight
+        if term == replica.term and index > state.applied_index:
+            return
+        cmd = sweep_command(state, self.wall_ms)
+        if cmd is None:
+            return
+        proposed = replica.propose(encode_command(cmd), now)
+        if proposed is not None:
+            self.sweep_inflight = (replica.term, proposed)
 
     # ------------------------------------------------------------------ ready
 
@@ -218,7 +241,9 @@ class NodeCore(RequestCore):
         for index, p in self.waiting_reads:
             if index <= applied:
                 if self._owned(p.origin, p.ident, p.request_id, p.key):
-                    self._answer_get(p.origin, p.ident, p.request_id, p.key)
+                    wait = self._answer_get(p)
+                    if wait:
+                        keep.append((wait, p))
             else:
                 keep.append((index, p))
         self.waiting_reads = keep
