@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from zkv.client.cli_ttl import TTL_COMMANDS, add_ttl_parsers, seconds
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
 from zkv.client.status_view import annotate_status, format_status, role_name
 from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("put", help="store a value")
     s.add_argument("key")
     s.add_argument("value")
+    s.add_argument("--ttl", type=seconds, default=None, metavar="SECONDS",
+                   help="the key expires SECONDS after the put")
 
     s = sub.add_parser("get", help="print a value (exit 1 if missing)")
     s.add_argument("key")
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("expected_version", type=int)
     s.add_argument("value")
+
+    add_ttl_parsers(sub)
 
     s = sub.add_parser("status", help="cluster status per shard and node")
     s.add_argument("--json", action="store_true")
@@ -199,6 +204,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _put(kv: KVClient, args: argparse.Namespace) -> int:
+    if args.ttl is not None:
+        print(f"OK version {kv.put(args.key, args.value, ttl=args.ttl)}")
+        return EXIT_OK
     print(f"OK version {kv.put(args.key, args.value)}")
     return EXIT_OK
 
@@ -319,7 +327,7 @@ def _status(kv: KVClient, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "ping": _ping,
-             "status": _status}
+             "status": _status, **TTL_COMMANDS}
 
 
 def _json_default(v: Any) -> Any:
