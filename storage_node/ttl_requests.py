@@ -5,9 +5,10 @@ argument (the wall clock in ms the shell read), used by ``node_requests.py`` and
 Rules (the state machine's side is in ``state_machine.py``, the index in ``expiry.py``):
 
 - Stamping. The leader turns a request's relative ``ttl_ms`` into the absolute deadline
-  ``ts_ms + ttl_ms``, ``ts_ms`` being the wall clock the shell read after receiving the
-  request, so the deadline is never earlier than the TTL counted from when the client
-  sent it: on the leader's clock, a key never expires early.
+  ``ts_ms + 1 + ttl_ms``, ``ts_ms`` being the wall clock the shell read (floored to the
+  ms: hence the 1) after receiving the request, so the deadline is never earlier than
+  the TTL counted from when the client sent it: on the leader's clock, a key never
+  expires early.
 - Reading. A read answers a key as absent once its deadline is <= the serving node's
   wall clock (``wall_ms``: the latest the shell gave the core, never older than the
   request), whether or not a sweep removed it yet: on the serving leader a key is never
@@ -59,8 +60,8 @@ def ttl_command(req: TtlWriteRequest, ts_ms: int) -> PutTtlCommand | ExpireComma
     """The command a leader proposes for a TTL write, its deadline stamped from ``ts_ms``."""
     if isinstance(req, PutTtlRequest):
         return PutTtlCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms,
-                             req.key, req.value, ts_ms + req.ttl_ms)
-    deadline = ts_ms + req.ttl_ms if isinstance(req, ExpireRequest) else 0
+                             req.key, req.value, ts_ms + 1 + req.ttl_ms)
+    deadline = ts_ms + 1 + req.ttl_ms if isinstance(req, ExpireRequest) else 0
     return ExpireCommand(req.client_id, req.request_id, req.lowest_pending, ts_ms, req.key,
                          deadline)
 

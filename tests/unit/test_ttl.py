@@ -180,7 +180,7 @@ def test_write_semantics_against_deadlines() -> None:
     assert sm.get_live(b"k", T0 + 99) == (b"v", 1)
     assert sm.get_live(b"k", T0 + 100) is None  # the deadline is the first ms it is gone
     # expire / persist change the deadline, not the version
-    assert sm.apply_command(2, ExpireCommand(b"c", 2, 2, T0 + 50, b"k", T0 + 500)) == ExpireReply(2, True, 1)
+    assert sm.apply_command(2, ExpireCommand(b"c", 2, 2, T0 + 50, b"k", T0 + 501)) == ExpireReply(2, True, 1)
     assert sm.get_live(b"k", T0 + 499) == (b"v", 1)
     assert sm.apply_command(3, ExpireCommand(b"c", 3, 3, T0 + 60, b"k", 0)) == ExpireReply(3, True, 1)
     assert sm.get_live(b"k", T0 + 10**9) == (b"v", 1) and b"k" not in sm.expiry
@@ -274,26 +274,26 @@ def test_a_key_is_never_visible_on_the_leader_after_its_deadline() -> None:
     request(leader, PutTtlRequest(b"c1", 1, b"k", 1, 500, b"v"), shard.now, ts_ms=T0)
     shard.settle()
     assert replies(leader) == [PutReply(1, 2)]
-    assert leader.state.expiry.get(b"k") == T0 + 500  # stamped from the leader's clock
+    assert leader.state.expiry.get(b"k") == T0 + 501  # stamped from the leader's clock
     shard.tick(0.2)  # followers learn the commit index
     for node in shard.nodes.values():  # replicated
-        assert node.state.expiry.get(b"k") == T0 + 500
+        assert node.state.expiry.get(b"k") == T0 + 501
     for consistency in Consistency:
         request(leader, GetRequest(b"c1", 10 + consistency, b"k", consistency), shard.now,
-                ts_ms=T0 + 499)
+                ts_ms=T0 + 500)
         shard.settle()
     assert all(isinstance(r, GetReply) and r.found for r in replies(leader))
-    request(leader, TtlRequest(b"c1", 20, b"k"), shard.now, ts_ms=T0 + 499)
+    request(leader, TtlRequest(b"c1", 20, b"k"), shard.now, ts_ms=T0 + 500)
     shard.settle()
     assert replies(leader) == [TtlReply(20, True, 2, True, 1)]
     # the deadline passed by the leader's clock: gone, with no sweep yet
     for consistency in Consistency:
         request(leader, GetRequest(b"c1", 30 + consistency, b"k", consistency), shard.now,
-                ts_ms=T0 + 500)
+                ts_ms=T0 + 501)
         shard.settle()
     assert replies(leader) == [GetReply(30 + c, False, 0, b"") for c in Consistency]
     assert b"k" in leader.state.data  # still in the table: reads hid it
-    request(leader, TtlRequest(b"c1", 40, b"k"), shard.now, ts_ms=T0 + 500)
+    request(leader, TtlRequest(b"c1", 40, b"k"), shard.now, ts_ms=T0 + 501)
     shard.settle()
     assert replies(leader) == [TtlReply(40, False, 0, False, 0)]
 
@@ -310,7 +310,7 @@ def test_expire_and_persist_through_the_node() -> None:
     request(leader, ExpireRequest(b"c1", 4, b"k", 4, 10_000), shard.now, ts_ms=T0 + 50)
     shard.settle()
     assert replies(leader) == [PutReply(3, 3), ExpireReply(4, True, 3)]
-    assert leader.state.expiry.get(b"k") == T0 + 10_050
+    assert leader.state.expiry.get(b"k") == T0 + 10_051
     request(leader, PersistRequest(b"c1", 5, b"k", 5), shard.now, ts_ms=T0 + 60)
     shard.settle()
     request(leader, TtlRequest(b"c1", 6, b"k"), shard.now, ts_ms=T0 + 10**7)
@@ -327,11 +327,11 @@ def test_the_sweep_is_replicated_and_bounded_per_turn() -> None:
     shard.settle()
     assert len(replies(leader)) == n
     last = leader.replica.last_index
-    leader.tick(shard.now, T0 + 99)  # nothing due yet
+    leader.tick(shard.now, T0 + 100)  # nothing due yet (deadline: T0 + 1 + 100)
     assert leader.replica.last_index == last
-    leader.tick(shard.now, T0 + 100)
-    assert leader.replica.last_index == last + 1  # one sweep entry ...
     leader.tick(shard.now, T0 + 101)
+    assert leader.replica.last_index == last + 1  # one sweep entry ...
+    leader.tick(shard.now, T0 + 102)
     assert leader.replica.last_index == last + 1  # ... in flight at a time
     (entry,) = leader.replica.entries_from(last + 1, 1, 1 << 30)  # type: ignore[attr-defined]
     sweep = decode_command(entry.data)
@@ -356,7 +356,7 @@ def test_a_follower_never_sweeps() -> None:
     last = follower.replica.last_index
     follower.tick(shard.now, T0 + 10_000)
     assert follower.replica.last_index == last
-    request(follower, GetRequest(b"c1", 2, b"k", Consistency.STALE), shard.now, ts_ms=T0 + 100)
+    request(follower, GetRequest(b"c1", 2, b"k", Consistency.STALE), shard.now, ts_ms=T0 + 101)
     assert replies(follower) == [GetReply(2, False, 0, b"")]  # judged by its own clock
 
 
@@ -367,8 +367,8 @@ def test_a_read_of_an_expired_key_waits_for_a_write_in_flight_on_it() -> None:
     request(leader, PutTtlRequest(b"c1", 1, b"k", 1, 100, b"v"), shard.now, ts_ms=T0)
     shard.settle()
     replies(leader)
-    request(leader, CasRequest(b"c1", 2, b"k", 2, 2, b"new"), shard.now, ts_ms=T0 + 99)
-    request(leader, GetRequest(b"c1", 3, b"k", Consistency.LEADER), shard.now, ts_ms=T0 + 100)
+    request(leader, CasRequest(b"c1", 2, b"k", 2, 2, b"new"), shard.now, ts_ms=T0 + 100)
+    request(leader, GetRequest(b"c1", 3, b"k", Consistency.LEADER), shard.now, ts_ms=T0 + 101)
     assert replies(leader) == []  # the read waits for the CAS
     shard.settle()
     assert replies(leader) == [CasReply(2, True, 3), GetReply(3, True, 3, b"new")]
