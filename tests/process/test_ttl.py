@@ -1,0 +1,170 @@
+"""Keys with short TTLs under leader kills (issue 15, item 1), against real processes.
+
+A 1-shard x 3-replica ``LocalCluster``. Writers put unique keys with TTLs of 1-2 s;
+readers read recent keys (linearizable) all along; the nemesis SIGKILLs the shard
+leader twice and restarts it. Every node runs on this machine, so the clock skew
+between nodes is 0 and the documented failover bound (README, "Keys that expire") is
+the skew plus the 1 ms resolution of a deadline; the checks allow ``SLACK_S`` for that.
+
+Checked for every acknowledged put (sent at ``t_send``, acknowledged at ``t_ack``,
+TTL ``ttl``) and every read (started ``t0``, answered ``t1``):
+- never visible after expiry: a read that found the key started before
+  ``t_ack + ttl + SLACK_S`` (the leader stamped the deadline before it acknowledged,
+  and judges reads by a clock no older than the read);
+- never gone early: a read that started after ``t_ack`` and found nothing answered
+  no earlier than ``t_send + ttl - SLACK_S``;
+- the sweep removes every expired key, on every replica, failovers included.
+A put whose outcome is unknown (timeout) is left out of the checks.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from zkv.client import KVClient
+from zkv.protocol.errors import KVError
+from zkv.ops.cluster import LocalCluster
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
+
+RUN_S = 12.0
+SLACK_S = 0.005
+TTLS_S = (1.0, 1.5, 2.0)
+
+
+@dataclass
+class PutRecord:
+    key: str
+    ttl: float
+    t_send: float
+    t_ack: float
+
+
+@dataclass
+class ReadRecord:
+    key: str
+    t0: float
+    t1: float
+    found: bool
+
+
+class History:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.puts: dict[str, PutRecord] = {}
+        #: the latest puts (a few seconds' worth): readers pick keys near their expiry
+        self.recent: deque[PutRecord] = deque(maxlen=600)
+        self.reads: list[ReadRecord] = []
+        self.unknown = 0
+        self.faults: list[str] = []
+
+
+def _writer(endpoint: str, h: History, wid: int, stop: threading.Event) -> None:
+    rng = random.Random(wid)
+    with KVClient(endpoint, timeout_s=5) as kv:
+        i = 0
+        while not stop.is_set():
+            key, ttl = f"w{wid}-{i}", rng.choice(TTLS_S)
+            i += 1
+            t_send = time.time()
+            try:
+                kv.put(key, "v", ttl=ttl)
+            except KVError:
+                with h.lock:
+                    h.unknown += 1
+                continue
+            with h.lock:
+                h.puts[key] = rec = PutRecord(key, ttl, t_send, time.time())
+                h.recent.append(rec)
+            time.sleep(0.01)
+
+
+def _reader(endpoint: str, h: History, rid: int, stop: threading.Event) -> None:
+    rng = random.Random(100 + rid)
+    with KVClient(endpoint, timeout_s=5) as kv:
+        while not stop.is_set():
+            now = time.time()
+            with h.lock:  # keys whose expiry is within 0.25 s of now: the edge is tested
+                recent = [p.key for p in h.recent if abs(p.t_ack + p.ttl - now) < 0.25]
+            if not recent:
+                time.sleep(0.01)
+                continue
+            key = rng.choice(recent)
+            t0 = time.time()
+            try:
+                found = kv.get(key) is not None
+            except KVError:
+                continue
+            with h.lock:
+                h.reads.append(ReadRecord(key, t0, time.time(), found))
+
+
+def _nemesis(cluster: LocalCluster, h: History, stop: threading.Event) -> None:
+    for _ in range(2):
+        if stop.wait(2.5):
+            return
+        leader = cluster.leader_of(0, 10)
+        h.faults.append(f"{time.time():.3f} SIGKILL {leader}")
+        cluster.kill_node(leader, signal.SIGKILL)
+        if stop.wait(2.0):
+            return
+        cluster.restart_node(leader)
+        h.faults.append(f"{time.time():.3f} restarted {leader}")
+
+
+def test_ttl_keys_under_leader_kills(tmp_path: Path) -> None:
+    h = History()
+    with LocalCluster(tmp_path / "data", shards=1, replicas=3, brokers=1, port=0,
+                      fsync="never", heartbeat_ms=50, election_timeout_ms=500) as cluster:
+        cluster.wait_ready(30)
+        stop = threading.Event()
+        threads = [threading.Thread(target=_writer, args=(cluster.endpoint, h, w, stop))
+                   for w in range(2)]
+        threads += [threading.Thread(target=_reader, args=(cluster.endpoint, h, r, stop))
+                    for r in range(3)]
+        threads.append(threading.Thread(target=_nemesis, args=(cluster, h, stop)))
+        for t in threads:
+            t.start()
+        time.sleep(RUN_S)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        late, early = _violations(h)
+        found = sum(r.found for r in h.reads)
+        print(f"{len(h.puts)} puts ({h.unknown} unknown), {len(h.reads)} reads "
+              f"({found} found, {len(h.reads) - found} absent); faults: {h.faults}")
+        assert len(h.faults) >= 3, h.faults
+        assert len(h.puts) > 200 and found > 100 and len(h.reads) - found > 100
+        assert not late, f"read after expiry: {late[:5]}"
+        assert not early, f"gone before expiry: {early[:5]}"
+        # the replicated sweep empties every replica (the killed one too, once back)
+        deadline = time.time() + max(TTLS_S) + 20
+        counts: dict[str, int] = {}
+        while time.time() < deadline:
+            counts = {n["node_id"]: n["key_count"] for n in cluster.status()["nodes"]
+                      if n.get("live")}
+            if len(counts) == 3 and not any(counts.values()):
+                break
+            time.sleep(0.2)
+        assert len(counts) == 3 and not any(counts.values()), counts
+
+
+def _violations(h: History) -> tuple[list[str], list[str]]:
+    late, early = [], []
+    for r in h.reads:
+        p = h.puts.get(r.key)
+        if p is None:
+            continue
+        if r.found and r.t0 >= p.t_ack + p.ttl + SLACK_S:
+            late.append(f"{r.key}: read at {r.t0 - p.t_ack:.3f}s after ack, ttl {p.ttl}")
+        if not r.found and r.t0 > p.t_ack and r.t1 < p.t_send + p.ttl - SLACK_S:
+            early.append(f"{r.key}: absent {r.t1 - p.t_send:.3f}s after send, ttl {p.ttl}")
+    return late, early
