@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from zkv.client import KVClient
-from zkv.protocol.errors import KVError
 from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import KVError
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
