@@ -16,10 +16,13 @@ Structure and its rules:
   holds at most about twice the live deadlines. The heap is an index, not state: its
   shape may differ between replicas (a restored one is built in dict order), and no
   decision depends on that shape.
-- ``due(now_ms, limit)``: at most ``limit`` keys whose deadline is <= ``now_ms``,
-  found by walking the heap from its root down only through pairs due (a pair's
-  children are never earlier than it), visiting at most ``4 * limit`` pairs: the
-  cost of one sweep is bounded whatever the number of keys due.
+- ``due(now_ms, limit)``: the (at most ``limit``) earliest keys whose deadline is
+  <= ``now_ms``, in ``(deadline, key)`` order: popped off the heap, stale pairs
+  dropped for good, live ones pushed back (the leader's sweep may not commit). At most
+  ``4 * limit`` pops: the cost of one sweep is bounded whatever the number of keys due.
+- ``trim(budget)``: drop stale pairs off the top. A sweep removes the earliest keys
+  due (``due``'s order), so once it applied, on every replica, their pairs are the top
+  of the heap and go in ``O(k log n)`` for ``k`` keys, with no rebuild.
 """
 
 from __future__ import annotations
@@ -77,26 +80,28 @@ class ExpiryIndex:
             self._compact()
 
     def due(self, now_ms: int, limit: int) -> list[bytes]:
-        """Up to ``limit`` keys whose deadline is <= ``now_ms`` (bounded work)."""
+        """Up to ``limit`` keys whose deadline is <= ``now_ms``, earliest first
+        (bounded work: at most ``4 * limit`` pops)."""
         heap, deadline = self._heap, self._deadline
-        while heap and deadline.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)  # stale tops: cheap to drop, and the walk starts live
         out: list[bytes] = []
-        stack = [0]
-        visits = 4 * limit
-        n = len(heap)
-        while stack and len(out) < limit and visits > 0:
-            i = stack.pop()
-            visits -= 1
-            d, key = heap[i]
-            if d > now_ms:
-                continue
-            if deadline.get(key) == d:
-                out.append(key)
-            for child in (2 * i + 2, 2 * i + 1):
-                if child < n:
-                    stack.append(child)
+        taken: list[tuple[int, bytes]] = []
+        pops = 4 * limit
+        while heap and len(out) < limit and pops > 0 and heap[0][0] <= now_ms:
+            pops -= 1
+            pair = heapq.heappop(heap)
+            if deadline.get(pair[1]) == pair[0]:
+                out.append(pair[1])
+                taken.append(pair)
+        for pair in taken:  # an index, not a promise: the sweep may never commit
+            heapq.heappush(heap, pair)
         return out
+
+    def trim(self, budget: int) -> None:
+        """Drop up to ``budget`` stale pairs off the top of the heap."""
+        heap, deadline = self._heap, self._deadline
+        while budget > 0 and heap and deadline.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+            budget -= 1
 
     def _compact(self) -> None:
         stale = len(self._heap) - len(self._deadline)

@@ -267,6 +267,7 @@ class KVStateMachine:
                     own.note_write(key, self._applied_index)
                 data.pop(key, None)
                 expiry.discard(key)
+        expiry.trim(2 * len(cmd.keys) + 16)  # their heap pairs are the top now
 
     def apply(self, index: int, data: bytes) -> ApplyReply | Applied | None:
         """Apply the committed entry at ``index``; the reply for its client, if any."""
