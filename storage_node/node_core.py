@@ -71,6 +71,9 @@ from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
 from zkv.storage_node.ttl_requests import sweep_command
 
+#: Expiry sweep entries proposed per loop turn at most (each lists up to
+#: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
+SWEEPS_PER_TURN = 2
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
@@ -102,6 +105,9 @@ class NodeCore(RequestCore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
+        #: the expiry sweep's per-turn state (``tick``): the turn's ``now``, sweeps proposed
+        self._tick_now = 0.0
+        self._sweeps_this_turn = 0
 
     def tick(self, now: float, ts_ms: int | None = None) -> None:
         """Once per shell loop turn: the replica's timers, then the availability rule;
@@ -115,13 +121,17 @@ class NodeCore(RequestCore):
         if ts_ms is not None:
             if ts_ms > self.wall_ms:
                 self.wall_ms = ts_ms
+            self._tick_now = now
+            self._sweeps_this_turn = 0
             self._sweep(now)
 
     def _sweep(self, now: float) -> None:
-        """Propose the next expiry sweep: leader only, one entry in flight at a time."""
+        """Propose the next expiry sweep: leader only, one entry in flight at a time,
+        at most ``SWEEPS_PER_TURN`` per loop turn (``advance`` chains the next as soon
+        as one applies, so the rate is one per commit round trip, not per poll wait)."""
         replica, state = self.replica, self.state
         if (replica.role is not Role.LEADER or not len(state.expiry) or self.disk_full
-                or self.unpersisted):
+                or self.unpersisted or self._sweeps_this_turn >= SWEEPS_PER_TURN):
             return
         term, index = self.sweep_inflight
         if term == replica.term and index > state.applied_index:
@@ -132,6 +142,7 @@ class NodeCore(RequestCore):
         proposed = replica.propose(encode_command(cmd), now)
         if proposed is not None:
             self.sweep_inflight = (replica.term, proposed)
+            self._sweeps_this_turn += 1
 
     # ------------------------------------------------------------------ ready
 
@@ -174,6 +185,8 @@ class NodeCore(RequestCore):
             self._fail_from(rd.truncate_from)
         if rd.committed:
             self._apply(rd.committed)
+            if 0 < self.sweep_inflight[1] <= rd.committed[-1].index:
+                self._sweep(self._tick_now)  # the sweep in flight applied: chain the next
         for token, index in rd.reads:
             self.waiting_reads.append((index, token))  # type: ignore[arg-type]
         for token in rd.failed_reads:
