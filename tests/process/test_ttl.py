@@ -19,8 +19,11 @@ A put whose outcome is unknown (timeout) is left out of the checks.
 
 from __future__ import annotations
 
+import math
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -168,3 +171,58 @@ def _violations(h: History) -> tuple[list[str], list[str]]:
         if not r.found and r.t0 > p.t_ack and r.t1 < p.t_send + p.ttl - SLACK_S:
             early.append(f"{r.key}: absent {r.t1 - p.t_send:.3f}s after send, ttl {p.ttl}")
     return late, early
+
+
+def _cli(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zkv.client.cli", "--endpoint",
+                           cluster.endpoint, *args], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_deadlines_survive_snapshots_a_full_restart_and_a_shard_move(tmp_path: Path) -> None:
+    """Expiry is state: snapshots (every 50 entries here), a restart of every process
+    (snapshot + WAL replay) and a shard move (migration batches) keep each deadline.
+    The CLI drives the TTL commands once, end to end."""
+    data = tmp_path / "data"
+    args = dict(shards=1, replicas=3, brokers=1, port=0, fsync="always", heartbeat_ms=50,
+                election_timeout_ms=500, node_args=("--snapshot-entries", "50"))
+    long_keys = [f"long-{i}" for i in range(150)]
+    short_keys = [f"short-{i}" for i in range(150)]
+    with LocalCluster(data, **args) as cluster:  # type: ignore[arg-type]
+        cluster.wait_ready(30)
+        assert _cli(cluster, "put", "cli", "v", "--ttl", "100").returncode == 0
+        assert float(_cli(cluster, "ttl", "cli").stdout) > 99
+        assert _cli(cluster, "persist", "cli").returncode == 0
+        assert _cli(cluster, "ttl", "cli").stdout.strip() == "none"
+        assert _cli(cluster, "expire", "cli", "200").returncode == 0
+        assert _cli(cluster, "expire", "missing", "1").returncode == 1
+        with KVClient(cluster.endpoint, timeout_s=10) as kv:
+            for k in long_keys:
+                kv.put(k, "v", ttl=120)
+            t_short = time.time()
+            for k in short_keys:
+                kv.put(k, "v", ttl=6)
+            kv.put("plain", "v")
+    with LocalCluster(data, **args) as cluster:  # type: ignore[arg-type]
+        cluster.wait_ready(30)
+        with KVClient(cluster.endpoint, timeout_s=10) as kv:
+            left = [kv.ttl(k) for k in long_keys]
+            assert all(x is not None and 60 < x <= 120 for x in left), left[:5]
+            assert kv.ttl("plain") == math.inf and 190 < (kv.ttl("cli") or 0) <= 200
+            cluster.add_shard()
+            moved = [kv.ttl(k) for k in long_keys]
+            assert all(x is not None and 60 < x <= 120 for x in moved), moved[:5]
+            time.sleep(max(0.0, t_short + 6.5 - time.time()))
+            assert all(kv.get(k) is None for k in short_keys)
+            assert all(kv.get(k) == b"v" for k in long_keys)
+        # swept on every replica of both shards: what is left is the long keys, "plain"
+        # and "cli", three copies each
+        want = 3 * (len(long_keys) + 2)
+        until = time.time() + 10
+        counts: dict[str, int] = {}
+        while time.time() < until:
+            counts = {n["node_id"]: n["key_count"] for n in cluster.status()["nodes"]}
+            if len(counts) == 6 and sum(counts.values()) == want:
+                break
+            time.sleep(0.1)
+        assert len(counts) == 6 and sum(counts.values()) == want, counts
