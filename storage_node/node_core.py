@@ -254,7 +254,8 @@ class NodeCore(RequestCore):
         for index, p in self.waiting_reads:
             if index <= applied:
                 if self._owned(p.origin, p.ident, p.request_id, p.key):
-                    wait = self._answer_get(p)
+                    wait = self._answer_get(p.origin, p.ident, p.request_id, p.key,
+                                            p.ttl_read)
                     if wait:
                         keep.append((wait, p))
             else:

@@ -343,28 +343,25 @@ class RequestCore:
         ttl = type(req) is TtlRequest
         if req.consistency is Consistency.STALE or (
                 req.consistency is Consistency.LEADER and replica.role is Role.LEADER):
-            self._answer_now(Pending(origin, ident, req.request_id, req.key, ttl_read=ttl))
+            wait = self._answer_get(origin, ident, req.request_id, req.key, ttl)
+            if wait:  # rare: see ``_answer_get``
+                self.waiting_reads.append(
+                    (wait, Pending(origin, ident, req.request_id, req.key, ttl_read=ttl)))
         elif replica.role is not Role.LEADER:
             self._reply(origin, ident, self.not_leader(req.request_id))
         elif not replica.read_index(Pending(origin, ident, req.request_id, req.key,
                                             ttl_read=ttl), now):
             self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.UNAVAILABLE, "busy"))
 
-    def _answer_now(self, p: Pending) -> None:
-        """Answer a read at once, unless it must wait for a write (``wait_index``)."""
-        wait = self._answer_get(p)
-        if wait:
-            self.waiting_reads.append((wait, p))
-
-    def _answer_get(self, p: Pending) -> int:
+    def _answer_get(self, origin: object, ident: bytes, request_id: int, key: bytes,
+                    ttl_read: bool = False) -> int:
         """Answer a read; or return the log index it must wait for first (TTL: a key
         expired by ``wall_ms`` with one of our writes on it in flight)."""
-        origin, ident, request_id, key = p.origin, p.ident, p.request_id, p.key
         state, now_ms = self.state, self.wall_ms
         wait = wait_index(state, key, now_ms, self.pending_writes)
         if wait > state.applied_index:
             return wait
-        if p.ttl_read:
+        if ttl_read:
             self._reply(origin, ident, ttl_reply(state, request_id, key, now_ms))
             return 0
         found = state.get_live(key, now_ms)
