@@ -33,10 +33,14 @@ from zkv.protocol.messages import (
     ADMIN_REQUEST_TYPES,
     CasRequest,
     DeleteRequest,
+    ExpireRequest,
     GetRequest,
+    PersistRequest,
     PingRequest,
     PutRequest,
+    PutTtlRequest,
     StatusRequest,
+    TtlRequest,
 )
 from zkv.protocol.metrics import (
     BATCH_BUCKETS,
@@ -56,6 +60,8 @@ OP_NAMES = {
     GetRequest.TYPE: "get", PutRequest.TYPE: "put", DeleteRequest.TYPE: "delete",
     CasRequest.TYPE: "cas", PingRequest.TYPE: "ping", StatusRequest.TYPE: "status",
     **dict.fromkeys(ADMIN_REQUEST_TYPES, "admin"),
+    PutTtlRequest.TYPE: "put", ExpireRequest.TYPE: "expire", PersistRequest.TYPE: "expire",
+    TtlRequest.TYPE: "ttl",
 }  # fmt: skip
 
 
