@@ -138,6 +138,8 @@ class World:
         self.endpoints: dict[str, Any] = {**self.nodes, self.broker.addr: self.broker}
         self.endpoints.update({c.addr: c for c in self.clients})
         self.ttl_clients = [SimTtlClient(self, i, cfg.seed) for i in range(cfg.ttl_clients)]
+        #: TTL clients start nothing new from then on (a run's end; moves set their own)
+        self.ttl_until = cfg.duration_s
         self.endpoints.update({c.addr: c for c in self.ttl_clients})
         self.ops_left = cfg.ops_max
         self.acked: list[tuple[bytes, int, str, str, Any]] = []
@@ -261,9 +263,7 @@ class World:
         self.faults.heal_everything()
         self.run_until(self.now + cfg.client_deadline_s + 0.5, stop=self._clients_idle)
         self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
-        if self.ttl_clients:  # every key expires and the sweep ends: then quiescence
-            self.run_until(self.now + max(TTLS_S) + 0.5)
-            self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
+        self.let_keys_expire()
         problem = self._convergence_problem()
         if problem:
             return self._result(False, "liveness", problem)
@@ -277,6 +277,12 @@ class World:
             kind = "unknown" if res.unknown else "linearizability"
             return self._result(res.unknown, kind, res.explanation)
         return self._result(True, "ok", "")
+
+    def let_keys_expire(self) -> None:
+        """With TTL clients: every key expires and the sweep ends, then quiescence."""
+        if self.ttl_clients:
+            self.run_until(self.now + max(TTLS_S) + 0.5)
+            self.run_until(self.now + self.cfg.quiesce_s_max, stop=self._converged)
 
     def _clients_idle(self) -> bool:
         return all(c.idle for c in self.clients) and all(c.idle for c in self.ttl_clients)

@@ -49,3 +49,15 @@ def test_the_ttl_checks_catch_reads_that_wait_for_the_sweep(
     caught = [r for r in (run_seed(s, ttl_clients=2) for s in range(6)) if not r.ok]
     assert caught and all("after its ack" in r.message for r in caught), [
         r.summary() for r in caught]
+
+
+def test_ttl_keys_through_shard_moves_under_chaos() -> None:
+    """Deadlines move with their keys (add a shard, then remove one, ``moves.py``): the
+    rules hold across the moves, and keys that expire while moving expire at their new
+    owner."""
+    from tests.sim.moves import run_moves
+
+    results = [run_moves(s, ttl_clients=2)
+               for s in range(int(os.environ.get("SIM_TTL_MOVE_SEEDS", 4)))]
+    assert all(r.ok for r in results), _report(results)
+    assert sum(r.stats["ttl_reads"] for r in results) > 100

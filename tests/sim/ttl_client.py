@@ -74,7 +74,7 @@ class SimTtlClient:
 
     def _next(self) -> None:
         w = self.world
-        if self.cur is not None or w.now >= w.cfg.duration_s:
+        if self.cur is not None or w.now >= w.ttl_until:
             return
         self.seq += 1
         near = [k for k, (ttl, _s, ack) in self.puts.items() if abs(ack + ttl - w.now) < 0.2]
