@@ -370,6 +370,10 @@ class AsyncKVClient:
                 outcome = await pending.future
             finally:
                 timer.cancel()
+            if outcome is not _TIMED_OUT and outcome is not _RESEND and \
+                    not isinstance(outcome, ErrorReply):
+                answer: Message = outcome  # what ``decide`` says (DONE), without the call
+                return answer
             link = pending.link
             assert link is not None
             if outcome is _RESEND or (outcome is _TIMED_OUT and link.closed):

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keys", help="Curve key pairs for a secure cluster")
     ksub = s.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     keys.add_arguments(ksub.add_parser("generate", help="write every identity's key pair"))
+    keys.add_rotate_arguments(ksub.add_parser(
+        "rotate", help="replace a storage node's key pair (then restart that node)"))
 
     s = sub.add_parser("cluster", help="run a local cluster")
     csub = s.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
@@ -192,6 +194,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "keys":
         from zkv.ops import keys
 
+        if args.keys_command == "rotate":
+            return keys.run_rotate_cli(args)
         return keys.run_cli(args)
     if args.command == "admin":
         return _admin(args)

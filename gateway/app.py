@@ -14,6 +14,9 @@ Theory of operation:
 - Translation of headers, bodies and errors lives in ``mapping.py`` (pure); the /kv
   handlers in ``kv.py``, served by a raw ASGI fast path ahead of FastAPI's router (the
   FastAPI routes exist for the OpenAPI schema and call the same handlers).
+- ``zkv gateway`` runs uvicorn with ``protocol.KVHttpProtocol``, which answers plain
+  /kv requests straight from the HTTP protocol (no ASGI cycle, one write per response)
+  with the same handlers and tallies; every other request reaches the ASGI chain below.
 - What uvicorn serves is ``GatewayApp``: metrics (counts everything), then the /kv
   fast path, then FastAPI (docs, health, ready, ui, metrics), chained *outside*
   FastAPI. Why: inside, every /kv request also crossed Starlette's and FastAPI's own
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 from collections.abc import AsyncIterator
@@ -40,7 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zkv.client.aio import AsyncKVClient
 from zkv.gateway import ui
-from zkv.gateway.kv import KVFastPath, KVHandlers, Reply
+from zkv.gateway.kv import KVFastPath, KVHandlers, KVService, Reply
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -74,8 +78,13 @@ def _response(reply: Reply) -> Response:
 
 
 def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-               metrics_enabled: bool = True, fast_path: bool = True) -> GatewayApp:
-    """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two)."""
+               metrics_enabled: bool = True, fast_path: bool = True,
+               freeze_gc: bool = False) -> GatewayApp:
+    """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two).
+    ``freeze_gc``: once started, move every object then alive (FastAPI's and pydantic's
+    models, the app: tens of thousands) out of the collector's reach (``gc.freeze``),
+    so the full collections that requests' garbage triggers do not walk them again each
+    time; for a server process, where they live as long as it does."""
     metrics = GatewayMetrics()
     history = History(metrics)
     state: dict[str, Any] = {}
@@ -84,6 +93,9 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kv = AsyncKVClient(endpoints, timeout_s=timeout_s)
         state["kv"] = kv
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         sampler = asyncio.get_running_loop().create_task(_sample(history))
         try:
             yield
@@ -159,16 +171,20 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
         asgi = KVFastPath(asgi, handlers)
     if metrics_enabled:  # outermost, so it also counts the fast path
         asgi = MetricsMiddleware(asgi, metrics)
-    return GatewayApp(app, asgi)
+    kv = KVService(handlers, metrics if metrics_enabled else None) if fast_path else None
+    return GatewayApp(app, asgi, kv)
 
 
 class GatewayApp:
     """The ASGI app uvicorn serves: ``asgi`` (the chain in front of FastAPI, see the
-    module doc), with the FastAPI app's ``state`` (metrics, history, the client)."""
+    module doc), with the FastAPI app's ``state`` (metrics, history, the client), and
+    ``kv``, what ``protocol.KVHttpProtocol`` needs to answer /kv requests without ASGI
+    (None when the fast path is off)."""
 
-    def __init__(self, fastapi: FastAPI, asgi: ASGIApp) -> None:
+    def __init__(self, fastapi: FastAPI, asgi: ASGIApp, kv: KVService | None = None) -> None:
         self.fastapi = fastapi
         self.state = fastapi.state
+        self.kv = kv
         self._asgi = asgi
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,4 +204,5 @@ def app_from_env() -> GatewayApp:
         os.environ.get("ZKV_ENDPOINT") or None,
         timeout_s=float(os.environ.get("ZKV_GATEWAY_TIMEOUT_S") or DEFAULT_TIMEOUT_S),
         metrics_enabled=os.environ.get("ZKV_GATEWAY_METRICS", "1") != "0",
+        freeze_gc=True,
     )

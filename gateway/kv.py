@@ -34,10 +34,11 @@ from zkv.client.aio import AsyncKVClient
 from zkv.client.ttl import ttl_ms
 from zkv.gateway import mapping
 from zkv.gateway.mapping import HTTPProblem, etag
+from zkv.gateway.metrics import GatewayMetrics
 
 JSON = "application/json"
 BODY_BYTES_MAX = 2 * 1024 * 1024
-_METHODS = {"GET", "PUT", "DELETE"}
+METHODS = frozenset({"GET", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,34 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+async def answer(handlers: KVHandlers, method: str, key: str, headers: Mapping[str, str],
+                 query: bytes, body: bytes) -> Reply:
+    """One /kv request (``method`` in GET, PUT, DELETE; ``key`` percent-decoded), as both
+    fast paths serve it: ``KVFastPath`` here and ``protocol.KVHttpProtocol``."""
+    if method == "GET":
+        consistency = None
+        if query:
+            consistency = dict(parse_qsl(query.decode("latin-1"))).get("consistency")
+        return await handlers.get(key, headers, consistency)
+    if method == "PUT":
+        ttl = dict(parse_qsl(query.decode("latin-1"))).get("ttl") if query else None
+        return await handlers.put(key, headers, body, ttl)
+    return await handlers.delete(key, headers)
+
+
+def too_large_reply() -> Reply:
+    return problem_reply(HTTPProblem(413, f"the body is over {BODY_BYTES_MAX} bytes"))
+
+
+@dataclass(frozen=True, slots=True)
+class KVService:
+    """What ``protocol.KVHttpProtocol`` needs to answer /kv requests itself: the handlers,
+    and the metrics tally when the gateway counts (None with ``--no-metrics``)."""
+
+    handlers: KVHandlers
+    metrics: GatewayMetrics | None
+
+
 class KVFastPath:
     """ASGI middleware: /kv/ requests to ``KVHandlers`` without FastAPI's router."""
 
@@ -151,28 +180,20 @@ class KVFastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/kv/") or \
-                scope["method"] not in _METHODS:
+                scope["method"] not in METHODS:
             await self.app(scope, receive, send)
             return
-        key = path[4:]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope["method"]
-        h = self.handlers
-        if method == "GET":
-            consistency = None
-            if scope.get("query_string"):
-                consistency = dict(parse_qsl(scope["query_string"].decode("latin-1"))
-                                   ).get("consistency")
-            reply = await h.get(key, headers, consistency)
-        elif method == "PUT":
-            body = await read_body(receive)
-            ttl = None
-            if scope.get("query_string"):
-                ttl = dict(parse_qsl(scope["query_string"].decode("latin-1"))).get("ttl")
-            reply = (problem_reply(HTTPProblem(413, f"the body is over {BODY_BYTES_MAX} bytes"))
-                     if body is None else await h.put(key, headers, body, ttl))
-        else:
-            reply = await h.delete(key, headers)
+        body = b""
+        if method == "PUT":
+            read = await read_body(receive)
+            if read is None:
+                await send_reply(send, too_large_reply())
+                return
+            body = read
+        reply = await answer(self.handlers, method, path[4:], headers,
+                             scope.get("query_string") or b"", body)
         await send_reply(send, reply)
 
 

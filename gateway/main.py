@@ -17,6 +17,7 @@ import tempfile
 
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"
+HTTP_PROTOCOL = "zkv.gateway.protocol:KVHttpProtocol"
 
 
 def http_available() -> str | None:
@@ -62,9 +63,11 @@ def run_cli(args: argparse.Namespace, endpoint: str) -> int:
     print(f"zkv gateway: http://{args.host}:{args.port} -> {endpoint} "
           f"({args.workers} worker(s))", file=sys.stderr, flush=True)
     try:
+        # The protocol answers /kv requests itself (gateway/protocol.py); given by name
+        # so each worker imports it.
         uvicorn.run("zkv.gateway.app:app_from_env", factory=True, host=args.host,
                     port=args.port, workers=args.workers, log_level=args.log_level.lower(),
-                    access_log=False, timeout_graceful_shutdown=3)
+                    access_log=False, timeout_graceful_shutdown=3, http=HTTP_PROTOCOL)
     finally:
         if prom_dir is not None:
             shutil.rmtree(prom_dir, ignore_errors=True)

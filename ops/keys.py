@@ -39,8 +39,9 @@ def _identity(keys_dir: Path, role: str, name: str) -> Path:
 
 
 def ensure_identity(keys_dir: Path, role: str, name: str,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    """Create ``name``'s pair (if missing) and publish its public key under ``role``."""
+                    metadata: Mapping[str, str] | None = None, rotate: bool = False) -> Path:
+    """Create ``name``'s pair (if missing; a new one with ``rotate``) and publish its
+    public key under ``role``."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad identity name {name!r}")
     ident = _identity(keys_dir, role, name)
@@ -48,8 +49,8 @@ def ensure_identity(keys_dir: Path, role: str, name: str,
     os.chmod(ident, 0o700)
     public = ident / f"{name}.key"
     secret = ident / f"{name}.key_secret"
-    if metadata:  # pyzmq's writer puts metadata in the secret file only
-        pub, sec = (zmq.auth.load_certificate(secret) if secret.exists()
+    if metadata or rotate:  # pyzmq's writer puts metadata in the secret file only
+        pub, sec = (zmq.auth.load_certificate(secret) if secret.exists() and not rotate
                     else zmq.curve_keypair())  # keep an existing key
         _write_pair(ident, name, pub, sec, metadata)
     elif not secret.exists():
@@ -57,8 +58,24 @@ def ensure_identity(keys_dir: Path, role: str, name: str,
     os.chmod(secret, 0o600)
     published = keys_dir / "public" / ROLE_DIRS[role]
     published.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(public, published / f"{name}.key")
+    # temp + rename: a reader (a ZAP handler, a node following its peers' keys) never
+    # sees half a certificate, and the directory's change is visible to it
+    tmp = published / f".{name}.key.tmp"
+    shutil.copyfile(public, tmp)
+    os.replace(tmp, published / f"{name}.key")
     return ident
+
+
+def rotate_node_key(keys_dir: Path, node_id: str) -> Path:
+    """A new key pair for storage node ``node_id``, published in place of the old one.
+
+    The procedure with no downtime (README, "Key rotation"): stop the node (SIGTERM
+    hands its leadership over), rotate, start it again. From the rotation on, only the
+    new key is trusted (brokers' and nodes' ZAP handlers re-read ``public/``), and the
+    node's peers, which follow the certificates in ``public/nodes/``, redial it with its
+    new server key within a heartbeat. The shard keeps its majority meanwhile.
+    """
+    return ensure_identity(Path(keys_dir), NODE, node_id, rotate=True)
 
 
 def _write_pair(ident: Path, name: str, public: bytes, secret: bytes | None,
@@ -112,6 +129,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def add_rotate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="the cluster's keys dir (of `zkv keys generate`)")
+    p.add_argument("node_id", help="the storage node whose key pair to replace")
+
+
+def run_rotate_cli(args: argparse.Namespace) -> int:
+    ident = rotate_node_key(args.dir, args.node_id)
+    print(f"new key pair for {args.node_id} in {ident}; its public key replaced the old one "
+          f"in {Path(args.dir) / 'public' / 'nodes'}. Restart {args.node_id} now (copy the "
+          f"pair and the public key to other hosts first if they do not share this dir).")
+    return 0
 
 
 def run_cli(args: argparse.Namespace) -> int:

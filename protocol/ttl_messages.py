@@ -21,17 +21,17 @@ broker routes it by key (``DATA_REQUEST_TYPES``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from zkv.protocol.consistency import Consistency
+from zkv.protocol.record import record
 
 #: The longest TTL accepted (about 10 years): a deadline must stay far from the codec's
 #: integer bound, and a larger TTL is a client bug.
 TTL_MS_MAX = 10 * 365 * 24 * 3600 * 1000
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutTtlRequest:
     TYPE: ClassVar[int] = 120
     BLOB: ClassVar[str] = "value"
@@ -43,7 +43,7 @@ class PutTtlRequest:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExpireRequest:
     TYPE: ClassVar[int] = 121
     client_id: bytes
@@ -53,7 +53,7 @@ class ExpireRequest:
     ttl_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PersistRequest:
     TYPE: ClassVar[int] = 122
     client_id: bytes
@@ -62,7 +62,7 @@ class PersistRequest:
     lowest_pending: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TtlRequest:
     TYPE: ClassVar[int] = 123
     client_id: bytes
@@ -71,7 +71,7 @@ class TtlRequest:
     consistency: Consistency = Consistency.LINEARIZABLE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExpireReply:
     TYPE: ClassVar[int] = 124
     request_id: int
@@ -79,7 +79,7 @@ class ExpireReply:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TtlReply:
     TYPE: ClassVar[int] = 125
     request_id: int

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -43,6 +42,7 @@ import msgpack
 from zkv.protocol.admin import Phase
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
+from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
 from zkv.storage_node.ttl_commands import (
     TTL_DECODERS,
@@ -77,12 +77,12 @@ class Op(enum.IntEnum):
     CONFIG = 11  # the shard's configuration (storage_node/membership.py): for the replica
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Noop:
     """A new leader's first entry: commits something of its term, changes nothing."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutCommand:
     client_id: bytes
     request_id: int
@@ -92,7 +92,7 @@ class PutCommand:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteCommand:
     """Remove ``key``; with ``expected_version`` > 0 only if that is its version (0:
     unconditional, written without the field, as before conditional deletes)."""
@@ -105,7 +105,7 @@ class DeleteCommand:
     expected_version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CasCommand:
     """Write ``value`` only if the key's version is ``expected_version`` (0: absent)."""
 
@@ -118,24 +118,24 @@ class CasCommand:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RingSet:
     ring: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Fence:
     old: RingConfig
     new: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateBegin:
     old: RingConfig
     new: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateOut:
     """Source side of a ring change: from here on, record the log index of every
     write to a key that leaves this shard, so the fenced delta is only those keys."""
@@ -144,7 +144,7 @@ class MigrateOut:
     new: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateIn:
     """Phase 1: ``items`` = ``[[key, value, version], ...]``; phases 2-3 add bare
     ``[key]`` for keys deleted since; ``done`` closes the phase for ``src``."""
@@ -159,7 +159,7 @@ class MigrateIn:
     after: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateSessions:
     new_epoch: int
     src: int
@@ -167,7 +167,7 @@ class MigrateSessions:
     sessions: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DropUnowned:
     """``keys=None``: scan every key (small shards, and the older log form); else drop
     just these (the leader lists them off the loop's hot path, a batch at a time)."""

@@ -30,7 +30,7 @@ from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import MigrateAck, Role
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.protocol.security import peer_node_id
-from zkv.storage_node import durable_state, identity
+from zkv.storage_node import durable_state, identity, peer_link
 from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.fsync_policy import FsyncPolicy
@@ -97,6 +97,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 config.snapshot_bytes, config.max_data_bytes,
                 config.key_bytes_max, config.value_bytes_max, os.getpid(),
                 {"fsync": str(config.fsync), **config.extra}, dict(config.peers),
+                config.cluster_id,
             ),
             self.core, self.state, self.initial_ring, self.tasks,
         )  # fmt: skip
@@ -193,6 +194,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                         self._drain_broker(sock, now, ts_ms)
                 if self.peer_router in events:
                     self._drain_peers(now)
+                if events:
+                    self._drain_peer_dealers(events, now)  # WrongNode refusals only
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
@@ -212,6 +215,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     node.stats.publish(hb.node_id, hb.shard_id, self.core, self.state,
                                        self.tasks, bool(hb.extra["disk_full"]))
                     self._found()
+                    self._follow_peer_keys()
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
@@ -244,11 +248,11 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         secure = self.curve is not None
         for _ in range(BATCH_MAX):
             try:
-                frames, key_node = _recv_peer_frames(router, secure)
+                frames, key_node, announced = _recv_peer_frames(router, secure)
             except zmq.Again:
                 return
             try:
-                on_frames(router, frames, now, key_node)
+                on_frames(router, frames, now, key_node, announced)
             except RemoteProtocolError as exc:
                 self.log.warning("bad peer frames: {}", exc)
 
@@ -327,13 +331,21 @@ def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]
     return parts
 
 
-def _recv_peer_frames(sock: zmq.Socket, secure: bool) -> tuple[list[bytes], str | None]:  # type: ignore[type-arg]
+def _recv_peer_frames(
+    sock: zmq.Socket, secure: bool,  # type: ignore[type-arg]
+) -> tuple[list[bytes], str | None, str | None]:
     """``_recv_frames``, plus (``secure``) the node id the sender's key authenticated as
-    (ZAP's User-Id; None for a key that is not a node's). Raises ``zmq.Again``."""
+    (ZAP's User-Id; None for a key that is not a node's) and what the sender's
+    connection announced (``peer_link``; None from a node that announces nothing).
+    Raises ``zmq.Again``."""
     frame = sock.recv(zmq.NOBLOCK, copy=False)
     key_node = peer_node_id(frame) if secure else None
+    try:
+        announced: str | None = str(frame.get(peer_link.PROPERTY))
+    except zmq.ZMQError:
+        announced = None
     parts = [frame.bytes]
     while frame.more:
         frame = sock.recv(zmq.NOBLOCK, copy=False)
         parts.append(frame.bytes)
-    return parts, key_node
+    return parts, key_node, announced

@@ -62,8 +62,10 @@ from zkv.protocol.messages import (
     PeerMessage,
     Role,
     TimeoutNow,
+    WrongNode,
 )
 from zkv.storage_node import membership as mship
+from zkv.storage_node import peer_link
 from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
@@ -74,6 +76,8 @@ from zkv.storage_node.ttl_requests import sweep_command
 #: Expiry sweep entries proposed per loop turn at most (each lists up to
 #: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
 SWEEPS_PER_TURN = 2
+#: distinct announcements remembered (a few per peer; cleared when full)
+LINK_VERDICTS_MAX = 1024
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
@@ -108,6 +112,11 @@ class NodeCore(RequestCore):
         #: the expiry sweep's per-turn state (``tick``): the turn's ``now``, sweeps proposed
         self._tick_now = 0.0
         self._sweeps_this_turn = 0
+        #: peer connections refused for reaching the wrong node (``peer_link``), the
+        #: verdict per announcement, and when to redial a peer that was the wrong node
+        self.misrouted = 0
+        self._link_verdicts: dict[str, str | None] = {}
+        self.redials = peer_link.Redials()
 
     def tick(self, now: float, ts_ms: int | None = None) -> None:
         """Once per shell loop turn: the replica's timers, then the availability rule;
@@ -265,14 +274,18 @@ class NodeCore(RequestCore):
     # ------------------------------------------------------------------ peers, migration
 
     def on_peer_frames(self, origin: object, frames: list[bytes], now: float,
-                       key_node: str | None = None) -> None:
+                       key_node: str | None = None, announced: str | None = None) -> None:
         """``[sender, message...]`` from the peer socket; ``RemoteProtocolError`` if bad.
         ``secure``: the sender is the node id its Curve key authenticated (``key_node``,
         None for a key that is no node's), never the routing id or a payload field, and
         Raft traffic from a key that is not a member of this group changes nothing.
-        Migration batches come from other shards' leaders: any node key may send them."""
+        Migration batches come from other shards' leaders: any node key may send them.
+        ``announced``: what the connection announced in its handshake (``peer_link``);
+        a connection meant for another node or from another cluster is refused."""
         if len(frames) < 2:
             raise RemoteProtocolError("too few frames")
+        if announced is not None and self._refuse_link(origin, frames[0], announced, now):
+            return
         msg = codec.decode(frames[1:])
         if type(msg) is MigrateBatch:
             if not self.secure or key_node is not None:
@@ -296,6 +309,38 @@ class NodeCore(RequestCore):
         if peer_msg is not None:
             self.replica.step(sender, peer_msg, now)
 
+    def _refuse_link(self, origin: object, ident: bytes, announced: str, now: float) -> bool:
+        """Whether a connection's announcement says it reached the wrong node; if so,
+        answer ``WrongNode`` on it and say why (first ten times, then every hundredth).
+        Verdicts are cached per announcement: every message of a connection repeats it."""
+        cache = self._link_verdicts
+        if announced in cache:
+            reason = cache[announced]
+        else:
+            if len(cache) >= LINK_VERDICTS_MAX:
+                cache.clear()
+            reason = cache[announced] = peer_link.refusal(
+                peer_link.Announcement.parse(announced), self.config.node_id,
+                self.config.cluster_id)
+        if reason is None:
+            return False
+        self.misrouted += 1
+        if self.misrouted <= 10 or self.misrouted % 100 == 0:
+            self.notes.append(f"refused peer connection #{self.misrouted}: {reason}")
+        self._direct.append((origin, (ident, *codec.encode(WrongNode(
+            self.config.node_id, self.config.shard_id, self.config.cluster_id, reason)))))
+        return True
+
+    def on_wrong_node(self, peer: str, msg: WrongNode, now: float) -> bool:
+        """A peer's answer that our connection to ``peer`` reached ``msg.node_id``
+        instead: say so; True when the shell should redial (rate-limited)."""
+        due = self.redials.due(peer, now)
+        if due:
+            self.notes.append(f"our connection to {peer} reached {msg.node_id} (shard "
+                              f"{msg.shard_id}, cluster {msg.cluster_id!r}): {msg.reason}; "
+                              f"redialing {peer}")
+        return due
+
     def _member_keys(self) -> set[str]:
         """Who may speak Raft to us: the members in force and those we started with."""
         return {*self.replica.membership.members, *self.config.members}
@@ -314,13 +359,13 @@ class NodeCore(RequestCore):
         """A source leader's stream batch: propose it, answer once applied."""
         shard = self.config.shard_id
         if batch.dst_shard != shard:
-            self._acks.append((origin, (ident, *codec.encode(MigrateAck(
+            self._direct.append((origin, (ident, *codec.encode(MigrateAck(
                 batch.seq, batch.dst_shard, Applied(False, f"this node serves shard {shard}"),
                 "")))))
             return
         if self.replica.role is not Role.LEADER:
             ack = not_leader_ack(batch, self.replica.leader_id or "")
-            self._acks.append((origin, (ident, *codec.encode(ack))))
+            self._direct.append((origin, (ident, *codec.encode(ack))))
             return
         cmd = command_for(batch)
         self._propose(cmd, Pending(origin, ident, batch.seq, command=cmd,
@@ -329,7 +374,7 @@ class NodeCore(RequestCore):
     def _ack(self, pending: Pending, result: Applied) -> None:
         hint = self.replica.leader_id or "" if result.not_leader else ""
         ack = MigrateAck(pending.request_id, pending.ack_shard, result, hint)
-        self._acks.append((pending.origin, (pending.ident, *codec.encode(ack))))
+        self._direct.append((pending.origin, (pending.ident, *codec.encode(ack))))
 
     def on_migrate_ack(self, ack: MigrateAck, now: float) -> None:
         self.tasks.on_ack(ack, now)

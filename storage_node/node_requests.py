@@ -107,6 +107,8 @@ class NodeCoreConfig:
     #: the peer addresses this node was started with (``--peers``): a configuration
     #: change records every member's address, so any member can reach any other
     peers: dict[str, str] = field(default_factory=dict)
+    #: the cluster this node belongs to: peer connections announcing another are refused
+    cluster_id: str = ""
 
 
 @dataclass(slots=True)
@@ -140,7 +142,8 @@ class RequestCore:
         self._outbox: dict[object, list[Frames]] = {}
         #: requests for keys another shard owns, handed back whole to their broker
         self._redirects: dict[object, list[Frames]] = {}
-        self._acks: list[tuple[object, Frames]] = []
+        #: frames sent as they are, not batched: migration acks, wrong-node refusals
+        self._direct: list[tuple[object, Frames]] = []
         self._was_leader = False
         self._next_heartbeat = 0.0
         self.last_snapshot_index = replica.snap_index
@@ -459,9 +462,9 @@ class RequestCore:
                 msg = Redirect(self.config.shard_id, ring, tuple(items))
                 out.append((origin, (b"", *codec.encode(msg))))
             self._redirects.clear()
-        if self._acks:
-            out.extend(self._acks)
-            self._acks = []
+        if self._direct:
+            out.extend(self._direct)
+            self._direct = []
         for origin, items in self._outbox.items():
             if len(items) == 1:
                 out.append((origin, items[0]))

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.record import record
 
 #: Keys per EXPIRE_SWEEP entry: bounds the work of one apply and one loop turn.
 SWEEP_KEYS_MAX = 1000
@@ -40,7 +40,7 @@ class TtlOp(enum.IntEnum):
     EXPIRE_SWEEP = 122
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutTtlCommand:
     client_id: bytes
     request_id: int
@@ -51,7 +51,7 @@ class PutTtlCommand:
     deadline_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExpireCommand:
     """Set (``deadline_ms`` > 0) or clear (0) the deadline of an existing key."""
 
@@ -63,7 +63,7 @@ class ExpireCommand:
     deadline_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SweepCommand:
     """Remove these keys if they are expired at ``now_ms``."""
 
