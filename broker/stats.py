@@ -33,10 +33,14 @@ from zkv.protocol.messages import (
     ADMIN_REQUEST_TYPES,
     CasRequest,
     DeleteRequest,
+    ExpireRequest,
     GetRequest,
+    PersistRequest,
     PingRequest,
     PutRequest,
+    PutTtlRequest,
     StatusRequest,
+    TtlRequest,
 )
 from zkv.protocol.metrics import (
     BATCH_BUCKETS,
@@ -64,6 +68,8 @@ OP_NAMES = {
     **dict.fromkeys(ADMIN_REQUEST_TYPES, "admin"),
     MultiGetRequest.TYPE: "mget", MultiPutRequest.TYPE: "mset",
     MultiDeleteRequest.TYPE: "mdelete", ScanRequest.TYPE: "scan",
+    PutTtlRequest.TYPE: "put", ExpireRequest.TYPE: "expire", PersistRequest.TYPE: "expire",
+    TtlRequest.TYPE: "ttl",
 }  # fmt: skip
 
 

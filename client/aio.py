@@ -63,6 +63,7 @@ from zkv.client.sdk import (
     parse_endpoints,
     status_dict,
 )
+from zkv.client.ttl import ttl_ms, ttl_seconds
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import (
@@ -83,6 +84,14 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 from zkv.protocol.security import Curve
+from zkv.protocol.ttl_messages import (
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+)
 
 MAX_IN_FLIGHT = 1024
 
@@ -195,13 +204,52 @@ class AsyncKVClient(AsyncMultiKeyCalls):
         return (reply.value, reply.version) if reply.found else None
 
     async def put(
-        self, key: str | bytes, value: str | bytes, *, timeout: float | None = None
+        self, key: str | bytes, value: str | bytes, *, ttl: float | None = None,
+        timeout: float | None = None,
     ) -> int:
+        """Store ``value``; with ``ttl`` (seconds) it expires (``KVClient.put``)."""
         k, v = self.limits.key(key), self.limits.value(value)
+        if ttl is not None:
+            ms = ttl_ms(ttl)
+            reply = await self._call(
+                lambda rid, low: PutTtlRequest(self.client_id, rid, k, low, ms, v), PutReply,
+                timeout,
+            )
+            return int(reply.version)
         reply = await self._call(
             lambda rid, low: PutRequest(self.client_id, rid, k, low, v), PutReply, timeout
         )
         return int(reply.version)
+
+    # ------------------------------------------------------------------ TTL
+
+    async def expire(self, key: str | bytes, seconds: float, *,
+                     timeout: float | None = None) -> bool:
+        """``KVClient.expire``: False if the key does not exist."""
+        k, ms = self.limits.key(key), ttl_ms(seconds)
+        reply = await self._call(
+            lambda rid, low: ExpireRequest(self.client_id, rid, k, low, ms), ExpireReply,
+            timeout,
+        )
+        return bool(reply.found)
+
+    async def persist(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+        """``KVClient.persist``: False if the key does not exist."""
+        k = self.limits.key(key)
+        reply = await self._call(
+            lambda rid, low: PersistRequest(self.client_id, rid, k, low), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    async def ttl(self, key: str | bytes, *, consistency: Consistency | None = None,
+                  timeout: float | None = None) -> float | None:
+        """``KVClient.ttl``: seconds left, ``math.inf`` if none, None if missing."""
+        k = self.limits.key(key)
+        level = self.consistency if consistency is None else Consistency(consistency)
+        reply = await self._call(
+            lambda rid, low: TtlRequest(self.client_id, rid, k, level), TtlReply, timeout
+        )
+        return ttl_seconds(reply)
 
     async def delete(self, key: str | bytes, *, expected_version: int | None = None,
                      timeout: float | None = None) -> bool:

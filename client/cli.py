@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from zkv.client import cli_multikey
+from zkv.client.cli_ttl import TTL_COMMANDS, add_ttl_parsers, seconds
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
 from zkv.client.status_view import annotate_status, format_status, role_name
 from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("put", help="store a value")
     s.add_argument("key")
     s.add_argument("value", help="the value; - reads it from standard input (as bytes)")
+    s.add_argument("--ttl", type=seconds, default=None, metavar="SECONDS",
+                   help="the key expires SECONDS after the put")
 
     s = sub.add_parser("get", help="print a value (exit 1 if missing)")
     s.add_argument("key")
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("value")
 
     cli_multikey.add_arguments(sub)  # mget, mset, mdel, scan
+    add_ttl_parsers(sub)
 
     s = sub.add_parser("status", help="cluster status per shard and node")
     s.add_argument("--json", action="store_true")
@@ -207,6 +211,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _put(kv: KVClient, args: argparse.Namespace) -> int:
     value = sys.stdin.buffer.read() if args.value == "-" else args.value
+    if args.ttl is not None:
+        print(f"OK version {kv.put(args.key, value, ttl=args.ttl)}")
+        return EXIT_OK
     print(f"OK version {kv.put(args.key, value)}")
     return EXIT_OK
 
@@ -327,7 +334,7 @@ def _status(kv: KVClient, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "ping": _ping,
-             "status": _status}
+             "status": _status, **TTL_COMMANDS}
 _COMMANDS.update(cli_multikey.COMMANDS)
 
 

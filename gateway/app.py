@@ -159,8 +159,10 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
     # requests before FastAPI routes them (see kv.py), with the same handlers.
     @app.put("/kv/{key:path}", summary="Store a value (CAS with If-Match / If-None-Match)",
              openapi_extra=_PUT_BODY)
-    async def put(key: str, request: Request) -> Response:
-        return _response(await handlers.put(key, dict(request.headers), await request.body()))
+    async def put(key: str, request: Request, ttl: str | None = None) -> Response:
+        """``?ttl=SECONDS``: the key expires that long after the put (not with If-Match)."""
+        return _response(await handlers.put(key, dict(request.headers), await request.body(),
+                                             ttl))
 
     @app.get("/kv/{key:path}", summary="Read a value (JSON, or raw bytes via Accept)")
     async def get(key: str, request: Request, consistency: str | None = None) -> Response:

@@ -16,6 +16,8 @@ msgpack arrays, first element the op::
     [11, voters, learners, addrs, replaces, incs] CONFIG: read by the replica core; a no-op here
     [100, client_id, request_id, lowest_pending, ts_ms, kind, keys, values]  MULTI_WRITE
                                                   (``multikey_commands.py``: a batch's part)
+    [120..122, ...]                               TTL: PUT_TTL, EXPIRE_SET, EXPIRE_SWEEP
+                                                  (``ttl_commands.py``)
 
 ``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
 only where the target's progress stands exactly there (``None``: no such check, the
@@ -49,6 +51,14 @@ from zkv.storage_node.multikey_commands import (
     MultiWrite,
     decode_multi_write,
     encode_multi_write,
+)
+from zkv.storage_node.ttl_commands import (
+    TTL_DECODERS,
+    ExpireCommand,
+    PutTtlCommand,
+    SweepCommand,
+    TtlCommand,
+    encode_ttl,
 )
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
@@ -178,8 +188,11 @@ class DropUnowned:
 RingCommand = (
     RingSet | Fence | MigrateBegin | MigrateOut | MigrateIn | MigrateSessions | DropUnowned
 )
-Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand | MultiWrite
+Command = (Noop | PutCommand | DeleteCommand | CasCommand | RingCommand | MultiWrite
+           | TtlCommand)
 WriteCommand = PutCommand | DeleteCommand | CasCommand
+#: client writes answered through the session table (``KVStateMachine._apply_write``)
+SessionCommand = WriteCommand | PutTtlCommand | ExpireCommand
 
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
 
@@ -210,6 +223,8 @@ def encode_command(cmd: Command) -> bytes:
         return NOOP_DATA
     if t is MultiWrite:
         return encode_multi_write(cmd)  # type: ignore[arg-type]
+    if t is PutTtlCommand or t is ExpireCommand or t is SweepCommand:
+        return _pack(encode_ttl(cmd))  # type: ignore[arg-type,no-any-return]
     return _encode_ring_command(cmd)
 
 
@@ -384,6 +399,7 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.MIGRATE_OUT: ((3,), _decode_out),
     Op.CONFIG: ((6,), lambda v: Noop()),
     MULTI_WRITE_OP: ((8,), decode_multi_write),  # multikey_commands.py
+    **TTL_DECODERS,
 }
 
 

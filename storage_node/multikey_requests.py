@@ -40,6 +40,7 @@ from zkv.protocol.ring import RingConfig
 from zkv.storage_node.multikey_commands import MultiKind, MultiWrite
 from zkv.storage_node.multikey_state import multi_get_reply, scan_page
 from zkv.storage_node.quota import write_growth_bytes
+from zkv.storage_node.ttl_requests import wait_index
 
 if TYPE_CHECKING:
     from zkv.protocol.ring import Ring
@@ -62,6 +63,8 @@ class MultiKeyRequests:
         quota: Quota
         disk_full: bool
         pending_type: Callable[..., Pending]
+        pending_writes: dict[int, Pending]
+        wall_ms: int
 
         def _reply(self, origin: object, ident: bytes, reply: object) -> None: ...
         def not_leader(self, request_id: int) -> ErrorReply: ...
@@ -118,19 +121,31 @@ class MultiKeyRequests:
             self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.UNAVAILABLE, "busy"))
 
     def answer_multi_read(self, req: MultiGetRequest | ScanRequest) -> object:
-        """The reply to a batch read or a scan page from the state as it is now."""
+        """The reply to a batch read or a scan page from the state as it is now; keys
+        expired by ``wall_ms`` are absent, swept or not, as for a single get."""
         state = self.state
+        expiry, now_ms = state.expiry, self.wall_ms
+        expired = (lambda key: expiry.expired(key, now_ms)) if len(expiry) else None
         if isinstance(req, MultiGetRequest):
             return multi_get_reply(req.request_id, req.keys, state.data, state.ownership,
-                                   self._ring_config())
+                                   self._ring_config(), expired=expired)
         return scan_page(req.request_id, req.prefix, req.after, req.limit, req.keys_only,
-                         state.data, state.ownership, self._ring_config())
+                         state.data, state.ownership, self._ring_config(), expired=expired)
 
-    def serve_multi_read(self, pending: Pending) -> None:
-        """A queued linearizable batch read or scan whose read index is applied."""
+    def serve_multi_read(self, pending: Pending) -> int:
+        """A queued linearizable batch read or scan whose read index is applied: answered,
+        or (0 not returned) the log index to wait for first: a batch read that finds a
+        key expired with one of our single writes on it in flight waits for that write,
+        as a single get does (``ttl_requests.wait_index``)."""
         req = pending.multi
         assert isinstance(req, (MultiGetRequest, ScanRequest))
+        if isinstance(req, MultiGetRequest) and self.pending_writes and len(self.state.expiry):
+            wait = max(wait_index(self.state, k, self.wall_ms, self.pending_writes)
+                       for k in req.keys)
+            if wait:
+                return wait
         self._reply(pending.origin, pending.ident, self.answer_multi_read(req))
+        return 0
 
     def _on_multi_write(self, origin: object, ident: bytes,
                         req: MultiPutRequest | MultiDeleteRequest, now: float, ts_ms: int) -> None:

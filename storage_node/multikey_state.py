@@ -34,6 +34,7 @@ calls ``multi_get_reply`` and ``scan_page`` once a read may be served):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zkv.protocol.errors import ErrorCode
@@ -46,6 +47,7 @@ from zkv.storage_node.ownership import Ownership
 from zkv.storage_node.sessions import MultiCached, SessionStatus, SessionTable
 
 if TYPE_CHECKING:
+    from zkv.storage_node.expiry import ExpiryIndex
     from zkv.storage_node.state_machine import KeyTable
 
 __all__ = ["apply_multi_write", "multi_get_reply", "scan_page"]
@@ -55,8 +57,11 @@ _WRONG_SHARD = int(ErrorCode.WRONG_SHARD)
 
 
 def apply_multi_write(index: int, cmd: MultiWrite, data: KeyTable, sessions: SessionTable,
-                      ownership: Ownership) -> MultiReply | ErrorReply:
-    """Apply one shard's part of a batch write at log ``index`` (see the rules)."""
+                      ownership: Ownership,
+                      expiry: ExpiryIndex | None = None) -> MultiReply | ErrorReply:
+    """Apply one shard's part of a batch write at log ``index`` (see the rules). With
+    ``expiry``: a key expired at the batch's stamp is gone before it (a delete of it
+    finds nothing), and a key put or deleted loses its TTL, as a single put does."""
     seen = sessions.lookup(cmd.client_id, cmd.request_id, cmd.ts_ms)
     if seen is SessionStatus.EXPIRED or not (seen is SessionStatus.NEW
                                              or isinstance(seen, MultiCached)):
@@ -76,6 +81,12 @@ def apply_multi_write(index: int, cmd: MultiWrite, data: KeyTable, sessions: Ses
         if refused:
             return ErrorReply(cmd.request_id, refused, "key not served by this shard now",
                               epoch=ownership.epoch)
+    if expiry is not None and len(expiry):
+        for i in todo:
+            key = cmd.keys[i]
+            if expiry.expired(key, cmd.ts_ms):
+                data.pop(key, None)
+            expiry.discard(key)  # a put stores a value with no expiry; a delete ends it
     fresh = _write(index, cmd, todo, data, ownership)
     new = MultiCached(cmd.request_id, tuple(hashes[i] for i in todo), fresh)
     record = new if not isinstance(seen, MultiCached) else seen.merged(new)
@@ -113,8 +124,10 @@ def _write(index: int, cmd: MultiWrite, todo: list[int], data: KeyTable,
 
 def multi_get_reply(request_id: int, keys: tuple[bytes, ...], data: KeyTable,
                     ownership: Ownership, ring: RingConfig,
-                    reply_bytes_max: int = MULTI_REPLY_BYTES_MAX) -> MultiReply:
-    """Per-key results of a batch read, as this shard holds them now."""
+                    reply_bytes_max: int = MULTI_REPLY_BYTES_MAX,
+                    expired: Callable[[bytes], bool] | None = None) -> MultiReply:
+    """Per-key results of a batch read, as this shard holds them now (a key for which
+    ``expired`` says so is absent, swept or not)."""
     results: list[KeyResult] = []
     size = 0
     wrong = False
@@ -125,7 +138,7 @@ def multi_get_reply(request_id: int, keys: tuple[bytes, ...], data: KeyTable,
             results.append(KeyResult(int(refused)))
             continue
         packed = data.get_packed(key)
-        if packed is None:
+        if packed is None or (expired is not None and expired(key)):
             results.append(KeyResult(0, False, 0))
             continue
         size += len(packed)
@@ -140,8 +153,10 @@ def multi_get_reply(request_id: int, keys: tuple[bytes, ...], data: KeyTable,
 def scan_page(request_id: int, prefix: bytes, after: bytes | None, limit: int,
               keys_only: bool, data: KeyTable, ownership: Ownership, ring: RingConfig,
               reply_bytes_max: int = SCAN_REPLY_BYTES_MAX,
-              examined_max: int = SCAN_EXAMINED_MAX) -> ScanReply | ErrorReply:
-    """One shard's page of a scan (see the rules)."""
+              examined_max: int = SCAN_EXAMINED_MAX,
+              expired: Callable[[bytes], bool] | None = None) -> ScanReply | ErrorReply:
+    """One shard's page of a scan (see the rules; a key for which ``expired`` says so is
+    left out, swept or not)."""
     start = prefix if after is None or after < prefix else after
     keys: list[bytes] = []
     values: list[bytes] = []
@@ -167,6 +182,8 @@ def scan_page(request_id: int, prefix: bytes, after: bytes | None, limit: int,
             return ErrorReply(request_id, ErrorCode.UNAVAILABLE,
                               "keys in this range are moving to another shard; retry",
                               epoch=ownership.epoch)
+        if expired is not None and expired(key):
+            continue
         packed = data.get_packed(key)
         assert packed is not None
         keys.append(key)

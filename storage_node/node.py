@@ -203,7 +203,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
-                node.tick(now)  # the replica's timers and the availability rule
+                # the replica's timers, the availability rule, the expiry sweep (TTL)
+                node.tick(now, ts_ms)
                 if self._stop_requested:
                     self._check_stop(now)
                 self._handle_ready(now)
@@ -238,6 +239,9 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 frames = _recv_frames(sock)
             except zmq.Again:
                 return
+            # read after the frames arrived: a TTL deadline is never stamped early, and
+            # a read never judges expiry by a clock older than the request (TTL)
+            ts_ms = int(time.time() * 1000)
             try:
                 on_frames(sock, frames, now, ts_ms)
             except RemoteProtocolError as exc:

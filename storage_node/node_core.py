@@ -66,11 +66,16 @@ from zkv.protocol.messages import (
 )
 from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
+from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
+from zkv.storage_node.ttl_requests import sweep_command
 
+#: Expiry sweep entries proposed per loop turn at most (each lists up to
+#: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
+SWEEPS_PER_TURN = 2
 #: distinct announcements remembered (a few per peer; cleared when full)
 LINK_VERDICTS_MAX = 1024
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
@@ -104,6 +109,9 @@ class NodeCore(RequestCore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
+        #: the expiry sweep's per-turn state (``tick``): the turn's ``now``, sweeps proposed
+        self._tick_now = 0.0
+        self._sweeps_this_turn = 0
         #: peer connections refused for reaching the wrong node (``peer_link``), the
         #: verdict per announcement, and when to redial a peer that was the wrong node
         self.misrouted = 0
@@ -112,14 +120,40 @@ class NodeCore(RequestCore):
         #: a snapshot was begun and is not on disk yet (``begin_snapshot``)
         self.snapshot_running = False
 
-    def tick(self, now: float) -> None:
-        """Once per shell loop turn: the replica's timers, then the availability rule."""
+    def tick(self, now: float, ts_ms: int | None = None) -> None:
+        """Once per shell loop turn: the replica's timers, then the availability rule;
+        with the wall clock ``ts_ms``, the expiry sweep too (``ttl_requests.py``)."""
         replica = self.replica
         replica.tick(now)
         why = self.broker_contact.step_down_reason(replica.role is Role.LEADER, replica.term, now)
         if why:
             replica.step_down(now)
             self.notes.append(why)
+        if ts_ms is not None:
+            if ts_ms > self.wall_ms:
+                self.wall_ms = ts_ms
+            self._tick_now = now
+            self._sweeps_this_turn = 0
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Propose the next expiry sweep: leader only, one entry in flight at a time,
+        at most ``SWEEPS_PER_TURN`` per loop turn (``advance`` chains the next as soon
+        as one applies, so the rate is one per commit round trip, not per poll wait)."""
+        replica, state = self.replica, self.state
+        if (replica.role is not Role.LEADER or not len(state.expiry) or self.disk_full
+                or self.unpersisted or self._sweeps_this_turn >= SWEEPS_PER_TURN):
+            return
+        term, index = self.sweep_inflight
+        if term == replica.term and index > state.applied_index:
+            return
+        cmd = sweep_command(state, self.wall_ms)
+        if cmd is None:
+            return
+        proposed = replica.propose(encode_command(cmd), now)
+        if proposed is not None:
+            self.sweep_inflight = (replica.term, proposed)
+            self._sweeps_this_turn += 1
 
     # ------------------------------------------------------------------ ready
 
@@ -162,6 +196,8 @@ class NodeCore(RequestCore):
             self._fail_from(rd.truncate_from)
         if rd.committed:
             self._apply(rd.committed)
+            if 0 < self.sweep_inflight[1] <= rd.committed[-1].index:
+                self._sweep(self._tick_now)  # the sweep in flight applied: chain the next
         for token, index in rd.reads:
             self.waiting_reads.append((index, token))  # type: ignore[arg-type]
         for token in rd.failed_reads:
@@ -229,9 +265,14 @@ class NodeCore(RequestCore):
         for index, p in self.waiting_reads:
             if index <= applied:
                 if p.multi is not None:  # a batch read or scan: ownership per key
-                    self.serve_multi_read(p)
+                    wait = self.serve_multi_read(p)
+                    if wait:
+                        keep.append((wait, p))
                 elif self._owned(p.origin, p.ident, p.request_id, p.key):
-                    self._answer_get(p.origin, p.ident, p.request_id, p.key)
+                    wait = self._answer_get(p.origin, p.ident, p.request_id, p.key,
+                                            p.ttl_read)
+                    if wait:
+                        keep.append((wait, p))
             else:
                 keep.append((index, p))
         self.waiting_reads = keep

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from zkv.protocol.messages import CasReply, DeleteReply, PutReply
+from zkv.protocol.messages import CasReply, DeleteReply, ExpireReply, PutReply
 from zkv.protocol.multikey import KeyResult
 
 
@@ -55,7 +55,7 @@ class MultiCached:
 #: A batch's cached reply in a snapshot: ``[MULTI_CACHED_TYPE, request_id, False, blob]``.
 MULTI_CACHED_TYPE = 110
 
-SessionReply = PutReply | DeleteReply | CasReply | MultiCached
+SessionReply = PutReply | DeleteReply | CasReply | ExpireReply | MultiCached
 
 REPLIES_PER_CLIENT_MAX = 2048  # >= the SDK's in-flight bound (1024)
 CLIENTS_MAX = 20_000  # with the reply bound: a hard ceiling on session memory
@@ -88,6 +88,8 @@ def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int | bytes]:
         return PutReply.TYPE, r.request_id, False, r.version
     if isinstance(r, DeleteReply):
         return DeleteReply.TYPE, r.request_id, r.deleted, r.version
+    if isinstance(r, ExpireReply):  # expire / persist (TTL)
+        return ExpireReply.TYPE, r.request_id, r.found, r.version
     return CasReply.TYPE, r.request_id, r.swapped, r.version
 
 
@@ -110,6 +112,8 @@ def _reply_from(kind: int, request_id: int, flag: bool, version: Any) -> Session
         return DeleteReply(request_id, flag, version)
     if kind == CasReply.TYPE:
         return CasReply(request_id, flag, version)
+    if kind == ExpireReply.TYPE:
+        return ExpireReply(request_id, flag, version)
     raise ValueError(f"unknown cached reply type {kind}")
 
 

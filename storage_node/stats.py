@@ -31,13 +31,19 @@ from zkv.protocol.messages import (
     DeleteReply,
     DeleteRequest,
     ErrorReply,
+    ExpireReply,
+    ExpireRequest,
     GetReply,
     GetRequest,
+    PersistRequest,
     PingRequest,
     PongReply,
     PutReply,
     PutRequest,
+    PutTtlRequest,
     Role,
+    TtlReply,
+    TtlRequest,
 )
 from zkv.protocol.metrics import (
     BATCH_BUCKETS,
@@ -67,6 +73,9 @@ OPS: dict[type, str] = {
     **dict.fromkeys(ADMIN_REPLY_CLASSES, "admin"),
     MultiGetRequest: "mget", MultiPutRequest: "mset", MultiDeleteRequest: "mdelete",
     ScanRequest: "scan", MultiReply: "batch", ScanReply: "scan",
+    # TTL: a put with a TTL answers PutReply (counted as "put" when it succeeds)
+    PutTtlRequest: "put", ExpireRequest: "expire", PersistRequest: "expire",
+    TtlRequest: "ttl", ExpireReply: "expire", TtlReply: "ttl",
 }  # fmt: skip
 
 
