@@ -27,7 +27,7 @@ from zkv.protocol.multikey import (
 )
 
 if TYPE_CHECKING:
-    from zkv.client.sdk import _Limits
+    from zkv.client.calls import Limits
 
 Key = str | bytes
 
@@ -39,7 +39,7 @@ class AsyncMultiKeyCalls:
         client_id: bytes
         timeout_s: float
         consistency: Consistency
-        limits: _Limits
+        limits: Limits
         _rng: random.Random
 
         async def _call(self, build: Callable[[int, int], Message], expected: type,

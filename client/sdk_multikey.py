@@ -26,9 +26,9 @@ from zkv.protocol.multikey import (
 )
 
 if TYPE_CHECKING:
+    from zkv.client.calls import Limits
     from zkv.client.connection import Clock
     from zkv.client.pipeline import Pipeline
-    from zkv.client.sdk import _Limits
 
 Key = str | bytes
 
@@ -40,7 +40,7 @@ class MultiKeyCalls:
         client_id: bytes
         timeout_s: float
         consistency: Consistency
-        limits: _Limits
+        limits: Limits
         _clock: Clock
         _rng: random.Random
 
