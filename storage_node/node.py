@@ -104,6 +104,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self.node.identity_extra = self._identity_extra()
         self.node.founding_active = self.founding is not None
         self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
+        self._keys_conf: mship.Membership | None = None  # the committed one keys follow
         self._stop_requested = False
         self._stop_deadline = 0.0
         self._stop_after = 0.0
@@ -314,6 +315,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                           self.config.shard_id, self.identity.incarnation)
         if core.membership is not self._peer_conf:
             self._sync_peers()
+        self._follow_committed_config()
 
 
 def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]

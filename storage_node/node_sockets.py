@@ -6,6 +6,9 @@ and a DEALER per migration target. Rules: with a keys dir, Curve is set on every
 and the ZAP handler starts before any bind; peer sockets follow the configuration in
 force (``_sync_peers``), addresses on the command line first; sends never block: a full
 or absent peer loses the message (Raft resends) rather than stalling the loop.
+Node keys (``protocol/node_keys.py``): peers are trusted, and dialed, by their published
+certificates plus the member keys of the shard's *committed* configuration
+(``_follow_committed_config``); a member with neither is not dialed until it has one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import MigrateBatch, PeerMessage, WrongNode
-from zkv.protocol.security import Curve, KeyFileError, TrustStore, ZapHandler, load_public
+from zkv.protocol.node_keys import HEARTBEAT_FIELD, config_keys, dial_key, heartbeat_field
+from zkv.protocol.security import Curve, KeyFileError, TrustStore, ZapHandler, file_node_key
 from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
 
@@ -47,6 +51,7 @@ class NodeSockets:
         wal: WriteAheadLog
         _ctx: zmq.Context  # type: ignore[type-arg]
         _peer_conf: mship.Membership | None
+        _keys_conf: mship.Membership | None
         identity: Identity
 
     def _start_security(self) -> None:
@@ -54,12 +59,16 @@ class NodeSockets:
         keys = self.config.keys_dir
         self.curve: Curve | None = None
         self.zap: ZapHandler | None = None
+        #: the member keys (node id -> z85) of the committed configuration we trust
+        self._conf_keys: dict[str, str] = {}
         if keys is None:
             return
-        trust = TrustStore(keys)
-        self.curve = Curve.for_identity(keys / "nodes" / self.config.node_id, trust.public_dir)
-        self.zap = ZapHandler(self._ctx, trust, self.log)
+        self.trust = TrustStore(keys)
+        self.curve = Curve.for_identity(keys / "nodes" / self.config.node_id,
+                                        self.trust.public_dir)
+        self.zap = ZapHandler(self._ctx, self.trust, self.log)
         self.node.secure = True
+        self._follow_committed_config()  # before dialing: the keys we know at start
 
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
@@ -103,8 +112,10 @@ class NodeSockets:
         #: with Curve: the certificate's mtime and the key each peer socket expects
         self._peer_keys: dict[str, tuple[int, bytes]] = {}
         for peer, endpoint in cfg.peers.items():
-            self.peer_socks[peer] = self._peer_socket(peer, endpoint)
             self._peer_addrs[peer] = endpoint
+            s = self._peer_socket(peer, endpoint)
+            if s is not None:
+                self.peer_socks[peer] = s
         #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
         self.migrate_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._migrate_addrs: dict[str, str] = {}
@@ -119,7 +130,13 @@ class NodeSockets:
             cfg.node_id, to, cfg.shard_id, cfg.cluster_id, self.identity.incarnation,
         ).option())
 
-    def _peer_socket(self, peer: str, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
+    def _peer_socket(self, peer: str, endpoint: str) -> zmq.Socket | None:  # type: ignore[type-arg]
+        """A DEALER to ``peer``; with Curve, None while we know no key of it."""
+        key = self._peer_key(peer) if self.curve is not None else None
+        if self.curve is not None and key is None:
+            self.log.warning("no key for {}: not in public/nodes nor in the committed "
+                             "configuration; not dialing it yet", peer)
+            return None
         s: zmq.Socket = self._ctx.socket(zmq.DEALER)  # type: ignore[type-arg]
         s.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
         s.setsockopt(zmq.LINGER, 0)
@@ -127,8 +144,9 @@ class NodeSockets:
         s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
         keep_alive(s, self.config.election_timeout_ms)
         s.setsockopt(zmq.SNDHWM, 10_000)
-        if self.curve is not None:  # the peer must present that node's key
-            self._peer_keys[peer] = (self._key_stamp(peer), self.curve.node_client(s, peer))
+        if self.curve is not None and key is not None:  # the peer must present that key
+            self.curve.client(s, key)
+            self._peer_keys[peer] = (self._key_stamp(peer), key)
         s.connect(endpoint)
         self.poller.register(s, zmq.POLLIN)  # only a WrongNode ever comes back on it
         return s
@@ -140,29 +158,62 @@ class NodeSockets:
         except OSError:
             return -1
 
+    def _peer_key(self, peer: str) -> bytes | None:
+        """The key ``peer`` must present: its certificate's, else its configured one."""
+        assert self.curve is not None
+        try:
+            published = file_node_key(self.curve.public_dir, peer)
+        except KeyFileError as exc:
+            self.log.warning("cannot read {}'s certificate: {}", peer, exc)
+            published = None
+        return dial_key(published, self._conf_keys.get(peer, ""))
+
     def _follow_peer_keys(self) -> None:
         """Once per heartbeat, with Curve: a peer whose published certificate changed
-        (``zkv keys rotate``) is redialed with its new server key, so a node key can be
-        replaced by restarting only its holder (README, "Key rotation")."""
+        (``zkv keys rotate``), or whose configured key did, is redialed with its new
+        server key, so a node key can be replaced by restarting only its holder
+        (README, "Key rotation")."""
         if self.curve is None:
             return
         for peer in list(self.peer_socks):
             stamp, key = self._peer_keys.get(peer, (-1, b""))
-            if self._key_stamp(peer) == stamp:
+            now_stamp = self._key_stamp(peer)
+            if now_stamp == stamp and (stamp != -1 or key == self._conf_keys.get(peer, "").encode()):
                 continue
-            try:
-                new = load_public(self.curve.node_key_file(peer))
-            except KeyFileError as exc:
-                self.log.warning("cannot read {}'s key ({}); keeping the old one", peer, exc)
-                self._peer_keys[peer] = (self._key_stamp(peer), key)
-                continue
-            if new == key:
-                self._peer_keys[peer] = (self._key_stamp(peer), key)
+            new = self._peer_key(peer)
+            if new is None or new == key:  # none to be had: keep the one we have
+                self._peer_keys[peer] = (now_stamp, key)
                 continue
             self.log.info("{}'s key changed: redialing it with the new one", peer)
-            addr = self._peer_addrs[peer]
-            self._close_peer(peer)
-            self.peer_socks[peer] = self._peer_socket(peer, addr)
+            self._redial(peer)
+
+    def _redial(self, peer: str) -> None:
+        addr = self._peer_addrs[peer]
+        self._close_peer(peer)
+        s = self._peer_socket(peer, addr)  # resolves the name again
+        if s is not None:
+            self.peer_socks[peer] = s
+
+    def _follow_committed_config(self) -> None:
+        """When the committed configuration changes, with Curve: trust exactly its member
+        keys besides the files (a removed member's key is dropped), dial the members we
+        could not dial before, and say the keys in our heartbeat for the brokers."""
+        index, conf = self.core.committed_membership()
+        if conf is self._keys_conf:
+            return
+        self._keys_conf = conf
+        if self.curve is None:
+            return
+        self.node.keys_extra = {HEARTBEAT_FIELD: heartbeat_field(index, conf.keys)}
+        keys = dict(conf.keys)
+        if keys == self._conf_keys:
+            return
+        self.log.info("trusting the member keys of the configuration committed at index "
+                      "{}: {}", index, sorted(keys) or "none")
+        self._conf_keys = keys
+        self.trust.learn(config_keys(conf.keys))
+        if hasattr(self, "peer_socks"):  # sockets open: dial whom we now can
+            self._sync_peers()
 
     def _close_peer(self, peer: str) -> None:
         s = self.peer_socks.pop(peer)
@@ -185,9 +236,7 @@ class NodeSockets:
                     if type(msg) is WrongNode and self.node.on_wrong_node(peer, msg, now):
                         redial.append(peer)
         for peer in redial:
-            addr = self._peer_addrs[peer]
-            self._close_peer(peer)
-            self.peer_socks[peer] = self._peer_socket(peer, addr)  # resolves the name again
+            self._redial(peer)
 
     def close(self) -> None:
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
@@ -204,15 +253,19 @@ class NodeSockets:
         # the command line first: `zkv cluster up` picks new ports at each start
         wanted = {m: self.config.peers.get(m) or conf.addr_of(m)
                   for m in conf.members if m != self.config.node_id}
-        for peer in [p for p in self.peer_socks if p not in wanted]:
-            self._close_peer(peer)
+        for peer in [p for p in self._peer_addrs if p not in wanted]:
+            if peer in self.peer_socks:
+                self._close_peer(peer)
             self._peer_addrs.pop(peer, None)
         for peer, addr in wanted.items():
-            if addr and self._peer_addrs.get(peer) != addr:
+            # a member we could not dial (no key yet) is tried again at each call
+            if addr and (self._peer_addrs.get(peer) != addr or peer not in self.peer_socks):
                 if peer in self.peer_socks:
                     self._close_peer(peer)
-                self.peer_socks[peer] = self._peer_socket(peer, addr)
                 self._peer_addrs[peer] = addr
+                s = self._peer_socket(peer, addr)
+                if s is not None:
+                    self.peer_socks[peer] = s
 
     def _send_peer(self, to: str, msg: PeerMessage) -> None:
         sock = self.peer_socks.get(to)
