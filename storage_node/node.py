@@ -216,6 +216,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                                        self.tasks, bool(hb.extra["disk_full"]))
                     self._found()
                     self._follow_peer_keys()
+                    self._follow_refusals(now)
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused

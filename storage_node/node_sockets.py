@@ -9,6 +9,8 @@ or absent peer loses the message (Raft resends) rather than stalling the loop.
 Node keys (``protocol/node_keys.py``): peers are trusted, and dialed, by their published
 certificates plus the member keys of the shard's *committed* configuration
 (``_follow_committed_config``); a member with neither is not dialed until it has one.
+A dial whose handshake was refused (our key not trusted there yet) is reopened later,
+since libzmq does not retry it (``refusals.py``, ``_follow_refusals``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from zkv.protocol.node_keys import HEARTBEAT_FIELD, config_keys, dial_key, heart
 from zkv.protocol.security import Curve, KeyFileError, TrustStore, ZapHandler, file_node_key
 from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
+from zkv.storage_node.refusals import RefusalMonitors, RefusedDials
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -61,6 +64,8 @@ class NodeSockets:
         self.zap: ZapHandler | None = None
         #: the member keys (node id -> z85) of the committed configuration we trust
         self._conf_keys: dict[str, str] = {}
+        self._monitors = RefusalMonitors()
+        self._refused = RefusedDials(self.config.election_timeout_ms / 1000)
         if keys is None:
             return
         self.trust = TrustStore(keys)
@@ -72,30 +77,12 @@ class NodeSockets:
 
     def _open_sockets(self) -> None:
         cfg, ctx = self.config, self._ctx
-        ident = cfg.node_id.encode()
         alive_ms = cfg.election_timeout_ms
         self._start_security()
         curve = self.curve
         self.poller = zmq.Poller()
-        self.broker_socks = []
-        for endpoint in cfg.brokers:
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, ident)
-            s.setsockopt(zmq.LINGER, 0)
-            keep_alive(s, alive_ms)
-            s.setsockopt(zmq.SNDHWM, 100_000)
-            s.setsockopt(zmq.RCVHWM, 100_000)
-            if curve is not None:
-                curve.broker_client(s, endpoint)
-            s.connect(endpoint)
-            self.broker_socks.append(s)
-        self.pub = ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        keep_alive(self.pub, alive_ms)
-        for endpoint in cfg.heartbeat_endpoints:
-            if curve is not None:  # taken at connect: one server key per broker
-                curve.broker_client(self.pub, endpoint)
-            self.pub.connect(endpoint)
+        self.broker_socks = [self._broker_socket(i) for i in range(len(cfg.brokers))]
+        self.pub = self._pub_socket()
         self.peer_router = ctx.socket(zmq.ROUTER)
         self.peer_router.setsockopt(zmq.LINGER, 0)
         self.peer_router.setsockopt(zmq.RCVHWM, 100_000)
@@ -123,6 +110,59 @@ class NodeSockets:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
 
+    def _broker_socket(self, i: int) -> zmq.Socket:  # type: ignore[type-arg]
+        """Our DEALER to broker ``i`` (requests in, replies out)."""
+        endpoint = self.config.brokers[i]
+        s: zmq.Socket = self._ctx.socket(zmq.DEALER)  # type: ignore[type-arg]
+        s.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        keep_alive(s, self.config.election_timeout_ms)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        if self.curve is not None:
+            self.curve.broker_client(s, endpoint)
+            self._monitors.watch(f"broker:{i}", s)
+        s.connect(endpoint)
+        return s
+
+    def _pub_socket(self) -> zmq.Socket:  # type: ignore[type-arg]
+        """Our heartbeat PUB, connected to every broker."""
+        pub: zmq.Socket = self._ctx.socket(zmq.PUB)  # type: ignore[type-arg]
+        pub.setsockopt(zmq.LINGER, 0)
+        keep_alive(pub, self.config.election_timeout_ms)
+        if self.curve is not None:
+            self._monitors.watch("pub", pub)
+        for endpoint in self.config.heartbeat_endpoints:
+            if self.curve is not None:  # taken at connect: one server key per broker
+                self.curve.broker_client(pub, endpoint)
+            pub.connect(endpoint)
+        return pub
+
+    def _follow_refusals(self, now: float) -> None:
+        """Once per heartbeat, with Curve: reopen, a while after, the connections whose
+        server refused our key (``refusals.py``): it may trust it by now."""
+        if self.curve is None:
+            return
+        for name in self._monitors.refused():
+            self._refused.refused(name, now)
+        for name in self._refused.due(now):
+            kind, _, which = name.partition(":")
+            self.log.info("redialing {} (it refused our key before)", name)
+            if kind == "peer" and which in self.peer_socks:
+                self._redial(which)
+            elif kind == "broker":
+                i = int(which)
+                old = self.broker_socks[i]
+                self._monitors.forget(name)
+                self.poller.unregister(old)
+                old.close(linger=0)
+                self.broker_socks[i] = self._broker_socket(i)
+                self.poller.register(self.broker_socks[i], zmq.POLLIN)
+            elif kind == "pub":
+                self._monitors.forget(name)
+                self.pub.close(linger=0)
+                self.pub = self._pub_socket()
+
     def _announce(self, s: zmq.Socket, to: str) -> None:  # type: ignore[type-arg]
         """Say in the handshake who dials and whom we mean to reach (``peer_link``)."""
         cfg = self.config
@@ -147,6 +187,7 @@ class NodeSockets:
         if self.curve is not None and key is not None:  # the peer must present that key
             self.curve.client(s, key)
             self._peer_keys[peer] = (self._key_stamp(peer), key)
+            self._monitors.watch(f"peer:{peer}", s)
         s.connect(endpoint)
         self.poller.register(s, zmq.POLLIN)  # only a WrongNode ever comes back on it
         return s
@@ -216,6 +257,8 @@ class NodeSockets:
             self._sync_peers()
 
     def _close_peer(self, peer: str) -> None:
+        self._monitors.forget(f"peer:{peer}")
+        self._refused.forget(f"peer:{peer}")
         s = self.peer_socks.pop(peer)
         self.poller.unregister(s)
         s.close(linger=0)
@@ -239,6 +282,7 @@ class NodeSockets:
             self._redial(peer)
 
     def close(self) -> None:
+        self._monitors.close()
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
             s.close(linger=0)
