@@ -20,6 +20,9 @@ Rules, the same on nodes and brokers (``trust_map``):
 - A key that a configuration gives to two members is trusted as neither.
 - What a configuration gave, the next configuration takes back: a removed member's key
   is trusted no more (its connections already open keep running, as with a removed file).
+- A node saves the keys of the latest configuration it saw committed: after a restart
+  it knows only its snapshot's configuration as committed until a leader says more,
+  and the leader may be a member that only a later configuration names (``newest_keys``).
 
 Why committed only: an uncommitted configuration may still be truncated; trusting its
 keys would let a change that never happened open the door, even briefly.
@@ -73,6 +76,14 @@ def dial_key(file_key: bytes | None, config_key: str) -> bytes | None:
     if file_key is not None:
         return file_key
     return config_key.encode() if config_key else None
+
+
+def newest_keys(known: tuple[int, dict[str, str]],
+                saved: tuple[int, dict[str, str]] | None) -> tuple[int, dict[str, str]]:
+    """The member keys of the later of two committed configurations: the one the
+    replica knows committed, and the one saved on disk (``durable_state``) when a later
+    one was seen committed before a restart (ties: the replica's)."""
+    return saved if saved is not None and saved[0] > known[0] else known
 
 
 def heartbeat_field(index: int, keys: Iterable[tuple[str, str]]) -> list[Any]:

@@ -25,10 +25,16 @@ from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.liveness import keep_alive
 from zkv.protocol.messages import MigrateBatch, PeerMessage, WrongNode
-from zkv.protocol.node_keys import HEARTBEAT_FIELD, config_keys, dial_key, heartbeat_field
+from zkv.protocol.node_keys import (
+    HEARTBEAT_FIELD,
+    config_keys,
+    dial_key,
+    heartbeat_field,
+    newest_keys,
+)
 from zkv.protocol.security import Curve, KeyFileError, TrustStore, ZapHandler, file_node_key
+from zkv.storage_node import durable_state, peer_link
 from zkv.storage_node import membership as mship
-from zkv.storage_node import peer_link
 from zkv.storage_node.refusals import RefusalMonitors, RefusedDials
 
 if TYPE_CHECKING:
@@ -66,8 +72,13 @@ class NodeSockets:
         self._conf_keys: dict[str, str] = {}
         self._monitors = RefusalMonitors()
         self._refused = RefusedDials(self.config.election_timeout_ms / 1000)
+        self._saved_keys: tuple[int, dict[str, str]] | None = None
         if keys is None:
             return
+        try:
+            self._saved_keys = durable_state.load_member_keys(self.config.data_dir)
+        except durable_state.CorruptStateError as exc:
+            self.log.warning("ignoring the saved member keys: {}", exc)
         self.trust = TrustStore(keys)
         self.curve = Curve.for_identity(keys / "nodes" / self.config.node_id,
                                         self.trust.public_dir)
@@ -245,14 +256,21 @@ class NodeSockets:
         self._keys_conf = conf
         if self.curve is None:
             return
-        self.node.keys_extra = {HEARTBEAT_FIELD: heartbeat_field(index, conf.keys)}
-        keys = dict(conf.keys)
+        saved = self._saved_keys
+        index, keys = newest_keys((index, dict(conf.keys)), saved)
+        self.node.keys_extra = {HEARTBEAT_FIELD: heartbeat_field(index, keys.items())}
         if keys == self._conf_keys:
             return
         self.log.info("trusting the member keys of the configuration committed at index "
                       "{}: {}", index, sorted(keys) or "none")
         self._conf_keys = keys
-        self.trust.learn(config_keys(conf.keys))
+        self.trust.learn(config_keys(keys.items()))
+        if saved is None or index > saved[0]:
+            self._saved_keys = (index, keys)
+            try:
+                durable_state.save_member_keys(self.config.data_dir, index, keys)
+            except OSError as exc:  # trusted in memory all the same; tried again next time
+                self.log.warning("cannot save the member keys: {}", exc)
         if hasattr(self, "peer_socks"):  # sockets open: dial whom we now can
             self._sync_peers()
 

@@ -11,7 +11,9 @@ certificate. Then:
 - removed, and added again *with* ``--public-key`` (its ``s0r9.key``): it catches up and
   is promoted, the broker accepts its heartbeats (``zkv status`` lists it, a voter),
   and once the old leader is killed the shard elects a leader and keeps taking writes
-  with s0r9's vote and acks (three of four voters left: s0r9 is in every majority).
+  with s0r9's vote and acks (three of four voters left: s0r9 is in every majority);
+- with s0r9 leading, the killed node restarts and catches up from it: it trusts s0r9's
+  key from the member keys it saved, before any leader tells it its commit index.
 """
 
 from __future__ import annotations
@@ -153,6 +155,18 @@ def test_node_key_from_a_committed_membership_change(tmp_path: Path) -> None:
             (r := _nodes(cluster).get(NEW)) and r["applied_index"] >= _max_commit(cluster)
             and r), 30)
         assert new_row["applied_index"] > row["applied_index"]
+
+        # s0r9 leads, and the old leader comes back: its snapshot predates the change, so
+        # only the member keys it saved let it trust s0r9 before s0r9 tells it more
+        moved = _zkv(cluster, "admin", "transfer-leader", "0", "--to", NEW, "--wait", "30")
+        assert moved.returncode == 0, moved.stderr
+        cluster.restart_node(old)
+        with KVClient(cluster.endpoints, timeout_s=30, keys=cluster.client_keys) as kv:
+            kv.put("last", "x")
+        back = wait_for(f"{old} caught up from {NEW}", lambda: (
+            (r := _nodes(cluster).get(old)) and r["applied_index"] >= _max_commit(cluster)
+            and r), 30)
+        assert back["leader_id"] == NEW
 
 
 def _leader(cluster: LocalCluster) -> str | None:

@@ -22,6 +22,7 @@ from zkv.protocol.node_keys import (
     config_keys,
     dial_key,
     heartbeat_field,
+    newest_keys,
     parse_heartbeat_field,
     trust_map,
 )
@@ -65,6 +66,23 @@ def test_dial_key_prefers_the_published_certificate() -> None:
     assert dial_key(b"F" * 40, K1) == b"F" * 40
     assert dial_key(None, K1) == K1.encode()
     assert dial_key(None, "") is None  # no key: not dialed yet
+
+
+def test_saved_keys_count_only_when_from_a_later_configuration(tmp_path: Path) -> None:
+    from zkv.storage_node import durable_state
+
+    assert durable_state.load_member_keys(tmp_path) is None
+    durable_state.save_member_keys(tmp_path, 150, {"d": K1})
+    saved = durable_state.load_member_keys(tmp_path)
+    assert saved == (150, {"d": K1})
+    # restarted with a snapshot from before the change: the saved one is later
+    assert newest_keys((120, {}), saved) == (150, {"d": K1})
+    # a later committed configuration (d removed) wins over what was saved
+    assert newest_keys((180, {}), saved) == (180, {})
+    assert newest_keys((150, {"e": K2}), saved) == (150, {"e": K2})  # ties: the replica's
+    (tmp_path / durable_state.MEMBER_KEYS_FILE).write_bytes(b"garbage")
+    with pytest.raises(durable_state.CorruptStateError):
+        durable_state.load_member_keys(tmp_path)
 
 
 @pytest.fixture
