@@ -73,6 +73,7 @@ class NodeSockets:
         self._monitors = RefusalMonitors()
         self._refused = RefusedDials(self.config.election_timeout_ms / 1000)
         self._saved_keys: tuple[int, dict[str, str]] | None = None
+        self._no_migrate_key: set[str] = set()
         if keys is None:
             return
         try:
@@ -343,11 +344,29 @@ class NodeSockets:
         except zmq.Again:
             pass  # peer away or slow: Raft tolerates loss, the leader resends
 
+    def _migrate_key(self, node: str) -> bytes | None:
+        """Another shard's node is dialed with its published certificate only (its
+        shard's configuration is not ours); None, said once per node, if it has none."""
+        assert self.curve is not None
+        try:
+            key = file_node_key(self.curve.public_dir, node)
+        except KeyFileError as exc:
+            key, why = None, str(exc)
+        else:
+            why = "no certificate in public/nodes"
+        if key is None and node not in self._no_migrate_key:
+            self._no_migrate_key.add(node)
+            self.log.warning("cannot stream to {}: {}; waiting for one", node, why)
+        return key
+
     def _send_batches(self, batches: list[tuple[str, str, MigrateBatch]]) -> None:
         """Send the core's stream batches, each on a DEALER to its target node."""
         for node, addr, batch in batches:
             sock = self.migrate_socks.get(node)
             if sock is None or self._migrate_addrs.get(node) != addr:
+                key = self._migrate_key(node) if self.curve is not None else None
+                if self.curve is not None and key is None:
+                    continue  # the stream waits (its ack timeout resends) for a certificate
                 if sock is not None:
                     self.poller.unregister(sock)
                     sock.close(linger=0)
@@ -358,8 +377,8 @@ class NodeSockets:
                 self._announce(sock, node)
                 sock.setsockopt(zmq.SNDHWM, 100)
                 keep_alive(sock, self.config.election_timeout_ms)
-                if self.curve is not None:
-                    self.curve.node_client(sock, node)
+                if self.curve is not None and key is not None:
+                    self.curve.client(sock, key)
                 sock.connect(addr)
                 self.poller.register(sock, zmq.POLLIN)
             with contextlib.suppress(zmq.Again):  # a slow peer: the ack timeout resends
