@@ -176,3 +176,53 @@ def _leader(cluster: LocalCluster) -> str | None:
 
 def _max_commit(cluster: LocalCluster) -> int:
     return max((r["commit_index"] for r in _nodes(cluster).values()), default=0)
+
+
+def test_refusal_monitor_reports_a_handshake_refused_by_zap(tmp_path: Path) -> None:
+    """libzmq ends a session whose handshake ZAP refused and does not retry it: the
+    monitor is how a node knows to reopen it (``storage_node/refusals.py``)."""
+    import zmq
+
+    from zkv.protocol.security import TrustStore, ZapHandler
+    from zkv.storage_node.refusals import RefusalMonitors
+
+    keys = generate(tmp_path / "keys", ["s0r0"], [])
+    ctx = zmq.Context()
+    trust = TrustStore(keys)
+    zap = ZapHandler(ctx, trust)
+    server_pub, server_sec = zmq.curve_keypair()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.setsockopt(zmq.ZAP_DOMAIN, b"peer")
+    server.curve_server = True
+    server.curve_publickey, server.curve_secretkey = server_pub, server_sec
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client_pub, client_sec = zmq.curve_keypair()
+    monitors = RefusalMonitors()
+    client = ctx.socket(zmq.DEALER)
+    try:
+        client.setsockopt(zmq.LINGER, 0)
+        client.curve_serverkey = server_pub
+        client.curve_publickey, client.curve_secretkey = client_pub, client_sec
+        monitors.watch("peer:x", client)
+        client.connect(f"tcp://127.0.0.1:{port}")
+        assert wait_for("the refusal", lambda: monitors.refused(), 10) == ["peer:x"]
+        trust.learn({client_pub: "x"})  # trusted now, but libzmq never dials again
+        time.sleep(1.0)
+        assert zap.refused == 1 and zap.accepted == 0
+        monitors.forget("peer:x")
+        client.close(linger=0)
+        client = ctx.socket(zmq.DEALER)  # what _follow_refusals does: a new socket
+        client.setsockopt(zmq.LINGER, 0)
+        client.curve_serverkey = server_pub
+        client.curve_publickey, client.curve_secretkey = client_pub, client_sec
+        client.connect(f"tcp://127.0.0.1:{port}")
+        client.send(b"hello")
+        assert server.poll(5000) and server.recv_multipart()[-1] == b"hello"
+        assert zap.accepted == 1
+    finally:
+        monitors.close()
+        client.close(linger=0)
+        server.close(linger=0)
+        zap.close()
+        ctx.term()

@@ -196,3 +196,17 @@ def test_public_key_file_goes_into_the_request(keys: Path, command: str) -> None
     assert isinstance(req, AdminAddReplica | AdminReplaceReplica)
     assert req.public_key == load_pair(keys.parent / "outside" / "nodes" / "s0r9")[0].decode()
     assert ops.public_key_text(None) == ""
+
+
+def test_refused_dials_are_reopened_once_after_the_retry_delay() -> None:
+    from zkv.storage_node.refusals import RefusedDials
+
+    dials = RefusedDials(retry_s=0.5)
+    dials.refused("peer:a", 10.0)
+    dials.refused("peer:a", 10.3)  # refused again meanwhile: still due from the first
+    dials.refused("pub", 10.2)
+    assert dials.due(10.4) == []
+    assert dials.due(10.5) == ["peer:a"]
+    assert dials.due(10.6) == []  # reopened: watched anew, not due again
+    dials.forget("pub")  # closed for another reason (the member left)
+    assert dials.due(99.0) == []
