@@ -114,8 +114,12 @@ class _Pending:
         self.link: _Link | None = None
 
 
-class AsyncKVClient:
-    """asyncio zkv client; same API as ``KVClient``, as coroutines."""
+from zkv.client.aio_multikey import AsyncMultiKeyCalls  # noqa: E402
+
+
+class AsyncKVClient(AsyncMultiKeyCalls):
+    """asyncio zkv client; same API as ``KVClient``, as coroutines (batches and scans:
+    ``aio_multikey.py``)."""
 
     def __init__(
         self,
@@ -273,6 +277,11 @@ class AsyncKVClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
     @property
     def endpoint(self) -> str:
         """The endpoint new requests go to."""
@@ -287,20 +296,25 @@ class AsyncKVClient:
             self._sem = asyncio.Semaphore(self.max_in_flight)
 
     async def _call(
-        self, build: Callable[[int, int], Message], expected: type, timeout: float | None
+        self, build: Callable[[int, int], Message], expected: type, timeout: float | None,
+        rid: int | None = None,
     ) -> Any:
+        """One request until the retry policy says stop. ``rid``: reuse that request id
+        (a batch write's next round, ``aio_multikey.py``) instead of the next one."""
         self._start()
         assert self._sem is not None
         async with self._sem:
             if self._closed:
                 raise ClientClosed("client is closed")
-            rid = self._next_request_id
-            self._next_request_id += 1
+            if rid is None or rid in self._pending:
+                rid = self.new_request_id()
             loop = asyncio.get_running_loop()
             pending = _Pending(loop.create_future(), self._endpoint_index)
             self._pending[rid] = pending
+            # a reused id sits last in the dict: the lowest pending id is then not first
+            lowest = min(rid, next(iter(self._pending)))
             try:
-                pending.frames = codec.encode(build(rid, next(iter(self._pending))))
+                pending.frames = codec.encode(build(rid, lowest))
                 reply = await self._exchange(rid, pending, timeout)
             finally:
                 del self._pending[rid]

@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from zkv.client import cli_multikey
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
 from zkv.client.status_view import annotate_status, format_status, role_name
 from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("put", help="store a value")
     s.add_argument("key")
-    s.add_argument("value")
+    s.add_argument("value", help="the value; - reads it from standard input (as bytes)")
 
     s = sub.add_parser("get", help="print a value (exit 1 if missing)")
     s.add_argument("key")
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("expected_version", type=int)
     s.add_argument("value")
+
+    cli_multikey.add_arguments(sub)  # mget, mset, mdel, scan
 
     s = sub.add_parser("status", help="cluster status per shard and node")
     s.add_argument("--json", action="store_true")
@@ -203,7 +206,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _put(kv: KVClient, args: argparse.Namespace) -> int:
-    print(f"OK version {kv.put(args.key, args.value)}")
+    value = sys.stdin.buffer.read() if args.value == "-" else args.value
+    print(f"OK version {kv.put(args.key, value)}")
     return EXIT_OK
 
 
@@ -324,6 +328,7 @@ def _status(kv: KVClient, args: argparse.Namespace) -> int:
 
 _COMMANDS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "ping": _ping,
              "status": _status}
+_COMMANDS.update(cli_multikey.COMMANDS)
 
 
 def _json_default(v: Any) -> Any:

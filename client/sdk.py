@@ -162,8 +162,12 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
             "ring": {} if reply.ring is None else reply.ring.as_dict()}
 
 
-class KVClient:
-    """Synchronous zkv client. See the module docstring for the retry rules."""
+from zkv.client.sdk_multikey import MultiKeyCalls  # noqa: E402  (it uses the helpers above)
+
+
+class KVClient(MultiKeyCalls):
+    """Synchronous zkv client. See the module docstring for the retry rules; batches,
+    scans and the pipeline: ``sdk_multikey.py``."""
 
     def __init__(
         self,
@@ -339,14 +343,22 @@ class KVClient:
         """The endpoint the current (or next) connection goes to."""
         return self.endpoints[self._endpoint_index]
 
+    def new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
     # ------------------------------------------------------------------ machinery
 
-    def _call(self, build: Any, expected: type, timeout: float | None) -> Any:
+    def _call(self, build: Any, expected: type, timeout: float | None,
+              rid: int | None = None) -> Any:
+        """One request until the retry policy says stop. ``rid``: reuse that request id
+        (a batch write's next round, ``sdk_multikey.py``) instead of the next one."""
         with self._lock:
             if self._closed:
                 raise ClientClosed("client is closed")
-            rid = self._next_request_id
-            self._next_request_id += 1
+            if rid is None:
+                rid = self.new_request_id()
             frames = codec.encode(build(rid))
             return check_reply(self._exchange(rid, frames, timeout), expected)
 

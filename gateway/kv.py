@@ -24,13 +24,16 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from zkv.client.aio import AsyncKVClient
 from zkv.gateway import mapping
 from zkv.gateway.mapping import HTTPProblem, etag
 from zkv.gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from zkv.gateway.auth import Authenticator
 
 JSON = "application/json"
 BODY_BYTES_MAX = 2 * 1024 * 1024
@@ -141,10 +144,12 @@ def too_large_reply() -> Reply:
 @dataclass(frozen=True, slots=True)
 class KVService:
     """What ``protocol.KVHttpProtocol`` needs to answer /kv requests itself: the handlers,
-    and the metrics tally when the gateway counts (None with ``--no-metrics``)."""
+    the metrics tally when the gateway counts (None with ``--no-metrics``), and the
+    bearer-token check when the gateway has tokens (None: open)."""
 
     handlers: KVHandlers
     metrics: GatewayMetrics | None
+    auth: Authenticator | None = None
 
 
 class KVFastPath:

@@ -482,9 +482,25 @@ PeerMessage = (
     | TimeoutNow
 )
 FoundingMessage = FoundingProbe | FoundingAnswer
+# Batches and scans live in their own module (they need ``Consistency`` from here).
+from zkv.protocol.multikey import (  # noqa: E402
+    MULTIKEY_MESSAGE_TYPES,
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    MultiReply,
+    ScanReply,
+    ScanRequest,
+)
+
+MultiKeyMessage = (
+    MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
+    | ScanReply
+)
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
     | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
+    | MultiKeyMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -495,6 +511,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
     MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
+    *MULTIKEY_MESSAGE_TYPES,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(

@@ -14,6 +14,8 @@ msgpack arrays, first element the op::
     [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
     [10, old_ring, new_ring]                      MIGRATE_OUT: note every write to a leaving key
     [11, voters, learners, addrs, replaces, incs(, keys)] CONFIG: read by the replica core; a no-op here
+    [100, client_id, request_id, lowest_pending, ts_ms, kind, keys, values]  MULTI_WRITE
+                                                  (``multikey_commands.py``: a batch's part)
 
 ``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
 only where the target's progress stands exactly there (``None``: no such check, the
@@ -42,6 +44,12 @@ from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
 from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
+from zkv.storage_node.multikey_commands import (
+    MULTI_WRITE_OP,
+    MultiWrite,
+    decode_multi_write,
+    encode_multi_write,
+)
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
 #: raised limits and for the future ring-change command. msgpack's ``unpackb`` already
@@ -170,7 +178,7 @@ class DropUnowned:
 RingCommand = (
     RingSet | Fence | MigrateBegin | MigrateOut | MigrateIn | MigrateSessions | DropUnowned
 )
-Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand
+Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand | MultiWrite
 WriteCommand = PutCommand | DeleteCommand | CasCommand
 
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
@@ -200,6 +208,8 @@ def encode_command(cmd: Command) -> bytes:
         ))  # fmt: skip
     if t is Noop:
         return NOOP_DATA
+    if t is MultiWrite:
+        return encode_multi_write(cmd)  # type: ignore[arg-type]
     return _encode_ring_command(cmd)
 
 
@@ -373,6 +383,7 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.DROP_UNOWNED: ((2, 4), _decode_drop),
     Op.MIGRATE_OUT: ((3,), _decode_out),
     Op.CONFIG: ((6, 7), lambda v: Noop()),  # 7: with member keys
+    MULTI_WRITE_OP: ((8,), decode_multi_write),  # multikey_commands.py
 }
 
 

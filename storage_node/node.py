@@ -40,6 +40,7 @@ from zkv.storage_node.node_identity import NodeIdentity
 from zkv.storage_node.node_sockets import NodeSockets
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
+from zkv.storage_node.snapshot_child import CAN_FORK, SnapshotChild
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
 
@@ -60,6 +61,8 @@ class NodeConfig:
     ring: RingConfig
     fsync: FsyncPolicy
     snapshot_entries: int = 50_000
+    #: write snapshots from a forked child, never stopping the loop (snapshot_child.py)
+    background_snapshots: bool = CAN_FORK
     #: also snapshot once the log since the last snapshot holds this many bytes of
     #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
     snapshot_bytes: int = 64 * 1024 * 1024
@@ -113,6 +116,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._disk_full_since: float | None = None
         self._disk_retry_at = 0.0
         self._snapshot_retry_at = 0.0  # after a snapshot found no space
+        self._snapshot_child: SnapshotChild | None = None  # writing one in the background
         #: the newest snapshot really on disk (what an append ack may count on)
         self._disk_snapshot_index = self.core.snap_index
 

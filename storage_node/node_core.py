@@ -109,6 +109,8 @@ class NodeCore(RequestCore):
         self.misrouted = 0
         self._link_verdicts: dict[str, str | None] = {}
         self.redials = peer_link.Redials()
+        #: a snapshot was begun and is not on disk yet (``begin_snapshot``)
+        self.snapshot_running = False
 
     def tick(self, now: float) -> None:
         """Once per shell loop turn: the replica's timers, then the availability rule."""
@@ -226,7 +228,9 @@ class NodeCore(RequestCore):
         keep = []
         for index, p in self.waiting_reads:
             if index <= applied:
-                if self._owned(p.origin, p.ident, p.request_id, p.key):
+                if p.multi is not None:  # a batch read or scan: ownership per key
+                    self.serve_multi_read(p)
+                elif self._owned(p.origin, p.ident, p.request_id, p.key):
                     self._answer_get(p.origin, p.ident, p.request_id, p.key)
             else:
                 keep.append((index, p))
@@ -377,22 +381,48 @@ class NodeCore(RequestCore):
 
     def take_snapshot(self) -> SnapshotTask | None:
         """A snapshot to write, every ``snapshot_entries`` applied entries or
-        ``snapshot_bytes`` applied bytes; none while a write waits for the disk."""
+        ``snapshot_bytes`` applied bytes; none while a write waits for the disk. The
+        state is serialized here, in the loop: ``begin_snapshot`` + ``snapshot_data``
+        let a shell do that part elsewhere (a forked child, ``node_disk.py``)."""
+        due = self.begin_snapshot()
+        if due is None:
+            return None
+        return SnapshotTask(*due, self.snapshot_data(due[0]))
+
+    def begin_snapshot(self) -> tuple[int, int] | None:
+        """``(index, term)`` of the snapshot to take now (the state as applied), or None:
+        not due yet, a write waits for the disk, or one is still being written (until
+        ``compacted`` or ``snapshot_failed``)."""
         applied = self.state.applied_index
-        if (applied - self.last_snapshot_index < self.config.snapshot_entries
-                and self.log_bytes < self.config.snapshot_bytes) or self.unpersisted:
+        if self.snapshot_running or self.unpersisted or (
+                applied - self.last_snapshot_index < self.config.snapshot_entries
+                and self.log_bytes < self.config.snapshot_bytes):
             return None
         term = self.replica.term_at(applied)
         if term is None:
             return None
-        # the configuration at ``applied`` travels and is stored with the state
-        data = mship.wrap_snapshot(self.replica.membership_at(applied), self.state.snapshot_bytes())
-        return SnapshotTask(applied, term, data)
+        self.snapshot_running = True
+        self.log_bytes = 0  # what is applied from now on counts towards the next one
+        return applied, term
+
+    def snapshot_data(self, index: int) -> bytes:
+        """The snapshot at ``index``, which must be the applied index: the configuration
+        at ``index`` travels and is stored with the state."""
+        if index != self.state.applied_index:
+            raise ValueError(f"snapshot at {index}, but the state is at {self.state.applied_index}")
+        return mship.wrap_snapshot(self.replica.membership_at(index), self.state.snapshot_bytes())
+
+    def snapshot_failed(self) -> None:
+        """The snapshot begun could not be written (no space): ``begin_snapshot`` may
+        offer one again."""
+        self.snapshot_running = False
 
     def compacted(self, task: SnapshotTask, kept: Any = None) -> None:
         """``task`` is on disk: the replica may drop its log up to it. ``kept`` is what
         the replica holds as its snapshot from now on (the shell's read-only map of the
-        file, so the bytes need not stay in memory); ``task.data`` when None."""
+        file, so the bytes need not stay in memory); ``task.data`` when None. A task
+        older than the snapshot the replica holds (one installed from the leader while
+        this one was written) changes nothing."""
+        self.snapshot_running = False
         self.replica.compacted(task.index, task.term, task.data if kept is None else kept)
-        self.last_snapshot_index = task.index
-        self.log_bytes = 0
+        self.last_snapshot_index = max(self.last_snapshot_index, task.index)

@@ -63,11 +63,13 @@ from zkv.protocol.messages import (
     RequestBatch,
     Role,
 )
+from zkv.protocol.multikey import FANOUT_REQUEST_CLASSES
 from zkv.protocol.ring import Ring
 from zkv.storage_node import membership as mship
 from zkv.storage_node.admin import AdminError, admin_request
 from zkv.storage_node.broker_contact import BrokerContact
 from zkv.storage_node.commands import Command, command_from_request, encode_command
+from zkv.storage_node.multikey_requests import MultiKeyRequests
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Replica
@@ -117,10 +119,13 @@ class Pending:
     command: Command | None = None  # a write's decoded command, applied without re-decoding
     ack_shard: int = -1  # >= 0: a MigrateBatch from a source leader, answered by MigrateAck
     term: int = 0  # the term the write was proposed in
+    multi: object = None  # a queued batch read or scan page (multikey_requests.py)
 
 
-class RequestCore:
+class RequestCore(MultiKeyRequests):
     """A node's request admission and reply queue; ``NodeCore`` adds the rest."""
+
+    pending_type = Pending
 
     def __init__(self, config: NodeCoreConfig, replica: Replica, state: KVStateMachine,
                  initial_ring: Ring, tasks: LeaderTasks) -> None:
@@ -208,6 +213,8 @@ class RequestCore:
         elif isinstance(req, (PutRequest, DeleteRequest, CasRequest)):
             if self._check_key(origin, ident, req.request_id, req.key, frames):
                 self._on_write(origin, ident, req, now, ts_ms)
+        elif isinstance(req, FANOUT_REQUEST_CLASSES):  # batches, scans: multikey_requests.py
+            self._on_fanout(origin, ident, req, now, ts_ms)  # type: ignore[arg-type]
         elif isinstance(req, PingRequest):
             self._reply(origin, ident, PongReply(req.request_id, self.config.node_id))
         elif isinstance(req, AdminRequest):

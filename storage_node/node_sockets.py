@@ -301,6 +301,9 @@ class NodeSockets:
             self._redial(peer)
 
     def close(self) -> None:
+        child = getattr(self, "_snapshot_child", None)
+        if child is not None:  # a snapshot half written is of no use to the next start
+            child.kill()
         self._monitors.close()
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:

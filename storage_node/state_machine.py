@@ -34,6 +34,7 @@ from loguru import logger
 
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
 from zkv.protocol.messages import Applied, CasReply, DeleteReply, ErrorReply, PutReply
+from zkv.protocol.multikey import MultiReply
 from zkv.protocol.ring import RingConfig
 from zkv.storage_node.commands import (
     CasCommand,
@@ -44,17 +45,21 @@ from zkv.storage_node.commands import (
     WriteCommand,
     decode_command,
 )
+from zkv.storage_node.key_index import SortedKeys
+from zkv.storage_node.multikey_commands import MultiWrite
+from zkv.storage_node.multikey_state import apply_multi_write
 from zkv.storage_node.ownership import Ownership
 from zkv.storage_node.sessions import (
     CLIENTS_MAX,
     REPLIES_PER_CLIENT_MAX,
     SESSION_TTL_MS,
+    MultiCached,
     SessionStatus,
     SessionTable,
     merge_session_state,
 )
 
-ApplyReply = PutReply | DeleteReply | CasReply | ErrorReply
+ApplyReply = PutReply | DeleteReply | CasReply | ErrorReply | MultiReply
 
 #: Snapshot layout: ``[3, applied_index, keys, packed values, sessions, ownership]``
 #: where a packed value is the value then its version as 8 bytes (``KeyTable``'s own
@@ -80,11 +85,14 @@ class KeyTable:
     what ``ownership.py``, ``push.py`` and the tests use.
     """
 
-    __slots__ = ("_d", "size_bytes")
+    __slots__ = ("_d", "size_bytes", "_index")
 
     def __init__(self, items: Any = ()) -> None:
         self._d: dict[bytes, bytes] = {}
         self.size_bytes = 0
+        #: the sorted key index for scans (``key_index.py``): None until a scan asks
+        #: for it; from then on every write that adds or removes a key updates it
+        self._index: SortedKeys | None = None
         pairs = items.items() if hasattr(items, "items") else items
         for key, (value, version) in pairs:
             self.put(key, value, version)
@@ -103,9 +111,24 @@ class KeyTable:
         old = d.get(key)
         if old is None:
             self.size_bytes += len(key) + len(value)
+            if self._index is not None:
+                self._index.add(key)
         else:
             self.size_bytes += len(value) - len(old) + _VERSION_BYTES
         d[key] = value + version.to_bytes(_VERSION_BYTES, "little")
+
+    # ------------------------------------------------------------------ sorted index
+
+    def keys_from(self, start: bytes) -> Iterator[bytes]:
+        """Keys ``>= start`` in byte order (builds the sorted index at the first call).
+        Do not change the table while iterating."""
+        if self._index is None:
+            self._index = SortedKeys(self._d)
+        return self._index.iter_from(start)
+
+    def get_packed(self, key: bytes) -> bytes | None:
+        """The stored form ``value + version``, for a scan that reads many keys."""
+        return self._d.get(key)
 
     def get(self, key: bytes, default: Any = None) -> tuple[bytes, int] | Any:
         p = self._d.get(key)
@@ -123,6 +146,8 @@ class KeyTable:
     def __delitem__(self, key: bytes) -> None:
         old = self._d.pop(key)
         self.size_bytes -= len(key) + len(old) - _VERSION_BYTES
+        if self._index is not None:
+            self._index.remove(key)
 
     def pop(self, key: bytes, *default: Any) -> Any:
         old = self._d.pop(key, None)
@@ -131,6 +156,8 @@ class KeyTable:
                 return default[0]
             raise KeyError(key)
         self.size_bytes -= len(key) + len(old) - _VERSION_BYTES
+        if self._index is not None:
+            self._index.remove(key)
         return old[:-_VERSION_BYTES], int.from_bytes(old[-_VERSION_BYTES:], "little")
 
     def __contains__(self, key: object) -> bool:
@@ -237,6 +264,9 @@ class KVStateMachine:
             return self._apply_write(index, cmd)  # type: ignore[arg-type]
         if t is Noop:
             return None
+        if t is MultiWrite:  # a batch's part: multikey_state.py
+            return apply_multi_write(index, cmd, self._data, self._sessions,  # type: ignore[arg-type]
+                                     self.ownership)
         return self.ownership.apply(index, cmd, self._data, self._merge_sessions)  # type: ignore[arg-type]
 
     def _merge_sessions(self, state: Any) -> None:
@@ -246,6 +276,9 @@ class KVStateMachine:
         sessions = self._sessions
         seen = sessions.lookup(cmd.client_id, cmd.request_id, cmd.ts_ms)
         if seen is not SessionStatus.NEW:
+            if isinstance(seen, MultiCached):  # a request id first used by a batch
+                return ErrorReply(cmd.request_id, ErrorCode.BAD_REQUEST,
+                                  "request id already used by a batch")
             if seen is SessionStatus.EXPIRED:
                 return ErrorReply(
                     cmd.request_id, ErrorCode.SESSION_EXPIRED,

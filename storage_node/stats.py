@@ -49,6 +49,14 @@ from zkv.protocol.metrics import (
     counter,
     gauge,
 )
+from zkv.protocol.multikey import (
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    MultiReply,
+    ScanReply,
+    ScanRequest,
+)
 
 OPS: dict[type, str] = {
     GetRequest: "get", PutRequest: "put", DeleteRequest: "delete", CasRequest: "cas",
@@ -57,6 +65,8 @@ OPS: dict[type, str] = {
     PongReply: "ping",
     **dict.fromkeys(ADMIN_REQUEST_CLASSES, "admin"),
     **dict.fromkeys(ADMIN_REPLY_CLASSES, "admin"),
+    MultiGetRequest: "mget", MultiPutRequest: "mset", MultiDeleteRequest: "mdelete",
+    ScanRequest: "scan", MultiReply: "batch", ScanReply: "scan",
 }  # fmt: skip
 
 
