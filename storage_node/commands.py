@@ -13,7 +13,7 @@ msgpack arrays, first element the op::
     [8, new_epoch, src, version_next, sessions]   MIGRATE_SESSIONS: the source's sessions
     [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
     [10, old_ring, new_ring]                      MIGRATE_OUT: note every write to a leaving key
-    [11, voters, learners, addrs, replaces, incs] CONFIG: read by the replica core; a no-op here
+    [11, voters, learners, addrs, replaces, incs(, keys)] CONFIG: read by the replica core; a no-op here
     [100, client_id, request_id, lowest_pending, ts_ms, kind, keys, values]  MULTI_WRITE
                                                   (``multikey_commands.py``: a batch's part)
     [120..122, ...]                               TTL: PUT_TTL, EXPIRE_SET, EXPIRE_SWEEP
@@ -397,7 +397,7 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.MIGRATE_SESSIONS: ((5,), _decode_sessions),
     Op.DROP_UNOWNED: ((2, 4), _decode_drop),
     Op.MIGRATE_OUT: ((3,), _decode_out),
-    Op.CONFIG: ((6,), lambda v: Noop()),
+    Op.CONFIG: ((6, 7), lambda v: Noop()),  # 7: with member keys
     MULTI_WRITE_OP: ((8,), decode_multi_write),  # multikey_commands.py
     **TTL_DECODERS,
 }

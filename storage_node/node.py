@@ -107,6 +107,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self.node.identity_extra = self._identity_extra()
         self.node.founding_active = self.founding is not None
         self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
+        self._keys_conf: mship.Membership | None = None  # the committed one keys follow
         self._stop_requested = False
         self._stop_deadline = 0.0
         self._stop_after = 0.0
@@ -220,6 +221,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                                        self.tasks, bool(hb.extra["disk_full"]))
                     self._found()
                     self._follow_peer_keys()
+                    self._follow_refusals(now)
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
@@ -322,6 +324,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                           self.config.shard_id, self.identity.incarnation)
         if core.membership is not self._peer_conf:
             self._sync_peers()
+        self._follow_committed_config()
 
 
 def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]

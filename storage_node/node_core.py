@@ -416,7 +416,7 @@ class NodeCore(RequestCore):
             state.key_count, cfg.pid, cfg.advertise, tuple(conf.voters),
             ring, cfg.heartbeat_ms,
             {**cfg.info, "data_bytes": state.data_bytes, "max_data_bytes": cfg.max_data_bytes,
-             "disk_full": self.disk_full, **self.identity_extra,
+             "disk_full": self.disk_full, **self.identity_extra, **self.keys_extra,
              "learners": list(conf.learners), "config_role": role},
         )  # fmt: skip
 

@@ -165,6 +165,8 @@ class RequestCore(MultiKeyRequests):
         self.stats = NodeStats()
         #: what the heartbeat says of this data dir (identity.py; the shell's, a file)
         self.identity_extra: dict[str, object] = {}
+        #: with Curve, the committed configuration's member keys (``protocol/node_keys``)
+        self.keys_extra: dict[str, object] = {}
         #: while bootstrapping, founding messages (and a leader's appends: the shard
         #: exists) are set aside for the shell, which holds the identity
         self.founding_active = False
