@@ -62,13 +62,13 @@ from zkv.protocol.messages import (
     PeerMessage,
     Role,
     TimeoutNow,
-    WrongNode,
 )
 from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
 from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
+from zkv.storage_node.node_snapshots import SnapshotDecisions, SnapshotTask
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
 from zkv.storage_node.ttl_requests import sweep_command
@@ -76,8 +76,6 @@ from zkv.storage_node.ttl_requests import sweep_command
 #: Expiry sweep entries proposed per loop turn at most (each lists up to
 #: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
 SWEEPS_PER_TURN = 2
-#: distinct announcements remembered (a few per peer; cleared when full)
-LINK_VERDICTS_MAX = 1024
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
@@ -94,16 +92,7 @@ class NodeReady:
     send_after: list[tuple[str, PeerMessage]]
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotTask:
-    """Write this snapshot, then call ``NodeCore.compacted`` with it."""
-
-    index: int
-    term: int
-    data: bytes
-
-
-class NodeCore(RequestCore):
+class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
     """A storage node's decisions; see the module docstring for the contract."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -315,38 +304,6 @@ class NodeCore(RequestCore):
         if peer_msg is not None:
             self.replica.step(sender, peer_msg, now)
 
-    def _refuse_link(self, origin: object, ident: bytes, announced: str, now: float) -> bool:
-        """Whether a connection's announcement says it reached the wrong node; if so,
-        answer ``WrongNode`` on it and say why (first ten times, then every hundredth).
-        Verdicts are cached per announcement: every message of a connection repeats it."""
-        cache = self._link_verdicts
-        if announced in cache:
-            reason = cache[announced]
-        else:
-            if len(cache) >= LINK_VERDICTS_MAX:
-                cache.clear()
-            reason = cache[announced] = peer_link.refusal(
-                peer_link.Announcement.parse(announced), self.config.node_id,
-                self.config.cluster_id)
-        if reason is None:
-            return False
-        self.misrouted += 1
-        if self.misrouted <= 10 or self.misrouted % 100 == 0:
-            self.notes.append(f"refused peer connection #{self.misrouted}: {reason}")
-        self._direct.append((origin, (ident, *codec.encode(WrongNode(
-            self.config.node_id, self.config.shard_id, self.config.cluster_id, reason)))))
-        return True
-
-    def on_wrong_node(self, peer: str, msg: WrongNode, now: float) -> bool:
-        """A peer's answer that our connection to ``peer`` reached ``msg.node_id``
-        instead: say so; True when the shell should redial (rate-limited)."""
-        due = self.redials.due(peer, now)
-        if due:
-            self.notes.append(f"our connection to {peer} reached {msg.node_id} (shard "
-                              f"{msg.shard_id}, cluster {msg.cluster_id!r}): {msg.reason}; "
-                              f"redialing {peer}")
-        return due
-
     def _member_keys(self) -> set[str]:
         """Who may speak Raft to us: the members in force and those we started with."""
         return {*self.replica.membership.members, *self.config.members}
@@ -419,51 +376,3 @@ class NodeCore(RequestCore):
              "disk_full": self.disk_full, **self.identity_extra, **self.keys_extra,
              "learners": list(conf.learners), "config_role": role},
         )  # fmt: skip
-
-    def take_snapshot(self) -> SnapshotTask | None:
-        """A snapshot to write, every ``snapshot_entries`` applied entries or
-        ``snapshot_bytes`` applied bytes; none while a write waits for the disk. The
-        state is serialized here, in the loop: ``begin_snapshot`` + ``snapshot_data``
-        let a shell do that part elsewhere (a forked child, ``node_disk.py``)."""
-        due = self.begin_snapshot()
-        if due is None:
-            return None
-        return SnapshotTask(*due, self.snapshot_data(due[0]))
-
-    def begin_snapshot(self) -> tuple[int, int] | None:
-        """``(index, term)`` of the snapshot to take now (the state as applied), or None:
-        not due yet, a write waits for the disk, or one is still being written (until
-        ``compacted`` or ``snapshot_failed``)."""
-        applied = self.state.applied_index
-        if self.snapshot_running or self.unpersisted or (
-                applied - self.last_snapshot_index < self.config.snapshot_entries
-                and self.log_bytes < self.config.snapshot_bytes):
-            return None
-        term = self.replica.term_at(applied)
-        if term is None:
-            return None
-        self.snapshot_running = True
-        self.log_bytes = 0  # what is applied from now on counts towards the next one
-        return applied, term
-
-    def snapshot_data(self, index: int) -> bytes:
-        """The snapshot at ``index``, which must be the applied index: the configuration
-        at ``index`` travels and is stored with the state."""
-        if index != self.state.applied_index:
-            raise ValueError(f"snapshot at {index}, but the state is at {self.state.applied_index}")
-        return mship.wrap_snapshot(self.replica.membership_at(index), self.state.snapshot_bytes())
-
-    def snapshot_failed(self) -> None:
-        """The snapshot begun could not be written (no space): ``begin_snapshot`` may
-        offer one again."""
-        self.snapshot_running = False
-
-    def compacted(self, task: SnapshotTask, kept: Any = None) -> None:
-        """``task`` is on disk: the replica may drop its log up to it. ``kept`` is what
-        the replica holds as its snapshot from now on (the shell's read-only map of the
-        file, so the bytes need not stay in memory); ``task.data`` when None. A task
-        older than the snapshot the replica holds (one installed from the leader while
-        this one was written) changes nothing."""
-        self.snapshot_running = False
-        self.replica.compacted(task.index, task.term, task.data if kept is None else kept)
-        self.last_snapshot_index = max(self.last_snapshot_index, task.index)
