@@ -4,7 +4,8 @@ The rule: whenever a majority of a shard's replicas and at least one broker can 
 each other, the shard serves within ~2 election timeouts, whatever else is cut.
 
 Every ``period_s`` of simulated time, per shard:
-- *connected*: some majority of the shard's replicas is up, not paused, and pairwise
+- *connected*: some majority of the shard's replicas is up, not paused, voters, with a
+  disk that takes writes, and pairwise
   linked both ways, and some broker is linked both ways with each of them (the network's
   blocked links; loss, delay and spikes do not count as cuts);
 - *served*: some broker's table names a leader that is up, not paused, leads at its
@@ -122,8 +123,13 @@ class AvailabilityCheck:
         return not net.blocked(a, b) and not net.blocked(b, a)
 
     def _running(self, node_id: str) -> bool:
+        """Up, not paused, a voter, and its disk writable: a node whose data dir came
+        back empty counts toward no majority until a leader re-admits it, and one whose
+        disk is full (or still owes it a write) cannot persist a vote or an entry."""
         node = self.w.nodes[node_id]
-        return node.up and not node.paused()
+        core = node.core
+        return (core is not None and core.voter and not node.paused()
+                and not node.disk.full and not node.unpersisted)
 
     def _connected(self, ids: list[str]) -> bool:
         quorum = len(ids) // 2 + 1

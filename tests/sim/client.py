@@ -33,12 +33,14 @@ from zkv.protocol.messages import (
     PutRequest,
 )
 
+from tests.sim.broker import OwnReply
+
 if TYPE_CHECKING:
     from tests.sim.cluster import World
 
 WRITE_REPLIES = (PutReply, DeleteReply, CasReply)
 RETRY_CODES = frozenset({ErrorCode.NOT_LEADER, ErrorCode.NO_LEADER, ErrorCode.UNAVAILABLE,
-                         ErrorCode.WRONG_SHARD})
+                         ErrorCode.WRONG_SHARD, ErrorCode.DISK_FULL})
 
 
 @dataclass(slots=True)
@@ -170,7 +172,7 @@ class SimClient:
         if type(msg) is ErrorReply:
             if msg.code not in RETRY_CODES:
                 w.violation(f"{self.addr}: unexpected error {msg} for {cur.op} {cur.key}")
-            if msg.code != ErrorCode.NO_LEADER or src not in w.brokers:
+            if msg.code != ErrorCode.NO_LEADER or type(frames) is not OwnReply:
                 cur.unsure = True  # a node refused: it may have proposed it before
             w.at(w.now + 0.05, self._after_backoff, cur.seq, cur.attempt)
             return

@@ -21,7 +21,8 @@ Invariants, checked after every step (``check_*``, raising ``Violation``):
   application of an index is recorded and every later one (any node, any incarnation,
   after snapshots) must match; no node truncates below what it applied, nor installs a
   snapshot below it, nor sees its commit index go back within an incarnation;
-- a node's term never decreases across restarts (with fsync=always);
+- a node's term never decreases across restarts (with fsync=always), except for a term
+  it never persisted (its disk was full) and after it lost its disk;
 - the availability rule (``availability.py``): while a majority of the shard and a
   broker reach each other, the shard is never without a usable leader for longer than
   ``availability_s``;
@@ -142,6 +143,8 @@ class World:
         self.committed: dict[tuple[int, int], tuple[int, bytes]] = {}  # (shard, index) ->
         self.events = 0
         self.faults_log: list[str] = []
+        #: what the disk and connection faults did (power losses, refusals, ...): stats
+        self.disk_events: dict[str, int] = {}
         self.faults = FaultPlan(self)
         self.availability: AvailabilityCheck | None = None
         for node in self.nodes.values():
@@ -200,6 +203,9 @@ class World:
 
     # ------------------------------------------------------------------ invariants
 
+    def count(self, event: str) -> None:
+        self.disk_events[event] = self.disk_events.get(event, 0) + 1
+
     def violation(self, message: str) -> None:
         raise Violation(f"t={self.now:.3f}s: {message}")
 
@@ -225,7 +231,11 @@ class World:
         node.max_commit = core.commit_index
         if core.term < node.max_term and self.cfg.fsync == "always":
             self.violation(f"{node.id}: term went back from {node.max_term} to {core.term}")
-        node.max_term = max(node.max_term, core.term)
+        # a term the core reached while its disk was full was never persisted: nothing
+        # was promised on it (disk_full.py), and a crash may take it back
+        hard = node.disk.durable.hard_state
+        term = core.term if not node.unpersisted else hard.term if hard else 0
+        node.max_term = max(node.max_term, term)
 
     def check_commit(self, node: SimNode, index: int, term: int, data: bytes) -> None:
         seen = self.committed.setdefault((node.shard_id, index), (term, data))
@@ -260,6 +270,8 @@ class World:
         if problem:
             return self._result(False, "liveness", problem)
         self._final_reads()
+        # a request a broker held (no leader then) may still land after the final reads
+        self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
         self._check_acked_writes()
         self._check_states_equal()
         res = check(self.history)
@@ -345,6 +357,7 @@ class World:
             "campaigns": self.broker.campaigns,
             "down_s_max": round(self.availability.down_s_max, 2) if self.availability else None,
             "net": self.net.stats,
+            "disk": dict(sorted(self.disk_events.items())),
             "faults": list(self.faults_log),
         }
 
