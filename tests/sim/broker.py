@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from tests.sim.cluster import World
 
 
-class OwnReply(list):  # type: ignore[type-arg]
+class OwnReply(list[bytes]):
     """Frames the broker answered itself (it forwarded nothing): how the simulator's
     clients tell the broker's own ``NO_LEADER`` (the request reached no node) from a
     node's, which the broker relays like any reply (a node answers ``NO_LEADER`` for a

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tests.sim.broker import OwnReply
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import (
@@ -32,8 +33,6 @@ from zkv.protocol.messages import (
     PutReply,
     PutRequest,
 )
-
-from tests.sim.broker import OwnReply
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World

@@ -219,7 +219,9 @@ class SimDisk:
         if not self.durable.snapshots:
             return 0
         newest = self.durable.snapshots[-1]
-        bad = SnapFile(newest.index, newest.term, newest.data, "checksum mismatch")
+        at = len(newest.data) // 2
+        flipped = newest.data[:at] + bytes([newest.data[at] ^ 0x5A]) + newest.data[at + 1 :]
+        bad = SnapFile(newest.index, newest.term, flipped, "checksum mismatch")
         for img in self._images():
             img.snapshots = [bad if s.index == newest.index else s for s in img.snapshots]
         return newest.index

@@ -36,8 +36,8 @@ from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.identity import Identity, IdentityState
 from zkv.storage_node.membership import unwrap_snapshot
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
-from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.node_disk import DISK_RETRY_S, SNAPSHOT_RETRY_S
+from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.recovery import Refusal
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 from zkv.storage_node.state_machine import KVStateMachine
@@ -228,7 +228,7 @@ class SimNode:
                 w.net.send(self.id, to, m, w.now)
             durable = self._persist(nrd.raft)
             for to, m in node.after_persist(nrd, durable, self._durable_index(), w.now):
-                self._check_whole(m)
+                self._check_promise(to, m)
                 w.net.send(self.id, to, m, w.now)
             for e in nrd.raft.committed:
                 if e.index > node.state.applied_index:
@@ -249,6 +249,23 @@ class SimNode:
         self._maybe_snapshot(node)
         node.notes.clear()
         w.check_node(self)
+
+    def _check_promise(self, to: str, msg: PeerMessage) -> None:
+        """What a vote or an ack promises is on disk (fsync=always: the durable image;
+        a full disk must not let more out), and invariant 7."""
+        w = self.world
+        img = self.disk.durable if w.cfg.fsync == "always" else self.disk.current
+        if type(msg) is AppendReply and msg.success:
+            held = max(img.last_index, img.snapshot_index)
+            if msg.match_index > held:
+                w.violation(f"{self.id} acknowledges up to {msg.match_index} but its disk "
+                            f"holds up to {held}: {msg}")
+        elif type(msg) is VoteReply and msg.granted and not msg.pre_vote:
+            hard = img.hard_state
+            if hard is None or (hard.term, hard.voted_for) != (msg.term, to):
+                w.violation(f"{self.id} grants {to} its vote in term {msg.term} but its disk "
+                            f"says {hard}")
+        self._check_whole(msg)
 
     def _check_whole(self, msg: PeerMessage) -> None:
         """Invariant 7: a node that lost its disk never votes or acks as a voter until a
@@ -292,7 +309,7 @@ class SimNode:
             w.check_snapshot(self, index, term, data)
         todo = self.unpersisted
         waiting = bool(todo)
-        todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, list(rd.entries))  # type: ignore[arg-type]
+        todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, list(rd.entries))
         try:
             if not todo:
                 return True

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.sim.disk import DiskImage, SimDisk
 from zkv.protocol.messages import Entry
 from zkv.storage_node import identity
 from zkv.storage_node.durable_state import HardState
@@ -27,8 +28,6 @@ from zkv.storage_node.recovery import DiskState, Plan, Refusal, SnapshotFile, pl
 from zkv.storage_node.snapshot import HEADER_BYTES, SNAP_DIR, snapshot_name
 from zkv.storage_node.wal import WAL_DIR, segment_name
 from zkv.storage_node.wal_records import read_record, valid_record_after
-
-from tests.sim.disk import DiskImage, SimDisk
 
 CLUSTER_ID = "sim"
 
