@@ -11,8 +11,9 @@ replays a run exactly.
 
 A run: 3 replicas (5 on every fourth seed), clients issuing ~200 operations over ~20 simulated seconds while
 the fault plan (drawn from the seed) crashes and restarts nodes, partitions the
-network (often isolating the leader), pauses processes and sets loss, duplication and
-delay. Then everything heals, the cluster quiesces, clients read every key, and the
+network (often isolating the leader), pauses processes, half-opens and misroutes
+connections, tears writes, loses snapshot renames, damages snapshots, fills and wipes
+disks, and sets loss, duplication and delay. Then everything heals, the cluster quiesces, clients read every key, and the
 verdict is taken.
 
 Invariants, checked after every step (``check_*``, raising ``Violation``):
@@ -23,6 +24,11 @@ Invariants, checked after every step (``check_*``, raising ``Violation``):
   snapshot below it, nor sees its commit index go back within an incarnation;
 - a node's term never decreases across restarts (with fsync=always), except for a term
   it never persisted (its disk was full) and after it lost its disk;
+- a granted vote and an append ack promise only what the disk holds (``node.py``); a
+  node whose disk was lost never votes or acks as a voter before a leader re-admits it
+  (invariant 7); a node restarts from whatever crashes, power losses, torn writes, lost
+  renames and full disks left, unless a fault beyond its fsync policy's promise (a
+  damaged snapshot, a lost disk) cost it state (invariant 9, ``faults.py``);
 - the availability rule (``availability.py``): while a majority of the shard and a
   broker reach each other, the shard is never without a usable leader for longer than
   ``availability_s``;
