@@ -61,6 +61,8 @@ class DiskImage:
     log: list[Entry] = field(default_factory=list)  # the WAL's records, contiguous
     #: where the WAL's next record goes (``log[-1].index + 1``, or after a reset)
     wal_next: int = 1
+    #: False: the WAL recovered no record, so it takes any first index (``wal.py``)
+    wal_next_known: bool = True
     #: a record cut short after ``log`` (production format): a torn tail
     torn_tail: bytes = b""
     snapshots: list[SnapFile] = field(default_factory=list)  # oldest first
@@ -68,7 +70,8 @@ class DiskImage:
 
     def copy(self) -> DiskImage:
         return DiskImage(self.identity, self.hard_state, list(self.log), self.wal_next,
-                         self.torn_tail, list(self.snapshots), list(self.temp_files))
+                         self.wal_next_known, self.torn_tail, list(self.snapshots),
+                         list(self.temp_files))
 
     @property
     def last_index(self) -> int:
@@ -146,6 +149,8 @@ class SimDisk:
         """Append contiguous ``entries``; returns the WAL's last index (page cache)."""
         self._need_space(f"entries {entries[0].index}..{entries[-1].index}")
         img = self._writable()
+        if not img.wal_next_known:
+            img.wal_next, img.wal_next_known = entries[0].index, True
         if entries[0].index != img.wal_next:
             raise AssertionError(f"WAL append of index {entries[0].index}, expected "
                                  f"{img.wal_next}")
@@ -187,18 +192,20 @@ class SimDisk:
             img.temp_files = [t for t in img.temp_files if not t.endswith(".snap.tmp")]
 
     def compact(self) -> None:
-        """After our own snapshot: drop records up to the older kept snapshot."""
+        """After our own snapshot: drop records up to the older kept snapshot, but never
+        the last one (``wal.py`` never deletes the segment it writes to: a WAL whose
+        unsynced tail is lost may end before the snapshot, and recovery must cope)."""
         for img in self._images():
             upto = img.snapshots[0].index if img.snapshots else 0
             if img.log and img.log[0].index <= upto:
-                del img.log[: upto - img.log[0].index + 1]
+                del img.log[: min(upto - img.log[0].index + 1, len(img.log) - 1)]
 
     def reset(self, next_index: int) -> None:
         """After installing a snapshot: the WAL restarts empty at ``next_index``."""
         for img in self._images():
             img.log.clear()
             img.torn_tail = b""
-            img.wal_next = next_index
+            img.wal_next, img.wal_next_known = next_index, True
 
     # ------------------------------------------------------------------ faults
 

@@ -89,6 +89,7 @@ def recover(disk: SimDisk, node_id: str, shard_id: int, fsync: str,
     # restarts after the snapshot if the plan says so
     img.log, img.torn_tail = entries, b""
     img.wal_next = entries[-1].index + 1 if entries else img.wal_next
+    img.wal_next_known = bool(entries)  # a WAL that recovered nothing takes any index
     removed = {p.name for p in plan.remove}
     img.temp_files = [t for t in img.temp_files if t not in removed]
     if plan.wal_reset_to is not None:

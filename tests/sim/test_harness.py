@@ -192,6 +192,24 @@ def test_disk_snapshot_compacts_to_the_older_kept_one_or_replaces_the_log():
         d.truncate_from(15)
 
 
+def test_a_wal_that_lost_its_tail_below_the_snapshot_restarts_after_it():
+    """Issue 10 item 4 (fsync=never): a snapshot at 8 is durable, the WAL kept only 1..5.
+    Compaction never deletes the record being written to (``wal.py``), recovery restarts
+    the WAL after the snapshot, and the next append continues it."""
+    d = SimDisk("never")
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 5))
+    d.flush()
+    d.append(_entries(6, 10))
+    d.save_snapshot(8, 1, b"state")
+    d.compact()
+    d.crash()
+    assert [e.index for e in d.durable.log] == [5]
+    got = _recover(d)
+    assert isinstance(got, Restarted) and got.snapshot == (8, 1, b"state") and got.entries == []
+    assert d.append(_entries(9, 9)) == 9
+
+
 def test_a_torn_tail_is_dropped_by_the_production_reader():
     d = SimDisk()
     d.save_hard_state(HardState(1, ""))
