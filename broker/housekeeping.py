@@ -55,6 +55,7 @@ class BrokerLiveness:
         _warn_front: WarningLimiter
 
         def _log_reroutes(self, now: float) -> None: ...
+        def _expire_fanouts(self, now: float) -> None: ...
 
     def _drain_heartbeats(self, now: float) -> None:
         recv = self.heartbeats.recv_multipart
@@ -113,6 +114,7 @@ class BrokerLiveness:
         for limiter in (self._warn_back, self._warn_hb, self._warn_front):
             limiter.flush(now)
         self.stats.timer.expire(now)
+        self._expire_fanouts(now)  # batches and scans a node never answered (fanout.py)
         self.stats.publish(router, self.table, self.replies_dropped, self.rerouted)
 
     def _confirm(self, now: float) -> None:

@@ -63,6 +63,7 @@ from zkv.client.sdk import (
     parse_endpoints,
     status_dict,
 )
+from zkv.client.ttl import ttl_ms, ttl_seconds
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import (
@@ -83,6 +84,14 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 from zkv.protocol.security import Curve
+from zkv.protocol.ttl_messages import (
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+)
 
 MAX_IN_FLIGHT = 1024
 
@@ -114,8 +123,12 @@ class _Pending:
         self.link: _Link | None = None
 
 
-class AsyncKVClient:
-    """asyncio zkv client; same API as ``KVClient``, as coroutines."""
+from zkv.client.aio_multikey import AsyncMultiKeyCalls  # noqa: E402
+
+
+class AsyncKVClient(AsyncMultiKeyCalls):
+    """asyncio zkv client; same API as ``KVClient``, as coroutines (batches and scans:
+    ``aio_multikey.py``)."""
 
     def __init__(
         self,
@@ -191,13 +204,52 @@ class AsyncKVClient:
         return (reply.value, reply.version) if reply.found else None
 
     async def put(
-        self, key: str | bytes, value: str | bytes, *, timeout: float | None = None
+        self, key: str | bytes, value: str | bytes, *, ttl: float | None = None,
+        timeout: float | None = None,
     ) -> int:
+        """Store ``value``; with ``ttl`` (seconds) it expires (``KVClient.put``)."""
         k, v = self.limits.key(key), self.limits.value(value)
+        if ttl is not None:
+            ms = ttl_ms(ttl)
+            reply = await self._call(
+                lambda rid, low: PutTtlRequest(self.client_id, rid, k, low, ms, v), PutReply,
+                timeout,
+            )
+            return int(reply.version)
         reply = await self._call(
             lambda rid, low: PutRequest(self.client_id, rid, k, low, v), PutReply, timeout
         )
         return int(reply.version)
+
+    # ------------------------------------------------------------------ TTL
+
+    async def expire(self, key: str | bytes, seconds: float, *,
+                     timeout: float | None = None) -> bool:
+        """``KVClient.expire``: False if the key does not exist."""
+        k, ms = self.limits.key(key), ttl_ms(seconds)
+        reply = await self._call(
+            lambda rid, low: ExpireRequest(self.client_id, rid, k, low, ms), ExpireReply,
+            timeout,
+        )
+        return bool(reply.found)
+
+    async def persist(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+        """``KVClient.persist``: False if the key does not exist."""
+        k = self.limits.key(key)
+        reply = await self._call(
+            lambda rid, low: PersistRequest(self.client_id, rid, k, low), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    async def ttl(self, key: str | bytes, *, consistency: Consistency | None = None,
+                  timeout: float | None = None) -> float | None:
+        """``KVClient.ttl``: seconds left, ``math.inf`` if none, None if missing."""
+        k = self.limits.key(key)
+        level = self.consistency if consistency is None else Consistency(consistency)
+        reply = await self._call(
+            lambda rid, low: TtlRequest(self.client_id, rid, k, level), TtlReply, timeout
+        )
+        return ttl_seconds(reply)
 
     async def delete(self, key: str | bytes, *, expected_version: int | None = None,
                      timeout: float | None = None) -> bool:
@@ -273,6 +325,11 @@ class AsyncKVClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
     @property
     def endpoint(self) -> str:
         """The endpoint new requests go to."""
@@ -287,20 +344,25 @@ class AsyncKVClient:
             self._sem = asyncio.Semaphore(self.max_in_flight)
 
     async def _call(
-        self, build: Callable[[int, int], Message], expected: type, timeout: float | None
+        self, build: Callable[[int, int], Message], expected: type, timeout: float | None,
+        rid: int | None = None,
     ) -> Any:
+        """One request until the retry policy says stop. ``rid``: reuse that request id
+        (a batch write's next round, ``aio_multikey.py``) instead of the next one."""
         self._start()
         assert self._sem is not None
         async with self._sem:
             if self._closed:
                 raise ClientClosed("client is closed")
-            rid = self._next_request_id
-            self._next_request_id += 1
+            if rid is None or rid in self._pending:
+                rid = self.new_request_id()
             loop = asyncio.get_running_loop()
             pending = _Pending(loop.create_future(), self._endpoint_index)
             self._pending[rid] = pending
+            # a reused id sits last in the dict: the lowest pending id is then not first
+            lowest = min(rid, next(iter(self._pending)))
             try:
-                pending.frames = codec.encode(build(rid, next(iter(self._pending))))
+                pending.frames = codec.encode(build(rid, lowest))
                 reply = await self._exchange(rid, pending, timeout)
             finally:
                 del self._pending[rid]
@@ -322,6 +384,10 @@ class AsyncKVClient:
                 outcome = await pending.future
             finally:
                 timer.cancel()
+            if outcome is not _TIMED_OUT and outcome is not _RESEND and \
+                    not isinstance(outcome, ErrorReply):
+                answer: Message = outcome  # what ``decide`` says (DONE), without the call
+                return answer
             link = pending.link
             assert link is not None
             if outcome is _RESEND or (outcome is _TIMED_OUT and link.closed):

@@ -45,6 +45,7 @@ from zkv.client.connection import Connection as Connection
 from zkv.client.connection import MonotonicClock as MonotonicClock
 from zkv.client.connection import ZmqConnection as ZmqConnection
 from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
+from zkv.client.ttl import ttl_ms, ttl_seconds
 from zkv.protocol import codec
 from zkv.protocol.errors import (
     KVError,
@@ -75,6 +76,14 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 from zkv.protocol.security import Curve
+from zkv.protocol.ttl_messages import (
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -162,8 +171,12 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
             "ring": {} if reply.ring is None else reply.ring.as_dict()}
 
 
-class KVClient:
-    """Synchronous zkv client. See the module docstring for the retry rules."""
+from zkv.client.sdk_multikey import MultiKeyCalls  # noqa: E402  (it uses the helpers above)
+
+
+class KVClient(MultiKeyCalls):
+    """Synchronous zkv client. See the module docstring for the retry rules; batches,
+    scans and the pipeline: ``sdk_multikey.py``."""
 
     def __init__(
         self,
@@ -239,13 +252,51 @@ class KVClient:
         )
         return (reply.value, reply.version) if reply.found else None
 
-    def put(self, key: str | bytes, value: str | bytes, *, timeout: float | None = None) -> int:
-        """Store ``value``; return the key's new version."""
+    def put(self, key: str | bytes, value: str | bytes, *, ttl: float | None = None,
+            timeout: float | None = None) -> int:
+        """Store ``value``; return the key's new version. With ``ttl`` (seconds) the key
+        expires that long after the shard leader received the put; without, it never
+        expires (a put replaces an earlier TTL, as Redis SET does)."""
         k, v = self.limits.key(key), self.limits.value(value)
+        if ttl is not None:
+            ms = ttl_ms(ttl)
+            reply = self._call(
+                lambda rid: PutTtlRequest(self.client_id, rid, k, rid, ms, v), PutReply, timeout
+            )
+            return int(reply.version)
         reply = self._call(
             lambda rid: PutRequest(self.client_id, rid, k, rid, v), PutReply, timeout
         )
         return int(reply.version)
+
+    # ------------------------------------------------------------------ TTL
+
+    def expire(self, key: str | bytes, seconds: float, *, timeout: float | None = None) -> bool:
+        """Make ``key`` expire ``seconds`` from now; False if it does not exist. The
+        key's version does not change (``client/ttl.py``)."""
+        k, ms = self.limits.key(key), ttl_ms(seconds)
+        reply = self._call(
+            lambda rid: ExpireRequest(self.client_id, rid, k, rid, ms), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    def persist(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+        """Remove ``key``'s expiry; False if it does not exist. Its version stays."""
+        k = self.limits.key(key)
+        reply = self._call(
+            lambda rid: PersistRequest(self.client_id, rid, k, rid), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    def ttl(self, key: str | bytes, *, consistency: Consistency | None = None,
+            timeout: float | None = None) -> float | None:
+        """Seconds ``key`` has left; ``math.inf`` if it never expires; None if missing."""
+        k = self.limits.key(key)
+        level = self.consistency if consistency is None else Consistency(consistency)
+        reply = self._call(
+            lambda rid: TtlRequest(self.client_id, rid, k, level), TtlReply, timeout
+        )
+        return ttl_seconds(reply)
 
     def delete(self, key: str | bytes, *, expected_version: int | None = None,
                timeout: float | None = None) -> bool:
@@ -339,14 +390,22 @@ class KVClient:
         """The endpoint the current (or next) connection goes to."""
         return self.endpoints[self._endpoint_index]
 
+    def new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
     # ------------------------------------------------------------------ machinery
 
-    def _call(self, build: Any, expected: type, timeout: float | None) -> Any:
+    def _call(self, build: Any, expected: type, timeout: float | None,
+              rid: int | None = None) -> Any:
+        """One request until the retry policy says stop. ``rid``: reuse that request id
+        (a batch write's next round, ``sdk_multikey.py``) instead of the next one."""
         with self._lock:
             if self._closed:
                 raise ClientClosed("client is closed")
-            rid = self._next_request_id
-            self._next_request_id += 1
+            if rid is None:
+                rid = self.new_request_id()
             frames = codec.encode(build(rid))
             return check_reply(self._exchange(rid, frames, timeout), expected)
 

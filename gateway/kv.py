@@ -14,6 +14,9 @@ Theory of operation:
   solving cost several times the handler itself (measured: ~5x CPU per request), and a
   gateway's job is to add little to the store behind it. The same handlers back the
   FastAPI routes declared for the OpenAPI schema, so the docs describe this code.
+- ``PUT /kv/{key}?ttl=SECONDS``: the key expires SECONDS after the put (the SDK's
+  ``put(ttl=)``); with ``If-Match`` / ``If-None-Match`` it is refused (400): a CAS
+  carries no TTL, and a CAS then an expire would not be one atomic write.
 - Bodies are read up to ``BODY_BYTES_MAX`` (a 1 MiB value base64-encoded in JSON, plus
   room); a larger body is refused with 413 before it is all read, so memory stays
   bounded whatever a client sends.
@@ -24,16 +27,21 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from zkv.client.aio import AsyncKVClient
+from zkv.client.ttl import ttl_ms
 from zkv.gateway import mapping
 from zkv.gateway.mapping import HTTPProblem, etag
+from zkv.gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from zkv.gateway.auth import Authenticator
 
 JSON = "application/json"
 BODY_BYTES_MAX = 2 * 1024 * 1024
-_METHODS = {"GET", "PUT", "DELETE"}
+METHODS = frozenset({"GET", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +69,19 @@ class KVHandlers:
     def __init__(self, client: Callable[[], AsyncKVClient]) -> None:
         self.client = client
 
-    async def put(self, key: str, headers: Mapping[str, str], body: bytes) -> Reply:
+    async def put(self, key: str, headers: Mapping[str, str], body: bytes,
+                  ttl: str | None = None) -> Reply:
         try:
             key = mapping.parse_key(key)
             cond = mapping.parse_precondition(headers.get("if-match"),
                                               headers.get("if-none-match"))
             value = mapping.parse_put_body(key, headers.get("content-type", ""), body)
             kv = self.client()
+            if ttl is not None:
+                seconds = parse_ttl(ttl, cond.expected_version is not None)
+                version = await kv.put(key, value, ttl=seconds)
+                return json_reply({"key": key, "version": version, "ttl": seconds}, 200,
+                                  {"ETag": etag(version)})
             if cond.expected_version is None:
                 version = await kv.put(key, value)
             else:
@@ -114,9 +128,51 @@ class KVHandlers:
         return json_reply({"key": key, "deleted": True})
 
 
+def parse_ttl(text: str, conditional: bool) -> float:
+    """``?ttl=``: seconds > 0; ``HTTPProblem(400)`` if not, or with a precondition."""
+    if conditional:
+        raise HTTPProblem(400, "ttl cannot be combined with If-Match / If-None-Match")
+    try:
+        seconds = float(text)
+        ttl_ms(seconds)  # the SDK's own check: > 0, finite, not over the longest TTL
+    except (ValueError, TypeError) as exc:
+        raise HTTPProblem(400, f"bad ttl {text!r}: {exc}") from None
+    return seconds
+
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def answer(handlers: KVHandlers, method: str, key: str, headers: Mapping[str, str],
+                 query: bytes, body: bytes) -> Reply:
+    """One /kv request (``method`` in GET, PUT, DELETE; ``key`` percent-decoded), as both
+    fast paths serve it: ``KVFastPath`` here and ``protocol.KVHttpProtocol``."""
+    if method == "GET":
+        consistency = None
+        if query:
+            consistency = dict(parse_qsl(query.decode("latin-1"))).get("consistency")
+        return await handlers.get(key, headers, consistency)
+    if method == "PUT":
+        ttl = dict(parse_qsl(query.decode("latin-1"))).get("ttl") if query else None
+        return await handlers.put(key, headers, body, ttl)
+    return await handlers.delete(key, headers)
+
+
+def too_large_reply() -> Reply:
+    return problem_reply(HTTPProblem(413, f"the body is over {BODY_BYTES_MAX} bytes"))
+
+
+@dataclass(frozen=True, slots=True)
+class KVService:
+    """What ``protocol.KVHttpProtocol`` needs to answer /kv requests itself: the handlers,
+    the metrics tally when the gateway counts (None with ``--no-metrics``), and the
+    bearer-token check when the gateway has tokens (None: open)."""
+
+    handlers: KVHandlers
+    metrics: GatewayMetrics | None
+    auth: Authenticator | None = None
 
 
 class KVFastPath:
@@ -129,25 +185,20 @@ class KVFastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/kv/") or \
-                scope["method"] not in _METHODS:
+                scope["method"] not in METHODS:
             await self.app(scope, receive, send)
             return
-        key = path[4:]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope["method"]
-        h = self.handlers
-        if method == "GET":
-            consistency = None
-            if scope.get("query_string"):
-                consistency = dict(parse_qsl(scope["query_string"].decode("latin-1"))
-                                   ).get("consistency")
-            reply = await h.get(key, headers, consistency)
-        elif method == "PUT":
-            body = await read_body(receive)
-            reply = (problem_reply(HTTPProblem(413, f"the body is over {BODY_BYTES_MAX} bytes"))
-                     if body is None else await h.put(key, headers, body))
-        else:
-            reply = await h.delete(key, headers)
+        body = b""
+        if method == "PUT":
+            read = await read_body(receive)
+            if read is None:
+                await send_reply(send, too_large_reply())
+                return
+            body = read
+        reply = await answer(self.handlers, method, path[4:], headers,
+                             scope.get("query_string") or b"", body)
         await send_reply(send, reply)
 
 

@@ -3,7 +3,9 @@
 Theory of operation:
 
 - A raw ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which costs a task per
-  request) counts every HTTP request once, when its response starts: by ``route`` (kv,
+  request) counts every HTTP request once, when its response starts (the /kv requests
+  that ``protocol.KVHttpProtocol`` answers itself are counted there, with ``begin`` and
+  ``end_kv``, into the same tallies): by ``route`` (kv,
   health, ready, ui, metrics, docs, other), ``op`` (get, put, delete for /kv; the route
   otherwise) and ``code`` (the HTTP status). Key-value requests also feed a latency
   histogram per op; every request moves the in-flight gauge.
@@ -91,6 +93,15 @@ class GatewayMetrics:
             tally[0] += elapsed_s
             tally[1 + bisect_left(self._bounds, elapsed_s)] += 1
 
+    def begin(self) -> float:
+        """A /kv request starts (``protocol.KVCycle``): in flight; its start for ``end_kv``."""
+        self.in_flight += 1
+        return time.perf_counter()
+
+    def end_kv(self, op: str, code: int, started: float) -> None:
+        self.in_flight -= 1
+        self.count("kv", op, code, time.perf_counter() - started)
+
     def flush(self) -> None:
         """Move the tallies into prometheus_client (the only place that touches it)."""
         counts, self._counts = self._counts, {}
@@ -151,6 +162,8 @@ class MetricsMiddleware:
         path: str = scope["path"]
         if path.startswith("/kv/"):
             route, op = "kv", _KV_OPS.get(scope["method"], "other")
+        elif path == "/kv":  # GET /kv?prefix=: a scan page (gateway/scan.py)
+            route, op = "kv", "scan"
         else:
             first = path[1:].split("/", 1)[0]
             route = first if first in _ROUTES else "other"

@@ -10,12 +10,19 @@ Layout (``zkv.protocol.security`` reads it)::
     DIR/public/brokers/<broker-id>.key              filed by role
     DIR/public/clients/client.key
     DIR/public/admins/admin.key
+    DIR/gateway/gateway.key(_secret), tokens      the HTTP gateway: its client-role key to
+                                                  the brokers, and its bearer tokens
+    DIR/public/clients/gateway.key
 
 Identity directories are 0700 and secret files 0600 (servers refuse looser ones).
 Generation is idempotent: an identity that already has its pair keeps it, so growing a
 cluster (a new shard's nodes) adds only the new pairs. A broker certificate may carry
 ``endpoints`` metadata (its frontend, backend and heartbeat endpoints) so a client or
 node connecting to several brokers knows which public key each endpoint must present.
+
+The gateway gets a key of its own (role client: the data operations and the status view
+its /ready and live page need, never admin operations), so it can be revoked alone, and
+a tokens file (``zkv.gateway.tokens``: one new token per HTTP role, kept if present).
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from zkv.gateway import tokens
 from zkv.protocol.security import ADMIN, BROKER, CLIENT, NODE, ROLE_DIRS
+
+TOKENS_FILE = "tokens"
 
 
 def _identity(keys_dir: Path, role: str, name: str) -> Path:
@@ -39,8 +49,9 @@ def _identity(keys_dir: Path, role: str, name: str) -> Path:
 
 
 def ensure_identity(keys_dir: Path, role: str, name: str,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    """Create ``name``'s pair (if missing) and publish its public key under ``role``."""
+                    metadata: Mapping[str, str] | None = None, rotate: bool = False) -> Path:
+    """Create ``name``'s pair (if missing; a new one with ``rotate``) and publish its
+    public key under ``role``."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad identity name {name!r}")
     ident = _identity(keys_dir, role, name)
@@ -48,8 +59,8 @@ def ensure_identity(keys_dir: Path, role: str, name: str,
     os.chmod(ident, 0o700)
     public = ident / f"{name}.key"
     secret = ident / f"{name}.key_secret"
-    if metadata:  # pyzmq's writer puts metadata in the secret file only
-        pub, sec = (zmq.auth.load_certificate(secret) if secret.exists()
+    if metadata or rotate:  # pyzmq's writer puts metadata in the secret file only
+        pub, sec = (zmq.auth.load_certificate(secret) if secret.exists() and not rotate
                     else zmq.curve_keypair())  # keep an existing key
         _write_pair(ident, name, pub, sec, metadata)
     elif not secret.exists():
@@ -57,8 +68,24 @@ def ensure_identity(keys_dir: Path, role: str, name: str,
     os.chmod(secret, 0o600)
     published = keys_dir / "public" / ROLE_DIRS[role]
     published.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(public, published / f"{name}.key")
+    # temp + rename: a reader (a ZAP handler, a node following its peers' keys) never
+    # sees half a certificate, and the directory's change is visible to it
+    tmp = published / f".{name}.key.tmp"
+    shutil.copyfile(public, tmp)
+    os.replace(tmp, published / f"{name}.key")
     return ident
+
+
+def rotate_node_key(keys_dir: Path, node_id: str) -> Path:
+    """A new key pair for storage node ``node_id``, published in place of the old one.
+
+    The procedure with no downtime (README, "Key rotation"): stop the node (SIGTERM
+    hands its leadership over), rotate, start it again. From the rotation on, only the
+    new key is trusted (brokers' and nodes' ZAP handlers re-read ``public/``), and the
+    node's peers, which follow the certificates in ``public/nodes/``, redial it with its
+    new server key within a heartbeat. The shard keeps its majority meanwhile.
+    """
+    return ensure_identity(Path(keys_dir), NODE, node_id, rotate=True)
 
 
 def _write_pair(ident: Path, name: str, public: bytes, secret: bytes | None,
@@ -77,7 +104,10 @@ def _write_pair(ident: Path, name: str, public: bytes, secret: bytes | None,
 
 def generate(keys_dir: Path, nodes: Iterable[str], brokers: Iterable[str],
              clients: Iterable[str] = ("client",), admins: Iterable[str] = ("admin",),
-             broker_endpoints: Mapping[str, Iterable[str]] | None = None) -> Path:
+             broker_endpoints: Mapping[str, Iterable[str]] | None = None,
+             gateway: str | None = None) -> Path:
+    """``gateway``: also the HTTP gateway's client key under that name, and its tokens
+    file ``DIR/<gateway>/tokens``."""
     keys_dir = Path(keys_dir)
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
@@ -91,6 +121,8 @@ def generate(keys_dir: Path, nodes: Iterable[str], brokers: Iterable[str],
     for name in brokers:
         eps = endpoints.get(name)
         ensure_identity(keys_dir, BROKER, name, {"endpoints": ",".join(eps)} if eps else None)
+    if gateway:
+        tokens.generate(ensure_identity(keys_dir, CLIENT, gateway) / TOKENS_FILE)
     return keys_dir
 
 
@@ -108,10 +140,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "ID=ENDPOINT;ENDPOINT... records the endpoints a broker serves")
     p.add_argument("--clients", default="client", help="client-role identities")
     p.add_argument("--admins", default="admin", help="admin-role identities")
+    p.add_argument("--gateway", default="gateway", help="the HTTP gateway's identity (a "
+                   "client-role key and DIR/NAME/tokens, its bearer tokens); '' for none")
 
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def add_rotate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="the cluster's keys dir (of `zkv keys generate`)")
+    p.add_argument("node_id", help="the storage node whose key pair to replace")
+
+
+def run_rotate_cli(args: argparse.Namespace) -> int:
+    ident = rotate_node_key(args.dir, args.node_id)
+    print(f"new key pair for {args.node_id} in {ident}; its public key replaced the old one "
+          f"in {Path(args.dir) / 'public' / 'nodes'}. Restart {args.node_id} now (copy the "
+          f"pair and the public key to other hosts first if they do not share this dir).")
+    return 0
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -123,10 +170,13 @@ def run_cli(args: argparse.Namespace) -> int:
         if eps:
             endpoints[name] = [e for e in eps.split(";") if e]
     keys_dir = generate(args.dir, nodes, brokers, _names(args.clients), _names(args.admins),
-                        endpoints)
+                        endpoints, gateway=args.gateway.strip() or None)
     print(f"keys in {keys_dir}: {len(nodes)} node(s), {len(brokers)} broker(s)")
     for name in _names(args.clients):
         print(f"client key: {keys_dir / name}")
     for name in _names(args.admins):
         print(f"admin key:  {keys_dir / name}")
+    if args.gateway.strip():
+        gw = keys_dir / args.gateway.strip()
+        print(f"gateway:    zkv --keys {gw} gateway --tokens {gw / TOKENS_FILE} ...")
     return 0

@@ -26,7 +26,7 @@ Version 2: typed admin messages, one ring wire format (Heartbeat, Redirect, Stat
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar, NewType
 
 from zkv.protocol.admin import (
@@ -64,7 +64,20 @@ from zkv.protocol.admin import (
     MigrationMessage,
     Phase,
 )
+from zkv.protocol.consistency import Consistency
+from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
+from zkv.protocol.ttl_messages import (
+    TTL_REPLY_CLASSES,
+    TTL_REQUEST_CLASSES,
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+    TtlWriteRequest,
+)
 
 PROTOCOL_VERSION = 2
 
@@ -80,18 +93,10 @@ class Role(enum.IntEnum):
     LEADER = 2
 
 
-class Consistency(enum.IntEnum):
-    """Read consistency. LINEARIZABLE confirms leadership with a majority round."""
-
-    LINEARIZABLE = 0
-    LEADER = 1
-    STALE = 2
-
-
 # --------------------------------------------------------------------------- client
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetRequest:
     TYPE: ClassVar[int] = 1
     client_id: bytes
@@ -100,7 +105,7 @@ class GetRequest:
     consistency: Consistency = Consistency.LINEARIZABLE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutRequest:
     """A write; (client_id, request_id) makes a retry idempotent.
 
@@ -117,7 +122,7 @@ class PutRequest:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteRequest:
     """Remove ``key``; with ``expected_version`` > 0, only if the key's version is that
     (checked where the delete is applied, so nothing can land in between). 0 means
@@ -132,7 +137,7 @@ class DeleteRequest:
     expected_version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CasRequest:
     """Compare-and-set: write ``value`` only if the key's version is ``expected_version``
     (0 means "the key must not exist")."""
@@ -147,7 +152,7 @@ class CasRequest:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StatusRequest:
     """Answered by the broker from its heartbeat table."""
 
@@ -156,14 +161,14 @@ class StatusRequest:
     request_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PingRequest:
     TYPE: ClassVar[int] = 6
     client_id: bytes
     request_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GetReply:
     TYPE: ClassVar[int] = 20
     BLOB: ClassVar[str] = "value"
@@ -173,14 +178,14 @@ class GetReply:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutReply:
     TYPE: ClassVar[int] = 21
     request_id: int
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteReply:
     """``deleted``: ``version`` is the delete's own version. Not deleted: ``version`` is
     the key's current version, 0 when it did not exist; > 0 only when a conditional
@@ -192,7 +197,7 @@ class DeleteReply:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CasReply:
     """``version`` is the key's version after the call (the new one when swapped)."""
 
@@ -202,7 +207,7 @@ class CasReply:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ErrorReply:
     TYPE: ClassVar[int] = 24
     request_id: int
@@ -212,7 +217,7 @@ class ErrorReply:
     epoch: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StatusReply:
     """``nodes`` holds one dict per node the broker remembers: the fields of its latest
     Heartbeat plus ``age_ms`` and ``live``; ``ring`` is the adopted ring (None before
@@ -225,7 +230,7 @@ class StatusReply:
     ring: RingConfig | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PongReply:
     TYPE: ClassVar[int] = 26
     request_id: int
@@ -235,7 +240,7 @@ class PongReply:
 # --------------------------------------------------------------------------- cluster
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Heartbeat:
     """Published by every node every ``heartbeat_ms``; the broker's only source of truth."""
 
@@ -258,7 +263,7 @@ class Heartbeat:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Campaign:
     """Broker -> node: the shard's leader is gone, stand for election.
 
@@ -272,7 +277,7 @@ class Campaign:
     broker_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Heard:
     """Broker -> node, as ``[b"", Heard]`` every heartbeat interval: "I hear your
     heartbeats" (the latest at ``term``), sent only to nodes heard within a few heartbeat
@@ -286,7 +291,7 @@ class Heard:
     term: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestBatch:
     """Broker -> node: client requests for one node taken in one drain of the frontend,
     sent as one frame. Each item is ``(client_ident, header[, blob])`` exactly as the
@@ -298,7 +303,7 @@ class RequestBatch:
     items: tuple[tuple[bytes, ...], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReplyBatch:
     """Node -> broker: the replies of one loop iteration, ``(client_ident, reply[, blob])``
     each; the broker sends every item to its client as a separate message."""
@@ -307,7 +312,7 @@ class ReplyBatch:
     items: tuple[tuple[bytes, ...], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Redirect:
     """Node -> broker, as ``[b"", Redirect]``: requests this node refused as not its
     shard's at ``ring`` (``WRONG_SHARD``), handed back whole so the broker
@@ -327,7 +332,7 @@ class Redirect:
 # --------------------------------------------------------------------------- peers
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Entry:
     """One log entry; ``data`` is an encoded state-machine command (opaque here)."""
 
@@ -336,7 +341,7 @@ class Entry:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VoteRequest:
     """``pre_vote`` asks "would you vote for me at ``term``?" without anyone changing
     state, so a node that cannot win never bumps the cluster's term (Raft thesis 9.6)."""
@@ -351,7 +356,7 @@ class VoteRequest:
     transfer: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VoteReply:
     TYPE: ClassVar[int] = 51
     term: int
@@ -360,7 +365,7 @@ class VoteReply:
     pre_vote: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendEntries:
     """Also the leader's heartbeat to followers (empty ``entries``). ``read_seq`` lets a
     majority of replies confirm leadership for a batch of linearizable reads."""
@@ -375,7 +380,7 @@ class AppendEntries:
     read_seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendReply:
     """On failure ``match_index`` is a hint: the follower's last index (or a conflict)."""
 
@@ -392,7 +397,7 @@ class AppendReply:
     incarnation: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InstallSnapshot:
     TYPE: ClassVar[int] = 54
     BLOB: ClassVar[str] = "data"
@@ -405,7 +410,7 @@ class InstallSnapshot:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnapshotReply:
     """``offset`` is the next byte the follower expects (the total size once done)."""
 
@@ -420,7 +425,7 @@ class SnapshotReply:
 # --------------------------------------------------------------------------- membership
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TimeoutNow:
     """Leader -> an up-to-date follower: stand for election now (leadership transfer,
     Raft thesis 3.10); its vote requests carry ``transfer`` so voters ignore the lease."""
@@ -430,7 +435,7 @@ class TimeoutNow:
     leader_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FoundingProbe:
     """Peer -> peer: a node bootstrapping a new shard asks a member of its initial
     configuration for its state (``storage_node/identity.py``)."""
@@ -441,7 +446,20 @@ class FoundingProbe:
     shard_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
+class WrongNode:
+    """A node's answer to peer traffic on a connection that announced another target
+    node or another cluster (``storage_node.peer_link``): who it really is, and why it
+    refused. The dialer redials (resolving the name again) and logs the stale address."""
+
+    TYPE: ClassVar[int] = 46
+    node_id: str
+    shard_id: int
+    cluster_id: str
+    reason: str
+
+
+@record
 class FoundingAnswer:
     """Answer to ``FoundingProbe``: ``pristine`` if the member is bootstrapping on an
     empty data dir, or founded and still at term 0; ``term`` is its current term."""
@@ -456,21 +474,37 @@ class FoundingAnswer:
 
 ClientRequest = (
     GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
-    | AdminRequest
+    | AdminRequest | PutTtlRequest | ExpireRequest | PersistRequest | TtlRequest
 )
 WriteRequest = PutRequest | DeleteRequest | CasRequest
 ClientReply = (
     GetReply | PutReply | DeleteReply | CasReply | ErrorReply | StatusReply | PongReply
-    | AdminReply
+    | AdminReply | ExpireReply | TtlReply
 )
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
     | TimeoutNow
 )
 FoundingMessage = FoundingProbe | FoundingAnswer
+# Batches and scans live in their own module (they need ``Consistency`` from here).
+from zkv.protocol.multikey import (  # noqa: E402
+    MULTIKEY_MESSAGE_TYPES,
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    MultiReply,
+    ScanReply,
+    ScanRequest,
+)
+
+MultiKeyMessage = (
+    MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
+    | ScanReply
+)
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
-    | Redirect | PeerMessage | MigrationMessage | FoundingMessage
+    | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
+    | MultiKeyMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -480,11 +514,14 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     *ADMIN_REPLY_CLASSES,
     Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
-    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow,
+    MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
+    *MULTIKEY_MESSAGE_TYPES,
+    *TTL_REQUEST_CLASSES, *TTL_REPLY_CLASSES,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
     {GetRequest.TYPE, PutRequest.TYPE, DeleteRequest.TYPE, CasRequest.TYPE}
+    | {cls.TYPE for cls in TTL_REQUEST_CLASSES}
 )
 
 __all__ = [
@@ -503,5 +540,6 @@ __all__ = [
     "PeerMessage", "Phase", "PingRequest", "PongReply", "PutReply", "PutRequest",
     "Redirect", "ReplyBatch", "RequestBatch", "RingConfig", "Role", "ShardId",
     "SnapshotReply", "StatusReply", "StatusRequest", "Term", "VoteReply", "VoteRequest",
-    "WriteRequest",
+    "WriteRequest", "WrongNode", "PutTtlRequest", "ExpireRequest", "PersistRequest",
+    "TtlRequest", "ExpireReply", "TtlReply", "TtlWriteRequest",
 ]

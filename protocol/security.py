@@ -156,18 +156,21 @@ class TrustStore:
         self.public_dir = Path(keys_dir) / "public"
         if not self.public_dir.is_dir():
             raise KeyFileError(f"{keys_dir}: no public/ directory of allowed keys")
-        self._stamp: tuple[float, ...] = ()
+        self._stamp: tuple[object, ...] = ()
         self._keys: dict[bytes, Principal] = {}
         self._lock = threading.Lock()
         self.refresh()
 
-    def _dir_stamp(self) -> tuple[float, ...]:
-        stamps = []
+    def _dir_stamp(self) -> tuple[object, ...]:
+        """What changes when a key is added, removed or replaced, even in place (``cp``
+        over a certificate leaves the directory's mtime alone): every file's mtime."""
+        stamps: list[object] = []
         for sub in ROLE_DIRS.values():
             try:
-                stamps.append(os.stat(self.public_dir / sub).st_mtime)
+                with os.scandir(self.public_dir / sub) as it:
+                    stamps.append(sorted((e.name, e.stat().st_mtime_ns) for e in it))
             except OSError:
-                stamps.append(-1.0)
+                stamps.append(None)
         return tuple(stamps)
 
     def refresh(self) -> None:
@@ -241,8 +244,14 @@ class Curve:
     def broker_client(self, sock: zmq.Socket[Any], endpoint: str) -> None:
         self.client(sock, broker_key_for(self.public_dir, endpoint))
 
-    def node_client(self, sock: zmq.Socket[Any], node_id: str) -> None:
-        self.client(sock, load_public(self.public_dir / "nodes" / f"{node_id}.key"))
+    def node_key_file(self, node_id: str) -> Path:
+        return self.public_dir / "nodes" / f"{node_id}.key"
+
+    def node_client(self, sock: zmq.Socket[Any], node_id: str) -> bytes:
+        """Dial node ``node_id`` expecting its published key; returns that key."""
+        key = load_public(self.node_key_file(node_id))
+        self.client(sock, key)
+        return key
 
 
 class ZapHandler:

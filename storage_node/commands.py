@@ -14,6 +14,10 @@ msgpack arrays, first element the op::
     [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
     [10, old_ring, new_ring]                      MIGRATE_OUT: note every write to a leaving key
     [11, voters, learners, addrs, replaces, incs] CONFIG: read by the replica core; a no-op here
+    [100, client_id, request_id, lowest_pending, ts_ms, kind, keys, values]  MULTI_WRITE
+                                                  (``multikey_commands.py``: a batch's part)
+    [120..122, ...]                               TTL: PUT_TTL, EXPIRE_SET, EXPIRE_SWEEP
+                                                  (``ttl_commands.py``)
 
 ``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
 only where the target's progress stands exactly there (``None``: no such check, the
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -41,7 +44,22 @@ import msgpack
 from zkv.protocol.admin import Phase
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
+from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
+from zkv.storage_node.multikey_commands import (
+    MULTI_WRITE_OP,
+    MultiWrite,
+    decode_multi_write,
+    encode_multi_write,
+)
+from zkv.storage_node.ttl_commands import (
+    TTL_DECODERS,
+    ExpireCommand,
+    PutTtlCommand,
+    SweepCommand,
+    TtlCommand,
+    encode_ttl,
+)
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
 #: raised limits and for the future ring-change command. msgpack's ``unpackb`` already
@@ -67,12 +85,12 @@ class Op(enum.IntEnum):
     CONFIG = 11  # the shard's configuration (storage_node/membership.py): for the replica
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Noop:
     """A new leader's first entry: commits something of its term, changes nothing."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutCommand:
     client_id: bytes
     request_id: int
@@ -82,7 +100,7 @@ class PutCommand:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteCommand:
     """Remove ``key``; with ``expected_version`` > 0 only if that is its version (0:
     unconditional, written without the field, as before conditional deletes)."""
@@ -95,7 +113,7 @@ class DeleteCommand:
     expected_version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CasCommand:
     """Write ``value`` only if the key's version is ``expected_version`` (0: absent)."""
 
@@ -108,24 +126,24 @@ class CasCommand:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RingSet:
     ring: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Fence:
     old: RingConfig
     new: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateBegin:
     old: RingConfig
     new: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateOut:
     """Source side of a ring change: from here on, record the log index of every
     write to a key that leaves this shard, so the fenced delta is only those keys."""
@@ -134,7 +152,7 @@ class MigrateOut:
     new: RingConfig
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateIn:
     """Phase 1: ``items`` = ``[[key, value, version], ...]``; phases 2-3 add bare
     ``[key]`` for keys deleted since; ``done`` closes the phase for ``src``."""
@@ -149,7 +167,7 @@ class MigrateIn:
     after: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MigrateSessions:
     new_epoch: int
     src: int
@@ -157,7 +175,7 @@ class MigrateSessions:
     sessions: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DropUnowned:
     """``keys=None``: scan every key (small shards, and the older log form); else drop
     just these (the leader lists them off the loop's hot path, a batch at a time)."""
@@ -170,8 +188,11 @@ class DropUnowned:
 RingCommand = (
     RingSet | Fence | MigrateBegin | MigrateOut | MigrateIn | MigrateSessions | DropUnowned
 )
-Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand
+Command = (Noop | PutCommand | DeleteCommand | CasCommand | RingCommand | MultiWrite
+           | TtlCommand)
 WriteCommand = PutCommand | DeleteCommand | CasCommand
+#: client writes answered through the session table (``KVStateMachine._apply_write``)
+SessionCommand = WriteCommand | PutTtlCommand | ExpireCommand
 
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
 
@@ -200,6 +221,10 @@ def encode_command(cmd: Command) -> bytes:
         ))  # fmt: skip
     if t is Noop:
         return NOOP_DATA
+    if t is MultiWrite:
+        return encode_multi_write(cmd)  # type: ignore[arg-type]
+    if t is PutTtlCommand or t is ExpireCommand or t is SweepCommand:
+        return _pack(encode_ttl(cmd))  # type: ignore[arg-type,no-any-return]
     return _encode_ring_command(cmd)
 
 
@@ -373,6 +398,8 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.DROP_UNOWNED: ((2, 4), _decode_drop),
     Op.MIGRATE_OUT: ((3,), _decode_out),
     Op.CONFIG: ((6,), lambda v: Noop()),
+    MULTI_WRITE_OP: ((8,), decode_multi_write),  # multikey_commands.py
+    **TTL_DECODERS,
 }
 
 

@@ -30,7 +30,7 @@ from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import MigrateAck, Role
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.protocol.security import peer_node_id
-from zkv.storage_node import durable_state, identity
+from zkv.storage_node import durable_state, identity, peer_link
 from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.fsync_policy import FsyncPolicy
@@ -40,6 +40,7 @@ from zkv.storage_node.node_identity import NodeIdentity
 from zkv.storage_node.node_sockets import NodeSockets
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
+from zkv.storage_node.snapshot_child import CAN_FORK, SnapshotChild
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
 
@@ -60,6 +61,8 @@ class NodeConfig:
     ring: RingConfig
     fsync: FsyncPolicy
     snapshot_entries: int = 50_000
+    #: write snapshots from a forked child, never stopping the loop (snapshot_child.py)
+    background_snapshots: bool = CAN_FORK
     #: also snapshot once the log since the last snapshot holds this many bytes of
     #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
     snapshot_bytes: int = 64 * 1024 * 1024
@@ -97,6 +100,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 config.snapshot_bytes, config.max_data_bytes,
                 config.key_bytes_max, config.value_bytes_max, os.getpid(),
                 {"fsync": str(config.fsync), **config.extra}, dict(config.peers),
+                config.cluster_id,
             ),
             self.core, self.state, self.initial_ring, self.tasks,
         )  # fmt: skip
@@ -111,6 +115,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._disk_full_since: float | None = None
         self._disk_retry_at = 0.0
         self._snapshot_retry_at = 0.0  # after a snapshot found no space
+        self._snapshot_child: SnapshotChild | None = None  # writing one in the background
         #: the newest snapshot really on disk (what an append ack may count on)
         self._disk_snapshot_index = self.core.snap_index
 
@@ -193,10 +198,13 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                         self._drain_broker(sock, now, ts_ms)
                 if self.peer_router in events:
                     self._drain_peers(now)
+                if events:
+                    self._drain_peer_dealers(events, now)  # WrongNode refusals only
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
-                node.tick(now)  # the replica's timers and the availability rule
+                # the replica's timers, the availability rule, the expiry sweep (TTL)
+                node.tick(now, ts_ms)
                 if self._stop_requested:
                     self._check_stop(now)
                 self._handle_ready(now)
@@ -211,6 +219,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     node.stats.publish(hb.node_id, hb.shard_id, self.core, self.state,
                                        self.tasks, bool(hb.extra["disk_full"]))
                     self._found()
+                    self._follow_peer_keys()
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
@@ -230,6 +239,9 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 frames = _recv_frames(sock)
             except zmq.Again:
                 return
+            # read after the frames arrived: a TTL deadline is never stamped early, and
+            # a read never judges expiry by a clock older than the request (TTL)
+            ts_ms = int(time.time() * 1000)
             try:
                 on_frames(sock, frames, now, ts_ms)
             except RemoteProtocolError as exc:
@@ -240,11 +252,11 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         secure = self.curve is not None
         for _ in range(BATCH_MAX):
             try:
-                frames, key_node = _recv_peer_frames(router, secure)
+                frames, key_node, announced = _recv_peer_frames(router, secure)
             except zmq.Again:
                 return
             try:
-                on_frames(router, frames, now, key_node)
+                on_frames(router, frames, now, key_node, announced)
             except RemoteProtocolError as exc:
                 self.log.warning("bad peer frames: {}", exc)
 
@@ -323,13 +335,21 @@ def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]
     return parts
 
 
-def _recv_peer_frames(sock: zmq.Socket, secure: bool) -> tuple[list[bytes], str | None]:  # type: ignore[type-arg]
+def _recv_peer_frames(
+    sock: zmq.Socket, secure: bool,  # type: ignore[type-arg]
+) -> tuple[list[bytes], str | None, str | None]:
     """``_recv_frames``, plus (``secure``) the node id the sender's key authenticated as
-    (ZAP's User-Id; None for a key that is not a node's). Raises ``zmq.Again``."""
+    (ZAP's User-Id; None for a key that is not a node's) and what the sender's
+    connection announced (``peer_link``; None from a node that announces nothing).
+    Raises ``zmq.Again``."""
     frame = sock.recv(zmq.NOBLOCK, copy=False)
     key_node = peer_node_id(frame) if secure else None
+    try:
+        announced: str | None = str(frame.get(peer_link.PROPERTY))
+    except zmq.ZMQError:
+        announced = None
     parts = [frame.bytes]
     while frame.more:
         frame = sock.recv(zmq.NOBLOCK, copy=False)
         parts.append(frame.bytes)
-    return parts, key_node
+    return parts, key_node, announced

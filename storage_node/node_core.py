@@ -62,13 +62,22 @@ from zkv.protocol.messages import (
     PeerMessage,
     Role,
     TimeoutNow,
+    WrongNode,
 )
 from zkv.storage_node import membership as mship
+from zkv.storage_node import peer_link
+from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
+from zkv.storage_node.ttl_requests import sweep_command
 
+#: Expiry sweep entries proposed per loop turn at most (each lists up to
+#: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
+SWEEPS_PER_TURN = 2
+#: distinct announcements remembered (a few per peer; cleared when full)
+LINK_VERDICTS_MAX = 1024
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
@@ -100,15 +109,51 @@ class NodeCore(RequestCore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
+        #: the expiry sweep's per-turn state (``tick``): the turn's ``now``, sweeps proposed
+        self._tick_now = 0.0
+        self._sweeps_this_turn = 0
+        #: peer connections refused for reaching the wrong node (``peer_link``), the
+        #: verdict per announcement, and when to redial a peer that was the wrong node
+        self.misrouted = 0
+        self._link_verdicts: dict[str, str | None] = {}
+        self.redials = peer_link.Redials()
+        #: a snapshot was begun and is not on disk yet (``begin_snapshot``)
+        self.snapshot_running = False
 
-    def tick(self, now: float) -> None:
-        """Once per shell loop turn: the replica's timers, then the availability rule."""
+    def tick(self, now: float, ts_ms: int | None = None) -> None:
+        """Once per shell loop turn: the replica's timers, then the availability rule;
+        with the wall clock ``ts_ms``, the expiry sweep too (``ttl_requests.py``)."""
         replica = self.replica
         replica.tick(now)
         why = self.broker_contact.step_down_reason(replica.role is Role.LEADER, replica.term, now)
         if why:
             replica.step_down(now)
             self.notes.append(why)
+        if ts_ms is not None:
+            if ts_ms > self.wall_ms:
+                self.wall_ms = ts_ms
+            self._tick_now = now
+            self._sweeps_this_turn = 0
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Propose the next expiry sweep: leader only, one entry in flight at a time,
+        at most ``SWEEPS_PER_TURN`` per loop turn (``advance`` chains the next as soon
+        as one applies, so the rate is one per commit round trip, not per poll wait)."""
+        replica, state = self.replica, self.state
+        if (replica.role is not Role.LEADER or not len(state.expiry) or self.disk_full
+                or self.unpersisted or self._sweeps_this_turn >= SWEEPS_PER_TURN):
+            return
+        term, index = self.sweep_inflight
+        if term == replica.term and index > state.applied_index:
+            return
+        cmd = sweep_command(state, self.wall_ms)
+        if cmd is None:
+            return
+        proposed = replica.propose(encode_command(cmd), now)
+        if proposed is not None:
+            self.sweep_inflight = (replica.term, proposed)
+            self._sweeps_this_turn += 1
 
     # ------------------------------------------------------------------ ready
 
@@ -151,6 +196,8 @@ class NodeCore(RequestCore):
             self._fail_from(rd.truncate_from)
         if rd.committed:
             self._apply(rd.committed)
+            if 0 < self.sweep_inflight[1] <= rd.committed[-1].index:
+                self._sweep(self._tick_now)  # the sweep in flight applied: chain the next
         for token, index in rd.reads:
             self.waiting_reads.append((index, token))  # type: ignore[arg-type]
         for token in rd.failed_reads:
@@ -217,8 +264,15 @@ class NodeCore(RequestCore):
         keep = []
         for index, p in self.waiting_reads:
             if index <= applied:
-                if self._owned(p.origin, p.ident, p.request_id, p.key):
-                    self._answer_get(p.origin, p.ident, p.request_id, p.key)
+                if p.multi is not None:  # a batch read or scan: ownership per key
+                    wait = self.serve_multi_read(p)
+                    if wait:
+                        keep.append((wait, p))
+                elif self._owned(p.origin, p.ident, p.request_id, p.key):
+                    wait = self._answer_get(p.origin, p.ident, p.request_id, p.key,
+                                            p.ttl_read)
+                    if wait:
+                        keep.append((wait, p))
             else:
                 keep.append((index, p))
         self.waiting_reads = keep
@@ -226,14 +280,18 @@ class NodeCore(RequestCore):
     # ------------------------------------------------------------------ peers, migration
 
     def on_peer_frames(self, origin: object, frames: list[bytes], now: float,
-                       key_node: str | None = None) -> None:
+                       key_node: str | None = None, announced: str | None = None) -> None:
         """``[sender, message...]`` from the peer socket; ``RemoteProtocolError`` if bad.
         ``secure``: the sender is the node id its Curve key authenticated (``key_node``,
         None for a key that is no node's), never the routing id or a payload field, and
         Raft traffic from a key that is not a member of this group changes nothing.
-        Migration batches come from other shards' leaders: any node key may send them."""
+        Migration batches come from other shards' leaders: any node key may send them.
+        ``announced``: what the connection announced in its handshake (``peer_link``);
+        a connection meant for another node or from another cluster is refused."""
         if len(frames) < 2:
             raise RemoteProtocolError("too few frames")
+        if announced is not None and self._refuse_link(origin, frames[0], announced, now):
+            return
         msg = codec.decode(frames[1:])
         if type(msg) is MigrateBatch:
             if not self.secure or key_node is not None:
@@ -257,6 +315,38 @@ class NodeCore(RequestCore):
         if peer_msg is not None:
             self.replica.step(sender, peer_msg, now)
 
+    def _refuse_link(self, origin: object, ident: bytes, announced: str, now: float) -> bool:
+        """Whether a connection's announcement says it reached the wrong node; if so,
+        answer ``WrongNode`` on it and say why (first ten times, then every hundredth).
+        Verdicts are cached per announcement: every message of a connection repeats it."""
+        cache = self._link_verdicts
+        if announced in cache:
+            reason = cache[announced]
+        else:
+            if len(cache) >= LINK_VERDICTS_MAX:
+                cache.clear()
+            reason = cache[announced] = peer_link.refusal(
+                peer_link.Announcement.parse(announced), self.config.node_id,
+                self.config.cluster_id)
+        if reason is None:
+            return False
+        self.misrouted += 1
+        if self.misrouted <= 10 or self.misrouted % 100 == 0:
+            self.notes.append(f"refused peer connection #{self.misrouted}: {reason}")
+        self._direct.append((origin, (ident, *codec.encode(WrongNode(
+            self.config.node_id, self.config.shard_id, self.config.cluster_id, reason)))))
+        return True
+
+    def on_wrong_node(self, peer: str, msg: WrongNode, now: float) -> bool:
+        """A peer's answer that our connection to ``peer`` reached ``msg.node_id``
+        instead: say so; True when the shell should redial (rate-limited)."""
+        due = self.redials.due(peer, now)
+        if due:
+            self.notes.append(f"our connection to {peer} reached {msg.node_id} (shard "
+                              f"{msg.shard_id}, cluster {msg.cluster_id!r}): {msg.reason}; "
+                              f"redialing {peer}")
+        return due
+
     def _member_keys(self) -> set[str]:
         """Who may speak Raft to us: the members in force and those we started with."""
         return {*self.replica.membership.members, *self.config.members}
@@ -275,13 +365,13 @@ class NodeCore(RequestCore):
         """A source leader's stream batch: propose it, answer once applied."""
         shard = self.config.shard_id
         if batch.dst_shard != shard:
-            self._acks.append((origin, (ident, *codec.encode(MigrateAck(
+            self._direct.append((origin, (ident, *codec.encode(MigrateAck(
                 batch.seq, batch.dst_shard, Applied(False, f"this node serves shard {shard}"),
                 "")))))
             return
         if self.replica.role is not Role.LEADER:
             ack = not_leader_ack(batch, self.replica.leader_id or "")
-            self._acks.append((origin, (ident, *codec.encode(ack))))
+            self._direct.append((origin, (ident, *codec.encode(ack))))
             return
         cmd = command_for(batch)
         self._propose(cmd, Pending(origin, ident, batch.seq, command=cmd,
@@ -290,7 +380,7 @@ class NodeCore(RequestCore):
     def _ack(self, pending: Pending, result: Applied) -> None:
         hint = self.replica.leader_id or "" if result.not_leader else ""
         ack = MigrateAck(pending.request_id, pending.ack_shard, result, hint)
-        self._acks.append((pending.origin, (pending.ident, *codec.encode(ack))))
+        self._direct.append((pending.origin, (pending.ident, *codec.encode(ack))))
 
     def on_migrate_ack(self, ack: MigrateAck, now: float) -> None:
         self.tasks.on_ack(ack, now)
@@ -332,22 +422,48 @@ class NodeCore(RequestCore):
 
     def take_snapshot(self) -> SnapshotTask | None:
         """A snapshot to write, every ``snapshot_entries`` applied entries or
-        ``snapshot_bytes`` applied bytes; none while a write waits for the disk."""
+        ``snapshot_bytes`` applied bytes; none while a write waits for the disk. The
+        state is serialized here, in the loop: ``begin_snapshot`` + ``snapshot_data``
+        let a shell do that part elsewhere (a forked child, ``node_disk.py``)."""
+        due = self.begin_snapshot()
+        if due is None:
+            return None
+        return SnapshotTask(*due, self.snapshot_data(due[0]))
+
+    def begin_snapshot(self) -> tuple[int, int] | None:
+        """``(index, term)`` of the snapshot to take now (the state as applied), or None:
+        not due yet, a write waits for the disk, or one is still being written (until
+        ``compacted`` or ``snapshot_failed``)."""
         applied = self.state.applied_index
-        if (applied - self.last_snapshot_index < self.config.snapshot_entries
-                and self.log_bytes < self.config.snapshot_bytes) or self.unpersisted:
+        if self.snapshot_running or self.unpersisted or (
+                applied - self.last_snapshot_index < self.config.snapshot_entries
+                and self.log_bytes < self.config.snapshot_bytes):
             return None
         term = self.replica.term_at(applied)
         if term is None:
             return None
-        # the configuration at ``applied`` travels and is stored with the state
-        data = mship.wrap_snapshot(self.replica.membership_at(applied), self.state.snapshot_bytes())
-        return SnapshotTask(applied, term, data)
+        self.snapshot_running = True
+        self.log_bytes = 0  # what is applied from now on counts towards the next one
+        return applied, term
+
+    def snapshot_data(self, index: int) -> bytes:
+        """The snapshot at ``index``, which must be the applied index: the configuration
+        at ``index`` travels and is stored with the state."""
+        if index != self.state.applied_index:
+            raise ValueError(f"snapshot at {index}, but the state is at {self.state.applied_index}")
+        return mship.wrap_snapshot(self.replica.membership_at(index), self.state.snapshot_bytes())
+
+    def snapshot_failed(self) -> None:
+        """The snapshot begun could not be written (no space): ``begin_snapshot`` may
+        offer one again."""
+        self.snapshot_running = False
 
     def compacted(self, task: SnapshotTask, kept: Any = None) -> None:
         """``task`` is on disk: the replica may drop its log up to it. ``kept`` is what
         the replica holds as its snapshot from now on (the shell's read-only map of the
-        file, so the bytes need not stay in memory); ``task.data`` when None."""
+        file, so the bytes need not stay in memory); ``task.data`` when None. A task
+        older than the snapshot the replica holds (one installed from the leader while
+        this one was written) changes nothing."""
+        self.snapshot_running = False
         self.replica.compacted(task.index, task.term, task.data if kept is None else kept)
-        self.last_snapshot_index = task.index
-        self.log_bytes = 0
+        self.last_snapshot_index = max(self.last_snapshot_index, task.index)

@@ -11,19 +11,23 @@ or absent peer loses the message (Raft resends) rather than stalling the loop.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from zkv.protocol import codec
+from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.liveness import keep_alive
-from zkv.protocol.messages import MigrateBatch, PeerMessage
-from zkv.protocol.security import Curve, TrustStore, ZapHandler
+from zkv.protocol.messages import MigrateBatch, PeerMessage, WrongNode
+from zkv.protocol.security import Curve, KeyFileError, TrustStore, ZapHandler, load_public
 from zkv.storage_node import membership as mship
+from zkv.storage_node import peer_link
 
 if TYPE_CHECKING:
     from loguru import Logger
 
+    from zkv.storage_node.identity import Identity
     from zkv.storage_node.node import NodeConfig
     from zkv.storage_node.node_core import NodeCore
     from zkv.storage_node.replica import Replica
@@ -43,6 +47,7 @@ class NodeSockets:
         wal: WriteAheadLog
         _ctx: zmq.Context  # type: ignore[type-arg]
         _peer_conf: mship.Membership | None
+        identity: Identity
 
     def _start_security(self) -> None:
         """With keys: our pair, the allow-lists, and the ZAP handler (before any bind)."""
@@ -62,6 +67,7 @@ class NodeSockets:
         alive_ms = cfg.election_timeout_ms
         self._start_security()
         curve = self.curve
+        self.poller = zmq.Poller()
         self.broker_socks = []
         for endpoint in cfg.brokers:
             s = ctx.socket(zmq.DEALER)
@@ -94,30 +100,99 @@ class NodeSockets:
         self.peer_router.bind(cfg.listen)
         self.peer_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._peer_addrs: dict[str, str] = {}
+        #: with Curve: the certificate's mtime and the key each peer socket expects
+        self._peer_keys: dict[str, tuple[int, bytes]] = {}
         for peer, endpoint in cfg.peers.items():
             self.peer_socks[peer] = self._peer_socket(peer, endpoint)
             self._peer_addrs[peer] = endpoint
         #: DEALERs to other shards' nodes, for migration streams (node id -> socket)
         self.migrate_socks: dict[str, zmq.Socket] = {}  # type: ignore[type-arg]
         self._migrate_addrs: dict[str, str] = {}
-        self.poller = zmq.Poller()
         for s in self.broker_socks:
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.peer_router, zmq.POLLIN)
+
+    def _announce(self, s: zmq.Socket, to: str) -> None:  # type: ignore[type-arg]
+        """Say in the handshake who dials and whom we mean to reach (``peer_link``)."""
+        cfg = self.config
+        s.setsockopt(zmq.METADATA, peer_link.Announcement(
+            cfg.node_id, to, cfg.shard_id, cfg.cluster_id, self.identity.incarnation,
+        ).option())
 
     def _peer_socket(self, peer: str, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
         s: zmq.Socket = self._ctx.socket(zmq.DEALER)  # type: ignore[type-arg]
         s.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
         s.setsockopt(zmq.LINGER, 0)
+        self._announce(s, peer)
         s.setsockopt(zmq.IMMEDIATE, 1)  # drop, don't queue, while the peer is away
         keep_alive(s, self.config.election_timeout_ms)
         s.setsockopt(zmq.SNDHWM, 10_000)
         if self.curve is not None:  # the peer must present that node's key
-            self.curve.node_client(s, peer)
+            self._peer_keys[peer] = (self._key_stamp(peer), self.curve.node_client(s, peer))
         s.connect(endpoint)
+        self.poller.register(s, zmq.POLLIN)  # only a WrongNode ever comes back on it
         return s
 
+    def _key_stamp(self, peer: str) -> int:
+        assert self.curve is not None
+        try:
+            return os.stat(self.curve.node_key_file(peer)).st_mtime_ns
+        except OSError:
+            return -1
+
+    def _follow_peer_keys(self) -> None:
+        """Once per heartbeat, with Curve: a peer whose published certificate changed
+        (``zkv keys rotate``) is redialed with its new server key, so a node key can be
+        replaced by restarting only its holder (README, "Key rotation")."""
+        if self.curve is None:
+            return
+        for peer in list(self.peer_socks):
+            stamp, key = self._peer_keys.get(peer, (-1, b""))
+            if self._key_stamp(peer) == stamp:
+                continue
+            try:
+                new = load_public(self.curve.node_key_file(peer))
+            except KeyFileError as exc:
+                self.log.warning("cannot read {}'s key ({}); keeping the old one", peer, exc)
+                self._peer_keys[peer] = (self._key_stamp(peer), key)
+                continue
+            if new == key:
+                self._peer_keys[peer] = (self._key_stamp(peer), key)
+                continue
+            self.log.info("{}'s key changed: redialing it with the new one", peer)
+            addr = self._peer_addrs[peer]
+            self._close_peer(peer)
+            self.peer_socks[peer] = self._peer_socket(peer, addr)
+
+    def _close_peer(self, peer: str) -> None:
+        s = self.peer_socks.pop(peer)
+        self.poller.unregister(s)
+        s.close(linger=0)
+
+    def _drain_peer_dealers(self, events: dict[Any, int], now: float) -> None:
+        """Our DEALERs to peers receive only ``WrongNode`` refusals: redial on those."""
+        redial = []
+        for peer, sock in self.peer_socks.items():
+            if sock not in events:
+                continue
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                with contextlib.suppress(RemoteProtocolError):
+                    msg = codec.decode(frames)
+                    if type(msg) is WrongNode and self.node.on_wrong_node(peer, msg, now):
+                        redial.append(peer)
+        for peer in redial:
+            addr = self._peer_addrs[peer]
+            self._close_peer(peer)
+            self.peer_socks[peer] = self._peer_socket(peer, addr)  # resolves the name again
+
     def close(self) -> None:
+        child = getattr(self, "_snapshot_child", None)
+        if child is not None:  # a snapshot half written is of no use to the next start
+            child.kill()
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
             s.close(linger=0)
@@ -133,12 +208,12 @@ class NodeSockets:
         wanted = {m: self.config.peers.get(m) or conf.addr_of(m)
                   for m in conf.members if m != self.config.node_id}
         for peer in [p for p in self.peer_socks if p not in wanted]:
-            self.peer_socks.pop(peer).close(linger=0)
+            self._close_peer(peer)
             self._peer_addrs.pop(peer, None)
         for peer, addr in wanted.items():
             if addr and self._peer_addrs.get(peer) != addr:
                 if peer in self.peer_socks:
-                    self.peer_socks.pop(peer).close(linger=0)
+                    self._close_peer(peer)
                 self.peer_socks[peer] = self._peer_socket(peer, addr)
                 self._peer_addrs[peer] = addr
 
@@ -168,6 +243,7 @@ class NodeSockets:
                 sock = self.migrate_socks[node] = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.IDENTITY, self.config.node_id.encode())
                 sock.setsockopt(zmq.LINGER, 0)
+                self._announce(sock, node)
                 sock.setsockopt(zmq.SNDHWM, 100)
                 keep_alive(sock, self.config.election_timeout_ms)
                 if self.curve is not None:

@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.tcp_proxy import BlackholeProxy
 from zkv.client import KVClient
+from zkv.ops.cluster_spec import free_port
 from zkv.protocol.errors import KVError
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
@@ -109,3 +110,38 @@ def test_half_open_broker_connection_is_replaced(procs: Procs, tmp_path: Path) -
         assert proxy.accepted >= 2, "the node never reconnected"
     finally:
         proxy.close()
+
+
+REFUSED_RE = re.compile(r"refused peer connection #\d+: s0r0 \(shard 0\) dialed s0r1 but "
+                        r"reached s1r0")
+REDIAL_RE = re.compile(r"our connection to s0r1 reached s1r0 \(shard 1, cluster '[^']*'\).*"
+                       r"redialing s0r1")
+
+
+def test_peer_address_that_reaches_the_wrong_node_is_refused_loudly(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """A node whose address for a peer now belongs to another shard's node (a container
+    came back elsewhere): the wrong node refuses the connection and says so, the dialer
+    is told, logs the stale address and redials (which resolves the name again)."""
+    timing = ["--heartbeat-ms", str(HEARTBEAT_MS), "--election-timeout-ms", str(ELECTION_TIMEOUT_MS)]
+    any_port = "tcp://127.0.0.1:*"
+    blog = procs.start("broker", [
+        sys.executable, "-m", "zkv.broker.main", "--broker-id", "b0", "--frontend", any_port,
+        "--backend", any_port, "--heartbeat-endpoint", any_port, *timing,
+    ])  # fmt: skip
+    _, backend, heartbeats = wait_for(blog, READY_RE).groups()
+    wrong = f"tcp://127.0.0.1:{free_port()}"
+    common = ["--brokers", backend, "--heartbeat-endpoints", heartbeats, "--fsync", "never",
+              "--shards", "0,1", "--bootstrap", *timing]
+    clog = procs.start("s1r0", [
+        sys.executable, "-m", "zkv.storage_node.main", "--node-id", "s1r0", "--shard", "1",
+        "--data-dir", str(tmp_path / "s1r0"), "--listen", wrong, *common,
+    ])  # fmt: skip
+    alog = procs.start("s0r0", [
+        sys.executable, "-m", "zkv.storage_node.main", "--node-id", "s0r0", "--shard", "0",
+        "--data-dir", str(tmp_path / "s0r0"), "--listen", f"tcp://127.0.0.1:{free_port()}",
+        "--peers", f"s0r1={wrong}", *common,
+    ])  # fmt: skip
+    wait_for(clog, REFUSED_RE, timeout_s=20)
+    wait_for(alog, REDIAL_RE, timeout_s=20)

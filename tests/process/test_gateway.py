@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,6 +279,74 @@ def test_metrics_count_requests_latency_and_in_flight(http: httpx.Client) -> Non
     assert re.search(r'zkv_gateway_requests_total\{code="404",op="get",route="kv"\} [1-9]', text)
     assert re.search(r'zkv_gateway_request_duration_seconds_count\{op="get"\} [1-9]', text)
     assert "zkv_gateway_requests_in_flight 1.0" in text  # this very request
+
+
+def _responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split the raw bytes of consecutive HTTP/1.1 responses (each with a
+    content-length; interim 100 Continue responses skipped)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        n = 0 if status == 100 else int(headers["content-length"])
+        if status != 100:
+            out.append((status, headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def _request(method: str, path: str, body: bytes = b"", *, close: bool = False) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: t\r\n"
+    if body or method == "PUT":
+        head += f"Content-Length: {len(body)}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_kv_keep_alive_pipelining_and_fall_through_over_raw_http(
+        gateway: GatewayProcess) -> None:
+    """The protocol answering /kv itself (gateway/protocol.py) keeps HTTP/1.1 right: one
+    connection serves many requests; pipelined requests, /kv and ASGI routes mixed, are
+    answered in order; chunked and 100-continue bodies still work."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=15) as sock:
+        for i in range(3):  # keep-alive: the same connection, request after request
+            sock.sendall(_request("PUT", "/kv/ka", str(i).encode()))
+            status, headers, body = _responses(sock.recv(65536))[0]
+            assert status == 200 and headers["etag"] == f'"{json.loads(body)["version"]}"'
+            assert "connection" not in headers and headers["server"] == "uvicorn"
+        sock.sendall(_request("PUT", "/kv/pl-a", b"one")
+                     + _request("GET", "/kv/pl-a")
+                     + _request("GET", "/health")
+                     + _request("POST", "/kv/pl-a", b"x")
+                     + _request("GET", "/kv/ka")
+                     + _request("DELETE", "/kv/pl-a")
+                     + _request("GET", "/kv/pl-a")
+                     + _request("GET", "/metrics")
+                     + b"PUT /kv/pl-chunked HTTP/1.1\r\nHost: t\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                     + b"PUT /kv/pl-expect HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                       b"Expect: 100-continue\r\n\r\nok"
+                     + _request("GET", "/kv/pl-chunked", close=True))
+        out = _responses(_read_until_closed(sock))
+    assert [s for s, _, _ in out] == [200, 200, 200, 405, 200, 200, 404, 200, 200, 200, 200]
+    assert json.loads(out[1][2])["value"] == "one"
+    assert json.loads(out[2][2]) == {"status": "ok"}
+    assert json.loads(out[4][2])["value"] == "2"
+    assert json.loads(out[5][2]) == {"key": "pl-a", "deleted": True}
+    assert b"zkv_gateway_requests_total" in out[7][2]
+    assert json.loads(out[10][2])["value"] == "abc" and out[10][1]["connection"] == "close"
+    with httpx.Client(base_url=gateway.url, timeout=15) as c:
+        assert c.get("/kv/pl-expect").json()["value"] == "ok"
 
 
 def test_ui_data_shows_shards_leaders_and_traffic(http: httpx.Client) -> None:

@@ -2,8 +2,8 @@
 
 - no key or an unknown key gets nothing back; a client key reads and writes;
 - the wire carries no key or value in plaintext (a recording proxy on the client ->
-  broker and on the broker -> node hop; the same captures against a plaintext cluster
-  do contain them);
+  broker hop, on the broker -> node hop and in front of every node's peer port; the
+  same captures against a plaintext cluster do contain them);
 - forged Raft traffic (VoteRequest, AppendEntries carrying writes, InstallSnapshot)
   claiming a dead follower's id, sent to the live members' peer ports with a valid
   *client* key, or with another shard's *node* key, changes nothing; the same attack
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -197,6 +198,53 @@ def test_broker_to_node_traffic_carries_no_plaintext(tmp_path: Path) -> None:
     assert b"PLAINMARK-value-3" in plain  # the check can fail
 
 
+class _PeerCapture(LocalCluster):
+    """A cluster whose nodes reach each other's peer ports only through recording
+    proxies (one per node): every node -> node byte (appends carrying the values,
+    votes, snapshots) crosses a proxy."""
+
+    proxies: dict[str, BlackholeProxy]
+
+    def _node_argv(self, spec: dict[str, Any]) -> list[str]:
+        argv = super()._node_argv(spec)
+        if "--peers" in argv:
+            i = argv.index("--peers") + 1
+            peers = []
+            for item in argv[i].split(","):
+                nid, _, _ = item.partition("=")
+                if nid not in self.proxies:
+                    self.proxies[nid] = BlackholeProxy("127.0.0.1", self.peer_ports[nid],
+                                                       record=True)
+                peers.append(f"{nid}={self.proxies[nid].endpoint}")
+            argv[i] = ",".join(peers)
+        return argv
+
+
+def _capture_peers(path: Path, secure: bool, marker: str) -> bytes:
+    cluster = _PeerCapture(path, shards=1, replicas=3, port=0, fsync="never", secure=secure,
+                           **TIMING)  # type: ignore[arg-type]
+    cluster.proxies = {}
+    try:
+        with cluster:
+            cluster.wait_ready(30)
+            with KVClient(cluster.endpoints, timeout_s=10, keys=cluster.client_keys) as kv:
+                for i in range(20):
+                    kv.put(f"{marker}-key-{i}", f"{marker}-value-{i}")
+                    assert kv.get(f"{marker}-key-{i}") == f"{marker}-value-{i}".encode()
+        assert len(cluster.proxies) == 3
+        return b"".join(bytes(p.recorded) for p in cluster.proxies.values())
+    finally:
+        for p in cluster.proxies.values():
+            p.close()
+
+
+def test_node_to_node_traffic_carries_no_plaintext(tmp_path: Path) -> None:
+    wire = _capture_peers(tmp_path / "secure", True, "SECRETMARK")
+    assert len(wire) > 20 * 40 and b"SECRETMARK" not in wire
+    plain = _capture_peers(tmp_path / "plain", False, "PLAINMARK")
+    assert b"PLAINMARK-value-3" in plain  # the check can fail
+
+
 # ----------------------------------------------------------------------- forged members
 
 
@@ -346,6 +394,80 @@ def test_client_key_rotation_under_load_loses_no_acknowledged_write(secure: Loca
         kv.get("rot-0-0")  # the old key is refused from now on
     (keys_dir / "public" / "clients" / "client.key").write_bytes(
         (keys_dir / "client" / "client.key").read_bytes())  # for the tests after this one
+
+
+def _shard0_writer(secure: LocalCluster, tag: int, acked: dict[str, str],
+                   ack_times: list[float], errors: list[str], stop: threading.Event) -> None:
+    ring = Ring(RingConfig(1, (0, 1), DEFAULT_VNODES))
+    assert secure.keys_dir is not None
+    with KVClient(secure.endpoints, timeout_s=5, keys=secure.keys_dir / "client") as kv:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            key = f"nrot-{tag}-{i}"
+            if ring.shard_for(key.encode()) != 0:
+                continue
+            try:
+                kv.put(key, key)
+                acked[key] = key
+                ack_times.append(time.monotonic())
+            except KVError as exc:
+                errors.append(repr(exc))
+
+
+def test_node_key_rotation_under_load_keeps_the_shard_serving(secure: LocalCluster) -> None:
+    """Replace shard 0's leader's key pair (stop it, ``zkv keys rotate``, start it):
+    writes to the shard go on, its peers redial it with the new key, and it then forms
+    the shard's majority (the other old member killed) with its new key alone."""
+    from zkv.ops.keys import rotate_node_key
+    from zkv.protocol.security import NODE, TrustStore, load_public
+
+    keys_dir = secure.keys_dir
+    assert keys_dir is not None
+    acked: dict[str, str] = {}
+    ack_times: list[float] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_shard0_writer, daemon=True,
+                                args=(secure, t, acked, ack_times, errors, stop))
+               for t in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        x = secure.leader_of(0)
+        old = load_public(keys_dir / "public" / "nodes" / f"{x}.key")
+        rotation_began = time.monotonic()
+        secure.kill_node(x, signal.SIGTERM)  # 1. stop the holder: it hands leadership over
+        rotate_node_key(keys_dir, x)  # 2. its new pair, published in place of the old
+        secure.restart_node(x)  # 3. start it with the new key
+        time.sleep(2.5)
+        rotation_ended = time.monotonic()
+        others = [n for n in secure.node_ids if n.startswith("s0") and n != x]
+        y = secure.leader_of(0)
+        y = y if y != x else others[0]
+        secure.kill_node(y, signal.SIGKILL)  # now x must be in every majority of shard 0
+        killed = time.monotonic()
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+    secure.restart_node(y)
+    during = [t for t in ack_times if rotation_began <= t <= rotation_ended]
+    gaps = [b - a for a, b in zip([rotation_began, *during], [*during, rotation_ended],
+                                  strict=True)]
+    assert max(gaps) < 2.0, f"shard 0 acknowledged nothing for {max(gaps):.1f}s"
+    after_kill = [t for t in ack_times if t > killed + 1.5]
+    assert len(after_kill) > 10, (len(after_kill), errors[:3])  # x is in the majority
+    with KVClient(secure.endpoints, timeout_s=10, keys=keys_dir / "client") as kv:
+        lost = [k for k, v in acked.items() if kv.get(k) != v.encode()]
+    assert lost == []
+    trust = TrustStore(keys_dir)
+    assert trust.lookup(old) is None, "the old key is still trusted"
+    new = load_public(keys_dir / "public" / "nodes" / f"{x}.key")
+    principal = trust.lookup(new)
+    assert principal is not None and principal.role == NODE and principal.name == x
 
 
 # ----------------------------------------------------------------------- roles

@@ -169,7 +169,7 @@ class SimNode:
             return
         w = self.world
         if not self.paused():
-            self.node.tick(w.now)
+            self.node.tick(w.now, WALL_EPOCH_MS + int(w.now * 1000))
             self._turn()
             if self.node is None:
                 return  # the power failed during the turn
@@ -199,7 +199,7 @@ class SimNode:
                 msg = node.disk_gate.incoming(msg)
             if msg is not None:
                 node.replica.step(src, msg, w.now)
-        node.tick(w.now)
+        node.tick(w.now, WALL_EPOCH_MS + int(w.now * 1000))
         self._turn()
 
     # ------------------------------------------------------------------ the shell
@@ -356,7 +356,7 @@ class SimNode:
         return max(self.disk.current.last_index, self.disk_snapshot_index)
 
     def _maybe_snapshot(self, node: NodeCore) -> None:
-        """``NodeDisk._maybe_snapshot``: write it, then compact to the older kept one."""
+        """``NodeDisk._snapshot_inline``: write it, then compact to the older kept one."""
         w = self.world
         if w.now < self.snapshot_retry_at:
             return
@@ -367,6 +367,7 @@ class SimNode:
             self.disk.save_snapshot(task.index, task.term, task.data)
         except DiskFullError:
             w.count("snapshot refused: disk full")
+            node.snapshot_failed()
             self.snapshot_retry_at = w.now + SNAPSHOT_RETRY_S
             return
         self.disk_snapshot_index = task.index

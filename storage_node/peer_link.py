@@ -1,0 +1,95 @@
+"""What every peer connection says about itself, and what to do when it reached the wrong node.
+
+A node's DEALER to a peer dials an address, and an address can go stale: a container
+came back elsewhere and another node (of this shard, another shard or another cluster)
+now answers there. Raft traffic that lands on the wrong node used to be ignored in
+silence (the replica drops non-members' messages), so the sender kept talking into the
+void and its shard could stay without a quorum with nothing in any log. Now:
+
+- Each peer connection **announces** in its ZMTP handshake (a ``ZMQ_METADATA``
+  property, so nothing is added to any message) who dials (node id, shard, cluster id,
+  incarnation of its data dir) and whom it means to reach. The receiving node reads it
+  off every message's frame at the cost of one C call.
+- A connection meant for another node, or coming from another cluster, is **refused
+  loudly**: its traffic is dropped, the receiving node logs why (rate-limited), and it
+  answers on that same connection with ``WrongNode`` (who it really is).
+- The dialing node, told ``WrongNode``, logs the stale address and **redials** (a new
+  socket resolves the peer's name again), at most once per ``REDIAL_INTERVAL_S``.
+
+Under Curve the key already proves the sender (``node_core``); the announcement adds the
+intended target and the cluster, which a key does not say. A new incarnation of a peer
+(same node id, new data dir) takes over the old connection through ``ROUTER_HANDOVER``.
+Pure: no sockets, the caller passes the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: the ZMTP metadata property (``X-`` names are the application's)
+PROPERTY = "X-Zkv-Peer"
+#: at most one redial of a peer per this many seconds (a literal IP that stays wrong
+#: would otherwise make a redial loop)
+REDIAL_INTERVAL_S = 1.0
+_SEP = "|"
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """Who dials (``sender``, ``shard``, ``cluster_id``, ``incarnation``) and whom it
+    means to reach (``to``). Empty strings are unknowns (a node still founding its
+    cluster knows no cluster id)."""
+
+    sender: str
+    to: str
+    shard: int
+    cluster_id: str
+    incarnation: str
+
+    def option(self) -> bytes:
+        """The ``ZMQ_METADATA`` socket option value that announces this."""
+        fields = (self.sender, self.to, str(self.shard), self.cluster_id, self.incarnation)
+        if any(_SEP in f for f in fields):
+            raise ValueError(f"a peer announcement field contains {_SEP!r}: {fields}")
+        return f"{PROPERTY}:{_SEP.join(fields)}".encode()
+
+    @classmethod
+    def parse(cls, value: str | None) -> Announcement | None:
+        """The property's value as received; None if absent or not ours (an older
+        node announces nothing: it is let through as before)."""
+        if not value:
+            return None
+        parts = value.split(_SEP)
+        if len(parts) != 5 or not parts[2].lstrip("-").isdigit():
+            return None
+        return cls(parts[0], parts[1], int(parts[2]), parts[3], parts[4])
+
+
+def refusal(announced: Announcement | None, node_id: str, cluster_id: str) -> str | None:
+    """Why this node (``node_id`` of ``cluster_id``) must refuse a connection that
+    announced ``announced``; None to take its traffic."""
+    if announced is None:
+        return None
+    if announced.to and announced.to != node_id:
+        return (f"{announced.sender} (shard {announced.shard}) dialed {announced.to} but "
+                f"reached {node_id}: its address for {announced.to} is stale")
+    if announced.cluster_id and cluster_id and announced.cluster_id != cluster_id:
+        return (f"{announced.sender} is a node of cluster {announced.cluster_id}, this is "
+                f"cluster {cluster_id}")
+    return None
+
+
+class Redials:
+    """When to redial a peer that turned out to be the wrong node: at most once per
+    ``interval`` per peer."""
+
+    def __init__(self, interval: float = REDIAL_INTERVAL_S) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def due(self, peer: str, now: float) -> bool:
+        last = self._last.get(peer)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[peer] = now
+        return True
