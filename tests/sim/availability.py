@@ -4,10 +4,13 @@ The rule: whenever a majority of a shard's replicas and at least one broker can 
 each other, the shard serves within ~2 election timeouts, whatever else is cut.
 
 Every ``period_s`` of simulated time, per shard:
-- *connected*: some majority of the shard's replicas is up, not paused, and pairwise
-  linked both ways, and some broker is linked both ways with each of them (the network's
-  blocked links; loss, delay and spikes do not count as cuts);
-- *served*: some broker's table names a leader that is up, not paused, leads at its
+- *connected*: some majority of the shard's replicas is up, not paused, voters (not a
+  data dir that came back empty and waits to be re-admitted), with a disk that takes
+  writes (a full disk cannot persist a vote), and pairwise linked both ways, and some
+  broker is linked both ways with each of them (the network's blocked links, a
+  misrouted link included; loss, delay and spikes do not count as cuts);
+- *served*: some broker's table names a leader that is up, not paused (its disk may be
+  full: it still serves, answering writes ``DISK_FULL``), leads at its
   term, is linked both ways with that broker, and reaches a majority (itself counted)
   both ways: a request through that broker can be answered.
 
@@ -122,12 +125,22 @@ class AvailabilityCheck:
         return not net.blocked(a, b) and not net.blocked(b, a)
 
     def _running(self, node_id: str) -> bool:
+        """Up, not paused, and a voter: a node whose data dir came back empty counts
+        toward no majority until a leader re-admits it."""
         node = self.w.nodes[node_id]
-        return node.up and not node.paused()
+        core = node.core
+        return core is not None and core.voter and not node.paused()
+
+    def _writable(self, node_id: str) -> bool:
+        """Running, and its disk takes writes: a node whose disk is full (or still owes
+        it a write) cannot persist a vote, so it helps no election. (A leader whose disk
+        fills keeps serving, answering writes DISK_FULL: ``_served`` counts it.)"""
+        node = self.w.nodes[node_id]
+        return self._running(node_id) and not node.disk.full and not node.unpersisted
 
     def _connected(self, ids: list[str]) -> bool:
         quorum = len(ids) // 2 + 1
-        running = [n for n in ids if self._running(n)]
+        running = [n for n in ids if self._writable(n)]
         for group in combinations(running, quorum):
             if not all(self._linked(a, b) for a, b in combinations(group, 2)):
                 continue

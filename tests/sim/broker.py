@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from tests.sim.cluster import World
 
 
+class OwnReply(list[bytes]):
+    """Frames the broker answered itself (it forwarded nothing): how the simulator's
+    clients tell the broker's own ``NO_LEADER`` (the request reached no node) from a
+    node's, which the broker relays like any reply (a node answers ``NO_LEADER`` for a
+    write it proposed and then lost on stepping down: it may still commit)."""
+
+
 class SimBroker:
     def __init__(self, world: World, addr: str = "broker") -> None:
         self.world = world
@@ -66,7 +73,7 @@ class SimBroker:
         if isinstance(dest, bytes):
             w.net.send(self.addr, dest.decode(), item, w.now)
         elif dest is not None:
-            w.net.send(self.addr, client.decode(), dest, w.now)
+            w.net.send(self.addr, client.decode(), OwnReply(dest), w.now)
 
     def _from_node(self, node: str, frames: list[bytes]) -> None:
         w = self.world
@@ -94,7 +101,7 @@ class SimBroker:
                 self.rerouted += 1
                 w.net.send(self.addr, dest.decode(), list(item), w.now)
             elif dest is not None:
-                w.net.send(self.addr, item[0].decode(), dest, w.now)
+                w.net.send(self.addr, item[0].decode(), OwnReply(dest), w.now)
 
     def _check(self) -> None:
         w = self.world

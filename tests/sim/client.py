@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tests.sim.broker import OwnReply
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import (
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 WRITE_REPLIES = (PutReply, DeleteReply, CasReply)
 RETRY_CODES = frozenset({ErrorCode.NOT_LEADER, ErrorCode.NO_LEADER, ErrorCode.UNAVAILABLE,
-                         ErrorCode.WRONG_SHARD})
+                         ErrorCode.WRONG_SHARD, ErrorCode.DISK_FULL})
 
 
 @dataclass(slots=True)
@@ -170,7 +171,7 @@ class SimClient:
         if type(msg) is ErrorReply:
             if msg.code not in RETRY_CODES:
                 w.violation(f"{self.addr}: unexpected error {msg} for {cur.op} {cur.key}")
-            if msg.code != ErrorCode.NO_LEADER or src not in w.brokers:
+            if msg.code != ErrorCode.NO_LEADER or type(frames) is not OwnReply:
                 cur.unsure = True  # a node refused: it may have proposed it before
             w.at(w.now + 0.05, self._after_backoff, cur.seq, cur.attempt)
             return

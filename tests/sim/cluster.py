@@ -11,8 +11,9 @@ replays a run exactly.
 
 A run: 3 replicas (5 on every fourth seed), clients issuing ~200 operations over ~20 simulated seconds while
 the fault plan (drawn from the seed) crashes and restarts nodes, partitions the
-network (often isolating the leader), pauses processes and sets loss, duplication and
-delay. Then everything heals, the cluster quiesces, clients read every key, and the
+network (often isolating the leader), pauses processes, half-opens and misroutes
+connections, tears writes, loses snapshot renames, damages snapshots, fills and wipes
+disks, and sets loss, duplication and delay. Then everything heals, the cluster quiesces, clients read every key, and the
 verdict is taken.
 
 Invariants, checked after every step (``check_*``, raising ``Violation``):
@@ -21,7 +22,13 @@ Invariants, checked after every step (``check_*``, raising ``Violation``):
   application of an index is recorded and every later one (any node, any incarnation,
   after snapshots) must match; no node truncates below what it applied, nor installs a
   snapshot below it, nor sees its commit index go back within an incarnation;
-- a node's term never decreases across restarts (with fsync=always);
+- a node's term never decreases across restarts (with fsync=always), except for a term
+  it never persisted (its disk was full) and after it lost its disk;
+- a granted vote and an append ack promise only what the disk holds (``node.py``); a
+  node whose disk was lost never votes or acks as a voter before a leader re-admits it
+  (invariant 7); a node restarts from whatever crashes, power losses, torn writes, lost
+  renames and full disks left, unless a fault beyond its fsync policy's promise (a
+  damaged snapshot, a lost disk) cost it state (invariant 9, ``faults.py``);
 - the availability rule (``availability.py``): while a majority of the shard and a
   broker reach each other, the shard is never without a usable leader for longer than
   ``availability_s``;
@@ -149,6 +156,8 @@ class World:
         self.committed: dict[tuple[int, int], tuple[int, bytes]] = {}  # (shard, index) ->
         self.events = 0
         self.faults_log: list[str] = []
+        #: what the disk and connection faults did (power losses, refusals, ...): stats
+        self.disk_events: dict[str, int] = {}
         self.faults = FaultPlan(self)
         self.availability: AvailabilityCheck | None = None
         for node in self.nodes.values():
@@ -207,6 +216,9 @@ class World:
 
     # ------------------------------------------------------------------ invariants
 
+    def count(self, event: str) -> None:
+        self.disk_events[event] = self.disk_events.get(event, 0) + 1
+
     def violation(self, message: str) -> None:
         raise Violation(f"t={self.now:.3f}s: {message}")
 
@@ -232,7 +244,11 @@ class World:
         node.max_commit = core.commit_index
         if core.term < node.max_term and self.cfg.fsync == "always":
             self.violation(f"{node.id}: term went back from {node.max_term} to {core.term}")
-        node.max_term = max(node.max_term, core.term)
+        # a term the core reached while its disk was full was never persisted: nothing
+        # was promised on it (disk_full.py), and a crash may take it back
+        hard = node.disk.durable.hard_state
+        term = core.term if not node.unpersisted else hard.term if hard else 0
+        node.max_term = max(node.max_term, term)
 
     def check_commit(self, node: SimNode, index: int, term: int, data: bytes) -> None:
         seen = self.committed.setdefault((node.shard_id, index), (term, data))
@@ -268,6 +284,8 @@ class World:
         if problem:
             return self._result(False, "liveness", problem)
         self._final_reads()
+        # a request a broker held (no leader then) may still land after the final reads
+        self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
         self._check_acked_writes()
         self._check_states_equal()
         if self.ttl_clients:
@@ -361,6 +379,7 @@ class World:
             "campaigns": self.broker.campaigns,
             "down_s_max": round(self.availability.down_s_max, 2) if self.availability else None,
             "net": self.net.stats,
+            "disk": dict(sorted(self.disk_events.items())),
             "faults": list(self.faults_log),
             **(ttl_stats(self.ttl_clients) if self.ttl_clients else {}),
         }

@@ -8,6 +8,24 @@ wait); cut the leader from every broker one way only (``mute_leader``: the broke
 hearing it; ``deaf_leader``: nothing from the brokers reaches it) while it still
 reaches its followers, for 2-8 s, so that the availability rule (``availability.py``)
 has to act. ``heal_everything`` ends them all and restarts what is down.
+
+Connections (issue 10): ``half_open`` drops one direction between any node and one
+peer or broker (a half-open connection: the reverse still works) for 2-8 s;
+``misroute`` delivers what a node or the broker sends to one node to another node of
+the shard instead (a connection to an address another node now has), for 0.3-4 s.
+
+Disks (``disk.py``; the restart is the production recovery plan, ``restart.py``):
+``torn_write`` makes the victim's next WAL write fail mid-way with a power loss (a torn
+record at the tail); ``snapshot_power_loss`` loses the rename of its next snapshot
+(power off before the directory fsync); ``disk_full`` makes its writes fail with ENOSPC
+for 2-8 s; ``corrupt_snapshot`` damages its newest snapshot file and power-cycles it;
+``lose_disk`` power-cycles it with an empty disk. A powered-off node restarts after
+0.3-4 s. The last two may cost a node state beyond what any fsync policy allows, so at
+most a minority of a shard is ever in that state (``whole``/``at_risk``): a node whose
+recovery refuses is repaired as the refusal says (the operator moves its data dir
+aside and restarts it empty: a non-voter until re-admitted). A refusal of a node that
+saw no such fault is a violation: invariant 9, every state a crash or power loss can
+leave recovers.
 """
 
 from __future__ import annotations
@@ -17,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from tests.sim.network import NetConfig
 from zkv.protocol.messages import Role
+from zkv.storage_node.recovery import Refusal
 
 if TYPE_CHECKING:
     from tests.sim.cluster import World
@@ -24,9 +43,17 @@ if TYPE_CHECKING:
 
 #: fault kind -> weight of its draw
 KINDS = {"crash": 3, "crash_leader": 3, "crash_all": 1, "isolate_leader": 4, "split": 2,
-         "cut": 1, "pause": 2, "pause_leader": 2, "mute_leader": 2, "deaf_leader": 2}
+         "cut": 1, "pause": 2, "pause_leader": 2, "mute_leader": 2, "deaf_leader": 2,
+         "half_open": 2, "misroute": 2, "torn_write": 2, "snapshot_power_loss": 1,
+         "disk_full": 2, "corrupt_snapshot": 1, "lose_disk": 2}
 #: one-way cuts between the leader and every broker
 ONE_WAY = ("mute_leader", "deaf_leader")
+#: faults that last 2-8 s (the others 0.3-4 s)
+LONG = (*ONE_WAY, "half_open", "disk_full")
+#: faults that may cost a node state beyond its fsync policy's promise
+LOSSY = ("corrupt_snapshot", "lose_disk")
+#: how long the operator takes to repair a node whose recovery refused
+REPAIR_S = 1.0
 
 
 class FaultPlan:
@@ -53,7 +80,7 @@ class FaultPlan:
         end = cfg.duration_s - 2.0
         while t < end:
             kind = rng.choices(kinds, weights=weights)[0]
-            length = rng.uniform(2.0, 8.0) if kind in ONE_WAY else rng.uniform(0.3, 4.0)
+            length = rng.uniform(2.0, 8.0) if kind in LONG else rng.uniform(0.3, 4.0)
             w.at(t, self.fault, kind, length, rng.random())
             t += rng.uniform(0.5, 4.0)
 
@@ -109,13 +136,104 @@ class FaultPlan:
                 w.net.cut(src, dst)
             self._one_way.update(links)
             w.at(w.now + length, self._uncut, links)
+        elif kind in ("half_open", "misroute"):
+            self._connection_fault(kind, victim, length)
+        else:
+            self._disk_fault(kind, victim, length)
+
+    def _connection_fault(self, kind: str, victim: SimNode, length: float) -> None:
+        w = self.w
+        rng = w.fault_rng
+        peers = [n for n in w.shard_nodes[victim.shard_id] if n != victim.id]
+        if kind == "half_open":
+            other = rng.choice(peers + w.brokers)
+            link = (victim.id, other) if rng.random() < 0.5 else (other, victim.id)
+            w.net.cut(*link)
+            self._one_way.add(link)
+            w.at(w.now + length, self._uncut, [link])
+            return
+        # what ``src`` sends to the victim reaches ``wrong`` instead, for a while
+        src = rng.choice(peers + w.brokers)
+        wrong = rng.choice([n for n in peers if n != src] or peers)
+        if wrong == src:
+            return
+        w.net.misroute(src, victim.id, wrong)
+        w.at(w.now + length, self._unmisroute, src, victim.id)
+
+    def _unmisroute(self, src: str, dst: str) -> None:
+        self.w.trace.append((self.w.now, "UNMISROUTE", (src, dst)))
+        self.w.net.unmisroute(src, dst)
+
+    def _disk_fault(self, kind: str, victim: SimNode, length: float) -> None:
+        w = self.w
+        if kind in LOSSY and not self._may_lose(victim):
+            return
+        if kind == "disk_full":
+            victim.disk.full = True
+            w.at(w.now + length, self._disk_space, victim.id)
+        elif kind in ("torn_write", "snapshot_power_loss"):
+            if victim.up:
+                victim.disk.arm("torn" if kind == "torn_write" else "snapshot",
+                                w.fault_rng.random())
+                w.at(w.now + length, self._disarm, victim.id)
+        else:
+            if victim.up:
+                victim.crash()
+                w.at(w.now + length, self._restart, victim.id)
+            if kind == "lose_disk":
+                victim.lose_disk()
+            elif victim.disk.damage_snapshot():
+                victim.at_risk = True
+
+    def _may_lose(self, victim: SimNode) -> bool:
+        """A fault that may cost state is drawn only while the rest of the shard keeps
+        a whole majority: at most a minority is ever short of state."""
+        ids = self.w.shard_nodes[victim.shard_id]
+        short = {n for n in ids if not self.w.nodes[n].whole or self.w.nodes[n].at_risk}
+        return len(short | {victim.id}) <= (len(ids) - 1) // 2
+
+    def _disk_space(self, node_id: str) -> None:
+        self.w.trace.append((self.w.now, "DISK SPACE", node_id))
+        self.w.nodes[node_id].disk.full = False
+
+    def _disarm(self, node_id: str) -> None:
+        self.w.nodes[node_id].disk.armed = None
+
+    def powered_off(self, node: SimNode) -> None:
+        """The node lost power in the middle of a write (``SimDisk.arm``)."""
+        w = self.w
+        w.at(w.now + w.fault_rng.uniform(0.3, 4.0), self._restart, node.id)
 
     def _restart(self, node_id: str) -> None:
         w = self.w
         node = w.nodes[node_id]
         if not node.up:
             w.trace.append((w.now, "RESTART", node_id))
-            node.start()
+            if self._start(node) is not None:
+                w.at(w.now + REPAIR_S, self._repair, node_id)
+
+    def _start(self, node: SimNode) -> Refusal | None:
+        """Start ``node``; a refusal it had no reason for is a violation (invariant 9)."""
+        w = self.w
+        refusal = node.start()
+        if refusal is not None:
+            w.faults_log.append(f"{w.now:.2f}s {node.id} refuses to start: "
+                                f"{refusal.path} {refusal.reason}")
+            if node.whole and not node.at_risk:
+                w.violation(f"{node.id} cannot restart after faults within its fsync "
+                            f"policy's promise: {refusal.message()}")
+        return refusal
+
+    def _repair(self, node_id: str) -> None:
+        """The operator follows the refusal: the data dir is moved aside, the node
+        restarts empty (a non-voter until a leader re-admits it)."""
+        w = self.w
+        node = w.nodes[node_id]
+        if not node.up:
+            w.trace.append((w.now, "REPAIR", node_id))
+            node.at_risk = False
+            node.lose_disk()
+            self._start(node)
 
     def _uncut(self, links: list[tuple[str, str]]) -> None:
         w = self.w
@@ -139,8 +257,13 @@ class FaultPlan:
         self._one_way.clear()
         w.net.heal()
         w.net.config = NetConfig()
+        w.net.unmisroute_all()
         for node in w.nodes.values():
             node.paused_until = 0.0
-            if not node.up:
-                node.start()
+            node.disk.full = False
+            node.disk.armed = None
+            if not node.up and self._start(node) is not None:
+                node.at_risk = False
+                node.lose_disk()
+                self._start(node)
         w.trace.append((w.now, "HEAL ALL", None))

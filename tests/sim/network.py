@@ -11,6 +11,11 @@ sent *and* when it is due, so a cut also drops what was in flight (a cable pulle
 a queue paused). ``heal`` removes every cut. Endpoints not mentioned in a partition
 (the broker, clients) keep talking to everyone unless cut explicitly.
 
+A misroute (``misroute(src, dst, wrong)``) delivers what ``src`` sends to ``dst`` to
+``wrong`` instead, as a connection to an address that another node took over would;
+the receiver sees the true sender. For the availability check the link is cut
+(``blocked``). Misroutes are checked when a message is sent.
+
 Determinism: given the same seed and the same sequence of calls, the same deliveries
 come out in the same order (ties broken by a send counter).
 """
@@ -42,6 +47,7 @@ class NetStats:
     lost: int = 0
     cut: int = 0
     duplicated: int = 0
+    misrouted: int = 0
 
 
 class SimNetwork:
@@ -52,6 +58,7 @@ class SimNetwork:
         self._queue: list[tuple[float, int, str, str, Any]] = []
         self._counter = 0
         self._blocked: set[tuple[str, str]] = set()
+        self._misrouted: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ faults
 
@@ -78,8 +85,18 @@ class SimNetwork:
     def heal(self) -> None:
         self._blocked.clear()
 
+    def misroute(self, src: str, dst: str, wrong: str) -> None:
+        """Deliver what ``src`` sends to ``dst`` to ``wrong`` instead."""
+        self._misrouted[(src, dst)] = wrong
+
+    def unmisroute(self, src: str, dst: str) -> None:
+        self._misrouted.pop((src, dst), None)
+
+    def unmisroute_all(self) -> None:
+        self._misrouted.clear()
+
     def blocked(self, src: str, dst: str) -> bool:
-        return (src, dst) in self._blocked
+        return (src, dst) in self._blocked or (src, dst) in self._misrouted
 
     @property
     def partitioned(self) -> bool:
@@ -97,6 +114,9 @@ class SimNetwork:
 
     def send(self, src: str, dst: str, msg: Any, now: float) -> None:
         self.stats.sent += 1
+        if self._misrouted and (src, dst) in self._misrouted:
+            dst = self._misrouted[(src, dst)]
+            self.stats.misrouted += 1
         if (src, dst) in self._blocked:
             self.stats.cut += 1
             return

@@ -7,10 +7,15 @@ import random
 import pytest
 
 from tests.sim.clock import SimClock, SimClockError
-from tests.sim.disk import SimDisk
+from tests.sim.disk import PowerLoss, SimDisk
 from tests.sim.network import NetConfig, SimNetwork
+from tests.sim.restart import CLUSTER_ID, Restarted, recover
 from zkv.protocol.messages import Entry
 from zkv.storage_node.durable_state import HardState
+from zkv.storage_node.identity import Identity, IdentityState
+from zkv.storage_node.recovery import Refusal
+from zkv.storage_node.snapshot import snapshot_name
+from zkv.storage_node.wal import DiskFullError
 
 pytestmark = pytest.mark.unit
 
@@ -126,46 +131,175 @@ def _entries(lo: int, hi: int, term: int = 1) -> list[Entry]:
     return [Entry(term, i, b"x%d" % i) for i in range(lo, hi + 1)]
 
 
+def _recover(d: SimDisk, node: str = "n1"):
+    return recover(d, node, 0, d.fsync, f"{node}.new")
+
+
 def test_disk_always_survives_a_crash():
     d = SimDisk("always")
-    assert d.write(HardState(2, "n1"), None, _entries(1, 5)) == 5
+    d.save_hard_state(HardState(2, "n1"))
+    assert d.append(_entries(1, 5)) == 5
     d.crash()
-    img = d.recover()
-    assert img.hard_state == HardState(2, "n1") and img.last_index == 5
+    got = _recover(d)
+    assert isinstance(got, Restarted)
+    assert got.hard_state == HardState(2, "n1") and [e.index for e in got.entries] == [1, 2, 3, 4, 5]
 
 
-def test_disk_never_loses_the_unsynced_tail():
+def test_disk_never_loses_the_unsynced_tail_but_never_the_term_and_vote():
+    """Production fsyncs the hard state under every policy (durable_state.py); only WAL
+    records wait for the page cache."""
     d = SimDisk("never")
-    d.write(HardState(1, ""), None, _entries(1, 3))
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 3))
     d.flush()
-    d.write(HardState(2, "n2"), None, _entries(4, 6))
+    d.save_hard_state(HardState(2, "n2"))
+    d.append(_entries(4, 6))
     assert d.current.last_index == 6
     d.crash()
-    img = d.recover()
-    assert img.hard_state == HardState(1, "") and img.last_index == 3
+    got = _recover(d)
+    assert isinstance(got, Restarted)
+    assert got.hard_state == HardState(2, "n2") and got.entries[-1].index == 3
 
 
 def test_disk_truncates_and_overwrites():
     d = SimDisk()
-    d.write(None, None, _entries(1, 6))
-    assert d.write(None, 4, _entries(4, 5, term=2)) == 5
+    d.save_hard_state(HardState(2, ""))
+    d.append(_entries(1, 6))
+    d.truncate_from(4)
+    assert d.append(_entries(4, 5, term=2)) == 5
     assert [(e.index, e.term) for e in d.durable.log][-3:] == [(3, 1), (4, 2), (5, 2)]
     with pytest.raises(AssertionError):
-        d.write(None, None, _entries(9, 9))  # a gap is a shell/core bug
+        d.append(_entries(9, 9))  # a gap is a shell/core bug
 
 
-def test_disk_snapshot_compacts_or_replaces_the_log():
+def test_disk_snapshot_compacts_to_the_older_kept_one_or_replaces_the_log():
     d = SimDisk()
-    d.write(None, None, _entries(1, 10))
-    d.save_snapshot(6, 1, b"state", keep_log=True)
-    img = d.recover()
-    assert img.snapshot == (6, 1, b"state") and [e.index for e in img.log] == [7, 8, 9, 10]
-    d.save_snapshot(20, 3, b"leader's", keep_log=False)
-    img = d.recover()
-    assert img.log == [] and img.last_index == 20
-    assert d.write(None, None, _entries(21, 22, term=3)) == 22
+    d.save_hard_state(HardState(3, ""))
+    d.append(_entries(1, 10))
+    d.save_snapshot(4, 1, b"older")
+    d.save_snapshot(6, 1, b"state")
+    d.compact()  # down to the older kept snapshot (snapshot.compactable_index)
+    assert [e.index for e in d.durable.log] == [5, 6, 7, 8, 9, 10]
+    got = _recover(d)
+    assert isinstance(got, Restarted)
+    assert got.snapshot == (6, 1, b"state") and [e.index for e in got.entries] == [7, 8, 9, 10]
+    d.save_snapshot(20, 3, b"leader's")  # an install: the WAL restarts after it
+    d.reset(21)
+    assert [s.index for s in d.durable.snapshots] == [6, 20]
+    assert d.durable.log == [] and d.current.last_index == 20
+    assert d.append(_entries(21, 22, term=3)) == 22
     with pytest.raises(AssertionError):
-        d.write(None, 15, [])
+        d.truncate_from(15)
+
+
+def test_a_wal_that_lost_its_tail_below_the_snapshot_restarts_after_it():
+    """Issue 10 item 4 (fsync=never): a snapshot at 8 is durable, the WAL kept only 1..5.
+    Compaction never deletes the record being written to (``wal.py``), recovery restarts
+    the WAL after the snapshot, and the next append continues it."""
+    d = SimDisk("never")
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 5))
+    d.flush()
+    d.append(_entries(6, 10))
+    d.save_snapshot(8, 1, b"state")
+    d.compact()
+    d.crash()
+    assert [e.index for e in d.durable.log] == [5]
+    got = _recover(d)
+    assert isinstance(got, Restarted) and got.snapshot == (8, 1, b"state") and got.entries == []
+    assert d.append(_entries(9, 9)) == 9
+
+
+def test_a_torn_tail_is_dropped_by_the_production_reader():
+    d = SimDisk()
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 3))
+    d.arm("torn", 0.7)
+    with pytest.raises(PowerLoss):
+        d.append(_entries(4, 6))
+    assert d.durable.torn_tail and d.durable.log[-1].index == 5
+    d.crash()
+    got = _recover(d)
+    assert isinstance(got, Restarted) and got.torn
+    assert [e.index for e in got.entries] == [1, 2, 3, 4, 5] and not d.durable.torn_tail
+    assert d.append(_entries(6, 6)) == 6  # the WAL continues where the whole records end
+
+
+def test_a_lost_snapshot_rename_leaves_a_temp_file_that_recovery_removes():
+    d = SimDisk()
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 8))
+    d.arm("snapshot", 0.5)
+    with pytest.raises(PowerLoss):
+        d.save_snapshot(8, 1, b"state")
+    d.crash()
+    assert d.durable.temp_files and not d.durable.snapshots
+    got = _recover(d)
+    assert isinstance(got, Restarted) and got.snapshot is None and len(got.entries) == 8
+    assert d.durable.temp_files == []
+
+
+def test_a_full_disk_refuses_writes_and_changes_nothing():
+    d = SimDisk()
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 2))
+    d.full = True
+    for write in (lambda: d.append(_entries(3, 3)), lambda: d.save_hard_state(HardState(2, "")),
+                  lambda: d.save_snapshot(2, 1, b"s")):
+        with pytest.raises(DiskFullError):
+            write()
+    d.truncate_from(2)  # needs no space
+    assert d.durable.hard_state == HardState(1, "") and d.current.last_index == 1
+    d.full = False
+    assert d.append(_entries(2, 3)) == 3
+
+
+def test_a_damaged_snapshot_falls_back_or_refuses():
+    """Recovery is the production plan: an older snapshot plus the WAL covers a damaged
+    newest one; after an install (WAL emptied) nothing does, and the node refuses."""
+    d = SimDisk()
+    d.save_hard_state(HardState(1, ""))
+    d.append(_entries(1, 10))
+    d.save_snapshot(4, 1, b"older")
+    d.save_snapshot(8, 1, b"newer")
+    d.compact()
+    assert d.damage_snapshot() == 8
+    got = _recover(d)
+    assert isinstance(got, Restarted) and got.snapshot == (4, 1, b"older")
+    assert [e.index for e in got.entries] == [5, 6, 7, 8, 9, 10] and got.notes
+    d.save_snapshot(30, 2, b"installed")
+    d.reset(31)
+    d.damage_snapshot()
+    refused = _recover(d)
+    assert isinstance(refused, Refusal) and refused.path.name == snapshot_name(30)
+
+
+def test_a_lost_disk_restarts_as_a_waiting_non_voter():
+    d = SimDisk()
+    d.save_identity(Identity(CLUSTER_ID, 0, "n1", "n1.0", IdentityState.VOTER))
+    d.save_hard_state(HardState(4, "n2"))
+    d.append(_entries(1, 3, term=4))
+    got = _recover(d)
+    assert isinstance(got, Restarted) and got.identity.voter
+    d.wipe()
+    got = _recover(d)
+    assert isinstance(got, Restarted) and not got.identity.voter
+    assert got.identity.state is IdentityState.WAITING and got.identity.incarnation == "n1.new"
+    assert got.hard_state == HardState() and got.entries == []
+    assert d.durable.identity == got.identity  # recorded before the replica acts
+
+
+def test_network_misroutes_to_another_node_and_counts_as_cut():
+    net = SimNetwork(random.Random(9), NetConfig(spike_p=0))
+    net.misroute("n1", "n2", "n3")
+    net.send("n1", "n2", "meant for n2", now=0.0)
+    net.send("n2", "n1", "reverse", now=0.0)
+    got = sorted((dst, src, m) for _, src, dst, m in _drain(net))
+    assert got == [("n1", "n2", "reverse"), ("n3", "n1", "meant for n2")]
+    assert net.blocked("n1", "n2") and not net.blocked("n2", "n1") and net.stats.misrouted == 1
+    net.unmisroute_all()
+    net.send("n1", "n2", "fixed", now=1.0)
+    assert [(dst, m) for _, _, dst, m in _drain(net)] == [("n2", "fixed")]
 
 
 # --------------------------------------------------------------------------- production code
