@@ -24,15 +24,16 @@ quoted in the README ("Availability under faults").
 
 from __future__ import annotations
 
-import collections
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.containers.cluster import ContainerCluster, close_client, is_leader
+from tests.containers.cluster import ContainerCluster, close_client, is_leader, our_labels
 from tests.containers.workload import (
     Load,
     Sequencer,
@@ -65,6 +66,7 @@ class Phase:
     settled_at: float = 0.0
     end: float = 0.0
     note: str = ""
+    trace: str = ""
 
 
 # ----------------------------------------------------------------------------- settling
@@ -89,35 +91,35 @@ def _leaders(c: ContainerCluster, view: dict[str, dict[str, Any]]) -> dict[int, 
     return out
 
 
-def wait_settled(c: ContainerCluster, timeout_s: float) -> tuple[float, dict[int, str]]:
-    """Wait until both brokers name the same leader for every shard and every replica of
-    every shard, seen live by both brokers, has applied at least what its leader had
-    committed half a second earlier (writes go on meanwhile, so "caught up" is measured
-    against a slightly older commit index). Returns (time settled, leaders)."""
-    deadline = time.monotonic() + timeout_s
-    commits: collections.deque[tuple[float, dict[int, int]]] = collections.deque()
+def wait_settled(c: ContainerCluster, timeout_s: float) -> tuple[float, dict[int, str], str]:
+    """Wait until both brokers name the same leader for every shard, both hear every
+    replica live, and every replica has applied at least the commit index its shard's
+    leader reported in the first answer that named a leader (writes go on meanwhile, so
+    a fixed target: everything committed by then, the fault's backlog included).
+    Returns (time settled, leaders, the trace of what was still missing, with times)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    targets: dict[int, int] = {}
+    trace: list[str] = []
     why = "no status yet"
     while True:
-        now = time.monotonic()
         try:
             views = {b: _view(c, b) for b in c.brokers}
             by_broker = {b: _leaders(c, v) for b, v in views.items()}
             leaders = by_broker[c.brokers[0]]
             view = views[c.brokers[0]]
-            commits.append(
-                (now, {s: int(view[n].get("commit_index", 0)) for s, n in leaders.items()})
-            )
-            while len(commits) > 1 and commits[1][0] <= now - 0.5:
-                commits.popleft()
-            why = _unsettled(
-                c, views, by_broker, commits[0] if commits[0][0] <= now - 0.5 else None
-            )
-            if not why:
-                return time.monotonic(), leaders
+            for shard, leader in leaders.items():
+                targets.setdefault(shard, int(view[leader].get("commit_index", 0)))
+            now_why = _unsettled(c, views, by_broker, targets)
         except Exception as exc:  # a status call may time out while a broker recovers
-            why = repr(exc)
+            now_why = repr(exc)
+        if now_why != why:
+            trace.append(f"+{time.monotonic() - started:.2f}s {now_why or 'settled'}")
+            why = now_why
+        if not why:
+            return time.monotonic(), leaders, "; ".join(trace)
         if time.monotonic() > deadline:
-            raise AssertionError(f"cluster not settled after {timeout_s}s: {why}")
+            raise AssertionError(f"cluster not settled after {timeout_s}s: {'; '.join(trace)}")
         time.sleep(0.1)
 
 
@@ -125,7 +127,7 @@ def _unsettled(
     c: ContainerCluster,
     views: dict[str, dict[str, dict[str, Any]]],
     by_broker: dict[str, dict[int, str]],
-    older: tuple[float, dict[int, int]] | None,
+    targets: dict[int, int],
 ) -> str:
     for shard, names in c.nodes_by_shard.items():
         named = {b: ls.get(shard) for b, ls in by_broker.items()}
@@ -135,21 +137,37 @@ def _unsettled(
             missing = [n for n in names if n not in view]
             if missing:
                 return f"{b} does not hear {missing} live"
-        if older is None or shard not in older[1]:
-            return "waiting for a commit index half a second old"
-        target = older[1][shard]
         view = views[c.brokers[0]]
         behind = {
             n: view[n].get("applied_index")
             for n in names
-            if view[n].get("applied_index", -1) < target
+            if view[n].get("applied_index", -1) < targets[shard]
         }
         if behind:
-            return f"shard {shard}: behind commit {target}: {behind}"
+            return f"shard {shard}: behind commit {targets[shard]}: {behind}"
     return ""
 
 
 # ----------------------------------------------------------------------------- faults
+
+
+def _squatter_name(c: ContainerCluster) -> str:
+    return f"{c.name}-squatter"
+
+
+def squat(c: ContainerCluster) -> None:
+    """Put a bystander on the network while a node is off it. Docker hands out the
+    lowest free address, so the bystander takes the node's old one and the node comes
+    back at a new address; its peers' and the brokers' connections to the old address
+    now reach a host that answers with resets, as after a real move."""
+    c.docker.containers.run(
+        c.cfg.image, ["sleep", "600"], detach=True, init=True, network=c.name,
+        name=_squatter_name(c), labels=our_labels(cluster=c.name, member="squatter"),
+    )  # fmt: skip
+
+
+def unsquat(c: ContainerCluster) -> None:
+    c.docker.containers.get(_squatter_name(c)).remove(force=True)
 
 
 def _others(c: ContainerCluster, *keep: str) -> list[str]:
@@ -165,6 +183,7 @@ def apply_fault(c: ContainerCluster, p: Phase) -> None:
     elif p.name == "disconnect":
         p.note = f"ip {c.ip(t)}"
         c.disconnect(t)
+        squat(c)
     elif p.name == "isolate+broker1":
         c.iptables_drop(t, _others(c, t, "broker1"))
         c.iptables_drop("broker1", _others(c, t, "broker1"))
@@ -205,6 +224,18 @@ FAULTS = [
 # ----------------------------------------------------------------------------- the run
 
 
+def save_logs(c: ContainerCluster) -> None:
+    """With ``ZKV_FAULT_RUN_LOGS=dir``, keep every member's whole log there (to trace a
+    slow recovery: who stepped down, who campaigned, when)."""
+    where = os.environ.get("ZKV_FAULT_RUN_LOGS")
+    if not where:
+        return
+    Path(where).mkdir(parents=True, exist_ok=True)
+    for name, m in c.members.items():
+        logs = m.container.logs(stdout=True, stderr=True, timestamps=True)
+        (Path(where) / f"{name}.log").write_bytes(logs)
+
+
 def test_fault_run(
     cluster_factory: Callable[..., ContainerCluster], record_property: Callable[..., None]
 ) -> None:
@@ -222,9 +253,11 @@ def test_fault_run(
         return c.client(orders[next(turn) % 2], timeout_s=8)
 
     history = History()
-    load = Load(history, client, [*keys[0], *keys[1]], processes=4, name="run").start()
+    # One load per shard: a worker blocked on one shard must not stall the other's
+    # writes, or the unaffected shard's gap would only echo the affected one's.
+    loads = {s: Load(history, client, keys[s], processes=2, name=f"run{s}").start() for s in (0, 1)}
     seqs = {s: Sequencer(client, k).start() for s, k in seq_keys.items()}
-    _, leaders = wait_settled(c, timeout_s=SETTLE_S)
+    _, leaders, _ = wait_settled(c, timeout_s=SETTLE_S)
     time.sleep(STEADY_S)
 
     phases: list[Phase] = []
@@ -233,23 +266,29 @@ def test_fault_run(
             p = Phase(name, shard, leaders[shard])
             phases.append(p)
             p.fault_at = time.monotonic()
+            wall = time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}"
             apply_fault(c, p)
             time.sleep(max(0.0, p.fault_at + HOLD_S - time.monotonic()))
             heal_fault(c, p)
             p.healed_at = time.monotonic()
-            p.settled_at, leaders = wait_settled(c, timeout_s=SETTLE_S)
+            p.settled_at, leaders, p.trace = wait_settled(c, timeout_s=SETTLE_S)
+            if name == "disconnect":  # the old address stays taken until settled
+                unsquat(c)
             time.sleep(STEADY_S)
             p.end = time.monotonic()
             print(
-                f"{name} on {p.target} (shard {shard}) {p.note}: settled "
-                f"{p.settled_at - p.healed_at:.2f}s after heal, leaders now {leaders}"
+                f"{wall} {name} on {p.target} (shard {shard}) {p.note}: settled "
+                f"{p.settled_at - p.healed_at:.2f}s after heal, leaders now {leaders}\n"
+                f"    after heal: {p.trace}"
             )
     finally:
-        stats = load.stop()
+        stats = {s: ld.stop() for s, ld in loads.items()}
         last = {s: q.stop() for s, q in seqs.items()}
+        save_logs(c)
 
     print(
-        f"load: {stats.ops} ops, errors {dict(stats.errors)}; sequencers {last} "
+        f"load ops {[st.ops for st in stats.values()]}, errors "
+        f"{[dict(st.errors) for st in stats.values()]}; sequencers {last} "
         f"errors {[dict(q.errors) for q in seqs.values()]}"
     )
     print(
@@ -257,8 +296,8 @@ def test_fault_run(
     )
     rows = []
     for p in phases:
-        gap, began = longest_ack_gap(stats, keys[p.shard], p.fault_at, p.end)
-        other, _ = longest_ack_gap(stats, keys[1 - p.shard], p.fault_at, p.end)
+        gap, began = longest_ack_gap(stats[p.shard], keys[p.shard], p.fault_at, p.end)
+        other, _ = longest_ack_gap(stats[1 - p.shard], keys[1 - p.shard], p.fault_at, p.end)
         settle = p.settled_at - p.healed_at
         rows.append((p, gap, settle))
         tag = p.name.replace(" ", "_").replace("->", "_to_").replace("+", "_")
