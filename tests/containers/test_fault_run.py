@@ -24,6 +24,7 @@ quoted in the README ("Availability under faults").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -119,8 +120,51 @@ def wait_settled(c: ContainerCluster, timeout_s: float) -> tuple[float, dict[int
         if not why:
             return time.monotonic(), leaders, "; ".join(trace)
         if time.monotonic() > deadline:
-            raise AssertionError(f"cluster not settled after {timeout_s}s: {'; '.join(trace)}")
+            raise AssertionError(
+                f"cluster not settled after {timeout_s}s: {'; '.join(trace)}\n{diagnose(c)}"
+            )
         time.sleep(0.1)
+
+
+#: Every thread in a container: tid, (name), state (R running, S sleeping, D waiting on
+#: disk), and the kernel function it waits in (an fsync stuck on the storage shows here).
+THREADS = (
+    "for t in /proc/[0-9]*/task/[0-9]*; do "
+    "echo \"$(cut -d' ' -f1-3 $t/stat) $(cat $t/wchan 2>/dev/null)\"; done"
+)
+
+
+def diagnose(c: ContainerCluster) -> str:
+    """What each broker hears (role, term, indexes, heartbeat age) and each member's TCP
+    connections with their peers' current addresses: enough to tell which process
+    stopped talking to which."""
+    out = []
+    for b in c.brokers:
+        try:
+            rows = c.status(b)
+        except Exception as exc:  # the broker itself may be the problem
+            out.append(f"{b}: status failed: {exc!r}")
+            continue
+        out.append(f"{b} hears:")
+        out += [
+            f"  {r.get('node_id')} {r.get('role_name')} term={r.get('term')} "
+            f"leader={r.get('leader_id')} commit={r.get('commit_index')} "
+            f"applied={r.get('applied_index')} age_ms={r.get('age_ms')} "
+            f"voter={r.get('extra', {}).get('voter')}"
+            for r in rows
+        ]
+    ips = {}
+    for name in c.members:
+        with contextlib.suppress(Exception):
+            ips[c.ip(name)] = name
+    out.append(f"addresses: {ips}")
+    for name in c.members:
+        _, ss = c.exec(name, "ss -tn state all 2>&1 | tail -n +2")
+        for ip, who in ips.items():
+            ss = ss.replace(f"{ip}:", f"{who}({ip}):")
+        _, threads = c.exec(name, THREADS)
+        out.append(f"--- {name} sockets:\n{ss.rstrip()}\n--- {name} threads:\n{threads.rstrip()}")
+    return "\n".join(out)
 
 
 def _unsettled(
