@@ -139,11 +139,31 @@ THREADS = (
 )
 
 
+def dns_trouble(c: ContainerCluster) -> str:
+    """Empty if broker0 resolves every member's name through Docker's embedded DNS,
+    else what is wrong. Nodes find each other by name and resolve it again at every
+    reconnect, so a DNS that forgot the network strands whichever node reconnects next.
+    Seen here: a ``docker swarm init``/``leave`` by another session on the same daemon
+    wipes the records of every user-defined bridge network (moby/moby#45144, open for
+    Docker 20.10); the cluster then keeps its established connections and nothing
+    else."""
+    script = " ; ".join(f"getent hosts {m} >/dev/null || echo {m}" for m in c.members)
+    rc, out = c.exec(c.brokers[0], script)
+    missing = out.split()
+    if rc == 0 and not missing:
+        return ""
+    return (
+        f"Docker's embedded DNS on {c.name} no longer resolves {missing} from "
+        f"{c.brokers[0]}: nodes cannot reconnect by name (moby/moby#45144: a `docker "
+        "swarm init/leave` on this daemon wipes bridge networks' DNS records)"
+    )
+
+
 def diagnose(c: ContainerCluster) -> str:
     """What each broker hears (role, term, indexes, heartbeat age) and each member's TCP
     connections with their peers' current addresses: enough to tell which process
     stopped talking to which."""
-    out = []
+    out = [dns_trouble(c) or "Docker DNS resolves every member"]
     for b in c.brokers:
         try:
             rows = c.status(b)
@@ -325,6 +345,8 @@ def test_fault_run(
     phases: list[Phase] = []
     try:
         for name, shard in FAULTS:
+            trouble = dns_trouble(c)
+            assert not trouble, f"before {name}: {trouble}"
             p = Phase(name, shard, leaders[shard])
             phases.append(p)
             wall = time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}"
