@@ -20,22 +20,26 @@ acknowledged write on the affected shard (``longest_ack_gap``), from the fault t
 second after the cluster settled again. At the end the history must be linearizable and
 no acknowledged write lost. The figures are recorded as test properties, printed, and
 quoted in the README ("Availability under faults").
+
+Before each fault the run checks that Docker's DNS still resolves every member (nodes
+reconnect by name; see ``diagnose.dns_trouble``); a cluster that does not settle is
+described in the failure (``diagnose.diagnose``). ``ZKV_FAULT_RUN_LOGS=dir`` keeps every
+member's log; ``ZKV_FAULT_RUN_HOLD_S=n`` keeps a stuck cluster up n seconds to look at.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.containers.cluster import ContainerCluster, close_client, is_leader, our_labels
+from tests.containers.diagnose import diagnose, dns_trouble, save_logs
 from tests.containers.workload import (
     Load,
     Sequencer,
@@ -46,7 +50,8 @@ from tests.containers.workload import (
     ring_from_status,
 )
 
-pytestmark = [pytest.mark.containers, pytest.mark.timeout(300)]
+# func_only: a first run also builds the images (minutes), which is not the test's time
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(300, func_only=True)]
 
 ELECTION_MS = 1000
 HOLD_S = 3.0
@@ -129,67 +134,6 @@ def wait_settled(c: ContainerCluster, timeout_s: float) -> tuple[float, dict[int
                 time.sleep(hold_s)
             raise AssertionError(why)
         time.sleep(0.1)
-
-
-#: Every thread in a container: tid, (name), state (R running, S sleeping, D waiting on
-#: disk), and the kernel function it waits in (an fsync stuck on the storage shows here).
-THREADS = (
-    "for t in /proc/[0-9]*/task/[0-9]*; do "
-    "echo \"$(cut -d' ' -f1-3 $t/stat) $(cat $t/wchan 2>/dev/null)\"; done"
-)
-
-
-def dns_trouble(c: ContainerCluster) -> str:
-    """Empty if broker0 resolves every member's name through Docker's embedded DNS,
-    else what is wrong. Nodes find each other by name and resolve it again at every
-    reconnect, so a DNS that forgot the network strands whichever node reconnects next.
-    Seen here: a ``docker swarm init``/``leave`` by another session on the same daemon
-    wipes the records of every user-defined bridge network (moby/moby#45144, open for
-    Docker 20.10); the cluster then keeps its established connections and nothing
-    else."""
-    script = " ; ".join(f"getent hosts {m} >/dev/null || echo {m}" for m in c.members)
-    rc, out = c.exec(c.brokers[0], script)
-    missing = out.split()
-    if rc == 0 and not missing:
-        return ""
-    return (
-        f"Docker's embedded DNS on {c.name} no longer resolves {missing} from "
-        f"{c.brokers[0]}: nodes cannot reconnect by name (moby/moby#45144: a `docker "
-        "swarm init/leave` on this daemon wipes bridge networks' DNS records)"
-    )
-
-
-def diagnose(c: ContainerCluster) -> str:
-    """What each broker hears (role, term, indexes, heartbeat age) and each member's TCP
-    connections with their peers' current addresses: enough to tell which process
-    stopped talking to which."""
-    out = [dns_trouble(c) or "Docker DNS resolves every member"]
-    for b in c.brokers:
-        try:
-            rows = c.status(b)
-        except Exception as exc:  # the broker itself may be the problem
-            out.append(f"{b}: status failed: {exc!r}")
-            continue
-        out.append(f"{b} hears:")
-        out += [
-            f"  {r.get('node_id')} {r.get('role_name')} term={r.get('term')} "
-            f"leader={r.get('leader_id')} commit={r.get('commit_index')} "
-            f"applied={r.get('applied_index')} age_ms={r.get('age_ms')} "
-            f"voter={r.get('extra', {}).get('voter')}"
-            for r in rows
-        ]
-    ips = {}
-    for name in c.members:
-        with contextlib.suppress(Exception):
-            ips[c.ip(name)] = name
-    out.append(f"addresses: {ips}")
-    for name in c.members:
-        _, ss = c.exec(name, "ss -tn state all 2>&1 | tail -n +2")
-        for ip, who in ips.items():
-            ss = ss.replace(f"{ip}:", f"{who}({ip}):")
-        _, threads = c.exec(name, THREADS)
-        out.append(f"--- {name} sockets:\n{ss.rstrip()}\n--- {name} threads:\n{threads.rstrip()}")
-    return "\n".join(out)
 
 
 def _unsettled(
@@ -304,18 +248,6 @@ FAULTS = [
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def save_logs(c: ContainerCluster) -> None:
-    """With ``ZKV_FAULT_RUN_LOGS=dir``, keep every member's whole log there (to trace a
-    slow recovery: who stepped down, who campaigned, when)."""
-    where = os.environ.get("ZKV_FAULT_RUN_LOGS")
-    if not where:
-        return
-    Path(where).mkdir(parents=True, exist_ok=True)
-    for name, m in c.members.items():
-        logs = m.container.logs(stdout=True, stderr=True, timestamps=True)
-        (Path(where) / f"{name}.log").write_bytes(logs)
 
 
 def test_fault_run(
