@@ -639,13 +639,20 @@ class ContainerCluster:
         return int(rc), out.decode("utf-8", "replace")
 
     def iptables_drop(
-        self, name: str, from_names: Iterable[str], *, direction: str = "both"
+        self,
+        name: str,
+        from_names: Iterable[str],
+        *,
+        direction: str = "both",
+        addresses: dict[str, str] | None = None,
     ) -> None:
         """Drop traffic between ``name`` and each of ``from_names`` (in, out or both), by
-        rules inside ``name``. Other links stay up: a partial partition."""
+        rules inside ``name``. Other links stay up: a partial partition. ``addresses``
+        (member -> IP, looked up beforehand) saves one Docker call per member, so a
+        fault on a loaded machine takes effect at once rather than seconds later."""
         rules = []
         for other in from_names:
-            ip = self.ip(other)
+            ip = addresses[other] if addresses is not None else self.ip(other)
             if direction in ("both", "in"):
                 rules.append(f"iptables -w -A {IPTABLES_CHAIN} -s {ip} -j DROP")
             if direction in ("both", "out"):

@@ -246,3 +246,25 @@ def log_unavailability(label: str, fault_at: float, first_ack: float | None) -> 
     )
     print(f"{label}: unavailability window {window:.3f}s")
     return window
+
+
+def longest_ack_gap(
+    stats: LoadStats, keys: Iterable[str], start: float, end: float
+) -> tuple[float, float]:
+    """The longest window in [start, end] with no acknowledged write on ``keys``:
+    ``(length_s, began_at)``. The window is measured between acknowledgments (write
+    completions), from the last one at or before ``start`` (``start`` itself if there is
+    none) to ``end``: a shard that answers nothing from a fault until ``end`` counts
+    all of it. With several writers acknowledging every few ms in steady state, this is
+    the fault's unavailability plus at most one steady-state gap."""
+    wanted = set(keys)
+    times = sorted(a.completed for a in stats.acked_writes if a.key in wanted)
+    before = [t for t in times if t <= start]
+    points = [before[-1] if before else start]
+    points += [t for t in times if start < t <= end]
+    points.append(end)
+    best = (0.0, points[0])
+    for a, b in itertools.pairwise(points):
+        if b - a > best[0]:
+            best = (b - a, a)
+    return best
