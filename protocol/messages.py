@@ -358,11 +358,16 @@ class VoteRequest:
 
 @record
 class VoteReply:
+    """``candidate``: whom the vote is for. Two candidates can share a term, and a reply
+    that reaches the other one (a stale address now used by it) must not count there:
+    a candidate counts only votes naming it ("" from an older node: counted as before)."""
+
     TYPE: ClassVar[int] = 51
     term: int
     voter_id: str
     granted: bool
     pre_vote: bool = False
+    candidate: str = ""
 
 
 @record

@@ -72,14 +72,14 @@ class ReplicaElections(ReplicaState):
                 msg.last_log_index, msg.last_log_term
             )
             term = msg.term if grant else self.term
-            self._send(sender, VoteReply(term, self.node_id, grant, True))
+            self._send(sender, VoteReply(term, self.node_id, grant, True, msg.candidate_id))
             return
         if msg.term > self.term:
             if self._in_lease(now) and not msg.transfer:
                 return  # a live leader exists: ignore whole, keep our term
             self._become_follower(msg.term, "", now)
         if msg.term < self.term:
-            self._send(sender, VoteReply(self.term, self.node_id, False))
+            self._send(sender, VoteReply(self.term, self.node_id, False, False, msg.candidate_id))
             return
         grant = self.voted_for in ("", sender) and self._log_ok(
             msg.last_log_index, msg.last_log_term
@@ -87,10 +87,10 @@ class ReplicaElections(ReplicaState):
         if grant and self.voted_for != sender:
             self.voted_for = sender
             self._hard_state_dirty = True
-        self._send(sender, VoteReply(self.term, self.node_id, grant))
+        self._send(sender, VoteReply(self.term, self.node_id, grant, False, msg.candidate_id))
 
     def _on_prevote_reply(self, sender: str, msg: VoteReply, now: float) -> None:
-        if not self._prevote:
+        if not self._prevote or (msg.candidate and msg.candidate != self.node_id):
             return
         if msg.granted and msg.term == self._prevote_term:
             self._votes.add(sender)
@@ -125,6 +125,8 @@ class ReplicaElections(ReplicaState):
     def _on_vote_reply(self, sender: str, msg: VoteReply, now: float) -> None:
         if self.role is not Role.CANDIDATE or not msg.granted:
             return
+        if msg.candidate and msg.candidate != self.node_id:
+            return  # a vote for another candidate, delivered here: never ours
         self._votes.add(sender)
         if self._won():
             self._become_leader(now)

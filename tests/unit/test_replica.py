@@ -284,3 +284,41 @@ def test_a_voter_ignores_appends_from_a_node_outside_its_group() -> None:
                              last + 1, 0)
     b.step("zz", stranger, g.now)
     assert b.term == term and b.last_index == last and b.leader_id == "a"
+
+
+def _candidate_in_term_2(name: str = "c") -> Replica:
+    core = Replica(ReplicaConfig(name, MEMBERS), HardState(1, ""), [])
+    core.campaign(10.0)  # a pre-vote round first
+    core.step("b", VoteReply(2, "b", True, True, name), 10.0)
+    assert core.role is Role.CANDIDATE and core.term == 2
+    return core
+
+
+def test_a_vote_for_another_candidate_delivered_here_does_not_count() -> None:
+    """Two candidates in term 2; b votes for a, but its reply reaches c (a stale address
+    c now answers on): c must not count it, or c would lead with b's vote for a."""
+    c = _candidate_in_term_2()
+    c.step("b", VoteReply(2, "b", True, False, "a"), 10.0)
+    assert c.role is Role.CANDIDATE
+    c.step("b", VoteReply(2, "b", True, False, "c"), 10.0)
+    assert c.role is Role.LEADER
+
+
+def test_a_pre_vote_for_another_candidate_does_not_count_either() -> None:
+    core = Replica(ReplicaConfig("c", MEMBERS), HardState(1, ""), [])
+    core.campaign(10.0)
+    core.step("b", VoteReply(2, "b", True, True, "a"), 10.0)
+    assert core.role is Role.FOLLOWER and core.term == 1
+
+
+def test_vote_replies_name_the_candidate_they_answer() -> None:
+    core = Replica(ReplicaConfig("a", MEMBERS), HardState(1, ""), [])
+    core.step("b", VoteRequest(2, "b", 0, 0), 10.0)
+    replies = [m for _, m in core.ready().messages if isinstance(m, VoteReply)]
+    assert replies and all(m.candidate == "b" for m in replies)
+
+
+def test_a_vote_from_an_older_node_without_a_candidate_still_counts() -> None:
+    c = _candidate_in_term_2()
+    c.step("b", VoteReply(2, "b", True, False), 10.0)
+    assert c.role is Role.LEADER
