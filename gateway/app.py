@@ -79,19 +79,21 @@ def _response(reply: Reply) -> Response:
 
 def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                metrics_enabled: bool = True, fast_path: bool = True,
-               freeze_gc: bool = False) -> GatewayApp:
+               freeze_gc: bool = False, keys: str | None = None) -> GatewayApp:
     """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two).
     ``freeze_gc``: once started, move every object then alive (FastAPI's and pydantic's
     models, the app: tens of thousands) out of the collector's reach (``gc.freeze``),
     so the full collections that requests' garbage triggers do not walk them again each
-    time; for a server process, where they live as long as it does."""
+    time; for a server process, where they live as long as it does. ``keys``: the
+    client identity dir the gateway presents to secure brokers (``zkv keys generate``);
+    None for a plaintext cluster."""
     metrics = GatewayMetrics()
     history = History(metrics)
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        kv = AsyncKVClient(endpoints, timeout_s=timeout_s)
+        kv = AsyncKVClient(endpoints, timeout_s=timeout_s, keys=keys)
         state["kv"] = kv
         if freeze_gc:
             gc.collect()
@@ -203,4 +205,5 @@ def app_from_env() -> GatewayApp:
         timeout_s=float(os.environ.get("ZKV_GATEWAY_TIMEOUT_S") or DEFAULT_TIMEOUT_S),
         metrics_enabled=os.environ.get("ZKV_GATEWAY_METRICS", "1") != "0",
         freeze_gc=True,
+        keys=os.environ.get("ZKV_KEYS") or None,
     )

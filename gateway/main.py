@@ -2,8 +2,12 @@
 
 Each worker is a process with its own ``AsyncKVClient`` (``app.app_from_env``), so the
 settings travel through the environment: ``ZKV_ENDPOINT``, ``ZKV_GATEWAY_TIMEOUT_S``,
-``ZKV_GATEWAY_METRICS``. The global ``--timeout`` is the cluster deadline per HTTP request. With ``--workers`` > 1, prometheus_client's multiprocess mode
-gets a fresh directory (``PROMETHEUS_MULTIPROC_DIR``) for the life of the gateway.
+``ZKV_GATEWAY_METRICS``, and ``ZKV_KEYS`` (the global ``--keys``: the client identity
+the gateway presents to a secure cluster; without it, it would speak plaintext to Curve
+brokers, which drop the connection, and every request would time out). The global
+``--timeout`` is the cluster deadline per HTTP request. With ``--workers`` > 1,
+prometheus_client's multiprocess mode gets a fresh directory
+(``PROMETHEUS_MULTIPROC_DIR``) for the life of the gateway.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def run_cli(args: argparse.Namespace, endpoint: str) -> int:
     os.environ["ZKV_ENDPOINT"] = endpoint
     os.environ["ZKV_GATEWAY_TIMEOUT_S"] = str(args.timeout)
     os.environ["ZKV_GATEWAY_METRICS"] = "0" if args.no_metrics else "1"
+    keys = getattr(args, "keys_dir", None)
+    if keys:
+        os.environ["ZKV_KEYS"] = str(keys)
+    else:
+        os.environ.pop("ZKV_KEYS", None)
     prom_dir = None
     if args.workers > 1:
         prom_dir = tempfile.mkdtemp(prefix="zkv-gateway-metrics-")

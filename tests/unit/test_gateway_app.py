@@ -103,3 +103,51 @@ def test_fast_path_and_fastapi_routes_answer_alike() -> None:
     assert "version is 3" in fast[11][1]
     metrics = app.state.metrics.exposition()[0].decode()
     assert 'zkv_gateway_requests_total{code="412",op="put",route="kv"} 2.0' in metrics
+
+
+
+def test_gateway_presents_the_client_keys_of_zkv_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zkv --keys DIR gateway`` (ZKV_KEYS in a container) reaches each worker's
+    client: without it the gateway of a secure cluster spoke plaintext to Curve brokers
+    and every request timed out."""
+    import argparse
+    import gc
+    import os
+
+    import uvicorn
+
+    from zkv.gateway import app as gwapp
+    from zkv.gateway import main as gwmain
+
+    made: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __init__(self, endpoints: Any, **kw: Any) -> None:
+            made.append(kw)
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(gwapp, "AsyncKVClient", Recorder)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    for var in ("ZKV_KEYS", "ZKV_ENDPOINT", "ZKV_GATEWAY_TIMEOUT_S", "ZKV_GATEWAY_METRICS"):
+        monkeypatch.delenv(var, raising=False)  # run_cli sets them; undone at the end
+
+    async def start_and_stop() -> None:
+        app = gwapp.app_from_env()
+        try:
+            async with app.fastapi.router.lifespan_context(app.fastapi):
+                pass
+        finally:
+            gc.unfreeze()
+
+    args = argparse.Namespace(timeout=5.0, no_metrics=False, workers=1, host="127.0.0.1",
+                              port=8000, log_level="warning", keys_dir="/keys/client")
+    assert gwmain.run_cli(args, "tcp://127.0.0.1:1") == 0
+    asyncio.run(start_and_stop())
+    assert made[-1]["keys"] == "/keys/client"
+    args.keys_dir = None
+    assert gwmain.run_cli(args, "tcp://127.0.0.1:1") == 0
+    assert "ZKV_KEYS" not in os.environ
+    asyncio.run(start_and_stop())
+    assert made[-1]["keys"] is None
