@@ -9,8 +9,15 @@ longer be placed, the spare s0r3 (compose/docker-stack.spares.yml) gets a labell
 and ``zkv admin replace-replica 0 s0r1 --node-id s0r3`` makes it a voter in s0r1's
 place, with every key still there.
 
+Last, s1r2's volume is wiped under it (same host, empty disk): it comes back as a
+non-voter and the leader re-admits it with its new incarnation, as the README says.
+
+Secure, because that is the stack's multi-machine form. Brokers and gateway are
+published in host mode and services resolve by dnsrr: the routing mesh and VIPs need
+IPVS, which the test machine's kernel lacks.
+
 The engine is left as it was found: the test runs only on an engine in no swarm
-(otherwise it skips and says so), ``docker swarm init`` s it, and in ``finally``
+(otherwise it skips and says so), makes one with ``docker swarm init``, and in ``finally``
 removes the stack, waits for its containers and networks to go, removes its volumes,
 leaves the swarm and removes the ``docker_gwbridge`` network the swarm created. The
 node carries our sweep labels, so a swarm left by a killed run is recognised (its
@@ -93,6 +100,7 @@ def single_node_swarm(client: docker.DockerClient) -> Iterator[str]:
         yield node_id
     finally:
         _docker("swarm", "leave", "--force", check=False)
+        _remove_volumes(client)  # if removing the stack failed before it got to them
         if not had_gwbridge:
             _remove_gwbridge(client)
 
@@ -123,16 +131,27 @@ def _remove_stack(client: docker.DockerClient, wait_s: float = 120) -> None:
     flt = {"label": f"{NAMESPACE}={STACK}"}
     deadline = time.monotonic() + wait_s
     while True:
-        containers = client.containers.list(all=True, filters=flt)
+        # sparse: no inspect per container, which fails for one removed meanwhile
+        containers = client.containers.list(all=True, sparse=True, filters=flt)
         networks = client.networks.list(filters=flt)
         if not containers and not networks:
             break
         if time.monotonic() > deadline:
-            raise AssertionError(f"stack {STACK} left {[c.name for c in containers]} and "
+            raise AssertionError(f"stack {STACK} left {[c.id[:12] for c in containers]} and "
                                  f"{[n.name for n in networks]} after {wait_s:g}s")
         for net in networks if not containers else []:
             with contextlib.suppress(docker.errors.APIError):
                 net.remove()
+        time.sleep(1.0)
+    _remove_volumes(client)
+
+
+def _remove_volumes(client: docker.DockerClient) -> None:
+    """The stack's volumes (``stack rm`` leaves them), once no container uses them."""
+    flt = {"label": f"{NAMESPACE}={STACK}"}
+    for _ in range(30):
+        if not client.containers.list(all=True, sparse=True, filters=flt):
+            break
         time.sleep(1.0)
     for vol in client.volumes.list(filters=flt):
         with contextlib.suppress(docker.errors.APIError):
@@ -175,11 +194,20 @@ def _converged(kv: Any, nodes: set[str]) -> bool:
     return {n["node_id"] for n in status} >= nodes and leaders == {0, 1}
 
 
+def _node(kv: Any, node_id: str) -> dict[str, Any]:
+    """``node_id``'s status entry, with its ``extra`` (membership, incarnation) inlined."""
+    node = next(n for n in cl.status_nodes(kv.status()) if n["node_id"] == node_id)
+    return {**node, **(node.get("extra") or {})}
+
+
 def _logs(client: docker.DockerClient) -> str:
     out = []
-    for c in client.containers.list(all=True, filters={"label": f"{NAMESPACE}={STACK}"}):
-        with contextlib.suppress(Exception):
-            out.append(f"--- {c.name}\n{c.logs(tail=25).decode(errors='replace')}")
+    with contextlib.suppress(Exception):  # containers come and go while we read
+        for c in client.containers.list(all=True, sparse=True,
+                                        filters={"label": f"{NAMESPACE}={STACK}"}):
+            with contextlib.suppress(Exception):
+                name = c.attrs.get("Names", [c.id])[0]
+                out.append(f"--- {name}\n{c.logs(tail=25).decode(errors='replace')}")
     return "\n".join(out)
 
 
@@ -250,7 +278,7 @@ def test_swarm_stack_secure_put_get_and_replace_a_lost_host(
             _docker("node", "update", "--label-rm", "zkv.s0r1", node_id)
             _docker("service", "update", "--detach", "--force", f"{STACK}_s0r1")
             _wait("s0r1 gone", 60, lambda: not docker_client.containers.list(
-                filters={"label": f"com.docker.swarm.service.name={STACK}_s0r1"}))
+                sparse=True, filters={"label": f"com.docker.swarm.service.name={STACK}_s0r1"}))
             _docker("node", "update", "--label-add", "zkv.s0r3=true", node_id)
             deploy(*FILES, "docker-stack.spares.yml")
             zkv = str(cl.REPO_ROOT / ".venv" / "bin" / "zkv")
@@ -272,12 +300,34 @@ def test_swarm_stack_secure_put_get_and_replace_a_lost_host(
             assert kv.get("swarm-after") == b"replaced"
             # s1r3 has no labelled host: its task waits, and nothing else moved
             assert not docker_client.containers.list(
-                filters={"label": f"com.docker.swarm.service.name={STACK}_s1r3"})
+                sparse=True, filters={"label": f"com.docker.swarm.service.name={STACK}_s1r3"})
+
+            # same host, empty volume: s1r2 restarts with a wiped data dir (and its
+            # --bootstrap); it must not found or vote, and comes back as a voter with a
+            # new incarnation once the leader has re-admitted it
+            t2 = time.monotonic()
+            old_inc = _node(kv, "s1r2").get("incarnation")
+            _docker("service", "scale", "--detach", f"{STACK}_s1r2=0")
+            _wait("s1r2 stopped", 60, lambda: not docker_client.containers.list(
+                sparse=True, filters={"label": f"com.docker.swarm.service.name={STACK}_s1r2"}))
+            docker_client.containers.run(
+                zkv_image, ["find", "/data", "-mindepth", "1", "-delete"], remove=True,
+                volumes={f"{STACK}_s1r2-data": {"bind": "/data", "mode": "rw"}},
+                labels=cl.our_labels())
+            _docker("service", "scale", "--detach", f"{STACK}_s1r2=1")
+            back = _wait("s1r2 re-admitted with a new incarnation", 120, lambda: (
+                (n := _node(kv, "s1r2")).get("membership") == "voter"
+                and n.get("incarnation") not in (None, old_inc) and n))
+            readmit_s = time.monotonic() - t2
+            assert [kv.get(f"swarm-{i}") for i in range(20)] == [
+                f"v{i}".encode() for i in range(20)]
             record_property("swarm_boot_s", round(booted_s, 1))
             record_property("swarm_replace_s", round(replaced_s, 1))
+            record_property("swarm_readmit_s", round(readmit_s, 1))
             print(f"swarm stack {STACK}: put/get {booted_s:.1f}s after deploy; s0r1 "
                   f"replaced by s0r3 in {replaced_s:.1f}s; replace-replica said: "
-                  f"{(proc.stdout + proc.stderr).strip()!r}")
+                  f"{(proc.stdout + proc.stderr).strip()!r}; s1r2 on a wiped volume re-admitted "
+                  f"in {readmit_s:.1f}s ({back.get('incarnation')} was {old_inc})")
         except BaseException:
             print(_logs(docker_client))
             raise
