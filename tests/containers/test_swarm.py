@@ -78,6 +78,9 @@ def _leave_a_dead_runs_swarm(client: docker.DockerClient) -> None:
         if len(nodes) == 1 and labels.get(f"{cl.LABEL}.swarm") == "1" and cl._owner_dead(labels):
             _remove_stack(client)
             _docker("swarm", "leave", "--force", check=False)
+            _remove_volumes(client)
+            if labels.get(f"{cl.LABEL}.gwbridge") == "made":
+                _remove_gwbridge(client)
 
 
 @contextlib.contextmanager
@@ -93,7 +96,8 @@ def single_node_swarm(client: docker.DockerClient) -> Iterator[str]:
     _docker("swarm", "init", "--advertise-addr", "127.0.0.1")
     try:
         node_id = str(client.info()["Swarm"]["NodeID"])
-        labels = {**cl.our_labels(swarm="1"),
+        made = {"gwbridge": "found" if had_gwbridge else "made"}
+        labels = {**cl.our_labels(swarm="1", **made),
                   **{f"zkv.{n}": "true" for n in ["broker0", "broker1", "gateway", *NODES]}}
         _docker("node", "update", *(a for k, v in labels.items()
                                     for a in ("--label-add", f"{k}={v}")), node_id)
