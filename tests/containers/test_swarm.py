@@ -78,6 +78,8 @@ def _leave_a_dead_runs_swarm(client: docker.DockerClient) -> None:
         if len(nodes) == 1 and labels.get(f"{cl.LABEL}.swarm") == "1" and cl._owner_dead(labels):
             _remove_stack(client)
             _docker("swarm", "leave", "--force", check=False)
+            _wait("the engine out of the dead run's swarm", 30,
+                  lambda: _swarm_state(client) == "inactive")
             _remove_volumes(client)
             if labels.get(f"{cl.LABEL}.gwbridge") == "made":
                 _remove_gwbridge(client)
