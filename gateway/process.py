@@ -39,8 +39,11 @@ def port_free(host: str, port: int) -> bool:
 class GatewayProcess:
     def __init__(self, endpoint: str, port: int, *, host: str = "127.0.0.1", workers: int = 1,
                  log_path: Path | None = None, extra_args: tuple[str, ...] = (),
-                 timeout_s: float | None = None, python: str = sys.executable) -> None:
+                 timeout_s: float | None = None, python: str = sys.executable,
+                 keys: Path | None = None) -> None:
+        """``keys``: the client identity dir the gateway presents to a secure cluster."""
         self.endpoint, self.port, self.host, self.workers = endpoint, port, host, workers
+        self.keys = keys
         self.log_path = log_path
         self.extra_args = extra_args
         self.timeout_s = timeout_s
@@ -56,6 +59,8 @@ class GatewayProcess:
         argv = [self.python, "-m", "zkv.client.cli", "--endpoint", self.endpoint]
         if self.timeout_s is not None:
             argv += ["--timeout", str(self.timeout_s)]
+        if self.keys is not None:
+            argv += ["--keys", str(self.keys)]
         return argv + ["gateway", "--host", self.host, "--port", str(self.port),
                        "--workers", str(self.workers), *self.extra_args]
 

@@ -123,7 +123,8 @@ def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
 
     gw = GatewayProcess(cluster.endpoint, args.http_port, host=cluster.host,
                         workers=args.http_workers,
-                        log_path=cluster.data_dir / "logs" / "gateway.log")
+                        log_path=cluster.data_dir / "logs" / "gateway.log",
+                        keys=cluster.client_keys)
     why = gw.start()
     if why is None and not gw.wait_healthy():
         gw.stop()

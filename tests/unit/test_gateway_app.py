@@ -151,3 +151,16 @@ def test_gateway_presents_the_client_keys_of_zkv_keys(monkeypatch: pytest.Monkey
     assert "ZKV_KEYS" not in os.environ
     asyncio.run(start_and_stop())
     assert made[-1]["keys"] is None
+
+
+def test_gateway_process_passes_the_client_keys() -> None:
+    """``zkv cluster up --secure`` starts its gateway with the cluster's client key
+    (it started it without, so the gateway of a secure local cluster answered nothing)."""
+    from pathlib import Path
+
+    from zkv.gateway.process import GatewayProcess
+
+    argv = GatewayProcess("tcp://127.0.0.1:1", 8000, keys=Path("/k/client")).argv()
+    assert argv[argv.index("--keys") + 1] == "/k/client"
+    assert argv.index("--keys") < argv.index("gateway")  # a global option of zkv
+    assert "--keys" not in GatewayProcess("tcp://127.0.0.1:1", 8000).argv()
