@@ -1,7 +1,8 @@
 """The broker's liveness side: heartbeats in; campaigns, ``Heard`` and logs out.
 
 A mixin of ``BrokerServer``. Heartbeats from the SUB socket go to the node table (with
-keys, only a heartbeat whose key names its node counts). Once per heartbeat interval,
+keys, only a heartbeat whose key names its node counts, and the member keys it reports
+are learned: ``learned_keys.py``). Once per heartbeat interval,
 ``housekeeping`` ticks the table (expiry, leader changes) and the failure detector,
 sends the campaign requests it decides and ``Heard`` to every node heard lately (a
 leader that no broker confirms steps down: ``failure_detector.py``), logs what changed
@@ -55,6 +56,9 @@ class BrokerLiveness:
         _warn_front: WarningLimiter
 
         def _log_reroutes(self, now: float) -> None: ...
+        def _expire_fanouts(self, now: float) -> None: ...
+
+        def _learn_keys(self, sender: str | None, hb: Heartbeat) -> None: ...
 
     def _drain_heartbeats(self, now: float) -> None:
         recv = self.heartbeats.recv_multipart
@@ -82,6 +86,8 @@ class BrokerLiveness:
                 self._warn_hb.warn(now, "heartbeats: {!r} claims to be {!r}: ignored",
                                    sender, hb.node_id[:64])
                 continue
+            if self.secure:
+                self._learn_keys(sender, hb)
             try:
                 observe(hb, now)
             except Exception as exc:  # a table bug must not take the broker down
@@ -113,6 +119,7 @@ class BrokerLiveness:
         for limiter in (self._warn_back, self._warn_hb, self._warn_front):
             limiter.flush(now)
         self.stats.timer.expire(now)
+        self._expire_fanouts(now)  # batches and scans a node never answered (fanout.py)
         self.stats.publish(router, self.table, self.replies_dropped, self.rerouted)
 
     def _confirm(self, now: float) -> None:

@@ -55,6 +55,10 @@ class NodeControl:
         _reroutes_logged_at: float
 
         def _reply(self, client: zmq.Frame | bytes, frames: list[bytes]) -> None: ...
+        def is_part_ident(self, ident: bytes) -> bool: ...
+        def _on_part_reply(
+            self, node: bytes, ident: bytes, frames: list[bytes], now: float
+        ) -> None: ...
         def _forward_batch(
             self, node: bytes, items: list[tuple[bytes, ...]], now: float
         ) -> None: ...
@@ -89,6 +93,9 @@ class NodeControl:
         for item in batch.items:
             if len(item) < 2 or not item[0]:
                 self._warn_back.warn(now, "backend: dropped a malformed batched reply")
+                continue
+            if self.is_part_ident(item[0]):  # a batch's or scan's part: fanout_shell.py
+                self._on_part_reply(node.bytes, item[0], list(item[1:]), now)
                 continue
             try:
                 send(item[0][1:] if secure else item[0], _SNDMORE_NOBLOCK)

@@ -15,6 +15,10 @@ Theory of operation:
   count, not a client request; the request id is recovered best-effort with
   ``request_id_of``), ``TOO_LARGE`` (key over ``key_bytes_max``, value over
   ``value_bytes_max``, or a header too long to hold only a key and small fields).
+- Batches and scans (``protocol.multikey``) are answered ``FAN_OUT``: the shell hands
+  them to the fan-out table (``fanout.py``), which keeps what per-request state they
+  need. Their headers may be up to ``MULTI_REQUEST_BYTES_MAX`` long (the type is peeked
+  before unpacking, so a single-key request still cannot send a huge header).
 - The router keeps no per-request state; the only state is the STALE round-robin counter.
 
 Re-routing (``reroute``): a node refuses a data request for a key its ring gives another
@@ -39,7 +43,7 @@ from collections.abc import Sequence
 from zkv.broker.node_table import NodeTable
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
-from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
+from zkv.protocol.limits import KEY_BYTES_MAX, MULTI_REQUEST_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
     ADMIN_REQUEST_TYPES,
     DATA_REQUEST_TYPES,
@@ -53,6 +57,7 @@ from zkv.protocol.messages import (
     StatusReply,
     StatusRequest,
 )
+from zkv.protocol.multikey import FANOUT_REQUEST_TYPES, peek_type
 
 #: Room in a data request header beside the key: client id, request id, small ints.
 HEADER_OVERHEAD_BYTES = 4096
@@ -62,9 +67,14 @@ _GET = GetRequest.TYPE
 _STALE = int(Consistency.STALE)
 
 _route_fields = codec.route_fields
-_COUNTED_TYPES = DATA_REQUEST_TYPES | ADMIN_REQUEST_TYPES | {PingRequest.TYPE, StatusRequest.TYPE}
+_COUNTED_TYPES = (DATA_REQUEST_TYPES | ADMIN_REQUEST_TYPES | FANOUT_REQUEST_TYPES
+                  | {PingRequest.TYPE, StatusRequest.TYPE})
 
 RouteResult = bytes | list[bytes] | None
+#: ``route``'s answer for a batch or a scan: the shell hands it to the fan-out table
+#: (``fanout.py``). Compared by identity, never sent.
+FAN_OUT: list[bytes] = []
+_FANOUT_TYPES = FANOUT_REQUEST_TYPES
 
 
 class Router:
@@ -109,7 +119,9 @@ class Router:
         if n != 2 and n != 3:
             return self._bad(frames[1] if n > 1 else b"", "expected [header] or [header, blob]")
         header = frames[1]
-        if len(header) > self._header_bytes_max:
+        if len(header) > self._header_bytes_max and (
+                peek_type(header) not in _FANOUT_TYPES
+                or len(header) > MULTI_REQUEST_BYTES_MAX + HEADER_OVERHEAD_BYTES * 4):
             return self._too_large(header, "header too large")
         try:
             kind, key, consistency = _route_fields(header)
@@ -120,6 +132,8 @@ class Router:
         except KeyError:
             self.op_counts[-1] += 1
         if kind not in DATA_REQUEST_TYPES:
+            if kind in _FANOUT_TYPES:
+                return FAN_OUT if n == 2 else self._bad(header, "unexpected value frame")
             if kind in ADMIN_REQUEST_TYPES:
                 return self._admin(header)
             return self._local(kind, frames, now)

@@ -19,7 +19,8 @@ Batching: the requests for one node taken in one drain of the frontend travel as
 ``ReplyBatch``. Each zmq message costs several microseconds of Python and syscalls on
 both sides; a batch costs about half a microsecond per item.
 
-Redirects and reply batches from nodes: ``node_control.py``; heartbeats and the
+Replies from nodes: ``backend_relay.py``; redirects and reply batches from nodes:
+``node_control.py``; heartbeats and the
 per-interval housekeeping: ``housekeeping.py``; keys and role stamps:
 ``server_security.py``; settings and bounds: ``config.py``; warnings: ``bad_input.py``.
 
@@ -40,13 +41,16 @@ from typing import Any
 import zmq
 from loguru import logger
 
+from zkv.broker.backend_relay import BackendRelay
 from zkv.broker.bad_input import WarningLimiter, discard_rest
 from zkv.broker.config import BATCH_MAX, CLIENT_QUEUE_MAX, FORWARD_BATCH_MAX, HWM, BrokerConfig
 from zkv.broker.failure_detector import FailureDetector
+from zkv.broker.fanout import PART_IDENT_BYTES, FanOutTable
+from zkv.broker.fanout_shell import FanOutShell
 from zkv.broker.housekeeping import BrokerLiveness
 from zkv.broker.node_control import NodeControl
 from zkv.broker.node_table import NodeTable
-from zkv.broker.router import Router
+from zkv.broker.router import FAN_OUT, Router
 from zkv.broker.server_security import BrokerSecurity, stamp, unstamp
 from zkv.broker.stats import BrokerStats
 from zkv.protocol import codec
@@ -64,7 +68,7 @@ _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 _EHOSTUNREACH = zmq.EHOSTUNREACH
 
 
-class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
+class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness, FanOutShell, BackendRelay):
     """Owns the three sockets; ``bind()``, then ``run()`` until ``stop()``; ``close()``."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
@@ -94,6 +98,10 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
         curve = self._start_security() if config.keys_dir is not None else None
         #: secure: requests go to nodes under a role-stamped client ident (``stamp``)
         self.secure = curve is not None
+        #: batches and scans in flight (fanout.py): the broker's only per-request state;
+        #: a reply whose ident has this length may be a part's (a cheap first test)
+        self.fanout = FanOutTable(config.key_bytes_max)
+        self.part_ident_len = PART_IDENT_BYTES + (1 if self.secure else 0)
         self.frontend = self._router_socket(config.client_queue_max)
         self.backend = self._router_socket(config.hwm)
         self.heartbeats = self._ctx.socket(zmq.SUB)
@@ -267,6 +275,8 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
                     forward(head, _SNDMORE_NOBLOCK)
                     forward(msg[2], _NOBLOCK)
                 self.stats.timer.sent(dest, 1, now)
+            elif dest is FAN_OUT:  # a batch or a scan: fanout_shell.py
+                self._fan_out(client, msg[1], now)
             elif dest is not None:
                 self._reply(client, dest)
 
@@ -315,57 +325,6 @@ class BrokerServer(BrokerSecurity, NodeControl, BrokerLiveness):
             self._warn_back.warn(now, "backend: cannot forward to {!r}: {}", node, exc)
             frames = self.router.unavailable(header, "cannot forward")
         self._reply(client, frames)
-
-    def _drain_backend(self, now: float) -> None:
-        # Replies stream through part by part, never decoded: [node, client, reply...].
-        answered: dict[bytes, int] = {}  # single replies per node, timed once per drain
-        try:
-            self._drain_backend_into(now, answered)
-        finally:
-            stats = self.stats
-            for node, n in answered.items():
-                stats.timer.answered(node, n, now)
-                stats.relayed += n
-
-    def _drain_backend_into(self, now: float, answered: dict[bytes, int]) -> None:
-        sock = self.backend
-        recv = sock.recv
-        send = self.frontend.send
-        for _ in range(self.config.batch_max):
-            try:
-                node = recv(_NOBLOCK, False)
-            except zmq.Again:
-                return
-            if not node.more:
-                self._warn_back.warn(now, "backend: dropped a bare routing id {!r}", node.bytes[:64])
-                continue
-            client = recv(_NOBLOCK, False)
-            if self.secure and not self._from_node(node, client, now):
-                continue
-            if client.more and not len(client):
-                self._on_node_control(node, recv(_NOBLOCK, False), now)
-                continue
-            if not client.more or not len(client):
-                parts = 2 + discard_rest(sock) if client.more else 2
-                self._warn_back.warn(
-                    now, "backend: dropped a {}-frame message from {!r} without a client",
-                    parts, node.bytes[:64],
-                )  # fmt: skip
-                continue
-            part = recv(_NOBLOCK, False)
-            ident = node.bytes
-            answered[ident] = answered.get(ident, 0) + 1
-            try:
-                send(unstamp(client) if self.secure else client, _SNDMORE_NOBLOCK)
-            except zmq.ZMQError:  # the client is gone: drop its reply
-                self.replies_dropped += 1
-                if part.more:
-                    discard_rest(sock)
-                continue
-            while part.more:
-                send(part, _SNDMORE_NOBLOCK)
-                part = recv(_NOBLOCK, False)
-            send(part, _NOBLOCK)
 
     def _batch_or_send(
         self, node: bytes, item: tuple[bytes, ...], batches: dict[bytes, list[tuple[bytes, ...]]],

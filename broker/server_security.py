@@ -6,6 +6,8 @@ any bind; a request goes to a node under its client ident prefixed with one role
 taken from the key that sent it (``stamp``), re-read per message because a client may
 choose its ident; a reply loses that byte on the way back (``unstamp``); a backend
 message counts only if its connection authenticated as the node it routes under.
+Besides the files, node keys are learned from the committed configurations that
+trusted nodes report in their heartbeats (``learned_keys.py``, ``_learn_keys``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from zkv.broker.bad_input import WarningLimiter, discard_rest
+from zkv.broker.learned_keys import LearnedKeys
+from zkv.protocol.messages import Heartbeat
 from zkv.protocol.security import Curve, TrustStore, ZapHandler, peer_node_id, user_id
 
 if TYPE_CHECKING:
@@ -38,10 +42,21 @@ class BrokerSecurity:
     def _start_security(self) -> Curve:
         """Load our pair and the allow-lists; start the ZAP handler before any bind."""
         keys = Path(self.config.keys_dir or "")
-        trust = TrustStore(keys)
-        curve = Curve.for_identity(keys / "brokers" / self.config.broker_id, trust.public_dir)
-        self.zap = ZapHandler(self._ctx, trust, self.log)
+        self.trust = TrustStore(keys)
+        self.learned = LearnedKeys()
+        curve = Curve.for_identity(keys / "brokers" / self.config.broker_id,
+                                   self.trust.public_dir)
+        self.zap = ZapHandler(self._ctx, self.trust, self.log)
         return curve
+
+    def _learn_keys(self, sender: str | None, hb: Heartbeat) -> None:
+        """A trusted node's heartbeat may name member keys of its shard's committed
+        configuration: trust them (as those members) for backend and heartbeats."""
+        if self.learned.report(sender, hb.node_id, hb.shard_id, hb.extra):
+            keys = self.learned.keys
+            self.trust.learn(keys)
+            self.log.info("node keys from committed configurations (reported by {}): {}",
+                          hb.node_id, sorted(keys.values()) or "none")
 
     def _from_node(self, node: zmq.Frame, first: zmq.Frame, now: float) -> bool:
         """Secure: a backend message counts only if its connection authenticated as the

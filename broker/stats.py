@@ -33,10 +33,14 @@ from zkv.protocol.messages import (
     ADMIN_REQUEST_TYPES,
     CasRequest,
     DeleteRequest,
+    ExpireRequest,
     GetRequest,
+    PersistRequest,
     PingRequest,
     PutRequest,
+    PutTtlRequest,
     StatusRequest,
+    TtlRequest,
 )
 from zkv.protocol.metrics import (
     BATCH_BUCKETS,
@@ -48,6 +52,12 @@ from zkv.protocol.metrics import (
     counter,
     gauge,
 )
+from zkv.protocol.multikey import (
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    ScanRequest,
+)
 
 ENTRIES_MAX = 100_000
 #: Forwards older than this with no reply are dropped as lost (clients time out sooner).
@@ -56,6 +66,10 @@ OP_NAMES = {
     GetRequest.TYPE: "get", PutRequest.TYPE: "put", DeleteRequest.TYPE: "delete",
     CasRequest.TYPE: "cas", PingRequest.TYPE: "ping", StatusRequest.TYPE: "status",
     **dict.fromkeys(ADMIN_REQUEST_TYPES, "admin"),
+    MultiGetRequest.TYPE: "mget", MultiPutRequest.TYPE: "mset",
+    MultiDeleteRequest.TYPE: "mdelete", ScanRequest.TYPE: "scan",
+    PutTtlRequest.TYPE: "put", ExpireRequest.TYPE: "expire", PersistRequest.TYPE: "expire",
+    TtlRequest.TYPE: "ttl",
 }  # fmt: skip
 
 

@@ -7,6 +7,8 @@
 """
 
 from zkv.client.aio import AsyncKVClient
+from zkv.client.batch import ScanPage
+from zkv.client.pipeline import Pipeline
 from zkv.client.sdk import ClientClosed, KVClient
 from zkv.protocol.errors import (
     BadRequest,
@@ -53,6 +55,8 @@ __all__ = [
     "TooLarge",
     "Unavailable",
     "PermissionDenied",
+    "Pipeline",
+    "ScanPage",
     "UnsupportedVersion",
     "WrongShard",
 ]

@@ -37,7 +37,6 @@ The client binds to the event loop it is first used in. Conditional deletes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -51,20 +50,21 @@ from zkv.client.aio_connection import (
     AsyncConnection,
     ZmqAsyncConnection,
 )
-from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
-from zkv.client.sdk import (
-    KEY_BYTES_MAX,
-    VALUE_BYTES_MAX,
+from zkv.client.aio_links import _RESEND, _TIMED_OUT, AsyncLinks, _expire, _Link, _Pending
+from zkv.client.aio_multikey import AsyncMultiKeyCalls
+from zkv.client.calls import (
     ClientClosed,
-    _Limits,
+    Limits,
     check_delete_version,
     check_reply,
     check_version,
     parse_endpoints,
     status_dict,
 )
+from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
+from zkv.client.ttl import ttl_ms, ttl_seconds
 from zkv.protocol import codec
-from zkv.protocol.errors import RemoteProtocolError
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
     CasReply,
     CasRequest,
@@ -83,39 +83,22 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 from zkv.protocol.security import Curve
+from zkv.protocol.ttl_messages import (
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+)
 
 MAX_IN_FLIGHT = 1024
 
-_TIMED_OUT = object()  # an attempt's timer fired
-_RESEND = object()  # the connection was reset: resend now
 
 
-class _Link:
-    """A connection to broker ``endpoint``, its reader, and when it last heard anything."""
-
-    __slots__ = ("endpoint", "conn", "reader", "last_reply_at", "closed")
-
-    def __init__(self, endpoint: int, conn: AsyncConnection) -> None:
-        self.endpoint = endpoint
-        self.conn = conn
-        self.reader: asyncio.Task[None] | None = None
-        self.last_reply_at = -1.0
-        self.closed = False
-
-
-class _Pending:
-    __slots__ = ("future", "frames", "sent_at", "endpoint", "link")
-
-    def __init__(self, future: asyncio.Future[Any], endpoint: int) -> None:
-        self.future = future
-        self.frames: list[bytes] = []
-        self.sent_at = 0.0
-        self.endpoint = endpoint
-        self.link: _Link | None = None
-
-
-class AsyncKVClient:
-    """asyncio zkv client; same API as ``KVClient``, as coroutines."""
+class AsyncKVClient(AsyncMultiKeyCalls, AsyncLinks):
+    """asyncio zkv client; same API as ``KVClient``, as coroutines (batches and scans:
+    ``aio_multikey.py``)."""
 
     def __init__(
         self,
@@ -143,7 +126,7 @@ class AsyncKVClient:
         self.attempt_timeout_s = attempt_timeout_s
         self.consistency = Consistency(consistency)
         self.max_in_flight = max_in_flight
-        self.limits = _Limits(key_bytes_max, value_bytes_max)
+        self.limits = Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
         #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
         curve = None if keys is None else Curve.for_identity(Path(keys))
@@ -191,13 +174,52 @@ class AsyncKVClient:
         return (reply.value, reply.version) if reply.found else None
 
     async def put(
-        self, key: str | bytes, value: str | bytes, *, timeout: float | None = None
+        self, key: str | bytes, value: str | bytes, *, ttl: float | None = None,
+        timeout: float | None = None,
     ) -> int:
+        """Store ``value``; with ``ttl`` (seconds) it expires (``KVClient.put``)."""
         k, v = self.limits.key(key), self.limits.value(value)
+        if ttl is not None:
+            ms = ttl_ms(ttl)
+            reply = await self._call(
+                lambda rid, low: PutTtlRequest(self.client_id, rid, k, low, ms, v), PutReply,
+                timeout,
+            )
+            return int(reply.version)
         reply = await self._call(
             lambda rid, low: PutRequest(self.client_id, rid, k, low, v), PutReply, timeout
         )
         return int(reply.version)
+
+    # ------------------------------------------------------------------ TTL
+
+    async def expire(self, key: str | bytes, seconds: float, *,
+                     timeout: float | None = None) -> bool:
+        """``KVClient.expire``: False if the key does not exist."""
+        k, ms = self.limits.key(key), ttl_ms(seconds)
+        reply = await self._call(
+            lambda rid, low: ExpireRequest(self.client_id, rid, k, low, ms), ExpireReply,
+            timeout,
+        )
+        return bool(reply.found)
+
+    async def persist(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+        """``KVClient.persist``: False if the key does not exist."""
+        k = self.limits.key(key)
+        reply = await self._call(
+            lambda rid, low: PersistRequest(self.client_id, rid, k, low), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    async def ttl(self, key: str | bytes, *, consistency: Consistency | None = None,
+                  timeout: float | None = None) -> float | None:
+        """``KVClient.ttl``: seconds left, ``math.inf`` if none, None if missing."""
+        k = self.limits.key(key)
+        level = self.consistency if consistency is None else Consistency(consistency)
+        reply = await self._call(
+            lambda rid, low: TtlRequest(self.client_id, rid, k, level), TtlReply, timeout
+        )
+        return ttl_seconds(reply)
 
     async def delete(self, key: str | bytes, *, expected_version: int | None = None,
                      timeout: float | None = None) -> bool:
@@ -273,6 +295,11 @@ class AsyncKVClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
     @property
     def endpoint(self) -> str:
         """The endpoint new requests go to."""
@@ -287,20 +314,25 @@ class AsyncKVClient:
             self._sem = asyncio.Semaphore(self.max_in_flight)
 
     async def _call(
-        self, build: Callable[[int, int], Message], expected: type, timeout: float | None
+        self, build: Callable[[int, int], Message], expected: type, timeout: float | None,
+        rid: int | None = None,
     ) -> Any:
+        """One request until the retry policy says stop. ``rid``: reuse that request id
+        (a batch write's next round, ``aio_multikey.py``) instead of the next one."""
         self._start()
         assert self._sem is not None
         async with self._sem:
             if self._closed:
                 raise ClientClosed("client is closed")
-            rid = self._next_request_id
-            self._next_request_id += 1
+            if rid is None or rid in self._pending:
+                rid = self.new_request_id()
             loop = asyncio.get_running_loop()
             pending = _Pending(loop.create_future(), self._endpoint_index)
             self._pending[rid] = pending
+            # a reused id sits last in the dict: the lowest pending id is then not first
+            lowest = min(rid, next(iter(self._pending)))
             try:
-                pending.frames = codec.encode(build(rid, next(iter(self._pending))))
+                pending.frames = codec.encode(build(rid, lowest))
                 reply = await self._exchange(rid, pending, timeout)
             finally:
                 del self._pending[rid]
@@ -348,78 +380,3 @@ class AsyncKVClient:
                 await asyncio.sleep(decision.pause_s)
             state = decision.state
             self.resends += 1
-
-    def _switch(self, pending: _Pending, link: _Link, endpoint: int, reset: bool) -> None:
-        """Move ``pending`` (and new requests) to broker ``endpoint``; with ``reset``,
-        close ``link`` and move every request waiting on it too, to be resent at once."""
-        self.switches += endpoint != pending.endpoint
-        pending.endpoint = endpoint
-        self._endpoint_index = endpoint
-        if not reset or link.closed:
-            return
-        self.resets += 1
-        self._drop_link(link)
-        for p in self._pending.values():
-            if p.link is link:
-                p.endpoint = endpoint
-                if not p.future.done():
-                    p.future.set_result(_RESEND)
-
-    async def _send(self, pending: _Pending) -> None:
-        if self._closed:
-            raise ClientClosed("client is closed")
-        link = self._links.get(pending.endpoint)
-        if link is None:
-            link = self._open_link(pending.endpoint)
-        pending.link = link
-        pending.sent_at = asyncio.get_running_loop().time()
-        await link.conn.send(pending.frames)
-
-    def _open_link(self, endpoint: int) -> _Link:
-        loop = asyncio.get_running_loop()
-        link = _Link(endpoint, self._connect(self.endpoints[endpoint]))
-        link.reader = loop.create_task(self._read(link))
-        self._links[endpoint] = link
-        return link
-
-    async def _read(self, link: _Link) -> None:
-        """A connection's reader: resolve the future of the request each reply answers."""
-        loop = asyncio.get_running_loop()
-        pending, decode = self._pending, codec.decode
-        while True:
-            try:
-                batch = await link.conn.recv_many()
-            except (asyncio.CancelledError, Exception):
-                return  # closed under us
-            link.last_reply_at = loop.time()
-            for frames in batch:
-                try:
-                    reply = decode(frames)
-                except RemoteProtocolError:
-                    continue
-                p = pending.get(getattr(reply, "request_id", -1))
-                if p is None or p.future.done():
-                    continue
-                # An error from a broker the request has left is stale; an answer is not.
-                if p.link is link or not isinstance(reply, ErrorReply):
-                    p.future.set_result(reply)
-
-    def _drop_link(self, link: _Link) -> None:
-        link.closed = True
-        if self._links.get(link.endpoint) is link:
-            del self._links[link.endpoint]
-        if link.reader is not None:
-            link.reader.cancel()
-        link.conn.close()
-
-    async def _close_link(self, link: _Link) -> None:
-        reader = link.reader
-        self._drop_link(link)
-        if reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_result(_TIMED_OUT)

@@ -16,6 +16,8 @@ from typing import Any
 
 import zmq
 
+from zkv.client import cli_multikey
+from zkv.client.cli_ttl import TTL_COMMANDS, add_ttl_parsers, seconds
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
 from zkv.client.status_view import annotate_status, format_status, role_name
 from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("put", help="store a value")
     s.add_argument("key")
-    s.add_argument("value")
+    s.add_argument("value", help="the value; - reads it from standard input (as bytes)")
+    s.add_argument("--ttl", type=seconds, default=None, metavar="SECONDS",
+                   help="the key expires SECONDS after the put")
 
     s = sub.add_parser("get", help="print a value (exit 1 if missing)")
     s.add_argument("key")
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("expected_version", type=int)
     s.add_argument("value")
+
+    cli_multikey.add_arguments(sub)  # mget, mset, mdel, scan
+    add_ttl_parsers(sub)
 
     s = sub.add_parser("status", help="cluster status per shard and node")
     s.add_argument("--json", action="store_true")
@@ -203,7 +210,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _put(kv: KVClient, args: argparse.Namespace) -> int:
-    print(f"OK version {kv.put(args.key, args.value)}")
+    value = sys.stdin.buffer.read() if args.value == "-" else args.value
+    if args.ttl is not None:
+        print(f"OK version {kv.put(args.key, value, ttl=args.ttl)}")
+        return EXIT_OK
+    print(f"OK version {kv.put(args.key, value)}")
     return EXIT_OK
 
 
@@ -323,7 +334,8 @@ def _status(kv: KVClient, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "ping": _ping,
-             "status": _status}
+             "status": _status, **TTL_COMMANDS}
+_COMMANDS.update(cli_multikey.COMMANDS)
 
 
 def _json_default(v: Any) -> Any:

@@ -40,17 +40,25 @@ from typing import Any
 
 import zmq
 
+from zkv.client.calls import DEFAULT_ENDPOINT as DEFAULT_ENDPOINT  # re-exported
+from zkv.client.calls import ClientClosed as ClientClosed
+from zkv.client.calls import Limits
+from zkv.client.calls import check_delete_version as check_delete_version
+from zkv.client.calls import check_reply as check_reply
+from zkv.client.calls import check_version as check_version
+from zkv.client.calls import parse_endpoints as parse_endpoints
+from zkv.client.calls import status_dict as status_dict
+from zkv.client.calls import to_bytes as to_bytes
 from zkv.client.connection import Clock as Clock  # re-exported: the client's edges
 from zkv.client.connection import Connection as Connection
 from zkv.client.connection import MonotonicClock as MonotonicClock
 from zkv.client.connection import ZmqConnection as ZmqConnection
 from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
+from zkv.client.sdk_multikey import MultiKeyCalls
+from zkv.client.ttl import ttl_ms, ttl_seconds
 from zkv.protocol import codec
 from zkv.protocol.errors import (
-    KVError,
     RemoteProtocolError,
-    TooLarge,
-    error_for_code,
 )
 from zkv.protocol.limits import KEY_BYTES_MAX as KEY_BYTES_MAX  # re-exported (client.aio)
 from zkv.protocol.limits import VALUE_BYTES_MAX as VALUE_BYTES_MAX
@@ -63,7 +71,6 @@ from zkv.protocol.messages import (
     Consistency,
     DeleteReply,
     DeleteRequest,
-    ErrorReply,
     GetReply,
     GetRequest,
     Message,
@@ -75,95 +82,19 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 from zkv.protocol.security import Curve
-
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-
-
-class ClientClosed(KVError):
-    """The client was closed; no request can be sent on it."""
-
-
-def parse_endpoints(endpoints: str | Sequence[str] | None) -> list[str]:
-    """``None`` -> env ``ZKV_ENDPOINT`` or the default; a str may list several, comma-separated."""
-    if endpoints is None:
-        endpoints = os.environ.get("ZKV_ENDPOINT") or DEFAULT_ENDPOINT
-    if isinstance(endpoints, str):
-        endpoints = endpoints.split(",")
-    result = [e.strip() for e in endpoints if e.strip()]
-    if not result:
-        raise ValueError("no endpoint given")
-    return result
+from zkv.protocol.ttl_messages import (
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+)
 
 
-def to_bytes(what: str, data: Any) -> bytes:
-    """str is UTF-8 encoded, bytes pass; anything else is a TypeError."""
-    if type(data) is bytes:
-        return data
-    if isinstance(data, str):
-        return data.encode("utf-8")
-    if isinstance(data, bytes):
-        return bytes(data)
-    raise TypeError(f"{what} must be str or bytes, not {type(data).__name__}")
-
-
-class _Limits:
-    """Client-side validation shared by the sync and async clients."""
-
-    def __init__(self, key_bytes_max: int, value_bytes_max: int) -> None:
-        self.key_bytes_max = key_bytes_max
-        self.value_bytes_max = value_bytes_max
-
-    def key(self, key: Any) -> bytes:
-        k = to_bytes("key", key)
-        if len(k) > self.key_bytes_max:
-            raise TooLarge(f"key is {len(k)} bytes, limit is {self.key_bytes_max}")
-        return k
-
-    def value(self, value: Any) -> bytes:
-        v = to_bytes("value", value)
-        if len(v) > self.value_bytes_max:
-            raise TooLarge(f"value is {len(v)} bytes, limit is {self.value_bytes_max}")
-        return v
-
-
-def check_version(expected_version: Any) -> int:
-    if type(expected_version) is not int:
-        raise TypeError(f"expected_version must be int, not {type(expected_version).__name__}")
-    if expected_version < 0:
-        raise ValueError("expected_version must be >= 0 (0: the key must not exist)")
-    return expected_version
-
-
-def check_delete_version(expected_version: Any) -> int:
-    """The wire's ``DeleteRequest.expected_version``: None (unconditional) is 0."""
-    if expected_version is None:
-        return 0
-    if type(expected_version) is not int:
-        raise TypeError(f"expected_version must be int, not {type(expected_version).__name__}")
-    if expected_version < 1:
-        raise ValueError("expected_version of a delete must be >= 1 (a key's version), "
-                         "or None for an unconditional delete")
-    return expected_version
-
-
-def check_reply(reply: Message, expected: type) -> Any:
-    """Raise for an error reply or a reply of the wrong type; else return the reply."""
-    if isinstance(reply, ErrorReply):
-        raise error_for_code(reply.code, reply.message, reply.leader_hint, reply.epoch)
-    if not isinstance(reply, expected):
-        raise RemoteProtocolError(
-            f"expected {expected.__name__}, got {type(reply).__name__}"
-        )
-    return reply
-
-
-def status_dict(reply: StatusReply) -> dict[str, Any]:
-    return {"broker_id": reply.broker_id, "nodes": [dict(n) for n in reply.nodes],
-            "ring": {} if reply.ring is None else reply.ring.as_dict()}
-
-
-class KVClient:
-    """Synchronous zkv client. See the module docstring for the retry rules."""
+class KVClient(MultiKeyCalls):
+    """Synchronous zkv client. See the module docstring for the retry rules; batches,
+    scans and the pipeline: ``sdk_multikey.py``."""
 
     def __init__(
         self,
@@ -192,7 +123,7 @@ class KVClient:
         self.retries = retries
         self.attempt_timeout_s = attempt_timeout_s
         self.consistency = Consistency(consistency)
-        self.limits = _Limits(key_bytes_max, value_bytes_max)
+        self.limits = Limits(key_bytes_max, value_bytes_max)
         self.client_id = os.urandom(16)
         #: Curve identity (``keys``: a client or admin dir of ``zkv keys generate``)
         curve = None if keys is None else Curve.for_identity(Path(keys))
@@ -239,13 +170,51 @@ class KVClient:
         )
         return (reply.value, reply.version) if reply.found else None
 
-    def put(self, key: str | bytes, value: str | bytes, *, timeout: float | None = None) -> int:
-        """Store ``value``; return the key's new version."""
+    def put(self, key: str | bytes, value: str | bytes, *, ttl: float | None = None,
+            timeout: float | None = None) -> int:
+        """Store ``value``; return the key's new version. With ``ttl`` (seconds) the key
+        expires that long after the shard leader received the put; without, it never
+        expires (a put replaces an earlier TTL, as Redis SET does)."""
         k, v = self.limits.key(key), self.limits.value(value)
+        if ttl is not None:
+            ms = ttl_ms(ttl)
+            reply = self._call(
+                lambda rid: PutTtlRequest(self.client_id, rid, k, rid, ms, v), PutReply, timeout
+            )
+            return int(reply.version)
         reply = self._call(
             lambda rid: PutRequest(self.client_id, rid, k, rid, v), PutReply, timeout
         )
         return int(reply.version)
+
+    # ------------------------------------------------------------------ TTL
+
+    def expire(self, key: str | bytes, seconds: float, *, timeout: float | None = None) -> bool:
+        """Make ``key`` expire ``seconds`` from now; False if it does not exist. The
+        key's version does not change (``client/ttl.py``)."""
+        k, ms = self.limits.key(key), ttl_ms(seconds)
+        reply = self._call(
+            lambda rid: ExpireRequest(self.client_id, rid, k, rid, ms), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    def persist(self, key: str | bytes, *, timeout: float | None = None) -> bool:
+        """Remove ``key``'s expiry; False if it does not exist. Its version stays."""
+        k = self.limits.key(key)
+        reply = self._call(
+            lambda rid: PersistRequest(self.client_id, rid, k, rid), ExpireReply, timeout
+        )
+        return bool(reply.found)
+
+    def ttl(self, key: str | bytes, *, consistency: Consistency | None = None,
+            timeout: float | None = None) -> float | None:
+        """Seconds ``key`` has left; ``math.inf`` if it never expires; None if missing."""
+        k = self.limits.key(key)
+        level = self.consistency if consistency is None else Consistency(consistency)
+        reply = self._call(
+            lambda rid: TtlRequest(self.client_id, rid, k, level), TtlReply, timeout
+        )
+        return ttl_seconds(reply)
 
     def delete(self, key: str | bytes, *, expected_version: int | None = None,
                timeout: float | None = None) -> bool:
@@ -339,14 +308,22 @@ class KVClient:
         """The endpoint the current (or next) connection goes to."""
         return self.endpoints[self._endpoint_index]
 
+    def new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
     # ------------------------------------------------------------------ machinery
 
-    def _call(self, build: Any, expected: type, timeout: float | None) -> Any:
+    def _call(self, build: Any, expected: type, timeout: float | None,
+              rid: int | None = None) -> Any:
+        """One request until the retry policy says stop. ``rid``: reuse that request id
+        (a batch write's next round, ``sdk_multikey.py``) instead of the next one."""
         with self._lock:
             if self._closed:
                 raise ClientClosed("client is closed")
-            rid = self._next_request_id
-            self._next_request_id += 1
+            if rid is None:
+                rid = self.new_request_id()
             frames = codec.encode(build(rid))
             return check_reply(self._exchange(rid, frames, timeout), expected)
 

@@ -22,6 +22,14 @@ Theory of operation:
   FastAPI. Why: inside, every /kv request also crossed Starlette's and FastAPI's own
   middleware (server errors, body limit, telemetry), each wrapping ``send`` again. An
   exception escaping the fast path is uvicorn's to answer (500), as FastAPI's would be.
+- With tokens (``auth``), ``BearerAuth`` sits between the metrics and the /kv fast path,
+  so every request reaching ASGI is checked (and denied ones are still counted), and
+  the protocol checks the /kv requests it answers itself with the same ``Authenticator``
+  (``auth.py`` holds the policy: what stays open and why). The OpenAPI schema then
+  declares the bearer scheme, so /docs can send a token. Without tokens nothing is
+  checked and nothing is added to the request path.
+- ``keys``: the Curve identity the worker's ``AsyncKVClient`` presents to the brokers
+  (the gateway's own client key in a secure cluster).
 - Configuration comes from arguments, or from the environment in ``app_from_env`` (what
   uvicorn calls in each worker when ``--workers`` > 1).
 """
@@ -32,8 +40,10 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,8 +54,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zkv.client.aio import AsyncKVClient
 from zkv.gateway import ui
+from zkv.gateway.auth import RELOAD_S, Authenticator, BearerAuth, openapi_security
 from zkv.gateway.kv import KVFastPath, KVHandlers, KVService, Reply
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
+from zkv.gateway.scan import scan_reply
 
 DEFAULT_TIMEOUT_S = 5.0
 DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its assets
@@ -79,14 +91,13 @@ def _response(reply: Reply) -> Response:
 
 def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                metrics_enabled: bool = True, fast_path: bool = True,
-               freeze_gc: bool = False, keys: str | None = None) -> GatewayApp:
+               freeze_gc: bool = False, auth: Authenticator | None = None,
+               keys: str | os.PathLike[str] | None = None) -> GatewayApp:
     """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two).
     ``freeze_gc``: once started, move every object then alive (FastAPI's and pydantic's
     models, the app: tens of thousands) out of the collector's reach (``gc.freeze``),
     so the full collections that requests' garbage triggers do not walk them again each
-    time; for a server process, where they live as long as it does. ``keys``: the
-    client identity dir the gateway presents to secure brokers (``zkv keys generate``);
-    None for a plaintext cluster."""
+    time; for a server process, where they live as long as it does."""
     metrics = GatewayMetrics()
     history = History(metrics)
     state: dict[str, Any] = {}
@@ -98,11 +109,15 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
         if freeze_gc:
             gc.collect()
             gc.freeze()
-        sampler = asyncio.get_running_loop().create_task(_sample(history))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(_sample(history))]
+        if auth is not None and auth.path is not None:
+            tasks.append(loop.create_task(_reload_tokens(auth)))
         try:
             yield
         finally:
-            sampler.cancel()
+            for task in tasks:
+                task.cancel()
             await kv.close()
 
     app = FastAPIOffline(title="zkv gateway", version="0.1.0", lifespan=lifespan, redoc_url=None,
@@ -144,8 +159,10 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
     # requests before FastAPI routes them (see kv.py), with the same handlers.
     @app.put("/kv/{key:path}", summary="Store a value (CAS with If-Match / If-None-Match)",
              openapi_extra=_PUT_BODY)
-    async def put(key: str, request: Request) -> Response:
-        return _response(await handlers.put(key, dict(request.headers), await request.body()))
+    async def put(key: str, request: Request, ttl: str | None = None) -> Response:
+        """``?ttl=SECONDS``: the key expires that long after the put (not with If-Match)."""
+        return _response(await handlers.put(key, dict(request.headers), await request.body(),
+                                             ttl))
 
     @app.get("/kv/{key:path}", summary="Read a value (JSON, or raw bytes via Accept)")
     async def get(key: str, request: Request, consistency: str | None = None) -> Response:
@@ -154,6 +171,13 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
     @app.delete("/kv/{key:path}", summary="Remove a key (404 if absent; If-Match: version)")
     async def delete(key: str, request: Request) -> Response:
         return _response(await handlers.delete(key, dict(request.headers)))
+
+    @app.get("/kv", summary="One page of a prefix scan across every shard, in key order "
+             "(pass the reply's cursor back for the next page; null: done)")
+    async def scan(prefix: str = "", limit: str | None = None, cursor: str | None = None,
+                   keys_only: str | None = None, consistency: str | None = None) -> Response:
+        return _response(await scan_reply(client, prefix, limit, cursor, keys_only,
+                                          consistency))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> Response:
@@ -166,13 +190,29 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
                         headers={"Content-Security-Policy": LOCAL_ONLY_CSP})
 
     ui.install(app, client)
+    if auth is not None:
+        _declare_bearer(app)
     asgi: Any = app
     if fast_path:
         asgi = KVFastPath(asgi, handlers)
+    if auth is not None:  # in front of everything but the count: denials are counted
+        asgi = BearerAuth(asgi, auth)
     if metrics_enabled:  # outermost, so it also counts the fast path
         asgi = MetricsMiddleware(asgi, metrics)
-    kv = KVService(handlers, metrics if metrics_enabled else None) if fast_path else None
+    kv = KVService(handlers, metrics if metrics_enabled else None, auth) if fast_path else None
     return GatewayApp(app, asgi, kv)
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """The OpenAPI schema with the bearer scheme on the protected operations."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_security(build())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class GatewayApp:
@@ -198,12 +238,27 @@ async def _sample(history: History) -> None:
             history.sample()
 
 
+async def _reload_tokens(auth: Authenticator) -> None:
+    log = logging.getLogger("uvicorn.error")  # where the gateway's log lines go
+    while True:
+        await asyncio.sleep(RELOAD_S)
+        try:
+            line = auth.reload_if_changed()
+        except Exception as exc:  # keep the tokens in force and keep watching
+            line = f"tokens file not reloaded: {exc}"
+        if line is not None:  # warning: the default log level, and a change of who may call
+            log.warning(line)
+
+
 def app_from_env() -> GatewayApp:
-    """The app for one uvicorn worker, configured by ``zkv gateway`` through the env."""
+    """The app for one uvicorn worker, configured by ``zkv gateway`` through the env
+    (``ZKV_GATEWAY_TOKENS``: the tokens file; ``ZKV_GATEWAY_KEYS``: the Curve identity)."""
+    tokens = os.environ.get("ZKV_GATEWAY_TOKENS") or None
     return create_app(
         os.environ.get("ZKV_ENDPOINT") or None,
         timeout_s=float(os.environ.get("ZKV_GATEWAY_TIMEOUT_S") or DEFAULT_TIMEOUT_S),
         metrics_enabled=os.environ.get("ZKV_GATEWAY_METRICS", "1") != "0",
         freeze_gc=True,
-        keys=os.environ.get("ZKV_KEYS") or None,
+        auth=None if tokens is None else Authenticator(Path(tokens)),
+        keys=os.environ.get("ZKV_GATEWAY_KEYS") or None,
     )

@@ -14,6 +14,9 @@ Theory of operation:
   solving cost several times the handler itself (measured: ~5x CPU per request), and a
   gateway's job is to add little to the store behind it. The same handlers back the
   FastAPI routes declared for the OpenAPI schema, so the docs describe this code.
+- ``PUT /kv/{key}?ttl=SECONDS``: the key expires SECONDS after the put (the SDK's
+  ``put(ttl=)``); with ``If-Match`` / ``If-None-Match`` it is refused (400): a CAS
+  carries no TTL, and a CAS then an expire would not be one atomic write.
 - Bodies are read up to ``BODY_BYTES_MAX`` (a 1 MiB value base64-encoded in JSON, plus
   room); a larger body is refused with 413 before it is all read, so memory stays
   bounded whatever a client sends.
@@ -24,13 +27,17 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from zkv.client.aio import AsyncKVClient
+from zkv.client.ttl import ttl_ms
 from zkv.gateway import mapping
 from zkv.gateway.mapping import HTTPProblem, etag
 from zkv.gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from zkv.gateway.auth import Authenticator
 
 JSON = "application/json"
 BODY_BYTES_MAX = 2 * 1024 * 1024
@@ -62,13 +69,19 @@ class KVHandlers:
     def __init__(self, client: Callable[[], AsyncKVClient]) -> None:
         self.client = client
 
-    async def put(self, key: str, headers: Mapping[str, str], body: bytes) -> Reply:
+    async def put(self, key: str, headers: Mapping[str, str], body: bytes,
+                  ttl: str | None = None) -> Reply:
         try:
             key = mapping.parse_key(key)
             cond = mapping.parse_precondition(headers.get("if-match"),
                                               headers.get("if-none-match"))
             value = mapping.parse_put_body(key, headers.get("content-type", ""), body)
             kv = self.client()
+            if ttl is not None:
+                seconds = parse_ttl(ttl, cond.expected_version is not None)
+                version = await kv.put(key, value, ttl=seconds)
+                return json_reply({"key": key, "version": version, "ttl": seconds}, 200,
+                                  {"ETag": etag(version)})
             if cond.expected_version is None:
                 version = await kv.put(key, value)
             else:
@@ -115,6 +128,18 @@ class KVHandlers:
         return json_reply({"key": key, "deleted": True})
 
 
+def parse_ttl(text: str, conditional: bool) -> float:
+    """``?ttl=``: seconds > 0; ``HTTPProblem(400)`` if not, or with a precondition."""
+    if conditional:
+        raise HTTPProblem(400, "ttl cannot be combined with If-Match / If-None-Match")
+    try:
+        seconds = float(text)
+        ttl_ms(seconds)  # the SDK's own check: > 0, finite, not over the longest TTL
+    except (ValueError, TypeError) as exc:
+        raise HTTPProblem(400, f"bad ttl {text!r}: {exc}") from None
+    return seconds
+
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -130,7 +155,8 @@ async def answer(handlers: KVHandlers, method: str, key: str, headers: Mapping[s
             consistency = dict(parse_qsl(query.decode("latin-1"))).get("consistency")
         return await handlers.get(key, headers, consistency)
     if method == "PUT":
-        return await handlers.put(key, headers, body)
+        ttl = dict(parse_qsl(query.decode("latin-1"))).get("ttl") if query else None
+        return await handlers.put(key, headers, body, ttl)
     return await handlers.delete(key, headers)
 
 
@@ -141,10 +167,12 @@ def too_large_reply() -> Reply:
 @dataclass(frozen=True, slots=True)
 class KVService:
     """What ``protocol.KVHttpProtocol`` needs to answer /kv requests itself: the handlers,
-    and the metrics tally when the gateway counts (None with ``--no-metrics``)."""
+    the metrics tally when the gateway counts (None with ``--no-metrics``), and the
+    bearer-token check when the gateway has tokens (None: open)."""
 
     handlers: KVHandlers
     metrics: GatewayMetrics | None
+    auth: Authenticator | None = None
 
 
 class KVFastPath:

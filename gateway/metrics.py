@@ -162,6 +162,8 @@ class MetricsMiddleware:
         path: str = scope["path"]
         if path.startswith("/kv/"):
             route, op = "kv", _KV_OPS.get(scope["method"], "other")
+        elif path == "/kv":  # GET /kv?prefix=: a scan page (gateway/scan.py)
+            route, op = "kv", "scan"
         else:
             first = path[1:].split("/", 1)[0]
             route = first if first in _ROUTES else "other"

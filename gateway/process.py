@@ -2,8 +2,11 @@
 
 ``GatewayProcess.start`` refuses early, with a reason instead of an exception, when the
 http extra is missing or the port is taken, so ``zkv cluster up`` can say so and carry on
-without a gateway. ``wait_healthy`` polls ``/health`` with the standard library only.
-Stopping is SIGTERM (uvicorn drains in-flight requests), then SIGKILL after a grace.
+without a gateway. ``wait_healthy`` polls ``/health`` with the standard library only
+(over HTTPS with ``tls``: verified against ``ca`` when given, else not verified, since
+it only asks whether our own child is up). Stopping is SIGTERM (uvicorn drains in-flight
+requests), then SIGKILL after a grace. ``keys``, ``tokens`` and ``tls`` become the
+gateway's ``--keys``, ``--tokens`` and ``--tls-cert``/``--tls-key``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from zkv.gateway.main import http_available
-from zkv.ops.child import die_with_parent
+from zkv.protocol.runtime import die_with_parent
 
 GRACE_S = 5.0
 
@@ -40,10 +44,10 @@ class GatewayProcess:
     def __init__(self, endpoint: str, port: int, *, host: str = "127.0.0.1", workers: int = 1,
                  log_path: Path | None = None, extra_args: tuple[str, ...] = (),
                  timeout_s: float | None = None, python: str = sys.executable,
-                 keys: Path | None = None) -> None:
-        """``keys``: the client identity dir the gateway presents to a secure cluster."""
+                 keys: Path | None = None, tokens: Path | None = None,
+                 tls: tuple[Path, Path] | None = None, ca: Path | None = None) -> None:
         self.endpoint, self.port, self.host, self.workers = endpoint, port, host, workers
-        self.keys = keys
+        self.keys, self.tokens, self.tls, self.ca = keys, tokens, tls, ca
         self.log_path = log_path
         self.extra_args = extra_args
         self.timeout_s = timeout_s
@@ -53,7 +57,8 @@ class GatewayProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def argv(self) -> list[str]:
         argv = [self.python, "-m", "zkv.client.cli", "--endpoint", self.endpoint]
@@ -61,8 +66,23 @@ class GatewayProcess:
             argv += ["--timeout", str(self.timeout_s)]
         if self.keys is not None:
             argv += ["--keys", str(self.keys)]
-        return argv + ["gateway", "--host", self.host, "--port", str(self.port),
-                       "--workers", str(self.workers), *self.extra_args]
+        argv += ["gateway", "--host", self.host, "--port", str(self.port),
+                 "--workers", str(self.workers)]
+        if self.tokens is not None:
+            argv += ["--tokens", str(self.tokens)]
+        if self.tls is not None:
+            argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        return argv + list(self.extra_args)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        if self.ca is not None:
+            return ssl.create_default_context(cafile=str(self.ca))
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
     def start(self) -> str | None:
         """Start the gateway; None on success, else why it was not started."""
@@ -92,9 +112,11 @@ class GatewayProcess:
 
     def wait_healthy(self, timeout_s: float = 20.0) -> bool:
         deadline = time.monotonic() + timeout_s
+        context = self._ssl_context()
         while time.monotonic() < deadline and self.alive:
             with contextlib.suppress(OSError), \
-                    urllib.request.urlopen(self.url + "/health", timeout=1.0) as r:
+                    urllib.request.urlopen(self.url + "/health", timeout=1.0,
+                                           context=context) as r:
                 if r.status == 200:
                     return True
             time.sleep(0.1)

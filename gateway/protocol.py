@@ -25,6 +25,11 @@ Theory of operation:
 - The keep-alive timeout is kept with one timer per connection instead of one per
   response (see ``on_response_complete``); the connection still closes after
   ``timeout_keep_alive`` idle seconds.
+- Bearer tokens: when the service has an ``Authenticator``, each request it takes is
+  checked with the same ``check`` the ASGI chain's ``BearerAuth`` calls, on the same
+  decoded path, when its headers are complete. A denied request still has its body read
+  (bounded as any other) so the connection stays in step, but the body is dropped and
+  the 401/403 is the answer; no SDK call is made.
 - The protocol finds the service (``GatewayApp.kv``) by unwrapping the app uvicorn
   loaded (``.app`` of uvicorn's own middlewares); without one it is plain uvicorn.
 """
@@ -40,6 +45,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from zkv.gateway.auth import authorization
 from zkv.gateway.kv import BODY_BYTES_MAX, METHODS, KVService, Reply, answer
 
 _OPS = {"GET": "get", "PUT": "put", "DELETE": "delete"}
@@ -139,12 +145,14 @@ class KVCycle:
 
     __slots__ = ("proto", "service", "method", "key", "query", "headers", "body",
                  "more_body", "message_event", "response_complete", "disconnected",
-                 "keep_alive")
+                 "keep_alive", "denied")
 
     def __init__(self, proto: KVHttpProtocol, service: KVService, method: str, key: str,
                  query: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool,
-                 has_body: bool) -> None:
+                 has_body: bool, denied: Reply | None = None) -> None:
+        """``denied``: the 401/403 to answer instead of serving the request."""
         self.proto = proto
+        self.denied = denied
         self.service = service
         self.method, self.key, self.query, self.headers = method, key, query, headers
         self.body = bytearray()
@@ -166,9 +174,12 @@ class KVCycle:
         started = metrics.begin() if metrics is not None else 0.0
         code = 500
         try:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
-            reply = await answer(self.service.handlers, self.method, self.key, headers,
-                                 self.query, bytes(self.body))
+            if self.denied is not None:
+                reply = self.denied
+            else:
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
+                reply = await answer(self.service.handlers, self.method, self.key, headers,
+                                     self.query, bytes(self.body))
             data = encode_response(reply, proto.server_state.default_headers, self.keep_alive)
             code = reply.status
         except BaseException as exc:  # as uvicorn's run_asgi: log it, answer 500, close
@@ -269,7 +280,11 @@ class KVHttpProtocol(HttpToolsProtocol):
         method, key, query, length = fast
         http_version = parser.get_http_version()
         keep_alive = http_version != "1.0" and parser.should_keep_alive()
-        cycle = KVCycle(self, service, method, key, query, self.headers, keep_alive, length > 0)
+        denied = None
+        if service.auth is not None:
+            denied = service.auth.check(method, "/kv/" + key, authorization(self.headers))
+        cycle = KVCycle(self, service, method, key, query, self.headers, keep_alive, length > 0,
+                        denied)
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]  # the attributes uvicorn uses
         if existing is None or existing.response_complete:

@@ -11,7 +11,6 @@ terminating signal, since it could not act on one otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from zkv.protocol.runtime import die_with_parent
 
 
 @dataclass
@@ -43,12 +44,6 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """In a child about to exec: the kernel SIGKILLs it when its parent thread dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def spawn(child: Child) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from zkv.client.sdk import KVClient
 from zkv.ops.child import Child, kill, spawn, stop_all
+from zkv.ops.cluster_procs import ClusterProcesses
 from zkv.ops.cluster_spec import (  # re-exported: callers import them from here
     CLUSTER_FILE,
     CLUSTER_FORMAT,
@@ -51,9 +52,10 @@ __all__ = [
 
 GRACE_S = 5.0
 READY_POLL_S = 0.2
+GATEWAY_IDENTITY = "gateway"  # the HTTP gateway's key and tokens under DATA_DIR/keys/
 
 
-class LocalCluster:
+class LocalCluster(ClusterProcesses):
     """Brokers and storage nodes as child processes of this one; see the module doc."""
 
     def __init__(
@@ -145,6 +147,16 @@ class LocalCluster:
     def admin_keys(self) -> Path | None:
         return None if self.keys_dir is None else self.keys_dir / "admin"
 
+    @property
+    def gateway_keys(self) -> Path | None:
+        """The HTTP gateway's own client-role identity dir of a secure cluster."""
+        return None if self.keys_dir is None else self.keys_dir / GATEWAY_IDENTITY
+
+    @property
+    def gateway_tokens(self) -> Path | None:
+        """The gateway's bearer tokens file (``<role> <token>`` lines) of a secure cluster."""
+        return None if self.keys_dir is None else self.keys_dir / GATEWAY_IDENTITY / "tokens"
+
     def _ensure_keys(self) -> None:
         """Secure: a pair for every node and broker (new ones only), the brokers'
         certificates naming the endpoints they serve now."""
@@ -154,7 +166,8 @@ class LocalCluster:
 
         endpoints = {f"b{b}": [f"tcp://{self.host}:{self.port + 3 * b + i}" for i in range(3)]
                      for b in range(self.spec["brokers"])}
-        generate(self.keys_dir, self.node_ids, list(endpoints), broker_endpoints=endpoints)
+        generate(self.keys_dir, self.node_ids, list(endpoints), broker_endpoints=endpoints,
+                 gateway=GATEWAY_IDENTITY)
 
     def _keys_args(self) -> list[str]:
         return [] if self.keys_dir is None else ["--keys", str(self.keys_dir)]
@@ -361,56 +374,3 @@ class LocalCluster:
                 raise ClusterError(f"cluster not ready after {timeout:g}s ({line}); logs "
                                    f"in {self.data_dir / 'logs'}")
             time.sleep(READY_POLL_S)
-
-    def _raise_if_dead(self) -> None:
-        for c in [*self.brokers, *self.nodes.values()]:
-            if c.proc is not None and c.proc.poll() is not None:
-                raise ClusterError(f"{c.name} exited with code {c.proc.returncode} "
-                                   f"(log {c.log_path}):\n{c.tail()}")
-
-    def dead_children(self) -> list[Child]:
-        """Children that exited and were not reported yet (marks them reported)."""
-        out = []
-        for c in [*self.brokers, *self.nodes.values()]:
-            if c.proc is not None and c.proc.poll() is not None and not c.reported:
-                c.reported = True
-                out.append(c)
-        return out
-
-    # ------------------------------------------------------------------ faults
-
-    def node_pid(self, node_id: str) -> int | None:
-        c = self._node(node_id)
-        return c.proc.pid if c.alive and c.proc is not None else None
-
-    def broker_pid(self, i: int) -> int | None:
-        c = self._broker(i)
-        return c.proc.pid if c.alive and c.proc is not None else None
-
-    def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
-        kill(self._node(node_id), sig, self.grace_s)
-
-    def restart_node(self, node_id: str) -> None:
-        """Kill (SIGKILL) the node if it runs, then start it again, same ports and data."""
-        c = self._node(node_id)
-        kill(c, signal.SIGKILL, self.grace_s)
-        spawn(c)
-
-    def kill_broker(self, i: int, sig: int = signal.SIGKILL) -> None:
-        kill(self._broker(i), sig, self.grace_s)
-
-    def restart_broker(self, i: int) -> None:
-        c = self._broker(i)
-        kill(c, signal.SIGKILL, self.grace_s)
-        spawn(c)
-
-    def _node(self, node_id: str) -> Child:
-        try:
-            return self.nodes[node_id]
-        except KeyError:
-            raise KeyError(f"no node {node_id!r} (have {', '.join(self.nodes)})") from None
-
-    def _broker(self, i: int) -> Child:
-        if not 0 <= i < len(self.brokers):
-            raise IndexError(f"no broker {i} (have {len(self.brokers)})")
-        return self.brokers[i]

@@ -124,7 +124,7 @@ def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
     gw = GatewayProcess(cluster.endpoint, args.http_port, host=cluster.host,
                         workers=args.http_workers,
                         log_path=cluster.data_dir / "logs" / "gateway.log",
-                        keys=cluster.client_keys)
+                        keys=cluster.gateway_keys, tokens=cluster.gateway_tokens)
     why = gw.start()
     if why is None and not gw.wait_healthy():
         gw.stop()
@@ -134,4 +134,9 @@ def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
         return None
     print(f"zkv cluster up: HTTP gateway on {gw.url} (docs {gw.url}/docs, live page "
           f"{gw.url}/ui)", flush=True)
+    if cluster.gateway_tokens is not None:
+        # where the tokens are, never the tokens: this output may end up in a log
+        print(f"zkv cluster up: HTTP bearer tokens in {cluster.gateway_tokens} (roles client, "
+              f"admin, metrics), e.g. curl -H \"Authorization: Bearer $(awk '$1==\"client\""
+              f"{{print $2}}' {cluster.gateway_tokens})\" {gw.url}/kv/foo", flush=True)
     return gw

@@ -10,12 +10,19 @@ Layout (``zkv.protocol.security`` reads it)::
     DIR/public/brokers/<broker-id>.key              filed by role
     DIR/public/clients/client.key
     DIR/public/admins/admin.key
+    DIR/gateway/gateway.key(_secret), tokens      the HTTP gateway: its client-role key to
+                                                  the brokers, and its bearer tokens
+    DIR/public/clients/gateway.key
 
 Identity directories are 0700 and secret files 0600 (servers refuse looser ones).
 Generation is idempotent: an identity that already has its pair keeps it, so growing a
 cluster (a new shard's nodes) adds only the new pairs. A broker certificate may carry
 ``endpoints`` metadata (its frontend, backend and heartbeat endpoints) so a client or
 node connecting to several brokers knows which public key each endpoint must present.
+
+The gateway gets a key of its own (role client: the data operations and the status view
+its /ready and live page need, never admin operations), so it can be revoked alone, and
+a tokens file (``zkv.gateway.tokens``: one new token per HTTP role, kept if present).
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from zkv.gateway import tokens
 from zkv.protocol.security import ADMIN, BROKER, CLIENT, NODE, ROLE_DIRS
+
+TOKENS_FILE = "tokens"
 
 
 def _identity(keys_dir: Path, role: str, name: str) -> Path:
@@ -94,7 +104,10 @@ def _write_pair(ident: Path, name: str, public: bytes, secret: bytes | None,
 
 def generate(keys_dir: Path, nodes: Iterable[str], brokers: Iterable[str],
              clients: Iterable[str] = ("client",), admins: Iterable[str] = ("admin",),
-             broker_endpoints: Mapping[str, Iterable[str]] | None = None) -> Path:
+             broker_endpoints: Mapping[str, Iterable[str]] | None = None,
+             gateway: str | None = None) -> Path:
+    """``gateway``: also the HTTP gateway's client key under that name, and its tokens
+    file ``DIR/<gateway>/tokens``."""
     keys_dir = Path(keys_dir)
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
@@ -108,6 +121,8 @@ def generate(keys_dir: Path, nodes: Iterable[str], brokers: Iterable[str],
     for name in brokers:
         eps = endpoints.get(name)
         ensure_identity(keys_dir, BROKER, name, {"endpoints": ",".join(eps)} if eps else None)
+    if gateway:
+        tokens.generate(ensure_identity(keys_dir, CLIENT, gateway) / TOKENS_FILE)
     return keys_dir
 
 
@@ -125,6 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "ID=ENDPOINT;ENDPOINT... records the endpoints a broker serves")
     p.add_argument("--clients", default="client", help="client-role identities")
     p.add_argument("--admins", default="admin", help="admin-role identities")
+    p.add_argument("--gateway", default="gateway", help="the HTTP gateway's identity (a "
+                   "client-role key and DIR/NAME/tokens, its bearer tokens); '' for none")
 
 
 def _names(text: str) -> list[str]:
@@ -153,10 +170,13 @@ def run_cli(args: argparse.Namespace) -> int:
         if eps:
             endpoints[name] = [e for e in eps.split(";") if e]
     keys_dir = generate(args.dir, nodes, brokers, _names(args.clients), _names(args.admins),
-                        endpoints)
+                        endpoints, gateway=args.gateway.strip() or None)
     print(f"keys in {keys_dir}: {len(nodes)} node(s), {len(brokers)} broker(s)")
     for name in _names(args.clients):
         print(f"client key: {keys_dir / name}")
     for name in _names(args.admins):
         print(f"admin key:  {keys_dir / name}")
+    if args.gateway.strip():
+        gw = keys_dir / args.gateway.strip()
+        print(f"gateway:    zkv --keys {gw} gateway --tokens {gw / TOKENS_FILE} ...")
     return 0

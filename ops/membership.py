@@ -7,6 +7,9 @@ until the change has taken effect: a new replica is a learner until it has caugh
 and the leader promotes it; a replacement ends when the old voter is removed. With
 ``--data-dir`` (a ``zkv cluster up`` dir) the supervisor starts the new node's process
 first (``cluster.json`` names it, with its peer port) and stops a removed one last.
+With ``--public-key FILE`` (the new node's public certificate, e.g. its ``<id>.key``) the
+change carries the node's Curve key: once committed, the shard's members and the brokers
+trust that key as that node, so it need not be copied into every ``keys/public/nodes``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from zkv.protocol.messages import (
     AdminRequest,
     AdminTransferLeader,
 )
+from zkv.protocol.security import load_public
 
 POLL_S = 0.2
 
@@ -61,6 +65,14 @@ def _new_node_args(a: argparse.ArgumentParser) -> None:
                    "(tcp://host:port); with --data-dir, chosen for you if omitted")
     a.add_argument("--data-dir", help="the `zkv cluster up` dir: its supervisor starts the "
                    "new node")
+    a.add_argument("--public-key", type=Path, metavar="FILE",
+                   help="the new node's public certificate (pyzmq format, e.g. its <id>.key): "
+                   "trusted as that node once the change commits, without publishing it")
+
+
+def public_key_text(path: Path | None) -> str:
+    """The z85 public key of a pyzmq certificate file ("" without one)."""
+    return "" if path is None else load_public(path).decode()
 
 
 def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -77,6 +89,7 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
         if args.data_dir:
             cluster.spec_remove_replica(Path(args.data_dir), args.old_id)
         return 0
+    key = public_key_text(args.public_key)  # a bad file fails before anything changes
     addr = args.peer_addr
     if args.data_dir:
         addr = cluster.spec_add_replica(Path(args.data_dir), shard, args.node_id, addr)
@@ -85,13 +98,13 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
         raise ValueError("--peer-addr is needed (or --data-dir)")
     new = args.node_id
     if cmd == "add-replica":
-        _call(kv, AdminAddReplica(b"", 0, shard, new, addr))
+        _call(kv, AdminAddReplica(b"", 0, shard, new, addr, key))
         say(f"shard {shard}: {new} is a learner; waiting for it to catch up")
         _wait(kv, shard, args.wait, lambda m: new in m.voters)
         say(f"shard {shard}: {new} is a voter")
         return 0
     old = args.old_id
-    _call(kv, AdminReplaceReplica(b"", 0, shard, old, new, addr))
+    _call(kv, AdminReplaceReplica(b"", 0, shard, old, new, addr, key))
     say(f"shard {shard}: {new} is a learner replacing {old}; waiting for it to catch up")
     _wait(kv, shard, args.wait, lambda m: new in m.voters and old not in _members(m))
     say(f"shard {shard}: {new} is a voter and {old} is removed")

@@ -323,7 +323,9 @@ class AdminListingReply:
 
 @dataclass(frozen=True, slots=True)
 class AdminAddReplica:
-    """Add ``node_id`` (reachable at ``peer_addr``) as a learner; promoted once caught up."""
+    """Add ``node_id`` (reachable at ``peer_addr``) as a learner; promoted once caught up.
+    ``public_key``: its Curve public key (z85) for a node whose certificate is not in
+    ``keys/public/nodes``; the committed configuration makes members and brokers trust it."""
 
     TYPE: ClassVar[int] = 80
     client_id: bytes
@@ -331,6 +333,7 @@ class AdminAddReplica:
     shard_id: int
     node_id: str
     peer_addr: str
+    public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +347,8 @@ class AdminRemoveReplica:
 
 @dataclass(frozen=True, slots=True)
 class AdminReplaceReplica:
-    """Add ``node_id`` as a learner; once promoted, ``old_id`` is removed."""
+    """Add ``node_id`` as a learner; once promoted, ``old_id`` is removed.
+    ``public_key``: as in ``AdminAddReplica``."""
 
     TYPE: ClassVar[int] = 82
     client_id: bytes
@@ -353,6 +357,7 @@ class AdminReplaceReplica:
     old_id: str
     node_id: str
     peer_addr: str
+    public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

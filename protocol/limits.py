@@ -39,3 +39,21 @@ NODE_ID_BYTES_MAX = 255
 ADMIN_TARGETS_MAX = 64
 MIGRATE_BATCH_KEYS_MAX = 10_000
 MIGRATE_BATCH_BYTES_MAX = 8 * 1024 * 1024
+
+#: Batches and scans (``protocol/multikey.py``). A batch holds at most this many keys
+#: (the SDK refuses more with ``TooLarge``; the broker and the node answer TOO_LARGE):
+#: it bounds the work one request makes a broker split and a shard apply in one entry.
+MULTI_KEYS_MAX = 1000
+#: Keys + values of one batch request: one log entry per shard, so well under the
+#: command bound (64 MiB) and the header bound.
+MULTI_REQUEST_BYTES_MAX = 16 * 1024 * 1024
+#: Values one batch reply carries (per shard, and merged by the broker): keys past it
+#: are answered ``UNAVAILABLE`` and the SDK asks for them again in the next round.
+MULTI_REPLY_BYTES_MAX = 16 * 1024 * 1024
+#: Keys per scan page (the SDK's default page is 100) ...
+SCAN_LIMIT_MAX = 1000
+#: ... bytes of keys + values per shard page (the page stops early, the cursor says where) ...
+SCAN_REPLY_BYTES_MAX = 4 * 1024 * 1024
+#: ... and keys a shard examines for one page, owned or not (a new shard holding copies it
+#: does not own yet, or a sparse prefix, cannot make one page walk the whole shard).
+SCAN_EXAMINED_MAX = 10_000

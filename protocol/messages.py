@@ -64,8 +64,20 @@ from zkv.protocol.admin import (
     MigrationMessage,
     Phase,
 )
+from zkv.protocol.consistency import Consistency
 from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
+from zkv.protocol.ttl_messages import (
+    TTL_REPLY_CLASSES,
+    TTL_REQUEST_CLASSES,
+    ExpireReply,
+    ExpireRequest,
+    PersistRequest,
+    PutTtlRequest,
+    TtlReply,
+    TtlRequest,
+    TtlWriteRequest,
+)
 
 PROTOCOL_VERSION = 2
 
@@ -79,14 +91,6 @@ class Role(enum.IntEnum):
     FOLLOWER = 0
     CANDIDATE = 1
     LEADER = 2
-
-
-class Consistency(enum.IntEnum):
-    """Read consistency. LINEARIZABLE confirms leadership with a majority round."""
-
-    LINEARIZABLE = 0
-    LEADER = 1
-    STALE = 2
 
 
 # --------------------------------------------------------------------------- client
@@ -470,21 +474,37 @@ class FoundingAnswer:
 
 ClientRequest = (
     GetRequest | PutRequest | DeleteRequest | CasRequest | StatusRequest | PingRequest
-    | AdminRequest
+    | AdminRequest | PutTtlRequest | ExpireRequest | PersistRequest | TtlRequest
 )
 WriteRequest = PutRequest | DeleteRequest | CasRequest
 ClientReply = (
     GetReply | PutReply | DeleteReply | CasReply | ErrorReply | StatusReply | PongReply
-    | AdminReply
+    | AdminReply | ExpireReply | TtlReply
 )
 PeerMessage = (
     VoteRequest | VoteReply | AppendEntries | AppendReply | InstallSnapshot | SnapshotReply
     | TimeoutNow
 )
 FoundingMessage = FoundingProbe | FoundingAnswer
+# Batches and scans live in their own module (they need ``Consistency`` from here).
+from zkv.protocol.multikey import (  # noqa: E402
+    MULTIKEY_MESSAGE_TYPES,
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    MultiReply,
+    ScanReply,
+    ScanRequest,
+)
+
+MultiKeyMessage = (
+    MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
+    | ScanReply
+)
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
     | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
+    | MultiKeyMessage
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -495,10 +515,13 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     Heartbeat, Campaign, Heard, RequestBatch, ReplyBatch, Redirect,
     VoteRequest, VoteReply, AppendEntries, AppendReply, InstallSnapshot, SnapshotReply,
     MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
+    *MULTIKEY_MESSAGE_TYPES,
+    *TTL_REQUEST_CLASSES, *TTL_REPLY_CLASSES,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
     {GetRequest.TYPE, PutRequest.TYPE, DeleteRequest.TYPE, CasRequest.TYPE}
+    | {cls.TYPE for cls in TTL_REQUEST_CLASSES}
 )
 
 __all__ = [
@@ -517,5 +540,6 @@ __all__ = [
     "PeerMessage", "Phase", "PingRequest", "PongReply", "PutReply", "PutRequest",
     "Redirect", "ReplyBatch", "RequestBatch", "RingConfig", "Role", "ShardId",
     "SnapshotReply", "StatusReply", "StatusRequest", "Term", "VoteReply", "VoteRequest",
-    "WriteRequest", "WrongNode",
+    "WriteRequest", "WrongNode", "PutTtlRequest", "ExpireRequest", "PersistRequest",
+    "TtlRequest", "ExpireReply", "TtlReply", "TtlWriteRequest",
 ]

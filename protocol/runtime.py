@@ -12,7 +12,10 @@ objects 100x less often. Cycles are still collected, just later.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
+import signal
 import sys
 
 from loguru import logger
@@ -40,3 +43,10 @@ def tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """In a child (forked, or about to exec): the kernel SIGKILLs it when the thread
+    that made it dies (``PR_SET_PDEATHSIG``; Linux only, a no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

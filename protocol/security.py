@@ -33,6 +33,8 @@ Rules:
   be added, and an old one removed, without restarting any server (key rotation).
   Connections already authenticated keep running; removing a key refuses its next
   handshake.
+- Node keys are also learned from committed membership changes (``node_keys.py``:
+  ``TrustStore.learn``), only ever as the member the configuration names; files win.
 
 Why a ZAP handler of our own instead of ``zmq.auth.ThreadAuthenticator``: we need the
 User-Id to be the role and name (ThreadAuthenticator reports the raw key), a different
@@ -47,7 +49,6 @@ import ipaddress
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,10 @@ import zmq
 import zmq.auth
 
 from zkv.protocol.errors import KVError
+from zkv.protocol.node_keys import NODE, Principal, trust_map
 
-NODE, BROKER, CLIENT, ADMIN = "node", "broker", "client", "admin"
+__all__ = ["NODE", "Principal"]  # defined in node_keys.py, used from here
+BROKER, CLIENT, ADMIN = "broker", "client", "admin"
 #: role -> sub-directory of ``public/`` holding that role's public certificates
 ROLE_DIRS = {NODE: "nodes", BROKER: "brokers", CLIENT: "clients", ADMIN: "admins"}
 #: ZAP domain -> roles a server socket of that domain admits
@@ -139,27 +142,32 @@ def is_loopback(endpoint: str) -> bool:
         return False  # "*", "0.0.0.0" fail above or here; a name may resolve anywhere
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    role: str
-    name: str
-
-    @property
-    def user_id(self) -> str:
-        return f"{self.role}:{self.name}"
-
-
 class TrustStore:
-    """Public key -> ``Principal``, from ``DIR/public/*/``; reloaded when a dir changes."""
+    """Public key -> ``Principal``, from ``DIR/public/*/``; reloaded when a dir changes.
+    Plus the node keys of committed configurations (``learn``; ``node_keys.py``)."""
 
     def __init__(self, keys_dir: Path) -> None:
         self.public_dir = Path(keys_dir) / "public"
         if not self.public_dir.is_dir():
             raise KeyFileError(f"{keys_dir}: no public/ directory of allowed keys")
         self._stamp: tuple[object, ...] = ()
+        self._files: dict[bytes, Principal] = {}
+        self._learned: dict[bytes, str] = {}
         self._keys: dict[bytes, Principal] = {}
         self._lock = threading.Lock()
         self.refresh()
+
+    def learn(self, configured: dict[bytes, str]) -> None:
+        """Trust exactly these configuration keys (key -> node id) besides the files:
+        the ones learned before and not named again are dropped."""
+        with self._lock:
+            self._learned = dict(configured)
+            self._keys = trust_map(self._files, self._learned)
+
+    @property
+    def learned(self) -> dict[bytes, str]:
+        with self._lock:
+            return dict(self._learned)
 
     def _dir_stamp(self) -> tuple[object, ...]:
         """What changes when a key is added, removed or replaced, even in place (``cp``
@@ -182,7 +190,8 @@ class TrustStore:
             for path in sorted((self.public_dir / sub).glob("*.key")):
                 keys[load_public(path)] = Principal(role, path.stem)
         with self._lock:
-            self._keys, self._stamp = keys, stamp
+            self._files, self._stamp = keys, stamp
+            self._keys = trust_map(keys, self._learned)
 
     def lookup(self, public: bytes) -> Principal | None:
         self.refresh()
@@ -191,6 +200,12 @@ class TrustStore:
 
     def node_key(self, node_id: str) -> bytes:
         return load_public(self.public_dir / "nodes" / f"{node_id}.key")
+
+
+def file_node_key(public_dir: Path, node_id: str) -> bytes | None:
+    """The key of node ``node_id``'s published certificate; None if it has none."""
+    path = Path(public_dir) / "nodes" / f"{node_id}.key"
+    return load_public(path) if path.exists() else None
 
 
 def broker_key_for(public_dir: Path, endpoint: str) -> bytes:

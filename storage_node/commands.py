@@ -13,7 +13,11 @@ msgpack arrays, first element the op::
     [8, new_epoch, src, version_next, sessions]   MIGRATE_SESSIONS: the source's sessions
     [9, epoch(, keys, last)]                      DROP_UNOWNED: forget keys not owned at epoch
     [10, old_ring, new_ring]                      MIGRATE_OUT: note every write to a leaving key
-    [11, voters, learners, addrs, replaces, incs] CONFIG: read by the replica core; a no-op here
+    [11, voters, learners, addrs, replaces, incs(, keys)] CONFIG: read by the replica core; a no-op here
+    [100, client_id, request_id, lowest_pending, ts_ms, kind, keys, values]  MULTI_WRITE
+                                                  (``multikey_commands.py``: a batch's part)
+    [120..122, ...]                               TTL: PUT_TTL, EXPIRE_SET, EXPIRE_SWEEP
+                                                  (``ttl_commands.py``)
 
 ``after`` (MIGRATE_IN) is the stream cursor the batch continues from: the batch applies
 only where the target's progress stands exactly there (``None``: no such check, the
@@ -42,6 +46,20 @@ from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
 from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
+from zkv.storage_node.multikey_commands import (
+    MULTI_WRITE_OP,
+    MultiWrite,
+    decode_multi_write,
+    encode_multi_write,
+)
+from zkv.storage_node.ttl_commands import (
+    TTL_DECODERS,
+    ExpireCommand,
+    PutTtlCommand,
+    SweepCommand,
+    TtlCommand,
+    encode_ttl,
+)
 
 #: A command holds one key and one value (<= 1 MiB by default); 64 MiB leaves room for
 #: raised limits and for the future ring-change command. msgpack's ``unpackb`` already
@@ -170,8 +188,11 @@ class DropUnowned:
 RingCommand = (
     RingSet | Fence | MigrateBegin | MigrateOut | MigrateIn | MigrateSessions | DropUnowned
 )
-Command = Noop | PutCommand | DeleteCommand | CasCommand | RingCommand
+Command = (Noop | PutCommand | DeleteCommand | CasCommand | RingCommand | MultiWrite
+           | TtlCommand)
 WriteCommand = PutCommand | DeleteCommand | CasCommand
+#: client writes answered through the session table (``KVStateMachine._apply_write``)
+SessionCommand = WriteCommand | PutTtlCommand | ExpireCommand
 
 NOOP_DATA: bytes = msgpack.packb([Op.NOOP.value])
 
@@ -200,6 +221,10 @@ def encode_command(cmd: Command) -> bytes:
         ))  # fmt: skip
     if t is Noop:
         return NOOP_DATA
+    if t is MultiWrite:
+        return encode_multi_write(cmd)  # type: ignore[arg-type]
+    if t is PutTtlCommand or t is ExpireCommand or t is SweepCommand:
+        return _pack(encode_ttl(cmd))  # type: ignore[arg-type,no-any-return]
     return _encode_ring_command(cmd)
 
 
@@ -372,7 +397,9 @@ _DECODERS: dict[int, tuple[tuple[int, ...], Callable[[list[Any]], Command]]] = {
     Op.MIGRATE_SESSIONS: ((5,), _decode_sessions),
     Op.DROP_UNOWNED: ((2, 4), _decode_drop),
     Op.MIGRATE_OUT: ((3,), _decode_out),
-    Op.CONFIG: ((6,), lambda v: Noop()),
+    Op.CONFIG: ((6, 7), lambda v: Noop()),  # 7: with member keys
+    MULTI_WRITE_OP: ((8,), decode_multi_write),  # multikey_commands.py
+    **TTL_DECODERS,
 }
 
 

@@ -1,4 +1,5 @@
-"""Small files a storage node must never lose or half-write: ``hardstate`` and ``ring``.
+"""Small files a storage node must never lose or half-write: ``hardstate``, ``ring`` and
+``member_keys``.
 
 Raft's safety rests on ``hardstate`` (current term and vote): a node that forgot its
 vote could vote twice in one term and elect two leaders. So every write here is atomic
@@ -23,6 +24,10 @@ from zkv.protocol.ring import RingConfig
 
 HARD_STATE_FILE = "hardstate"
 RING_FILE = "ring"
+#: the member keys of the last configuration this node saw committed (node_keys.py): a
+#: restarted node knows only its snapshot's configuration as committed until a leader
+#: tells it more, and must still trust the members that configuration does not name
+MEMBER_KEYS_FILE = "member_keys"
 #: Both files are a few dozen bytes; anything much larger is not ours.
 STATE_FILE_BYTES_MAX = 1 << 20
 
@@ -127,3 +132,22 @@ def load_ring(directory: str | os.PathLike[str]) -> RingConfig | None:
     if epoch < 0 or vnodes < 1 or not shards or any(type(s) is not int or s < 0 for s in shards):
         raise CorruptStateError(f"{path}: implausible ring {value!r}; {_REPAIR}")
     return RingConfig(epoch, tuple(shards), vnodes)
+
+
+def save_member_keys(directory: str | os.PathLike[str], index: int, keys: dict[str, str]) -> None:
+    payload = msgpack.packb({"index": index, "keys": keys}, use_bin_type=True)
+    write_atomic(Path(directory) / MEMBER_KEYS_FILE, payload)
+
+
+def load_member_keys(directory: str | os.PathLike[str]) -> tuple[int, dict[str, str]] | None:
+    """(index of the committed configuration, its member keys) as last saved; None if
+    never saved. Raises ``CorruptStateError`` on a file that is not ours."""
+    path = Path(directory) / MEMBER_KEYS_FILE
+    value = _read_map(path)
+    if value is None:
+        return None
+    index = _field(path, value, "index", int)
+    keys = _field(path, value, "keys", dict)
+    if not all(type(k) is str and type(v) is str for k, v in keys.items()):
+        raise CorruptStateError(f"{path}: keys must map str to str; {_REPAIR}")
+    return index, keys

@@ -18,6 +18,7 @@ from zkv.protocol.security import KeyFileError, TrustStore, is_loopback, load_pa
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.identity import DEFAULT_CLUSTER_ID
 from zkv.storage_node.node import NodeConfig, StorageNode
+from zkv.storage_node.snapshot_child import CAN_FORK
 
 
 def _peers(text: str) -> dict[str, str]:
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", type=_fsync, default=FsyncPolicy.parse("always"))
     p.add_argument("--snapshot-entries", type=_positive, default=50_000,
                    help="snapshot (and compact the log) after this many entries")
+    p.add_argument("--snapshot-mode", choices=("fork", "inline"),
+                   default="fork" if CAN_FORK else "inline",
+                   help="fork: a forked child writes snapshots, the loop never waits "
+                   "(pages written meanwhile are copied: up to 2x the state's memory for "
+                   "a few seconds); inline: the loop writes them (stops for ~1 s per "
+                   "million keys)")
     p.add_argument("--snapshot-bytes", type=_positive, default=64 * 1024 * 1024,
                    help="... or once the log since the last snapshot holds this many bytes")
     p.add_argument("--max-data-bytes", type=_non_negative, default=0,
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ring=RingConfig(1, args.shards or (args.shard,), args.vnodes),
         fsync=args.fsync,
         snapshot_entries=args.snapshot_entries,
+        background_snapshots=args.snapshot_mode == "fork",
         snapshot_bytes=args.snapshot_bytes,
         max_data_bytes=args.max_data_bytes,
         heartbeat_ms=args.heartbeat_ms,

@@ -40,13 +40,22 @@ in its acks while a non-voter), and a node flips its identity to voter only on s
 its own (id, incarnation) among the voters. A wiped node replaying an old promotion of
 its id meets an older incarnation and stays a non-voter.
 
+Node keys (issue 12): with Curve, a member added by ``add-replica --public-key`` carries
+its public key (z85 text) in ``keys``. Once the configuration is *committed* the shard's
+members trust that key as that member (and dial it with it), and brokers learn it from
+their heartbeats (``protocol/node_keys.py``); removing the member drops its key. A
+configuration without keys is exactly what it was before keys existed.
+
 Wire form of a configuration entry: msgpack
-``[11, voters, learners, addrs, replaces, incarnations]``
-(op 11 in ``commands.py``, applied as a no-op by the state machine).
+``[11, voters, learners, addrs, replaces, incarnations]``, plus a trailing ``keys``
+(pairs of node id and z85 key) only when some member has one, so a configuration without
+keys encodes, and older entries decode, as before (op 11 in ``commands.py``, applied as
+a no-op by the state machine).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, replace
 from typing import Any
@@ -57,7 +66,10 @@ from zkv.protocol.admin import AdminAddReplica, AdminRemoveReplica, AdminReplace
 from zkv.protocol.errors import RemoteProtocolError
 
 CONFIG_OP = 11
-_PREFIX = b"\x96\x0b"  # msgpack fixarray(6), positive fixint 11
+#: msgpack fixarray(6) or (7: with keys), then positive fixint 11
+_PREFIXES = (b"\x96\x0b", b"\x97\x0b")
+#: a Curve public key in z85 text: 40 characters of the z85 alphabet
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _SNAP_MAGIC = b"ZKVM"
 
 
@@ -77,6 +89,9 @@ class Membership:
     #: may vote under this id; founders and adopted voters are voters by their own
     #: identity file and need no entry
     incarnations: tuple[tuple[str, str], ...] = ()
+    #: (member, its Curve public key in z85 text), sorted: for members whose key is not
+    #: among the files of ``keys/public/nodes`` (``add-replica --public-key``)
+    keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -89,6 +104,9 @@ class Membership:
     def addr_of(self, node: str) -> str:
         return dict(self.addrs).get(node, "")
 
+    def key_of(self, node: str) -> str:
+        return dict(self.keys).get(node, "")
+
     def with_addr(self, node: str, addr: str) -> tuple[tuple[str, str], ...]:
         out = dict(self.addrs)
         if addr:
@@ -97,14 +115,17 @@ class Membership:
 
     # ------------------------------------------------------------------ changes
 
-    def add_learner(self, node: str, addr: str, replaces: str = "") -> Membership:
+    def add_learner(self, node: str, addr: str, replaces: str = "", key: str = "") -> Membership:
         if node in self.members:
             raise MembershipError(f"{node} is already a member")
         if replaces and replaces not in self.voters:
             raise MembershipError(f"{replaces} is not a voter")
+        if key and not is_public_key(key):
+            raise MembershipError("public_key must be a Curve public key (40 characters z85)")
         reps = self.replaces + (((node, replaces),) if replaces else ())
+        keys = tuple(sorted({**dict(self.keys), node: key}.items())) if key else self.keys
         return replace(self, learners=self.learners + (node,), addrs=self.with_addr(node, addr),
-                       replaces=reps)
+                       replaces=reps, keys=keys)
 
     def promote(self, node: str, incarnation: str) -> Membership:
         if node not in self.learners:
@@ -138,6 +159,7 @@ class Membership:
             tuple(a for a in self.addrs if a[0] != node),
             tuple(r for r in self.replaces if node not in r),
             tuple(i for i in self.incarnations if i[0] != node),
+            tuple(k for k in self.keys if k[0] != node),  # a removed member's key goes too
         )
 
 
@@ -151,25 +173,39 @@ def check_change(old: Membership, new: Membership) -> None:
 # ---------------------------------------------------------------------- encoding
 
 
+def is_public_key(text: str) -> bool:
+    """Whether ``text`` looks like a Curve public key in z85 (40 characters)."""
+    return _Z85_KEY.fullmatch(text) is not None
+
+
 def encode(m: Membership) -> bytes:
-    data: bytes = msgpack.packb(
-        [CONFIG_OP, list(m.voters), list(m.learners), [list(a) for a in m.addrs],
-         [list(r) for r in m.replaces], [list(i) for i in m.incarnations]], use_bin_type=True)
+    fields: list[object] = [
+        CONFIG_OP, list(m.voters), list(m.learners), [list(a) for a in m.addrs],
+        [list(r) for r in m.replaces], [list(i) for i in m.incarnations]]
+    if m.keys:  # only then: a configuration without keys keeps its old bytes
+        fields.append([list(k) for k in m.keys])
+    data: bytes = msgpack.packb(fields, use_bin_type=True)
     return data
 
 
 def is_config(data: bytes) -> bool:
-    return data[:2] == _PREFIX
+    return data[:2] in _PREFIXES
 
 
 def decode(data: bytes) -> Membership:
     """A configuration entry's data; anything malformed raises ``RemoteProtocolError``."""
     try:
         v = msgpack.unpackb(data, raw=False)
-        op, voters, learners, addrs, reps, incs = v
+        if type(v) is not list or len(v) not in (6, 7):
+            raise ValueError("a configuration is an array of 6 or 7")
+        op, voters, learners, addrs, reps, incs = v[:6]
         if op != CONFIG_OP:
             raise ValueError("not a configuration")
-        m = Membership(_names(voters), _names(learners), _pairs(addrs), _pairs(reps), _pairs(incs))
+        keys = _pairs(v[6]) if len(v) == 7 else ()
+        if not all(is_public_key(k) for _, k in keys):
+            raise ValueError("a member key must be a z85 Curve public key")
+        m = Membership(_names(voters), _names(learners), _pairs(addrs), _pairs(reps),
+                       _pairs(incs), keys)
     except Exception as exc:  # msgpack and unpacking raise many types on garbage
         raise RemoteProtocolError(f"bad configuration entry: {exc}") from exc
     if not m.voters:
@@ -230,7 +266,8 @@ def change_for(req: object, conf: Membership) -> Membership | None:
     if isinstance(req, AdminAddReplica):
         if node in conf.members:
             return None
-        return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"))
+        return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"),
+                                key=_key_arg(req.public_key))
     if isinstance(req, AdminRemoveReplica):
         return conf.remove(node) if node in conf.members else None
     if isinstance(req, AdminReplaceReplica):
@@ -239,7 +276,8 @@ def change_for(req: object, conf: Membership) -> Membership | None:
             return None  # asked before: under way (learner) or done (old removed)
         if old == node:
             raise MembershipError("replace with a new node id (or remove, then add)")
-        return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"), replaces=old)
+        return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"), replaces=old,
+                                key=_key_arg(req.public_key))
     raise MembershipError(f"not a membership change: {type(req).__name__}")
 
 
@@ -249,7 +287,13 @@ def _arg(v: object, name: str) -> str:
     return v
 
 
+def _key_arg(v: object) -> str:
+    if type(v) is not str or (v and not is_public_key(v)):
+        raise MembershipError("public_key must be a Curve public key (40 characters z85)")
+    return v
+
+
 def describe(conf: Membership) -> dict[str, object]:
     return {"voters": list(conf.voters), "learners": list(conf.learners),
             "addrs": dict(conf.addrs), "replaces": dict(conf.replaces),
-            "incarnations": dict(conf.incarnations)}
+            "incarnations": dict(conf.incarnations), "keys": dict(conf.keys)}

@@ -40,6 +40,7 @@ from zkv.storage_node.node_identity import NodeIdentity
 from zkv.storage_node.node_sockets import NodeSockets
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
+from zkv.storage_node.snapshot_child import CAN_FORK, SnapshotChild
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
 
@@ -60,6 +61,8 @@ class NodeConfig:
     ring: RingConfig
     fsync: FsyncPolicy
     snapshot_entries: int = 50_000
+    #: write snapshots from a forked child, never stopping the loop (snapshot_child.py)
+    background_snapshots: bool = CAN_FORK
     #: also snapshot once the log since the last snapshot holds this many bytes of
     #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
     snapshot_bytes: int = 64 * 1024 * 1024
@@ -104,6 +107,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self.node.identity_extra = self._identity_extra()
         self.node.founding_active = self.founding is not None
         self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
+        self._keys_conf: mship.Membership | None = None  # the committed one keys follow
         self._stop_requested = False
         self._stop_deadline = 0.0
         self._stop_after = 0.0
@@ -112,6 +116,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._disk_full_since: float | None = None
         self._disk_retry_at = 0.0
         self._snapshot_retry_at = 0.0  # after a snapshot found no space
+        self._snapshot_child: SnapshotChild | None = None  # writing one in the background
         #: the newest snapshot really on disk (what an append ack may count on)
         self._disk_snapshot_index = self.core.snap_index
 
@@ -199,7 +204,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
-                node.tick(now)  # the replica's timers and the availability rule
+                # the replica's timers, the availability rule, the expiry sweep (TTL)
+                node.tick(now, ts_ms)
                 if self._stop_requested:
                     self._check_stop(now)
                 self._handle_ready(now)
@@ -215,6 +221,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                                        self.tasks, bool(hb.extra["disk_full"]))
                     self._found()
                     self._follow_peer_keys()
+                    self._follow_refusals(now)
                     self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
@@ -234,6 +241,9 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 frames = _recv_frames(sock)
             except zmq.Again:
                 return
+            # read after the frames arrived: a TTL deadline is never stamped early, and
+            # a read never judges expiry by a clock older than the request (TTL)
+            ts_ms = int(time.time() * 1000)
             try:
                 on_frames(sock, frames, now, ts_ms)
             except RemoteProtocolError as exc:
@@ -314,6 +324,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                           self.config.shard_id, self.identity.incarnation)
         if core.membership is not self._peer_conf:
             self._sync_peers()
+        self._follow_committed_config()
 
 
 def _recv_frames(sock: zmq.Socket) -> list[bytes]:  # type: ignore[type-arg]

@@ -62,17 +62,20 @@ from zkv.protocol.messages import (
     PeerMessage,
     Role,
     TimeoutNow,
-    WrongNode,
 )
 from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
+from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
+from zkv.storage_node.node_snapshots import SnapshotDecisions, SnapshotTask
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
+from zkv.storage_node.ttl_requests import sweep_command
 
-#: distinct announcements remembered (a few per peer; cleared when full)
-LINK_VERDICTS_MAX = 1024
+#: Expiry sweep entries proposed per loop turn at most (each lists up to
+#: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
+SWEEPS_PER_TURN = 2
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
@@ -89,35 +92,57 @@ class NodeReady:
     send_after: list[tuple[str, PeerMessage]]
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotTask:
-    """Write this snapshot, then call ``NodeCore.compacted`` with it."""
-
-    index: int
-    term: int
-    data: bytes
-
-
-class NodeCore(RequestCore):
+class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
     """A storage node's decisions; see the module docstring for the contract."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.disk_gate = DiskFullGate(self.config.heartbeat_ms / 1000)
+        #: the expiry sweep's per-turn state (``tick``): the turn's ``now``, sweeps proposed
+        self._tick_now = 0.0
+        self._sweeps_this_turn = 0
         #: peer connections refused for reaching the wrong node (``peer_link``), the
         #: verdict per announcement, and when to redial a peer that was the wrong node
         self.misrouted = 0
         self._link_verdicts: dict[str, str | None] = {}
         self.redials = peer_link.Redials()
+        #: a snapshot was begun and is not on disk yet (``begin_snapshot``)
+        self.snapshot_running = False
 
-    def tick(self, now: float) -> None:
-        """Once per shell loop turn: the replica's timers, then the availability rule."""
+    def tick(self, now: float, ts_ms: int | None = None) -> None:
+        """Once per shell loop turn: the replica's timers, then the availability rule;
+        with the wall clock ``ts_ms``, the expiry sweep too (``ttl_requests.py``)."""
         replica = self.replica
         replica.tick(now)
         why = self.broker_contact.step_down_reason(replica.role is Role.LEADER, replica.term, now)
         if why:
             replica.step_down(now)
             self.notes.append(why)
+        if ts_ms is not None:
+            if ts_ms > self.wall_ms:
+                self.wall_ms = ts_ms
+            self._tick_now = now
+            self._sweeps_this_turn = 0
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Propose the next expiry sweep: leader only, one entry in flight at a time,
+        at most ``SWEEPS_PER_TURN`` per loop turn (``advance`` chains the next as soon
+        as one applies, so the rate is one per commit round trip, not per poll wait)."""
+        replica, state = self.replica, self.state
+        if (replica.role is not Role.LEADER or not len(state.expiry) or self.disk_full
+                or self.unpersisted or self._sweeps_this_turn >= SWEEPS_PER_TURN):
+            return
+        term, index = self.sweep_inflight
+        if term == replica.term and index > state.applied_index:
+            return
+        cmd = sweep_command(state, self.wall_ms)
+        if cmd is None:
+            return
+        proposed = replica.propose(encode_command(cmd), now)
+        if proposed is not None:
+            self.sweep_inflight = (replica.term, proposed)
+            self._sweeps_this_turn += 1
 
     # ------------------------------------------------------------------ ready
 
@@ -160,6 +185,8 @@ class NodeCore(RequestCore):
             self._fail_from(rd.truncate_from)
         if rd.committed:
             self._apply(rd.committed)
+            if 0 < self.sweep_inflight[1] <= rd.committed[-1].index:
+                self._sweep(self._tick_now)  # the sweep in flight applied: chain the next
         for token, index in rd.reads:
             self.waiting_reads.append((index, token))  # type: ignore[arg-type]
         for token in rd.failed_reads:
@@ -226,8 +253,15 @@ class NodeCore(RequestCore):
         keep = []
         for index, p in self.waiting_reads:
             if index <= applied:
-                if self._owned(p.origin, p.ident, p.request_id, p.key):
-                    self._answer_get(p.origin, p.ident, p.request_id, p.key)
+                if p.multi is not None:  # a batch read or scan: ownership per key
+                    wait = self.serve_multi_read(p)
+                    if wait:
+                        keep.append((wait, p))
+                elif self._owned(p.origin, p.ident, p.request_id, p.key):
+                    wait = self._answer_get(p.origin, p.ident, p.request_id, p.key,
+                                            p.ttl_read)
+                    if wait:
+                        keep.append((wait, p))
             else:
                 keep.append((index, p))
         self.waiting_reads = keep
@@ -269,38 +303,6 @@ class NodeCore(RequestCore):
             peer_msg = self.disk_gate.incoming(peer_msg)  # type: ignore[arg-type]
         if peer_msg is not None:
             self.replica.step(sender, peer_msg, now)
-
-    def _refuse_link(self, origin: object, ident: bytes, announced: str, now: float) -> bool:
-        """Whether a connection's announcement says it reached the wrong node; if so,
-        answer ``WrongNode`` on it and say why (first ten times, then every hundredth).
-        Verdicts are cached per announcement: every message of a connection repeats it."""
-        cache = self._link_verdicts
-        if announced in cache:
-            reason = cache[announced]
-        else:
-            if len(cache) >= LINK_VERDICTS_MAX:
-                cache.clear()
-            reason = cache[announced] = peer_link.refusal(
-                peer_link.Announcement.parse(announced), self.config.node_id,
-                self.config.cluster_id)
-        if reason is None:
-            return False
-        self.misrouted += 1
-        if self.misrouted <= 10 or self.misrouted % 100 == 0:
-            self.notes.append(f"refused peer connection #{self.misrouted}: {reason}")
-        self._direct.append((origin, (ident, *codec.encode(WrongNode(
-            self.config.node_id, self.config.shard_id, self.config.cluster_id, reason)))))
-        return True
-
-    def on_wrong_node(self, peer: str, msg: WrongNode, now: float) -> bool:
-        """A peer's answer that our connection to ``peer`` reached ``msg.node_id``
-        instead: say so; True when the shell should redial (rate-limited)."""
-        due = self.redials.due(peer, now)
-        if due:
-            self.notes.append(f"our connection to {peer} reached {msg.node_id} (shard "
-                              f"{msg.shard_id}, cluster {msg.cluster_id!r}): {msg.reason}; "
-                              f"redialing {peer}")
-        return due
 
     def _member_keys(self) -> set[str]:
         """Who may speak Raft to us: the members in force and those we started with."""
@@ -371,28 +373,6 @@ class NodeCore(RequestCore):
             state.key_count, cfg.pid, cfg.advertise, tuple(conf.voters),
             ring, cfg.heartbeat_ms,
             {**cfg.info, "data_bytes": state.data_bytes, "max_data_bytes": cfg.max_data_bytes,
-             "disk_full": self.disk_full, **self.identity_extra,
+             "disk_full": self.disk_full, **self.identity_extra, **self.keys_extra,
              "learners": list(conf.learners), "config_role": role},
         )  # fmt: skip
-
-    def take_snapshot(self) -> SnapshotTask | None:
-        """A snapshot to write, every ``snapshot_entries`` applied entries or
-        ``snapshot_bytes`` applied bytes; none while a write waits for the disk."""
-        applied = self.state.applied_index
-        if (applied - self.last_snapshot_index < self.config.snapshot_entries
-                and self.log_bytes < self.config.snapshot_bytes) or self.unpersisted:
-            return None
-        term = self.replica.term_at(applied)
-        if term is None:
-            return None
-        # the configuration at ``applied`` travels and is stored with the state
-        data = mship.wrap_snapshot(self.replica.membership_at(applied), self.state.snapshot_bytes())
-        return SnapshotTask(applied, term, data)
-
-    def compacted(self, task: SnapshotTask, kept: Any = None) -> None:
-        """``task`` is on disk: the replica may drop its log up to it. ``kept`` is what
-        the replica holds as its snapshot from now on (the shell's read-only map of the
-        file, so the bytes need not stay in memory); ``task.data`` when None."""
-        self.replica.compacted(task.index, task.term, task.data if kept is None else kept)
-        self.last_snapshot_index = task.index
-        self.log_bytes = 0

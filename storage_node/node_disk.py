@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING
 
 from zkv.storage_node import durable_state
 from zkv.storage_node.disk_full import Unpersisted
+from zkv.storage_node.node_core import SnapshotTask
 from zkv.storage_node.replica import Ready
-from zkv.storage_node.snapshot import compactable_index, mapped_or_bytes, save_snapshot
+from zkv.storage_node.snapshot import (
+    compactable_index,
+    load_saved,
+    mapped_or_bytes,
+    save_snapshot,
+)
+from zkv.storage_node.snapshot_child import EXIT_DISK_FULL, SnapshotChild
 from zkv.storage_node.wal import is_disk_full
 
 if TYPE_CHECKING:
@@ -47,6 +54,7 @@ class NodeDisk:
         _disk_retry_at: float
         _snapshot_retry_at: float
         _disk_snapshot_index: int
+        _snapshot_child: SnapshotChild | None
 
     def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
@@ -115,8 +123,47 @@ class NodeDisk:
         return max(self.wal.last_index, self._disk_snapshot_index)
 
     def _maybe_snapshot(self, now: float) -> None:
+        """Take the snapshot the core asks for: in a forked child (``snapshot_child``),
+        polled here once per turn, or inline without ``background_snapshots``."""
+        child = self._snapshot_child
+        if child is not None:
+            status = child.poll()
+            if status is not None:
+                self._snapshot_child = None
+                self._snapshot_written(child, status, now)
+            return
         if now < self._snapshot_retry_at:
             return
+        if not self.config.background_snapshots:
+            self._snapshot_inline(now)
+            return
+        due = self.node.begin_snapshot()
+        if due is None:
+            return
+        index, term = due
+        data_dir = self.config.data_dir
+
+        def write() -> None:  # in the child: the state as it was at fork time
+            save_snapshot(data_dir, index, term, self.node.snapshot_data(index),
+                          prune_temp=False)  # the parent may be writing one of its own
+
+        self._snapshot_child = SnapshotChild.fork(index, term, write)
+
+    def _snapshot_written(self, child: SnapshotChild, status: int, now: float) -> None:
+        if status != 0:
+            self.node.snapshot_failed()
+            self._snapshot_retry_at = now + SNAPSHOT_RETRY_S
+            why = "no space" if status == EXIT_DISK_FULL else f"the child exited with {status}"
+            self.log.warning("snapshot at index {} not written ({}); retrying in {} s",
+                             child.index, why, SNAPSHOT_RETRY_S)
+            return
+        kept = load_saved(self.config.data_dir, child.index)
+        self._disk_snapshot_index = max(self._disk_snapshot_index, child.index)
+        self.node.compacted(SnapshotTask(child.index, child.term, b""), kept)
+        self._after_snapshot(child.index, len(kept), child.started,
+                             f", forked in {child.fork_ms:.1f} ms")
+
+    def _snapshot_inline(self, now: float) -> None:
         started = time.monotonic()
         task = self.node.take_snapshot()
         if task is None:
@@ -126,15 +173,19 @@ class NodeDisk:
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
+            self.node.snapshot_failed()
             self._snapshot_retry_at = now + SNAPSHOT_RETRY_S
             self.log.warning("no space for a snapshot at index {} ({}); retrying in {} s",
                              task.index, exc, SNAPSHOT_RETRY_S)
             return
         self._disk_snapshot_index = task.index
         self.node.compacted(task, mapped_or_bytes(self.config.data_dir, task.index, task.data))
-        self.node.stats.snapshot("taken", len(task.data))
+        self._after_snapshot(task.index, len(task.data), started)
+
+    def _after_snapshot(self, index: int, size: int, started: float, how: str = "") -> None:
+        self.node.stats.snapshot("taken", size)
         # keep the log back to the older kept snapshot, so falling back to it (if the
         # newest is ever damaged) still meets a contiguous log
         self.wal.compact(compactable_index(self.config.data_dir))
-        self.log.info("snapshot at index {} ({} bytes, {:.0f} ms)", task.index, len(task.data),
-                      (time.monotonic() - started) * 1000)
+        self.log.info("snapshot at index {} ({} bytes, {:.0f} ms{})", index, size,
+                      (time.monotonic() - started) * 1000, how)

@@ -18,6 +18,8 @@ Rules:
   on durability (``unpersisted``) does not stand for election.
 - A leader stamps each write with ``ts_ms``, the wall clock the shell read for this turn,
   so every replica judges session expiry by the same clock.
+- Keys that expire (TTL): ``ttl_requests.py`` holds the rules (deadline stamping, reads
+  judged by ``wall_ms``, the latest wall clock the shell gave us).
 - A proposed write is remembered (``pending_writes``: index -> whom to answer, with the
   term it was proposed in); a linearizable read goes to the replica's read index with
   whom to answer as its token. ``node_core.py`` answers both.
@@ -29,24 +31,14 @@ Rules:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from zkv.protocol import codec
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
-    ADMIN_REPLY_CLASSES,
-    MEMBERSHIP_REQUEST_CLASSES,
-    AdminInfo,
-    AdminMembers,
-    AdminMembersReply,
     AdminRequest,
-    AdminSnapshotReply,
-    AdminSnapshotSave,
-    AdminTransferLeader,
     Campaign,
     CasRequest,
     Consistency,
@@ -62,24 +54,25 @@ from zkv.protocol.messages import (
     ReplyBatch,
     RequestBatch,
     Role,
+    TtlRequest,
 )
+from zkv.protocol.multikey import FANOUT_REQUEST_CLASSES
 from zkv.protocol.ring import Ring
-from zkv.storage_node import membership as mship
-from zkv.storage_node.admin import AdminError, admin_request
+from zkv.protocol.ttl_messages import TTL_WRITE_CLASSES, PutTtlRequest, TtlWriteRequest
+from zkv.storage_node.admin_requests import ADMIN_STAMP as ADMIN_STAMP  # re-exported
+from zkv.storage_node.admin_requests import AdminRequests
 from zkv.storage_node.broker_contact import BrokerContact
 from zkv.storage_node.commands import Command, command_from_request, encode_command
+from zkv.storage_node.multikey_requests import MultiKeyRequests
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Replica
 from zkv.storage_node.state_machine import KVStateMachine
 from zkv.storage_node.stats import NodeStats
+from zkv.storage_node.ttl_requests import ttl_command, ttl_refusal, ttl_reply, wait_index
 
 Frames = tuple[bytes, ...]
-#: A secure broker forwards a request under its client ident prefixed with the role of
-#: the key that sent it (``broker.server_security.stamp``); only this prefix may run admin ops.
-ADMIN_STAMP = b"A"
-#: Admin requests the client role may make: a read-only view without data.
-CLIENT_ADMIN_OPS = (AdminInfo, AdminMembers)
+
 
 @dataclass(frozen=True, slots=True)
 class NodeCoreConfig:
@@ -117,10 +110,14 @@ class Pending:
     command: Command | None = None  # a write's decoded command, applied without re-decoding
     ack_shard: int = -1  # >= 0: a MigrateBatch from a source leader, answered by MigrateAck
     term: int = 0  # the term the write was proposed in
+    multi: object = None  # a queued batch read or scan page (multikey_requests.py)
+    ttl_read: bool = False  # a queued read is a TtlRequest (answered by TtlReply)
 
 
-class RequestCore:
+class RequestCore(MultiKeyRequests, AdminRequests):
     """A node's request admission and reply queue; ``NodeCore`` adds the rest."""
+
+    pending_type = Pending
 
     def __init__(self, config: NodeCoreConfig, replica: Replica, state: KVStateMachine,
                  initial_ring: Ring, tasks: LeaderTasks) -> None:
@@ -141,6 +138,10 @@ class RequestCore:
         self._was_leader = False
         self._next_heartbeat = 0.0
         self.last_snapshot_index = replica.snap_index
+        #: the latest wall clock (ms) the shell gave us: reads judge expiry by it (TTL)
+        self.wall_ms = 0
+        #: (term, index) of the expiry sweep in flight (node_core.py)
+        self.sweep_inflight = (0, 0)
         #: lifecycle lines for the shell to log (the core has no logger)
         self.notes: list[str] = []
         self.quota = Quota(config.max_data_bytes)
@@ -150,6 +151,8 @@ class RequestCore:
         self.stats = NodeStats()
         #: what the heartbeat says of this data dir (identity.py; the shell's, a file)
         self.identity_extra: dict[str, object] = {}
+        #: with Curve, the committed configuration's member keys (``protocol/node_keys``)
+        self.keys_extra: dict[str, object] = {}
         #: while bootstrapping, founding messages (and a leader's appends: the shard
         #: exists) are set aside for the shell, which holds the identity
         self.founding_active = False
@@ -173,6 +176,8 @@ class RequestCore:
         Heard]``; raises ``RemoteProtocolError`` on frames that name no client to answer."""
         if len(frames) < 2:
             raise RemoteProtocolError("too few frames")
+        if ts_ms > self.wall_ms:
+            self.wall_ms = ts_ms
         ident = frames[0]
         if ident == b"":
             msg = codec.decode(frames[1:])
@@ -206,8 +211,16 @@ class RequestCore:
         elif isinstance(req, (PutRequest, DeleteRequest, CasRequest)):
             if self._check_key(origin, ident, req.request_id, req.key, frames):
                 self._on_write(origin, ident, req, now, ts_ms)
+        elif isinstance(req, FANOUT_REQUEST_CLASSES):  # batches, scans: multikey_requests.py
+            self._on_fanout(origin, ident, req, now, ts_ms)  # type: ignore[arg-type]
         elif isinstance(req, PingRequest):
             self._reply(origin, ident, PongReply(req.request_id, self.config.node_id))
+        elif isinstance(req, TTL_WRITE_CLASSES):
+            if self._check_key(origin, ident, req.request_id, req.key, frames):
+                self._on_ttl_write(origin, ident, req, now, ts_ms)
+        elif isinstance(req, TtlRequest):
+            if self._check_key(origin, ident, req.request_id, req.key, frames):
+                self._on_get(origin, ident, req, now)
         elif isinstance(req, AdminRequest):
             self._on_admin(origin, ident, req, now)
         else:
@@ -241,104 +254,44 @@ class RequestCore:
             return False
         return True
 
-    def _on_admin(self, origin: object, ident: bytes, req: AdminRequest, now: float) -> None:
-        if self.secure and ident[:1] != ADMIN_STAMP and not isinstance(req, CLIENT_ADMIN_OPS):
-            self._reply(origin, ident, ErrorReply(
-                req.request_id, ErrorCode.PERMISSION_DENIED,
-                f"{type(req).__name__} needs an admin key; this request came with a client key"))
-            return
-        if req.shard_id != self.config.shard_id:
-            self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.WRONG_SHARD,
-                                                  f"this node serves shard {self.config.shard_id}"))
-            return
-        if self.replica.role is not Role.LEADER:
-            self._reply(origin, ident, self.not_leader(req.request_id))
-            return
-        if isinstance(req, MEMBERSHIP_REQUEST_CLASSES):
-            self._reply(origin, ident, self._membership_admin(req, now))
-            return
-        if isinstance(req, AdminSnapshotSave):
-            self._reply(origin, ident, self._snapshot_for_backup(req.request_id))
-            return
-        try:
-            answer = admin_request(self.state, self.tasks, req)
-        except AdminError as exc:
-            self._reply(origin, ident, ErrorReply(req.request_id, exc.code, str(exc)))
-            return
-        if isinstance(answer, ADMIN_REPLY_CLASSES):
-            self._reply(origin, ident, answer)
-            return
-        cmd = cast(Command, answer)
-        self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
-
-    def _membership_admin(self, req: AdminRequest, now: float) -> AdminMembersReply | ErrorReply:
-        """Membership ops at the leader: proposed now, answered at once; the caller
-        watches ``AdminMembers`` (or ``zkv status``) for the change to take effect."""
-        replica, cfg = self.replica, self.config
-        index, to = 0, ""
-        try:
-            if isinstance(req, AdminTransferLeader):
-                if not replica.transfer_leadership(req.node_id, now):
-                    raise mship.MembershipError(
-                        f"no up-to-date voter {req.node_id!r} to hand over to")
-                to = req.node_id
-            elif not isinstance(req, AdminMembers):
-                new = mship.change_for(req, replica.membership)
-                if new is not None:  # every member's address, so any member reaches any
-                    known = {**cfg.peers, cfg.node_id: cfg.advertise}
-                    addrs = {m: a for m, a in known.items() if m in new.members}
-                    new = dataclasses.replace(
-                        new, addrs=tuple(sorted({**addrs, **dict(new.addrs)}.items())))
-                    index = replica.propose_membership(new, now)
-                    self.notes.append(f"proposed configuration {mship.describe(new)} at "
-                                      f"index {index} ({type(req).__name__})")
-        except mship.MembershipError as exc:
-            return ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, str(exc))
-        conf = replica.membership
-        return AdminMembersReply(
-            req.request_id, cfg.node_id, tuple(conf.voters), tuple(conf.learners),
-            dict(conf.addrs), dict(conf.incarnations), dict(conf.replaces),
-            replica.change_pending(), index, to,
-        )  # fmt: skip
-
-    def _snapshot_for_backup(self, request_id: int) -> AdminSnapshotReply | ErrorReply:
-        """``zkv admin snapshot save``: the leader's whole state, which holds every write
-        it acknowledged, once it has applied all it committed (a new leader first
-        commits its no-op: before that its commit index may lag the old leader's)."""
-        replica, state = self.replica, self.state
-        if (replica.term_at(replica.commit_index) != replica.term
-                or state.applied_index < replica.commit_index):
-            return ErrorReply(request_id, ErrorCode.UNAVAILABLE, "leader not settled; retry")
-        index = state.applied_index
-        term = replica.term_at(index)
-        if term is None:
-            return ErrorReply(request_id, ErrorCode.UNAVAILABLE, "log moved; retry")
-        ring = (state.ownership.ring or self.initial_ring).config
-        return AdminSnapshotReply(request_id, self.config.node_id, index, term,
-                                  state.key_count, ring, state.snapshot_bytes())
-
     def not_leader(self, request_id: int) -> ErrorReply:
         leader = self.replica.leader_id
         code = ErrorCode.NOT_LEADER if leader else ErrorCode.NO_LEADER
         return ErrorReply(request_id, code, "not the leader", leader_hint=leader)
 
-    def _on_get(self, origin: object, ident: bytes, req: GetRequest, now: float) -> None:
+    def _on_get(self, origin: object, ident: bytes, req: GetRequest | TtlRequest,
+                now: float) -> None:
         replica = self.replica
-        if req.consistency is Consistency.STALE:
-            self._answer_get(origin, ident, req.request_id, req.key)
+        ttl = type(req) is TtlRequest
+        if req.consistency is Consistency.STALE or (
+                req.consistency is Consistency.LEADER and replica.role is Role.LEADER):
+            wait = self._answer_get(origin, ident, req.request_id, req.key, ttl)
+            if wait:  # rare: see ``_answer_get``
+                self.waiting_reads.append(
+                    (wait, Pending(origin, ident, req.request_id, req.key, ttl_read=ttl)))
         elif replica.role is not Role.LEADER:
             self._reply(origin, ident, self.not_leader(req.request_id))
-        elif req.consistency is Consistency.LEADER:
-            self._answer_get(origin, ident, req.request_id, req.key)
-        elif not replica.read_index(Pending(origin, ident, req.request_id, req.key), now):
+        elif not replica.read_index(Pending(origin, ident, req.request_id, req.key,
+                                            ttl_read=ttl), now):
             self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.UNAVAILABLE, "busy"))
 
-    def _answer_get(self, origin: object, ident: bytes, request_id: int, key: bytes) -> None:
-        found = self.state.get(key)
+    def _answer_get(self, origin: object, ident: bytes, request_id: int, key: bytes,
+                    ttl_read: bool = False) -> int:
+        """Answer a read; or return the log index it must wait for first (TTL: a key
+        expired by ``wall_ms`` with one of our writes on it in flight)."""
+        state, now_ms = self.state, self.wall_ms
+        wait = wait_index(state, key, now_ms, self.pending_writes)
+        if wait > state.applied_index:
+            return wait
+        if ttl_read:
+            self._reply(origin, ident, ttl_reply(state, request_id, key, now_ms))
+            return 0
+        found = state.get_live(key, now_ms)
         if found is None:
             self._reply(origin, ident, GetReply(request_id, False, 0, b""))
         else:
             self._reply(origin, ident, GetReply(request_id, True, found[1], found[0]))
+        return 0
 
     def _on_write(self, origin: object, ident: bytes, req: PutRequest | DeleteRequest | CasRequest,
                   now: float, ts_ms: int) -> None:
@@ -363,6 +316,39 @@ class RequestCore:
                 self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
                 return
         cmd = command_from_request(req, ts_ms)
+        index = self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
+        if growth:
+            self.quota.proposed(index, growth)
+
+    def _on_ttl_write(self, origin: object, ident: bytes, req: TtlWriteRequest, now: float,
+                      ts_ms: int) -> None:
+        """``put(ttl=)``, ``expire``, ``persist``: admitted like a write (``_on_write``),
+        proposed with the deadline stamped (``ttl_requests.py``)."""
+        refused = ttl_refusal(req)
+        if refused is not None:
+            self._reply(origin, ident, refused)
+            return
+        if isinstance(req, PutTtlRequest) and len(req.value) > self.config.value_bytes_max:
+            self._reply(origin, ident, ErrorReply(
+                req.request_id, ErrorCode.TOO_LARGE,
+                f"value of {len(req.value)} bytes is over the limit of {self.config.value_bytes_max}",
+            ))  # fmt: skip
+            return
+        if self.replica.role is not Role.LEADER:
+            self._reply(origin, ident, self.not_leader(req.request_id))
+            return
+        if self.disk_full:
+            self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.DISK_FULL,
+                                                  "the shard leader's disk is full; retry later"))
+            return
+        growth = 0
+        if self.quota.max_data_bytes and isinstance(req, PutTtlRequest):
+            growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
+            why = self.quota.refusal(self.state.data_bytes, growth)
+            if why:
+                self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
+                return
+        cmd = ttl_command(req, ts_ms)
         index = self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
         if growth:
             self.quota.proposed(index, growth)

@@ -53,6 +53,11 @@ coordinator that drives the steps; phases are ``protocol.admin.Phase``):
   cursor for that source and phase is exactly ``after``, so each batch applies once
   and in order whatever the network repeats or delays; the answer carries the cursor
   so the sender can resume from where the target really is.
+- Deadlines (TTL) travel with their keys: a copied or delta item is
+  ``[key, value, version, deadline]`` when the key expires (``[key, value, version]``
+  otherwise, which clears any deadline the target held), a deleted or dropped key
+  loses its deadline. An expired key still in the table moves like any other and
+  expires at its target.
 - Versions: a key's version is the log index that wrote it plus ``version_offset``
   (0 until keys migrate in). Migrated keys keep their version and raise the offset
   so every later version at this shard exceeds it: per-key versions stay increasing.
@@ -82,6 +87,7 @@ from zkv.storage_node.commands import (
     RingCommand,
     RingSet,
 )
+from zkv.storage_node.expiry import ExpiryIndex
 from zkv.storage_node.ownership_records import (
     PHASE_CATCHUP,
     PHASE_COPY,
@@ -154,8 +160,10 @@ class Ownership:
     # ------------------------------------------------------------------ commands
 
     def apply(self, index: int, cmd: RingCommand, data: dict[bytes, tuple[bytes, int]],
-              sessions_merge: Any) -> Applied:
-        """Apply a ring command at log ``index``; the result for the coordinator."""
+              sessions_merge: Any, expiry: ExpiryIndex | None = None) -> Applied:
+        """Apply a ring command at log ``index``; the result for the coordinator.
+        ``expiry``: the keys' deadlines, which move with them (TTL)."""
+        exp = ExpiryIndex() if expiry is None else expiry
         if self.shard_id is None:
             return Applied(False, "this state machine has no shard id")
         try:
@@ -168,11 +176,11 @@ class Ownership:
             if isinstance(cmd, MigrateOut):
                 return self._out(cmd.old, cmd.new)
             if isinstance(cmd, MigrateIn):
-                return self._migrate_in(index, cmd, data)
+                return self._migrate_in(index, cmd, data, exp)
             if isinstance(cmd, MigrateSessions):
                 return self._sessions(index, cmd, sessions_merge)
             if isinstance(cmd, DropUnowned):
-                return self._drop(cmd, data)
+                return self._drop(cmd, data, exp)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # malformed payload: in the log already, so every replica refuses it alike
             return Applied(False, f"malformed {type(cmd).__name__}: {exc}")
@@ -247,7 +255,7 @@ class Ownership:
         return inc.sources[src]
 
     def _migrate_in(self, index: int, cmd: MigrateIn,
-                    data: dict[bytes, tuple[bytes, int]]) -> Applied:
+                    data: dict[bytes, tuple[bytes, int]], expiry: ExpiryIndex) -> Applied:
         p = self._progress(cmd.new_epoch, cmd.src)
         if isinstance(p, Applied):
             return p
@@ -265,13 +273,17 @@ class Ownership:
             if type(key) is not bytes or moving(old, new, key) != (cmd.src, self.shard_id):
                 stray += 1
                 continue
-            if len(item) == 3:
+            if len(item) in (3, 4):
                 value, version = item[1], item[2]
-                if type(value) is not bytes or type(version) is not int or version < 0:
+                deadline = item[3] if len(item) == 4 else 0  # TTL: [key, value, version, deadline]
+                if (type(value) is not bytes or type(version) is not int or version < 0
+                        or type(deadline) is not int or deadline < 0):
                     raise ValueError("bad item")
                 data[key] = (value, version)
+                expiry.set(key, deadline)
                 top = max(top, version)
             elif cmd.phase != Phase.COPY and data.pop(key, None) is not None:
+                expiry.discard(key)
                 deleted += 1  # deleted at the source since an earlier phase sent it
         self.version_offset = max(self.version_offset, top - index)
         if cmd.phase == Phase.COPY:
@@ -298,7 +310,8 @@ class Ownership:
             p.sessions = True
         return Applied(True, phase=p.phase, sessions=True)
 
-    def _drop(self, cmd: DropUnowned, data: dict[bytes, tuple[bytes, int]]) -> Applied:
+    def _drop(self, cmd: DropUnowned, data: dict[bytes, tuple[bytes, int]],
+              expiry: ExpiryIndex) -> Applied:
         if self.epoch < cmd.epoch or self.ring is None:
             return Applied(False, f"ring is at epoch {self.epoch}, not {cmd.epoch}")
         ring, me = self.ring, self.shard_id
@@ -306,6 +319,7 @@ class Ownership:
         gone = [k for k in candidates if k in data and ring.shard_for(k) != me]
         for k in gone:
             del data[k]
+            expiry.discard(k)
         if cmd.last:
             self.undropped = False
         return Applied(True, epoch=self.epoch, dropped=len(gone), done=cmd.last)

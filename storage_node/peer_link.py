@@ -25,6 +25,13 @@ Pure: no sockets, the caller passes the clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from zkv.protocol import codec
+from zkv.protocol.messages import WrongNode
+
+if TYPE_CHECKING:
+    from zkv.storage_node.node_requests import NodeCoreConfig
 
 #: the ZMTP metadata property (``X-`` names are the application's)
 PROPERTY = "X-Zkv-Peer"
@@ -32,6 +39,8 @@ PROPERTY = "X-Zkv-Peer"
 #: would otherwise make a redial loop)
 REDIAL_INTERVAL_S = 1.0
 _SEP = "|"
+#: distinct announcements whose verdict a node remembers (a few per peer; cleared when full)
+LINK_VERDICTS_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +102,48 @@ class Redials:
             return False
         self._last[peer] = now
         return True
+
+
+class PeerLinks:
+    """The node core's side: refuse a misrouted connection, redial on ``WrongNode``. A
+    mixin of ``NodeCore`` (which provides the rest)."""
+
+    if TYPE_CHECKING:
+        config: NodeCoreConfig
+        misrouted: int
+        notes: list[str]
+        redials: Redials
+        _link_verdicts: dict[str, str | None]
+        _direct: list[tuple[object, tuple[bytes, ...]]]
+
+    def _refuse_link(self, origin: object, ident: bytes, announced: str, now: float) -> bool:
+        """Whether a connection's announcement says it reached the wrong node; if so,
+        answer ``WrongNode`` on it and say why (first ten times, then every hundredth).
+        Verdicts are cached per announcement: every message of a connection repeats it."""
+        cache = self._link_verdicts
+        if announced in cache:
+            reason = cache[announced]
+        else:
+            if len(cache) >= LINK_VERDICTS_MAX:
+                cache.clear()
+            reason = cache[announced] = refusal(
+                Announcement.parse(announced), self.config.node_id,
+                self.config.cluster_id)
+        if reason is None:
+            return False
+        self.misrouted += 1
+        if self.misrouted <= 10 or self.misrouted % 100 == 0:
+            self.notes.append(f"refused peer connection #{self.misrouted}: {reason}")
+        self._direct.append((origin, (ident, *codec.encode(WrongNode(
+            self.config.node_id, self.config.shard_id, self.config.cluster_id, reason)))))
+        return True
+
+    def on_wrong_node(self, peer: str, msg: WrongNode, now: float) -> bool:
+        """A peer's answer that our connection to ``peer`` reached ``msg.node_id``
+        instead: say so; True when the shell should redial (rate-limited)."""
+        due = self.redials.due(peer, now)
+        if due:
+            self.notes.append(f"our connection to {peer} reached {msg.node_id} (shard "
+                              f"{msg.shard_id}, cluster {msg.cluster_id!r}): {msg.reason}; "
+                              f"redialing {peer}")
+        return due

@@ -21,7 +21,8 @@ Theory of operation:
   carries the target's real cursor to resume from. Not the leader: try the node it
   hints, else the next node of the target shard. No ack within ``ACK_TIMEOUT_S``: the
   same batch to the next node.
-- Phase 1 (copy) sends ``[key, value, version]``; each batch carries ``v0`` = the
+- Phase 1 (copy) sends ``[key, value, version]`` (``[key, value, version, deadline]``
+  for a key that expires); each batch carries ``v0`` = the
   listing's applied index. Phase 2 (catch-up) and phase 3 (final delta, only after this
   shard applied the fence) send the keys whose last write since MIGRATE_OUT is above
   the target's ``v0``, with their value, or bare (``[key]``: delete) if they are gone.
@@ -255,7 +256,7 @@ class Push:
         assert keys is not None
         after = self.after
         start = 0 if after == CURSOR_START else bisect.bisect_right(keys, after[1:])
-        data = sm.data
+        data, expiry = sm.data, sm.expiry
         delta = spec.phase != PHASE_COPY
         v0 = self.lister.applied  # the target keeps the lowest of a phase as its next v0
         items: list[list[Any]] = []
@@ -272,7 +273,9 @@ class Push:
                     items.append([k])
                     size += len(k) + 4
                 continue  # the copy: deleted since the listing (a delta sends that)
-            items.append([k, found[0], found[1]])
+            deadline = expiry.get(k)  # TTL: the deadline moves with its key
+            items.append([k, found[0], found[1], deadline] if deadline
+                         else [k, found[0], found[1]])
             size += len(k) + len(found[0]) + 12
         cursor = cursor_of(keys[i - 1]) if i > start else after
         self._seq += 1

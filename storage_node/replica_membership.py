@@ -37,6 +37,15 @@ class ReplicaMembership(ReplicaState):
         """The configuration in force: the latest in the log, committed or not."""
         return self._confs[-1][1] if self._confs else self._snap_conf
 
+    def committed_membership(self) -> tuple[int, Membership]:
+        """(index, configuration) of the latest configuration known to be committed: the
+        one whose member keys are trusted (``node_sockets.py``). The snapshot's counts at
+        the snapshot's index, which orders it correctly against any other (issue 12)."""
+        for i, c in reversed(self._confs):
+            if i <= self.commit_index:
+                return i, c
+        return self.snap_index, self._snap_conf
+
     def membership_at(self, index: int) -> Membership:
         conf = self._snap_conf
         for i, c in self._confs:

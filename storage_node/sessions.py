@@ -24,11 +24,38 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
-from zkv.protocol.messages import CasReply, DeleteReply, PutReply
+import msgpack
 
-SessionReply = PutReply | DeleteReply | CasReply
+from zkv.protocol.messages import CasReply, DeleteReply, ExpireReply, PutReply
+from zkv.protocol.multikey import KeyResult
+
+
+@dataclass(frozen=True, slots=True)
+class MultiCached:
+    """The remembered outcome of a batch write's parts under one request id
+    (``multikey_state.py``): per key, a 64-bit hash of the key (``key_hash``, not the
+    key: 8 bytes however long the key) and its result."""
+
+    request_id: int
+    hashes: tuple[int, ...]
+    results: tuple[KeyResult, ...]
+
+    def merged(self, other: MultiCached) -> MultiCached:
+        """Both records' keys (this one's result for a key in both)."""
+        mine = set(self.hashes)
+        extra = [(h, r) for h, r in zip(other.hashes, other.results, strict=True)
+                 if h not in mine]
+        return MultiCached(self.request_id, self.hashes + tuple(h for h, _ in extra),
+                           self.results + tuple(r for _, r in extra))
+
+
+#: A batch's cached reply in a snapshot: ``[MULTI_CACHED_TYPE, request_id, False, blob]``.
+MULTI_CACHED_TYPE = 110
+
+SessionReply = PutReply | DeleteReply | CasReply | ExpireReply | MultiCached
 
 REPLIES_PER_CLIENT_MAX = 2048  # >= the SDK's in-flight bound (1024)
 CLIENTS_MAX = 20_000  # with the reply bound: a hard ceiling on session memory
@@ -49,22 +76,44 @@ class _Session:
         self.replies: dict[int, SessionReply] = {}  # insertion order = order applied
 
 
-# Replies in a snapshot: [type, request_id, flag, version] (flag: deleted / swapped).
-def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int]:
+# Replies in a snapshot: [type, request_id, flag, version] (flag: deleted / swapped);
+# a batch's: [MULTI_CACHED_TYPE, request_id, False, msgpack [[hash, code, found, version]...]].
+def _reply_fields(r: SessionReply) -> tuple[int, int, bool, int | bytes]:
+    if isinstance(r, MultiCached):
+        rows = [[h, x.code, x.found, x.version] for h, x in zip(r.hashes, r.results,
+                                                                 strict=True)]
+        blob: bytes = msgpack.packb(rows, use_bin_type=True)
+        return MULTI_CACHED_TYPE, r.request_id, False, blob
     if isinstance(r, PutReply):
         return PutReply.TYPE, r.request_id, False, r.version
     if isinstance(r, DeleteReply):
         return DeleteReply.TYPE, r.request_id, r.deleted, r.version
+    if isinstance(r, ExpireReply):  # expire / persist (TTL)
+        return ExpireReply.TYPE, r.request_id, r.found, r.version
     return CasReply.TYPE, r.request_id, r.swapped, r.version
 
 
-def _reply_from(kind: int, request_id: int, flag: bool, version: int) -> SessionReply:
+def _multi_from(request_id: int, blob: Any) -> MultiCached:
+    try:
+        rows = msgpack.unpackb(blob, raw=False)
+        hashes = tuple(int(h) for h, _c, _f, _v in rows)
+        results = tuple(KeyResult(int(c), bool(f), int(v)) for _h, c, f, v in rows)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ValueError(f"bad cached batch reply: {exc.__class__.__name__}") from exc
+    return MultiCached(request_id, hashes, results)
+
+
+def _reply_from(kind: int, request_id: int, flag: bool, version: Any) -> SessionReply:
+    if kind == MULTI_CACHED_TYPE:
+        return _multi_from(request_id, version)
     if kind == PutReply.TYPE:
         return PutReply(request_id, version)
     if kind == DeleteReply.TYPE:
         return DeleteReply(request_id, flag, version)
     if kind == CasReply.TYPE:
         return CasReply(request_id, flag, version)
+    if kind == ExpireReply.TYPE:
+        return ExpireReply(request_id, flag, version)
     raise ValueError(f"unknown cached reply type {kind}")
 
 
@@ -209,6 +258,10 @@ def merge_session_state(table: SessionTable, state: Any) -> None:
         for rid, r in s.replies.items():
             if rid >= mine.floor and rid not in merged:
                 merged[rid] = r
+            elif rid >= mine.floor:  # one batch's parts applied on both shards: keep both
+                held = merged[rid]
+                if isinstance(held, MultiCached) and isinstance(r, MultiCached):
+                    merged[rid] = held.merged(r)
         ordered = sorted(merged.items())
         keep = ordered[-table.replies_per_client_max:]
         if len(keep) < len(ordered):  # dropped by the bound: now forgotten, so expired

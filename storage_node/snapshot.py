@@ -104,14 +104,31 @@ def mapped_or_bytes(directory: str | os.PathLike[str], last_index: int,
         return data
 
 
+def load_saved(directory: str | os.PathLike[str], last_index: int) -> MappedSnapshot | bytes:
+    """The snapshot another process just saved at ``last_index``, mapped from its file
+    (read whole if it cannot be mapped). Raises ``SnapshotDamaged`` if it is not intact."""
+    path = Path(directory) / SNAP_DIR / snapshot_name(last_index)
+    try:
+        return MappedSnapshot(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("snapshot {} kept in memory: {}", last_index, exc)
+    found = _read_snapshot(last_index, path)
+    if isinstance(found, str):
+        raise SnapshotDamaged(f"{path}: {found}")
+    return found.data
+
+
 def snapshot_name(last_index: int) -> str:
     return f"{last_index:020d}.snap"
 
 
 def save_snapshot(
-    directory: str | os.PathLike[str], last_index: int, last_term: int, data: bytes
+    directory: str | os.PathLike[str], last_index: int, last_term: int, data: bytes,
+    prune_temp: bool = True,
 ) -> Path:
-    """Write the snapshot durably, then delete all but the newest ``SNAPSHOTS_KEPT``.
+    """Write the snapshot durably, then delete all but the newest ``SNAPSHOTS_KEPT``
+    (and, with ``prune_temp``, leftover temp files: not from a background writer, whose
+    node may be writing a snapshot of its own at the same time).
 
     ``directory`` is the node's data directory. Returns the snapshot's path.
     """
@@ -133,7 +150,7 @@ def save_snapshot(
         tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written copy around
         raise
     fsync_directory(snap_dir)
-    _prune(snap_dir)
+    _prune(snap_dir, prune_temp)
     return path
 
 
@@ -150,13 +167,14 @@ def _snapshot_files(snap_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def _prune(snap_dir: Path) -> None:
-    """Delete snapshots beyond the newest ``SNAPSHOTS_KEPT`` and leftover temp files
-    (a crash between write and rename leaves one behind)."""
+def _prune(snap_dir: Path, temp: bool = True) -> None:
+    """Delete snapshots beyond the newest ``SNAPSHOTS_KEPT`` and (``temp``) leftover temp
+    files (a crash between write and rename leaves one behind)."""
     for _, p in _snapshot_files(snap_dir)[SNAPSHOTS_KEPT:]:
         p.unlink(missing_ok=True)
-    for p in snap_dir.glob("*.snap.tmp"):
-        p.unlink(missing_ok=True)
+    if temp:
+        for p in snap_dir.glob("*.snap.tmp"):
+            p.unlink(missing_ok=True)
 
 
 def _read_snapshot(index: int, path: Path) -> Snapshot | str:

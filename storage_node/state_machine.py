@@ -20,20 +20,37 @@ Semantics (``apply``):
   ``WRONG_SHARD`` / ``UNAVAILABLE`` and changes nothing (not even the session table).
   A key's version is the entry's index plus ``Ownership.version_offset`` (0 unless
   keys migrated in).
+- TTL (``ttl_commands.py``, deadlines in ``expiry.py``): a key whose deadline is <= a
+  write's ``ts_ms`` (the leader's clock stamped in the entry) is gone for that write,
+  and for every later one: it is removed before the write applies, so a CAS with
+  ``expected_version`` 0 succeeds on it. PUT and CAS store a value without a deadline
+  (a new value starts a new life, as Redis SET does), PUT_TTL one with the entry's
+  deadline. EXPIRE_SET changes only the deadline of a live key, not its version (a
+  version names a value): ``ExpireReply(found, version)``. EXPIRE_SWEEP removes the
+  listed keys expired at its ``now_ms`` and served here (a moving key expires at its
+  new owner, which got its deadline). Reads judge expiry by the reader's clock
+  (``get_live``); the table may hold an expired key until a sweep or a write removes it.
 - NOOP, and an entry that does not decode (it is in the log already: skipping it is
   the only way forward, and every replica skips it alike), return ``None``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, KeysView, Mapping, ValuesView
 from typing import Any
 
 import msgpack
 from loguru import logger
 
 from zkv.protocol.errors import ErrorCode, RemoteProtocolError
-from zkv.protocol.messages import Applied, CasReply, DeleteReply, ErrorReply, PutReply
+from zkv.protocol.messages import (
+    Applied,
+    CasReply,
+    DeleteReply,
+    ErrorReply,
+    ExpireReply,
+    PutReply,
+)
+from zkv.protocol.multikey import MultiReply
 from zkv.protocol.ring import RingConfig
 from zkv.storage_node.commands import (
     CasCommand,
@@ -41,133 +58,36 @@ from zkv.storage_node.commands import (
     DeleteCommand,
     Noop,
     PutCommand,
-    WriteCommand,
+    SessionCommand,
     decode_command,
 )
+from zkv.storage_node.expiry import ExpiryIndex
+from zkv.storage_node.key_table import KeyTable as KeyTable  # re-exported
+from zkv.storage_node.multikey_commands import MultiWrite
+from zkv.storage_node.multikey_state import apply_multi_write
 from zkv.storage_node.ownership import Ownership
 from zkv.storage_node.sessions import (
     CLIENTS_MAX,
     REPLIES_PER_CLIENT_MAX,
     SESSION_TTL_MS,
+    MultiCached,
     SessionStatus,
     SessionTable,
     merge_session_state,
 )
+from zkv.storage_node.ttl_commands import ExpireCommand, PutTtlCommand, SweepCommand
 
-ApplyReply = PutReply | DeleteReply | CasReply | ErrorReply
+ApplyReply = PutReply | DeleteReply | CasReply | ExpireReply | ErrorReply | MultiReply
 
-#: Snapshot layout: ``[3, applied_index, keys, packed values, sessions, ownership]``
-#: where a packed value is the value then its version as 8 bytes (``KeyTable``'s own
-#: representation, so a snapshot is written and loaded without a per-key object);
-#: format 2 (``(value, version)`` pairs) and format 1 (2 without ``ownership``) still load.
-SNAPSHOT_FORMAT = 3
-_SNAPSHOT_FORMATS = (1, 2, 3)
+#: Snapshot layout: ``[4, applied_index, keys, packed values, sessions, ownership,
+#: expiry]`` where a packed value is the value then its version as 8 bytes
+#: (``KeyTable``'s own representation, so a snapshot is written and loaded without a
+#: per-key object) and ``expiry`` is ``[keys, deadlines]`` (``ExpiryIndex.to_state``).
+#: Format 3 (4 without ``expiry``: nothing expires), format 2 (``(value, version)``
+#: pairs) and format 1 (2 without ``ownership``) still load.
+SNAPSHOT_FORMAT = 4
+_SNAPSHOT_FORMATS = (1, 2, 3, 4)
 _VERSION_BYTES = 8
-
-
-class KeyTable:
-    """``key -> (value, version)``, held as ``key -> value + version (8 bytes LE)``.
-
-    Why packed: a ``(value, version)`` tuple costs a tuple and an int object per key
-    (~100 B with the allocator's rounding) on top of the value itself; the packed form is
-    one bytes object, and it is also what a snapshot stores, so a restore is one
-    ``dict(zip(...))`` in C. Reads unpack (a slice of the value), which is cheap next to
-    a request. ``size_bytes``, the sum of the lengths of keys and values (versions not
-    counted), stays exact through every mutation, so a quota check costs nothing.
-
-    The mapping interface (``[]``, ``get``, ``pop``, ``in``, iteration over keys,
-    ``items``/``values`` of ``(value, version)`` pairs, ``==`` against any mapping) is
-    what ``ownership.py``, ``push.py`` and the tests use.
-    """
-
-    __slots__ = ("_d", "size_bytes")
-
-    def __init__(self, items: Any = ()) -> None:
-        self._d: dict[bytes, bytes] = {}
-        self.size_bytes = 0
-        pairs = items.items() if hasattr(items, "items") else items
-        for key, (value, version) in pairs:
-            self.put(key, value, version)
-
-    @classmethod
-    def from_packed(cls, keys: Any, packed: Any) -> KeyTable:
-        """A table from parallel sequences of keys and packed values (a snapshot's)."""
-        table = cls()
-        table._d = dict(zip(keys, packed, strict=True))
-        table.size_bytes = (sum(map(len, keys)) + sum(map(len, packed))
-                            - _VERSION_BYTES * len(packed))
-        return table
-
-    def put(self, key: bytes, value: bytes, version: int) -> None:
-        d = self._d
-        old = d.get(key)
-        if old is None:
-            self.size_bytes += len(key) + len(value)
-        else:
-            self.size_bytes += len(value) - len(old) + _VERSION_BYTES
-        d[key] = value + version.to_bytes(_VERSION_BYTES, "little")
-
-    def get(self, key: bytes, default: Any = None) -> tuple[bytes, int] | Any:
-        p = self._d.get(key)
-        if p is None:
-            return default
-        return p[:-_VERSION_BYTES], int.from_bytes(p[-_VERSION_BYTES:], "little")
-
-    def __getitem__(self, key: bytes) -> tuple[bytes, int]:
-        p = self._d[key]
-        return p[:-_VERSION_BYTES], int.from_bytes(p[-_VERSION_BYTES:], "little")
-
-    def __setitem__(self, key: bytes, item: tuple[bytes, int]) -> None:
-        self.put(key, item[0], item[1])
-
-    def __delitem__(self, key: bytes) -> None:
-        old = self._d.pop(key)
-        self.size_bytes -= len(key) + len(old) - _VERSION_BYTES
-
-    def pop(self, key: bytes, *default: Any) -> Any:
-        old = self._d.pop(key, None)
-        if old is None:
-            if default:
-                return default[0]
-            raise KeyError(key)
-        self.size_bytes -= len(key) + len(old) - _VERSION_BYTES
-        return old[:-_VERSION_BYTES], int.from_bytes(old[-_VERSION_BYTES:], "little")
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._d
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._d)
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def keys(self) -> KeysView[bytes]:
-        return self._d.keys()
-
-    def packed_values(self) -> ValuesView[bytes]:
-        return self._d.values()
-
-    def values(self) -> Iterator[tuple[bytes, int]]:
-        for p in self._d.values():
-            yield p[:-_VERSION_BYTES], int.from_bytes(p[-_VERSION_BYTES:], "little")
-
-    def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
-        for k, p in self._d.items():
-            yield k, (p[:-_VERSION_BYTES], int.from_bytes(p[-_VERSION_BYTES:], "little"))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, KeyTable):
-            return self._d == other._d
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        return len(other) == len(self) and all(
-            other.get(k, None) == v for k, v in self.items())
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"KeyTable({dict(self.items())!r})"
 
 
 class KVStateMachine:
@@ -182,6 +102,8 @@ class KVStateMachine:
         ring: RingConfig | None = None,
     ) -> None:
         self._data = KeyTable()
+        #: deadlines of the keys that expire (TTL)
+        self._expiry = ExpiryIndex()
         self._sessions = SessionTable(replies_per_client_max, clients_max, session_ttl_ms)
         self._applied_index = 0
         #: ring, fence and migration state; ``shard_id=None``: every key is ours
@@ -210,9 +132,41 @@ class KVStateMachine:
         return self._data
 
     def get(self, key: bytes) -> tuple[bytes, int] | None:
-        """``(value, version)`` of ``key``, or ``None`` if it does not exist."""
+        """``(value, version)`` of ``key``, or ``None`` if it is not in the table (an
+        expired key not yet removed is still there: readers use ``get_live``)."""
         found: tuple[bytes, int] | None = self._data.get(key)
         return found
+
+    # ------------------------------------------------------------------ TTL
+
+    @property
+    def expiry(self) -> ExpiryIndex:
+        """The keys' deadlines (read-only by convention: the sweep and migration read it)."""
+        return self._expiry
+
+    def get_live(self, key: bytes, now_ms: int) -> tuple[bytes, int] | None:
+        """``get`` as a reader at wall-clock ``now_ms`` sees it: an expired key is absent."""
+        found: tuple[bytes, int] | None = self._data.get(key)
+        if found is not None and self._expiry.expired(key, now_ms):
+            return None
+        return found
+
+    def _apply_expire(self, index: int, cmd: ExpireCommand) -> ExpireReply:
+        current = self._data.get(cmd.key)
+        if current is None:
+            return ExpireReply(cmd.request_id, False, 0)
+        self._expiry.set(cmd.key, cmd.deadline_ms)
+        return ExpireReply(cmd.request_id, True, current[1])
+
+    def _apply_sweep(self, cmd: SweepCommand) -> None:
+        data, expiry, own = self._data, self._expiry, self.ownership
+        for key in cmd.keys:
+            if expiry.expired(key, cmd.now_ms) and not own.refusal(key):
+                if own.outgoing is not None:  # the delta must delete it at the target too
+                    own.note_write(key, self._applied_index)
+                data.pop(key, None)
+                expiry.discard(key)
+        expiry.trim(2 * len(cmd.keys) + 16)  # their heap pairs are the top now
 
     def apply(self, index: int, data: bytes) -> ApplyReply | Applied | None:
         """Apply the committed entry at ``index``; the reply for its client, if any."""
@@ -237,15 +191,27 @@ class KVStateMachine:
             return self._apply_write(index, cmd)  # type: ignore[arg-type]
         if t is Noop:
             return None
-        return self.ownership.apply(index, cmd, self._data, self._merge_sessions)  # type: ignore[arg-type]
+        if t is MultiWrite:  # a batch's part: multikey_state.py
+            return apply_multi_write(index, cmd, self._data, self._sessions,  # type: ignore[arg-type]
+                                     self.ownership, self._expiry)
+        if t is PutTtlCommand or t is ExpireCommand:
+            return self._apply_write(index, cmd)  # type: ignore[arg-type]
+        if t is SweepCommand:
+            self._apply_sweep(cmd)  # type: ignore[arg-type]
+            return None
+        return self.ownership.apply(index, cmd, self._data, self._merge_sessions,  # type: ignore[arg-type]
+                                    self._expiry)
 
     def _merge_sessions(self, state: Any) -> None:
         merge_session_state(self._sessions, state)
 
-    def _apply_write(self, index: int, cmd: WriteCommand) -> ApplyReply:
+    def _apply_write(self, index: int, cmd: SessionCommand) -> ApplyReply:
         sessions = self._sessions
         seen = sessions.lookup(cmd.client_id, cmd.request_id, cmd.ts_ms)
         if seen is not SessionStatus.NEW:
+            if isinstance(seen, MultiCached):  # a request id first used by a batch
+                return ErrorReply(cmd.request_id, ErrorCode.BAD_REQUEST,
+                                  "request id already used by a batch")
             if seen is SessionStatus.EXPIRED:
                 return ErrorReply(
                     cmd.request_id, ErrorCode.SESSION_EXPIRED,
@@ -261,10 +227,22 @@ class KVStateMachine:
         if own.outgoing is not None:  # a ring change takes this key away: note the write
             own.note_write(cmd.key, index)
         index += own.version_offset  # the version this write gives its key
-        reply: PutReply | DeleteReply | CasReply
+        expiry = self._expiry
+        if len(expiry) and expiry.expired(cmd.key, cmd.ts_ms):  # gone for this write on
+            data.pop(cmd.key, None)
+            expiry.discard(cmd.key)
+        reply: PutReply | DeleteReply | CasReply | ExpireReply
         if isinstance(cmd, PutCommand):
             data.put(cmd.key, cmd.value, index)
+            if len(expiry):
+                expiry.discard(cmd.key)
             reply = PutReply(cmd.request_id, index)
+        elif isinstance(cmd, PutTtlCommand):
+            data.put(cmd.key, cmd.value, index)
+            expiry.set(cmd.key, cmd.deadline_ms)
+            reply = PutReply(cmd.request_id, index)
+        elif isinstance(cmd, ExpireCommand):
+            reply = self._apply_expire(index, cmd)
         elif isinstance(cmd, DeleteCommand):
             current = data.get(cmd.key)
             if current is None:
@@ -273,12 +251,16 @@ class KVStateMachine:
                 reply = DeleteReply(cmd.request_id, False, current[1])
             else:
                 del data[cmd.key]
+                if len(expiry):
+                    expiry.discard(cmd.key)
                 reply = DeleteReply(cmd.request_id, True, index)
         else:
             current = data.get(cmd.key)
             version = 0 if current is None else current[1]
             if version == cmd.expected_version:
                 data.put(cmd.key, cmd.value, index)
+                if len(expiry):
+                    expiry.discard(cmd.key)
                 reply = CasReply(cmd.request_id, True, index)
             else:
                 reply = CasReply(cmd.request_id, False, version)
@@ -297,6 +279,7 @@ class KVStateMachine:
             list(data.packed_values()),
             self._sessions.to_state(),
             self.ownership.to_state(),
+            self._expiry.to_state(),
         ]
         packed: bytes = msgpack.packb(state, use_bin_type=True)
         return packed
@@ -309,7 +292,7 @@ class KVStateMachine:
             fmt, applied, keys, values, sessions_state, *rest = state
         except Exception as exc:  # msgpack raises many types on garbage
             raise RemoteProtocolError(f"undecodable snapshot: {exc.__class__.__name__}") from exc
-        if fmt not in _SNAPSHOT_FORMATS or len(rest) != min(fmt - 1, 1):
+        if fmt not in _SNAPSHOT_FORMATS or len(rest) != min(fmt - 1, 1 + (fmt >= 4)):
             raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
         if type(applied) is not int or applied < 0:
             raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
@@ -325,6 +308,12 @@ class KVStateMachine:
             sessions.load_state(sessions_state)
         except ValueError as exc:
             raise RemoteProtocolError(str(exc)) from exc
+        expiry = ExpiryIndex()
+        if len(rest) > 1:  # format 4: deadlines (TTL)
+            try:
+                expiry = ExpiryIndex.from_state(rest[1])
+            except ValueError as exc:
+                raise RemoteProtocolError(str(exc)) from exc
         ownership = Ownership(self.ownership.shard_id, None)
         if rest:
             try:
@@ -335,6 +324,7 @@ class KVStateMachine:
             ownership = self.ownership
         self.ownership = ownership
         self._data = table
+        self._expiry = expiry
         self._sessions = sessions
         self._applied_index = applied
 
@@ -345,6 +335,7 @@ class KVStateMachine:
         return (
             self._applied_index == other._applied_index
             and self._data == other._data
+            and self._expiry == other._expiry
             and self._sessions == other._sessions
             and self.ownership.to_state() == other.ownership.to_state()
         )

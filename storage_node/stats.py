@@ -31,13 +31,19 @@ from zkv.protocol.messages import (
     DeleteReply,
     DeleteRequest,
     ErrorReply,
+    ExpireReply,
+    ExpireRequest,
     GetReply,
     GetRequest,
+    PersistRequest,
     PingRequest,
     PongReply,
     PutReply,
     PutRequest,
+    PutTtlRequest,
     Role,
+    TtlReply,
+    TtlRequest,
 )
 from zkv.protocol.metrics import (
     BATCH_BUCKETS,
@@ -49,6 +55,14 @@ from zkv.protocol.metrics import (
     counter,
     gauge,
 )
+from zkv.protocol.multikey import (
+    MultiDeleteRequest,
+    MultiGetRequest,
+    MultiPutRequest,
+    MultiReply,
+    ScanReply,
+    ScanRequest,
+)
 
 OPS: dict[type, str] = {
     GetRequest: "get", PutRequest: "put", DeleteRequest: "delete", CasRequest: "cas",
@@ -57,6 +71,11 @@ OPS: dict[type, str] = {
     PongReply: "ping",
     **dict.fromkeys(ADMIN_REQUEST_CLASSES, "admin"),
     **dict.fromkeys(ADMIN_REPLY_CLASSES, "admin"),
+    MultiGetRequest: "mget", MultiPutRequest: "mset", MultiDeleteRequest: "mdelete",
+    ScanRequest: "scan", MultiReply: "batch", ScanReply: "scan",
+    # TTL: a put with a TTL answers PutReply (counted as "put" when it succeeds)
+    PutTtlRequest: "put", ExpireRequest: "expire", PersistRequest: "expire",
+    TtlRequest: "ttl", ExpireReply: "expire", TtlReply: "ttl",
 }  # fmt: skip
 
 

@@ -103,11 +103,30 @@ function renderChart(series) {
   $("p50-now").textContent = fmt(last.p50_ms);
 }
 
+// With --tokens the data needs an admin bearer token: asked for on a 401/403, kept in
+// sessionStorage (this tab only, gone when it closes), sent as Authorization: Bearer.
+const TOKEN_KEY = "zkv-gateway-token";
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("auth").classList.add("hidden");
+});
+
 async function poll() {
   try {
-    const r = await fetch("/ui/data", {cache: "no-store"});
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const headers = token ? {Authorization: "Bearer " + token} : {};
+    const r = await fetch("/ui/data", {cache: "no-store", headers});
     const d = await r.json();
     const err = $("error");
+    if (r.status === 401 || r.status === 403) {
+      err.textContent = d.detail || "not allowed";
+      err.classList.remove("hidden");
+      $("auth").classList.remove("hidden");
+      return;
+    }
     err.textContent = d.error || "";
     err.classList.toggle("hidden", !d.error);
     if (d.cluster) {

@@ -40,7 +40,9 @@ import inspect  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -49,6 +51,7 @@ from typing import Any  # noqa: E402
 
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
+import pytest  # noqa: E402
 import zmq  # noqa: E402
 from testcontainers.core.config import testcontainers_config as _tc_config  # noqa: E402
 from testcontainers.core.container import DockerContainer  # noqa: E402
@@ -72,6 +75,11 @@ SESSION = secrets.token_hex(4)
 BROKER_PORT = 5555
 NODE_PORT = 7100
 IPTABLES_CHAIN = "ZKV"
+#: where a secure cluster's keys dir is mounted in every container
+KEYS_MOUNT = "/keys"
+#: a fault test runs twice: plaintext, and with Curve on every socket (the secure
+#: compose variant's setting): ``def test_x(cluster_factory, secure)`` passes it on
+SECURITY = pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
 
 
 def our_labels(**extra: str) -> dict[str, str]:
@@ -149,11 +157,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ping(endpoint: str, timeout_ms: int = 1000) -> str | None:
-    """Raw PingRequest to one broker (no SDK, no retry): its broker id, or None."""
+def ping(endpoint: str, timeout_ms: int = 1000, keys: Path | None = None) -> str | None:
+    """Raw PingRequest to one broker (no SDK, no retry): its broker id, or None. With
+    ``keys`` (a client identity dir) over Curve, as a secure broker requires."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if keys is not None:
+            from zkv.protocol.security import Curve
+
+            Curve.for_identity(keys).broker_client(sock, endpoint)
         sock.connect(endpoint)
         sock.send_multipart(codec.encode(PingRequest(client_id=os.urandom(8), request_id=1)))
         if not sock.poll(timeout_ms, zmq.POLLIN):
@@ -169,12 +182,16 @@ def ping(endpoint: str, timeout_ms: int = 1000) -> str | None:
 # --------------------------------------------------------------------------- SDK adapter
 
 
-def make_client(endpoints: Sequence[str], timeout_s: float = 5.0) -> Any:
-    """A ``client.KVClient`` on ``endpoints``; the one place that knows its constructor."""
+def make_client(endpoints: Sequence[str], timeout_s: float = 5.0,
+                keys: Path | None = None) -> Any:
+    """A ``client.KVClient`` on ``endpoints`` (with ``keys``: a Curve client identity);
+    the one place that knows its constructor."""
     from zkv.client import KVClient
 
     params = inspect.signature(KVClient).parameters
     kwargs: dict[str, Any] = {}
+    if keys is not None:
+        kwargs["keys"] = keys
     for name, value in (
         ("timeout_s", timeout_s),
         ("timeout", timeout_s),
@@ -251,6 +268,9 @@ class ClusterConfig:
     node_command: NodeCommand | None = None
     files: dict[str, bytes] = field(default_factory=dict)  # path in container -> content
     expect_leaders: bool = True  # False for the harness self-test with fake processes
+    #: Curve on every socket, as the secure compose variant runs it: a keys dir made on
+    #: the host (``zkv keys generate``) mounted read-only at /keys in every container
+    secure: bool = False
 
 
 class ContainerCluster:
@@ -262,6 +282,8 @@ class ContainerCluster:
         self.host_ports: dict[str, int] = {}
         self.members: dict[str, Member] = {}
         self.brokers = [f"broker{b}" for b in range(config.brokers)]
+        #: with ``secure``: the cluster's keys dir on the host (made in ``start_all``)
+        self.keys_dir: Path | None = None
         self.nodes_by_shard = {
             s: [f"s{s}r{r}" for r in range(config.replicas)] for s in range(config.shards)
         }
@@ -287,7 +309,7 @@ class ContainerCluster:
             return self.cfg.broker_command(broker_id)
         return [
             "zkv-broker", "--host", "0.0.0.0", "--port", str(BROKER_PORT),
-            "--broker-id", broker_id, "--insecure",  # plaintext on the private network
+            "--broker-id", broker_id, *self._security_args(),
             "--heartbeat-ms", str(self.cfg.heartbeat_ms),
             "--election-timeout-ms", str(self.cfg.election_timeout_ms),
         ]  # fmt: skip
@@ -305,11 +327,33 @@ class ContainerCluster:
             "--peers", ",".join(f"{p}={a}" for p, a in peers.items()),
             "--brokers", ",".join(backends),
             "--shards", ",".join(str(s) for s in range(self.cfg.shards)),
-            "--fsync", self.cfg.fsync, "--bootstrap",
-            "--insecure",  # plaintext on the private network
+            "--fsync", self.cfg.fsync, "--bootstrap", *self._security_args(),
             "--heartbeat-ms", str(self.cfg.heartbeat_ms),
             "--election-timeout-ms", str(self.cfg.election_timeout_ms),
         ]  # fmt: skip
+
+    def _security_args(self) -> list[str]:
+        # plaintext on the private network, or the keys dir mounted at /keys
+        return ["--keys", KEYS_MOUNT] if self.cfg.secure else ["--insecure"]
+
+    def _make_keys(self) -> None:
+        """Every broker's, node's, client's and admin's pair, as `make compose-keys` makes
+        them: broker certificates list the endpoints they serve (inside the network and
+        this cluster's host port), so a client of several brokers picks each one's key."""
+        from zkv.ops.keys import generate
+
+        self.keys_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-keys-"))
+        nodes = [n for names in self.nodes_by_shard.values() for n in names]
+        endpoints = {
+            b: [f"tcp://{b}:{BROKER_PORT + i}" for i in range(3)]
+            + [f"tcp://127.0.0.1:{self.host_ports[b]}"]
+            for b in self.brokers
+        }
+        generate(self.keys_dir, nodes, self.brokers, broker_endpoints=endpoints)
+
+    @property
+    def client_keys(self) -> Path | None:
+        return self.keys_dir / "client" if self.keys_dir is not None else None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -338,6 +382,8 @@ class ContainerCluster:
         self.network.create()
         for name in self.brokers:
             self.host_ports[name] = free_port()
+        if self.cfg.secure:
+            self._make_keys()
         for m in self.members.values():
             m.tc = self._container_for(m)
             m.tc.start()
@@ -384,6 +430,8 @@ class ContainerCluster:
             tc.ports[f"{BROKER_PORT}/tcp"] = ("127.0.0.1", self.host_ports[m.name])  # type: ignore[assignment]
         for path, content in self.cfg.files.items():
             tc.with_copy_into_container(content, path, 0o755)
+        if self.keys_dir is not None:
+            tc.with_volume_mapping(str(self.keys_dir), KEYS_MOUNT, "ro")
         return tc
 
     def close(self) -> None:
@@ -395,6 +443,8 @@ class ContainerCluster:
         if self.network is not None:
             with contextlib.suppress(Exception):
                 self.network.remove()
+        if self.keys_dir is not None:
+            shutil.rmtree(self.keys_dir, ignore_errors=True)
 
     # ----------------------------------------------------------------- readiness
 
@@ -435,7 +485,7 @@ class ContainerCluster:
 
     def wait_ping(self, broker: str, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while ping(self.broker_endpoint(broker), timeout_ms=500) is None:
+        while ping(self.broker_endpoint(broker), timeout_ms=500, keys=self.client_keys) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{broker} does not answer pings:\n{self.logs(broker)}")
             time.sleep(0.1)
@@ -480,7 +530,7 @@ class ContainerCluster:
         return [self.broker_endpoint(b) for b in (brokers or self.brokers)]
 
     def client(self, brokers: Iterable[str] | None = None, timeout_s: float = 5.0) -> Any:
-        return make_client(self.endpoints(brokers), timeout_s=timeout_s)
+        return make_client(self.endpoints(brokers), timeout_s=timeout_s, keys=self.client_keys)
 
     def ip(self, name: str) -> str:
         c = self.members[name].container
@@ -492,7 +542,8 @@ class ContainerCluster:
 
     def status(self, broker: str | None = None, timeout_s: float = 2.0) -> list[dict[str, Any]]:
         """Node entries from ``KVClient.status()`` through one broker (default: the first)."""
-        client = make_client([self.broker_endpoint(broker or self.brokers[0])], timeout_s)
+        client = make_client([self.broker_endpoint(broker or self.brokers[0])], timeout_s,
+                             keys=self.client_keys)
         try:
             return status_nodes(client.status())
         finally:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.containers.cluster import ContainerCluster, close_client
+from tests.containers.cluster import SECURITY, ContainerCluster, close_client
 from tests.containers.workload import (
     Load,
     Sequencer,
@@ -22,12 +22,13 @@ from tests.containers.workload import (
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
+@SECURITY
 def test_kill_leader_under_load(
-    cluster_factory: Callable[..., ContainerCluster], record_property: Callable
+    cluster_factory: Callable[..., ContainerCluster], record_property: Callable, secure: bool
 ) -> None:
     from tests.support.history import History
 
-    c = cluster_factory(shards=2, replicas=3, brokers=2)
+    c = cluster_factory(shards=2, replicas=3, brokers=2, secure=secure)
     admin = c.client(timeout_s=10)
     ring = ring_from_status(admin.status(), shards=2)
     keys = keys_for_shard(0, 4, ring, prefix="kill-")

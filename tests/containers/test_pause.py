@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.containers.cluster import ContainerCluster, close_client
+from tests.containers.cluster import SECURITY, ContainerCluster, close_client
 from tests.containers.workload import (
     Load,
     check_history,
@@ -24,12 +24,13 @@ from tests.containers.workload import (
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
+@SECURITY
 def test_pause_leader_no_stale_answers(
-    cluster_factory: Callable[..., ContainerCluster]
+    cluster_factory: Callable[..., ContainerCluster], secure: bool
 ) -> None:
     from tests.support.history import History
 
-    c = cluster_factory(shards=2, replicas=3, brokers=2, election_timeout_ms=1000)
+    c = cluster_factory(shards=2, replicas=3, brokers=2, election_timeout_ms=1000, secure=secure)
     admin = c.client(["broker0"], timeout_s=10)
     ring = ring_from_status(admin.status(), shards=2)
     keys = keys_for_shard(0, 3, ring, prefix="pause-")

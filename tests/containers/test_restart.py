@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.containers.cluster import ContainerCluster, close_client, ping
+from tests.containers.cluster import SECURITY, ContainerCluster, close_client, ping
 from tests.containers.workload import (
     Load,
     Sequencer,
@@ -22,12 +22,13 @@ from tests.containers.workload import (
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(240)]
 
 
+@SECURITY
 def test_restart_broker_and_follower(
-    cluster_factory: Callable[..., ContainerCluster], record_property: Callable
+    cluster_factory: Callable[..., ContainerCluster], record_property: Callable, secure: bool
 ) -> None:
     from tests.support.history import History
 
-    c = cluster_factory(shards=2, replicas=3, brokers=2)
+    c = cluster_factory(shards=2, replicas=3, brokers=2, secure=secure)
     admin = c.client(timeout_s=10)
     ring = ring_from_status(admin.status(), shards=2)
     keys = keys_for_shard(0, 3, ring, prefix="rs0-") + keys_for_shard(1, 3, ring, prefix="rs1-")
@@ -59,7 +60,7 @@ def test_restart_broker_and_follower(
         f"load {stats.ops} ops {dict(stats.errors)}; sequencer errors {dict(seq.errors)}"
     )
 
-    assert ping(c.broker_endpoint("broker0")) == "broker0"
+    assert ping(c.broker_endpoint("broker0"), keys=c.client_keys) == "broker0"
     unexpected = {k: v for k, v in stats.errors.items() if k != "Timeout"}
     assert not unexpected, f"clients saw errors other than timeouts: {unexpected}"
     try:

@@ -233,7 +233,8 @@ def test_swarm_stack_secure_put_get_and_replace_a_lost_host(
     brokers = {b: [f"tcp://{b}:5555", f"tcp://{b}:5556", f"tcp://{b}:5557",
                    f"tcp://127.0.0.1:{p}"] for b, p in (("broker0", p0), ("broker1", p1))}
     # --replicas 4: the spares s0r3 / s1r3 that replace-replica brings in
-    generate(keys, cluster_node_ids(2, 4), list(brokers), broker_endpoints=brokers)
+    generate(keys, cluster_node_ids(2, 4), list(brokers), broker_endpoints=brokers,
+             gateway="gateway")
     env = {
         **os.environ,
         "ZKV_IMAGE": zkv_image,
@@ -267,14 +268,15 @@ def test_swarm_stack_secure_put_get_and_replace_a_lost_host(
                 kv.put(f"swarm-{i}", f"v{i}")
             assert [kv.get(f"swarm-{i}") for i in range(20)] == [
                 f"v{i}".encode() for i in range(20)]
-            _check_gateway(pgw)
+            _check_gateway(pgw, keys / "gateway" / "tokens")
             by_service = {c.labels["com.docker.swarm.service.name"][len(STACK) + 1:]: c
                           for c in docker_client.containers.list(
                               filters={"label": f"{NAMESPACE}={STACK}"})}
             assert set(by_service) == set(SERVICES), sorted(by_service)
             for svc, c in by_service.items():  # keys: secrets 0400, public keys configs
-                mode = c.exec_run(["find", "/run/secrets/zkv", "-name", "*.key_secret",
-                                   "-exec", "stat", "-L", "-c", "%a", "{}", "+"]).output.decode()
+                mode = c.exec_run(["find", "/run/secrets/zkv", "(", "-name", "*.key_secret",
+                                   "-o", "-name", "tokens", ")", "-exec", "stat", "-L", "-c",
+                                   "%a", "{}", "+"]).output.decode()
                 assert mode.split() and set(mode.split()) == {"400"}, (svc, mode)
             _wait("every task healthy", 60, lambda: all(
                 _health(c) == "healthy" for c in by_service.values()), every_s=1.0)
@@ -349,12 +351,17 @@ def _health(container: Any) -> str | None:
     return container.attrs["State"].get("Health", {}).get("Status")
 
 
-def _check_gateway(port: int) -> None:
-    """The gateway, a client of the secure brokers with the client key: ready, and
-    serving the keys written through the SDK."""
+def _check_gateway(port: int, tokens: Path) -> None:
+    """The gateway, a client of the secure brokers with its own key and bearer tokens
+    from Swarm secrets: ready, refusing a request without a token, and serving the keys
+    written through the SDK to one with the client token."""
     import httpx
 
+    token = next(line.split()[1] for line in tokens.read_text().splitlines()
+                 if line.split()[:1] == ["client"])
+    auth = {"Authorization": f"Bearer {token}"}
     url = f"http://127.0.0.1:{port}"
     _wait("the gateway ready", 60,
-          lambda: httpx.get(url + "/ready", timeout=5).status_code == 200)
-    assert httpx.get(url + "/kv/swarm-0", timeout=10).json()["value"] == "v0"
+          lambda: httpx.get(url + "/ready", headers=auth, timeout=5).status_code == 200)
+    assert httpx.get(url + "/kv/swarm-0", timeout=10).status_code == 401
+    assert httpx.get(url + "/kv/swarm-0", headers=auth, timeout=10).json()["value"] == "v0"

@@ -48,6 +48,7 @@ from tests.sim.clock import SimClock
 from tests.sim.faults import FaultPlan
 from tests.sim.network import NetConfig, SimNetwork
 from tests.sim.node import SimNode
+from tests.sim.ttl_client import TTLS_S, SimTtlClient, check_ttl, ttl_stats
 from tests.support.history import History
 from tests.support.lincheck import check
 from zkv.protocol.errors import RemoteProtocolError
@@ -89,6 +90,8 @@ class SimConfig:
     availability_s: float | None = None
     #: only these fault kinds (faults.py); empty: all
     fault_kinds: tuple[str, ...] = ()
+    #: clients putting keys with short TTLs and reading them (``ttl_client.py``)
+    ttl_clients: int = 0
 
 
 @dataclass(slots=True)
@@ -134,6 +137,10 @@ class World:
         self.clients = [SimClient(self, i) for i in range(cfg.clients)]
         self.endpoints: dict[str, Any] = {**self.nodes, self.broker.addr: self.broker}
         self.endpoints.update({c.addr: c for c in self.clients})
+        self.ttl_clients = [SimTtlClient(self, i, cfg.seed) for i in range(cfg.ttl_clients)]
+        #: TTL clients start nothing new from then on (a run's end; moves set their own)
+        self.ttl_until = cfg.duration_s
+        self.endpoints.update({c.addr: c for c in self.ttl_clients})
         self.ops_left = cfg.ops_max
         self.acked: list[tuple[bytes, int, str, str, Any]] = []
         #: (client id, request id) -> the first reply to that write
@@ -256,20 +263,29 @@ class World:
         self.faults.heal_everything()
         self.run_until(self.now + cfg.client_deadline_s + 0.5, stop=self._clients_idle)
         self.run_until(self.now + cfg.quiesce_s_max, stop=self._converged)
+        self.let_keys_expire()
         problem = self._convergence_problem()
         if problem:
             return self._result(False, "liveness", problem)
         self._final_reads()
         self._check_acked_writes()
         self._check_states_equal()
+        if self.ttl_clients:
+            check_ttl(self, self.ttl_clients)
         res = check(self.history)
         if not res.ok:
             kind = "unknown" if res.unknown else "linearizability"
             return self._result(res.unknown, kind, res.explanation)
         return self._result(True, "ok", "")
 
+    def let_keys_expire(self) -> None:
+        """With TTL clients: every key expires and the sweep ends, then quiescence."""
+        if self.ttl_clients:
+            self.run_until(self.now + max(TTLS_S) + 0.5)
+            self.run_until(self.now + self.cfg.quiesce_s_max, stop=self._converged)
+
     def _clients_idle(self) -> bool:
-        return all(c.idle for c in self.clients)
+        return all(c.idle for c in self.clients) and all(c.idle for c in self.ttl_clients)
 
     def leader(self, shard: int = 0) -> SimNode | None:
         best = None
@@ -346,6 +362,7 @@ class World:
             "down_s_max": round(self.availability.down_s_max, 2) if self.availability else None,
             "net": self.net.stats,
             "faults": list(self.faults_log),
+            **(ttl_stats(self.ttl_clients) if self.ttl_clients else {}),
         }
 
     def format_trace(self, last: int = 80) -> list[str]:

@@ -34,6 +34,7 @@ from typing import Any
 from tests.sim.client import SimClient
 from tests.sim.cluster import SimConfig, SimResult, Violation, World
 from tests.sim.network import NetConfig
+from tests.sim.ttl_client import check_ttl
 from tests.support.lincheck import check
 from zkv.ops.rebalance import RebalanceError, Rebalancer, ring_adding, ring_removing
 from zkv.protocol import codec
@@ -267,6 +268,7 @@ def run_moves(seed: int, **overrides: Any) -> SimResult:
     world: World | None = None
     try:
         world = World(cfg)
+        world.ttl_until = float("inf")
         mover = Mover(world)
         world.run_until(2.0)  # leaders, a first ring at the broker, first writes
         mover.start_chaos()
@@ -277,6 +279,7 @@ def run_moves(seed: int, **overrides: Any) -> SimResult:
         mover.move(final, lambda r: r.remove_shard(gone))
         world.run_until(world.now + 1.0)
         world.ops_left = 0
+        world.ttl_until = world.now
         mover.stop_chaos()
         return _verdict(world, mover, final)
     except Violation as exc:
@@ -294,6 +297,7 @@ def _verdict(world: World, mover: Mover, final: RingConfig) -> SimResult:
     cfg = world.cfg
     world.run_until(world.now + cfg.client_deadline_s + 0.5, stop=world._clients_idle)
     world.run_until(world.now + cfg.quiesce_s_max, stop=world._converged)
+    world.let_keys_expire()
     problem = world._convergence_problem()
     if problem:
         return world._result(False, "liveness", problem)
@@ -301,6 +305,8 @@ def _verdict(world: World, mover: Mover, final: RingConfig) -> SimResult:
     world._final_reads()
     world._check_acked_writes()
     world._check_states_equal()
+    if world.ttl_clients:
+        check_ttl(world, world.ttl_clients)
     res = check(world.history)
     if not res.ok:
         kind = "unknown" if res.unknown else "linearizability"

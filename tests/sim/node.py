@@ -118,7 +118,7 @@ class SimNode:
             return
         w = self.world
         if not self.paused():
-            self.node.tick(w.now)
+            self.node.tick(w.now, WALL_EPOCH_MS + int(w.now * 1000))
             self._turn()
             if w.cfg.fsync == "never" and w.rng.random() < 0.05:
                 self.disk.flush()
@@ -143,7 +143,7 @@ class SimNode:
                 node.on_peer_frames(src, msg, w.now)
         else:
             node.replica.step(src, msg, w.now)
-        node.tick(w.now)
+        node.tick(w.now, WALL_EPOCH_MS + int(w.now * 1000))
         self._turn()
 
     # ------------------------------------------------------------------ the shell

@@ -172,7 +172,7 @@ def test_cluster_up_runs_without_gateway_when_the_extra_is_missing(
                         lambda: "fastapi is not installed (pip install 'zkv[http]')")
     said: list[str] = []
     fake = types.SimpleNamespace(endpoint="tcp://127.0.0.1:1", host="127.0.0.1",
-                                 data_dir=tmp_path)
+                                 data_dir=tmp_path, gateway_keys=None, gateway_tokens=None)
     args = argparse.Namespace(http_port=8000, http_workers=1)
     assert cluster_cli._start_gateway(fake, args, said.append) is None  # type: ignore[arg-type]
     assert said == ["no HTTP gateway: the http extra is not installed (fastapi is not "

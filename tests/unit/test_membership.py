@@ -372,3 +372,85 @@ def test_a_readmitted_node_gives_no_second_vote_in_the_term_it_rejoined() -> Non
     assert b.voter and b.term == 1 and b.voted_for == "a"
     b.step("c", VoteRequest(1, "c", 99, 1), g.now + 5)  # a late vote request of term 1
     assert not any(isinstance(m, VoteReply) and m.granted for _, m in b.ready().messages)
+
+
+# ------------------------------------------------------------------ node keys (issue 12)
+
+KEY_D = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # 40 z85 characters
+KEY_E = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"
+
+
+def test_configuration_with_keys_roundtrip_and_old_encoding_unchanged() -> None:
+    old = Membership(("a", "b"), ("c",), (("c", "tcp://x:1"),), (), (("a", "i"),))
+    old_bytes = mship.encode(old)
+    assert old_bytes[:2] == b"\x96\x0b"  # a configuration without keys: the bytes of before
+    assert len(msgpack_unpack(old_bytes)) == 6 and mship.decode(old_bytes).keys == ()
+    with_keys = old.add_learner("d", "tcp://d:1", key=KEY_D)
+    data = mship.encode(with_keys)
+    assert mship.is_config(data) and mship.decode(data) == with_keys
+    assert with_keys.key_of("d") == KEY_D and with_keys.key_of("a") == ""
+    conf, state = mship.unwrap_snapshot(mship.wrap_snapshot(with_keys, b"S"))
+    assert conf == with_keys and state == b"S"
+    # the state machine takes both forms as its no-op
+    from zkv.storage_node.commands import Noop, decode_command
+    assert isinstance(decode_command(data), Noop) and isinstance(decode_command(old_bytes), Noop)
+
+
+def msgpack_unpack(data: bytes) -> list[object]:
+    import msgpack
+
+    v = msgpack.unpackb(data, raw=False)
+    assert isinstance(v, list)
+    return v
+
+
+def test_bad_member_keys_are_refused() -> None:
+    import msgpack
+
+    conf = Membership(("a",))
+    for bad in ("short", KEY_D + "x", "é" * 40, KEY_D[:-1] + "~"):
+        with pytest.raises(MembershipError, match="public_key"):
+            conf.add_learner("d", "tcp://d", key=bad)
+    data = msgpack.packb([11, ["a"], [], [], [], [], [["a", "not a key"]]])
+    with pytest.raises(Exception, match="z85"):
+        mship.decode(data)
+    with pytest.raises(Exception):  # noqa: B017 - 8 fields: not a configuration
+        mship.decode(msgpack.packb([11, ["a"], [], [], [], [], [], []]))
+
+
+def test_admin_requests_carry_the_key_and_removal_drops_it() -> None:
+    from zkv.protocol.messages import AdminAddReplica, AdminRemoveReplica, AdminReplaceReplica
+
+    conf = Membership(("a", "b", "c"))
+    added = mship.change_for(AdminAddReplica(b"", 1, 0, "d", "tcp://d:1", KEY_D), conf)
+    assert added is not None and added.keys == (("d", KEY_D),)
+    assert mship.change_for(AdminAddReplica(b"", 1, 0, "e", "tcp://e:1"), added).keys == added.keys  # type: ignore[union-attr]
+    rep = mship.change_for(AdminReplaceReplica(b"", 1, 0, "a", "e", "tcp://e:1", KEY_E), added)
+    assert rep is not None and dict(rep.keys) == {"d": KEY_D, "e": KEY_E}
+    with pytest.raises(MembershipError, match="public_key"):
+        mship.change_for(AdminAddReplica(b"", 1, 0, "f", "tcp://f:1", "garbage"), conf)
+    with pytest.raises(MembershipError, match="public_key"):
+        mship.change_for(AdminAddReplica(b"", 1, 0, "f", "tcp://f:1", 7), conf)  # type: ignore[arg-type]
+    removed = mship.change_for(AdminRemoveReplica(b"", 1, 0, "d"), rep)
+    assert removed is not None and removed.keys == (("e", KEY_E),)
+    assert mship.describe(rep)["keys"] == {"d": KEY_D, "e": KEY_E}
+
+
+def test_committed_membership_is_the_committed_one_not_the_latest() -> None:
+    """Keys are trusted from the committed configuration only: an appended but not yet
+    committed change (its majority cut off) is not it; once committed it is."""
+    g = _ready_group()
+    a = g.cores["a"]
+    before_index, before = a.committed_membership()
+    assert before == a.membership and before.keys == ()
+    _join(g, "d")
+    g.cut |= {frozenset(("a", "b")), frozenset(("a", "c"))}
+    a.propose_membership(a.membership.add_learner("d", "tcp://d", key=KEY_D), g.now)
+    g.settle()
+    assert a.membership.keys == (("d", KEY_D),)  # in force at once ...
+    assert a.committed_membership() == (before_index, before)  # ... but not committed
+    g.cut.clear()
+    g.advance(0.3)
+    index, committed = a.committed_membership()
+    assert committed.key_of("d") == KEY_D and index > before_index
+    assert g.cores["b"].committed_membership()[1].key_of("d") == KEY_D  # followers too

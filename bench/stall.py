@@ -1,0 +1,108 @@
+"""No stalls (issue 14, target 6): load 1,000,000 keys into 1 x 3 at full speed.
+
+A ``LocalCluster`` of 1 shard x 3 replicas (fsync never: the disk is not what is
+measured) is loaded with ``--keys`` distinct keys (16 B keys, 100 B values) through
+pipelines of 1,000 single puts (a log entry each), as fast as it takes them, while a prober reads one key every
+10 ms through the same broker. Snapshots fall due every 50,000 entries or 64 MiB, as by
+default. Reported per snapshot mode (``--snapshot-mode``; ``inline`` serializes in the
+node's loop, ``fork`` in a forked child), alternating when both are asked for:
+
+- elections: how much the shard's term grew during the load (a leader whose loop
+  stops for longer than an election timeout loses its shard);
+- snapshots taken by the leader, and the longest time its loop stood still for one
+  (``inline``: the log's snapshot time; ``fork``: the fork itself);
+- the prober's slowest read, which a loop that stands still shows from outside.
+
+    python -m bench.stall [--keys 1000000] [--modes fork,inline] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from zkv.client.sdk import KVClient
+from zkv.ops.cluster import LocalCluster
+
+BATCH = 1000
+PROBE_EVERY_S = 0.01
+SNAPSHOT_LOG_RE = re.compile(r"snapshot at index (\d+) \((\d+) bytes, (\d+) ms")
+FORK_LOG_RE = re.compile(r"forked in (\d+(?:\.\d+)?) ms")
+
+
+def _term(kv: KVClient) -> int:
+    return max(int(n.get("term", 0)) for n in kv.status()["nodes"])
+
+
+def _prober(endpoint: str, stop: threading.Event, worst: list[float]) -> None:
+    with KVClient(endpoint, timeout_s=10) as kv:
+        kv.put("probe", "x")
+        while not stop.is_set():
+            t = time.perf_counter()
+            kv.get("probe")
+            worst[0] = max(worst[0], time.perf_counter() - t)
+            time.sleep(PROBE_EVERY_S)
+
+
+def run(mode: str, keys: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"zkv-stall-{mode}-") as tmp:
+        cluster = LocalCluster(Path(tmp) / "data", shards=1, replicas=3, port=0,
+                               fsync="never", node_args=("--snapshot-mode", mode))
+        with cluster:
+            cluster.wait_ready(60)
+            with KVClient(cluster.endpoint, timeout_s=30) as kv:
+                term0 = _term(kv)
+                stop, worst = threading.Event(), [0.0]
+                probe = threading.Thread(target=_prober, args=(cluster.endpoint, stop, worst),
+                                         daemon=True)
+                probe.start()
+                started = time.perf_counter()
+                value = b"v" * 100
+                for first in range(0, keys, BATCH):
+                    with kv.pipeline() as pipe:  # single puts: one log entry each
+                        for i in range(first, min(keys, first + BATCH)):
+                            pipe.put(b"key-%012d" % i, value)
+                took = time.perf_counter() - started
+                stop.set()
+                probe.join(timeout=30)
+                term1 = _term(kv)
+            leader_logs = "\n".join(c.tail(100_000) for c in cluster.nodes.values())
+    snaps = [(int(i), int(b), int(ms)) for i, b, ms in SNAPSHOT_LOG_RE.findall(leader_logs)]
+    forks = [float(ms) for ms in FORK_LOG_RE.findall(leader_logs)]
+    return {
+        "mode": mode, "keys": keys, "load_s": round(took, 2),
+        "keys_per_s": round(keys / took), "elections": term1 - term0,
+        "snapshots": len(snaps), "largest_snapshot_bytes": max((b for _, b, _ in snaps), default=0),
+        "longest_snapshot_ms": max((ms for *_, ms in snaps), default=0),
+        "longest_loop_stop_ms": (max(forks, default=0.0) if mode == "fork"
+                                 else max((ms for *_, ms in snaps), default=0)),
+        "slowest_probe_ms": round(worst[0] * 1000, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--keys", type=int, default=1_000_000)
+    p.add_argument("--modes", default="fork,inline")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    results = [run(mode, args.keys) for mode in args.modes.split(",")]
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    cols = ["mode", "keys_per_s", "elections", "snapshots", "largest_snapshot_bytes",
+            "longest_snapshot_ms", "longest_loop_stop_ms", "slowest_probe_ms"]
+    print(" | ".join(cols))
+    for r in results:
+        print(" | ".join(str(r[c]) for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
