@@ -273,11 +273,13 @@ def test_swarm_stack_secure_put_get_and_replace_a_lost_host(
                           for c in docker_client.containers.list(
                               filters={"label": f"{NAMESPACE}={STACK}"})}
             assert set(by_service) == set(SERVICES), sorted(by_service)
+            find = ["find", "/run/secrets/zkv", "(", "-name", "*.key_secret", "-o", "-name",
+                    "tokens", ")", "-exec", "stat", "-L", "-c", "%a", "{}", "+"]
             for svc, c in by_service.items():  # keys: secrets 0400, public keys configs
-                mode = c.exec_run(["find", "/run/secrets/zkv", "(", "-name", "*.key_secret",
-                                   "-o", "-name", "tokens", ")", "-exec", "stat", "-L", "-c",
-                                   "%a", "{}", "+"]).output.decode()
-                assert mode.split() and set(mode.split()) == {"400"}, (svc, mode)
+                # retried: on a loaded engine an exec now and then comes back empty
+                _wait(f"{svc}: its secret files mode 0400", 30,
+                      lambda c=c: _modes_are_0400(c.exec_run(find).output.decode()),
+                      every_s=1.0)
             _wait("every task healthy", 60, lambda: all(
                 _health(c) == "healthy" for c in by_service.values()), every_s=1.0)
 
@@ -344,6 +346,14 @@ def test_swarm_stack_secure_put_get_and_replace_a_lost_host(
                 cl.close_client(kv)
             _remove_stack(docker_client)
     assert _swarm_state(docker_client) == "inactive"
+
+
+def _modes_are_0400(output: str) -> bool:
+    """True when every file ``find`` listed is 0400; raises with what it saw otherwise
+    (``_wait`` reports the last exception)."""
+    if output.split() and set(output.split()) == {"400"}:
+        return True
+    raise AssertionError(f"modes {output!r}")
 
 
 def _health(container: Any) -> str | None:
