@@ -12,6 +12,7 @@ answered when applied.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from zkv.protocol.errors import ErrorCode
@@ -58,6 +59,8 @@ class AdminRequests:
         secure: bool
         notes: list[str]
 
+        pending_type: Callable[..., Pending]
+
         def _reply(self, origin: object, ident: bytes, reply: object) -> None: ...
         def not_leader(self, request_id: int) -> ErrorReply: ...
         def _propose(self, cmd: Command, pending: Pending, now: float) -> int: ...
@@ -90,7 +93,7 @@ class AdminRequests:
             self._reply(origin, ident, answer)
             return
         cmd = cast(Command, answer)
-        self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
+        self._propose(cmd, self.pending_type(origin, ident, req.request_id, command=cmd), now)
 
     def _membership_admin(self, req: AdminRequest, now: float) -> AdminMembersReply | ErrorReply:
         """Membership ops at the leader: proposed now, answered at once; the caller

@@ -536,3 +536,18 @@ def test_the_node_core_is_pure(module: str) -> None:
     forbidden = {"zmq", "time", "threading", "asyncio", "random", "socket", "loguru", "os",
                  "pathlib", "io", "shutil", "subprocess"}
     assert not imported & forbidden
+
+
+def test_an_admin_ring_command_is_proposed_and_answered_when_applied() -> None:
+    """The admin path end to end in the core: a ring-change op becomes a replicated
+    command, answered with ``AdminAppliedReply`` once applied (a NameError here once
+    stopped every leader that was asked to add a shard)."""
+    from zkv.protocol.messages import AdminAppliedReply, AdminBegin
+
+    shard = Shard()
+    leader = shard.elect("a")
+    old, new = RingConfig(1, (0,), 16), RingConfig(2, (0, 1), 16)
+    request(leader, AdminBegin(b"c1", 7, 0, old, new), shard.now)
+    shard.settle()
+    got = [r for r in replies(leader) if isinstance(r, AdminAppliedReply)]
+    assert [r.request_id for r in got] == [7]
