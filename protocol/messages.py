@@ -496,6 +496,7 @@ from zkv.protocol.multikey import (  # noqa: E402
     ScanReply,
     ScanRequest,
 )
+from zkv.protocol.watch import WATCH_MESSAGE_TYPES  # noqa: E402
 
 MultiKeyMessage = (
     MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
@@ -517,6 +518,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
     *MULTIKEY_MESSAGE_TYPES,
     *TTL_REQUEST_CLASSES, *TTL_REPLY_CLASSES,
+    *WATCH_MESSAGE_TYPES,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(
