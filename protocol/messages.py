@@ -496,7 +496,7 @@ from zkv.protocol.multikey import (  # noqa: E402
     ScanReply,
     ScanRequest,
 )
-from zkv.protocol.watch import WATCH_MESSAGE_TYPES  # noqa: E402
+from zkv.protocol.watch import WATCH_MESSAGE_TYPES, WatchReply, WatchRequest  # noqa: E402
 
 MultiKeyMessage = (
     MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
@@ -505,7 +505,7 @@ MultiKeyMessage = (
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
     | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
-    | MultiKeyMessage
+    | MultiKeyMessage | WatchRequest | WatchReply
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (

@@ -21,7 +21,9 @@ page never splits a revision), so the next poll asks ``after=revision``. With
 oldest revision a watcher may resume from, after re-reading the keys (etcd's
 ErrCompacted).
 
-The resume token (``WatchToken``) is the revision per shard, written ``"0:17,1:9"``.
+The resume token is the revision per shard, written ``"0:17,1:9"`` (the client's
+``client/watch.py``; ``"0:16+2"``: after the first 2 events of shard 0's next
+revision, for a token taken in the middle of a batch).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from zkv.protocol.errors import KVError
+from zkv.protocol.limits import INT_MAX
 from zkv.protocol.record import record
 
 #: Events and bytes (keys + values) per reply, and the longest a poll is held.
@@ -37,6 +40,9 @@ WATCH_REPLY_BYTES_MAX = 4 * 1024 * 1024
 WATCH_WAIT_MS_MAX = 10_000
 
 KIND_NAMES = ("put", "delete", "expire")
+#: ``after`` meaning "from now": the reply is at once, empty, with the revision the
+#: replica has applied (every write acknowledged before it is at or below it).
+WATCH_FROM_NOW = INT_MAX
 
 
 @record
@@ -81,24 +87,3 @@ class WatchCompacted(KVError):
     def __init__(self, message: str, token: str) -> None:
         super().__init__(message)
         self.token = token
-
-
-def format_token(revisions: dict[int, int]) -> str:
-    """``{shard: revision}`` as ``"shard:revision,..."`` (shards in order)."""
-    return ",".join(f"{s}:{r}" for s, r in sorted(revisions.items()))
-
-
-def parse_token(token: str) -> dict[int, int]:
-    """The inverse of ``format_token``; ``ValueError`` on anything else."""
-    out: dict[int, int] = {}
-    if not token.strip():
-        return out
-    for part in token.split(","):
-        shard, sep, rev = part.partition(":")
-        if not sep:
-            raise ValueError(f"bad watch token part {part!r}: expected shard:revision")
-        s, r = int(shard), int(rev)
-        if s < 0 or r < 0:
-            raise ValueError(f"bad watch token part {part!r}: negative")
-        out[s] = r
-    return out

@@ -7,6 +7,7 @@ Rules (the events and their revisions: ``watch_history.py``; the messages:
 - Any replica answers (every replica recorded the same events under the same
   revisions; the broker sends polls to the leader, which is the most up to date). A
   replica behind the watcher's token simply has no events after it yet.
+- ``after`` = ``WATCH_FROM_NOW``: answered at once, empty, at the applied index.
 - ``after`` below the history's floor: ``WatchReply(compacted=True, revision=floor)``.
 - Matching events after ``after``: answered at once (a page, ``WatchHistory.poll``).
 - None: the poll is parked until an applied entry brings a matching event
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import ErrorReply
 from zkv.protocol.watch import (
+    WATCH_FROM_NOW,
     WATCH_LIMIT_MAX,
     WATCH_REPLY_BYTES_MAX,
     WATCH_WAIT_MS_MAX,
@@ -74,6 +76,10 @@ class WatchRequests:
             self._reply(origin, ident, ErrorReply(
                 req.request_id, ErrorCode.BAD_REQUEST,
                 f"watch limit must be 1..{WATCH_LIMIT_MAX}; after and wait_ms >= 0"))
+            return
+        if req.after == WATCH_FROM_NOW:
+            self._reply(origin, ident, WatchReply(req.request_id, req.shard, (),
+                                                  self.state.applied_index))
             return
         answered, looked = self._poll_watch(origin, ident, req, req.after, final=False)
         if answered:
