@@ -1,0 +1,172 @@
+"""Watchers under a leader kill and a broker kill (issue 15, item 2), against real
+processes.
+
+A 1-shard x 3-replica ``LocalCluster`` with 2 brokers. Two watchers on overlapping
+prefixes (``a`` and ``ab/``) while 4 writers put and delete keys under ``a/``,
+``ab/`` and ``b/``; the nemesis SIGKILLs the shard leader (and restarts it) twice and
+SIGKILLs a broker once. One watcher also stops and resumes from its last event's token
+with a new client every 100 events (a client reconnect). Each writer finally writes
+``ab/end-<w>``; a watcher stops once it has seen all four.
+
+Checked for each watcher: its events are exactly the acknowledged writes on its prefix
+(puts with their value and version, deletes that removed a key with their version),
+plus possibly some writes whose outcome was unknown, each at most once; no event
+repeats; per key, versions strictly increase in event order.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from zkv.client import Event, KVClient
+from zkv.ops.cluster import LocalCluster
+from zkv.protocol.errors import KVError
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(240)]
+
+RUN_S = 12.0
+WRITERS = 4
+PREFIXES = ("a", "ab/")
+
+
+@dataclass
+class History:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: acknowledged: (kind, key, value, version)
+    acked: list[tuple[str, str, str, int]] = field(default_factory=list)
+    #: outcome unknown: (kind, key, value)
+    unknown: list[tuple[str, str, str]] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+
+
+def _writer(endpoints: list[str], h: History, wid: int, stop: threading.Event) -> None:
+    rng = random.Random(wid)
+    keys = [f"{p}{wid}-{i}" for p in ("a/", "ab/", "b/") for i in range(5)]
+    with KVClient(endpoints, timeout_s=5) as kv:
+        i = 0
+        while not stop.is_set():
+            key = rng.choice(keys)
+            i += 1
+            value = f"{wid}-{i}"
+            try:
+                if rng.random() < 0.8:
+                    version = kv.put(key, value)
+                    rec = ("put", key, value, version)
+                else:
+                    value = ""
+                    deleted, version = kv.delete_versioned(key)
+                    if not deleted:
+                        continue
+                    rec = ("delete", key, value, version)
+            except KVError:
+                with h.lock:
+                    h.unknown.append(("put" if value else "delete", key, value))
+                continue
+            with h.lock:
+                h.acked.append(rec)
+            time.sleep(0.005)
+        for _ in range(50):
+            try:
+                version = kv.put(f"ab/end-{wid}", "end")
+                break
+            except KVError:
+                time.sleep(0.1)
+        with h.lock:
+            h.acked.append(("put", f"ab/end-{wid}", "end", version))
+
+
+def _watcher(endpoints: list[str], prefix: str, out: list[Event], resume_every: int,
+             ready: threading.Event) -> None:
+    token = "0:0"
+    ends: set[bytes] = set()
+    while len(ends) < WRITERS:
+        with KVClient(endpoints, timeout_s=5) as kv:
+            ready.set()
+            for n, ev in enumerate(kv.watch(prefix, start=token), 1):
+                out.append(ev)
+                token = ev.token
+                if ev.key.startswith(b"ab/end-"):
+                    ends.add(ev.key)
+                    if len(ends) == WRITERS:
+                        return
+                if resume_every and n >= resume_every:
+                    break  # a new client resumes from the token
+
+
+def _nemesis(cluster: LocalCluster, h: History, stop: threading.Event) -> None:
+    for round_ in range(2):
+        if stop.wait(2.5):
+            return
+        leader = cluster.leader_of(0, 10)
+        h.faults.append(f"{time.time():.3f} SIGKILL {leader}")
+        cluster.kill_node(leader, signal.SIGKILL)
+        if round_ == 0:
+            cluster.kill_broker(1, signal.SIGKILL)
+            h.faults.append(f"{time.time():.3f} SIGKILL broker 1")
+        if stop.wait(2.0):
+            return
+        cluster.restart_node(leader)
+        h.faults.append(f"{time.time():.3f} restarted {leader}")
+
+
+def _check(prefix: str, events: list[Event], h: History) -> None:
+    p = prefix.encode()
+    want = [a for a in h.acked if a[1].startswith(prefix)]
+    maybe = {(k, key, v) for k, key, v in h.unknown if key.startswith(prefix)}
+    got = [(e.kind, e.key.decode(), e.value.decode(), e.version) for e in events]
+    assert all(e.key.startswith(p) for e in events)
+    assert len(set(got)) == len(got), "an event repeated"
+    missing = set(want) - set(got)
+    assert not missing, f"{prefix}: acknowledged writes not seen: {sorted(missing)[:5]}"
+    extra = [g for g in got if g not in set(want)]
+    assert all(g[:3] in maybe for g in extra), f"{prefix}: unexplained: {extra[:5]}"
+    puts = [(key, v) for kind, key, v, _ in got if kind == "put"]
+    assert len(puts) == len(set(puts)), "a put (values are unique) appeared twice"
+    last: dict[str, int] = {}
+    for kind, key, _v, version in got:
+        assert version > last.get(key, 0), f"{key}: version {version} after {last[key]}"
+        last[key] = version
+        assert kind in ("put", "delete")
+
+
+def test_watchers_see_exactly_the_committed_writes_under_faults(tmp_path: Path) -> None:
+    h = History()
+    with LocalCluster(tmp_path / "data", shards=1, replicas=3, brokers=2, port=0,
+                      fsync="never", heartbeat_ms=50, election_timeout_ms=500) as cluster:
+        cluster.wait_ready(30)
+        endpoints = cluster.endpoints
+        seen: dict[str, list[Event]] = {p: [] for p in PREFIXES}
+        ready = [threading.Event() for _ in PREFIXES]
+        watchers = [threading.Thread(target=_watcher, daemon=True,
+                                     args=(endpoints, p, seen[p], 100 if i else 0, ready[i]))
+                    for i, p in enumerate(PREFIXES)]
+        for t in watchers:
+            t.start()
+        for r in ready:
+            r.wait(10)
+        stop = threading.Event()
+        threads = [threading.Thread(target=_writer, args=(endpoints, h, w, stop))
+                   for w in range(WRITERS)]
+        threads.append(threading.Thread(target=_nemesis, args=(cluster, h, stop)))
+        for t in threads:
+            t.start()
+        time.sleep(RUN_S)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        for t in watchers:
+            t.join(60)
+        print(f"{len(h.acked)} acknowledged writes, {len(h.unknown)} unknown; "
+              f"events seen: { {p: len(e) for p, e in seen.items()} }; faults: {h.faults}")
+        assert len(h.faults) >= 4, h.faults
+        assert not any(t.is_alive() for t in watchers), "a watcher did not see the end"
+        assert len(h.acked) > 300
+        for p in PREFIXES:
+            _check(p, seen[p], h)
