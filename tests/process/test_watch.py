@@ -16,6 +16,7 @@ repeats; per key, versions strictly increase in event order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from zkv.client import Event, KVClient
+from zkv.client import AsyncKVClient, Event, KVClient
 from zkv.ops.cluster import LocalCluster
 from zkv.protocol.errors import KVError
 
@@ -199,6 +200,8 @@ def test_cli_watch_and_compaction_after_a_restart_from_a_snapshot(tmp_path: Path
         lines = [json.loads(line) for line in out.stdout.splitlines()]
         assert [(e["kind"], e["key"], e["value"]) for e in lines] == [
             ("put", "w/1", "one"), ("delete", "w/1", "")]
+        assert asyncio.run(_async_watch(cluster.endpoint)) == [
+            ("put", b"w/1", b"one"), ("delete", b"w/1", b"")]
         with KVClient(cluster.endpoint, timeout_s=10) as kv:
             for i in range(120):  # past two snapshots
                 kv.put(f"w/{i}", "v")
@@ -214,3 +217,13 @@ def test_cli_watch_and_compaction_after_a_restart_from_a_snapshot(tmp_path: Path
             while ev.key != b"w/after":  # entries replayed after the snapshot, if any
                 ev = next(events)
             assert ev.kind == "put" and ev.value == b"new"
+
+
+async def _async_watch(endpoint: str) -> list[tuple[str, bytes, bytes]]:
+    out = []
+    async with AsyncKVClient(endpoint, timeout_s=10) as kv:
+        async for ev in kv.watch("w/", start="0:0"):
+            out.append((ev.kind, ev.key, ev.value))
+            if len(out) == 2:
+                break
+    return out
