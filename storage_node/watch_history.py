@@ -19,10 +19,10 @@ Theory of operation:
   neither loses nor repeats an event.
 - The history is complete for revisions ``> floor``. It is bounded by a count
   (``events_max``) and by bytes (``bytes_max``: keys + values + ``EVENT_OVERHEAD_BYTES``
-  per event); the oldest events go first, and ``floor`` becomes the revision of the
-  last one dropped. A replica that restored a snapshot (at restart, or one sent by the
-  leader) has no events before it: ``reset(snapshot index)``. A poll after a revision
-  below ``floor`` is ``Compacted(floor)``: the watcher must re-read the keys and resume
+  per event); the oldest events go first (a sixteenth of the bound at a time), and
+  ``floor`` becomes the revision of the last one dropped. A replica that restored a
+  snapshot (at restart, or one sent by the leader) has no events before it:
+  ``reset(snapshot index)``. A poll after a revision below ``floor`` is ``Compacted(floor)``: the watcher must re-read the keys and resume
   from ``floor`` (etcd's ErrCompacted).
 - ``poll`` never splits a revision: a page ends after the last event of a revision, so
   ``covered`` (every matching event up to it is in the page) is always a whole revision
@@ -86,19 +86,27 @@ class WatchHistory:
 
     def record(self, revision: int, kind: int, key: bytes, value: bytes, version: int) -> None:
         """Append one event (revisions never decrease: the apply order)."""
-        self._events.append((revision, kind, key, value, version))
+        events = self._events
+        events.append((revision, kind, key, value, version))
         self._bytes += len(key) + len(value) + EVENT_OVERHEAD_BYTES
-        if self._bytes > self.bytes_max or len(self._events) - self._head > self.events_max:
+        if self._bytes > self.bytes_max or len(events) - self._head > self.events_max:
             self._trim()
 
     def _trim(self) -> None:
+        """Drop the oldest events until both bounds hold with 1/16 to spare, so a full
+        history trims once per ``events_max / 16`` records, not on every one."""
         events, head = self._events, self._head
-        while head < len(events) and (self._bytes > self.bytes_max
-                                      or len(events) - head > self.events_max):
-            rev, _kind, key, value, _version = events[head]
-            self._bytes -= len(key) + len(value) + EVENT_OVERHEAD_BYTES
-            self.floor = max(self.floor, rev)
+        count_max = self.events_max - self.events_max // 16
+        bytes_max = self.bytes_max - self.bytes_max // 16
+        size = self._bytes
+        end = len(events)
+        while head < end and (size > bytes_max or end - head > count_max):
+            ev = events[head]
+            size -= len(ev[2]) + len(ev[3]) + EVENT_OVERHEAD_BYTES
             head += 1
+        self._bytes = size
+        if head:
+            self.floor = max(self.floor, events[head - 1][0])
         if head > 1024 and head * 2 > len(events):  # amortized O(1) per dropped event
             del events[:head]
             head = 0
