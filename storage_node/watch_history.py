@@ -41,7 +41,7 @@ PUT, DELETE, EXPIRE = 0, 1, 2
 
 #: Bounds of one replica's history (see the module docstring).
 EVENTS_MAX = 100_000
-HISTORY_BYTES_MAX = 64 * 1024 * 1024
+HISTORY_BYTES_MAX = 16 * 1024 * 1024
 #: What an event costs beyond its key and value (the tuple, the list slot, ints), as
 #: the bytes bound counts it: ``sys.getsizeof`` of a 5-tuple is 80, plus the pointer.
 EVENT_OVERHEAD_BYTES = 96
@@ -49,6 +49,9 @@ EVENT_OVERHEAD_BYTES = 96
 EXAMINED_MAX = 50_000
 
 Event = tuple[int, int, bytes, bytes, int]
+#: what a dropped event's slot holds until the list is compacted (never read: polls
+#: start at ``_head``)
+_GONE: Event = (0, 0, b"", b"", 0)
 _revision = itemgetter(0)
 
 
@@ -100,13 +103,15 @@ class WatchHistory:
         bytes_max = self.bytes_max - self.bytes_max // 16
         size = self._bytes
         end = len(events)
+        floor = self.floor
         while head < end and (size > bytes_max or end - head > count_max):
             ev = events[head]
             size -= len(ev[2]) + len(ev[3]) + EVENT_OVERHEAD_BYTES
+            floor = ev[0]
+            events[head] = _GONE  # free the value now, not when the list is compacted
             head += 1
         self._bytes = size
-        if head:
-            self.floor = max(self.floor, events[head - 1][0])
+        self.floor = max(self.floor, floor)
         if head > 1024 and head * 2 > len(events):  # amortized O(1) per dropped event
             del events[:head]
             head = 0

@@ -162,15 +162,30 @@ def test_resume_from_every_revision_gives_exactly_the_events_after_it(seed: int)
         assert got == [e for e in reference if e[0] > start]
 
 
-def test_recording_cost_is_small() -> None:
-    """The recording cost per write is O(1): a bounded history recording 200k events
-    costs about as much per event as one recording 2k (no growth with size)."""
-    import timeit
+def test_a_full_history_trims_a_sixteenth_at_a_time() -> None:
+    """Recording stays O(1) amortized once full: one trim per events_max/16 records, and
+    the dropped prefix is freed from the list now and then."""
+    class Counting(WatchHistory):
+        __slots__ = ("trims",)
 
-    def cost(n: int) -> float:
-        h = WatchHistory(events_max=n // 2)
-        t = timeit.timeit(lambda: h.record(1, PUT, b"key", b"value", 1), number=n)
-        return t / n
+        def _trim(self) -> None:
+            self.trims += 1
+            super()._trim()
 
-    small, big = cost(2_000), cost(200_000)
-    assert big < small * 5 + 2e-6
+    h = Counting(events_max=1600)
+    h.trims = 0
+    for rev in range(1, 20_001):
+        h.record(rev, PUT, b"k", b"v", rev)
+    assert h.trims <= 20_000 // 100 + 1 and len(h) <= 1600
+    assert len(h._events) <= 2 * 1600 + 1024
+
+
+def test_dropped_events_release_their_values_at_once() -> None:
+    """A dropped event's slot stayed in the list until the lazy compaction (after 1,024
+    drops): with 1 MiB values that kept up to 1 GiB alive past the bytes bound (seen as
+    a node's RSS tripling in tests/process/test_limits.py)."""
+    h = WatchHistory(events_max=1000, bytes_max=3 * (EVENT_OVERHEAD_BYTES + 10))
+    for rev in range(1, 50):
+        h.record(rev, PUT, b"k", b"v" * 10, rev)
+    held = [e for e in h._events if e[3]]
+    assert len(held) == len(h) <= 3 and sum(len(e[3]) for e in h._events) <= 30
