@@ -62,6 +62,8 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
                 except KVError:
                     pass
                 refresh_at = now + SHARDS_REFRESH_S
+                for gone in set(outstanding) - set(cursor.shards):
+                    del outstanding[gone]  # a shard that left the ring: stop waiting
                 if not cursor.shards:
                     clock.sleep(RETRY_PAUSE_S)
                     continue
