@@ -5,9 +5,10 @@ never holds the client's lock while a node holds its poll), sends a new poll for
 shard as soon as its reply is in, and yields events as replies come. Failures:
 - a retryable error (``NO_LEADER``, ``NOT_LEADER``, ``UNAVAILABLE``...: a failover in
   progress) polls that shard again after ``RETRY_PAUSE_S``;
-- a poll unanswered ``SILENCE_S`` after its wait: the connection (or its broker) is
-  presumed dead, closed, and the loop moves to the next broker and polls every shard
-  again from its position, so nothing is lost and, by the cursor's rule, nothing repeats;
+- a poll unanswered ``SILENCE_S`` after its wait is sent again; if nothing at all came
+  on the connection for ``SILENCE_S`` either, the connection (or its broker) is presumed
+  dead, closed, and the loop moves to the next broker and polls every shard again from
+  its position, so nothing is lost and, by the cursor's rule, nothing repeats;
 - ``WRONG_SHARD`` (a shard left the ring): the shard set is read again from a status.
 The shard set is also read again every ``SHARDS_REFRESH_S``.
 """
@@ -53,6 +54,7 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
     outstanding: dict[int, tuple[int, float]] = {}  # shard -> (request id, deadline)
     resume_at: dict[int, float] = {}  # shard -> when to poll it again after an error
     refresh_at = 0.0
+    last_rx = 0.0  # when the connection last delivered anything
     try:
         while True:
             now = clock.now()
@@ -70,6 +72,7 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
             if conn is None:
                 conn = client._connect(client.endpoints[endpoint])
                 outstanding.clear()
+                last_rx = now
             for shard in cursor.shards:
                 if shard not in outstanding and resume_at.get(shard, 0.0) <= now:
                     rid = client.new_request_id()
@@ -80,11 +83,16 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
                         + [t for t in resume_at.values() if t > now] + [now + SILENCE_S])
             frames = conn.recv(until)
             if frames is None:
-                if any(d <= clock.now() for _, d in outstanding.values()):
-                    conn.close()  # presumed dead: the next broker
+                now = clock.now()
+                late = [s for s, (_, d) in outstanding.items() if d <= now]
+                if late and now - last_rx >= SILENCE_S:
+                    conn.close()  # nothing at all for a while: the next broker
                     conn = None
                     endpoint = (endpoint + 1) % len(client.endpoints)
+                for shard in late:  # lost while others answer: poll again here
+                    del outstanding[shard]
                 continue
+            last_rx = clock.now()
             try:
                 reply = codec.decode(frames)
             except RemoteProtocolError:

@@ -148,15 +148,18 @@ def test_watchers_see_exactly_the_committed_writes_under_faults(tmp_path: Path) 
         endpoints = cluster.endpoints
         seen: dict[str, list[Event]] = {p: [] for p in PREFIXES}
         ready = [threading.Event() for _ in PREFIXES]
+        # the watchers (and half the writers) start on broker 1, the one killed
+        behind = endpoints[1:] + endpoints[:1]
         watchers = [threading.Thread(target=_watcher, daemon=True,
-                                     args=(endpoints, p, seen[p], 100 if i else 0, ready[i]))
+                                     args=(behind, p, seen[p], 100 if i else 0, ready[i]))
                     for i, p in enumerate(PREFIXES)]
         for t in watchers:
             t.start()
         for r in ready:
             r.wait(10)
         stop = threading.Event()
-        threads = [threading.Thread(target=_writer, args=(endpoints, h, w, stop))
+        threads = [threading.Thread(target=_writer,
+                                    args=(behind if w % 2 else endpoints, h, w, stop))
                    for w in range(WRITERS)]
         threads.append(threading.Thread(target=_nemesis, args=(cluster, h, stop)))
         for t in threads:
