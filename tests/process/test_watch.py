@@ -84,6 +84,7 @@ def _writer(endpoints: list[str], h: History, wid: int, stop: threading.Event) -
                 time.sleep(0.1)
         with h.lock:
             h.acked.append(("put", f"ab/end-{wid}", "end", version))
+            h.faults.append(f"{time.time():.3f} writer {wid} done after {i} writes")
 
 
 def _watcher(endpoints: list[str], prefix: str, out: list[Event], resume_every: int,
@@ -172,8 +173,15 @@ def test_watchers_see_exactly_the_committed_writes_under_faults(tmp_path: Path) 
             t.join(60)
         print(f"{len(h.acked)} acknowledged writes, {len(h.unknown)} unknown; "
               f"events seen: { {p: len(e) for p, e in seen.items()} }; faults: {h.faults}")
-        assert len(h.faults) >= 4, h.faults
-        assert not any(t.is_alive() for t in watchers), "a watcher did not see the end"
+        assert len(h.faults) >= 4 + WRITERS, h.faults
+        assert not _dups(h), f"two acknowledged writes got one version: {_dups(h)}"
+        ends = {p: sorted(e.key.decode() for e in evs if e.key.startswith(b"ab/end-"))
+                for p, evs in seen.items()}
+        acked_ends = [a for a in h.acked if a[1].startswith("ab/end-")]
+        assert not any(t.is_alive() for t in watchers), (
+            f"a watcher did not see the end: {ends}, acked {acked_ends}, "
+            f"last events { {p: evs[-3:] for p, evs in seen.items()} }, "
+            f"dup versions: {_dups(h)} faults {h.faults}")
         assert len(h.acked) > 300
         for p in PREFIXES:
             _check(p, seen[p], h)
@@ -230,3 +238,10 @@ async def _async_watch(endpoint: str) -> list[tuple[str, bytes, bytes]]:
             if len(out) == 2:
                 break
     return out
+
+
+def _dups(h: History) -> list[tuple[str, str, str, int]]:
+    by: dict[int, list[tuple[str, str, str, int]]] = {}
+    for a in h.acked:
+        by.setdefault(a[3], []).append(a)
+    return [x for v in by.values() if len(v) > 1 for x in v][:10]
