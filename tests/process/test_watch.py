@@ -82,6 +82,8 @@ def _writer(endpoints: list[str], h: History, wid: int, stop: threading.Event) -
                 break
             except KVError:
                 time.sleep(0.1)
+        else:
+            raise AssertionError(f"writer {wid} could not write its end marker")
         with h.lock:
             h.acked.append(("put", f"ab/end-{wid}", "end", version))
             h.faults.append(f"{time.time():.3f} writer {wid} done after {i} writes")
