@@ -10,6 +10,7 @@ Theory of operation:
 - ``StatusRequest`` and ``PingRequest`` are decoded and answered by the broker itself.
 - An admin request (``protocol.admin``: ring changes) goes to the leader of the shard its header names
   (position 4), like a data request but without a key; ``NO_LEADER`` if there is none.
+  A ``WatchRequest`` (``protocol.watch``) is routed the same way.
 - Refusals are typed ``ErrorReply`` frames, never exceptions:
   ``NO_LEADER`` (no ring yet or no live leader), ``BAD_REQUEST`` (undecodable, wrong frame
   count, not a client request; the request id is recovered best-effort with
@@ -58,6 +59,7 @@ from zkv.protocol.messages import (
     StatusRequest,
 )
 from zkv.protocol.multikey import FANOUT_REQUEST_TYPES, peek_type
+from zkv.protocol.watch import WatchRequest
 
 #: Room in a data request header beside the key: client id, request id, small ints.
 HEADER_OVERHEAD_BYTES = 4096
@@ -67,8 +69,9 @@ _GET = GetRequest.TYPE
 _STALE = int(Consistency.STALE)
 
 _route_fields = codec.route_fields
+_WATCH = WatchRequest.TYPE
 _COUNTED_TYPES = (DATA_REQUEST_TYPES | ADMIN_REQUEST_TYPES | FANOUT_REQUEST_TYPES
-                  | {PingRequest.TYPE, StatusRequest.TYPE})
+                  | {PingRequest.TYPE, StatusRequest.TYPE, _WATCH})
 
 RouteResult = bytes | list[bytes] | None
 #: ``route``'s answer for a batch or a scan: the shell hands it to the fan-out table
@@ -134,7 +137,7 @@ class Router:
         if kind not in DATA_REQUEST_TYPES:
             if kind in _FANOUT_TYPES:
                 return FAN_OUT if n == 2 else self._bad(header, "unexpected value frame")
-            if kind in ADMIN_REQUEST_TYPES:
+            if kind in ADMIN_REQUEST_TYPES or kind == _WATCH:  # routed by shard id
                 return self._admin(header)
             return self._local(kind, frames, now)
         if len(key) > self.key_bytes_max:

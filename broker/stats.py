@@ -58,6 +58,7 @@ from zkv.protocol.multikey import (
     MultiPutRequest,
     ScanRequest,
 )
+from zkv.protocol.watch import WatchRequest
 
 ENTRIES_MAX = 100_000
 #: Forwards older than this with no reply are dropped as lost (clients time out sooner).
@@ -69,7 +70,7 @@ OP_NAMES = {
     MultiGetRequest.TYPE: "mget", MultiPutRequest.TYPE: "mset",
     MultiDeleteRequest.TYPE: "mdelete", ScanRequest.TYPE: "scan",
     PutTtlRequest.TYPE: "put", ExpireRequest.TYPE: "expire", PersistRequest.TYPE: "expire",
-    TtlRequest.TYPE: "ttl",
+    TtlRequest.TYPE: "ttl", WatchRequest.TYPE: "watch",
 }  # fmt: skip
 
 

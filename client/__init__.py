@@ -10,6 +10,7 @@ from zkv.client.aio import AsyncKVClient
 from zkv.client.batch import ScanPage
 from zkv.client.pipeline import Pipeline
 from zkv.client.sdk import ClientClosed, KVClient
+from zkv.client.watch import Event
 from zkv.protocol.errors import (
     BadRequest,
     DiskFull,
@@ -32,6 +33,7 @@ from zkv.protocol.errors import (
     WrongShard,
 )
 from zkv.protocol.messages import Consistency
+from zkv.protocol.watch import WatchCompacted
 
 __all__ = [
     "AsyncKVClient",
@@ -59,4 +61,6 @@ __all__ = [
     "ScanPage",
     "UnsupportedVersion",
     "WrongShard",
+    "Event",
+    "WatchCompacted",
 ]

@@ -63,6 +63,7 @@ from zkv.client.calls import (
 )
 from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
 from zkv.client.ttl import ttl_ms, ttl_seconds
+from zkv.client.watch_aio import AsyncWatchCalls
 from zkv.protocol import codec
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import (
@@ -96,7 +97,7 @@ MAX_IN_FLIGHT = 1024
 
 
 
-class AsyncKVClient(AsyncMultiKeyCalls, AsyncLinks):
+class AsyncKVClient(AsyncMultiKeyCalls, AsyncLinks, AsyncWatchCalls):
     """asyncio zkv client; same API as ``KVClient``, as coroutines (batches and scans:
     ``aio_multikey.py``)."""
 

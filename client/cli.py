@@ -18,6 +18,7 @@ import zmq
 
 from zkv.client import cli_multikey
 from zkv.client.cli_ttl import TTL_COMMANDS, add_ttl_parsers, seconds
+from zkv.client.cli_watch import WATCH_COMMANDS, add_watch_parser
 from zkv.client.sdk import DEFAULT_ENDPOINT, KVClient
 from zkv.client.status_view import annotate_status, format_status, role_name
 from zkv.protocol.errors import KVError, PermissionDenied, RequestError, Timeout
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_multikey.add_arguments(sub)  # mget, mset, mdel, scan
     add_ttl_parsers(sub)
+    add_watch_parser(sub)
 
     s = sub.add_parser("status", help="cluster status per shard and node")
     s.add_argument("--json", action="store_true")
@@ -334,7 +336,7 @@ def _status(kv: KVClient, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "ping": _ping,
-             "status": _status, **TTL_COMMANDS}
+             "status": _status, **TTL_COMMANDS, **WATCH_COMMANDS}
 _COMMANDS.update(cli_multikey.COMMANDS)
 
 

@@ -56,6 +56,7 @@ from zkv.client.connection import ZmqConnection as ZmqConnection
 from zkv.client.retry import Action, CallState, Silence, attempt_until, decide
 from zkv.client.sdk_multikey import MultiKeyCalls
 from zkv.client.ttl import ttl_ms, ttl_seconds
+from zkv.client.watch_sync import WatchCalls
 from zkv.protocol import codec
 from zkv.protocol.errors import (
     RemoteProtocolError,
@@ -92,7 +93,7 @@ from zkv.protocol.ttl_messages import (
 )
 
 
-class KVClient(MultiKeyCalls):
+class KVClient(MultiKeyCalls, WatchCalls):
     """Synchronous zkv client. See the module docstring for the retry rules; batches,
     scans and the pipeline: ``sdk_multikey.py``."""
 

@@ -58,6 +58,7 @@ from zkv.gateway.auth import RELOAD_S, Authenticator, BearerAuth, openapi_securi
 from zkv.gateway.kv import KVFastPath, KVHandlers, KVService, Reply
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
 from zkv.gateway.scan import scan_reply
+from zkv.gateway.watch import watch_response
 
 DEFAULT_TIMEOUT_S = 5.0
 DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its assets
@@ -178,6 +179,14 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
                    keys_only: str | None = None, consistency: str | None = None) -> Response:
         return _response(await scan_reply(client, prefix, limit, cursor, keys_only,
                                           consistency))
+
+    @app.get("/watch", summary="Puts, deletes and expiries of keys starting with prefix, "
+             "as server-sent events (id: the resume token; start= or Last-Event-ID resumes)")
+    async def watch(request: Request, prefix: str = "", start: str | None = None,
+                    key: str | None = None) -> Response:
+        reply = watch_response(client, prefix, start, key,
+                               request.headers.get("last-event-id"))
+        return reply if isinstance(reply, Response) else _response(reply)
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> Response:

@@ -66,7 +66,7 @@ RELOAD_S = 1.0
 
 def required_roles(path: str) -> frozenset[str] | None:
     """The roles that may use ``path`` (ASGI's percent-decoded path); None: open."""
-    if path.startswith("/kv/") or path == "/kv":  # "/kv": the scan route (GET /kv?prefix=)
+    if path.startswith("/kv/") or path in ("/kv", "/watch"):  # "/kv": the scan route
         return DATA_ROLES
     if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
         return None

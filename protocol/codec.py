@@ -49,6 +49,7 @@ from zkv.protocol.messages import (
     Message,
 )
 from zkv.protocol.ring import RingConfig
+from zkv.protocol.watch import WatchRequest
 
 __all__ = [
     "HEADER_BYTES_MAX", "INLINE_BLOB_BYTES_MAX", "INT_MAX", "admin_shard", "decode", "encode",
@@ -64,6 +65,9 @@ _UNPACK_LIMITS = dict(
     max_map_len=HEADER_MAP_LEN_MAX,
     max_ext_len=0,
 )
+
+#: Requests the broker routes by the shard id at header position 4 (``admin_shard``).
+SHARD_ROUTED_TYPES = ADMIN_REQUEST_TYPES | {WatchRequest.TYPE}
 
 _unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
 
@@ -375,9 +379,9 @@ def route_fields(header: bytes) -> tuple[int, bytes, int]:
 
 
 def admin_shard(header: bytes) -> int:
-    """The shard an admin request header names (position 4), for the broker."""
+    """The shard an admin (or watch) request header names (position 4), for the broker."""
     values = _unpack_header(header)
-    if type(values[1]) is not int or values[1] not in ADMIN_REQUEST_TYPES or len(values) < 5:
+    if type(values[1]) is not int or values[1] not in SHARD_ROUTED_TYPES or len(values) < 5:
         raise RemoteProtocolError("not an admin request")
     return _check_int(values[4])
 

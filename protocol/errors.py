@@ -22,6 +22,7 @@ Every exception zkv raises derives from ``KVError``::
     │   │                          it resumes by itself once space returns
     │   └── PermissionDenied       PERMISSION_DENIED: the key's role may not do this
     ├── Timeout                    no answer within the caller's deadline (outcome unknown)
+    ├── WatchCompacted             (watch.py) a watch token older than the kept history
     └── KeyFileError               (security.py) a Curve key file missing, bad or too open
 
 Operating errors travel on the wire as an ``ErrorCode``; the SDK maps a code to its

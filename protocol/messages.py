@@ -501,6 +501,7 @@ from zkv.protocol.multikey import (  # noqa: E402
     ScanReply,
     ScanRequest,
 )
+from zkv.protocol.watch import WATCH_MESSAGE_TYPES, WatchReply, WatchRequest  # noqa: E402
 
 MultiKeyMessage = (
     MultiGetRequest | MultiPutRequest | MultiDeleteRequest | ScanRequest | MultiReply
@@ -509,7 +510,7 @@ MultiKeyMessage = (
 Message = (
     ClientRequest | ClientReply | Heartbeat | Campaign | Heard | RequestBatch | ReplyBatch
     | Redirect | PeerMessage | MigrationMessage | FoundingMessage | WrongNode
-    | MultiKeyMessage
+    | MultiKeyMessage | WatchRequest | WatchReply
 )
 
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
@@ -522,6 +523,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     MigrateBatch, MigrateAck, FoundingProbe, FoundingAnswer, TimeoutNow, WrongNode,
     *MULTIKEY_MESSAGE_TYPES,
     *TTL_REQUEST_CLASSES, *TTL_REPLY_CLASSES,
+    *WATCH_MESSAGE_TYPES,
 )  # fmt: skip
 
 DATA_REQUEST_TYPES: frozenset[int] = frozenset(

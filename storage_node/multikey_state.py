@@ -45,10 +45,12 @@ from zkv.protocol.ring import RingConfig
 from zkv.storage_node.multikey_commands import MultiKind, MultiWrite, key_hash
 from zkv.storage_node.ownership import Ownership
 from zkv.storage_node.sessions import MultiCached, SessionStatus, SessionTable
+from zkv.storage_node.watch_history import DELETE, EXPIRE, PUT
 
 if TYPE_CHECKING:
     from zkv.storage_node.expiry import ExpiryIndex
     from zkv.storage_node.state_machine import KeyTable
+    from zkv.storage_node.watch_history import WatchHistory
 
 __all__ = ["apply_multi_write", "multi_get_reply", "scan_page"]
 
@@ -58,10 +60,12 @@ _WRONG_SHARD = int(ErrorCode.WRONG_SHARD)
 
 def apply_multi_write(index: int, cmd: MultiWrite, data: KeyTable, sessions: SessionTable,
                       ownership: Ownership,
-                      expiry: ExpiryIndex | None = None) -> MultiReply | ErrorReply:
+                      expiry: ExpiryIndex | None = None,
+                      history: WatchHistory | None = None) -> MultiReply | ErrorReply:
     """Apply one shard's part of a batch write at log ``index`` (see the rules). With
     ``expiry``: a key expired at the batch's stamp is gone before it (a delete of it
-    finds nothing), and a key put or deleted loses its TTL, as a single put does."""
+    finds nothing), and a key put or deleted loses its TTL, as a single put does. With
+    ``history``: one watch event per key written, removed or found expired."""
     seen = sessions.lookup(cmd.client_id, cmd.request_id, cmd.ts_ms)
     if seen is SessionStatus.EXPIRED or not (seen is SessionStatus.NEW
                                              or isinstance(seen, MultiCached)):
@@ -84,10 +88,11 @@ def apply_multi_write(index: int, cmd: MultiWrite, data: KeyTable, sessions: Ses
     if expiry is not None and len(expiry):
         for i in todo:
             key = cmd.keys[i]
-            if expiry.expired(key, cmd.ts_ms):
-                data.pop(key, None)
+            if (expiry.expired(key, cmd.ts_ms) and data.pop(key, None) is not None
+                    and history is not None):
+                history.record(index, EXPIRE, key, b"", index + ownership.version_offset)
             expiry.discard(key)  # a put stores a value with no expiry; a delete ends it
-    fresh = _write(index, cmd, todo, data, ownership)
+    fresh = _write(index, cmd, todo, data, ownership, history)
     new = MultiCached(cmd.request_id, tuple(hashes[i] for i in todo), fresh)
     record = new if not isinstance(seen, MultiCached) else seen.merged(new)
     sessions.record(cmd.client_id, cmd.request_id, cmd.lowest_pending, record)
@@ -96,8 +101,9 @@ def apply_multi_write(index: int, cmd: MultiWrite, data: KeyTable, sessions: Ses
 
 
 def _write(index: int, cmd: MultiWrite, todo: list[int], data: KeyTable,
-           ownership: Ownership) -> tuple[KeyResult, ...]:
-    """Write the keys at positions ``todo``, all at one version; their results."""
+           ownership: Ownership, history: WatchHistory | None) -> tuple[KeyResult, ...]:
+    """Write the keys at positions ``todo``, all at one version; their results (and
+    their watch events, with ``history``)."""
     noting = ownership.outgoing is not None
     version = index + ownership.version_offset
     results: list[KeyResult] = []
@@ -108,6 +114,8 @@ def _write(index: int, cmd: MultiWrite, todo: list[int], data: KeyTable,
             if noting:
                 ownership.note_write(key, index)
             data.put(key, cmd.values[i], version)
+            if history is not None:
+                history.record(index, PUT, key, cmd.values[i], version)
             results.append(written)
         return tuple(results)
     for i in todo:
@@ -116,6 +124,8 @@ def _write(index: int, cmd: MultiWrite, todo: list[int], data: KeyTable,
             if noting:
                 ownership.note_write(key, index)
             del data[key]
+            if history is not None:
+                history.record(index, DELETE, key, b"", version)
             results.append(KeyResult(0, True, version))
         else:
             results.append(KeyResult(0, False, 0))

@@ -118,6 +118,8 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         if why:
             replica.step_down(now)
             self.notes.append(why)
+        if self.parked_watches:
+            self.expire_watches(now)
         if ts_ms is not None:
             if ts_ms > self.wall_ms:
                 self.wall_ms = ts_ms
@@ -231,6 +233,8 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         """After the ``ready`` rounds of a turn: serve applied reads, notice a step-down."""
         if self.waiting_reads:
             self._serve_reads()
+        if self.parked_watches:
+            self.serve_watches()
         replica = self.replica
         is_leader = replica.role is Role.LEADER
         if is_leader == self._was_leader:

@@ -59,6 +59,7 @@ from zkv.protocol.messages import (
 from zkv.protocol.multikey import FANOUT_REQUEST_CLASSES
 from zkv.protocol.ring import Ring
 from zkv.protocol.ttl_messages import TTL_WRITE_CLASSES, PutTtlRequest, TtlWriteRequest
+from zkv.protocol.watch import WatchRequest
 from zkv.storage_node.admin_requests import ADMIN_STAMP as ADMIN_STAMP  # re-exported
 from zkv.storage_node.admin_requests import AdminRequests
 from zkv.storage_node.broker_contact import BrokerContact
@@ -70,6 +71,7 @@ from zkv.storage_node.replica import Replica
 from zkv.storage_node.state_machine import KVStateMachine
 from zkv.storage_node.stats import NodeStats
 from zkv.storage_node.ttl_requests import ttl_command, ttl_refusal, ttl_reply, wait_index
+from zkv.storage_node.watch_requests import ParkedWatch, WatchRequests
 
 Frames = tuple[bytes, ...]
 
@@ -114,7 +116,7 @@ class Pending:
     ttl_read: bool = False  # a queued read is a TtlRequest (answered by TtlReply)
 
 
-class RequestCore(MultiKeyRequests, AdminRequests):
+class RequestCore(MultiKeyRequests, AdminRequests, WatchRequests):
     """A node's request admission and reply queue; ``NodeCore`` adds the rest."""
 
     pending_type = Pending
@@ -130,6 +132,8 @@ class RequestCore(MultiKeyRequests, AdminRequests):
         self.tasks = tasks
         self.pending_writes: dict[int, Pending] = {}
         self.waiting_reads: list[tuple[int, Pending]] = []
+        #: watch polls waiting for an event (watch_requests.py)
+        self.parked_watches: list[ParkedWatch] = []
         self._outbox: dict[object, list[Frames]] = {}
         #: requests for keys another shard owns, handed back whole to their broker
         self._redirects: dict[object, list[Frames]] = {}
@@ -223,6 +227,8 @@ class RequestCore(MultiKeyRequests, AdminRequests):
                 self._on_get(origin, ident, req, now)
         elif isinstance(req, AdminRequest):
             self._on_admin(origin, ident, req, now)
+        elif isinstance(req, WatchRequest):
+            self._on_watch(origin, ident, req, now)
         else:
             rid = getattr(req, "request_id", 0)
             self._reply(origin, ident, ErrorReply(rid, ErrorCode.BAD_REQUEST, "not a data request"))

@@ -30,6 +30,9 @@ Semantics (``apply``):
   listed keys expired at its ``now_ms`` and served here (a moving key expires at its
   new owner, which got its deadline). Reads judge expiry by the reader's clock
   (``get_live``); the table may hold an expired key until a sweep or a write removes it.
+- Watch (``watch_history.py``): every change of a key's value is recorded as an event
+  under its entry's index (``history``); ring commands record nothing. A restored
+  snapshot empties the history (it is complete only after the snapshot's index).
 - NOOP, and an entry that does not decode (it is in the log already: skipping it is
   the only way forward, and every replica skips it alike), return ``None``.
 """
@@ -76,6 +79,7 @@ from zkv.storage_node.sessions import (
     merge_session_state,
 )
 from zkv.storage_node.ttl_commands import ExpireCommand, PutTtlCommand, SweepCommand
+from zkv.storage_node.watch_history import DELETE, EXPIRE, PUT, WatchHistory
 
 ApplyReply = PutReply | DeleteReply | CasReply | ExpireReply | ErrorReply | MultiReply
 
@@ -108,6 +112,8 @@ class KVStateMachine:
         self._applied_index = 0
         #: ring, fence and migration state; ``shard_id=None``: every key is ours
         self.ownership = Ownership(shard_id, ring)
+        #: the recent events, for watchers (watch_history.py)
+        self.history = WatchHistory()
 
     @property
     def applied_index(self) -> int:
@@ -160,11 +166,13 @@ class KVStateMachine:
 
     def _apply_sweep(self, cmd: SweepCommand) -> None:
         data, expiry, own = self._data, self._expiry, self.ownership
+        index = self._applied_index
         for key in cmd.keys:
             if expiry.expired(key, cmd.now_ms) and not own.refusal(key):
                 if own.outgoing is not None:  # the delta must delete it at the target too
-                    own.note_write(key, self._applied_index)
-                data.pop(key, None)
+                    own.note_write(key, index)
+                if data.pop(key, None) is not None:
+                    self.history.record(index, EXPIRE, key, b"", index + own.version_offset)
                 expiry.discard(key)
         expiry.trim(2 * len(cmd.keys) + 16)  # their heap pairs are the top now
 
@@ -193,7 +201,7 @@ class KVStateMachine:
             return None
         if t is MultiWrite:  # a batch's part: multikey_state.py
             return apply_multi_write(index, cmd, self._data, self._sessions,  # type: ignore[arg-type]
-                                     self.ownership, self._expiry)
+                                     self.ownership, self._expiry, self.history)
         if t is PutTtlCommand or t is ExpireCommand:
             return self._apply_write(index, cmd)  # type: ignore[arg-type]
         if t is SweepCommand:
@@ -226,19 +234,24 @@ class KVStateMachine:
         own = self.ownership
         if own.outgoing is not None:  # a ring change takes this key away: note the write
             own.note_write(cmd.key, index)
+        rev = index  # the watch events' revision: the log index
         index += own.version_offset  # the version this write gives its key
         expiry = self._expiry
+        history = self.history
         if len(expiry) and expiry.expired(cmd.key, cmd.ts_ms):  # gone for this write on
-            data.pop(cmd.key, None)
+            if data.pop(cmd.key, None) is not None:
+                history.record(rev, EXPIRE, cmd.key, b"", index)
             expiry.discard(cmd.key)
         reply: PutReply | DeleteReply | CasReply | ExpireReply
         if isinstance(cmd, PutCommand):
             data.put(cmd.key, cmd.value, index)
+            history.record(rev, PUT, cmd.key, cmd.value, index)
             if len(expiry):
                 expiry.discard(cmd.key)
             reply = PutReply(cmd.request_id, index)
         elif isinstance(cmd, PutTtlCommand):
             data.put(cmd.key, cmd.value, index)
+            history.record(rev, PUT, cmd.key, cmd.value, index)
             expiry.set(cmd.key, cmd.deadline_ms)
             reply = PutReply(cmd.request_id, index)
         elif isinstance(cmd, ExpireCommand):
@@ -251,6 +264,7 @@ class KVStateMachine:
                 reply = DeleteReply(cmd.request_id, False, current[1])
             else:
                 del data[cmd.key]
+                history.record(rev, DELETE, cmd.key, b"", index)
                 if len(expiry):
                     expiry.discard(cmd.key)
                 reply = DeleteReply(cmd.request_id, True, index)
@@ -259,6 +273,7 @@ class KVStateMachine:
             version = 0 if current is None else current[1]
             if version == cmd.expected_version:
                 data.put(cmd.key, cmd.value, index)
+                history.record(rev, PUT, cmd.key, cmd.value, index)
                 if len(expiry):
                     expiry.discard(cmd.key)
                 reply = CasReply(cmd.request_id, True, index)
@@ -327,6 +342,7 @@ class KVStateMachine:
         self._expiry = expiry
         self._sessions = sessions
         self._applied_index = applied
+        self.history.reset(applied)  # no events before the snapshot
 
     def __eq__(self, other: object) -> bool:
         """Same keys, values, versions, sessions and applied index (for tests)."""

@@ -63,6 +63,7 @@ from zkv.protocol.multikey import (
     ScanReply,
     ScanRequest,
 )
+from zkv.protocol.watch import WatchReply, WatchRequest
 
 OPS: dict[type, str] = {
     GetRequest: "get", PutRequest: "put", DeleteRequest: "delete", CasRequest: "cas",
@@ -76,6 +77,7 @@ OPS: dict[type, str] = {
     # TTL: a put with a TTL answers PutReply (counted as "put" when it succeeds)
     PutTtlRequest: "put", ExpireRequest: "expire", PersistRequest: "expire",
     TtlRequest: "ttl", ExpireReply: "expire", TtlReply: "ttl",
+    WatchRequest: "watch", WatchReply: "watch",
 }  # fmt: skip
 
 
