@@ -374,6 +374,8 @@ class AsyncKVClient(AsyncMultiKeyCalls, AsyncLinks, AsyncWatchCalls):
                 return decision.reply
             if decision.action is Action.FAIL:
                 assert decision.error is not None
+                if decision.endpoint != pending.endpoint:  # the next call moves on
+                    self._switch(pending, link, decision.endpoint, decision.reset)
                 raise decision.error
             if decision.action is Action.SWITCH:
                 self._switch(pending, link, decision.endpoint, decision.reset)

@@ -27,7 +27,10 @@ Rules, in order (``CallState`` carries what the rules need from earlier attempts
 6. Backoff: exponential from 10 ms doubling to 200 ms, with jitter over the upper half.
 7. Give up (``FAIL`` with ``Timeout``, its cause the last retryable error) when the next
    attempt would start at or after the deadline, or when ``retries`` resends are spent.
-   A ``Timeout`` on a write means the outcome is unknown.
+   A ``Timeout`` on a write means the outcome is unknown. A call that gives up where it
+   would have switched still names the next broker (``Decision.endpoint``, with
+   ``reset``): the caller's *next* call goes there, so a client whose deadline fits one
+   attempt (any ``timeout_s`` <= the attempt timeout) still leaves a dead broker.
 
 Exactly-once: the policy never changes a request; the caller resends *the same frames*
 (client id, request id) on every attempt, to whichever broker, so a node that already
@@ -159,16 +162,18 @@ def _go(state: CallState, action: Action, now: float, pause_s: float,
         reset: bool = False) -> Decision:
     """``action`` unless the call must give up first (rule 7)."""
     out_of_retries = state.retries is not None and state.attempt > state.retries
-    if now + pause_s >= state.deadline or out_of_retries:
+    give_up = now + pause_s >= state.deadline or out_of_retries
+    if action is Action.SWITCH:
+        state = replace(state, endpoint=(state.endpoint + 1) % state.endpoints)
+    if give_up:
         what = "retries" if out_of_retries else "deadline"
         error = Timeout(
             f"request {state.request_id} got no answer ({what} exhausted after "
             f"{state.attempt} attempts, {state.total_s:g}s; last: {describe(state.last_error)})"
         )
         error.__cause__ = state.last_error
-        return Decision(Action.FAIL, state, error=error)
-    if action is Action.SWITCH:
-        state = replace(state, endpoint=(state.endpoint + 1) % state.endpoints)
+        # the next call goes where this one would have gone on (rule 7)
+        return Decision(Action.FAIL, state, error=error, reset=reset)
     return Decision(action, state, pause_s, reset)
 
 

@@ -345,6 +345,10 @@ class KVClient(MultiKeyCalls, WatchCalls):
                 return decision.reply
             if decision.action is Action.FAIL:
                 assert decision.error is not None
+                if decision.endpoint != self._endpoint_index:  # the next call moves on
+                    self._drop_connection()
+                    self.switches += 1
+                    self._endpoint_index = decision.endpoint
                 raise decision.error
             if decision.action is Action.SWITCH:
                 # One connection at a time: leaving a broker closes it (linger 0).

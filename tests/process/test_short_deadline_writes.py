@@ -4,8 +4,9 @@
 one attempt ends in silence at the deadline; ``retry.decide`` then answers FAIL (rule 7,
 deadline) before the SWITCH it would have made, so ``KVClient._endpoint_index`` stays on
 the dead broker and every later call fails the same way (writers with 0.8 s deadlines
-failed every put for 45 s after a broker SIGKILL). Marked xfail until fixed (e.g. move
-to the next broker for the next call when a call fails on connection silence)."""
+failed every put for 45 s after a broker SIGKILL). Fixed: a call that gives up where it
+would have switched names the next broker, and the next call goes there
+(``client/retry.py``, rule 7)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from zkv.protocol.errors import KVError
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 
-@pytest.mark.xfail(reason="pre-existing: a client with timeout_s <= 1 s never leaves a "
-                   "dead broker", strict=False)
 def test_a_short_deadline_client_leaves_a_dead_broker(tmp_path: Path) -> None:
     with LocalCluster(tmp_path / "data", shards=1, replicas=3, brokers=2, port=0,
                       fsync="never", heartbeat_ms=50, election_timeout_ms=500) as c:

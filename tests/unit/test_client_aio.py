@@ -164,6 +164,21 @@ def test_connection_reset_when_everything_timed_out() -> None:
     assert env.net.open_connections == 0
 
 
+def test_a_deadline_of_one_attempt_still_leaves_a_silent_broker_for_the_next_call() -> None:
+    """As for the sync client: a call that gives up where it would have switched sends
+    the next call to the next broker."""
+    env = Setup(lambda i, m, s: DROP, None, broker_ids=("dead", "live"))
+
+    async def main() -> None:
+        async with env.client(timeout_s=0.8) as kv:
+            with pytest.raises(Timeout):
+                await kv.ping()
+            assert kv.endpoint == B1
+            assert await kv.ping() == "live"
+
+    run_virtual(main())
+
+
 @pytest.mark.parametrize("code", [ErrorCode.NO_LEADER, ErrorCode.UNAVAILABLE])
 def test_broker_refusal_moves_requests_to_the_next_broker_at_once(code: ErrorCode) -> None:
     """Issue 10, item 2: b0 cannot reach the nodes, b1 can."""

@@ -178,6 +178,20 @@ def test_round_robin_over_endpoints_on_silence() -> None:
     assert len(dead.received) == 1 and len(live.received) == 2
 
 
+def test_a_deadline_of_one_attempt_still_leaves_a_silent_broker_for_the_next_call() -> None:
+    """A call whose deadline fits one attempt gives up where it would have switched;
+    the next call must go to the next broker, or such a client never leaves a dead one
+    (every put failed for 45 s after a broker kill with 0.8 s deadlines)."""
+    env = Setup(lambda i, m, s: DROP, None)
+    dead, live = env.brokers
+    with env.client(timeout_s=0.8) as kv:
+        with pytest.raises(Timeout):
+            kv.put("k", "v")
+        assert kv.endpoint == B1
+        assert kv.put("k", "v") > 0
+    assert len(dead.requests(PutRequest)) == 1 and len(live.requests(PutRequest)) == 1
+
+
 @pytest.mark.parametrize("code", [ErrorCode.NO_LEADER, ErrorCode.UNAVAILABLE])
 def test_broker_refusal_moves_to_the_next_broker_at_once(code: ErrorCode) -> None:
     """Issue 10, item 2: b0 cannot reach the nodes, b1 can."""
