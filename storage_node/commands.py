@@ -46,6 +46,9 @@ from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import CasRequest, DeleteRequest, PutRequest, WriteRequest
 from zkv.protocol.record import record
 from zkv.protocol.ring import RingConfig
+from zkv.storage_node.command_fields import blob as _bytes
+from zkv.storage_node.command_fields import head as _head
+from zkv.storage_node.command_fields import uint as _uint
 from zkv.storage_node.multikey_commands import (
     MULTI_WRITE_OP,
     MultiWrite,
@@ -268,28 +271,6 @@ def command_from_request(req: WriteRequest, ts_ms: int) -> WriteCommand:
 
 
 # ------------------------------------------------------------------------ decoding
-
-
-def _uint(v: Any, name: str) -> int:
-    if type(v) is not int or v < 0:
-        raise RemoteProtocolError(f"command field {name} must be a non-negative int, got {v!r}")
-    return v
-
-
-def _bytes(v: Any, name: str) -> bytes:
-    if type(v) is not bytes:
-        raise RemoteProtocolError(f"command field {name} must be bytes, got {type(v).__name__}")
-    return v
-
-
-def _head(v: list[Any]) -> tuple[bytes, int, int, int, bytes]:
-    return (
-        _bytes(v[1], "client_id"),
-        _uint(v[2], "request_id"),
-        _uint(v[3], "lowest_pending"),
-        _uint(v[4], "ts_ms"),
-        _bytes(v[5], "key"),
-    )
 
 
 def _head_ok(v: list[Any]) -> bool:

@@ -19,6 +19,7 @@ import msgpack
 
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.record import record
+from zkv.storage_node.command_fields import uint as _uint
 
 #: Wire value of the op: never renumber.
 MULTI_WRITE_OP = 100
@@ -46,12 +47,6 @@ _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 def encode_multi_write(c: MultiWrite) -> bytes:
     return _pack((MULTI_WRITE_OP, c.client_id, c.request_id, c.lowest_pending, c.ts_ms,  # type: ignore[no-any-return]
                   int(c.kind), list(c.keys), list(c.values)))
-
-
-def _uint(v: Any, name: str) -> int:
-    if type(v) is not int or v < 0:
-        raise RemoteProtocolError(f"command field {name} must be a non-negative int")
-    return v
 
 
 def _blobs(v: Any, name: str) -> tuple[bytes, ...]:

@@ -301,26 +301,10 @@ class RequestCore(MultiKeyRequests, AdminRequests, WatchRequests):
 
     def _on_write(self, origin: object, ident: bytes, req: PutRequest | DeleteRequest | CasRequest,
                   now: float, ts_ms: int) -> None:
-        if isinstance(req, (PutRequest, CasRequest)) and len(req.value) > self.config.value_bytes_max:
-            self._reply(origin, ident, ErrorReply(
-                req.request_id, ErrorCode.TOO_LARGE,
-                f"value of {len(req.value)} bytes is over the limit of {self.config.value_bytes_max}",
-            ))  # fmt: skip
+        value = None if isinstance(req, DeleteRequest) else req.value
+        growth = self._admit_write(origin, ident, req.request_id, req.key, value)
+        if growth is None:
             return
-        if self.replica.role is not Role.LEADER:
-            self._reply(origin, ident, self.not_leader(req.request_id))
-            return
-        if self.disk_full:
-            self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.DISK_FULL,
-                                                  "the shard leader's disk is full; retry later"))
-            return
-        growth = 0
-        if self.quota.max_data_bytes and not isinstance(req, DeleteRequest):
-            growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
-            why = self.quota.refusal(self.state.data_bytes, growth)
-            if why:
-                self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
-                return
         cmd = command_from_request(req, ts_ms)
         index = self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
         if growth:
@@ -328,36 +312,47 @@ class RequestCore(MultiKeyRequests, AdminRequests, WatchRequests):
 
     def _on_ttl_write(self, origin: object, ident: bytes, req: TtlWriteRequest, now: float,
                       ts_ms: int) -> None:
-        """``put(ttl=)``, ``expire``, ``persist``: admitted like a write (``_on_write``),
-        proposed with the deadline stamped (``ttl_requests.py``)."""
+        """``put(ttl=)``, ``expire``, ``persist``: admitted like a write, proposed with the
+        deadline stamped (``ttl_requests.py``)."""
         refused = ttl_refusal(req)
         if refused is not None:
             self._reply(origin, ident, refused)
             return
-        if isinstance(req, PutTtlRequest) and len(req.value) > self.config.value_bytes_max:
-            self._reply(origin, ident, ErrorReply(
-                req.request_id, ErrorCode.TOO_LARGE,
-                f"value of {len(req.value)} bytes is over the limit of {self.config.value_bytes_max}",
-            ))  # fmt: skip
+        value = req.value if isinstance(req, PutTtlRequest) else None
+        growth = self._admit_write(origin, ident, req.request_id, req.key, value)
+        if growth is None:
             return
-        if self.replica.role is not Role.LEADER:
-            self._reply(origin, ident, self.not_leader(req.request_id))
-            return
-        if self.disk_full:
-            self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.DISK_FULL,
-                                                  "the shard leader's disk is full; retry later"))
-            return
-        growth = 0
-        if self.quota.max_data_bytes and isinstance(req, PutTtlRequest):
-            growth = write_growth_bytes(req.key, req.value, self.state.get(req.key))
-            why = self.quota.refusal(self.state.data_bytes, growth)
-            if why:
-                self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.QUOTA_EXCEEDED, why))
-                return
         cmd = ttl_command(req, ts_ms)
         index = self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
         if growth:
             self.quota.proposed(index, growth)
+
+    def _admit_write(self, origin: object, ident: bytes, request_id: int, key: bytes,
+                     value: bytes | None) -> int | None:
+        """What every single write must pass at the leader, in this order: its value's
+        size, leadership, a disk with room, the data quota. None: refused (answered);
+        else the bytes the write may grow the shard by (0 for a delete or an expire)."""
+        if value is not None and len(value) > self.config.value_bytes_max:
+            self._reply(origin, ident, ErrorReply(
+                request_id, ErrorCode.TOO_LARGE,
+                f"value of {len(value)} bytes is over the limit of {self.config.value_bytes_max}",
+            ))  # fmt: skip
+            return None
+        if self.replica.role is not Role.LEADER:
+            self._reply(origin, ident, self.not_leader(request_id))
+            return None
+        if self.disk_full:
+            self._reply(origin, ident, ErrorReply(request_id, ErrorCode.DISK_FULL,
+                                                  "the shard leader's disk is full; retry later"))
+            return None
+        growth = 0
+        if value is not None and self.quota.max_data_bytes:
+            growth = write_growth_bytes(key, value, self.state.get(key))
+            why = self.quota.refusal(self.state.data_bytes, growth)
+            if why:
+                self._reply(origin, ident, ErrorReply(request_id, ErrorCode.QUOTA_EXCEEDED, why))
+                return None
+        return growth
 
     def _propose(self, cmd: Command, pending: Pending, now: float) -> int:
         """Propose ``cmd`` (callers checked we lead), remember whom to answer; its index."""

@@ -27,6 +27,9 @@ from typing import Any
 
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.record import record
+from zkv.storage_node.command_fields import blob as _bytes
+from zkv.storage_node.command_fields import head as _head
+from zkv.storage_node.command_fields import uint as _uint
 
 #: Keys per EXPIRE_SWEEP entry: bounds the work of one apply and one loop turn.
 SWEEP_KEYS_MAX = 1000
@@ -85,22 +88,6 @@ def encode_ttl(cmd: TtlCommand) -> tuple[Any, ...]:
                 cmd.ts_ms, cmd.key, cmd.deadline_ms)
     return int(TtlOp.EXPIRE_SWEEP), cmd.now_ms, list(cmd.keys)
 
-
-def _uint(v: Any, name: str) -> int:
-    if type(v) is not int or v < 0:
-        raise RemoteProtocolError(f"command field {name} must be a non-negative int, got {v!r}")
-    return v
-
-
-def _bytes(v: Any, name: str) -> bytes:
-    if type(v) is not bytes:
-        raise RemoteProtocolError(f"command field {name} must be bytes, got {type(v).__name__}")
-    return v
-
-
-def _head(v: list[Any]) -> tuple[bytes, int, int, int, bytes]:
-    return (_bytes(v[1], "client_id"), _uint(v[2], "request_id"),
-            _uint(v[3], "lowest_pending"), _uint(v[4], "ts_ms"), _bytes(v[5], "key"))
 
 
 def _decode_put_ttl(v: list[Any]) -> TtlCommand:

@@ -73,6 +73,19 @@ def wait_for(log: Path, pattern: re.Pattern[str], timeout_s: float = 15) -> re.M
     raise AssertionError(f"{pattern.pattern!r} not in {log}:\n{log.read_text()[-3000:]}")
 
 
+TIMING = ["--heartbeat-ms", str(HEARTBEAT_MS), "--election-timeout-ms", str(ELECTION_TIMEOUT_MS)]
+
+
+def start_broker(procs: Procs) -> tuple[str, ...]:
+    """A broker on free ports: its frontend, backend and heartbeat endpoints."""
+    any_port = "tcp://127.0.0.1:*"
+    blog = procs.start("broker", [
+        sys.executable, "-m", "zkv.broker.main", "--broker-id", "b0", "--frontend", any_port,
+        "--backend", any_port, "--heartbeat-endpoint", any_port, *TIMING,
+    ])  # fmt: skip
+    return wait_for(blog, READY_RE).groups()
+
+
 def put_until_ok(kv: KVClient, key: str, value: str, timeout_s: float) -> float:
     start = time.monotonic()
     while True:
@@ -84,13 +97,7 @@ def put_until_ok(kv: KVClient, key: str, value: str, timeout_s: float) -> float:
 
 
 def test_half_open_broker_connection_is_replaced(procs: Procs, tmp_path: Path) -> None:
-    timing = ["--heartbeat-ms", str(HEARTBEAT_MS), "--election-timeout-ms", str(ELECTION_TIMEOUT_MS)]
-    any_port = "tcp://127.0.0.1:*"
-    blog = procs.start("broker", [
-        sys.executable, "-m", "zkv.broker.main", "--broker-id", "b0", "--frontend", any_port,
-        "--backend", any_port, "--heartbeat-endpoint", any_port, *timing,
-    ])  # fmt: skip
-    frontend, backend, heartbeats = wait_for(blog, READY_RE).groups()
+    frontend, backend, heartbeats = start_broker(procs)
     port = int(backend.rsplit(":", 1)[1])
     proxy = BlackholeProxy("127.0.0.1", port)
     try:
@@ -98,7 +105,7 @@ def test_half_open_broker_connection_is_replaced(procs: Procs, tmp_path: Path) -
             sys.executable, "-m", "zkv.storage_node.main", "--node-id", "n0", "--shard", "0",
             "--data-dir", str(tmp_path / "n0"), "--listen", "tcp://127.0.0.1:0",
             "--brokers", proxy.endpoint, "--heartbeat-endpoints", heartbeats,
-            "--fsync", "never", "--bootstrap", *timing,
+            "--fsync", "never", "--bootstrap", *TIMING,
         ])  # fmt: skip
         with KVClient(frontend, timeout_s=2.0) as kv:
             put_until_ok(kv, "before", "1", timeout_s=30)
@@ -124,16 +131,10 @@ def test_peer_address_that_reaches_the_wrong_node_is_refused_loudly(
     """A node whose address for a peer now belongs to another shard's node (a container
     came back elsewhere): the wrong node refuses the connection and says so, the dialer
     is told, logs the stale address and redials (which resolves the name again)."""
-    timing = ["--heartbeat-ms", str(HEARTBEAT_MS), "--election-timeout-ms", str(ELECTION_TIMEOUT_MS)]
-    any_port = "tcp://127.0.0.1:*"
-    blog = procs.start("broker", [
-        sys.executable, "-m", "zkv.broker.main", "--broker-id", "b0", "--frontend", any_port,
-        "--backend", any_port, "--heartbeat-endpoint", any_port, *timing,
-    ])  # fmt: skip
-    _, backend, heartbeats = wait_for(blog, READY_RE).groups()
+    _, backend, heartbeats = start_broker(procs)
     wrong = f"tcp://127.0.0.1:{free_port()}"
     common = ["--brokers", backend, "--heartbeat-endpoints", heartbeats, "--fsync", "never",
-              "--shards", "0,1", "--bootstrap", *timing]
+              "--shards", "0,1", "--bootstrap", *TIMING]
     clog = procs.start("s1r0", [
         sys.executable, "-m", "zkv.storage_node.main", "--node-id", "s1r0", "--shard", "1",
         "--data-dir", str(tmp_path / "s1r0"), "--listen", wrong, *common,

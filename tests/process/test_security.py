@@ -170,6 +170,14 @@ def test_wire_carries_no_plaintext(secure: LocalCluster, tmp_path: Path) -> None
         assert b"PLAINMARK-value-3" in _capture_puts(plain, "PLAINMARK")  # the check can fail
 
 
+def _put_and_read_back(cluster: LocalCluster, marker: str) -> None:
+    """20 puts of values that carry ``marker``, each read back."""
+    with KVClient(cluster.endpoints, timeout_s=10, keys=cluster.client_keys) as kv:
+        for i in range(20):
+            kv.put(f"{marker}-key-{i}", f"{marker}-value-{i}")
+            assert kv.get(f"{marker}-key-{i}") == f"{marker}-value-{i}".encode()
+
+
 def _capture_backend(path: Path, secure: bool, marker: str) -> bytes:
     """Puts through a 1-node cluster whose node reaches the broker's backend through a
     recording proxy: the broker -> node hop carries every request, values included."""
@@ -182,10 +190,7 @@ def _capture_backend(path: Path, secure: bool, marker: str) -> bytes:
     try:
         with cluster:
             cluster.wait_ready(30)
-            with KVClient(cluster.endpoints, timeout_s=10, keys=cluster.client_keys) as kv:
-                for i in range(20):
-                    kv.put(f"{marker}-key-{i}", f"{marker}-value-{i}")
-                    assert kv.get(f"{marker}-key-{i}") == f"{marker}-value-{i}".encode()
+            _put_and_read_back(cluster, marker)
         return bytes(proxy.recorded)
     finally:
         proxy.close()
@@ -227,10 +232,7 @@ def _capture_peers(path: Path, secure: bool, marker: str) -> bytes:
     try:
         with cluster:
             cluster.wait_ready(30)
-            with KVClient(cluster.endpoints, timeout_s=10, keys=cluster.client_keys) as kv:
-                for i in range(20):
-                    kv.put(f"{marker}-key-{i}", f"{marker}-value-{i}")
-                    assert kv.get(f"{marker}-key-{i}") == f"{marker}-value-{i}".encode()
+            _put_and_read_back(cluster, marker)
         assert len(cluster.proxies) == 3
         return b"".join(bytes(p.recorded) for p in cluster.proxies.values())
     finally:
