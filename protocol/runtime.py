@@ -17,6 +17,7 @@ import ctypes
 import gc
 import signal
 import sys
+from typing import Any
 
 from loguru import logger
 
@@ -45,8 +46,21 @@ def tune_gc() -> None:
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 
 
+def _load_prctl() -> Any:
+    """libc's ``prctl``, looked up once, in the parent: a forked child must not
+    ``dlopen`` (another thread may have held the loader's lock at the fork)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def die_with_parent() -> None:  # pragma: no cover - runs in the child
     """In a child (forked, or about to exec): the kernel SIGKILLs it when the thread
     that made it dies (``PR_SET_PDEATHSIG``; Linux only, a no-op elsewhere)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        with contextlib.suppress(Exception):
+            _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
