@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -110,10 +111,13 @@ class GatewayProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_healthy(self, timeout_s: float = 20.0) -> bool:
+    def wait_healthy(self, timeout_s: float = 20.0,
+                     cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """True once ``/health`` answers 200; False after ``timeout_s``, when the gateway
+        exits or once ``cancelled()`` is true (it may also raise to stop the wait)."""
         deadline = time.monotonic() + timeout_s
         context = self._ssl_context()
-        while time.monotonic() < deadline and self.alive:
+        while time.monotonic() < deadline and self.alive and not cancelled():
             with contextlib.suppress(OSError), \
                     urllib.request.urlopen(self.url + "/health", timeout=1.0,
                                            context=context) as r:

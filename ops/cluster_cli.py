@@ -5,6 +5,13 @@ SIGINT/SIGTERM.
 While it runs it follows ``cluster.json`` (``zkv admin ... --data-dir`` edits it: new
 nodes start, removed ones stop), reports children that exit (it does not restart them)
 and, on the way out, ignores a second Ctrl-C so the cleanup is not cut short.
+
+A stop signal does two things: it raises ``KeyboardInterrupt`` (which cuts a wait short)
+and it sets a flag that the supervising loop and the gateway's health wait check. The
+flag is what makes the stop certain: Python runs a signal handler at whatever bytecode
+the main thread is at, and an exception raised while a finalizer (``__del__``, a GC
+callback, e.g. of a closed HTTP response) runs is printed as "Exception ignored" and
+dropped, so the exception alone can be lost.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +61,16 @@ def run_cli(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"zkv cluster up: {line}", file=sys.stderr, flush=True)
 
+    stop_requested = threading.Event()
+
     def interrupt(signum: int, frame: Any) -> None:
+        stop_requested.set()
         raise KeyboardInterrupt
+
+    def check_stop() -> bool:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        return False
 
     try:
         cluster = LocalCluster(
@@ -81,11 +97,13 @@ def run_cli(args: argparse.Namespace) -> int:
                   f"env ZKV_KEYS)\nzkv cluster up: admin key {cluster.admin_keys}", flush=True)
         for name, url in cluster.metrics_urls().items():
             say(f"metrics of {name} on {url}")
-        gateway = _start_gateway(cluster, args, say)
+        check_stop()
+        gateway = _start_gateway(cluster, args, say, check_stop)
         spec_path = cluster.data_dir / CLUSTER_FILE
         spec_mtime = spec_path.stat().st_mtime_ns
         while True:
             time.sleep(0.5)
+            check_stop()
             mtime = spec_path.stat().st_mtime_ns
             if mtime != spec_mtime:  # `zkv admin add-shard/add-replica/... --data-dir`
                 spec_mtime = mtime
@@ -114,9 +132,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
-                   say: Callable[[str], None]) -> Any:
+                   say: Callable[[str], None], check_stop: Callable[[], bool]) -> Any:
     """The HTTP gateway as one more child (``--http-port``, 0: none); when it cannot run
-    (no http extra, port taken) say why and carry on without it."""
+    (no http extra, port taken) say why and carry on without it. ``check_stop`` raises
+    once a stop was asked for; the gateway is then stopped before this returns."""
     if not args.http_port:
         return None
     from zkv.gateway.process import GatewayProcess
@@ -125,10 +144,14 @@ def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
                         workers=args.http_workers,
                         log_path=cluster.data_dir / "logs" / "gateway.log",
                         keys=cluster.gateway_keys, tokens=cluster.gateway_tokens)
-    why = gw.start()
-    if why is None and not gw.wait_healthy():
+    try:
+        why = gw.start()
+        if why is None and not gw.wait_healthy(cancelled=check_stop):
+            gw.stop()
+            why = f"it did not answer /health (log {gw.log_path})"
+    except BaseException:
         gw.stop()
-        why = f"it did not answer /health (log {gw.log_path})"
+        raise
     if why is not None:
         say(f"no HTTP gateway: {why}; running without it")
         return None

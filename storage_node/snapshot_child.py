@@ -52,11 +52,14 @@ class SnapshotChild:
     def fork(cls, index: int, term: int, write: Callable[[], None]) -> SnapshotChild:
         """Run ``write`` (serialize and save the snapshot) in a forked child."""
         started = time.monotonic()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child; its exit status is what is tested
             status = EXIT_FAILED
             try:
                 die_with_parent()
+                if os.getppid() != parent:  # the parent died before the line above
+                    os._exit(EXIT_FAILED)  # (it held the node's ports: free them now)
                 gc.disable()  # a collection would touch (and copy) every page
                 write()
                 status = 0
