@@ -49,6 +49,15 @@ class AsyncMultiKeyCalls:
     async def mget(self, keys: Iterable[Key], *, consistency: Consistency | None = None,
                    timeout: float | None = None) -> dict[Key, bytes | None]:
         """Values of ``keys`` (None when missing); see ``KVClient.mget``."""
+        found = await self.mget_versioned(keys, consistency=consistency, timeout=timeout)
+        return {k: (f[0] if f is not None else None) for k, f in found.items()}
+
+    async def mget_versioned(self, keys: Iterable[Key], *,
+                             consistency: Consistency | None = None,
+                             timeout: float | None = None,
+                             ) -> dict[Key, tuple[bytes, int] | None]:
+        """``(value, version)`` of each of ``keys`` (None when missing): ``mget`` with
+        the versions ``get_versioned`` gives."""
         given = list(keys)
         level = self.consistency if consistency is None else Consistency(consistency)
         wire = [self.limits.key(k) for k in given]
@@ -56,7 +65,7 @@ class AsyncMultiKeyCalls:
             wire, None,
             lambda rid, low, ks: MultiGetRequest(self.client_id, rid, tuple(ks), level),
             timeout, same_rid=False)
-        return {k: (r.value if r.found else None) for k, r in
+        return {k: ((r.value, r.version) if r.found else None) for k, r in
                 zip(given, (results[w] for w in wire), strict=True)}
 
     async def mset(self, mapping: Mapping[Key, str | bytes], *,

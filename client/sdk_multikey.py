@@ -53,6 +53,13 @@ class MultiKeyCalls:
         """Values of ``keys`` (None when missing), one request per round for all of
         them: the broker asks each shard's leader at once. Keys as given (a key given
         as str and as bytes is one key, in the dict twice)."""
+        found = self.mget_versioned(keys, consistency=consistency, timeout=timeout)
+        return {k: (f[0] if f is not None else None) for k, f in found.items()}
+
+    def mget_versioned(self, keys: Iterable[Key], *, consistency: Consistency | None = None,
+                       timeout: float | None = None) -> dict[Key, tuple[bytes, int] | None]:
+        """``(value, version)`` of each of ``keys`` (None when missing): ``mget`` with
+        the versions ``get_versioned`` gives."""
         given = list(keys)
         level = self.consistency if consistency is None else Consistency(consistency)
         wire = [self.limits.key(k) for k in given]
@@ -60,7 +67,7 @@ class MultiKeyCalls:
             wire, None,
             lambda rid, ks: MultiGetRequest(self.client_id, rid, tuple(ks), level),
             timeout, same_rid=False)
-        return {k: (r.value if r.found else None) for k, r in
+        return {k: ((r.value, r.version) if r.found else None) for k, r in
                 zip(given, (results[w] for w in wire), strict=True)}
 
     def mset(self, mapping: Mapping[Key, str | bytes], *,

@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl
 from zkv.client.aio import AsyncKVClient
 from zkv.client.ttl import ttl_ms
 from zkv.gateway import mapping
+from zkv.gateway.get_batcher import GetBatcher
 from zkv.gateway.mapping import HTTPProblem, etag
 from zkv.gateway.metrics import GatewayMetrics
 
@@ -68,6 +69,7 @@ def _precondition_failed(key: str, version: int) -> Reply:
 class KVHandlers:
     def __init__(self, client: Callable[[], AsyncKVClient]) -> None:
         self.client = client
+        self.gets = GetBatcher(client)  # a loop turn's GETs leave as one batch
 
     async def put(self, key: str, headers: Mapping[str, str], body: bytes,
                   ttl: str | None = None) -> Reply:
@@ -98,7 +100,7 @@ class KVHandlers:
         try:
             key = mapping.parse_key(key)
             level = mapping.parse_consistency(consistency)
-            found = await self.client().get_versioned(key, consistency=level)
+            found = await self.gets.get_versioned(key, consistency=level)
         except HTTPProblem as p:
             return problem_reply(p)
         except Exception as exc:

@@ -132,7 +132,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _start_gateway(cluster: LocalCluster, args: argparse.Namespace,
-                   say: Callable[[str], None], check_stop: Callable[[], bool]) -> Any:
+                   say: Callable[[str], None],
+                   check_stop: Callable[[], bool] = lambda: False) -> Any:
     """The HTTP gateway as one more child (``--http-port``, 0: none); when it cannot run
     (no http extra, port taken) say why and carry on without it. ``check_stop`` raises
     once a stop was asked for; the gateway is then stopped before this returns."""

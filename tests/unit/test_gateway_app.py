@@ -13,7 +13,9 @@ pytest.importorskip("fastapi", reason="the gateway needs the http extra (zkv[htt
 
 import httpx  # noqa: E402
 
+from zkv.client.calls import Limits  # noqa: E402
 from zkv.gateway.app import create_app  # noqa: E402
+from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -24,12 +26,17 @@ class FakeKV:
     def __init__(self) -> None:
         self.data: dict[bytes, tuple[bytes, int]] = {}
         self.version = 0
+        self.limits = Limits(KEY_BYTES_MAX, VALUE_BYTES_MAX)
 
     def _k(self, key: str | bytes) -> bytes:
         return key.encode() if isinstance(key, str) else key
 
     async def get_versioned(self, key: Any, consistency: Any = None) -> tuple[bytes, int] | None:
         return self.data.get(self._k(key))
+
+    async def mget_versioned(self, keys: Any, consistency: Any = None
+                             ) -> dict[Any, tuple[bytes, int] | None]:
+        return {k: self.data.get(self._k(k)) for k in keys}
 
     async def put(self, key: Any, value: bytes) -> int:
         self.version += 1
