@@ -224,6 +224,41 @@ def test_cas_races_between_two_clients(gateway: GatewayProcess) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_concurrent_gets_each_get_their_own_answer(gateway: GatewayProcess) -> None:
+    """Many GETs in flight at once (the gateway sends each loop turn's GETs as one batch):
+    every request gets its own key's value and ETag, or its own 404 / 422 / 413, with
+    duplicates, both shards, two consistency levels and a too-long key in the mix."""
+    keys = [f"conc/{i}" for i in range(40)]
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30, limits=limits) as c:
+            versions = {}
+            for k in keys:
+                versions[k] = (await c.put(kv_url(k), content=f"v-{k}".encode())).json()["version"]
+            for round_ in range(5):
+                asks: list[tuple[str, dict[str, str]]] = []
+                for i in range(120):
+                    k = keys[(i * 7 + round_) % len(keys)] if i % 5 else f"conc/missing-{i}"
+                    params = {"consistency": "stale"} if i % 3 == 0 else {}
+                    asks.append((k, params))
+                asks += [("conc/0", {"consistency": "bogus"}), ("x" * 20000, {})]
+                replies = await asyncio.gather(*(c.get(kv_url(k), params=p) for k, p in asks))
+                for (k, p), r in zip(asks, replies, strict=True):
+                    if p.get("consistency") == "bogus":
+                        assert r.status_code == 422, r.text
+                    elif len(k) > 16384:
+                        assert r.status_code in (413, 414, 431), r.status_code
+                    elif k in versions:
+                        assert r.status_code == 200, r.text
+                        assert r.json()["value"] == f"v-{k}" and r.json()["key"] == k
+                        assert r.headers["etag"] == f'"{versions[k]}"'
+                    else:
+                        assert r.status_code == 404 and r.json()["key"] == k, r.text
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
 def test_conditional_delete_races_a_write_atomically(gateway: GatewayProcess) -> None:
     """DELETE with If-Match races a write from another client on the same version.
     Atomic: the write is never lost. Either the delete went first (200) and the write
