@@ -5,6 +5,8 @@ One run on this machine, everything on the same cores:
 - ``gateway``: ``zkv gateway`` (1 worker) in front of 2 shards x 3 replicas, fsync
   always, 1 broker (``LocalCluster``);
 - ``gateway-nometrics``: the same gateway with ``--no-metrics`` (what counting costs);
+- ``gateway-nobatch`` (GET only): the same gateway with ``--get-batch-max 1``, each GET
+  sent alone (what batching one loop turn's GETs into one MultiGetRequest gains);
 - ``dict``: ``bench/dict_server.py``, FastAPI + uvicorn over a Python dict, 1 worker,
   no replication, no disk (the shape of the service zkv grew out of);
 - ``sdk``: ``ops.bench.run_bench`` (what ``zkv bench`` runs) on the same cluster,
@@ -240,7 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              log_path=work / "gateway.log"),
                    "gateway-nometrics": GatewayProcess(cluster.endpoint, free_port(),
                                                        log_path=work / "gateway-nm.log",
-                                                       extra_args=("--no-metrics",))}
+                                                       extra_args=("--no-metrics",)),
+                   "gateway-nobatch": GatewayProcess(cluster.endpoint, free_port(),
+                                                     log_path=work / "gateway-nb.log",
+                                                     extra_args=("--get-batch-max", "1"))}
             cluster_pids = [c.proc.pid for c in [*cluster.brokers, *cluster.nodes.values()]
                             if c.proc is not None]
             with contextlib.ExitStack() as stack, dict_server(work / "dict.log") as (dict_url,
@@ -263,6 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate
                     for op in ("GET", "PUT"):
                         for name in order:
+                            if op == "PUT" and name == "gateway-nobatch":
+                                continue  # batching is for GETs only
                             if name == "sdk":
                                 r = sdk_run(cluster.endpoint, op, args, cluster_pids)
                             else:
@@ -284,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ratios[f"{op} gateway/dict"] = round(gw / best[(op, "dict")]["ok_s"], 3)
         ratios[f"{op} gateway/sdk"] = round(gw / best[(op, "sdk")]["ok_s"], 3)
         ratios[f"{op} metrics cost"] = round(1 - gw / best[(op, "gateway-nometrics")]["ok_s"], 3)
+    ratios["GET gateway-nobatch/sdk"] = round(
+        best[("GET", "gateway-nobatch")]["ok_s"] / best[("GET", "sdk")]["ok_s"], 3)
     results["ratios"] = ratios
     cost = kv_tally_cost_us()
     results["metrics_cost_us_per_request"] = cost

@@ -55,6 +55,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from zkv.client.aio import AsyncKVClient
 from zkv.gateway import ui
 from zkv.gateway.auth import RELOAD_S, Authenticator, BearerAuth, openapi_security
+from zkv.gateway.get_batcher import MAX_BATCH
 from zkv.gateway.kv import KVFastPath, KVHandlers, KVService, Reply
 from zkv.gateway.metrics import GatewayMetrics, History, MetricsMiddleware
 from zkv.gateway.scan import scan_reply
@@ -93,7 +94,8 @@ def _response(reply: Reply) -> Response:
 def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                metrics_enabled: bool = True, fast_path: bool = True,
                freeze_gc: bool = False, auth: Authenticator | None = None,
-               keys: str | os.PathLike[str] | None = None) -> GatewayApp:
+               keys: str | os.PathLike[str] | None = None,
+               get_batch_max: int = MAX_BATCH) -> GatewayApp:
     """``fast_path=False`` leaves /kv to FastAPI's routes (the tests compare the two).
     ``freeze_gc``: once started, move every object then alive (FastAPI's and pydantic's
     models, the app: tens of thousands) out of the collector's reach (``gc.freeze``),
@@ -130,7 +132,7 @@ def create_app(endpoints: str | list[str] | None = None, *, timeout_s: float = D
     def client() -> AsyncKVClient:
         return state["kv"]  # type: ignore[no-any-return]
 
-    handlers = KVHandlers(client)
+    handlers = KVHandlers(client, get_batch_max)
 
     @app.get("/health", summary="The gateway process is up")
     async def health() -> Response:
@@ -270,4 +272,5 @@ def app_from_env() -> GatewayApp:
         freeze_gc=True,
         auth=None if tokens is None else Authenticator(Path(tokens)),
         keys=os.environ.get("ZKV_GATEWAY_KEYS") or None,
+        get_batch_max=int(os.environ.get("ZKV_GATEWAY_GET_BATCH_MAX") or MAX_BATCH),
     )

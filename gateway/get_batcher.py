@@ -37,6 +37,8 @@ class GetBatcher:
     """``get_versioned`` that batches with the other GETs of the same loop turn."""
 
     def __init__(self, client: Callable[[], AsyncKVClient], max_batch: int = MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, not {max_batch}")
         self.client = client
         self.max_batch = max_batch
         #: per consistency level (None: the client's default), key -> waiting futures

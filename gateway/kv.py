@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 from zkv.client.aio import AsyncKVClient
 from zkv.client.ttl import ttl_ms
 from zkv.gateway import mapping
-from zkv.gateway.get_batcher import GetBatcher
+from zkv.gateway.get_batcher import MAX_BATCH, GetBatcher
 from zkv.gateway.mapping import HTTPProblem, etag
 from zkv.gateway.metrics import GatewayMetrics
 
@@ -67,9 +67,10 @@ def _precondition_failed(key: str, version: int) -> Reply:
 
 
 class KVHandlers:
-    def __init__(self, client: Callable[[], AsyncKVClient]) -> None:
+    def __init__(self, client: Callable[[], AsyncKVClient], get_batch_max: int = MAX_BATCH,
+                 ) -> None:
         self.client = client
-        self.gets = GetBatcher(client)  # a loop turn's GETs leave as one batch
+        self.gets = GetBatcher(client, get_batch_max)  # a loop turn's GETs leave as one batch
 
     async def put(self, key: str, headers: Mapping[str, str], body: bytes,
                   ttl: str | None = None) -> Reply:

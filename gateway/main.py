@@ -2,7 +2,7 @@
 
 Each worker is a process with its own ``AsyncKVClient`` (``app.app_from_env``), so the
 settings travel through the environment: ``ZKV_ENDPOINT``, ``ZKV_GATEWAY_TIMEOUT_S``,
-``ZKV_GATEWAY_METRICS``, ``ZKV_GATEWAY_TOKENS``, ``ZKV_GATEWAY_KEYS``. The global
+``ZKV_GATEWAY_METRICS``, ``ZKV_GATEWAY_GET_BATCH_MAX``, ``ZKV_GATEWAY_TOKENS``, ``ZKV_GATEWAY_KEYS``. The global
 ``--timeout`` is the cluster deadline per HTTP request. With ``--workers`` > 1,
 prometheus_client's multiprocess mode gets a fresh directory
 (``PROMETHEUS_MULTIPROC_DIR``) for the life of the gateway.
@@ -25,6 +25,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from zkv.gateway.get_batcher import MAX_BATCH
+from zkv.protocol.limits import MULTI_KEYS_MAX
 
 EXIT_USAGE = 2
 DEFAULT_PORT = 8000
@@ -50,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--no-metrics", action="store_true",
                    help="do not count requests (to measure what counting costs)")
+    p.add_argument("--get-batch-max", type=int, default=MAX_BATCH, metavar="N",
+                   help=f"GETs arriving in one event-loop turn go to the cluster as one "
+                   f"batch of at most N keys (default {MAX_BATCH}; 1: each GET alone)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.add_argument("--tokens", type=Path, default=os.environ.get("ZKV_GATEWAY_TOKENS") or None,
                    help="(env ZKV_GATEWAY_TOKENS) bearer tokens file, lines '<role> <token>' "
@@ -118,6 +124,9 @@ def run_cli(args: argparse.Namespace, endpoint: str) -> int:
     if args.workers < 1:
         print("zkv: error: --workers must be >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if not 1 <= args.get_batch_max <= MULTI_KEYS_MAX:
+        print(f"zkv: error: --get-batch-max must be 1..{MULTI_KEYS_MAX}", file=sys.stderr)
+        return EXIT_USAGE
     why, warnings = check_security(args)
     if why is not None:
         print(f"zkv gateway: error: {why}", file=sys.stderr)
@@ -129,6 +138,7 @@ def run_cli(args: argparse.Namespace, endpoint: str) -> int:
     os.environ["ZKV_ENDPOINT"] = endpoint
     os.environ["ZKV_GATEWAY_TIMEOUT_S"] = str(args.timeout)
     os.environ["ZKV_GATEWAY_METRICS"] = "0" if args.no_metrics else "1"
+    os.environ["ZKV_GATEWAY_GET_BATCH_MAX"] = str(args.get_batch_max)
     for name, value in (("ZKV_GATEWAY_TOKENS", args.tokens), ("ZKV_GATEWAY_KEYS", args.keys_dir)):
         if value is None:
             os.environ.pop(name, None)
