@@ -16,6 +16,12 @@ Theory of operation:
   port is still read from Docker on every call (``broker_endpoint``), never cached.
 - Growing: ``add_shard_group`` starts one more shard group on the same network, with the
   initial ring; moving keys to it is the test's business (``ops/rebalance.py``).
+- Disks: with ``volumes`` each storage node's /data is a named volume of its own (as
+  compose mounts them), so a test can lose a host for good (``lose``: container and
+  volume gone), bring an id back on a blank disk (``start_empty``) or start a new node
+  for ``zkv admin replace-replica`` (``add_spare``; secure: with a key pair of its own
+  that no other process knows, so the change must carry it). Without ``volumes`` the
+  data is in the container's writable layer, which also goes with ``lose``.
 - Faults: SIGKILL + start (the writable layer, hence the WAL, survives), pause/unpause,
   disconnect/reconnect (aliases given again), iptables DROP rules in a ``ZKV`` chain for
   partial partitions (containers run with NET_ADMIN; rules name peer IPs at the time of
@@ -37,11 +43,14 @@ for _key, _value in {
 
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
+import itertools  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable, Sequence  # noqa: E402
@@ -74,6 +83,8 @@ LABEL = "zkv.test"
 SESSION = secrets.token_hex(4)
 BROKER_PORT = 5555
 NODE_PORT = 7100
+#: a storage node's data dir in its container (a named volume with ``volumes``)
+DATA_DIR = "/data"
 IPTABLES_CHAIN = "ZKV"
 #: where a secure cluster's keys dir is mounted in every container
 KEYS_MOUNT = "/keys"
@@ -244,6 +255,10 @@ class Member:
     command: list[str]
     ready_re: re.Pattern[str]
     tc: DockerContainer | None = None
+    #: the named volume at /data (``ClusterConfig.volumes``); a new one after ``lose``
+    volume: str | None = None
+    #: a keys dir of its own (a spare's), mounted at /keys instead of the cluster's
+    keys_dir: Path | None = None
 
     @property
     def container(self) -> Any:
@@ -271,6 +286,9 @@ class ClusterConfig:
     #: Curve on every socket, as the secure compose variant runs it: a keys dir made on
     #: the host (``zkv keys generate``) mounted read-only at /keys in every container
     secure: bool = False
+    #: each storage node's /data on a named volume of its own (labelled for the sweep),
+    #: as compose runs them: a lost host's disk is then a volume a test deletes
+    volumes: bool = False
 
 
 class ContainerCluster:
@@ -284,6 +302,9 @@ class ContainerCluster:
         self.brokers = [f"broker{b}" for b in range(config.brokers)]
         #: with ``secure``: the cluster's keys dir on the host (made in ``start_all``)
         self.keys_dir: Path | None = None
+        #: every volume made for this cluster, removed by ``close`` (and by the sweep)
+        self.volumes: list[str] = []
+        self._volume_seq = itertools.count()
         self.nodes_by_shard = {
             s: [f"s{s}r{r}" for r in range(config.replicas)] for s in range(config.shards)
         }
@@ -315,19 +336,21 @@ class ContainerCluster:
         ]  # fmt: skip
 
     def _node_command(
-        self, node_id: str, shard: int, peers: dict[str, str], backends: list[str]
+        self, node_id: str, shard: int, peers: dict[str, str], backends: list[str],
+        *, bootstrap: bool = True,
     ) -> list[str]:
         if self.cfg.node_command:
             return self.cfg.node_command(node_id, shard, peers, backends)
         return [
             "zkv-node", "--node-id", node_id, "--shard", str(shard),
-            "--data-dir", "/data",
+            "--data-dir", DATA_DIR,
             "--listen", f"tcp://0.0.0.0:{NODE_PORT}",
             "--advertise", f"tcp://{node_id}:{NODE_PORT}",
             "--peers", ",".join(f"{p}={a}" for p, a in peers.items()),
             "--brokers", ",".join(backends),
             "--shards", ",".join(str(s) for s in range(self.cfg.shards)),
-            "--fsync", self.cfg.fsync, "--bootstrap", *self._security_args(),
+            "--fsync", self.cfg.fsync, *(["--bootstrap"] if bootstrap else []),
+            *self._security_args(),
             "--heartbeat-ms", str(self.cfg.heartbeat_ms),
             "--election-timeout-ms", str(self.cfg.election_timeout_ms),
         ]  # fmt: skip
@@ -354,6 +377,27 @@ class ContainerCluster:
     @property
     def client_keys(self) -> Path | None:
         return self.keys_dir / "client" if self.keys_dir is not None else None
+
+    @property
+    def admin_keys(self) -> Path | None:
+        return self.keys_dir / "admin" if self.keys_dir is not None else None
+
+    def _spare_keys(self, node_id: str) -> Path:
+        """A new host's keys dir, as README "Node keys from membership changes" makes
+        it: the node's own pair, published nowhere else, and copies of the cluster's
+        public node and broker certificates (whom it dials)."""
+        from zkv.ops.keys import ensure_identity
+        from zkv.protocol.security import NODE
+
+        assert self.keys_dir is not None
+        spare = Path(tempfile.mkdtemp(prefix=f"{self.name}-{node_id}-keys-"))
+        os.chmod(spare, 0o700)
+        ensure_identity(spare, NODE, node_id)
+        for role in ("nodes", "brokers"):
+            (spare / "public" / role).mkdir(parents=True, exist_ok=True)
+            for cert in (self.keys_dir / "public" / role).glob("*.key"):
+                shutil.copyfile(cert, spare / "public" / role / cert.name)
+        return spare
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -411,11 +455,11 @@ class ContainerCluster:
         self.wait_converged(timeout_s=timeout_s)
         return names
 
-    def _container_for(self, m: Member) -> DockerContainer:
+    def _container_for(self, m: Member, command: list[str] | None = None) -> DockerContainer:
         tc = (
             DockerContainer(self.cfg.image)
             .with_name(f"{self.name}-{m.name}")
-            .with_command(m.command)
+            .with_command(command or m.command)
             .with_network(self.network)  # type: ignore[arg-type]
             .with_network_aliases(m.name)
             .with_kwargs(
@@ -430,21 +474,42 @@ class ContainerCluster:
             tc.ports[f"{BROKER_PORT}/tcp"] = ("127.0.0.1", self.host_ports[m.name])  # type: ignore[assignment]
         for path, content in self.cfg.files.items():
             tc.with_copy_into_container(content, path, 0o755)
-        if self.keys_dir is not None:
-            tc.with_volume_mapping(str(self.keys_dir), KEYS_MOUNT, "ro")
+        keys = m.keys_dir or self.keys_dir
+        if keys is not None:
+            tc.with_volume_mapping(str(keys), KEYS_MOUNT, "ro")
+        if m.kind == "node" and self.cfg.volumes:
+            if m.volume is None:
+                m.volume = self._new_volume(m.name)
+            tc.with_volume_mapping(m.volume, DATA_DIR, "rw")
         return tc
 
+    def _new_volume(self, member: str) -> str:
+        """An empty named volume for ``member``'s data (a new name each time: a volume
+        deleted a moment ago may still be going)."""
+        name = f"{self.name}-{member}-data-{next(self._volume_seq)}"
+        self.docker.volumes.create(name=name, labels=our_labels(cluster=self.name, member=member))
+        self.volumes.append(name)
+        return name
+
+    def _remove_volume(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self.docker.volumes.get(name).remove(force=True)
+
     def close(self) -> None:
-        """Remove every container and the network, even after a partial start."""
+        """Remove every container, volume and the network, even after a partial start."""
         for m in self.members.values():
             if m.tc is not None:
                 with contextlib.suppress(Exception):
                     m.container.remove(force=True, v=True)
+        for volume in self.volumes:
+            with contextlib.suppress(Exception):
+                self._remove_volume(volume)
         if self.network is not None:
             with contextlib.suppress(Exception):
                 self.network.remove()
-        if self.keys_dir is not None:
-            shutil.rmtree(self.keys_dir, ignore_errors=True)
+        for keys in [self.keys_dir, *(m.keys_dir for m in self.members.values())]:
+            if keys is not None:
+                shutil.rmtree(keys, ignore_errors=True)
 
     # ----------------------------------------------------------------- readiness
 
@@ -620,6 +685,77 @@ class ContainerCluster:
         self.kill(name)
         self.start(name, timeout_s=timeout_s)
 
+    def lose(self, name: str) -> None:
+        """A host lost for good: the member's process dies (SIGKILL, no handover), its
+        container is removed and its disk (volume, or writable layer) deleted. The
+        member stays known: ``start_empty`` brings its id back on a blank disk."""
+        m = self.members[name]
+        if m.tc is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                m.container.remove(force=True, v=True)
+            m.tc = None
+        if m.volume is not None:
+            self._remove_volume(m.volume)
+            m.volume = None
+
+    def start_empty(self, name: str, *, drop: Iterable[str] = (), timeout_s: float = 30.0) -> None:
+        """Start a lost member again under its id, same command (``--bootstrap`` too, as
+        a compose file passes it on every start), on a new empty disk. ``drop``: members
+        whose traffic to and from it is dropped from its first packet on (iptables rules
+        set up before the node starts), e.g. its shard's leader, so that it can neither
+        catch up nor be re-admitted while a test looks at it; ``iptables_heal`` lifts
+        them."""
+        m = self.members[name]
+        if m.tc is not None:
+            raise ValueError(f"{name} still has a container: lose() it first")
+        command = m.command
+        drops = list(drop)
+        if drops:
+            script = self._drop_script(drops, "both", {d: self.ip(d) for d in drops})
+            command = ["sh", "-c", f'{script} && exec "$@"', "sh", *m.command]
+        m.tc = self._container_for(m, command)
+        m.tc.start()
+        self.wait_ready([name], timeout_s=timeout_s)
+
+    def add_spare(self, shard: int, name: str, timeout_s: float = 30.0) -> Path | None:
+        """Start a new storage node for ``shard`` on a new host (container and volume),
+        as compose's spares run: no ``--bootstrap``, so it founds nothing and waits, a
+        non-voter, until ``zkv admin replace-replica`` / ``add-replica`` adds it. Its
+        peers are the shard's nodes. Secure: it gets a key pair of its own that no other
+        process trusts; returns its public certificate, which the change must carry
+        (``--public-key``). ``replaced`` records it in ``nodes_by_shard`` once it is in."""
+        if name in self.members:
+            raise ValueError(f"{name} exists already")
+        names = self.nodes_by_shard[shard]
+        peers = {p: f"tcp://{p}:{NODE_PORT}" for p in names}
+        backends = [f"tcp://{b}:{BROKER_PORT + 1}" for b in self.brokers]
+        self._add(name, "node", shard, self._node_command(name, shard, peers, backends,
+                                                          bootstrap=False))
+        m = self.members[name]
+        if self.cfg.secure:
+            m.keys_dir = self._spare_keys(name)
+        m.tc = self._container_for(m)
+        m.tc.start()
+        self.wait_ready([name], timeout_s=timeout_s)
+        if m.keys_dir is None:
+            return None
+        return m.keys_dir / "nodes" / name / f"{name}.key"
+
+    def replaced(self, shard: int, old: str, new: str) -> None:
+        """Bookkeeping after ``replace-replica``: ``new`` serves ``shard`` in ``old``'s
+        place (convergence waits and ``followers_of`` go by ``nodes_by_shard``)."""
+        self.nodes_by_shard[shard] = [new if n == old else n for n in self.nodes_by_shard[shard]]
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """The ``zkv`` CLI on the host, through every broker's host port (secure: with the
+        admin key), as an operator runs it. Returns the finished process."""
+        keys = ["--keys", str(self.admin_keys)] if self.admin_keys is not None else []
+        return subprocess.run(
+            [sys.executable, "-m", "zkv.client.cli", "--endpoint", ",".join(self.endpoints()),
+             *keys, *args],
+            capture_output=True, text=True, timeout=timeout_s,
+        )  # fmt: skip
+
     def pause(self, name: str) -> None:
         self.members[name].container.pause()
 
@@ -650,6 +786,14 @@ class ContainerCluster:
         rules inside ``name``. Other links stay up: a partial partition. ``addresses``
         (member -> IP, looked up beforehand) saves one Docker call per member, so a
         fault on a loaded machine takes effect at once rather than seconds later."""
+        rc, out = self.exec(name, self._drop_script(from_names, direction, addresses))
+        if rc != 0:
+            raise RuntimeError(f"iptables in {name} failed ({rc}): {out}")
+
+    def _drop_script(
+        self, from_names: Iterable[str], direction: str, addresses: dict[str, str] | None
+    ) -> str:
+        """The shell commands that put DROP rules for ``from_names`` in our chain."""
         rules = []
         for other in from_names:
             ip = addresses[other] if addresses is not None else self.ip(other)
@@ -657,7 +801,7 @@ class ContainerCluster:
                 rules.append(f"iptables -w -A {IPTABLES_CHAIN} -s {ip} -j DROP")
             if direction in ("both", "out"):
                 rules.append(f"iptables -w -A {IPTABLES_CHAIN} -d {ip} -j DROP")
-        script = " && ".join(
+        return " && ".join(
             [
                 f"(iptables -w -N {IPTABLES_CHAIN} 2>/dev/null || true)",
                 f"(iptables -w -C INPUT -j {IPTABLES_CHAIN} 2>/dev/null || iptables -w -I INPUT -j {IPTABLES_CHAIN})",
@@ -665,9 +809,6 @@ class ContainerCluster:
                 *rules,
             ]
         )
-        rc, out = self.exec(name, script)
-        if rc != 0:
-            raise RuntimeError(f"iptables in {name} failed ({rc}): {out}")
 
     def iptables_heal(self, name: str) -> None:
         rc, out = self.exec(name, f"iptables -w -F {IPTABLES_CHAIN} 2>/dev/null || true")
