@@ -39,11 +39,14 @@ _STALE_MIN = 1024
 class ExpiryIndex:
     """Deadlines of keys, by key and by time; see the module docstring."""
 
-    __slots__ = ("_deadline", "_heap")
+    __slots__ = ("_deadline", "_heap", "deadlines")
 
     def __init__(self) -> None:
         self._deadline: dict[bytes, int] = {}
         self._heap: list[tuple[int, bytes]] = []
+        #: the same dict, to read only: ``if index.deadlines`` is the "any TTL at all?"
+        #: test every write makes, without a Python ``__len__`` call
+        self.deadlines = self._deadline
 
     def __len__(self) -> int:
         return len(self._deadline)
@@ -133,7 +136,7 @@ class ExpiryIndex:
         if deadlines and (set(map(type, deadlines)) != {int} or min(deadlines) <= 0):
             raise ValueError("expiry deadline is not a positive int")
         index = cls()
-        index._deadline = dict(zip(keys, deadlines, strict=True))
+        index._deadline.update(zip(keys, deadlines, strict=True))  # keep `deadlines` its alias
         index._rebuild()
         return index
 

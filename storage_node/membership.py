@@ -67,7 +67,7 @@ from zkv.protocol.errors import RemoteProtocolError
 
 CONFIG_OP = 11
 #: msgpack fixarray(6) or (7: with keys), then positive fixint 11
-_PREFIXES = (b"\x96\x0b", b"\x97\x0b")
+CONFIG_PREFIXES = frozenset((b"\x96\x0b", b"\x97\x0b"))
 #: a Curve public key in z85 text: 40 characters of the z85 alphabet
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _SNAP_MAGIC = b"ZKVM"
@@ -189,7 +189,7 @@ def encode(m: Membership) -> bytes:
 
 
 def is_config(data: bytes) -> bool:
-    return data[:2] in _PREFIXES
+    return data[:2] in CONFIG_PREFIXES
 
 
 def decode(data: bytes) -> Membership:

@@ -56,8 +56,9 @@ class ReplicaMembership(ReplicaState):
 
     def _note_configs(self, entries: list[Entry]) -> None:
         found = False
+        prefixes = mship.CONFIG_PREFIXES  # mship.is_config inlined: this runs per entry
         for e in entries:
-            if mship.is_config(e.data):
+            if e.data[:2] in prefixes:
                 try:
                     conf = mship.decode(e.data)
                 except RemoteProtocolError:

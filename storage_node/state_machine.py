@@ -237,8 +237,9 @@ class KVStateMachine:
         rev = index  # the watch events' revision: the log index
         index += own.version_offset  # the version this write gives its key
         expiry = self._expiry
+        ttls = expiry.deadlines  # empty: no key has a TTL (the usual case: skip it all)
         history = self.history
-        if len(expiry) and expiry.expired(cmd.key, cmd.ts_ms):  # gone for this write on
+        if ttls and expiry.expired(cmd.key, cmd.ts_ms):  # gone for this write on
             if data.pop(cmd.key, None) is not None:
                 history.record(rev, EXPIRE, cmd.key, b"", index)
             expiry.discard(cmd.key)
@@ -246,7 +247,7 @@ class KVStateMachine:
         if isinstance(cmd, PutCommand):
             data.put(cmd.key, cmd.value, index)
             history.record(rev, PUT, cmd.key, cmd.value, index)
-            if len(expiry):
+            if ttls:
                 expiry.discard(cmd.key)
             reply = PutReply(cmd.request_id, index)
         elif isinstance(cmd, PutTtlCommand):
@@ -265,7 +266,7 @@ class KVStateMachine:
             else:
                 del data[cmd.key]
                 history.record(rev, DELETE, cmd.key, b"", index)
-                if len(expiry):
+                if ttls:
                     expiry.discard(cmd.key)
                 reply = DeleteReply(cmd.request_id, True, index)
         else:
@@ -274,7 +275,7 @@ class KVStateMachine:
             if version == cmd.expected_version:
                 data.put(cmd.key, cmd.value, index)
                 history.record(rev, PUT, cmd.key, cmd.value, index)
-                if len(expiry):
+                if ttls:
                     expiry.discard(cmd.key)
                 reply = CasReply(cmd.request_id, True, index)
             else:
