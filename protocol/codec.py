@@ -270,14 +270,49 @@ _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _WIRE_AS_IS: frozenset[type] = frozenset({bytes, int, str, bool, float, type(None), dict})
 
 
+_RECORD_WIRE: dict[type, Callable[[Any], Any]] = {}
+
+
+def _record_wire(cls: type) -> Callable[[Any], Any]:
+    """How a record of ``cls`` goes on the wire (the array of its fields), built once
+    per class: one C call fetching every field when all are plain (msgpack packs the
+    tuple as an array: the same bytes), else field by field. A ``WatchReply`` carries
+    up to 1,000 ``WatchEvent``s, encoded once per watcher: asking ``fields()`` of each
+    event cost 2.9 us per event against 0.23 now (a 1,000-event reply), and held the
+    leader's loop long enough to halve the writes of ``bench/watch_fanout.py`` with 100
+    watchers."""
+    conv = _RECORD_WIRE.get(cls)
+    if conv is not None:
+        return conv
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in fields(cls))
+    if not names:
+        return lambda m: []
+    getter = operator.attrgetter(*names)
+    if len(names) > 1 and all(_is_plain(hints[n]) for n in names):
+        conv = getter
+    elif len(names) == 1:
+        conv = lambda m: [_wire_value(getter(m))]  # noqa: E731
+    else:
+        conv = lambda m: [_wire_value(x) for x in getter(m)]  # noqa: E731
+    _RECORD_WIRE[cls] = conv
+    return conv
+
+
 def _wire_value(v: Any) -> Any:
     t = type(v)
     if t in _WIRE_AS_IS:
         return v
     if t is tuple:
         # a tuple field is homogeneous (``tuple[X, ...]``): plain items go as they are
-        if not v or type(v[0]) in _WIRE_AS_IS:
+        if not v:
             return v
+        t0 = type(v[0])
+        if t0 in _WIRE_AS_IS:
+            return v
+        if t0 is not Entry and t0 is not RingConfig and dataclasses.is_dataclass(t0):
+            conv = _record_wire(t0)  # a record
+            return [conv(x) for x in v]
         return [_wire_value(x) for x in v]
     if t is Entry:
         return [v.term, v.index, v.data]
@@ -286,7 +321,7 @@ def _wire_value(v: Any) -> Any:
     if isinstance(v, int):  # an IntEnum
         return v
     if dataclasses.is_dataclass(v):  # a record
-        return [_wire_value(getattr(v, f.name)) for f in fields(v)]
+        return _record_wire(t)(v)
     return v
 
 

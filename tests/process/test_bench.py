@@ -122,3 +122,26 @@ def test_bench_env_endpoint_with_two_brokers(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert f"endpoint {c.endpoint}" in out.stdout and "errors: none" in out.stdout
 
+
+
+def test_watch_fanout_bench_delivers_every_write_once_to_every_watcher() -> None:
+    """``bench/watch_fanout.py`` briefly (10 watchers, 2 s of writes per phase): every
+    watcher got every acknowledged write exactly once, and the run stops by itself."""
+    repo = Path(__file__).resolve().parents[2]
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.watch_fanout", "--watchers", "10", "--writers", "4",
+         "--rate", "300", "--duration", "2", "--drain", "10", "--json"],
+        capture_output=True, text=True, timeout=80, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert time.monotonic() - start < 80
+    result = json.loads(out.stdout)
+    assert [r["watchers"] for r in result["phases"]] == [0, 1, 10]
+    for r in result["phases"]:
+        assert r["writes_acked"] > 100, r
+        if not r["watchers"]:
+            continue
+        assert r["missing"] == 0 and r["duplicates"] == 0 and not r["errors"], r
+        assert r["watchers_complete"] == r["watchers"], r
+        assert r["events_total"] == r["watchers"] * r["writes_acked"] + r["unacked_delivered"]
+        assert r["events_s"] > 0 and r["lag_samples"] > 0 and r["polls_s"] > 0, r
