@@ -142,6 +142,10 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
         self._reads_unsent.append((token, self.commit_index))
         return True
 
+    def vouch(self, node: str) -> None:
+        """The shell knows ``node`` is of this shard (see ``step``); idempotent."""
+        self.vouched.add(node)
+
     def set_voter(self, voter: bool) -> None:
         """The shell's identity check decided (founding agreed, or admission)."""
         self.voter = voter
@@ -223,13 +227,15 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
         if sender not in self._peers and not (
             isinstance(msg, TimeoutNow)
             or (isinstance(msg, (AppendEntries, InstallSnapshot))
-                and self.node_id not in self._voters)
+                and (self.node_id not in self._voters or sender in self.vouched))
         ):
             # Not a member. A leader's appends are taken only by a node that is not a
-            # voter of its configuration (a new learner knows no members yet); a voter
-            # ignores them, so a connection that reached the wrong node (an address
-            # another group now uses) cannot feed it another group's log. TimeoutNow
-            # is checked against the leader we follow (a removed leader hands over).
+            # voter of its configuration (a new learner knows no members yet), or from
+            # a node the shell vouches is of this shard (we lagged behind the change
+            # that added it; otherwise we would never catch up); a voter ignores the
+            # rest, so a connection that reached the wrong node (an address another
+            # group now uses) cannot feed it another group's log. TimeoutNow is
+            # checked against the leader we follow (a removed leader hands over).
             return
         if isinstance(msg, TimeoutNow):
             if (msg.term == self.term and sender == self.leader_id and self.voter
