@@ -142,9 +142,9 @@ class PeerLinks:
 
     def vouch_for(self, sender: str, announced: str) -> None:
         """``sender``'s connection (``announced``: not refused) says it is a node of
-        this shard and cluster dialing us: the replica takes its appends even while our
-        configuration does not name it (``Replica.step``: we lagged behind the change
-        that added it, maybe our new leader)."""
+        this shard and cluster dialing us: the replica hears it like a member even while
+        our configuration does not name it (``Replica.step``: we lagged behind the
+        change that added it, maybe our new leader or the candidate that must win)."""
         if sender in self.replica.vouched:
             return
         a = Announcement.parse(announced)

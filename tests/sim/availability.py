@@ -35,9 +35,9 @@ With loss, one lost pre-vote message keeps its candidate busy for a whole electi
 timeout, and a campaign, a vote or the new leader's first heartbeat can each be lost or
 late by up to 1.5 s. Measured over seeds 0..499 (3.2 s clean, 6.4 s worst lossy, with
 a 1 s election timeout). Membership changes (``members.py``) bring configurations of 4
-voters, where a candidate needs 2 of its 3 peers: ``EVEN_EXTRA`` election timeouts
-more while one is in force (8.4 s measured, seed 24, lossy, the two most up-to-date
-nodes crashing in turn). With the step-down rule taken out, the check fails 9 of
+voters, where a candidate needs 2 of its 3 peers (all 3 while one is a wiped data dir
+not re-admitted yet): ``EVEN_EXTRA`` election timeouts more while one is in force
+(worst measured over seeds 0..2299: 9.45 s, seed 262, 13% loss, one of 4 voters wiped). With the step-down rule taken out, the check fails 9 of
 seeds 0..199 of the full fault plan and 158 of 200 with only one-way leader/broker cuts
 (``test_sim.py`` keeps that so).
 """
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 CLEAN_BOUND = 4
 LOSSY_BOUND = 7
 #: added while a configuration in force has an even number of voters (see above)
-EVEN_EXTRA = 2
+EVEN_EXTRA = 3
 SPIKE_MS_CLEAN = 100.0
 
 
