@@ -19,7 +19,12 @@ Theory of operation (elections are started by brokers, voted by nodes under Raft
     first heard the shard (a restarted broker first waits to hear the leader that the
     followers name).
 - The request goes to the most up-to-date live member: highest
-  ``(last_log_term, last_index)``, ties by node id. It carries the highest term the
+  ``(last_log_term, last_index)``, ties by node id. A member is a node the view's
+  configuration names (the leader's; without one, the largest heard) or one that is a
+  voter of the configuration it holds (heartbeat ``config_role``): without a leader,
+  nodes may hold different configurations, a change having been under way. Never a node
+  whose data dir may not vote, nor one outside the voters of its own configuration
+  (removed, or a learner): it would ignore the request. It carries the highest term the
   broker has seen in the shard; a node above that term, or hearing a live leader, ignores
   it, so a redundant request (several brokers, stale view) is harmless.
 - While the shard stays leaderless, the request is repeated at most once per heartbeat
@@ -188,9 +193,15 @@ class FailureDetector:
         elif ep.last_sent is not None and now - ep.last_sent < self.heartbeat_s:
             return None
         members = set(view.members)
-        pool = [r for r in live if r.heartbeat.node_id in members] or live
-        # a node whose data dir may not vote (storage_node/identity.py) would ignore us
-        pool = [r for r in pool if r.heartbeat.extra.get("voter", True) is not False]
+        # the view's members, and any node that is a voter of the configuration it holds:
+        # with no leader, nodes may hold different ones (a change was under way) and the
+        # view's (the largest heard) may name only nodes that cannot win
+        pool = [r for r in live if r.heartbeat.node_id in members
+                or r.heartbeat.extra.get("config_role") == "voter"] or live
+        # a node whose data dir may not vote (storage_node/identity.py), or that is no
+        # voter of its own configuration (removed, or a learner), would ignore us
+        pool = [r for r in pool if r.heartbeat.extra.get("voter", True) is not False
+                and r.heartbeat.extra.get("config_role", "voter") == "voter"]
         if not pool:
             return None
         pool.sort(key=_rank)

@@ -3,10 +3,12 @@ replace-replica / transfer-leader`` (storage_node/membership.py has the rules).
 
 Each command sends one ``AdminRequest`` to the shard's leader through the broker (the
 ops are idempotent, so the SDK's retries are safe), then polls the leader's ``members``
-until the change has taken effect: a new replica is a learner until it has caught up
-and the leader promotes it; a replacement ends when the old voter is removed. With
-``--data-dir`` (a ``zkv cluster up`` dir) the supervisor starts the new node's process
-first (``cluster.json`` names it, with its peer port) and stops a removed one last.
+until the change has taken effect, asking again for a change that was lost (proposed by
+a leader that lost leadership before committing it): a new replica is a learner until
+it has caught up and the leader promotes it; a replacement ends when the old voter is
+removed. With ``--data-dir`` (a ``zkv cluster up`` dir) the supervisor starts the new
+node's process first (``cluster.json`` names it, with its peer port) and stops a
+removed one last.
 With ``--public-key FILE`` (the new node's public certificate, e.g. its ``<id>.key``) the
 change carries the node's Curve key: once committed, the shard's members and the brokers
 trust that key as that node, so it need not be copied into every ``keys/public/nodes``.
@@ -22,6 +24,7 @@ from typing import Any
 
 from zkv.client.sdk import KVClient
 from zkv.ops import cluster
+from zkv.protocol.errors import BadRequest
 from zkv.protocol.messages import (
     AdminAddReplica,
     AdminMembers,
@@ -83,8 +86,9 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
         say(f"shard {shard}: leadership moved from {before} to {leader}")
         return 0
     if cmd == "remove-replica":
-        _call(kv, AdminRemoveReplica(b"", 0, shard, args.old_id))
-        _wait(kv, shard, args.wait, lambda m: args.old_id not in _members(m))
+        remove = AdminRemoveReplica(b"", 0, shard, args.old_id)
+        _call(kv, remove)
+        _wait(kv, shard, args.wait, lambda m: args.old_id not in _members(m), remove)
         say(f"shard {shard}: {args.old_id} removed")
         if args.data_dir:
             cluster.spec_remove_replica(Path(args.data_dir), args.old_id)
@@ -98,15 +102,18 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
         raise ValueError("--peer-addr is needed (or --data-dir)")
     new = args.node_id
     if cmd == "add-replica":
-        _call(kv, AdminAddReplica(b"", 0, shard, new, addr, key))
+        add = AdminAddReplica(b"", 0, shard, new, addr, key)
+        _call(kv, add)
         say(f"shard {shard}: {new} is a learner; waiting for it to catch up")
-        _wait(kv, shard, args.wait, lambda m: new in m.voters)
+        _wait(kv, shard, args.wait, lambda m: new in m.voters, add, lambda m: new in _members(m))
         say(f"shard {shard}: {new} is a voter")
         return 0
     old = args.old_id
-    _call(kv, AdminReplaceReplica(b"", 0, shard, old, new, addr, key))
+    replace = AdminReplaceReplica(b"", 0, shard, old, new, addr, key)
+    _call(kv, replace)
     say(f"shard {shard}: {new} is a learner replacing {old}; waiting for it to catch up")
-    _wait(kv, shard, args.wait, lambda m: new in m.voters and old not in _members(m))
+    _wait(kv, shard, args.wait, lambda m: new in m.voters and old not in _members(m), replace,
+          lambda m: new in _members(m) and m.replaces.get(new) == old)
     say(f"shard {shard}: {new} is a voter and {old} is removed")
     if args.data_dir:
         cluster.spec_remove_replica(Path(args.data_dir), old)
@@ -125,17 +132,33 @@ def members(kv: KVClient, shard: int) -> AdminMembersReply:
     return _call(kv, AdminMembers(b"", 0, shard))
 
 
+def _again(kv: KVClient, change: AdminRequest) -> None:
+    """Ask for ``change`` again; a refusal to retry shortly waits for the next poll."""
+    try:
+        _call(kv, change)
+    except BadRequest as exc:
+        if "retry" not in str(exc):
+            raise
+
+
 def _members(m: AdminMembersReply) -> list[str]:
     return [*m.voters, *m.learners]
 
 
 def _wait(kv: KVClient, shard: int, timeout_s: float,
-          done: Callable[[AdminMembersReply], bool]) -> AdminMembersReply:
+          done: Callable[[AdminMembersReply], bool], change: AdminRequest | None = None,
+          under_way: Callable[[AdminMembersReply], bool] = lambda m: False,
+          ) -> AdminMembersReply:
+    """Poll the leader's configuration until ``done``. A change neither made, pending
+    nor ``under_way`` was lost (proposed by a leader that lost leadership before
+    committing it, and missing from the next leader's log): ``change`` is asked again."""
     deadline = time.monotonic() + timeout_s
     while True:
         m = _call(kv, AdminMembers(b"", 0, shard))
         if done(m) and not m.pending:
             return m
+        if change is not None and not m.pending and not done(m) and not under_way(m):
+            _again(kv, change)
         if time.monotonic() >= deadline:
             raise ValueError(f"shard {shard}: the change did not take effect in "
                              f"{timeout_s:g}s (voters {list(m.voters)}, learners "

@@ -20,9 +20,13 @@ Rules (enforced by ``Replica.propose_membership`` and ``check_change``):
   committed.
 - A change differs from the current configuration by one node's status.
 - Learners receive the log (or a snapshot) but neither vote nor count. The leader
-  promotes a learner only once its log is within ``promote_lag_max`` entries of its own;
+  promotes a learner only once its log is within ``promote_lag_max`` entries of its own,
+  and only while the voters that count would be a quorum with it (re-admit first);
   a learner added to replace a voter (``replaces``) has that voter removed once it is
-  promoted.
+  promoted and counts (its acks say its data dir votes). A replacement by a node that
+  is a voter already (a leader whose log held no configuration took its ``--peers``,
+  which named the node being added, as its configuration) is recorded as such, and
+  the old voter goes the same way.
 - A voter whose data dir cannot vote (it lost its disk, or started after the shard was
   founded: ``identity.py``) keeps its slot but counts for nothing; once its log is
   within ``promote_lag_max`` of the leader's, the leader re-admits it by binding the
@@ -272,10 +276,15 @@ def change_for(req: object, conf: Membership) -> Membership | None:
         return conf.remove(node) if node in conf.members else None
     if isinstance(req, AdminReplaceReplica):
         old = _arg(req.old_id, "old_id")
-        if node in conf.members or old not in conf.members:
-            return None  # asked before: under way (learner) or done (old removed)
         if old == node:
             raise MembershipError("replace with a new node id (or remove, then add)")
+        if node in conf.voters and old in conf.members and (node, old) not in conf.replaces:
+            # the new node votes already (the leader took --peers naming it as its
+            # configuration, and re-admitted its data dir): what is left is to remove
+            # the old one, which the leader does once the new one counts
+            return replace(conf, replaces=conf.replaces + ((node, old),))
+        if node in conf.members or old not in conf.members:
+            return None  # asked before: under way (learner) or done (old removed)
         return conf.add_learner(node, _arg(req.peer_addr, "peer_addr"), replaces=old,
                                 key=_key_arg(req.public_key))
     raise MembershipError(f"not a membership change: {type(req).__name__}")

@@ -292,6 +292,8 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
             return
         claimed = frames[0].decode(errors="replace")
         sender = claimed if not self.secure else key_node
+        if announced is not None and sender is not None:
+            self.vouch_for(sender, announced)
         if sender is None or (self.secure and sender not in self._member_keys()):
             self._impostor(key_node, claimed, msg)
             return
@@ -309,8 +311,9 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
             self.replica.step(sender, peer_msg, now)
 
     def _member_keys(self) -> set[str]:
-        """Who may speak Raft to us: the members in force and those we started with."""
-        return {*self.replica.membership.members, *self.config.members}
+        """Who may speak Raft to us: the members in force, those we started with, and
+        those whose connection announced this shard (``peer_link.vouch_for``)."""
+        return {*self.replica.membership.members, *self.config.members, *self.replica.vouched}
 
     def _impostor(self, key_node: str | None, claimed: str, msg: object) -> None:
         """Peer traffic from a key that is not a member of this group: ignored, and said

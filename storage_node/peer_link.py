@@ -32,6 +32,7 @@ from zkv.protocol.messages import WrongNode
 
 if TYPE_CHECKING:
     from zkv.storage_node.node_requests import NodeCoreConfig
+    from zkv.storage_node.replica import Replica
 
 #: the ZMTP metadata property (``X-`` names are the application's)
 PROPERTY = "X-Zkv-Peer"
@@ -110,6 +111,7 @@ class PeerLinks:
 
     if TYPE_CHECKING:
         config: NodeCoreConfig
+        replica: Replica
         misrouted: int
         notes: list[str]
         redials: Redials
@@ -137,6 +139,19 @@ class PeerLinks:
         self._direct.append((origin, (ident, *codec.encode(WrongNode(
             self.config.node_id, self.config.shard_id, self.config.cluster_id, reason)))))
         return True
+
+    def vouch_for(self, sender: str, announced: str) -> None:
+        """``sender``'s connection (``announced``: not refused) says it is a node of
+        this shard and cluster dialing us: the replica hears it like a member even while
+        our configuration does not name it (``Replica.step``: we lagged behind the
+        change that added it, maybe our new leader or the candidate that must win)."""
+        if sender in self.replica.vouched:
+            return
+        a = Announcement.parse(announced)
+        cfg = self.config
+        if (a is not None and a.sender == sender and a.to == cfg.node_id
+                and a.shard == cfg.shard_id and a.cluster_id and a.cluster_id == cfg.cluster_id):
+            self.replica.vouch(sender)
 
     def on_wrong_node(self, peer: str, msg: WrongNode, now: float) -> bool:
         """A peer's answer that our connection to ``peer`` reached ``msg.node_id``

@@ -142,6 +142,10 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
         self._reads_unsent.append((token, self.commit_index))
         return True
 
+    def vouch(self, node: str) -> None:
+        """The shell knows ``node`` is of this shard (see ``step``); idempotent."""
+        self.vouched.add(node)
+
     def set_voter(self, voter: bool) -> None:
         """The shell's identity check decided (founding agreed, or admission)."""
         self.voter = voter
@@ -220,16 +224,20 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
         self._now = now
         if msg.term >= TERM_MAX:
             return  # a forged term: ignore rather than trust
-        if sender not in self._peers and not (
+        if sender not in self._peers and sender not in self.vouched and not (
             isinstance(msg, TimeoutNow)
             or (isinstance(msg, (AppendEntries, InstallSnapshot))
                 and self.node_id not in self._voters)
         ):
-            # Not a member. A leader's appends are taken only by a node that is not a
-            # voter of its configuration (a new learner knows no members yet); a voter
-            # ignores them, so a connection that reached the wrong node (an address
-            # another group now uses) cannot feed it another group's log. TimeoutNow
-            # is checked against the leader we follow (a removed leader hands over).
+            # Not a member, nor a node the shell vouches is of this shard (one we may
+            # know nothing of: we lagged behind the change that added it, maybe our new
+            # leader or the only candidate that can win; its votes count only where our
+            # configuration names it a voter). A leader's appends are taken only by a
+            # node that is not a voter of its configuration (a new learner knows no
+            # members yet); a voter ignores the rest, so a connection that reached the
+            # wrong node (an address another group now uses) cannot feed it another
+            # group's log. TimeoutNow is checked against the leader we follow (a
+            # removed leader hands over).
             return
         if isinstance(msg, TimeoutNow):
             if (msg.term == self.term and sender == self.leader_id and self.voter

@@ -8,8 +8,12 @@ single-server changes through the log, and why, are in ``membership.py``; here:
   committed configuration steps down (``replica_replication.py``).
 - A leader proposes a change only once it has committed an entry of its term and no
   other change is pending. It drives changes itself on ``tick``: it finishes a
-  replacement (removes the old node once the new one votes), readmits a voter whose data
-  dir came back empty, and promotes a learner within ``promote_lag_max`` of its log.
+  replacement (removes the old node once the new one votes and its acks count),
+  readmits a voter whose data dir came back empty, and promotes a learner within
+  ``promote_lag_max`` of its log, but only while the voters whose acks count (their
+  data dirs vote) would be a quorum with it: until the learner sees its promotion it
+  counts for nothing, and should the leader fall before then, a configuration whose
+  counting voters are no quorum could never elect another (re-admit first).
 - A configuration that admits this data dir's incarnation makes this node a voter
   (``promoted``); it then counts a vote as given in the current term, since an empty
   data dir forgot any vote its predecessor gave.
@@ -123,7 +127,7 @@ class ReplicaMembership(ReplicaState):
         if self.change_pending() or self.term_at(self.commit_index) != self.term:
             return
         for new, old in conf.replaces:
-            if new in conf.voters and old in conf.members:
+            if new in conf.voters and old in conf.members and self._counts(new):
                 self.propose_membership(conf.remove(old), now)
                 return
         lag_ok = self.last_index - self.config.promote_lag_max
@@ -134,6 +138,9 @@ class ReplicaMembership(ReplicaState):
                     and (voter, pr.incarnation) not in conf.incarnations):
                 self.propose_membership(conf.readmit(voter, pr.incarnation), now)
                 return
+        counting = sum(1 for v in conf.voters if self._counts(v))
+        if counting < (len(conf.voters) + 1) // 2 + 1:
+            return  # with one more voter, those that count would be no quorum
         for learner in conf.learners:
             pr = self._progress.get(learner)
             if pr is None or not pr.incarnation:
@@ -141,6 +148,12 @@ class ReplicaMembership(ReplicaState):
             if pr.match_index >= self.last_index - self.config.promote_lag_max:
                 self.propose_membership(conf.promote(learner, pr.incarnation), now)
                 return
+
+    def _counts(self, voter: str) -> bool:
+        """Leader: whether ``voter``'s acks count (its data dir votes): a replaced voter
+        is removed only then, so the quorum never leans on a node that cannot answer."""
+        pr = self._progress.get(voter)
+        return voter == self.node_id or (pr is not None and pr.voter)
 
     # ------------------------------------------------------------------ leadership transfer
 

@@ -53,6 +53,11 @@ class ReplicaState:
         self.role = Role.FOLLOWER
         self.leader_id = ""
         self.voter = config.voter
+        #: nodes the shell vouches are of this shard (their connection announced it,
+        #: ``peer_link``) though our configuration may not name them: we lagged behind
+        #: the change that added them. Heard like members (a leader's appends, a
+        #: candidate's vote requests); their votes count only as our voters'.
+        self.vouched: set[str] = set()
         #: set when a configuration in the log promoted this data dir: the shell records
         #: the identity as a voter
         self.promoted = False

@@ -61,7 +61,7 @@ class SimBroker:
         w = self.world
         if type(msg) is Heartbeat:
             self.table.observe(msg, w.now)
-        elif src in w.nodes:
+        elif src in w.nodes or src in w.retired:  # a stopped node's last frames too
             self._from_node(src, msg)
         else:
             self._route(src.encode(), msg)

@@ -13,8 +13,9 @@ A run: 3 replicas (5 on every fourth seed), clients issuing ~200 operations over
 the fault plan (drawn from the seed) crashes and restarts nodes, partitions the
 network (often isolating the leader), pauses processes, half-opens and misroutes
 connections, tears writes, loses snapshot renames, damages snapshots, fills and wipes
-disks, and sets loss, duplication and delay. Then everything heals, the cluster quiesces, clients read every key, and the
-verdict is taken.
+disks, and sets loss, duplication and delay, and an operator adds, removes and replaces
+replicas, the leader among them (``members.py``). Then everything heals, the cluster
+quiesces, clients read every key, and the verdict is taken.
 
 Invariants, checked after every step (``check_*``, raising ``Violation``):
 - at most one leader per term, ever;
@@ -32,7 +33,13 @@ Invariants, checked after every step (``check_*``, raising ``Violation``):
 - the availability rule (``availability.py``): while a majority of the shard and a
   broker reach each other, the shard is never without a usable leader for longer than
   ``availability_s``;
-- at quiescence: one leader, every replica caught up, equal state digests;
+- configurations agree (``configs.py``): a configuration entry is the same on every
+  node holding it, changes are single-server and one at a time, every node's committed
+  configuration is the shard's committed sequence's at that index, a leader that
+  committed its removal steps down;
+- at quiescence: one leader, every replica caught up, equal state digests, the
+  operator's change done, every member on the leader's configuration, which names
+  exactly the nodes that run, each voter voting;
 - every acknowledged write is in the committed log; the client history is linearizable.
 """
 
@@ -52,7 +59,9 @@ from tests.sim.availability import AvailabilityCheck, bound_for
 from tests.sim.broker import SimBroker
 from tests.sim.client import SimClient
 from tests.sim.clock import SimClock
+from tests.sim.configs import ConfigCheck
 from tests.sim.faults import FaultPlan
+from tests.sim.members import PROMOTE_LAGS, Operator, Supervisor
 from tests.sim.network import NetConfig, SimNetwork
 from tests.sim.node import SimNode
 from tests.sim.ttl_client import TTLS_S, SimTtlClient, check_ttl, ttl_stats
@@ -99,6 +108,12 @@ class SimConfig:
     fault_kinds: tuple[str, ...] = ()
     #: clients putting keys with short TTLs and reading them (``ttl_client.py``)
     ttl_clients: int = 0
+    #: the operator changes the shard's replicas under the faults (``members.py``);
+    #: with ``fault_kinds``, only when they name "membership"
+    membership: bool = True
+    #: a learner within this many entries of the leader's log is promoted (None: drawn
+    #: from the seed, ``members.PROMOTE_LAGS``)
+    promote_lag_max: int | None = None
 
 
 @dataclass(slots=True)
@@ -115,7 +130,7 @@ class SimResult:
         return head if self.ok else f"{head}: {self.message.splitlines()[0] if self.message else ''}"
 
 
-class World:
+class World(Supervisor):
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         master = random.Random(cfg.seed)
@@ -123,18 +138,27 @@ class World:
         self.fault_rng = random.Random(master.getrandbits(64))
         self.client_rng = random.Random(master.getrandbits(64))
         self.net = SimNetwork(random.Random(master.getrandbits(64)), NetConfig())
+        operator_rng = random.Random(master.getrandbits(64))
+        self.promote_lag_max = (cfg.promote_lag_max if cfg.promote_lag_max is not None
+                                else operator_rng.choice(PROMOTE_LAGS))
         self.clock = SimClock()
         self.history = History(clock=self.clock.ns)
         self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._timer_seq = 0
         self.trace: deque[tuple[float, str, Any]] = deque(maxlen=TRACE_LEN)
         self.ring = RingConfig(1, tuple(range(cfg.ring_shards or cfg.shards)), cfg.vnodes)
+        #: shard -> the nodes the supervisor runs (cluster.json): the members, plus a
+        #: node the operator is adding, until it stops one it removed
         self.shard_nodes: dict[int, list[str]] = {}
         self.nodes: dict[str, SimNode] = {}
+        #: nodes the operator removed and stopped, never to start again
+        self.retired: dict[str, SimNode] = {}
+        self._next_replica: dict[int, int] = {}
         for shard in range(cfg.shards):
             ids = [f"n{i + 1}" if cfg.shards == 1 else f"s{shard}n{i + 1}"
                    for i in range(cfg.nodes)]
             self.shard_nodes[shard] = ids
+            self._next_replica[shard] = cfg.nodes + 1
             for nid in ids:
                 self.nodes[nid] = SimNode(self, nid, tuple(ids), shard, self.ring)
         self.node_ids = list(self.nodes)
@@ -148,6 +172,8 @@ class World:
         #: TTL clients start nothing new from then on (a run's end; moves set their own)
         self.ttl_until = cfg.duration_s
         self.endpoints.update({c.addr: c for c in self.ttl_clients})
+        self.configs = ConfigCheck(self)
+        self.operator = Operator(self, operator_rng)
         self.ops_left = cfg.ops_max
         self.acked: list[tuple[bytes, int, str, str, Any]] = []
         #: (client id, request id) -> the first reply to that write
@@ -249,9 +275,13 @@ class World:
         hard = node.disk.durable.hard_state
         term = core.term if not node.unpersisted else hard.term if hard else 0
         node.max_term = max(node.max_term, term)
+        self.configs.on_node(node)
 
     def check_commit(self, node: SimNode, index: int, term: int, data: bytes) -> None:
-        seen = self.committed.setdefault((node.shard_id, index), (term, data))
+        seen = self.committed.get((node.shard_id, index))
+        if seen is None:
+            seen = self.committed[(node.shard_id, index)] = (term, data)
+            self.configs.on_commit(node.shard_id, index, term, data)
         if seen != (term, data):
             self.violation(
                 f"{node.id} applies index {index} as (term {term}, {_cmd(data)}) but it was "
@@ -271,6 +301,8 @@ class World:
         cfg = self.cfg
         if cfg.faults:
             self.faults.plan()
+            if cfg.membership and (not cfg.fault_kinds or "membership" in cfg.fault_kinds):
+                self.operator.plan(cfg.duration_s - 2.0)
         if cfg.availability_s != 0:
             bound = cfg.availability_s if cfg.availability_s else bound_for(self)
             self.availability = AvailabilityCheck(self, bound)
@@ -320,6 +352,10 @@ class World:
         return not self._convergence_problem()
 
     def _convergence_problem(self) -> str:
+        ch = self.operator.change
+        if ch is not None:
+            return (f"the operator's {ch.kind} {ch.old} {ch.new} (started at "
+                    f"{ch.started:.2f}s) has not taken effect after healing everything")
         for shard, ids in self.shard_nodes.items():
             leader = self.leader(shard)
             if leader is None or leader.core is None:
@@ -334,6 +370,9 @@ class World:
                         f"{nid} applied {applied}, leader {leader.id} at {lc.last_index} "
                         f"(term {lc.term}) after healing everything"
                     )
+            problem = self.configs.convergence_problem(shard, leader)
+            if problem:
+                return problem
         return ""
 
     def _final_reads(self) -> None:
@@ -381,6 +420,8 @@ class World:
             "net": self.net.stats,
             "disk": dict(sorted(self.disk_events.items())),
             "faults": list(self.faults_log),
+            "membership": dict(sorted((self.configs.stats + self.operator.stats).items())),
+            "promote_lag_max": self.promote_lag_max,
             **(ttl_stats(self.ttl_clients) if self.ttl_clients else {}),
         }
 

@@ -77,7 +77,7 @@ class FaultPlan:
         if cfg.fault_kinds:
             weights = [KINDS[k] if k in cfg.fault_kinds else 0 for k in kinds]
         t = rng.uniform(1.0, 3.0)
-        end = cfg.duration_s - 2.0
+        end = cfg.duration_s - 2.0 if any(weights) else 0.0  # ("membership",) alone
         while t < end:
             kind = rng.choices(kinds, weights=weights)[0]
             length = rng.uniform(2.0, 8.0) if kind in LONG else rng.uniform(0.3, 4.0)
@@ -187,17 +187,33 @@ class FaultPlan:
 
     def _may_lose(self, victim: SimNode) -> bool:
         """A fault that may cost state is drawn only while the rest of the shard keeps
-        a whole majority: at most a minority is ever short of state."""
-        ids = self.w.shard_nodes[victim.shard_id]
-        short = {n for n in ids if not self.w.nodes[n].whole or self.w.nodes[n].at_risk}
-        return len(short | {victim.id}) <= (len(ids) - 1) // 2
+        a whole majority: at most a minority is ever short of state, in every
+        configuration that may be in force (any running node's, the latest committed,
+        and the one the operator's change is heading for, ``members.py``)."""
+        w = self.w
+        shard = victim.shard_id
+        sets = {frozenset(w.shard_nodes[shard]), frozenset(w.configs.latest(shard).voters)}
+        sets.update(frozenset(w.nodes[n].core.membership.voters)  # type: ignore[union-attr]
+                    for n in w.shard_nodes[shard] if w.nodes[n].up)
+        target = w.operator.target_voters(shard)
+        if target is not None:
+            sets.add(target)
+        for voters in sets:
+            if victim.id not in voters:
+                continue
+            short = {n for n in voters if w.short(n)}
+            if len(short | {victim.id}) > (len(voters) - 1) // 2:
+                return False
+        return True
 
     def _disk_space(self, node_id: str) -> None:
         self.w.trace.append((self.w.now, "DISK SPACE", node_id))
-        self.w.nodes[node_id].disk.full = False
+        if node_id in self.w.nodes:
+            self.w.nodes[node_id].disk.full = False
 
     def _disarm(self, node_id: str) -> None:
-        self.w.nodes[node_id].disk.armed = None
+        if node_id in self.w.nodes:
+            self.w.nodes[node_id].disk.armed = None
 
     def powered_off(self, node: SimNode) -> None:
         """The node lost power in the middle of a write (``SimDisk.arm``)."""
@@ -206,8 +222,8 @@ class FaultPlan:
 
     def _restart(self, node_id: str) -> None:
         w = self.w
-        node = w.nodes[node_id]
-        if not node.up:
+        node = w.nodes.get(node_id)  # None: the operator removed it and stopped it
+        if node is not None and not node.up:
             w.trace.append((w.now, "RESTART", node_id))
             if self._start(node) is not None:
                 w.at(w.now + REPAIR_S, self._repair, node_id)
@@ -228,8 +244,8 @@ class FaultPlan:
         """The operator follows the refusal: the data dir is moved aside, the node
         restarts empty (a non-voter until a leader re-admits it)."""
         w = self.w
-        node = w.nodes[node_id]
-        if not node.up:
+        node = w.nodes.get(node_id)
+        if node is not None and not node.up:
             w.trace.append((w.now, "REPAIR", node_id))
             node.at_risk = False
             node.lose_disk()

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tests.sim.disk import PowerLoss, SimDisk
-from tests.sim.restart import Restarted, recover
+from tests.sim.restart import CLUSTER_ID, Restarted, recover
 from zkv.protocol import codec
 from zkv.protocol.messages import AppendReply, Heartbeat, MigrateAck, PeerMessage, VoteReply
 from zkv.protocol.ring import Ring, RingConfig
@@ -37,6 +37,7 @@ from zkv.storage_node.identity import Identity, IdentityState
 from zkv.storage_node.membership import unwrap_snapshot
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
 from zkv.storage_node.node_disk import DISK_RETRY_S, SNAPSHOT_RETRY_S
+from zkv.storage_node.peer_link import Announcement
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.recovery import Refusal
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
@@ -54,16 +55,23 @@ PEER = "peer"  # the origin of frames that came on the peer socket
 
 class SimNode:
     def __init__(self, world: World, node_id: str, members: tuple[str, ...], shard_id: int = 0,
-                 ring: RingConfig | None = None, peer_addrs: dict[str, str] | None = None) -> None:
+                 ring: RingConfig | None = None, peer_addrs: dict[str, str] | None = None,
+                 joining: bool = False) -> None:
         self.world = world
         self.id = node_id
         self.shard_id = shard_id
         self.ring = ring or RingConfig(1, (shard_id,), 16)
+        #: ``--peers`` and itself; a start takes them from the world's spec when it names
+        #: this node (``World.spec_members``: what the supervisor reads in cluster.json)
         self.members = members
         self.disk = SimDisk(world.cfg.fsync)
-        # provisioned as a founded member (what a successful --bootstrap leaves)
-        self.disk.save_identity(Identity("sim", shard_id, node_id, f"{node_id}.0",
-                                         IdentityState.VOTER))
+        #: a node added by add-replica / replace-replica: an empty data dir started
+        #: without --bootstrap, a non-voter until a configuration promotes it
+        self.joining = joining
+        if not joining:
+            # provisioned as a founded member (what a successful --bootstrap leaves)
+            self.disk.save_identity(Identity("sim", shard_id, node_id, f"{node_id}.0",
+                                             IdentityState.VOTER))
         self.identity: Identity | None = None
         self.node: NodeCore | None = None
         self.incarnation = 0
@@ -105,6 +113,7 @@ class SimNode:
         leaves the node down, as ``zkv-node`` exits non-zero."""
         w = self.world
         self.incarnation += 1
+        self.members = w.spec_members(self) or self.members
         found = recover(self.disk, self.id, self.shard_id, w.cfg.fsync,
                         f"{self.id}.{self.incarnation}")
         if not isinstance(found, Restarted):
@@ -127,14 +136,14 @@ class SimNode:
         rcfg = ReplicaConfig(
             node_id=self.id, members=self.members, heartbeat_interval_ms=w.cfg.heartbeat_ms,
             election_timeout_ms=w.cfg.election_timeout_ms, voter=ident.voter,
-            incarnation=ident.incarnation,
+            incarnation=ident.incarnation, promote_lag_max=w.promote_lag_max,
         )  # fmt: skip
         replica = Replica(rcfg, found.hard_state, found.entries, snap)
         tasks = LeaderTasks(seq0=(self.incarnation * 7919 + len(self.id)) << 20)
         config = NodeCoreConfig(
             self.id, self.shard_id, self.members, self.id, w.cfg.heartbeat_ms,
             w.cfg.snapshot_entries or 1 << 60, pid=self.incarnation,
-            info={"fsync": w.cfg.fsync},
+            info={"fsync": w.cfg.fsync}, cluster_id=CLUSTER_ID,
         )  # fmt: skip
         self.node = NodeCore(config, replica, state, Ring(self.ring), tasks)
         self._reset_disk_shell()
@@ -195,12 +204,27 @@ class SimNode:
             else:
                 node.on_peer_frames(src, msg, w.now)
         else:
-            if node.unpersisted:  # what NodeCore.on_peer_frames does for the real socket
+            # what NodeCore.on_peer_frames does for the real socket: the connection's
+            # announcement (``peer_link``) vouches for a node of this shard, then the
+            # full-disk gate
+            if src not in node.replica.vouched:
+                node.vouch_for(src, self._announcement(src))
+            if node.unpersisted:
                 msg = node.disk_gate.incoming(msg)
             if msg is not None:
                 node.replica.step(src, msg, w.now)
         node.tick(w.now, WALL_EPOCH_MS + int(w.now * 1000))
         self._turn()
+
+    def _announcement(self, src: str) -> str:
+        """What ``src``'s connection to us announced (``node_sockets._announce``)."""
+        w = self.world
+        peer = w.nodes.get(src) or w.retired.get(src)
+        if peer is None:
+            return ""
+        inc = peer.identity.incarnation if peer.identity is not None else ""
+        option = Announcement(src, self.id, peer.shard_id, CLUSTER_ID, inc).option()
+        return option.decode().partition(":")[2]
 
     # ------------------------------------------------------------------ the shell
 
@@ -269,16 +293,20 @@ class SimNode:
 
     def _check_whole(self, msg: PeerMessage) -> None:
         """Invariant 7: a node that lost its disk never votes or acks as a voter until a
-        leader re-admitted this data dir."""
-        if self.whole:
+        leader re-admitted this data dir; nor does a new node before its promotion."""
+        if self.whole and not self.joining:
             return
         core, ident = self.core, self.identity
-        if core is not None and ident is not None and core.membership.admits(
-                self.id, ident.incarnation):
-            return  # the configuration admitting it came in this very round
+        conf = core.membership if core is not None else None
+        if conf is not None and ident is not None and self.id in conf.voters and (
+                self.id, ident.incarnation) in conf.incarnations:
+            # the configuration admitting this data dir came in this very round (read
+            # here, not through ``Membership.admits``: the rule under test)
+            return
         if (type(msg) is VoteReply and msg.granted) or (type(msg) is AppendReply and msg.voter):
-            self.world.violation(f"{self.id} lost its disk and was not re-admitted, yet "
-                                 f"sends {msg}")
+            why = ("lost its disk and was not re-admitted" if not self.whole
+                   else "joined empty and was not promoted")
+            self.world.violation(f"{self.id} {why}, yet sends {msg}")
 
     def _check_promoted(self, core: Replica) -> None:
         """``StorageNode._handle_ready``: a configuration admitted this data dir."""
@@ -287,9 +315,10 @@ class SimNode:
             self.identity = self.identity.with_state(IdentityState.VOTER)
             self.disk.save_identity(self.identity)
             core.set_voter(True)
-            self.whole = True
             self.world.trace.append((self.world.now, f"{self.id} admitted", self.identity))
-            self.world.count("re-admitted")
+            self.world.count("promoted" if self.joining and self.whole else "re-admitted")
+            self.whole = True
+            self.joining = False
 
     def _persist(self, rd: Ready) -> bool:
         """``NodeDisk._persist``: False while the disk is full (what did not fit waits)."""

@@ -59,6 +59,21 @@ def _report(results: list[SimResult]) -> str:
     return "\n".join(lines)
 
 
+def _membership(results: list[SimResult]) -> dict[str, int]:
+    """Membership changes over the results: committed (by kind) and the operator's."""
+    total: dict[str, int] = {}
+    for r in results:
+        for k, v in r.stats.get("membership", {}).items():
+            total[k] = max(total.get(k, 0), v) if "longest" in k else total.get(k, 0) + v
+    return total
+
+
+#: committed membership changes every 100 seeds of the sweep must show (``configs.py``)
+MEMBERSHIP_BITES = ("learner added", "learner added (replace)", "promoted", "removed",
+                    "removed, the leader itself", "removed (replaced)",
+                    "removed (replaced), the leader itself", "re-admitted")
+
+
 def test_sweep():
     results = _run_all(_seeds())
     unknown = [r.seed for r in results if r.kind == "unknown"]
@@ -66,6 +81,11 @@ def test_sweep():
         print(f"linearizability undecided (step limit) for seeds {unknown}")
     if any(not r.ok for r in results):
         pytest.fail(_report(results), pytrace=False)
+    changes = _membership(results)
+    print(f"membership over {len(results)} seeds: " + ", ".join(
+        f"{k}: {v}" for k, v in sorted(changes.items())))
+    if len(results) >= 100:  # the nemesis bites: every kind of change was committed
+        assert all(changes.get(k, 0) > 0 for k in MEMBERSHIP_BITES), changes
 
 
 def test_a_seed_replays_exactly():
@@ -294,3 +314,62 @@ def test_the_harness_catches_recovery_that_continues_a_wal_below_its_snapshot(mo
                   if r.kind == "crash"), None)
     assert stuck is not None, "60 seeds with the WAL continued below its snapshot and no crash"
     assert "WAL append" in stuck.message, stuck.message
+
+
+# ------------------------------------------------------------------ membership (issue 11)
+
+MEMBERSHIP_KINDS = ("membership", "lose_disk", "crash_leader", "isolate_leader", "split",
+                    "pause_leader")
+
+
+def test_membership_changes_keep_every_invariant_and_do_bite():
+    """The operator (``members.py``) adds, removes and replaces replicas, the leader
+    itself among them, while leaders crash, are isolated or paused and disks are lost:
+    every invariant holds (``configs.py`` among them), and every kind of change was
+    committed somewhere."""
+    results = [run_seed(s, fault_kinds=MEMBERSHIP_KINDS) for s in range(16)]
+    assert all(r.ok for r in results), _report(results)
+    changes = _membership(results)
+    assert all(changes.get(k, 0) > 0 for k in MEMBERSHIP_BITES), changes
+
+
+def test_the_harness_catches_two_membership_changes_at_once(monkeypatch):
+    """A replica core that never sees a change pending (the one-change-at-a-time rule
+    gone: the leader proposes and drives a change while the previous one is not
+    committed, and says none is pending) is caught: a log holds two configuration
+    entries above every commit index of the shard."""
+    from zkv.storage_node.replica_membership import ReplicaMembership
+
+    monkeypatch.setattr(ReplicaMembership, "change_pending", lambda self: False)
+    caught = _first_caught(20)
+    assert caught, "20 seeds with two membership changes at once and no invariant fired"
+    assert "two changes at once" in caught.message, caught.message
+
+
+def test_the_harness_catches_a_voter_slot_that_admits_any_data_dir(monkeypatch):
+    """A configuration that admits whatever data dir comes back under a voter's id
+    (the incarnation check gone) lets a node that lost its disk vote and ack as a voter
+    as soon as it sees itself among the voters: caught (invariant 7)."""
+    from zkv.storage_node.membership import Membership
+
+    monkeypatch.setattr(Membership, "admits", lambda self, node, incarnation: node in self.voters)
+    caught = _first_caught(20)
+    assert caught, "20 seeds with voter slots admitting any data dir and no invariant fired"
+    assert "lost its disk" in caught.message, caught.message
+
+
+def test_the_harness_catches_a_new_node_that_votes_before_its_promotion(monkeypatch):
+    """An empty data dir started without --bootstrap that takes itself for a voter (the
+    learner stage skipped) is caught as soon as it acks as one."""
+    from zkv.storage_node import identity
+
+    decide = identity.decide_start
+
+    def eager(on_disk, has_state, **kw):
+        found = decide(on_disk, has_state, **kw)
+        return found.with_state(identity.IdentityState.VOTER) if on_disk is None else found
+
+    monkeypatch.setattr(identity, "decide_start", eager)
+    caught = _first_caught(5, fault_kinds=("membership", "crash_leader"))
+    assert caught, "5 seeds with new nodes voting before promotion and no invariant fired"
+    assert "joined empty and was not promoted" in caught.message, caught.message

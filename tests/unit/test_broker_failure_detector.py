@@ -308,3 +308,27 @@ def test_confirmation_stops_within_three_heartbeats_of_silence() -> None:
     c.now = 0.31
     assert heard(c) == {"s0r1": 3}
     assert c.table.is_live("s0r0", c.now)  # while the table still counts it live
+
+
+def test_with_no_leader_a_voter_of_a_newer_configuration_is_asked() -> None:
+    """Found by the simulator's membership nemesis: the leader (r4) proposed its own
+    removal (``replace-replica``: r6 in, r4 out) and crashed before committing it; r5 and
+    r6 hold that configuration, r3 lagged far behind with an old one. With no leader the
+    view's members are the largest heard (r3's: r1, r3, r4), so the broker asked only r4
+    (no voter of its own configuration: it ignores campaigns) and r3 (too far behind to
+    win), in turn, forever; r5 or r6 would win at once. A node that is a voter of the
+    configuration it holds may be asked; one that is not never is."""
+    import dataclasses
+
+    def node(name: str, log: tuple[int, int], members: tuple[str, ...], role: str) -> Heartbeat:
+        beat = hb(name, term=7, log=log, members=members)
+        return dataclasses.replace(beat, extra={"voter": True, "config_role": role})
+
+    new = ("s0r3", "s0r5", "s0r6")
+    beats = [node("s0r3", (6, 18), ("s0r1", "s0r3", "s0r4"), "voter"),
+             node("s0r4", (7, 38), new, "none"),
+             node("s0r5", (7, 38), new, "voter"), node("s0r6", (7, 38), new, "voter")]
+    c = Cluster()
+    sent = c.run(4.0, beats)
+    asked = [n for _, n, _ in sent]
+    assert asked and asked[0] == "s0r5" and "s0r4" not in asked

@@ -454,3 +454,155 @@ def test_committed_membership_is_the_committed_one_not_the_latest() -> None:
     index, committed = a.committed_membership()
     assert committed.key_of("d") == KEY_D and index > before_index
     assert g.cores["b"].committed_membership()[1].key_of("d") == KEY_D  # followers too
+
+
+def test_a_voter_that_lagged_behind_the_change_adding_its_leader_catches_up() -> None:
+    """Found by the simulator's membership nemesis (tests/sim/members.py): c misses the
+    change that adds d; d then leads. c's configuration does not name d, and a voter
+    ignores appends from a non-member (another group's leader, ``Replica.step``), so c
+    never caught up again. Its shell knows better: d's connection announced a node of
+    this shard (``peer_link``), and once vouched for, d's appends are taken."""
+    g = _ready_group()
+    g.cut |= {frozenset(("c", n)) for n in "abd"}  # c lags from here on
+    _join(g, "d")
+    a = g.cores["a"]
+    a.propose_membership(a.membership.add_learner("d", "tcp://d"), g.now)
+    g.advance(0.5)
+    assert a.membership.voters == ("a", "b", "c", "d") and not a.change_pending()
+    assert a.transfer_leadership("d", g.now)
+    g.advance(0.5)
+    d, c = g.cores["d"], g.cores["c"]
+    assert g.leader() == "d" and "d" not in c.membership.members
+    for i in range(5):
+        d.propose(b"after%d" % i, g.now)
+    g.cut.clear()
+    g.advance(0.5)
+    assert c.last_index < d.last_index  # ignored: d is nobody to c
+    c.vouch("d")  # its shell saw d's connection announce this shard
+    g.advance(0.5)
+    assert c.last_index == d.last_index and c.membership == d.membership
+    assert [e.data for e in g.applied["c"]] == [e.data for e in g.applied["d"]]
+
+
+def test_a_vouched_node_is_heard_like_a_member_and_counts_as_the_configuration_says() -> None:
+    """Found by the simulator's membership nemesis: b was down through two replacements
+    (a by d, then d by e) and c lost its disk; e, the only up-to-date voter, needs b's
+    vote, and b's configuration (a, b, c... then b, c, d) does not name e: a voter that
+    ignores vote requests from non-members left the shard without a leader for good.
+    A node the shell vouched for is heard like a member (its appends, its vote
+    requests); its votes count only where our configuration names it a voter, and a
+    node nobody vouched for stays ignored."""
+    b = Replica(ReplicaConfig("b", ("b", "c", "d")), HardState(3, ""), [Entry(3, 1, b"x")])
+    request = VoteRequest(4, "e", 9, 3)
+    b.step("zz", request, 100.0)
+    b.step("e", request, 100.0)
+    assert b.term == 3 and not b.ready().messages  # nobody vouched for either
+    b.vouch("e")
+    b.step("e", request, 100.0)
+    assert [(to, m.granted) for to, m in b.ready().messages
+            if isinstance(m, VoteReply)] == [("e", True)]
+    c = Replica(ReplicaConfig("c", ("b", "c", "d")), HardState(5, ""), [])
+    c.vouch("e")
+    c.campaign(200.0)
+    c.step("e", VoteReply(6, "e", True, True, "c"), 200.0)
+    assert c.role is not Role.LEADER and c._prevote  # e's vote is no vote of c's group
+
+
+def test_replace_by_a_node_that_already_votes_removes_the_old_one_once_it_counts() -> None:
+    """Found by the simulator's membership nemesis: a node that restarts with no
+    configuration in its log or snapshot takes its ``--peers`` as its configuration,
+    and the supervisor names a node it adds in everyone's ``--peers`` (cluster.json)
+    before replace-replica reaches the leader. There the new node is a voter slot, and
+    once that node leads it re-admits the new node's data dir. replace-replica then
+    found the new node a member ("asked before") and the old one was never removed.
+    Now the replacement is recorded, and the old voter goes once the new one counts."""
+    from zkv.protocol.messages import AdminReplaceReplica
+
+    members = ("a", "b", "c", "d")
+    g = Group(members)
+    g.cores["d"] = Replica(ReplicaConfig("d", members, voter=False, incarnation="inc-d"),
+                           HardState(0, ""), [])
+    g.elect("a")
+    g.advance(0.5)
+    a = g.cores["a"]
+    assert a.membership.incarnations == (("d", "inc-d"),) and g.cores["d"].voter
+    req = AdminReplaceReplica(b"", 1, 0, "c", "d", "tcp://d")
+    new = mship.change_for(req, a.membership)
+    assert new is not None and new.voters == a.membership.voters
+    assert new.replaces == (("d", "c"),)
+    a.propose_membership(new, g.now)
+    g.advance(0.5)
+    assert a.membership.voters == ("a", "b", "d") and a.membership.replaces == ()
+    assert mship.change_for(req, a.membership) is None  # done
+
+
+def test_a_replacement_removes_the_old_voter_only_once_the_new_one_counts() -> None:
+    g = _ready_group()
+    d = "d"
+    _join(g, d)
+    a = g.cores["a"]
+    a.propose_membership(a.membership.add_learner(d, "tcp://d", replaces="c"), g.now)
+    g.settle()
+    g.cut |= {frozenset(("a", d))}  # d is promoted below but cannot answer as a voter
+    a.tick(g.now + 0.05)
+    pr = a._progress[d]
+    pr.match_index, pr.incarnation = a.last_index, "inc-d"  # it had caught up
+    g.advance(0.3)
+    assert d in a.membership.voters and "c" in a.membership.voters  # not counted yet
+    g.cut.clear()
+    g.advance(0.5)
+    assert a.membership.voters == ("a", "b", "d")
+
+
+def test_the_operator_asks_again_for_a_change_its_leader_lost(monkeypatch: pytest.MonkeyPatch,
+                                                               ) -> None:
+    """Found by the simulator's membership nemesis: a change is answered once proposed
+    (``admin_requests.py``); if its leader loses leadership before committing it, the
+    next leader's log may not hold it. ``zkv admin remove-replica`` (and add, replace)
+    then polled until ``--wait`` ran out. Now, seeing the change neither made nor
+    pending nor under way, it asks again (every op is idempotent)."""
+    import argparse
+
+    from zkv.ops import membership as ops
+    from zkv.protocol.messages import AdminMembersReply, AdminRemoveReplica
+
+    monkeypatch.setattr(ops, "POLL_S", 0.0)
+
+    class LosesTheFirstProposal:
+        removes = 0
+
+        def admin(self, req: object) -> AdminMembersReply:
+            if isinstance(req, AdminRemoveReplica):
+                self.removes += 1
+                return AdminMembersReply(0, "a", ("a", "b"), (), {}, {}, {}, True, 9, "")
+            voters = ("a", "b", "c") if self.removes < 2 else ("a", "b")
+            return AdminMembersReply(0, "a", voters, (), {}, {}, {}, False, 0, "")
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="admin_command")
+    ops.add_arguments(sub, argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(["remove-replica", "0", "c", "--wait", "1"])
+    kv = LosesTheFirstProposal()
+    assert ops.run(kv, args, lambda _: None) == 0  # type: ignore[arg-type]
+    assert kv.removes == 2
+
+
+def test_a_learner_is_promoted_only_while_the_voters_that_count_keep_a_quorum() -> None:
+    """Found by the simulator's membership nemesis: voters a, b, c with c's data dir
+    wiped (a non-voter until re-admitted, which needs it to catch up); the leader
+    promoted learner d at once: voters a, b, c, d, quorum 3, of which only a and b
+    counted until d saw its promotion. The leader lost leadership before d did: no
+    quorum could form again (d does not vote before it sees its promotion, c before it
+    is re-admitted): the shard was down for good. Now the leader promotes only while
+    the voters whose acks count are a quorum of the configuration with the learner."""
+    g = _ready_group()
+    a = g.cores["a"]
+    _join(g, "d")
+    g.cut |= {frozenset(("a", "c")), frozenset(("b", "c"))}
+    a._progress["c"].voter = False  # c's acks said so: its data dir came back empty
+    a.propose_membership(a.membership.add_learner("d", "tcp://d"), g.now)
+    g.advance(0.5)
+    assert a.membership.learners == ("d",) and a.membership.voters == ("a", "b", "c")
+    g.cut.clear()  # c answers again, as a voter (its acks say so): it counts
+    g.advance(0.5)
+    assert a.membership.voters == ("a", "b", "c", "d")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from zkv.protocol import codec
-from zkv.protocol.messages import VoteRequest, WrongNode
+from zkv.protocol.messages import AppendEntries, VoteRequest, WrongNode
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
@@ -108,3 +108,37 @@ def test_wrong_node_answers_redial_at_most_once_per_interval() -> None:
 def test_redials_interval() -> None:
     r = Redials(interval=2.0)
     assert r.due("p", 0.0) and not r.due("p", 1.9) and r.due("p", 2.0)
+
+
+def append_frames(sender: bytes = b"d", term: int = 5) -> list[bytes]:
+    return [sender, *codec.encode(AppendEntries(term, sender.decode(), 0, 0, (), 0, 0))]
+
+
+def test_a_connection_announcing_a_node_of_this_shard_vouches_for_it() -> None:
+    """A node our configuration does not name yet (added while we lagged) whose
+    connection announced this shard and cluster, meant for us, is vouched for: its
+    appends reach the replica (``Replica.vouch``). Another shard's or an unannounced
+    stranger's do not."""
+    core = make_core("a")
+    core.on_peer_frames("router", append_frames(b"x"), 1.0, None, None)  # no announcement
+    core.on_peer_frames("router", append_frames(b"y"), 1.0, None,
+                        announced("y", "a", shard=1))  # a node of another shard
+    core.on_peer_frames("router", append_frames(b"z"), 1.0, None,
+                        announced("w", "a"))  # announces someone else
+    assert core.replica.term == 0 and core.replica.vouched == set()
+    core.on_peer_frames("router", append_frames(b"d"), 1.0, None, announced("d", "a"))
+    assert core.replica.vouched == {"d"}
+    assert core.replica.term == 5 and core.replica.leader_id == "d"
+
+
+def test_under_curve_a_vouched_node_key_may_speak_raft() -> None:
+    core = make_core("a")
+    core.secure = True
+    core.on_peer_frames("router", append_frames(b"d"), 1.0, "d", None)
+    assert core.impostors == 1 and core.replica.term == 0  # no member, no announcement
+    core.on_peer_frames("router", append_frames(b"d"), 1.0, "d", announced("d", "a"))
+    assert core.replica.term == 5
+    other = make_core("a")
+    other.secure = True
+    other.on_peer_frames("router", append_frames(b"e"), 1.0, "d", announced("e", "a"))
+    assert other.replica.vouched == set() and other.replica.term == 0  # the key is d's
