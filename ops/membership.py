@@ -24,7 +24,7 @@ from typing import Any
 
 from zkv.client.sdk import KVClient
 from zkv.ops import cluster
-from zkv.protocol.errors import BadRequest
+from zkv.protocol.errors import Timeout, Unavailable
 from zkv.protocol.messages import (
     AdminAddReplica,
     AdminMembers,
@@ -87,7 +87,7 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
         return 0
     if cmd == "remove-replica":
         remove = AdminRemoveReplica(b"", 0, shard, args.old_id)
-        _call(kv, remove)
+        _again(kv, remove)
         _wait(kv, shard, args.wait, lambda m: args.old_id not in _members(m), remove)
         say(f"shard {shard}: {args.old_id} removed")
         if args.data_dir:
@@ -103,15 +103,15 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
     new = args.node_id
     if cmd == "add-replica":
         add = AdminAddReplica(b"", 0, shard, new, addr, key)
-        _call(kv, add)
-        say(f"shard {shard}: {new} is a learner; waiting for it to catch up")
+        _again(kv, add)
+        say(f"shard {shard}: {new} joins as a learner; waiting for it to catch up")
         _wait(kv, shard, args.wait, lambda m: new in m.voters, add, lambda m: new in _members(m))
         say(f"shard {shard}: {new} is a voter")
         return 0
     old = args.old_id
     replace = AdminReplaceReplica(b"", 0, shard, old, new, addr, key)
-    _call(kv, replace)
-    say(f"shard {shard}: {new} is a learner replacing {old}; waiting for it to catch up")
+    _again(kv, replace)
+    say(f"shard {shard}: {new} joins as a learner replacing {old}; waiting for it to catch up")
     _wait(kv, shard, args.wait, lambda m: new in m.voters and old not in _members(m), replace,
           lambda m: new in _members(m) and m.replaces.get(new) == old)
     say(f"shard {shard}: {new} is a voter and {old} is removed")
@@ -133,12 +133,13 @@ def members(kv: KVClient, shard: int) -> AdminMembersReply:
 
 
 def _again(kv: KVClient, change: AdminRequest) -> None:
-    """Ask for ``change`` again; a refusal to retry shortly waits for the next poll."""
+    """Ask for ``change`` (again: ops are idempotent). A refusal for now (UNAVAILABLE:
+    ``MembershipBusy``, no leader) that outlasts the call waits for the next poll, which
+    asks again; a refusal for good (BAD_REQUEST) is raised."""
     try:
         _call(kv, change)
-    except BadRequest as exc:
-        if "retry" not in str(exc):
-            raise
+    except (Unavailable, Timeout):
+        pass  # "retry shortly" (MembershipBusy) for longer than a call: the next poll asks
 
 
 def _members(m: AdminMembersReply) -> list[str]:

@@ -117,7 +117,9 @@ class AdminRequests:
                     self.notes.append(f"proposed configuration {mship.describe(new)} at "
                                       f"index {index} ({type(req).__name__})")
         except mship.MembershipError as exc:
-            return ErrorReply(req.request_id, ErrorCode.BAD_REQUEST, str(exc))
+            code = (ErrorCode.UNAVAILABLE if isinstance(exc, mship.MembershipBusy)
+                    else ErrorCode.BAD_REQUEST)
+            return ErrorReply(req.request_id, code, str(exc))
         conf = replica.membership
         return AdminMembersReply(
             req.request_id, cfg.node_id, tuple(conf.voters), tuple(conf.learners),

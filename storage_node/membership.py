@@ -81,6 +81,12 @@ class MembershipError(ValueError):
     """A change the rules forbid (the caller's request is wrong, not the data)."""
 
 
+class MembershipBusy(MembershipError):
+    """A change the rules forbid only for now (a new leader has not committed an entry
+    of its term yet, or another change is under way): answered ``UNAVAILABLE``, which
+    clients retry, rather than ``BAD_REQUEST``, which they must not."""
+
+
 @dataclass(frozen=True, slots=True)
 class Membership:
     voters: tuple[str, ...]

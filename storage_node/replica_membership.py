@@ -28,7 +28,7 @@ from __future__ import annotations
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Entry, Role, TimeoutNow
 from zkv.storage_node import membership as mship
-from zkv.storage_node.membership import Membership, MembershipError
+from zkv.storage_node.membership import Membership, MembershipBusy, MembershipError
 from zkv.storage_node.progress import Progress
 from zkv.storage_node.replica_state import ReplicaState
 
@@ -112,9 +112,9 @@ class ReplicaMembership(ReplicaState):
         if self.role is not Role.LEADER:
             raise MembershipError("not the leader")
         if self.term_at(self.commit_index) != self.term:
-            raise MembershipError("no entry of this term committed yet; retry shortly")
+            raise MembershipBusy("no entry of this term committed yet; retry shortly")
         if self.change_pending():
-            raise MembershipError("a membership change is in progress; retry shortly")
+            raise MembershipBusy("a membership change is in progress; retry shortly")
         mship.check_change(self.membership, new)
         index = self.propose(mship.encode(new), now)
         assert index is not None

@@ -231,7 +231,7 @@ class Operator:
         """No leader, not the leader, or a change the rules refuse for now: again after a
         backoff, with the same request id."""
         w = self.w
-        if msg.code == ErrorCode.BAD_REQUEST and "retry" in msg.message:
+        if msg.code == ErrorCode.UNAVAILABLE and "retry" in msg.message:
             self.stats[f"refused: {msg.message.split(';')[0]}"] += 1
         elif msg.code not in RETRY:
             w.violation(f"{ADDR}: {ch.kind} {ch.old} {ch.new} refused: {msg}")
