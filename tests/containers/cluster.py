@@ -161,6 +161,25 @@ def sweep(client: docker.DockerClient, *, session: str | None = None) -> int:
 # --------------------------------------------------------------------------- probes
 
 
+def wait_until(what: str, timeout_s: float, probe: Callable[[], Any],
+               every_s: float = 0.1) -> Any:
+    """``probe()``'s first truthy result; its exceptions count as "not yet" (the cluster
+    is still converging). ``AssertionError`` naming ``what`` and the last result after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            last = probe()
+            if last:
+                return last
+        except Exception as exc:  # still converging
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g}s (last: {last!r})")
+        time.sleep(every_s)
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (the broker's host port for a cluster)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -43,6 +43,7 @@ from tests.containers.cluster import (
     ContainerCluster,
     close_client,
     make_client,
+    wait_until,
 )
 from tests.containers.workload import (
     Load,
@@ -72,18 +73,7 @@ def _rows(c: ContainerCluster) -> dict[str, dict[str, Any]]:
 
 
 def _wait(what: str, timeout_s: float, probe: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        try:
-            last = probe()
-            if last:
-                return last
-        except Exception as exc:  # the cluster is still moving
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g}s (last: {last!r})")
-        time.sleep(0.1)
+    return wait_until(what, timeout_s, probe)
 
 
 def _members(admin: Any) -> Any:

@@ -180,18 +180,7 @@ def _free_port() -> int:
 
 
 def _wait(what: str, timeout_s: float, probe: Callable[[], Any], every_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        try:
-            last = probe()
-            if last:
-                return last
-        except Exception as exc:  # still converging
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g}s (last: {last!r})")
-        time.sleep(every_s)
+    return cl.wait_until(what, timeout_s, probe, every_s)
 
 
 def _converged(kv: Any, nodes: set[str]) -> bool:
