@@ -21,7 +21,12 @@ Rules (enforced by ``Replica.propose_membership`` and ``check_change``):
 - A change differs from the current configuration by one node's status.
 - Learners receive the log (or a snapshot) but neither vote nor count. The leader
   promotes a learner only once its log is within ``promote_lag_max`` entries of its own,
-  and only while the voters that count would be a quorum with it (re-admit first);
+  and only while no voter whose data dir came back empty is catching up (it is
+  re-admitted first) and the voters that count, the learner with them, are a quorum of
+  the configuration with the learner: so a voter gone for good can still be replaced.
+  Until the promoted learner holds its promotion it does not vote (as in etcd, whose
+  raft has the same window), so a leader lost in that window with a voter gone leaves
+  the shard waiting for the old leader to come back;
   a learner added to replace a voter (``replaces``) has that voter removed once it is
   promoted and counts (its acks say its data dir votes). A replacement by a node that
   is a voter already (a leader whose log held no configuration took its ``--peers``,

@@ -139,8 +139,10 @@ class ReplicaMembership(ReplicaState):
                 self.propose_membership(conf.readmit(voter, pr.incarnation), now)
                 return
         counting = sum(1 for v in conf.voters if self._counts(v))
-        if counting < (len(conf.voters) + 1) // 2 + 1:
-            return  # with one more voter, those that count would be no quorum
+        if any(not self._counts(v) and self._heard_lately(v, now) for v in conf.voters):
+            return  # a wiped voter is catching up: re-admit it (above) before promoting
+        if counting + 1 < (len(conf.voters) + 1) // 2 + 1:
+            return  # with the learner promoted, those that count would be no quorum
         for learner in conf.learners:
             pr = self._progress.get(learner)
             if pr is None or not pr.incarnation:
@@ -148,6 +150,11 @@ class ReplicaMembership(ReplicaState):
             if pr.match_index >= self.last_index - self.config.promote_lag_max:
                 self.propose_membership(conf.promote(learner, pr.incarnation), now)
                 return
+
+    def _heard_lately(self, voter: str, now: float) -> bool:
+        """Leader: ``voter`` acked within an election timeout (alive, reachable)."""
+        pr = self._progress.get(voter)
+        return pr is not None and pr.last_ack > 0 and now - pr.last_ack < self._election_s
 
     def _counts(self, voter: str) -> bool:
         """Leader: whether ``voter``'s acks count (its data dir votes): a replaced voter
