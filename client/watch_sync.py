@@ -49,7 +49,10 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
     """Events on ``prefix`` (the key, with ``exact``) forever; see the module docstring."""
     cursor = WatchCursor(prefix, exact, start)
     clock = client._clock
-    endpoint = client._endpoint_index
+    # Which broker to poll through is read when the connection is made, after the
+    # status call that reads the ring: a new client whose first broker is dead has
+    # moved past it by then, and the watch must not wait out a poll's silence there.
+    endpoint: int | None = None
     conn: Connection | None = None
     outstanding: dict[int, tuple[int, float]] = {}  # shard -> (request id, deadline)
     resume_at: dict[int, float] = {}  # shard -> when to poll it again after an error
@@ -70,6 +73,8 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
                     clock.sleep(RETRY_PAUSE_S)
                     continue
             if conn is None:
+                if endpoint is None:
+                    endpoint = client._endpoint_index
                 conn = client._connect(client.endpoints[endpoint])
                 outstanding.clear()
                 last_rx = now
@@ -88,7 +93,8 @@ def watch_events(client: KVClient, prefix: bytes, exact: bool,
                 if late and now - last_rx >= SILENCE_S:
                     conn.close()  # nothing at all for a while: the next broker
                     conn = None
-                    endpoint = (endpoint + 1) % len(client.endpoints)
+                    endpoint = ((client._endpoint_index if endpoint is None else endpoint)
+                                + 1) % len(client.endpoints)
                 for shard in late:  # lost while others answer: poll again here
                     del outstanding[shard]
                 continue
