@@ -113,19 +113,33 @@ def free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+#: Ports this process has handed out: a port chosen for one child is free until that
+#: child binds it, and choosing again meanwhile (a metrics port after the peer ports:
+#: 24 nodes of `zkv cluster up --shards 8`) could pick it a second time (a node then
+#: died with "Address already in use"; seen in CI). Never handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
 def _hold_free_port(host: str, tries: int = 200) -> socket.socket:
-    """A socket bound to a free port below the ephemeral range (the caller closes it)."""
+    """A socket bound to a free port below the ephemeral range, never one this process
+    handed out before (the caller closes it)."""
     rng = random.Random()
     high = max(LISTEN_PORT_MIN + 1000, _ephemeral_low())
     for _ in range(tries):
+        port = rng.randrange(LISTEN_PORT_MIN, high)
+        if port in _HANDED_OUT:
+            continue
         s = socket.socket()
         try:
-            s.bind((host, rng.randrange(LISTEN_PORT_MIN, high)))
-            return s
+            s.bind((host, port))
         except OSError:
             s.close()
+            continue
+        _HANDED_OUT.add(port)
+        return s
     s = socket.socket()  # crowded: fall back to any port the kernel gives
     s.bind((host, 0))
+    _HANDED_OUT.add(int(s.getsockname()[1]))
     return s
 
 
@@ -155,7 +169,9 @@ def free_port_block(count: int, host: str = "127.0.0.1", tries: int = 200) -> in
     rng = random.Random()
     for _ in range(tries):
         base = rng.randrange(LISTEN_PORT_MIN, max(LISTEN_PORT_MIN + 1000, _ephemeral_low()) - count)
-        if all(_port_free(base + i, host) for i in range(count)):
+        block = range(base, base + count)
+        if not _HANDED_OUT.intersection(block) and all(_port_free(p, host) for p in block):
+            _HANDED_OUT.update(block)
             return base
     raise ClusterError(f"found no block of {count} free ports")
 

@@ -100,3 +100,21 @@ def test_single_replica_has_no_peers_flag(tmp_path: Path) -> None:
     c._choose_peer_ports()
     assert "--peers" not in c._node_argv({"id": "s0r0", "shard": 0, "replica": 0})
     assert 20000 <= c.port < 60000
+
+
+def test_no_port_is_handed_out_twice_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zkv cluster up --shards 8` picks 24 peer ports, then a metrics port per process:
+    a port picked earlier is free until its node binds it, so a later pick could take it
+    again (a node died with "Address already in use" in CI). Forced here by a small range
+    (1,000 ports: 200 random picks from it repeat one almost surely without the rule)."""
+    from zkv.ops import cluster_spec
+
+    monkeypatch.setattr(cluster_spec, "LISTEN_PORT_MIN", 40000)
+    monkeypatch.setattr(cluster_spec, "_ephemeral_low", lambda: 41000)
+    monkeypatch.setattr(cluster_spec, "_HANDED_OUT", set())
+    spec = {"nodes": []}
+    peers = cluster_spec.choose_peer_ports(spec, [f"n{i}" for i in range(24)], "127.0.0.1")
+    others = [cluster_spec.free_port("127.0.0.1") for _ in range(176)]
+    base = cluster_spec.free_port_block(3, "127.0.0.1")
+    chosen = [*peers.values(), *others, base, base + 1, base + 2]
+    assert len(set(chosen)) == len(chosen), sorted(chosen)
