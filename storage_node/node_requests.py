@@ -305,10 +305,8 @@ class RequestCore(MultiKeyRequests, AdminRequests, WatchRequests):
         growth = self._admit_write(origin, ident, req.request_id, req.key, value)
         if growth is None:
             return
-        cmd = command_from_request(req, ts_ms)
-        index = self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
-        if growth:
-            self.quota.proposed(index, growth)
+        self._propose_write(origin, ident, req.request_id, command_from_request(req, ts_ms),
+                            growth, now)
 
     def _on_ttl_write(self, origin: object, ident: bytes, req: TtlWriteRequest, now: float,
                       ts_ms: int) -> None:
@@ -322,8 +320,12 @@ class RequestCore(MultiKeyRequests, AdminRequests, WatchRequests):
         growth = self._admit_write(origin, ident, req.request_id, req.key, value)
         if growth is None:
             return
-        cmd = ttl_command(req, ts_ms)
-        index = self._propose(cmd, Pending(origin, ident, req.request_id, command=cmd), now)
+        self._propose_write(origin, ident, req.request_id, ttl_command(req, ts_ms), growth, now)
+
+    def _propose_write(self, origin: object, ident: bytes, request_id: int, cmd: Command,
+                       growth: int, now: float) -> None:
+        """Propose an admitted write; its growth counts against the quota until applied."""
+        index = self._propose(cmd, Pending(origin, ident, request_id, command=cmd), now)
         if growth:
             self.quota.proposed(index, growth)
 
