@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,13 +28,14 @@ from loguru import logger
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
-from zkv.protocol.messages import MigrateAck, Role
+from zkv.protocol.messages import MigrateAck, PeerMessage, Role
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.protocol.security import peer_node_id
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 from zkv.storage_node import durable_state, identity, peer_link
 from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import Unpersisted
-from zkv.storage_node.fsync_policy import FsyncPolicy
+from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
 from zkv.storage_node.node_disk import NodeDisk
 from zkv.storage_node.node_identity import NodeIdentity
@@ -43,6 +45,7 @@ from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
 from zkv.storage_node.snapshot_child import CAN_FORK, SnapshotChild
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
+from zkv.storage_node.wal_syncer import WalSyncer
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
@@ -68,8 +71,8 @@ class NodeConfig:
     snapshot_bytes: int = 64 * 1024 * 1024
     #: bytes of keys + values this node's shard may hold (0: no quota); see quota.py
     max_data_bytes: int = 0
-    heartbeat_ms: int = 100
-    election_timeout_ms: int = 1000
+    heartbeat_ms: int = HEARTBEAT_MS
+    election_timeout_ms: int = ELECTION_TIMEOUT_MS
     key_bytes_max: int = KEY_BYTES_MAX
     value_bytes_max: int = VALUE_BYTES_MAX
     extra: dict[str, str] = field(default_factory=dict)
@@ -119,6 +122,13 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._snapshot_child: SnapshotChild | None = None  # writing one in the background
         #: the newest snapshot really on disk (what an append ack may count on)
         self._disk_snapshot_index = self.core.snap_index
+        #: fsync=always: the WAL is fsynced on a helper thread (wal_syncer.py); acks and
+        #: votes wait in ``_held`` (index they claim, messages) until it is durable
+        self._syncer = (WalSyncer(self.wal.fsync_call)
+                        if config.fsync.mode is FsyncMode.ALWAYS else None)
+        self._synced_index = self.wal.last_index  # what recovery found is on disk
+        self._unsynced_entries = 0
+        self._held: deque[tuple[int, list[tuple[str, PeerMessage]]]] = deque()
 
     # ------------------------------------------------------------------ startup
 
@@ -188,12 +198,17 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                       self.config.shard_id, self.config.listen)
         tick_ms = max(5, self.config.heartbeat_ms // 4)
         node = self.node
+        syncer = self._syncer
+        if syncer is not None:
+            self.poller.register(syncer.fileno(), zmq.POLLIN)
         try:
             while self._running:
                 # a listing in progress goes on at once; otherwise sleep until a message
                 events = dict(self.poller.poll(0 if node.busy() else tick_ms))
                 now = time.monotonic()
                 ts_ms = int(time.time() * 1000)  # the wall clock a leader stamps on writes
+                if syncer is not None and syncer.fileno() in events:
+                    self._sync_collected(now)
                 for sock in self.broker_socks:
                     if sock in events:
                         self._drain_broker(sock, now, ts_ms)
@@ -222,7 +237,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     self._found()
                     self._follow_peer_keys()
                     self._follow_refusals(now)
-                    self.wal.sync(now)  # interval policy: sync even when idle
+                    if syncer is None:
+                        self.wal.sync(now)  # interval policy: sync even when idle
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
                 self._maybe_snapshot(now)
@@ -310,8 +326,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
             durable = self._persist(nrd.raft, now)
             # votes and acks promise durable state: only after persisting, and only what
             # the disk holds while it is full
-            for to, msg in node.after_persist(nrd, durable, self._durable_index(), now):
-                self._send_peer(to, msg)
+            self._send_durable(node.after_persist(nrd, durable, self._durable_index(), now))
             node.advance(nrd)
         node.settle()
         if node.founding_events:

@@ -1,7 +1,9 @@
 """The storage node's durable writes: what the core says to persist, and a full disk.
 
 A mixin of ``StorageNode``. ``_persist`` writes a ``ready`` round in the order the core
-needs (hard state, snapshot, truncation, new entries, then one sync: group commit);
+needs (hard state, snapshot, truncation, new entries, then one sync: group commit; with
+``--fsync always`` the sync runs on a helper thread and what promises durable state
+waits for it, ``wal_syncer.py``);
 ``_maybe_snapshot`` writes the snapshots the core asks for and compacts the log. Rules:
 only ``OSError``s that mean "disk full" are survived (anything else propagates); while
 the disk is full, what did not fit waits in ``_unpersisted`` (``disk_full.py``) and is
@@ -12,6 +14,7 @@ ack claims only what the disk holds (``_durable_index``).
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from zkv.storage_node import durable_state
@@ -26,10 +29,12 @@ from zkv.storage_node.snapshot import (
 )
 from zkv.storage_node.snapshot_child import EXIT_DISK_FULL, SnapshotChild
 from zkv.storage_node.wal import is_disk_full
+from zkv.storage_node.wal_syncer import SyncDone, WalSyncer
 
 if TYPE_CHECKING:
     from loguru import Logger
 
+    from zkv.protocol.messages import PeerMessage
     from zkv.storage_node.node import NodeConfig
     from zkv.storage_node.node_core import NodeCore
     from zkv.storage_node.replica import Replica
@@ -55,6 +60,12 @@ class NodeDisk:
         _snapshot_retry_at: float
         _disk_snapshot_index: int
         _snapshot_child: SnapshotChild | None
+        _syncer: WalSyncer | None
+        _synced_index: int
+        _unsynced_entries: int
+        _held: deque[tuple[int, list[tuple[str, PeerMessage]]]]
+
+        def _send_peer(self, to: str, msg: PeerMessage) -> None: ...
 
     def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
@@ -95,28 +106,99 @@ class NodeDisk:
             todo.hard_state = None
         if todo.snapshot is not None:
             index, term, data = todo.snapshot
+            self._settle_syncs(now)  # a late answer must not cover the log that follows
             save_snapshot(self.config.data_dir, index, term, data)
             self.wal.reset(index + 1)
+            self._synced_index = index
             todo.snapshot = None
             self._disk_snapshot_index = index
             self.node.stats.snapshot("installed", len(data))
         wrote = False
         if todo.truncate_from is not None:
-            self.wal.truncate_from(todo.truncate_from)
+            self._settle_syncs(now)
+            self.wal.truncate_from(todo.truncate_from)  # durable when it returns
+            self._synced_index = min(self._synced_index, self.wal.last_index)
             todo.truncate_from, wrote = None, True
         entries = len(todo.entries)
         if todo.entries:
             self.wal.append(todo.entries)
             todo.entries, wrote = [], True
-        if wrote:
+        if wrote and self._syncer is not None:
+            self._unsynced_entries += entries
+            self._start_sync(now)
+        elif wrote:
             started = time.perf_counter()
-            # One write and (fsync=always) one fsync for everything this turn brought:
-            # group commit. The disk is fast next to a Python loop turn, so waiting for
-            # it inline costs less than handing it to a thread and back (measured).
+            # fsync=interval or never: one write for everything this turn brought, and
+            # the fsync inline when the interval is due (always: _start_sync above)
             synced = self.wal.sync(now)
             self.node.stats.wal_synced(time.perf_counter() - started if synced else None,
                                        entries)
             self.core.persisted(self.wal.last_index)
+
+    # ------------------------------------------------------------------ fsync off the loop
+
+    def _start_sync(self, now: float) -> None:
+        """Hand what was written to the sync thread (wal_syncer.py), unless a sync is
+        already running: the next one starts when it returns and covers all of it."""
+        assert self._syncer is not None
+        if self._syncer.in_flight is not None:
+            return
+        begun = self.wal.begin_sync()
+        if begun is None:  # nothing written since the last sync (a truncation alone)
+            self._synced(self.wal.last_index)
+            return
+        fd, index = begun
+        self._syncer.start(fd, index, self._unsynced_entries)
+        self._unsynced_entries = 0
+
+    def _sync_collected(self, now: float) -> None:
+        """The loop saw the sync thread's signal."""
+        assert self._syncer is not None
+        done = self._syncer.collect()
+        if done is not None:
+            self._sync_finished(done, now)
+            if self.wal.last_index > self._synced_index:  # written while it ran
+                self._start_sync(now)
+
+    def _sync_finished(self, done: SyncDone, now: float, tell_core: bool = True) -> None:
+        self.wal.end_sync(done.error, now)  # a failed fsync raises: the node exits
+        self.node.stats.wal_synced(done.seconds, done.entries)
+        self._synced(done.index, tell_core)
+
+    def _synced(self, index: int, tell_core: bool = True) -> None:
+        """The WAL is durable up to ``index``: the core may count it, and what waited
+        for it may go."""
+        self._synced_index = max(self._synced_index, index)
+        if tell_core:
+            self.core.persisted(self._synced_index)
+        held = self._held
+        while held and held[0][0] <= self._synced_index:
+            for to, msg in held.popleft()[1]:
+                self._send_peer(to, msg)
+
+    def _settle_syncs(self, now: float) -> None:
+        """Before the log is cut (truncation, snapshot install): wait for the sync in
+        flight, send what it covered, and drop what still waits. Those acks claim
+        entries about to be cut, never durable: dropping a message is always safe in
+        Raft, sending one would claim entries this node will not have. What it covered
+        goes as a late message would (it was true when written); the core is not told:
+        its log already holds the entries replacing the cut ones, not on disk yet."""
+        if self._syncer is None:
+            return
+        done = self._syncer.wait()
+        if done is not None:
+            self._sync_finished(done, now, tell_core=False)
+        self._held.clear()
+
+    def _send_durable(self, out: list[tuple[str, PeerMessage]]) -> None:
+        """Acks and votes leave once the disk holds what they claim, in order."""
+        if not out:
+            return
+        if self._syncer is None or (not self._held and self._synced_index >= self.wal.last_index):
+            for to, msg in out:
+                self._send_peer(to, msg)
+        else:
+            self._held.append((self.wal.last_index, out))
 
     def _durable_index(self) -> int:
         """Where this node's log ends on disk (what an append ack may claim)."""

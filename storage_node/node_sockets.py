@@ -305,6 +305,9 @@ class NodeSockets:
         if child is not None:  # a snapshot half written is of no use to the next start
             child.kill()
         self._monitors.close()
+        syncer = getattr(self, "_syncer", None)
+        if syncer is not None:
+            syncer.close()  # the sync in flight finishes; wal.close() syncs the rest
         for s in [*self.broker_socks, self.pub, self.peer_router, *self.peer_socks.values(),
                   *self.migrate_socks.values()]:
             s.close(linger=0)

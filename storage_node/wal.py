@@ -16,7 +16,8 @@ Rules and invariants:
   segment, or followed by a valid record, is corruption: ``CorruptLogError``, the node
   refuses to start, because silently dropping acknowledged entries would break Raft.
 - ``append`` buffers; ``sync`` is the group commit: one flush and (per the policy) one
-  fsync cover every entry appended since the previous one.
+  fsync cover every entry appended since the previous one. ``begin_sync``/``end_sync``
+  split it for a node that fsyncs on a helper thread (``wal_syncer.py``).
 - ``truncate_from`` is always durable before it returns, whatever the policy: a deleted
   segment that came back after a crash would leave a hole in the log.
 - Appends continue ``last_index`` (``reset(i)`` restarts the log at ``i`` after a snapshot
@@ -38,12 +39,10 @@ The record format and the recovery scan of a segment are in ``wal_records.py``.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,9 @@ import msgpack
 from loguru import logger
 
 from zkv.protocol.messages import Entry
+from zkv.storage_node.disk_io import DiskFullError as DiskFullError  # re-exported
+from zkv.storage_node.disk_io import DiskIO as DiskIO  # re-exported
+from zkv.storage_node.disk_io import is_disk_full as is_disk_full  # re-exported
 from zkv.storage_node.durable_state import fsync_directory
 from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy
 from zkv.storage_node.wal_records import (
@@ -65,33 +67,6 @@ from zkv.storage_node.wal_records import (
 WAL_DIR = "wal"
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
-
-
-class DiskFullError(OSError):
-    """No space for this write; nothing of it stayed on disk. Retry later."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _os_write(fd: int, data: bytes | memoryview) -> int:
-    return os.write(fd, data)
-
-
-def _os_fsync(fd: int) -> None:
-    os.fsync(fd)
-
-
-@dataclass(frozen=True, slots=True)
-class DiskIO:
-    """The calls a full or failing disk makes fail, so a unit test can inject them."""
-
-    write: Callable[[int, bytes | memoryview], int] = _os_write
-    fsync: Callable[[int], None] = _os_fsync
 
 
 def segment_name(first_index: int) -> str:
@@ -307,6 +282,30 @@ class WriteAheadLog:
         self._dirty = False
         self._last_sync = now
         return True
+
+    def begin_sync(self) -> tuple[int, int] | None:
+        """Group commit on another thread (``wal_syncer.py``): a duplicate of the last
+        segment's descriptor to fsync and close, and the index that fsync makes durable
+        (every earlier segment was fsynced at its roll); None when nothing was written
+        since the last sync. Then ``end_sync`` with the outcome."""
+        self._check_usable()
+        if self._file is None or not self._dirty:
+            return None
+        fd = os.dup(self._file.fileno())
+        self._dirty = False
+        return fd, self.last_index
+
+    def end_sync(self, error: OSError | None, now: float) -> None:
+        """The fsync ``begin_sync`` handed out returned; a failure poisons the log."""
+        if error is not None:
+            self._poison(f"sync failed: {error}")
+            raise error
+        self._last_sync = now
+
+    @property
+    def fsync_call(self) -> Callable[[int], None]:
+        """The fsync to run on a descriptor of this log (a test's failing disk too)."""
+        return self._io.fsync
 
     def truncate_from(self, index: int) -> None:
         """Drop every entry with an index >= ``index`` (Raft conflict resolution), durably."""

@@ -1,0 +1,40 @@
+"""The disk calls the WAL makes, and what a full disk looks like.
+
+Separate from ``wal.py`` so a unit test can inject a failing or stalling disk
+(``DiskIO``), and so code that only needs to recognise a full disk (snapshots, the
+node's retry rules) does not import the log.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class DiskFullError(OSError):
+    """No space for this write; nothing of it stayed on disk. Retry later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _os_write(fd: int, data: bytes | memoryview) -> int:
+    return os.write(fd, data)
+
+
+def _os_fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskIO:
+    """The calls a full or failing disk makes fail, so a unit test can inject them."""
+
+    write: Callable[[int, bytes | memoryview], int] = _os_write
+    fsync: Callable[[int], None] = _os_fsync

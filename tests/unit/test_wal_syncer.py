@@ -1,0 +1,247 @@
+"""fsync off the node's loop (``wal_syncer.py``, the async half of ``node_disk.py``): the
+loop never waits for the disk, and nothing that promises durable state leaves before
+the disk holds it."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from zkv.protocol.messages import AppendReply, Entry, VoteReply
+from zkv.storage_node.disk_full import Unpersisted
+from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy
+from zkv.storage_node.node_disk import NodeDisk
+from zkv.storage_node.replica import Ready
+from zkv.storage_node.wal import DiskIO, WriteAheadLog
+from zkv.storage_node.wal_syncer import WalSyncer
+
+ALWAYS = FsyncPolicy(FsyncMode.ALWAYS)
+WAIT_S = 5.0
+
+
+class GatedDisk:
+    """An fsync that blocks until the test lets it go: a disk that stalls."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self.fail: OSError | None = None
+
+    def fsync(self, fd: int) -> None:
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(WAIT_S), "the test never released the disk"
+        if self.fail is not None:
+            raise self.fail
+        os.fsync(fd)
+
+
+def readable(fd: int, timeout: float = WAIT_S) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def entries(first: int, count: int, term: int = 1) -> list[Entry]:
+    return [Entry(term, i, b"v%d" % i) for i in range(first, first + count)]
+
+
+# ------------------------------------------------------------------ the thread
+
+
+def test_a_sync_runs_on_the_thread_and_signals_the_loop(tmp_path: Path) -> None:
+    disk = GatedDisk()
+    syncer = WalSyncer(disk.fsync)
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY)
+    os.write(fd, b"x")
+    syncer.start(fd, 7, 3)
+    assert disk.started.wait(WAIT_S)
+    assert syncer.in_flight == 7
+    assert syncer.collect() is None  # still syncing: the loop goes on
+    assert not readable(syncer.fileno(), 0.05)
+    disk.release.set()
+    assert readable(syncer.fileno())
+    done = syncer.collect()
+    assert done is not None and (done.index, done.entries, done.error) == (7, 3, None)
+    assert syncer.in_flight is None
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the thread closed the descriptor it was given
+    syncer.close()
+
+
+def test_one_sync_at_a_time(tmp_path: Path) -> None:
+    disk = GatedDisk()
+    syncer = WalSyncer(disk.fsync)
+    syncer.start(os.open(tmp_path / "a", os.O_CREAT | os.O_WRONLY), 1, 1)
+    second = os.open(tmp_path / "b", os.O_CREAT | os.O_WRONLY)
+    with pytest.raises(RuntimeError, match="in flight"):
+        syncer.start(second, 2, 1)
+    with pytest.raises(OSError):
+        os.fstat(second)  # not leaked
+    disk.release.set()
+    done = syncer.wait()
+    assert done is not None and done.index == 1
+    assert syncer.wait() is None
+    syncer.close()
+
+
+def test_a_failed_fsync_is_handed_back(tmp_path: Path) -> None:
+    disk = GatedDisk()
+    disk.fail = OSError(5, "I/O error")
+    disk.release.set()
+    syncer = WalSyncer(disk.fsync)
+    syncer.start(os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY), 4, 1)
+    done = syncer.wait()
+    assert done is not None and done.error is disk.fail
+    syncer.close()
+
+
+# ------------------------------------------------------------------ the WAL's half
+
+
+def test_begin_sync_hands_out_what_was_written_once(tmp_path: Path) -> None:
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS)
+    assert wal.begin_sync() is None  # nothing written
+    wal.append(entries(1, 3))
+    begun = wal.begin_sync()
+    assert begun is not None
+    fd, index = begun
+    assert index == 3
+    os.fsync(fd)
+    os.close(fd)
+    wal.end_sync(None, 1.0)
+    assert wal.begin_sync() is None  # covered
+    wal.close()
+
+
+def test_a_failed_sync_poisons_the_log(tmp_path: Path) -> None:
+    messages: list[str] = []
+    handler = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
+    try:
+        wal, _ = WriteAheadLog.open(tmp_path, ALWAYS)
+        wal.append(entries(1, 1))
+        begun = wal.begin_sync()
+        assert begun is not None
+        os.close(begun[0])
+        with pytest.raises(OSError):
+            wal.end_sync(OSError(5, "I/O error"), 1.0)
+        with pytest.raises(OSError, match="unusable"):
+            wal.append(entries(2, 1))
+        assert any("sync failed" in m for m in messages)
+    finally:
+        logger.remove(handler)
+
+
+# ------------------------------------------------------------------ the node's rules
+
+
+class Core:
+    def __init__(self) -> None:
+        self.persisted_calls: list[int] = []
+
+    def persisted(self, index: int) -> None:
+        self.persisted_calls.append(index)
+
+
+class Disk(NodeDisk):
+    """``NodeDisk`` with a real WAL on a disk that stalls on demand, and no sockets."""
+
+    def __init__(self, data_dir: Path, disk: GatedDisk) -> None:
+        self.config: Any = SimpleNamespace(data_dir=data_dir)
+        self.log: Any = logger
+        self.core: Any = Core()
+        self.node: Any = SimpleNamespace(
+            stats=SimpleNamespace(wal_synced=lambda *a: None, snapshot=lambda *a: None),
+            unpersisted=False, disk_full=False)
+        self.wal, _ = WriteAheadLog.open(data_dir / "wal", ALWAYS, io=DiskIO(fsync=disk.fsync))
+        self._unpersisted = Unpersisted()
+        self._disk_full_since = None
+        self._disk_retry_at = 0.0
+        self._snapshot_retry_at = 0.0
+        self._disk_snapshot_index = 0
+        self._snapshot_child = None
+        self._syncer = WalSyncer(self.wal.fsync_call)
+        self._synced_index = 0
+        self._unsynced_entries = 0
+        from collections import deque
+        self._held = deque()
+        self.sent: list[tuple[str, Any]] = []
+
+    def _send_peer(self, to: str, msg: Any) -> None:
+        self.sent.append((to, msg))
+
+    def turn(self, rd: Ready, out: list[tuple[str, Any]]) -> None:
+        """What the loop does with one ready round."""
+        assert self._persist(rd, 0.0)
+        self._send_durable(out)
+
+    def signalled(self) -> None:
+        """The loop wakes on the pipe until the sync in flight is collected (a wake
+        may be stale: the signal of a sync that ``wait`` already took)."""
+        syncer = self._syncer
+        assert syncer is not None and syncer.in_flight is not None
+        index = syncer.in_flight
+        while syncer.in_flight == index:
+            assert readable(syncer.fileno())
+            self._sync_collected(0.0)
+
+
+def ack(index: int) -> tuple[str, AppendReply]:
+    return ("leader", AppendReply(1, "me", True, index, 0))
+
+
+def test_the_loop_goes_on_while_the_disk_stalls_and_acks_wait_for_it(tmp_path: Path) -> None:
+    gate = GatedDisk()
+    node = Disk(tmp_path, gate)
+    node.turn(Ready(entries=entries(1, 5)), [ack(5)])  # returns at once: the disk syncs
+    assert gate.started.wait(WAIT_S)
+    assert node.core.persisted_calls == [] and node.sent == []  # nothing claimed yet
+    # the next turn writes more while the first sync still runs: its ack waits too
+    node.turn(Ready(entries=entries(6, 2)), [ack(7)])
+    vote = ("cand", VoteReply(1, "me", True, False, "cand"))
+    node.turn(Ready(), [vote])  # even a round with nothing to write keeps its place
+    assert node.sent == []
+    gate.release.set()
+    node.signalled()  # the first sync: entries 1..5 durable; the second starts at once
+    assert node.core.persisted_calls == [5]
+    assert node.sent == [ack(5)]
+    node.signalled()
+    assert node.core.persisted_calls == [5, 7]
+    assert node.sent == [ack(5), ack(7), vote]
+    # with nothing waiting and everything durable, a round's messages go at once
+    node.turn(Ready(), [ack(7)])
+    assert node.sent[-1] == ack(7)
+    node._syncer.close()  # type: ignore[union-attr]
+    node.wal.close()
+
+
+def test_a_truncation_waits_for_the_sync_and_drops_acks_for_cut_entries(tmp_path: Path) -> None:
+    gate = GatedDisk()
+    node = Disk(tmp_path, gate)
+    gate.release.set()
+    node.turn(Ready(entries=entries(1, 3)), [ack(3)])
+    node.signalled()
+    assert node.sent == [ack(3)]
+    gate.release.clear()
+    node.turn(Ready(entries=entries(4, 3)), [ack(6)])  # sync of 4..6 in flight
+    assert gate.started.wait(WAIT_S)
+    node.turn(Ready(entries=entries(7, 1)), [ack(7)])  # written, not synced yet
+    releaser = threading.Timer(0.2, gate.release.set)
+    releaser.start()
+    # a new leader's entries conflict from index 5: the truncation waits for the sync in
+    # flight (4..6 durable: ack(6) goes), then cuts; ack(7) claims a cut entry: dropped
+    node.turn(Ready(truncate_from=5, entries=entries(5, 1, term=2)), [ack(5)])
+    releaser.join()
+    assert node.sent == [ack(3), ack(6)]
+    assert node.wal.last_index == 5
+    node.signalled()  # the sync of the new entry 5
+    assert node.sent == [ack(3), ack(6), ack(5)]
+    assert node.core.persisted_calls[-1] == 5
+    node._syncer.close()  # type: ignore[union-attr]
+    node.wal.close()
