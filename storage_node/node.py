@@ -129,6 +129,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._synced_index = self.wal.last_index  # what recovery found is on disk
         self._unsynced_entries = 0
         self._held: deque[tuple[int, list[tuple[str, PeerMessage]]]] = deque()
+        self._held_since = 0.0  # when the oldest held messages started waiting
 
     # ------------------------------------------------------------------ startup
 
@@ -239,6 +240,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     self._follow_refusals(now)
                     if syncer is None:
                         self.wal.sync(now)  # interval policy: sync even when idle
+                    else:
+                        self._ack_while_syncing(now)  # a slow disk: the leader hears us
                     if self._unpersisted:
                         self._persist(Ready(), now)  # retry what a full disk refused
                 self._maybe_snapshot(now)
@@ -326,7 +329,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
             durable = self._persist(nrd.raft, now)
             # votes and acks promise durable state: only after persisting, and only what
             # the disk holds while it is full
-            self._send_durable(node.after_persist(nrd, durable, self._durable_index(), now))
+            self._send_durable(node.after_persist(nrd, durable, self._durable_index(), now), now)
             node.advance(nrd)
         node.settle()
         if node.founding_events:

@@ -13,10 +13,12 @@ ack claims only what the disk holds (``_durable_index``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from zkv.protocol.messages import AppendReply
 from zkv.storage_node import durable_state
 from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.node_core import SnapshotTask
@@ -64,6 +66,7 @@ class NodeDisk:
         _synced_index: int
         _unsynced_entries: int
         _held: deque[tuple[int, list[tuple[str, PeerMessage]]]]
+        _held_since: float
 
         def _send_peer(self, to: str, msg: PeerMessage) -> None: ...
 
@@ -190,7 +193,7 @@ class NodeDisk:
             self._sync_finished(done, now, tell_core=False)
         self._held.clear()
 
-    def _send_durable(self, out: list[tuple[str, PeerMessage]]) -> None:
+    def _send_durable(self, out: list[tuple[str, PeerMessage]], now: float) -> None:
         """Acks and votes leave once the disk holds what they claim, in order."""
         if not out:
             return
@@ -198,7 +201,29 @@ class NodeDisk:
             for to, msg in out:
                 self._send_peer(to, msg)
         else:
+            if not self._held:
+                self._held_since = now
             self._held.append((self.wal.last_index, out))
+
+    def _ack_while_syncing(self, now: float) -> None:
+        """Once per heartbeat while acks have waited a heartbeat interval for a slow
+        disk: send the newest ack per leader now, claiming only what the disk holds.
+        The leader keeps hearing us (its check-quorum would otherwise depose it after
+        an election timeout of a stalled disk on a majority of followers, which no
+        new leader could fix) and its reads are confirmed; its commit waits for the
+        real ack, which follows when the sync returns."""
+        if not self._held or now - self._held_since < self.config.heartbeat_ms / 1000:
+            return
+        newest: dict[str, AppendReply] = {}
+        for _index, out in self._held:
+            for to, msg in out:
+                if type(msg) is AppendReply:
+                    newest[to] = msg
+        for to, msg in newest.items():
+            if msg.success and msg.match_index > self._synced_index:
+                msg = dataclasses.replace(msg, match_index=self._synced_index)
+            self._send_peer(to, msg)
+        self._held_since = now
 
     def _durable_index(self) -> int:
         """Where this node's log ends on disk (what an append ack may claim)."""

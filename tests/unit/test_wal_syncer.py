@@ -153,7 +153,7 @@ class Disk(NodeDisk):
     """``NodeDisk`` with a real WAL on a disk that stalls on demand, and no sockets."""
 
     def __init__(self, data_dir: Path, disk: GatedDisk) -> None:
-        self.config: Any = SimpleNamespace(data_dir=data_dir)
+        self.config: Any = SimpleNamespace(data_dir=data_dir, heartbeat_ms=100)
         self.log: Any = logger
         self.core: Any = Core()
         self.node: Any = SimpleNamespace(
@@ -171,15 +171,16 @@ class Disk(NodeDisk):
         self._unsynced_entries = 0
         from collections import deque
         self._held = deque()
+        self._held_since = 0.0
         self.sent: list[tuple[str, Any]] = []
 
     def _send_peer(self, to: str, msg: Any) -> None:
         self.sent.append((to, msg))
 
-    def turn(self, rd: Ready, out: list[tuple[str, Any]]) -> None:
+    def turn(self, rd: Ready, out: list[tuple[str, Any]], now: float = 0.0) -> None:
         """What the loop does with one ready round."""
-        assert self._persist(rd, 0.0)
-        self._send_durable(out)
+        assert self._persist(rd, now)
+        self._send_durable(out, now)
 
     def signalled(self) -> None:
         """The loop wakes on the pipe until the sync in flight is collected (a wake
@@ -243,5 +244,33 @@ def test_a_truncation_waits_for_the_sync_and_drops_acks_for_cut_entries(tmp_path
     node.signalled()  # the sync of the new entry 5
     assert node.sent == [ack(3), ack(6), ack(5)]
     assert node.core.persisted_calls[-1] == 5
+    node._syncer.close()  # type: ignore[union-attr]
+    node.wal.close()
+
+
+def test_a_disk_slower_than_a_heartbeat_still_lets_the_leader_hear_us(tmp_path: Path) -> None:
+    """Check-quorum: a leader that hears no ack from a majority for an election timeout
+    steps down. A follower whose fsync stalls sends, once per heartbeat, its newest ack
+    clamped to what its disk holds: the leader hears it, nothing more is claimed."""
+    gate = GatedDisk()
+    node = Disk(tmp_path, gate)
+    gate.release.set()
+    node.turn(Ready(entries=entries(1, 2)), [ack(2)])
+    node.signalled()
+    gate.release.clear()
+    node.turn(Ready(entries=entries(3, 4)), [ack(6)], now=1.0)  # the disk stalls here
+    assert gate.started.wait(WAIT_S)
+    node.turn(Ready(), [ack(6), ("cand", VoteReply(1, "me", True, False, "cand"))], now=1.05)
+    node._ack_while_syncing(1.05)  # not a heartbeat interval yet
+    assert node.sent == [ack(2)]
+    node._ack_while_syncing(1.11)
+    assert node.sent == [ack(2), ack(2)]  # the newest ack, claiming only entries 1..2
+    node._ack_while_syncing(1.15)
+    assert len(node.sent) == 2  # once per heartbeat interval
+    node._ack_while_syncing(1.22)
+    assert len(node.sent) == 3
+    gate.release.set()
+    node.signalled()
+    assert [m for _, m in node.sent[3:]] == [ack(6)[1], ack(6)[1], VoteReply(1, "me", True, False, "cand")]
     node._syncer.close()  # type: ignore[union-attr]
     node.wal.close()
