@@ -153,6 +153,11 @@ class NodeDisk:
         fd, index = begun
         self._syncer.start(fd, index, self._unsynced_entries)
         self._unsynced_entries = 0
+        # a healthy disk answers within a quarter heartbeat: finish this turn as an
+        # inline fsync would; a stalled one is collected when its signal wakes the loop
+        done = self._syncer.wait(self.config.heartbeat_ms / 4000)
+        if done is not None:
+            self._sync_finished(done, now)
 
     def _sync_collected(self, now: float) -> None:
         """The loop saw the sync thread's signal."""
