@@ -1,7 +1,7 @@
 """``make bench-failover``: how long a shard stays unwritable after its leader is SIGKILLed.
 
 Starts a local cluster (default 2 shards x 3 replicas, 1 broker, heartbeat 100 ms,
-election timeout 1000 ms, fsync always) on free ports, keeps a background load of writes
+election timeout 700 ms by default, fsync always) on free ports, keeps a background load of writes
 on the target shard (``--load-threads`` SDK clients putting in a loop), then runs
 ``--trials`` times:
 
@@ -54,6 +54,7 @@ from zkv.protocol import codec
 from zkv.protocol.errors import KVError
 from zkv.protocol.messages import PutReply, PutRequest
 from zkv.protocol.ring import Ring, RingConfig
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 
 READY_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 30.0
@@ -304,8 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--shard", type=int, default=0, help="the shard whose leader is killed")
-    p.add_argument("--heartbeat-ms", type=int, default=100)
-    p.add_argument("--election-timeout-ms", type=int, default=1000)
+    p.add_argument("--heartbeat-ms", type=int, default=HEARTBEAT_MS)
+    p.add_argument("--election-timeout-ms", type=int, default=ELECTION_TIMEOUT_MS)
     p.add_argument("--fsync", default="always")
     p.add_argument("--load-threads", type=int, default=4, help="background writers")
     p.add_argument("--probe-interval-ms", type=float, default=10.0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from zkv.broker.failure_detector import check_timing
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 
 #: Messages taken from one socket per wake-up before looking at the others.
 BATCH_MAX = 256
@@ -36,8 +37,8 @@ class BrokerConfig:
     frontend: str = "tcp://*:5555"
     backend: str = "tcp://*:5556"
     heartbeats: str = "tcp://*:5557"
-    heartbeat_ms: int = 100
-    election_timeout_ms: int = 1000
+    heartbeat_ms: int = HEARTBEAT_MS
+    election_timeout_ms: int = ELECTION_TIMEOUT_MS
     key_bytes_max: int = KEY_BYTES_MAX
     value_bytes_max: int = VALUE_BYTES_MAX
     batch_max: int = BATCH_MAX

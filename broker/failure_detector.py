@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 
 from zkv.broker.node_table import NodeRecord, NodeTable, ShardView
 from zkv.protocol.messages import Campaign, Heard, Role
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 
 TRIES_PER_CANDIDATE = 3
 #: A node is confirmed (``Heard``) while its latest heartbeat is younger than this many
@@ -113,8 +114,8 @@ class FailureDetector:
     def __init__(
         self,
         broker_id: str,
-        heartbeat_ms: int = 100,
-        election_timeout_ms: int = 1000,
+        heartbeat_ms: int = HEARTBEAT_MS,
+        election_timeout_ms: int = ELECTION_TIMEOUT_MS,
         tries_per_candidate: int = TRIES_PER_CANDIDATE,
     ) -> None:
         check_timing(heartbeat_ms, election_timeout_ms)

@@ -24,6 +24,7 @@ from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.runtime import configure_logging, tune_gc
 from zkv.protocol.security import is_loopback
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -34,8 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", help="backend endpoint, overrides --host/--port")
     p.add_argument("--heartbeat-endpoint", help="heartbeat endpoint, overrides --host/--port")
     p.add_argument("--broker-id", help="name reported in Pong/Status/Campaign (default host:port)")
-    p.add_argument("--heartbeat-ms", type=int, default=100)
-    p.add_argument("--election-timeout-ms", type=int, default=1000, help="must be >= 3 x heartbeat")
+    p.add_argument("--heartbeat-ms", type=int, default=HEARTBEAT_MS)
+    p.add_argument("--election-timeout-ms", type=int, default=ELECTION_TIMEOUT_MS, help="must be >= 3 x heartbeat")
     p.add_argument("--key-bytes-max", type=int, default=KEY_BYTES_MAX)
     p.add_argument("--value-bytes-max", type=int, default=VALUE_BYTES_MAX)
     p.add_argument(

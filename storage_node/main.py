@@ -15,6 +15,7 @@ from zkv.protocol.metrics import serve_metrics
 from zkv.protocol.ring import DEFAULT_VNODES, RingConfig
 from zkv.protocol.runtime import configure_logging, tune_gc
 from zkv.protocol.security import KeyFileError, TrustStore, is_loopback, load_pair
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.identity import DEFAULT_CLUSTER_ID
 from zkv.storage_node.node import NodeConfig, StorageNode
@@ -101,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... or once the log since the last snapshot holds this many bytes")
     p.add_argument("--max-data-bytes", type=_non_negative, default=0,
                    help="quota: bytes of keys + values this shard may hold (0: unlimited)")
-    p.add_argument("--heartbeat-ms", type=int, default=100)
-    p.add_argument("--election-timeout-ms", type=int, default=1000)
+    p.add_argument("--heartbeat-ms", type=int, default=HEARTBEAT_MS)
+    p.add_argument("--election-timeout-ms", type=int, default=ELECTION_TIMEOUT_MS)
     p.add_argument("--key-bytes-max", type=int, default=KEY_BYTES_MAX)
     p.add_argument("--value-bytes-max", type=int, default=VALUE_BYTES_MAX)
     p.add_argument("--metrics-port", type=_non_negative, default=None,

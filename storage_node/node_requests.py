@@ -58,6 +58,7 @@ from zkv.protocol.messages import (
 )
 from zkv.protocol.multikey import FANOUT_REQUEST_CLASSES
 from zkv.protocol.ring import Ring
+from zkv.protocol.timing import HEARTBEAT_MS
 from zkv.protocol.ttl_messages import TTL_WRITE_CLASSES, PutTtlRequest, TtlWriteRequest
 from zkv.protocol.watch import WatchRequest
 from zkv.storage_node.admin_requests import ADMIN_STAMP as ADMIN_STAMP  # re-exported
@@ -82,7 +83,7 @@ class NodeCoreConfig:
     shard_id: int
     members: tuple[str, ...]
     advertise: str = ""
-    heartbeat_ms: int = 100
+    heartbeat_ms: int = HEARTBEAT_MS
     snapshot_entries: int = 50_000
     #: also snapshot once this many bytes of commands were applied since the last one
     snapshot_bytes: int = 64 * 1024 * 1024

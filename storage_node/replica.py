@@ -50,6 +50,7 @@ from zkv.protocol.messages import (
     VoteReply,
     VoteRequest,
 )
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.replica_elections import TERM_MAX, ReplicaElections
 from zkv.storage_node.replica_membership import ReplicaMembership
@@ -63,8 +64,8 @@ __all__ = ["TERM_MAX", "Ready", "Replica", "ReplicaConfig", "SnapshotData"]
 class ReplicaConfig:
     node_id: str
     members: tuple[str, ...]
-    heartbeat_interval_ms: int = 100
-    election_timeout_ms: int = 1000
+    heartbeat_interval_ms: int = HEARTBEAT_MS
+    election_timeout_ms: int = ELECTION_TIMEOUT_MS
     #: data of the entry a new leader appends to commit something of its own term
     noop_data: bytes = b"\x91\x00"
     entries_per_append_max: int = 512

@@ -89,6 +89,9 @@ class SimConfig:
     keys: int = 3
     ops_max: int = 200
     heartbeat_ms: int = 100
+    #: not the production default (``protocol/timing.py``, 700 ms): the nemeses' fixed
+    #: delays (a message lost or late by up to 1.5 s) and the availability bounds in
+    #: election timeouts (``availability.py``) were measured together at 1000 ms
     election_timeout_ms: int = 1000
     tick_ms: float = 20.0
     fsync: str = "always"

@@ -42,6 +42,7 @@ from zkv.protocol.messages import (
     VoteReply,
 )
 from zkv.protocol.ring import Ring, RingConfig
+from zkv.protocol.timing import ELECTION_TIMEOUT_MS
 from zkv.storage_node.commands import RingSet
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.membership import unwrap_snapshot
@@ -472,7 +473,8 @@ def test_a_leader_no_broker_confirms_for_an_election_timeout_steps_down() -> Non
     replies(leader)
     shard.heard_by_broker = {"b", "c"}  # the cut
     cut_at = shard.now
-    shard.tick(0.9)
+    election_s = ELECTION_TIMEOUT_MS / 1000
+    shard.tick(election_s - 0.1)
     assert leader.replica.role is Role.LEADER
     shard.tick(0.15)
     assert leader.replica.role is Role.FOLLOWER
@@ -482,7 +484,7 @@ def test_a_leader_no_broker_confirms_for_an_election_timeout_steps_down() -> Non
     # the broker asks b (the candidate it would pick) until b's lease on a runs out
     b = shard.nodes["b"]
     while b.replica.role is not Role.LEADER:
-        assert shard.now - cut_at < 2.5, "no follower elected within ~2 election timeouts"
+        assert shard.now - cut_at < 2.5 * election_s, "no follower elected within ~2 election timeouts"
         b.on_broker_frames(BROKER, [b"", *codec.encode(Campaign(0, 1, "b1"))], shard.now, 0)
         shard.settle()
         shard.tick(0.1)
@@ -503,11 +505,12 @@ def test_a_fresh_leader_has_an_election_timeout_to_be_confirmed_at_its_term() ->
     old = Heard("b1", 0)  # heard before the election: turns the rule on, confirms nothing
     a.on_broker_frames(BROKER, [b"", *codec.encode(old)], shard.now, 0)
     leader = shard.elect("a")
-    shard.tick(0.9)
+    election_s = ELECTION_TIMEOUT_MS / 1000
+    shard.tick(election_s - 0.1)
     assert leader.replica.role is Role.LEADER
     fresh = Heard("b1", leader.replica.term)
     leader.on_broker_frames(BROKER, [b"", *codec.encode(fresh)], shard.now, 0)
-    shard.tick(0.9)
+    shard.tick(election_s - 0.1)
     assert leader.replica.role is Role.LEADER
     shard.tick(0.2)
     assert leader.replica.role is Role.FOLLOWER
