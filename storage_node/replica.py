@@ -173,6 +173,12 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
             self._prevote = False
             if self.role is Role.CANDIDATE:
                 self.role = Role.FOLLOWER
+        due = self._campaign_due
+        if due is not None and self.role is not Role.LEADER:
+            if now >= due[0]:
+                self._campaign_due = None  # lapsed: the leader was heard all along
+            elif not self._in_lease(now):
+                self.campaign(now, due[1])  # asked while the lease ran: stand now
 
     def persisted(self, index: int) -> None:
         self._persisted = max(self._persisted, min(index, self.last_index))

@@ -9,7 +9,9 @@ with the changes zkv's design asks for):
 - Only a voter of the configuration in force whose data dir may vote campaigns: an empty
   data dir, a learner or a removed node must never lead.
 - A voter refuses (ignores) any vote while it hears a live leader: it is the leader, or
-  it heard one within ``election_timeout``. It refuses a candidate whose log is behind
+  it heard one within ``election_timeout``. A campaign request that comes while it
+  still hears the leader is kept for an election timeout and started when that lease
+  runs out (``Replica.tick``). It refuses a candidate whose log is behind
   its own (last term, then last index). Term and vote are persisted before answering.
 - A candidate sent by ``TimeoutNow`` (leadership transfer, ``replica_membership.py``)
   skips the pre-vote and its requests say ``transfer``, so voters grant them despite the
@@ -39,8 +41,17 @@ class ReplicaElections(ReplicaState):
         """The broker thinks our leader is gone: start a pre-vote."""
         if not self.voter or self.node_id not in self._voters:
             return  # an empty data dir, a learner or a removed node must never lead
-        if self.role is Role.LEADER or self._in_lease(now) or self._prevote:
+        if self.role is Role.LEADER or self._prevote:
             return
+        if self._in_lease(now):
+            # The brokers stopped hearing the leader before our lease on it ran out
+            # (they heard its last heartbeat earlier than we heard its last append):
+            # stand the moment the lease runs out, not a heartbeat later when the next
+            # request comes. Hearing the leader again renews the lease; the request
+            # lapses after an election timeout.
+            self._campaign_due = (now + self._election_s, known_term)
+            return
+        self._campaign_due = None
         if known_term >= TERM_MAX or self.term >= TERM_MAX:
             return  # no real cluster gets here; refuse rather than overflow the term
         if self.role is Role.CANDIDATE and now - self._election_started < self._election_s:

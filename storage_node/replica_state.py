@@ -84,6 +84,9 @@ class ReplicaState:
         self._last_heard_leader = -1e18
         # candidate / pre-candidate
         self._prevote = False
+        #: a broker's campaign that came while we still heard the leader: (until,
+        #: known_term), started as soon as our lease runs out (``Replica.tick``)
+        self._campaign_due: tuple[float, int] | None = None
         self._prevote_term = 0
         self._votes: set[str] = set()
         self._election_started = 0.0

@@ -105,6 +105,35 @@ def test_voter_ignores_candidate_while_leader_is_live() -> None:
     assert g.leader() == "a" and g.cores["a"].term == 1 and g.cores["b"].term == 1
 
 
+def test_a_campaign_asked_during_the_lease_does_not_disrupt_a_live_leader() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.3)
+    g.cores["b"].campaign(g.now)  # kept until b's lease on a runs out: a keeps renewing it
+    g.advance(3.0)
+    assert g.leader() == "a" and all(c.term == 1 for c in g.cores.values())
+
+
+def test_a_campaign_asked_during_the_lease_starts_when_it_runs_out() -> None:
+    """The broker stops hearing a dead leader a little before its followers' lease runs
+    out; the follower it asks stands at its first tick after the lease, not a
+    heartbeat later when the broker asks again."""
+    g = Group()
+    g.elect("a")
+    g.advance(0.3)
+    g.down.add("a")
+    died = g.now
+    election_s = g.cores["b"].config.election_timeout_ms / 1000
+    g.advance(election_s - 0.3)
+    g.cores["b"].campaign(g.now)  # the broker asks once, while b still heard a lately
+    g.settle()
+    assert g.cores["b"].role is Role.FOLLOWER and g.cores["b"].term == 1
+    while g.leader() != "b":
+        assert g.now - died < election_s + 0.15, "b did not stand when its lease ran out"
+        g.advance(0.05)
+    assert g.cores["b"].term == 2
+
+
 def test_prevote_does_not_bump_terms_of_an_isolated_node() -> None:
     g = Group()
     g.elect("a")
