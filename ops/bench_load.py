@@ -28,9 +28,9 @@ import msgpack
 import zmq
 
 from zkv.protocol.codec import INLINE_BLOB_BYTES_MAX
+from zkv.protocol.compat import LEGACY_VERSION
 from zkv.protocol.errors import ErrorCode
 from zkv.protocol.messages import (
-    PROTOCOL_VERSION,
     Consistency,
     ErrorReply,
     GetRequest,
@@ -50,21 +50,22 @@ PROGRESS_TICK_S = 0.25
 
 
 class RequestCodec:
-    """zkv framing, built without dataclasses: the bytes ``zkv.protocol.codec`` would send."""
+    """zkv framing, built without dataclasses: the bytes ``zkv.protocol.codec`` would send
+    (stamped version 1: both requests read the same in the previous release)."""
 
     def __init__(self) -> None:
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
     def get(self, client_id: bytes, rid: int, key: bytes, consistency: int) -> list[bytes]:
-        return [self._pack([PROTOCOL_VERSION, GetRequest.TYPE, client_id, rid, key,
+        return [self._pack([LEGACY_VERSION, GetRequest.TYPE, client_id, rid, key,
                             consistency])]
 
     def put(self, client_id: bytes, rid: int, key: bytes, lowest: int,
             value: bytes) -> list[bytes]:
         if len(value) <= INLINE_BLOB_BYTES_MAX:  # small values ride in the header
-            return [self._pack([PROTOCOL_VERSION, PutRequest.TYPE, client_id, rid, key, lowest,
+            return [self._pack([LEGACY_VERSION, PutRequest.TYPE, client_id, rid, key, lowest,
                                 value])]
-        return [self._pack([PROTOCOL_VERSION, PutRequest.TYPE, client_id, rid, key, lowest]),
+        return [self._pack([LEGACY_VERSION, PutRequest.TYPE, client_id, rid, key, lowest]),
                 value]
 
     def parse_reply(self, frames: list[bytes]) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """msgpack codec for ``zkv.protocol.messages``.
 
 ``encode(msg) -> list[bytes]`` and ``decode(frames) -> message``. Frame 0 is a msgpack
-array ``[PROTOCOL_VERSION, TYPE, *fields]``. A message class with a ``BLOB`` field (a
+array ``[VERSION, TYPE, *fields]``: VERSION is 1 when the previous release reads the
+message the same way, else ``PROTOCOL_VERSION`` (``compat.py``: rolling upgrades). A message class with a ``BLOB`` field (a
 value, a snapshot chunk) sends a large blob as frame 1, so it is never copied through
 msgpack, and a small one (<= ``INLINE_BLOB_BYTES_MAX``) as the header's last element:
 one frame fewer to send and receive at every hop, which is most of the per-message cost
@@ -30,6 +31,7 @@ from typing import Any
 
 import msgpack
 
+from zkv.protocol.compat import LEGACY_VERSION, TRANSLATED, V1_FIELD_COUNTS, FromV1, ToV1
 from zkv.protocol.errors import LocalProtocolError, RemoteProtocolError
 from zkv.protocol.limits import (
     HEADER_ARRAY_LEN_MAX,
@@ -217,7 +219,7 @@ class _Schema:
     """What the codec needs to know of one message class, computed once."""
 
     __slots__ = ("cls", "code", "names", "checks", "blob", "min_fields", "values", "plain",
-                 "trailing_defaults")
+                 "trailing_defaults", "v1_len", "to_v1", "from_v1")
 
     def __init__(self, cls: type) -> None:
         hints = typing.get_type_hints(cls)
@@ -253,6 +255,13 @@ class _Schema:
             getter if len(self.names) != 1 else (lambda m: (getter(m),))
         )
         self.plain = all(_is_plain(hints[f.name]) for f in flds)
+        # version 1 (protocol/compat.py): the longest header (version and type included,
+        # blob not) stamped v1 as it is (-1: not as it is), or a translation
+        v1_fields = V1_FIELD_COUNTS.get(self.code)
+        self.v1_len = -1 if v1_fields is None else 2 + v1_fields - (blob is not None)
+        to_v1, from_v1 = TRANSLATED.get(self.code, (None, None))
+        self.to_v1: ToV1 | None = to_v1
+        self.from_v1: FromV1 | None = from_v1
 
 
 _SCHEMAS: dict[int, _Schema] = {}
@@ -262,6 +271,9 @@ for _cls in ALL_MESSAGE_TYPES:
     _SCHEMAS[_code] = _Schema(_cls)
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+#: what ``decode`` reads: this release's version and the previous one (``compat.py``)
+_VERSIONS = frozenset({LEGACY_VERSION, PROTOCOL_VERSION})
 
 
 #: Values msgpack packs as they are (an IntEnum packs as its int). Checked by exact type
@@ -342,6 +354,13 @@ def encode(msg: Message) -> list[bytes]:
             if type(last) is not type(default) or last != default:
                 break
             header.pop()
+    # the oldest version that says the same thing (protocol/compat.py)
+    if len(header) <= schema.v1_len:
+        header[0] = LEGACY_VERSION
+    elif schema.to_v1 is not None:
+        legacy = schema.to_v1(header[2:])
+        if legacy is not None:
+            header = [LEGACY_VERSION, schema.code, *legacy]
     try:
         head = _pack(header)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -366,7 +385,7 @@ def _unpack_header(frame: bytes) -> list[Any]:
         raise RemoteProtocolError(f"undecodable header: {exc.__class__.__name__}") from exc
     if type(header) is not list or len(header) < 2:
         raise RemoteProtocolError("header is not [version, type, ...]")
-    if header[0] != PROTOCOL_VERSION or type(header[0]) is not int:
+    if type(header[0]) is not int or header[0] not in _VERSIONS:
         raise RemoteProtocolError(f"unsupported protocol version {header[0]!r}")
     return header
 
@@ -380,9 +399,14 @@ def decode(frames: Sequence[bytes]) -> Message:
     if schema is None:
         raise RemoteProtocolError(f"unknown message type {header[1]!r}")
     values = header[2:]
+    if header[0] == LEGACY_VERSION and schema.from_v1 is not None:
+        values = schema.from_v1(values)
     inline = schema.blob is not None and len(frames) == 1
     if inline:
         blob = values.pop() if values else None
+    if header[0] == LEGACY_VERSION and schema.from_v1 is None and len(values) > schema.v1_len - 2:
+        raise RemoteProtocolError(f"{schema.cls.__name__}: not in protocol version 1 "
+                                  "with these fields")
     if not schema.min_fields <= len(values) <= len(schema.names):
         raise RemoteProtocolError(f"{schema.cls.__name__}: wrong number of fields")
     if len(frames) != 1 and (schema.blob is None or len(frames) != 2):

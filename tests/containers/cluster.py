@@ -278,6 +278,8 @@ class Member:
     volume: str | None = None
     #: a keys dir of its own (a spare's), mounted at /keys instead of the cluster's
     keys_dir: Path | None = None
+    #: the image it runs when not the cluster's (``upgrade``)
+    image: str | None = None
 
     @property
     def container(self) -> Any:
@@ -476,7 +478,7 @@ class ContainerCluster:
 
     def _container_for(self, m: Member, command: list[str] | None = None) -> DockerContainer:
         tc = (
-            DockerContainer(self.cfg.image)
+            DockerContainer(m.image or self.cfg.image)
             .with_name(f"{self.name}-{m.name}")
             .with_command(command or m.command)
             .with_network(self.network)  # type: ignore[arg-type]
@@ -703,6 +705,22 @@ class ContainerCluster:
     def restart(self, name: str, timeout_s: float = 30.0) -> None:
         self.kill(name)
         self.start(name, timeout_s=timeout_s)
+
+    def upgrade(self, name: str, image: str, command: list[str],
+                timeout_s: float = 30.0) -> float:
+        """A rolling upgrade's step: stop the member as an orchestrator does (SIGTERM,
+        then SIGKILL after 10 s), remove its container, keep its volume, and start
+        ``image`` with ``command`` on it. Returns the seconds the member was down (from
+        the stop to its new ready line)."""
+        m = self.members[name]
+        started = time.monotonic()
+        m.container.stop(timeout=10)
+        m.container.remove(v=False)
+        m.image, m.command = image, command
+        m.tc = self._container_for(m)
+        m.tc.start()
+        self.wait_ready([name], timeout_s=timeout_s)
+        return time.monotonic() - started
 
     def lose(self, name: str) -> None:
         """A host lost for good: the member's process dies (SIGKILL, no handover), its

@@ -5,6 +5,10 @@
 - ``zkv_image`` (session): makes sure zkv-base:bookworm exists (compose/build-base.sh),
   refreshes the wheelhouse (compose/build-wheelhouse.sh) and builds zkv:dev with
   testcontainers' DockerImage. ``ZKV_TEST_SKIP_BUILD=1`` uses an existing zkv:dev as is.
+- ``zkv_previous_image`` (session): the previous release's image (``zkv:previous``),
+  built once from the repository's history (``tests/support/previous_release.py``) with
+  that release's own Dockerfile and wheelhouse script, and kept: its source never
+  changes. The rolling-upgrade test starts from it.
 - Our objects carry the ``zkv.test`` label and are swept before (dead sessions) and
   after (this session) the run.
 - ``cluster_factory``: one ContainerCluster per call, each on its own network, always
@@ -17,9 +21,12 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -120,6 +127,54 @@ def zkv_image(docker_client: docker.DockerClient) -> str:
     return cl.IMAGE
 
 
+PREVIOUS_IMAGE = "zkv:previous"
+
+
+@pytest.fixture(scope="session")
+def zkv_previous_image(docker_client: docker.DockerClient, zkv_image: str) -> str:
+    from tests.support.previous_release import PREVIOUS_RELEASE, PreviousReleaseMissing, extract
+
+    release_label = cl.LABEL + ".release"
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        if docker_client.images.get(PREVIOUS_IMAGE).labels.get(release_label) == PREVIOUS_RELEASE:
+            return PREVIOUS_IMAGE
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="zkv-previous-") as tmp:
+        try:
+            root = extract(Path(tmp) / "src")
+        except PreviousReleaseMissing as exc:
+            pytest.fail(str(exc), pytrace=False)
+        wheelhouse = root / "wheelhouse"
+        wheelhouse.mkdir()
+        # zkv_image filled ours (its deps are a superset): nothing is downloaded again
+        for wheel in (cl.REPO_ROOT / "wheelhouse").glob("*.whl"):
+            if not wheel.name.startswith("zkv-"):
+                shutil.copy(wheel, wheelhouse)
+        env = {**os.environ, "PY": os.environ.get("PY", str(cl.REPO_ROOT / ".venv/bin/python"))}
+        proc = subprocess.run(
+            ["bash", "compose/build-wheelhouse.sh"], cwd=root, env=env, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            pytest.fail(f"the previous release's build-wheelhouse.sh failed:\n{proc.stderr}",
+                        pytrace=False)
+        from testcontainers.core.image import DockerImage
+
+        image = DockerImage(
+            path=str(root), dockerfile_path="compose/Dockerfile", tag=PREVIOUS_IMAGE,
+            clean_up=False, buildargs={"BASE_IMAGE": cl.BASE_IMAGE}, rm=True, forcerm=True,
+            labels={cl.LABEL + ".image": "1", release_label: PREVIOUS_RELEASE},
+        )  # fmt: skip
+        try:
+            image.build()
+        except docker.errors.BuildError as exc:
+            tail = "".join(str(c.get("stream", c.get("error", ""))) for c in exc.build_log)[-3000:]
+            pytest.fail(f"building {PREVIOUS_IMAGE} failed: {exc}\n{tail}", pytrace=False)
+    log.info("image %s (%s) ready in %.1fs", PREVIOUS_IMAGE, PREVIOUS_RELEASE[:8],
+             time.monotonic() - started)
+    return PREVIOUS_IMAGE
+
+
 def _network_name(nodeid: str) -> str:
     test = re.sub(r"[^a-z0-9]+", "-", nodeid.rsplit("::", 1)[-1].lower()).strip("-")
     return f"zkv-t-{test[:32]}-{cl.secrets.token_hex(3)}"
@@ -133,7 +188,7 @@ def cluster_factory(
     made: list[cl.ContainerCluster] = []
 
     def make(**overrides: object) -> cl.ContainerCluster:
-        cfg = cl.ClusterConfig(image=zkv_image, **overrides)  # type: ignore[arg-type]
+        cfg = cl.ClusterConfig(**{"image": zkv_image, **overrides})  # type: ignore[arg-type]
         cluster = cl.ContainerCluster(docker_client, _network_name(request.node.nodeid), cfg)
         made.append(cluster)
         cluster.start_all()
