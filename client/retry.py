@@ -182,5 +182,7 @@ def describe(error: KVError | None) -> str:
         return "nothing"
     if isinstance(error, RequestError):
         hint = f" (leader hint {error.leader_hint})" if error.leader_hint else ""
-        return f"{error.code.name}{hint}"
+        # the server's reason, when it gave one ("removing b would leave ...")
+        why = f": {error.message}" if error.message and error.message != error.code.name else ""
+        return f"{error.code.name}{hint}{why}"
     return str(error)

@@ -87,7 +87,7 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
         return 0
     if cmd == "remove-replica":
         remove = AdminRemoveReplica(b"", 0, shard, args.old_id)
-        _again(kv, remove)
+        _again(kv, remove, args.wait)
         _wait(kv, shard, args.wait, lambda m: args.old_id not in _members(m), remove)
         say(f"shard {shard}: {args.old_id} removed")
         if args.data_dir:
@@ -103,14 +103,14 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
     new = args.node_id
     if cmd == "add-replica":
         add = AdminAddReplica(b"", 0, shard, new, addr, key)
-        _again(kv, add)
+        _again(kv, add, args.wait)
         say(f"shard {shard}: {new} joins as a learner; waiting for it to catch up")
         _wait(kv, shard, args.wait, lambda m: new in m.voters, add, lambda m: new in _members(m))
         say(f"shard {shard}: {new} is a voter")
         return 0
     old = args.old_id
     replace = AdminReplaceReplica(b"", 0, shard, old, new, addr, key)
-    _again(kv, replace)
+    _again(kv, replace, args.wait)
     say(f"shard {shard}: {new} joins as a learner replacing {old}; waiting for it to catch up")
     _wait(kv, shard, args.wait, lambda m: new in m.voters and old not in _members(m), replace,
           lambda m: new in _members(m) and m.replaces.get(new) == old)
@@ -120,8 +120,9 @@ def run(kv: KVClient, args: argparse.Namespace, say: Callable[[str], None]) -> i
     return 0
 
 
-def _call(kv: KVClient, request: AdminRequest) -> AdminMembersReply:
-    reply = kv.admin(request)
+def _call(kv: KVClient, request: AdminRequest,
+          timeout: float | None = None) -> AdminMembersReply:
+    reply = kv.admin(request, timeout=timeout)
     if not isinstance(reply, AdminMembersReply):
         raise ValueError(f"unexpected answer {type(reply).__name__} to {type(request).__name__}")
     return reply
@@ -132,14 +133,16 @@ def members(kv: KVClient, shard: int) -> AdminMembersReply:
     return _call(kv, AdminMembers(b"", 0, shard))
 
 
-def _again(kv: KVClient, change: AdminRequest) -> None:
+def _again(kv: KVClient, change: AdminRequest, timeout: float | None = None) -> str:
     """Ask for ``change`` (again: ops are idempotent). A refusal for now (UNAVAILABLE:
     ``MembershipBusy``, no leader) that outlasts the call waits for the next poll, which
-    asks again; a refusal for good (BAD_REQUEST) is raised."""
+    asks again, and is returned (the operator is told why if it lasts); a refusal for
+    good (BAD_REQUEST) is raised."""
     try:
-        _call(kv, change)
-    except (Unavailable, Timeout):
-        pass  # "retry shortly" (MembershipBusy) for longer than a call: the next poll asks
+        _call(kv, change, timeout)
+    except (Unavailable, Timeout) as exc:
+        return str(exc)  # "retry shortly" for longer than a call: the next poll asks
+    return ""
 
 
 def _members(m: AdminMembersReply) -> list[str]:
@@ -154,14 +157,17 @@ def _wait(kv: KVClient, shard: int, timeout_s: float,
     nor ``under_way`` was lost (proposed by a leader that lost leadership before
     committing it, and missing from the next leader's log): ``change`` is asked again."""
     deadline = time.monotonic() + timeout_s
+    refusal = ""
     while True:
         m = _call(kv, AdminMembers(b"", 0, shard))
         if done(m) and not m.pending:
             return m
         if change is not None and not m.pending and not done(m) and not under_way(m):
-            _again(kv, change)
+            # within what is left of the wait (at least a second: one round trip)
+            refusal = _again(kv, change, max(1.0, deadline - time.monotonic()))
         if time.monotonic() >= deadline:
             raise ValueError(f"shard {shard}: the change did not take effect in "
                              f"{timeout_s:g}s (voters {list(m.voters)}, learners "
-                             f"{list(m.learners)})")
+                             f"{list(m.learners)})"
+                             + (f"; the leader's last answer: {refusal}" if refusal else ""))
         time.sleep(POLL_S)

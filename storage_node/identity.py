@@ -6,7 +6,10 @@ acknowledged, or elect two leaders in one term. So the data dir, not the command
 says who a node is and whether it is a whole voter (invariant 7).
 
 ``identity.json`` (separate from the hard-state file) records ``cluster_id``,
-``shard_id``, ``node_id``, a random per-disk ``incarnation`` and ``state``:
+``shard_id``, ``node_id``, a random per-disk ``incarnation``, the shard's ``founding``
+configuration (the voters it was founded with: the configuration until a change is in
+the log or a snapshot, so a later ``--peers`` cannot redefine a young shard) and
+``state``:
 
 - ``voter``: founded the shard, was adopted from the previous release, or was admitted.
 - ``bootstrapping``: empty dir started with ``--bootstrap``; founding not yet agreed.
@@ -71,6 +74,12 @@ class Identity:
     state: IdentityState
     #: why the node is not a voter (for the log and ``zkv status``); "" for voters
     reason: str = ""
+    #: the shard's founding configuration (sorted node ids), recorded when this data
+    #: dir started to found the shard or was adopted: the configuration while its log
+    #: and snapshot hold none, whatever ``--peers`` says later (() : not recorded, as in
+    #: identity files written before it was, and for a waiting node, which learns the
+    #: configuration from its leader)
+    founding: tuple[str, ...] = ()
 
     @property
     def voter(self) -> bool:
@@ -93,9 +102,12 @@ def decide_start(
     node_id: str,
     bootstrap: bool,
     incarnation: str,
+    members: tuple[str, ...] = (),
 ) -> Identity:
     """The identity a node starts with (see the table in the module docstring). Raises
-    ``IdentityError`` for a data dir of another cluster, shard or node."""
+    ``IdentityError`` for a data dir of another cluster, shard or node. ``members``:
+    the initial configuration (``--peers`` and this node), recorded as ``founding`` by
+    a data dir that founds the shard or is adopted."""
     if on_disk is not None:
         mine = (on_disk.cluster_id, on_disk.shard_id, on_disk.node_id)
         if mine != (cluster_id, shard_id, node_id):
@@ -106,12 +118,15 @@ def decide_start(
                 "add it with `zkv admin replace-replica`"
             )
         return on_disk
+    founding = tuple(sorted({node_id, *members}))
     new = Identity(cluster_id, shard_id, node_id, incarnation, IdentityState.VOTER)
     if has_state:
-        return new  # written by the previous release: it was a voter, it stays one
+        # written by the previous release: it was a voter, it stays one; its
+        # configuration was --peers, fixed for its whole life
+        return replace(new, founding=founding)
     if bootstrap:
-        return new.with_state(IdentityState.BOOTSTRAPPING,
-                              "bootstrapping: waiting for a majority of --peers to agree")
+        return replace(new, founding=founding).with_state(
+            IdentityState.BOOTSTRAPPING, "bootstrapping: waiting for a majority of --peers to agree")
     return new.with_state(IdentityState.WAITING, "empty data dir and no --bootstrap: "
                           "a non-voter until admitted (a leader re-admits it once caught up; or "
                           "zkv admin add-replica / replace-replica)")
@@ -151,9 +166,12 @@ def load(data_dir: Path) -> Identity | None:
     except (OSError, ValueError) as exc:
         raise IdentityError(f"{path}: unreadable identity file ({exc})") from exc
     try:
+        founding = raw.get("founding", [])
+        if type(founding) is not list or not all(type(n) is str and n for n in founding):
+            raise ValueError(f"founding is not a list of node ids: {founding!r}")
         return Identity(str(raw["cluster_id"]), int(raw["shard_id"]), str(raw["node_id"]),
                         str(raw["incarnation"]), IdentityState(raw["state"]),
-                        str(raw.get("reason", "")))
+                        str(raw.get("reason", "")), tuple(founding))
     except (KeyError, TypeError, ValueError) as exc:
         raise IdentityError(f"{path}: bad identity file ({exc})") from exc
 
@@ -163,6 +181,7 @@ def save(data_dir: Path, ident: Identity) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     body = asdict(ident)
     body["state"] = ident.state.value
+    body["founding"] = list(ident.founding)
     tmp = data_dir / (FILE_NAME + ".tmp")
     with tmp.open("w") as f:
         json.dump(body, f, sort_keys=True)

@@ -92,6 +92,12 @@ class MembershipBusy(MembershipError):
     clients retry, rather than ``BAD_REQUEST``, which they must not."""
 
 
+class MembershipUnhealthy(MembershipBusy):
+    """A removal the strict reconfiguration check refuses for now: the voters left that
+    are healthy would be no quorum (``replica_membership._unhealthy_removal``). Retried
+    like any busy refusal: it passes once enough voters are back."""
+
+
 @dataclass(frozen=True, slots=True)
 class Membership:
     voters: tuple[str, ...]

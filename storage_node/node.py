@@ -152,7 +152,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._check_identity(hard.term > 0 or bool(entries) or snapshot is not None)
         if cfg.force_new_cluster:
             snapshot, entries = self._force_new_cluster(snapshot, entries)
-        members = tuple(sorted({cfg.node_id, *cfg.peers}))
+        members = self._initial_members()
         self.core = Replica(
             ReplicaConfig(
                 cfg.node_id, members, cfg.heartbeat_ms, cfg.election_timeout_ms,

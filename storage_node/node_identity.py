@@ -47,6 +47,7 @@ class NodeIdentity:
         self.identity = identity.decide_start(
             on_disk, has_state, cluster_id=cfg.cluster_id, shard_id=cfg.shard_id,
             node_id=cfg.node_id, bootstrap=cfg.bootstrap, incarnation=identity.new_incarnation(),
+            members=tuple(cfg.peers),
         )  # fmt: skip
         if on_disk is None:
             identity.save(cfg.data_dir, self.identity)
@@ -58,6 +59,21 @@ class NodeIdentity:
             self.founding = identity.Founding(cfg.node_id, tuple(cfg.peers))
         if not self.identity.voter:
             self.log.warning("not a voter: {}", self.identity.reason)
+
+    def _initial_members(self) -> tuple[str, ...]:
+        """The configuration the replica starts from while its log and snapshot name
+        none: the founding one the data dir recorded, else (an identity file written
+        before it was recorded) ``--peers`` and this node."""
+        cfg = self.config
+        given = tuple(sorted({cfg.node_id, *cfg.peers}))
+        founding = self.identity.founding
+        if not founding:
+            return given
+        if founding != given:
+            self.log.info("the data dir's founding configuration {} (not --peers {}) is the "
+                          "configuration until the log or a snapshot names one",
+                          list(founding), list(given))
+        return founding
 
     def _force_new_cluster(
         self, snapshot: tuple[int, int, object] | None, entries: list[Entry],

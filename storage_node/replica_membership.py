@@ -7,7 +7,9 @@ single-server changes through the log, and why, are in ``membership.py``; here:
   never vote or count; a node outside the voters never campaigns; a leader removed by a
   committed configuration steps down (``replica_replication.py``).
 - A leader proposes a change only once it has committed an entry of its term and no
-  other change is pending. It drives changes itself on ``tick``: it finishes a
+  other change is pending, and (etcd's strict reconfiguration check) a change that
+  removes a voter only while the healthy voters left are a quorum of the new
+  configuration (``_unhealthy_removal``). It drives changes itself on ``tick``: it finishes a
   replacement (removes the old node once the new one votes and its acks count),
   readmits a voter whose data dir came back empty, and promotes a learner within
   ``promote_lag_max`` of its log, but only while the voters whose acks count (their
@@ -28,7 +30,12 @@ from __future__ import annotations
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.messages import Entry, Role, TimeoutNow
 from zkv.storage_node import membership as mship
-from zkv.storage_node.membership import Membership, MembershipBusy, MembershipError
+from zkv.storage_node.membership import (
+    Membership,
+    MembershipBusy,
+    MembershipError,
+    MembershipUnhealthy,
+)
 from zkv.storage_node.progress import Progress
 from zkv.storage_node.replica_state import ReplicaState
 
@@ -116,6 +123,9 @@ class ReplicaMembership(ReplicaState):
         if self.change_pending():
             raise MembershipBusy("a membership change is in progress; retry shortly")
         mship.check_change(self.membership, new)
+        unhealthy = self._unhealthy_removal(new, now)
+        if unhealthy:
+            raise MembershipUnhealthy(unhealthy)
         index = self.propose(mship.encode(new), now)
         assert index is not None
         self._note_configs([self._log[-1]])
@@ -128,7 +138,8 @@ class ReplicaMembership(ReplicaState):
             return
         for new, old in conf.replaces:
             if new in conf.voters and old in conf.members and self._counts(new):
-                self.propose_membership(conf.remove(old), now)
+                if not self._unhealthy_removal(conf.remove(old), now):
+                    self.propose_membership(conf.remove(old), now)
                 return
         lag_ok = self.last_index - self.config.promote_lag_max
         for voter in conf.voters:  # a voter slot whose data dir came back empty
@@ -150,6 +161,25 @@ class ReplicaMembership(ReplicaState):
             if pr.match_index >= self.last_index - self.config.promote_lag_max:
                 self.propose_membership(conf.promote(learner, pr.incarnation), now)
                 return
+
+    def _unhealthy_removal(self, new: Membership, now: float) -> str:
+        """etcd's strict reconfiguration check: why a change that removes a voter would
+        leave the shard unable to commit ("" when it would not). The voters left that are
+        healthy (this leader, and those whose data dirs vote and that acked within an
+        election timeout) must be a quorum of the new configuration: removing a healthy
+        voter while another is down could otherwise leave fewer than a majority alive,
+        and no rule could undo it."""
+        removed = sorted(set(self.membership.voters) - set(new.voters))
+        if not removed:
+            return ""
+        healthy = [v for v in new.voters
+                   if v == self.node_id or (self._counts(v) and self._heard_lately(v, now))]
+        if len(healthy) >= new.quorum:
+            return ""
+        return (f"removing {', '.join(removed)} would leave {len(healthy)} healthy of "
+                f"{len(new.voters)} voters, fewer than a quorum ({new.quorum}): bring "
+                "the others back first (or replace-replica, which adds before it removes); "
+                "retry shortly")
 
     def _heard_lately(self, voter: str, now: float) -> bool:
         """Leader: ``voter`` acked within an election timeout (alive, reachable)."""

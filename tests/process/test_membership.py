@@ -246,3 +246,33 @@ def test_cli_transfer_leader_add_and_remove_replica(
         cluster.sync_spec()
         assert wait_for("status without s0r5", lambda: "s0r5" not in (
             _node(cluster, cluster.leader_of(0)).get("members", ["s0r5"])), 30)
+
+
+def test_cli_remove_replica_is_refused_while_it_would_leave_no_healthy_quorum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """etcd's strict reconfiguration check, through the CLI: with follower C down,
+    removing follower B would leave the leader and the dead C, so ``zkv admin
+    remove-replica`` is refused until ``--wait`` runs out, says why, and changes
+    nothing; removing C itself goes through."""
+    from zkv.client.cli import main
+
+    with _cluster(tmp_path) as cluster:
+        cluster.wait_ready(timeout=60)
+        ep = ["--endpoint", cluster.endpoint]
+        a = cluster.leader_of(0)
+        b, c = sorted(n for n in cluster.node_ids if n != a)
+        cluster.kill_node(c, signal.SIGKILL)
+        time.sleep(1.5)  # more than an election timeout (600 ms) since C last acked
+        capsys.readouterr()
+        assert main(["admin", "remove-replica", "0", b, "--wait", "3", *ep]) != 0
+        err = capsys.readouterr().err
+        assert f"removing {b} would leave 1 healthy of 2 voters" in err, err
+        with KVClient(cluster.endpoint, timeout_s=10) as kv:
+            assert sorted(members(kv, 0).voters) == sorted([a, b, c])
+            kv.put("after-refusal", "1")  # the shard still commits
+        assert main(["admin", "remove-replica", "0", c, "--wait", "30", *ep]) == 0
+        with KVClient(cluster.endpoint, timeout_s=10) as kv:
+            m = members(kv, 0)
+            assert sorted(m.voters) == sorted([a, b]) and not m.pending
+            kv.put("after-removal", "1")

@@ -71,7 +71,8 @@ class SimNode:
         if not joining:
             # provisioned as a founded member (what a successful --bootstrap leaves)
             self.disk.save_identity(Identity("sim", shard_id, node_id, f"{node_id}.0",
-                                             IdentityState.VOTER))
+                                             IdentityState.VOTER,
+                                             founding=tuple(sorted(members))))
         self.identity: Identity | None = None
         self.node: NodeCore | None = None
         self.incarnation = 0
@@ -133,8 +134,9 @@ class SimNode:
         if snap is not None:
             state.restore(unwrap_snapshot(snap[2])[1])  # the configuration, then the state
         self.identity = ident = found.identity
-        rcfg = ReplicaConfig(
-            node_id=self.id, members=self.members, heartbeat_interval_ms=w.cfg.heartbeat_ms,
+        rcfg = ReplicaConfig(  # the founding configuration wins over the spec's --peers
+            node_id=self.id, members=ident.founding or self.members,
+            heartbeat_interval_ms=w.cfg.heartbeat_ms,
             election_timeout_ms=w.cfg.election_timeout_ms, voter=ident.voter,
             incarnation=ident.incarnation, promote_lag_max=w.promote_lag_max,
         )  # fmt: skip

@@ -149,3 +149,79 @@ def test_leader_does_not_count_a_non_voter_toward_commit() -> None:
     g.elect("a")
     g.advance(0.3)
     assert b"x" in [e.data for e in g.applied["a"]]
+
+
+# ------------------------------------------------- the founding configuration, on disk
+
+
+def test_founding_and_adoption_record_the_configuration_waiting_does_not() -> None:
+    kw = {**KW, "members": ("c", "b")}
+    adopted = identity.decide_start(None, True, bootstrap=False, **kw)  # type: ignore[arg-type]
+    founding = identity.decide_start(None, False, bootstrap=True, **kw)  # type: ignore[arg-type]
+    waiting = identity.decide_start(None, False, bootstrap=False, **kw)  # type: ignore[arg-type]
+    assert adopted.founding == founding.founding == ("a", "b", "c")
+    assert waiting.founding == ()
+    # founding agreed, or found to exist: the record stays
+    assert founding.with_state(IdentityState.VOTER).founding == ("a", "b", "c")
+
+
+def test_founding_roundtrips_and_a_file_written_before_it_loads_without(tmp_path: Path) -> None:
+    ident = Identity("c", 0, "a", "i1", IdentityState.VOTER, founding=("a", "b", "c"))
+    identity.save(tmp_path, ident)
+    assert identity.load(tmp_path) == ident
+    (tmp_path / "identity.json").write_text(
+        '{"cluster_id": "c", "shard_id": 0, "node_id": "a", "incarnation": "i1", '
+        '"state": "voter", "reason": ""}')
+    assert identity.load(tmp_path) == Identity("c", 0, "a", "i1", IdentityState.VOTER)
+    (tmp_path / "identity.json").write_text(
+        '{"cluster_id": "c", "shard_id": 0, "node_id": "a", "incarnation": "i1", '
+        '"state": "voter", "founding": "abc"}')
+    with pytest.raises(IdentityError, match="founding"):
+        identity.load(tmp_path)
+
+
+def _start(data_dir: Path, peers: tuple[str, ...]) -> tuple[str, ...]:
+    """A storage node started on ``data_dir`` with ``--peers`` naming ``peers``: the
+    voters its replica starts from."""
+    from zkv.protocol.ring import RingConfig
+    from zkv.storage_node.fsync_policy import FsyncPolicy
+    from zkv.storage_node.node import NodeConfig, StorageNode
+
+    cfg = NodeConfig("a", 0, data_dir, "tcp://127.0.0.1:1", "tcp://127.0.0.1:1",
+                     {p: f"tcp://{p}:1" for p in peers}, (), (), RingConfig(1, (0,), 16),
+                     FsyncPolicy.parse("never"), background_snapshots=False)
+    node = StorageNode(cfg)
+    try:
+        return node.core.membership.voters
+    finally:
+        node.wal.close()
+
+
+def test_a_young_shard_keeps_its_founding_configuration_whatever_peers_says_later(
+    tmp_path: Path,
+) -> None:
+    """The hazard the README listed: a node whose log and snapshot hold no configuration
+    took its --peers as the configuration, so a supervisor that already names a node
+    being added (d) made it count d toward quorums the shard never agreed to. Now the
+    founding configuration recorded in the data dir is used."""
+    identity.save(tmp_path, Identity("zkv", 0, "a", "i1", IdentityState.VOTER,
+                                     founding=("a", "b", "c")))
+    assert _start(tmp_path, ("b", "c", "d")) == ("a", "b", "c")
+    assert _start(tmp_path, ("b",)) == ("a", "b", "c")
+
+
+def test_an_identity_without_founding_still_takes_peers(tmp_path: Path) -> None:
+    identity.save(tmp_path, Identity("zkv", 0, "a", "i1", IdentityState.VOTER))
+    assert _start(tmp_path, ("b", "c", "d")) == ("a", "b", "c", "d")
+
+
+def test_an_adopted_data_dir_records_peers_as_its_founding_configuration(
+    tmp_path: Path,
+) -> None:
+    from zkv.storage_node import durable_state
+
+    durable_state.save_hard_state(tmp_path, HardState(3, "b"))  # the previous release's
+    assert _start(tmp_path, ("b", "c")) == ("a", "b", "c")
+    recorded = identity.load(tmp_path)
+    assert recorded is not None and recorded.voter and recorded.founding == ("a", "b", "c")
+    assert _start(tmp_path, ("b", "c", "d")) == ("a", "b", "c")

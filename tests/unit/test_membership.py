@@ -572,7 +572,7 @@ def test_the_operator_asks_again_for_a_change_its_leader_lost(monkeypatch: pytes
     class LosesTheFirstProposal:
         removes = 0
 
-        def admin(self, req: object) -> AdminMembersReply:
+        def admin(self, req: object, *, timeout: float | None = None) -> AdminMembersReply:
             if isinstance(req, AdminRemoveReplica):
                 self.removes += 1
                 return AdminMembersReply(0, "a", ("a", "b"), (), {}, {}, {}, True, 9, "")
@@ -629,3 +629,85 @@ def test_a_voter_gone_for_good_is_replaced_under_a_leader_it_never_answered() ->
     new.propose(b"after", g.now)
     g.advance(0.5)
     assert b"after" in [e.data for e in g.applied["e"]]
+
+
+def test_strict_reconfiguration_check_refuses_a_removal_that_leaves_no_healthy_quorum() -> None:
+    """etcd's strict reconfiguration check. a leads a, b, c and c is down: removing b
+    would leave a and the dead c, one healthy voter of two, so no commit could follow.
+    Refused as busy (retried until c is back); removing c itself, or b once c is back,
+    is allowed."""
+    from zkv.storage_node.membership import MembershipBusy, MembershipUnhealthy
+
+    g = _ready_group()
+    a = g.cores["a"]
+    g.down.add("c")
+    g.advance(1.5)  # c has not acked for more than an election timeout
+    with pytest.raises(MembershipUnhealthy, match=r"1 healthy of 2 voters.*retry shortly"):
+        a.propose_membership(a.membership.remove("b"), g.now)
+    assert issubclass(MembershipUnhealthy, MembershipBusy)  # answered UNAVAILABLE
+    with pytest.raises(MembershipUnhealthy):  # the leader removing itself: b alone
+        a.propose_membership(a.membership.remove("a"), g.now)
+    assert a.membership.voters == ("a", "b", "c") and not a.change_pending()
+
+    g.down.discard("c")
+    g.advance(0.5)  # c acks again
+    a.propose_membership(a.membership.remove("b"), g.now)
+    g.advance(0.5)
+    assert a.membership.voters == ("a", "c") and not a.change_pending()
+
+
+def test_strict_reconfiguration_check_lets_the_dead_voter_itself_be_removed() -> None:
+    g = _ready_group()
+    a = g.cores["a"]
+    g.down.add("c")
+    g.advance(1.5)
+    a.propose_membership(a.membership.remove("c"), g.now)  # a and b: both healthy
+    g.advance(0.5)
+    assert a.membership.voters == ("a", "b") and not a.change_pending()
+
+
+def test_a_replacement_with_one_voter_down_still_completes_under_the_check() -> None:
+    """Replacing b while c is down: e is added and promoted, and removing b leaves a, c,
+    e with c dead: 2 healthy of 3 is a quorum, so the check lets the leader finish."""
+    g = _ready_group()
+    a = g.cores["a"]
+    _join(g, "e")
+    g.advance(1.0)
+    a.propose_membership(a.membership.add_learner("e", "tcp://e", replaces="b"), g.now)
+    g.down.add("c")
+    g.advance(3.0)
+    assert set(a.membership.voters) == {"a", "c", "e"}, a.membership
+
+
+def test_the_operator_is_told_why_a_change_was_refused_until_the_wait_ran_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal for now (the strict reconfiguration check) is retried until ``--wait``
+    runs out; the error then carries the leader's reason, and each attempt is bounded
+    by what is left of the wait (not the client's whole timeout)."""
+    import argparse
+
+    from zkv.ops import membership as ops
+    from zkv.protocol.errors import Unavailable
+    from zkv.protocol.messages import AdminMembersReply, AdminRemoveReplica
+
+    monkeypatch.setattr(ops, "POLL_S", 0.0)
+    why = "removing b would leave 1 healthy of 2 voters, fewer than a quorum (2)"
+
+    class Refuses:
+        timeouts: list[float | None] = []
+
+        def admin(self, req: object, *, timeout: float | None = None) -> AdminMembersReply:
+            if isinstance(req, AdminRemoveReplica):
+                self.timeouts.append(timeout)
+                raise Unavailable(why)
+            return AdminMembersReply(0, "a", ("a", "b", "c"), (), {}, {}, {}, False, 0, "")
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="admin_command")
+    ops.add_arguments(sub, argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(["remove-replica", "0", "b", "--wait", "0.2"])
+    kv = Refuses()
+    with pytest.raises(ValueError, match="the leader's last answer: removing b would leave"):
+        ops.run(kv, args, lambda _: None)  # type: ignore[arg-type]
+    assert kv.timeouts and all(t is not None and t <= 1.0 for t in kv.timeouts)

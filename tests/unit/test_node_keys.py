@@ -172,7 +172,7 @@ class _FakeKV:
     def __init__(self) -> None:
         self.sent: list[object] = []
 
-    def admin(self, request: Any) -> AdminMembersReply:
+    def admin(self, request: Any, *, timeout: float | None = None) -> AdminMembersReply:
         self.sent.append(request)
         return AdminMembersReply(0, "s0r0", ("s0r0", "s0r9", "x"), (), {}, {}, {}, False, 1, "")
 
