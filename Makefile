@@ -50,10 +50,12 @@ lint: venv
 	$(VENV)/bin/ruff check zkv protocol broker storage_node client ops gateway tests bench
 	$(VENV)/bin/mypy zkv
 
-## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run
+## bench: zkv vs a bare pyzmq relay of the same shape, as a ratio measured in one run;
+## then one request at a time against the relay and one fdatasync (bench/round_trips.py)
 bench: venv
 	$(PY) -m bench.compare --concurrency 64 $(ARGS)
 	$(PY) -m bench.compare --concurrency 256 $(ARGS)
+	$(PY) -m bench.round_trips
 
 ## bench-tools: wrk (Debian's package) for bench-http, installed when missing and root
 bench-tools:

@@ -66,6 +66,8 @@ class NodeConfig:
     snapshot_entries: int = 50_000
     #: write snapshots from a forked child, never stopping the loop (snapshot_child.py)
     background_snapshots: bool = CAN_FORK
+    #: fsync=always: fsync the WAL on a helper thread (wal_syncer.py), else in the loop
+    wal_sync_thread: bool = True
     #: also snapshot once the log since the last snapshot holds this many bytes of
     #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
     snapshot_bytes: int = 64 * 1024 * 1024
@@ -125,7 +127,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         #: fsync=always: the WAL is fsynced on a helper thread (wal_syncer.py); acks and
         #: votes wait in ``_held`` (index they claim, messages) until it is durable
         self._syncer = (WalSyncer(self.wal.fsync_call)
-                        if config.fsync.mode is FsyncMode.ALWAYS else None)
+                        if config.fsync.mode is FsyncMode.ALWAYS and config.wal_sync_thread
+                        else None)
         self._synced_index = self.wal.last_index  # what recovery found is on disk
         self._unsynced_entries = 0
         self._held: deque[tuple[int, list[tuple[str, PeerMessage]]]] = deque()

@@ -145,3 +145,20 @@ def test_watch_fanout_bench_delivers_every_write_once_to_every_watcher() -> None
         assert r["watchers_complete"] == r["watchers"], r
         assert r["events_total"] == r["watchers"] * r["writes_acked"] + r["unacked_delivered"]
         assert r["events_s"] > 0 and r["lag_samples"] > 0 and r["polls_s"] > 0, r
+
+
+def test_round_trips_bench_reports_the_relay_the_disk_and_both_ratios(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``make bench``'s last part (issue 14, target 3), short: every figure is there."""
+    from bench import round_trips
+
+    assert round_trips.main(["--rounds", "1", "--duration", "0.5", "--warmup", "0.2",
+                             "--syncs", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    best = out["best_p50_ms"]
+    assert set(best) == {"relay", "fdatasync", "put", "get"}
+    assert all(v > 0 for v in best.values()), best
+    assert out["put_bound_ms"] == pytest.approx(2 * best["relay"] + best["fdatasync"])
+    assert out["get_ratio"] == pytest.approx(best["get"] / best["relay"])
+    assert isinstance(out["put_ok"], bool) and isinstance(out["get_ok"], bool)

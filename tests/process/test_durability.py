@@ -141,9 +141,13 @@ def recovered_lines(cluster: LocalCluster, nid: str) -> list[tuple[int, ...]]:
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("replicas", [1, 3])
-def test_acknowledged_writes_survive_sigkill_of_every_node(tmp_path: Path, replicas: int) -> None:
-    with _cluster(tmp_path, replicas) as cluster:
+@pytest.mark.parametrize(("replicas", "wal_sync"), [(1, "thread"), (3, "thread"),
+                                                    (3, "inline")])
+def test_acknowledged_writes_survive_sigkill_of_every_node(tmp_path: Path, replicas: int,
+                                                           wal_sync: str) -> None:
+    """Both places the fsync may run (``--wal-sync``): on the sync thread (the
+    default) and in the node's loop."""
+    with _cluster(tmp_path, replicas, ("--wal-sync", wal_sync)) as cluster:
         cluster.wait_ready(60)
         _, term = wait_leader(cluster)
         started = time.monotonic()

@@ -163,13 +163,15 @@ _OLD_SIDE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def previous_protocol(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return extract(tmp_path_factory.mktemp("previous"), "protocol")
+def previous(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The previous release's protocol and storage node code, importable from here."""
+    return extract(tmp_path_factory.mktemp("previous"), "protocol", "storage_node")
 
 
-def _old_side(root: Path, frames: list[list[bytes]]) -> dict[str, Any]:
+def _run_previous(root: Path, script: str, payload: list[Any]) -> dict[str, Any]:
+    """``script`` run by the previous release's code, ``payload`` on its stdin."""
     proc = subprocess.run(
-        [sys.executable, "-c", _OLD_SIDE], cwd=root, input=msgpack.packb(frames),
+        [sys.executable, "-c", script], cwd=root, input=msgpack.packb(payload),
         capture_output=True, timeout=60, env={"PYTHONPATH": str(root)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
@@ -177,7 +179,7 @@ def _old_side(root: Path, frames: list[list[bytes]]) -> dict[str, Any]:
     return out
 
 
-def test_the_previous_release_reads_what_this_one_sends(previous_protocol: Path) -> None:
+def test_the_previous_release_reads_what_this_one_sends(previous: Path) -> None:
     readable = [
         _heartbeat(voter=True, incarnation="ab"),
         Redirect(0, RING, ((b"client", b"header"),)),
@@ -196,7 +198,7 @@ def test_the_previous_release_reads_what_this_one_sends(previous_protocol: Path)
         AppendReply(5, "n2", True, 10, 3, voter=False),
         Heard("b0", 4),
     ]
-    got = _old_side(previous_protocol, [codec.encode(m) for m in readable + refused])
+    got = _run_previous(previous, _OLD_SIDE, [codec.encode(m) for m in readable + refused])
     decoded = got["decoded"]
     for msg, text in zip(readable, decoded, strict=False):
         assert not text.startswith("ERROR"), (msg, text)
@@ -208,8 +210,8 @@ def test_the_previous_release_reads_what_this_one_sends(previous_protocol: Path)
     assert decoded[len(readable):] == ["ERROR RemoteProtocolError"] * len(refused)
 
 
-def test_this_release_reads_what_the_previous_one_sends(previous_protocol: Path) -> None:
-    sent = _old_side(previous_protocol, [])["sent"]
+def test_this_release_reads_what_the_previous_one_sends(previous: Path) -> None:
+    sent = _run_previous(previous, _OLD_SIDE, [])["sent"]
     assert [codec.decode(frames) for frames in sent] == [
         _heartbeat(),
         Redirect(0, RING, ((b"client", b"header"),)),
@@ -247,23 +249,8 @@ _OLD_COMMANDS = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def previous_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return extract(tmp_path_factory.mktemp("previous-node"), "protocol", "storage_node")
-
-
-def _old_commands(root: Path, entries: list[bytes]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-c", _OLD_COMMANDS], cwd=root, input=msgpack.packb(entries),
-        capture_output=True, timeout=60, env={"PYTHONPATH": str(root)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr.decode()
-    out: dict[str, Any] = msgpack.unpackb(proc.stdout, raw=False)
-    return out
-
-
 def test_an_old_follower_applies_what_a_new_leader_logs_for_plain_writes(
-    previous_node: Path,
+    previous: Path,
 ) -> None:
     """A leader of this release replicating to a follower of the previous one: the
     entries plain writes make (and a new leader's no-op) read the same there."""
@@ -275,7 +262,8 @@ def test_an_old_follower_applies_what_a_new_leader_logs_for_plain_writes(
         c.DeleteCommand(b"c", 2, 1, 1001, b"k"),
         c.CasCommand(b"c", 3, 1, 1002, b"k", 4, b"w"),
     ]
-    decoded = _old_commands(previous_node, [c.encode_command(e) for e in entries])["decoded"]
+    decoded = _run_previous(previous, _OLD_COMMANDS,
+                            [c.encode_command(e) for e in entries])["decoded"]
     assert decoded == [
         "Noop()",
         "PutCommand(client_id=b'c', request_id=1, lowest_pending=0, ts_ms=1000, key=b'k', "
@@ -286,11 +274,11 @@ def test_an_old_follower_applies_what_a_new_leader_logs_for_plain_writes(
     ]
 
 
-def test_a_new_node_reads_the_log_the_previous_release_wrote(previous_node: Path) -> None:
+def test_a_new_node_reads_the_log_the_previous_release_wrote(previous: Path) -> None:
     """An adopted data dir's log, and an old leader's entries, read the same here."""
     from zkv.storage_node import commands as c
 
-    sent = _old_commands(previous_node, [])["sent"]
+    sent = _run_previous(previous, _OLD_COMMANDS, [])["sent"]
     assert [c.decode_command(data) for data in sent] == [
         c.Noop(),
         c.PutCommand(b"c", 1, 0, 1000, b"k", b"v"),
