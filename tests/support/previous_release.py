@@ -22,14 +22,24 @@ class PreviousReleaseMissing(RuntimeError):
     """The checkout has no history back to the previous release (a shallow clone)."""
 
 
+def _archive(*paths: str) -> bytes:
+    return subprocess.run(
+        ["git", "archive", "--format=tar", PREVIOUS_RELEASE, *paths],
+        cwd=REPO_ROOT, capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+
+
 def extract(dest: Path, *paths: str) -> Path:
-    """The previous release's ``paths`` (all of it if none) under ``dest``."""
+    """The previous release's ``paths`` (all of it if none) under ``dest``. A shallow
+    clone lacks the commit: it is fetched from ``origin`` first, once."""
     try:
-        tar = subprocess.run(
-            ["git", "archive", "--format=tar", PREVIOUS_RELEASE, *paths],
-            cwd=REPO_ROOT, capture_output=True, check=True, timeout=60,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
+        try:
+            tar = _archive(*paths)
+        except subprocess.CalledProcessError:
+            subprocess.run(["git", "fetch", "--quiet", "origin", PREVIOUS_RELEASE],
+                           cwd=REPO_ROOT, capture_output=True, timeout=120)
+            tar = _archive(*paths)
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         raise PreviousReleaseMissing(
             f"git archive {PREVIOUS_RELEASE} failed ({detail.decode(errors='replace').strip()}): "
