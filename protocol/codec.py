@@ -2,7 +2,8 @@
 
 ``encode(msg) -> list[bytes]`` and ``decode(frames) -> message``. Frame 0 is a msgpack
 array ``[VERSION, TYPE, *fields]``: VERSION is 1 when the previous release reads the
-message the same way, else ``PROTOCOL_VERSION`` (``compat.py``: rolling upgrades). A message class with a ``BLOB`` field (a
+message the same way, else ``PROTOCOL_VERSION`` (``compat.py``: rolling upgrades).
+A message class with a ``BLOB`` field (a
 value, a snapshot chunk) sends a large blob as frame 1, so it is never copied through
 msgpack, and a small one (<= ``INLINE_BLOB_BYTES_MAX``) as the header's last element:
 one frame fewer to send and receive at every hop, which is most of the per-message cost

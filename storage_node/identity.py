@@ -126,7 +126,8 @@ def decide_start(
         return replace(new, founding=founding)
     if bootstrap:
         return replace(new, founding=founding).with_state(
-            IdentityState.BOOTSTRAPPING, "bootstrapping: waiting for a majority of --peers to agree")
+            IdentityState.BOOTSTRAPPING,
+            "bootstrapping: waiting for a majority of --peers to agree")
     return new.with_state(IdentityState.WAITING, "empty data dir and no --bootstrap: "
                           "a non-voter until admitted (a leader re-admits it once caught up; or "
                           "zkv admin add-replica / replace-replica)")
