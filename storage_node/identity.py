@@ -133,6 +133,13 @@ def decide_start(
                           "zkv admin add-replica / replace-replica)")
 
 
+def initial_members(ident: Identity, node_id: str, peers: tuple[str, ...]) -> tuple[str, ...]:
+    """The configuration a replica starts from while its log and snapshot name none: the
+    founding one this data dir recorded, else (an identity file written before it was
+    recorded, a waiting node) ``--peers`` and the node itself."""
+    return ident.founding or tuple(sorted({node_id, *peers}))
+
+
 class Founding:
     """A bootstrapping node's tally of its initial configuration's answers. Pure."""
 

@@ -61,19 +61,15 @@ class NodeIdentity:
             self.log.warning("not a voter: {}", self.identity.reason)
 
     def _initial_members(self) -> tuple[str, ...]:
-        """The configuration the replica starts from while its log and snapshot name
-        none: the founding one the data dir recorded, else (an identity file written
-        before it was recorded) ``--peers`` and this node."""
+        """``identity.initial_members``, and a note when it is not what --peers says."""
         cfg = self.config
+        members = identity.initial_members(self.identity, cfg.node_id, tuple(cfg.peers))
         given = tuple(sorted({cfg.node_id, *cfg.peers}))
-        founding = self.identity.founding
-        if not founding:
-            return given
-        if founding != given:
+        if members != given:
             self.log.info("the data dir's founding configuration {} (not --peers {}) is the "
                           "configuration until the log or a snapshot names one",
-                          list(founding), list(given))
-        return founding
+                          list(members), list(given))
+        return members
 
     def _force_new_cluster(
         self, snapshot: tuple[int, int, object] | None, entries: list[Entry],

@@ -138,8 +138,9 @@ class ReplicaMembership(ReplicaState):
             return
         for new, old in conf.replaces:
             if new in conf.voters and old in conf.members and self._counts(new):
-                if not self._unhealthy_removal(conf.remove(old), now):
-                    self.propose_membership(conf.remove(old), now)
+                target = conf.remove(old)
+                if not self._unhealthy_removal(target, now):  # else: wait, as etcd's check
+                    self.propose_membership(target, now)
                 return
         lag_ok = self.last_index - self.config.promote_lag_max
         for voter in conf.voters:  # a voter slot whose data dir came back empty

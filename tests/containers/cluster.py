@@ -635,6 +635,11 @@ class ContainerCluster:
         finally:
             close_client(client)
 
+    def rows(self, broker: str | None = None) -> dict[str, dict[str, Any]]:
+        """``status`` by node id, the heartbeat's ``extra`` (membership, incarnation)
+        inlined."""
+        return {n["node_id"]: {**n, **(n.get("extra") or {})} for n in self.status(broker)}
+
     def leader_of(self, shard: int, broker: str | None = None) -> str | None:
         """The node claiming leadership of ``shard`` at the highest term, per a broker."""
         leaders = [

@@ -66,12 +66,6 @@ WATCH_S = 3 * ELECTION_MS / 1000
 RETRY_S = 20.0
 
 
-def _rows(c: ContainerCluster) -> dict[str, dict[str, Any]]:
-    """Status rows by node id, the heartbeat's ``extra`` (membership, incarnation)
-    inlined."""
-    return {n["node_id"]: {**n, **(n.get("extra") or {})} for n in c.status()}
-
-
 def _wait(what: str, timeout_s: float, probe: Callable[[], Any]) -> Any:
     return wait_until(what, timeout_s, probe)
 
@@ -88,14 +82,14 @@ def _watch_wiped_node(c: ContainerCluster, admin: Any, node: str, leader: str,
     Returns its new incarnation."""
     c.start_empty(node, drop=[leader])
     row = _wait(f"{node} on a blank disk in zkv status", 20, lambda: (
-        (r := _rows(c).get(node)) is not None
+        (r := c.rows().get(node)) is not None
         and r.get("incarnation") not in (None, old_incarnation) and r))
     new_incarnation = str(row["incarnation"])
-    term = _rows(c)[leader]["term"]
+    term = c.rows()[leader]["term"]
     until = time.monotonic() + WATCH_S
     polls = 0
     while time.monotonic() < until:
-        rows = _rows(c)
+        rows = c.rows()
         me = rows[node]
         assert me.get("incarnation") == new_incarnation, me
         assert me.get("voter") is False and me.get("membership") in ("bootstrapping", "waiting"), (
@@ -107,7 +101,7 @@ def _watch_wiped_node(c: ContainerCluster, admin: Any, node: str, leader: str,
         polls += 1
         time.sleep(0.2)
     assert polls >= 5
-    assert _rows(c)[node].get("membership") == "waiting", _rows(c)[node]
+    assert c.rows()[node].get("membership") == "waiting", c.rows()[node]
     shown = c.cli("status", "--json", timeout_s=30)
     assert shown.returncode == 0, shown.stderr
     nodes = {n["node_id"]: n for n in json.loads(shown.stdout)["shards"]["0"]["nodes"]}
@@ -143,7 +137,7 @@ def _replace(c: ContainerCluster, admin: Any, old: str, new: str) -> tuple[float
     assert new in conf.voters and old not in (*conf.voters, *conf.learners), conf
     c.wait_caught_up(0, new, timeout_s=30)
     row = _wait(f"{new} a voter in zkv status", 10, lambda: (
-        (r := _rows(c).get(new)) is not None and r.get("voter") is True and r))
+        (r := c.rows().get(new)) is not None and r.get("voter") is True and r))
     assert row.get("membership") == "voter", row
     return time.monotonic() - started, retries
 
@@ -168,7 +162,7 @@ def test_replace_lost_disks_under_load(
         time.sleep(1.5)
         leader = c.wait_for_leader(0)
         follower = c.followers_of(0, leader)[0]
-        old_incarnation = str(_rows(c)[follower]["incarnation"])
+        old_incarnation = str(c.rows()[follower]["incarnation"])
 
         # 1-2. the follower's disk is lost; its id back on a blank disk does not vote
         c.lose(follower)

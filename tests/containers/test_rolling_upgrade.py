@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -73,10 +72,6 @@ def _previous_node(node_id: str, shard: int, peers: dict[str, str],
 def _previous_broker(broker_id: str) -> list[str]:
     return ["zkv-broker", "--host", "0.0.0.0", "--port", str(BROKER_PORT),
             "--broker-id", broker_id, *TIMING]
-
-
-def _rows(c: ContainerCluster) -> dict[str, dict[str, Any]]:
-    return {n["node_id"]: {**n, **(n.get("extra") or {})} for n in c.status()}
 
 
 def test_rolling_upgrade_from_the_previous_release_under_load(
@@ -123,7 +118,7 @@ def test_rolling_upgrade_from_the_previous_release_under_load(
         for m in c.members.values():
             m.container.reload()
             assert zkv_image in m.container.image.tags, (m.name, m.container.image.tags)
-        rows = _rows(c)
+        rows = c.rows()
         for shard, nodes in c.nodes_by_shard.items():
             for node in nodes:
                 row = rows[node]

@@ -33,7 +33,7 @@ from zkv.protocol import codec
 from zkv.protocol.messages import AppendReply, Heartbeat, MigrateAck, PeerMessage, VoteReply
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.disk_full import Unpersisted
-from zkv.storage_node.identity import Identity, IdentityState
+from zkv.storage_node.identity import Identity, IdentityState, initial_members
 from zkv.storage_node.membership import unwrap_snapshot
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
 from zkv.storage_node.node_disk import DISK_RETRY_S, SNAPSHOT_RETRY_S
@@ -135,7 +135,7 @@ class SimNode:
             state.restore(unwrap_snapshot(snap[2])[1])  # the configuration, then the state
         self.identity = ident = found.identity
         rcfg = ReplicaConfig(  # the founding configuration wins over the spec's --peers
-            node_id=self.id, members=ident.founding or self.members,
+            node_id=self.id, members=initial_members(ident, self.id, self.members),
             heartbeat_interval_ms=w.cfg.heartbeat_ms,
             election_timeout_ms=w.cfg.election_timeout_ms, voter=ident.voter,
             incarnation=ident.incarnation, promote_lag_max=w.promote_lag_max,
