@@ -90,6 +90,8 @@ class CallState:
     attempt: int = 0
     refusals: int = 0
     last_error: KVError | None = None
+    #: the last error the cluster answered (a silence that follows does not hide it)
+    last_answer: KVError | None = None
 
     @classmethod
     def start(
@@ -148,7 +150,7 @@ def decide(
     error = error_for_code(outcome.code, outcome.message, outcome.leader_hint, outcome.epoch)
     if outcome.code not in RETRYABLE_CODES:
         return Decision(Action.FAIL, state, error=error, reply=outcome)
-    after = replace(state, attempt=state.attempt + 1, last_error=error)
+    after = replace(state, attempt=state.attempt + 1, last_error=error, last_answer=error)
     if outcome.code in BROKER_REFUSAL_CODES and state.endpoints > 1:
         refusals = state.refusals + 1
         after = replace(after, refusals=refusals)
@@ -167,9 +169,13 @@ def _go(state: CallState, action: Action, now: float, pause_s: float,
         state = replace(state, endpoint=(state.endpoint + 1) % state.endpoints)
     if give_up:
         what = "retries" if out_of_retries else "deadline"
+        answer = state.last_answer
+        told = "" if answer is None or answer is state.last_error else (
+            f"; last answer: {describe(answer)}")
         error = Timeout(
             f"request {state.request_id} got no answer ({what} exhausted after "
-            f"{state.attempt} attempts, {state.total_s:g}s; last: {describe(state.last_error)})"
+            f"{state.attempt} attempts, {state.total_s:g}s; last: {describe(state.last_error)}"
+            f"{told})"
         )
         error.__cause__ = state.last_error
         # the next call goes where this one would have gone on (rule 7)

@@ -164,7 +164,7 @@ def _wait(kv: KVClient, shard: int, timeout_s: float,
             return m
         if change is not None and not m.pending and not done(m) and not under_way(m):
             # within what is left of the wait (at least a second: one round trip)
-            refusal = _again(kv, change, max(1.0, deadline - time.monotonic()))
+            refusal = _again(kv, change, max(1.0, deadline - time.monotonic())) or refusal
         if time.monotonic() >= deadline:
             raise ValueError(f"shard {shard}: the change did not take effect in "
                              f"{timeout_s:g}s (voters {list(m.voters)}, learners "

@@ -194,3 +194,22 @@ def test_policy_is_pure() -> None:
               and node.value.id == "random"):
             assert node.attr == "Random", f"global random.{node.attr} in the policy"
     assert not imported & {"zmq", "time", "threading", "asyncio", "socket", "os", "loguru"}
+
+
+def test_a_silence_cut_by_the_deadline_does_not_hide_the_clusters_last_answer() -> None:
+    """Found by the strict-reconfiguration process test: a leader refused with a reason
+    (UNAVAILABLE, retried), then the deadline cut the last attempt short; the error said
+    only "no reply from broker", and ``zkv admin`` could not tell the operator why."""
+    from zkv.client import retry
+    from zkv.protocol.errors import ErrorCode
+    from zkv.protocol.messages import ErrorReply
+
+    rng = random.Random(1)
+    state = retry.CallState.start(7, now=0.0, total_s=1.0, endpoints=1)
+    d = retry.decide(state, ErrorReply(7, ErrorCode.UNAVAILABLE, "removing b would leave 1 "
+                                       "healthy of 2 voters; retry shortly"), 0.1, rng)
+    assert d.action is retry.Action.RETRY
+    d = retry.decide(d.state, retry.Silence.REQUEST, 1.5, rng)
+    assert d.action is retry.Action.FAIL
+    assert "last: no reply from broker" in str(d.error)
+    assert "last answer: UNAVAILABLE: removing b would leave 1 healthy of 2 voters" in str(d.error)
