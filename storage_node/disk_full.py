@@ -45,7 +45,7 @@ class Unpersisted:
 
     hard_state: HardState | None = None
     #: (last_index, last_term, data) of an installed snapshot, then the WAL restarts after it
-    snapshot: tuple[int, int, bytes] | None = None
+    snapshot: tuple[int, int, bytes | bytearray] | None = None
     truncate_from: int | None = None
     entries: list[Entry] = field(default_factory=list)
 
@@ -53,7 +53,7 @@ class Unpersisted:
         return bool(self.hard_state or self.snapshot or self.truncate_from is not None
                     or self.entries)
 
-    def add(self, hard_state: HardState | None, snapshot: tuple[int, int, bytes] | None,
+    def add(self, hard_state: HardState | None, snapshot: tuple[int, int, bytes | bytearray] | None,
             truncate_from: int | None, entries: list[Entry]) -> None:
         """Merge the next ``Ready``'s persistence after what is already waiting."""
         if hard_state is not None:

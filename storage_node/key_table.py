@@ -49,10 +49,15 @@ class KeyTable:
     def from_packed(cls, keys: Any, packed: Any) -> KeyTable:
         """A table from parallel sequences of keys and packed values (a snapshot's)."""
         table = cls()
-        table._d = dict(zip(keys, packed, strict=True))
-        table.size_bytes = (sum(map(len, keys)) + sum(map(len, packed))
-                            - _VERSION_BYTES * len(packed))
+        table.add_packed(keys, packed)
         return table
+
+    def add_packed(self, keys: Any, packed: Any) -> None:
+        """Add parallel sequences of new keys and packed values (a snapshot's, a slice
+        at a time: ``snapshot_loader.py``)."""
+        self._d.update(zip(keys, packed, strict=True))
+        self.size_bytes += (sum(map(len, keys)) + sum(map(len, packed))
+                            - _VERSION_BYTES * len(packed))
 
     def put(self, key: bytes, value: bytes, version: int) -> None:
         d = self._d

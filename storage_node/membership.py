@@ -268,6 +268,16 @@ def snapshot_config(blob: Any) -> Membership | None:
     return decode(bytes(blob[8 : 8 + n]))
 
 
+def snapshot_state(blob: Any) -> memoryview:
+    """The state part of a snapshot, as a view: nothing copied (a snapshot from the
+    leader may be hundreds of megabytes; ``snapshot_loader.py`` reads the view)."""
+    view = memoryview(blob)
+    if len(blob) < 8 or blob[:4] != _SNAP_MAGIC:
+        return view
+    (n,) = struct.unpack(">I", blob[4:8])
+    return view[8 + n :]
+
+
 def unwrap_snapshot(blob: bytes) -> tuple[Membership | None, bytes]:
     """(configuration or None for a snapshot written before configurations, state)."""
     if blob[:4] != _SNAP_MAGIC or len(blob) < 8:

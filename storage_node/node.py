@@ -42,6 +42,7 @@ from zkv.storage_node.node_identity import NodeIdentity
 from zkv.storage_node.node_sockets import NodeSockets
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Ready, Replica, ReplicaConfig
+from zkv.storage_node.snapshot import BackgroundSave
 from zkv.storage_node.snapshot_child import CAN_FORK, SnapshotChild
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
@@ -118,6 +119,10 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._stop_after = 0.0
         #: what a full disk refused, retried every DISK_RETRY_S (disk_full.py)
         self._unpersisted = Unpersisted()
+        #: the leader's snapshot being written on a helper thread, and the acks and
+        #: votes waiting for it (node_disk.py)
+        self._install_save: BackgroundSave | None = None
+        self._install_held: list[tuple[str, PeerMessage]] = []
         self._disk_full_since: float | None = None
         self._disk_retry_at = 0.0
         self._snapshot_retry_at = 0.0  # after a snapshot found no space
@@ -205,6 +210,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         syncer = self._syncer
         if syncer is not None:
             self.poller.register(syncer.fileno(), zmq.POLLIN)
+        stall_s = self.config.heartbeat_ms / 1000  # a turn longer delays heartbeats
         try:
             while self._running:
                 # a listing in progress goes on at once; otherwise sleep until a message
@@ -252,8 +258,18 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     for note in node.notes:
                         self.log.info(note)
                     node.notes.clear()
+                took = time.monotonic() - now
+                if took > stall_s:
+                    self._stalled(took)
         finally:
             self.close()
+
+    def _stalled(self, took: float) -> None:
+        """A turn outlasted a heartbeat interval: heartbeats and acks waited that long.
+        Counted and logged, as Redis's latency monitor would (``bench.stall`` reads it)."""
+        self.node.stats.loop_stalled(took)
+        self.log.warning("the loop stood still for {:.0f} ms (longer than a {} ms "
+                         "heartbeat interval)", took * 1000, self.config.heartbeat_ms)
 
     def _drain_broker(self, sock: zmq.Socket, now: float, ts_ms: int) -> None:  # type: ignore[type-arg]
         """Feed up to ``BATCH_MAX`` waiting messages to the core; bad ones are logged."""
@@ -325,13 +341,17 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
     def _handle_ready(self, now: float) -> None:
         """The core's ``ready`` rounds, in the order it demands (node_core.py)."""
         node = self.node
+        if self._install_save is not None:
+            self._install_written(now)
         while node.has_ready():
             nrd = node.ready()
             for to, msg in nrd.send_first:
                 self._send_peer(to, msg)
             durable = self._persist(nrd.raft, now)
             # votes and acks promise durable state: only after persisting, and only what
-            # the disk holds while it is full
+            # the disk holds while it is full (or all of it once an installed snapshot
+            # being written is on disk: they wait for it in _send_durable)
+            durable = durable or self._install_save is not None
             self._send_durable(node.after_persist(nrd, durable, self._durable_index(), now), now)
             node.advance(nrd)
         node.settle()

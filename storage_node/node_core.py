@@ -63,7 +63,6 @@ from zkv.protocol.messages import (
     Role,
     TimeoutNow,
 )
-from zkv.storage_node import membership as mship
 from zkv.storage_node import peer_link
 from zkv.storage_node.commands import encode_command
 from zkv.storage_node.disk_full import DiskFullGate
@@ -71,6 +70,7 @@ from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, Requ
 from zkv.storage_node.node_snapshots import SnapshotDecisions, SnapshotTask
 from zkv.storage_node.push import command_for, not_leader_ack
 from zkv.storage_node.replica import Ready
+from zkv.storage_node.snapshot_loader import SnapshotLoader
 from zkv.storage_node.ttl_requests import sweep_command
 
 #: Expiry sweep entries proposed per loop turn at most (each lists up to
@@ -108,12 +108,18 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         self.redials = peer_link.Redials()
         #: a snapshot was begun and is not on disk yet (``begin_snapshot``)
         self.snapshot_running = False
+        #: the leader's snapshot being decoded, and what committed meanwhile
+        #: (``node_snapshots.py``)
+        self.installing: tuple[int, SnapshotLoader] | None = None
+        self.install_backlog: list[Any] = []
 
     def tick(self, now: float, ts_ms: int | None = None) -> None:
         """Once per shell loop turn: the replica's timers, then the availability rule;
         with the wall clock ``ts_ms``, the expiry sweep too (``ttl_requests.py``)."""
         replica = self.replica
         replica.tick(now)
+        if self.installing is not None:
+            self.install_step()
         why = self.broker_contact.step_down_reason(replica.role is Role.LEADER, replica.term, now)
         if why:
             replica.step_down(now)
@@ -179,13 +185,12 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         rd = nrd.raft
         if rd.snapshot is not None:
             index, _term, blob = rd.snapshot
-            self.state.restore(mship.unwrap_snapshot(blob)[1])  # configuration + state
-            self.last_snapshot_index = index
-            self.log_bytes = 0
-            self.notes.append(f"installed snapshot at index {index} from the leader")
+            self.begin_install(index, blob)  # decoded a slice per tick
         if rd.truncate_from is not None and self.pending_writes:
             self._fail_from(rd.truncate_from)
-        if rd.committed:
+        if rd.committed and self.installing is not None:
+            self.install_backlog.extend(rd.committed)  # applied once the snapshot is
+        elif rd.committed:
             self._apply(rd.committed)
             if 0 < self.sweep_inflight[1] <= rd.committed[-1].index:
                 self._sweep(self._tick_now)  # the sweep in flight applied: chain the next
@@ -359,8 +364,9 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         return self.tasks.pump(self.state, now)
 
     def busy(self) -> bool:
-        """A listing is in progress: the shell should come back at once, not sleep."""
-        return self.tasks.busy()
+        """A listing or a snapshot install is in progress: the shell should come back
+        at once, not sleep."""
+        return self.installing is not None or self.tasks.busy()
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -4,7 +4,10 @@ A mixin of ``StorageNode``. ``_persist`` writes a ``ready`` round in the order t
 needs (hard state, snapshot, truncation, new entries, then one sync: group commit; with
 ``--fsync always`` the sync runs on a helper thread and what promises durable state
 waits for it, ``wal_syncer.py``);
-``_maybe_snapshot`` writes the snapshots the core asks for and compacts the log. Rules:
+``_maybe_snapshot`` writes the snapshots the core asks for and compacts the log. A
+snapshot installed from the leader is written on a helper thread (``BackgroundSave``):
+the log is reset and what followed it written once it is on disk, and the acks and
+votes of those rounds wait for that (``_install_held``). Rules:
 only ``OSError``s that mean "disk full" are survived (anything else propagates); while
 the disk is full, what did not fit waits in ``_unpersisted`` (``disk_full.py``) and is
 retried every ``DISK_RETRY_S``, a refused snapshot every ``SNAPSHOT_RETRY_S``; an append
@@ -24,6 +27,7 @@ from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.node_core import SnapshotTask
 from zkv.storage_node.replica import Ready
 from zkv.storage_node.snapshot import (
+    BackgroundSave,
     compactable_index,
     load_saved,
     mapped_or_bytes,
@@ -67,13 +71,16 @@ class NodeDisk:
         _unsynced_entries: int
         _held: deque[tuple[int, list[tuple[str, PeerMessage]]]]
         _held_since: float
+        _install_save: BackgroundSave | None
+        _install_held: list[tuple[str, PeerMessage]]
 
         def _send_peer(self, to: str, msg: PeerMessage) -> None: ...
 
     def _persist(self, rd: Ready, now: float) -> bool:
         """Make ``rd``'s state durable per the fsync policy, in the order the core needs:
         hard state, snapshot, truncation, new entries, then one sync. False while the
-        disk is full: what did not fit waits in ``_unpersisted`` (see disk_full.py)."""
+        disk is full or an installed snapshot is being written: what did not fit or
+        follows it waits in ``_unpersisted`` (see disk_full.py)."""
         todo = self._unpersisted
         waiting = bool(todo)
         todo.add(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries)
@@ -83,7 +90,11 @@ class NodeDisk:
             if waiting and now < self._disk_retry_at:
                 return False
             try:
-                self._write_durable(todo, now)
+                if not self._write_durable(todo, now):
+                    return False  # the leader's snapshot is still being written
+                if self._install_held:  # it is on disk, and what followed it written
+                    held, self._install_held = self._install_held, []
+                    self._send_durable(held, now)
             except OSError as exc:
                 if not is_disk_full(exc):
                     raise
@@ -102,20 +113,14 @@ class NodeDisk:
             self.node.unpersisted = bool(todo)
             self.node.disk_full = self._disk_full_since is not None
 
-    def _write_durable(self, todo: Unpersisted, now: float) -> None:
-        """Write ``todo`` in order, clearing each part once it is durable."""
+    def _write_durable(self, todo: Unpersisted, now: float) -> bool:
+        """Write ``todo`` in order, clearing each part once it is durable. False while
+        an installed snapshot is being written (what follows it waits)."""
         if todo.hard_state is not None:
             durable_state.save_hard_state(self.config.data_dir, todo.hard_state)
             todo.hard_state = None
-        if todo.snapshot is not None:
-            index, term, data = todo.snapshot
-            self._settle_syncs(now)  # a late answer must not cover the log that follows
-            save_snapshot(self.config.data_dir, index, term, data)
-            self.wal.reset(index + 1)
-            self._synced_index = index
-            todo.snapshot = None
-            self._disk_snapshot_index = index
-            self.node.stats.snapshot("installed", len(data))
+        if todo.snapshot is not None and not self._installed_snapshot_saved(todo, now):
+            return False
         wrote = False
         if todo.truncate_from is not None:
             self._settle_syncs(now)
@@ -137,6 +142,39 @@ class NodeDisk:
             self.node.stats.wal_synced(time.perf_counter() - started if synced else None,
                                        entries)
             self.core.persisted(self.wal.last_index)
+        return True
+
+    def _installed_snapshot_saved(self, todo: Unpersisted, now: float) -> bool:
+        """Write the leader's snapshot on a helper thread, started on the first call;
+        True once it is on disk and the log restarts after it."""
+        assert todo.snapshot is not None
+        index, term, data = todo.snapshot
+        saving = self._install_save
+        if saving is not None and saving.index != index:  # superseded by a newer one
+            saving.result()
+            saving = self._install_save = None
+            self._install_held = []  # they claim entries the newer snapshot discards
+        if saving is None:
+            self._settle_syncs(now)  # a late answer must not cover the log that follows
+            self._install_save = BackgroundSave(self.config.data_dir, index, term, data)
+            return False
+        if not saving.done():
+            return False
+        self._install_save = None
+        saving.result()  # a full disk raises here: the install is retried
+        self.wal.reset(index + 1)
+        self._synced_index = index
+        todo.snapshot = None
+        self._disk_snapshot_index = index
+        self.node.stats.snapshot("installed", saving.size)
+        return True
+
+    def _install_written(self, now: float) -> None:
+        """Once per turn while an installed snapshot is being written: when it is on
+        disk, write what followed it and send the acks and votes that waited."""
+        saving = self._install_save
+        if saving is not None and saving.done():
+            self._persist(Ready(), now)
 
     # ------------------------------------------------------------------ fsync off the loop
 
@@ -201,6 +239,9 @@ class NodeDisk:
     def _send_durable(self, out: list[tuple[str, PeerMessage]], now: float) -> None:
         """Acks and votes leave once the disk holds what they claim, in order."""
         if not out:
+            return
+        if self._install_save is not None:  # after the installed snapshot is on disk
+            self._install_held.extend(out)
             return
         if self._syncer is None or (not self._held and self._synced_index >= self.wal.last_index):
             for to, msg in out:

@@ -69,6 +69,7 @@ from zkv.storage_node.multikey_requests import MultiKeyRequests
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.quota import Quota, write_growth_bytes
 from zkv.storage_node.replica import Replica
+from zkv.storage_node.snapshot_loader import RECORDS_PER_STEP
 from zkv.storage_node.state_machine import KVStateMachine
 from zkv.storage_node.stats import NodeStats
 from zkv.storage_node.ttl_requests import ttl_command, ttl_refusal, ttl_reply, wait_index
@@ -100,6 +101,9 @@ class NodeCoreConfig:
     peers: dict[str, str] = field(default_factory=dict)
     #: the cluster this node belongs to: peer connections announcing another are refused
     cluster_id: str = ""
+    #: keys decoded per loop turn while a snapshot from the leader is installed
+    #: (``snapshot_loader.py``: a turn stays within milliseconds at any data size)
+    install_records_per_step: int = RECORDS_PER_STEP
 
 
 @dataclass(slots=True)

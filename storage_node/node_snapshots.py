@@ -7,6 +7,14 @@ state is serialized by ``snapshot_data``, at the applied index, with the configu
 in force there; the shell does it in the loop (``take_snapshot``) or in a forked child
 (``snapshot_child.py``). ``compacted`` lets the replica drop its log up to the snapshot;
 one that lands after a newer snapshot was installed from the leader changes nothing.
+
+A snapshot installed from the leader is decoded a slice per loop turn
+(``SnapshotLoader``, called from ``tick``), never in one go: a large one would stop
+the loop for seconds. Meanwhile the replica goes on (appends are persisted and
+acknowledged: an ack promises the log, not the state machine), the committed entries
+wait in ``install_backlog`` and are applied, in order, once the new state is adopted;
+reads wait for them as they wait for any apply. A newer install replaces one still
+loading (the backlog is all below the newer snapshot: it covers those entries).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zkv.storage_node import membership as mship
+from zkv.storage_node.snapshot_loader import SnapshotLoader
 
 if TYPE_CHECKING:
     from zkv.storage_node.node_requests import NodeCoreConfig
@@ -42,6 +51,37 @@ class SnapshotDecisions:
         log_bytes: int
         unpersisted: bool
         snapshot_running: bool
+        notes: list[str]
+        #: the leader's snapshot being decoded (index, loader), and what committed since
+        installing: tuple[int, SnapshotLoader] | None
+        install_backlog: list[Any]
+
+        def _apply(self, committed: list[Any]) -> None: ...
+
+    def begin_install(self, index: int, blob: Any) -> None:
+        """The replica installed the leader's snapshot at ``index`` (persisted): decode
+        its state from the next ``tick`` on, a slice per turn."""
+        self.installing = (index, SnapshotLoader(mship.snapshot_state(blob)))
+        self.install_backlog = []  # all at or below ``index``: the snapshot covers them
+        self.last_snapshot_index = index
+        self.log_bytes = 0
+        self.notes.append(f"installing snapshot at index {index} from the leader")
+
+    def install_step(self) -> None:
+        """Decode the next slice of the snapshot being installed; when it is whole,
+        adopt it and apply what committed meanwhile."""
+        assert self.installing is not None
+        index, loader = self.installing
+        if not loader.step(self.config.install_records_per_step):
+            return
+        self.state.adopt(loader.fmt, loader.applied, loader.table, loader.rest)
+        self.installing = None
+        backlog, self.install_backlog = self.install_backlog, []
+        self.notes.append(f"installed snapshot at index {index} from the leader "
+                          f"({len(loader.table)} keys; {len(backlog)} entries committed "
+                          "meanwhile)")
+        if backlog:
+            self._apply(backlog)
 
     def take_snapshot(self) -> SnapshotTask | None:
         """A snapshot to write, every ``snapshot_entries`` applied entries or
@@ -58,7 +98,7 @@ class SnapshotDecisions:
         not due yet, a write waits for the disk, or one is still being written (until
         ``compacted`` or ``snapshot_failed``)."""
         applied = self.state.applied_index
-        if self.snapshot_running or self.unpersisted or (
+        if self.snapshot_running or self.unpersisted or self.installing is not None or (
                 applied - self.last_snapshot_index < self.config.snapshot_entries
                 and self.log_bytes < self.config.snapshot_bytes):
             return None

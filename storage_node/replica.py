@@ -102,7 +102,7 @@ class Ready:
     reads: list[tuple[object, int]] = field(default_factory=list)
     failed_reads: list[object] = field(default_factory=list)
     #: (last_index, last_term, data): install before applying ``committed``
-    snapshot: tuple[int, int, bytes] | None = None
+    snapshot: tuple[int, int, bytes | bytearray] | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -118,7 +118,7 @@ class SnapshotData(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: slice, /) -> bytes: ...
+    def __getitem__(self, index: slice, /) -> bytes | bytearray: ...
 
 
 class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSnapshots):

@@ -75,14 +75,15 @@ class ReplicaSnapshots(ReplicaState):
         self._incoming_data += msg.data
         offset = len(self._incoming_data)
         if msg.done:
-            self._install_snapshot(msg.last_index, msg.last_term, bytes(self._incoming_data))
+            # handed over as it is: a copy of a large snapshot would stall the loop
+            self._install_snapshot(msg.last_index, msg.last_term, self._incoming_data)
             self._incoming, self._incoming_data = None, bytearray()
         self._send(sender, SnapshotReply(self.term, self.node_id, msg.last_index, offset, True))
 
-    def _install_snapshot(self, index: int, term: int, blob: bytes) -> None:
+    def _install_snapshot(self, index: int, term: int, blob: bytearray) -> None:
         """Replace our state by the leader's snapshot; our whole log is discarded."""
         try:
-            conf, _state = mship.unwrap_snapshot(blob)
+            conf = mship.snapshot_config(blob)  # the head only: the state is not copied
         except RemoteProtocolError:
             return  # a malformed configuration: refuse the snapshot, the leader resends
         self._snap_conf = conf or self.membership

@@ -80,7 +80,7 @@ class ReplicaState:
         self._truncate_from: int | None = None
         self._hard_state_dirty = False
         self._messages: list[tuple[str, PeerMessage]] = []
-        self._install: tuple[int, int, bytes] | None = None
+        self._install: tuple[int, int, bytes | bytearray] | None = None
         self._last_heard_leader = -1e18
         # candidate / pre-candidate
         self._prevote = False

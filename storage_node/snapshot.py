@@ -22,6 +22,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,8 @@ def snapshot_name(last_index: int) -> str:
 
 
 def save_snapshot(
-    directory: str | os.PathLike[str], last_index: int, last_term: int, data: bytes,
-    prune_temp: bool = True,
+    directory: str | os.PathLike[str], last_index: int, last_term: int,
+    data: bytes | bytearray, prune_temp: bool = True,
 ) -> Path:
     """Write the snapshot durably, then delete all but the newest ``SNAPSHOTS_KEPT``
     (and, with ``prune_temp``, leftover temp files: not from a background writer, whose
@@ -152,6 +153,37 @@ def save_snapshot(
     fsync_directory(snap_dir)
     _prune(snap_dir, prune_temp)
     return path
+
+
+class BackgroundSave:
+    """``save_snapshot`` on a helper thread: the file's write, CRC and fsync release the
+    GIL, so the node's loop goes on while a snapshot installed from the leader (the
+    whole data set) reaches the disk. ``data`` must not change until ``done()``."""
+
+    def __init__(self, directory: str | os.PathLike[str], last_index: int, last_term: int,
+                 data: bytes | bytearray) -> None:
+        self.index, self.term, self.size = last_index, last_term, len(data)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(directory, last_index, last_term, data),
+            name=f"zkv-save-snapshot-{last_index}", daemon=True)
+        self._thread.start()
+
+    def _run(self, directory: str | os.PathLike[str], last_index: int, last_term: int,
+             data: bytes | bytearray) -> None:
+        try:
+            save_snapshot(directory, last_index, last_term, data)
+        except OSError as exc:  # the loop decides: a full disk is retried, others end it
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> None:
+        """Wait for the write; raise its ``OSError`` if it failed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _snapshot_files(snap_dir: Path) -> list[tuple[int, Path]]:

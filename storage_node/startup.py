@@ -92,7 +92,7 @@ def _plan_and_load(disk: DiskState, state: KVStateMachine,
         if isinstance(loaded, snapshot.Snapshot):
             try:
                 # the file holds the configuration at its index, then the state
-                state.restore(membership.unwrap_snapshot(loaded.data)[1])
+                state.restore(membership.snapshot_state(loaded.data))  # nothing copied
                 # the core keeps the file mapped, not the bytes (they go once restored)
                 return plan, snapshot.mapped_or_bytes(disk.data_dir, loaded.last_index,
                                                       loaded.data)

@@ -39,6 +39,7 @@ Semantics (``apply``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -300,21 +301,26 @@ class KVStateMachine:
         packed: bytes = msgpack.packb(state, use_bin_type=True)
         return packed
 
-    def restore(self, snapshot: bytes) -> None:
-        """Replace the whole state by a snapshot's. A malformed snapshot raises
-        ``RemoteProtocolError`` (it may come from a peer) and changes nothing."""
+    def restore(self, snapshot: Any) -> None:
+        """Replace the whole state by a snapshot's, decoded in one call (start-up; an
+        install from the leader decodes step by step: ``snapshot_loader.py``). A
+        malformed snapshot raises ``RemoteProtocolError`` (it may come from a peer) and
+        changes nothing."""
         try:
             state: Any = msgpack.unpackb(snapshot, raw=False, use_list=False)
-            fmt, applied, keys, values, sessions_state, *rest = state
+            fmt, applied, keys, values, *rest = state
         except Exception as exc:  # msgpack raises many types on garbage
             raise RemoteProtocolError(f"undecodable snapshot: {exc.__class__.__name__}") from exc
-        if fmt not in _SNAPSHOT_FORMATS or len(rest) != min(fmt - 1, 1 + (fmt >= 4)):
-            raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
-        if type(applied) is not int or applied < 0:
-            raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
+        check_snapshot_head(fmt, applied, len(rest) - 1)
         if type(keys) is not tuple or type(values) is not tuple or len(keys) != len(values):
             raise RemoteProtocolError("snapshot keys and values do not match")
-        table = _key_table(fmt, keys, values)
+        self.adopt(fmt, applied, key_table_part(fmt, keys, values), tuple(rest))
+
+    def adopt(self, fmt: int, applied: int, table: KeyTable, rest: tuple[Any, ...]) -> None:
+        """Replace the whole state by a decoded snapshot's: ``table`` holds its keys,
+        ``rest`` its parts after them (sessions, then ownership and deadlines by format),
+        checked here. ``RemoteProtocolError`` if malformed; then nothing changes."""
+        sessions_state, *rest_parts = rest
         sessions = SessionTable(
             self._sessions.replies_per_client_max,
             self._sessions.clients_max,
@@ -325,15 +331,15 @@ class KVStateMachine:
         except ValueError as exc:
             raise RemoteProtocolError(str(exc)) from exc
         expiry = ExpiryIndex()
-        if len(rest) > 1:  # format 4: deadlines (TTL)
+        if len(rest_parts) > 1:  # format 4: deadlines (TTL)
             try:
-                expiry = ExpiryIndex.from_state(rest[1])
+                expiry = ExpiryIndex.from_state(rest_parts[1])
             except ValueError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
         ownership = Ownership(self.ownership.shard_id, None)
-        if rest:
+        if rest_parts:
             try:
-                ownership.load_state(rest[0])
+                ownership.load_state(rest_parts[0])
             except ValueError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
         else:  # format 1 predates ring changes: the ring is the initial one
@@ -360,9 +366,21 @@ class KVStateMachine:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _key_table(fmt: int, keys: tuple[Any, ...], values: tuple[Any, ...]) -> KeyTable:
-    """The key table of a decoded snapshot, checked with C-speed passes (no per-key
-    Python loop for format 3); ``RemoteProtocolError`` if a key or value is malformed."""
+def check_snapshot_head(fmt: Any, applied: Any, extra_parts: int) -> None:
+    """``RemoteProtocolError`` unless a snapshot's format is known, its applied index
+    sane, and it has the parts its format has after the sessions (``extra_parts``)."""
+    if fmt not in _SNAPSHOT_FORMATS or extra_parts != min(fmt - 1, 1 + (fmt >= 4)):
+        raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
+    if type(applied) is not int or applied < 0:
+        raise RemoteProtocolError(f"unsupported snapshot format {fmt!r}")
+
+
+def key_table_part(fmt: int, keys: Sequence[Any], values: Sequence[Any],
+                   table: KeyTable | None = None) -> KeyTable:
+    """``table`` (a new one by default) with a decoded snapshot's keys and values added,
+    checked with C-speed passes (no per-key Python loop for format 3 and later);
+    ``RemoteProtocolError`` if a key or value is malformed."""
+    table = KeyTable() if table is None else table
     bad = RemoteProtocolError("snapshot holds a malformed key or value")
     if keys and set(map(type, keys)) != {bytes}:
         raise bad
@@ -370,8 +388,11 @@ def _key_table(fmt: int, keys: tuple[Any, ...], values: tuple[Any, ...]) -> KeyT
         if values and (set(map(type, values)) != {bytes}
                        or min(map(len, values)) < _VERSION_BYTES):
             raise bad
-        return KeyTable.from_packed(keys, values)
+        table.add_packed(keys, values)
+        return table
     if not all(type(v) is tuple and len(v) == 2 and type(v[0]) is bytes
                and type(v[1]) is int and v[1] >= 0 for v in values):
         raise bad
-    return KeyTable(zip(keys, values, strict=True))
+    for key, (value, version) in zip(keys, values, strict=True):
+        table.put(key, value, version)
+    return table

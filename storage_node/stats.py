@@ -127,6 +127,10 @@ class NodeStats:
         self.snapshot_bytes = Tally()
         self.snapshot_last_bytes = 0
         self.raft = RaftTracker()
+        #: loop turns that outlasted one heartbeat interval (stalls: heartbeats and acks
+        #: waited), and the longest of them
+        self.loop_stalls = 0
+        self.loop_stall_longest_s = 0.0
 
     # ------------------------------------------------------------------ loop side
 
@@ -149,6 +153,11 @@ class NodeStats:
         self.snapshots.add((kind,))
         self.snapshot_bytes.add((kind,), nbytes)
         self.snapshot_last_bytes = nbytes
+
+    def loop_stalled(self, seconds: float) -> None:
+        """A loop turn outlasted one heartbeat interval."""
+        self.loop_stalls += 1
+        self.loop_stall_longest_s = max(self.loop_stall_longest_s, seconds)
 
     def requests(self) -> Tally:
         """The reply tally as (op, result) label tuples."""
@@ -203,6 +212,10 @@ class NodeStats:
                                        "counted in zkv_node_snapshots", ("kind",)),
             gauge("zkv_node_snapshot_last_bytes", "Size of the last snapshot",
                   self.snapshot_last_bytes),
+            counter("zkv_node_loop_stalls", "Loop turns longer than one heartbeat interval "
+                    "(heartbeats and acks waited)", self.loop_stalls),
+            gauge("zkv_node_loop_stall_longest_seconds", "The longest of those turns "
+                  "(0: none)", self.loop_stall_longest_s),
             gauge("zkv_node_keys", "Keys stored", state.key_count),
             gauge("zkv_node_data_bytes", "Bytes of keys and values stored", state.data_bytes),
             gauge("zkv_node_disk_full", "1 while the disk refuses writes", int(disk_full)),

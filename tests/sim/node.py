@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 #: The simulated wall clock's epoch: ``ts_ms`` = this + simulated milliseconds.
 WALL_EPOCH_MS = 1_700_000_000_000
 PEER = "peer"  # the origin of frames that came on the peer socket
+#: keys decoded per tick while a snapshot from the leader is installed
+INSTALL_RECORDS_PER_STEP = 3
 
 
 
@@ -146,6 +148,9 @@ class SimNode:
             self.id, self.shard_id, self.members, self.id, w.cfg.heartbeat_ms,
             w.cfg.snapshot_entries or 1 << 60, pid=self.incarnation,
             info={"fsync": w.cfg.fsync}, cluster_id=CLUSTER_ID,
+            # a few keys per tick: every install spans turns that crashes, elections
+            # and more installs can interleave with (production decodes 8,192)
+            install_records_per_step=INSTALL_RECORDS_PER_STEP,
         )  # fmt: skip
         self.node = NodeCore(config, replica, state, Ring(self.ring), tasks)
         self._reset_disk_shell()
@@ -273,6 +278,9 @@ class SimNode:
             if self.unpersisted:
                 self._persist(Ready())  # retry what a full disk refused
         self._maybe_snapshot(node)
+        for note in node.notes:
+            if note.startswith(("installing snapshot", "installed snapshot")):
+                w.count(note.split(" at ")[0])  # an install from the leader, begun or whole
         node.notes.clear()
         w.check_node(self)
 

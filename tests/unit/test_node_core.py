@@ -86,6 +86,8 @@ class Shard:
             rd = nrd.raft
             self._send(name, nrd.send_first)
             log = self.logs[name]
+            if rd.snapshot is not None:  # the log restarts after the leader's snapshot
+                log[:] = [Entry(0, 0, b"")] * rd.snapshot[0]
             if rd.truncate_from is not None:
                 self.truncations.append((name, rd.truncate_from))
                 del log[rd.truncate_from - 1:]
@@ -425,6 +427,42 @@ def test_snapshot_is_due_every_snapshot_entries() -> None:
     assert restored.get(b"k") == (b"v", 3)
     leader.compacted(task)
     assert leader.replica.snap_index == 3 and leader.take_snapshot() is None
+
+
+def test_a_snapshot_from_the_leader_is_decoded_a_slice_per_tick_then_what_committed_meanwhile_applies() -> None:
+    """A large install must not stop the loop: the follower decodes it a few keys per
+    tick, acks appends meanwhile, and applies what committed once the state is whole."""
+    shard = Shard(snapshot_entries=5, install_records_per_step=2)
+    leader = shard.elect("a")
+    shard.cut.add("c")
+    for rid in range(1, 11):
+        request(leader, put(rid, b"k%d" % rid, b"v%d" % rid), shard.now)
+        shard.settle()
+    task = leader.take_snapshot()
+    assert task is not None and task.index == 11
+    leader.compacted(task)  # c is behind the log: it needs the snapshot
+    follower = shard.nodes["c"]
+    shard.cut.discard("c")
+    shard.tick(0.05)
+    assert follower.installing is not None and follower.busy()
+    assert follower.state.key_count == 0  # nothing adopted yet
+    request(leader, put(11, b"late", b"x"), shard.now)
+    shard.settle()
+    shard.tick(0.1)  # the leader's next append carries the commit index
+    assert follower.installing is not None
+    # the replica went on: it holds and acknowledged the new entry while decoding
+    assert follower.replica.commit_index == 12
+    assert leader.replica.match_indexes()["c"] == 12
+    assert [e.index for e in follower.install_backlog] == [12]
+    assert follower.begin_snapshot() is None  # never a snapshot of a state being replaced
+    ticks = 0
+    while follower.installing is not None:
+        shard.tick(0.05)
+        ticks += 1
+    assert 3 + ticks >= 20 // 2  # 10 keys + 10 values, 2 a tick (3 ticks above)
+    assert follower.state.applied_index == 12
+    assert follower.state.snapshot_bytes() == leader.state.snapshot_bytes()
+    assert not follower.busy() and follower.install_backlog == []
 
 
 def test_heartbeat_contents_and_cadence() -> None:

@@ -9,6 +9,7 @@ from loguru import logger
 
 from zkv.storage_node.snapshot import (
     SNAP_DIR,
+    BackgroundSave,
     MappedSnapshot,
     Snapshot,
     SnapshotDamaged,
@@ -132,3 +133,22 @@ def test_a_mapped_snapshot_refuses_to_stream_data_damaged_on_disk(tmp_path):
 def test_without_a_file_the_bytes_are_kept(tmp_path, warnings_logged):
     assert mapped_or_bytes(tmp_path, 9, b"abc") == b"abc"
     assert any("kept in memory" in m for m in warnings_logged)
+
+
+def test_a_background_save_writes_the_same_file_off_the_calling_thread(tmp_path):
+    data = bytearray(b"state" * 100_000)  # what an install hands over: not copied
+    saving = BackgroundSave(tmp_path, 42, 3, data)
+    saving.result()
+    assert saving.done() and (saving.index, saving.term, saving.size) == (42, 3, len(data))
+    loaded = load_latest_snapshot(tmp_path)
+    assert loaded is not None and (loaded.last_index, loaded.last_term) == (42, 3)
+    assert bytes(loaded.data) == bytes(data)
+
+
+def test_a_background_save_that_fails_raises_its_error_to_the_caller(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")  # a data dir that is a file: the write fails
+    saving = BackgroundSave(blocker, 1, 1, b"x")
+    with pytest.raises(OSError):
+        saving.result()
+    assert saving.done()
