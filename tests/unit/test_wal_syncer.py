@@ -172,6 +172,8 @@ class Disk(NodeDisk):
         from collections import deque
         self._held = deque()
         self._held_since = 0.0
+        self._install_save = None
+        self._install_held = []
         self.sent: list[tuple[str, Any]] = []
 
     def _send_peer(self, to: str, msg: Any) -> None:
@@ -284,5 +286,44 @@ def test_a_disk_slower_than_a_heartbeat_still_lets_the_leader_hear_us(tmp_path: 
     gate.release.set()
     node.signalled()
     assert [m for _, m in node.sent[3:]] == [ack(6)[1], ack(6)[1], VoteReply(1, "me", True, False, "cand")]
+    node._syncer.close()  # type: ignore[union-attr]
+    node.wal.close()
+
+
+def test_a_snapshot_from_the_leader_is_written_off_the_loop_and_what_follows_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The install's file is written on a helper thread (a large one would stop the
+    loop): until it is on disk the node counts as unpersisted, entries after it wait,
+    and so do the acks of those rounds (an ack claims the log that follows it)."""
+    from zkv.storage_node import snapshot as snapshot_module
+
+    written = threading.Event()
+    save = snapshot_module.save_snapshot
+
+    def slow_save(*args: Any, **kwargs: Any) -> Path:
+        assert written.wait(WAIT_S)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_module, "save_snapshot", slow_save)
+    gate = GatedDisk()
+    gate.release.set()
+    node = Disk(tmp_path, gate)
+    node.turn(Ready(entries=entries(1, 3)), [ack(3)])
+    assert node.sent == [ack(3)]
+    assert not node._persist(Ready(snapshot=(10, 2, bytearray(b"leader's state"))), 0.0)
+    node._send_durable([ack(10)], 0.0)
+    assert not node._persist(Ready(entries=entries(11, 2)), 0.0)
+    node._send_durable([ack(12)], 0.0)
+    node._install_written(0.0)  # not on disk yet: nothing changes
+    assert node.sent == [ack(3)] and node.node.unpersisted
+    assert node.wal.last_index == 3  # the old log stays until the snapshot is on disk
+    written.set()
+    assert node._install_save is not None
+    node._install_save.result()
+    node._install_written(0.1)
+    assert node._install_save is None and not node.node.unpersisted
+    assert node.wal.last_index == 12 and node.core.persisted_calls[-1] == 12
+    assert node.sent == [ack(3), ack(10), ack(12)]
+    assert snapshot_module.load_latest_snapshot(tmp_path) is not None
     node._syncer.close()  # type: ignore[union-attr]
     node.wal.close()
