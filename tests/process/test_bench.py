@@ -162,3 +162,18 @@ def test_round_trips_bench_reports_the_relay_the_disk_and_both_ratios(
     assert out["put_bound_ms"] == pytest.approx(2 * best["relay"] + best["fdatasync"])
     assert out["get_ratio"] == pytest.approx(best["get"] / best["relay"])
     assert isinstance(out["put_ok"], bool) and isinstance(out["get_ok"], bool)
+
+
+def test_stall_bench_times_a_follower_that_catches_up_by_installing_a_snapshot() -> None:
+    """``bench/stall.py --install`` briefly (120,000 keys: two snapshots on the leader):
+    the restarted follower installs one and catches up, and the run stops by itself.
+    (The figures, no stall and no election at 1,000,000 keys, are the README's.)"""
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.stall", "--keys", "120000", "--modes", "", "--install",
+         "--json"], capture_output=True, text=True, timeout=240, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = json.loads(out.stdout)
+    assert result["mode"] == "install" and result["keys"] == 120_000
+    assert result["installs"] >= 1 and result["largest_snapshot_bytes"] > 100_000 * 100
+    assert result["caught_up_s"] is not None, result
