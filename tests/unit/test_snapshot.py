@@ -7,6 +7,7 @@ import os
 import pytest
 from loguru import logger
 
+from zkv.storage_node import snapshot as snapshot_module
 from zkv.storage_node.snapshot import (
     SNAP_DIR,
     BackgroundSave,
@@ -128,6 +129,27 @@ def test_a_mapped_snapshot_refuses_to_stream_data_damaged_on_disk(tmp_path):
         f.write(raw)
     with pytest.raises(SnapshotDamaged):
         view[0:4096]
+
+
+def test_a_large_mapped_snapshot_is_checked_off_the_loop_and_its_last_slice_waits_for_it(
+        tmp_path, monkeypatch):
+    """Above ``VERIFY_INLINE_BYTES`` the crc runs on a helper thread (it would stall
+    the leader's loop at every transfer): the first slices leave at once, and the one
+    that reaches the end (what a follower installs upon) raises if the file is damaged."""
+    monkeypatch.setattr(snapshot_module, "VERIFY_INLINE_BYTES", 1000)
+    data = os.urandom(10_000)
+    path = save_snapshot(tmp_path, 5, 2, data)
+    view = mapped_or_bytes(tmp_path, 5, data)
+    assert [view[a : a + 4096] for a in (0, 4096, 8192)] == [data[:4096], data[4096:8192],
+                                                              data[8192:]]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    with open(path, "r+b") as f:  # in place, as bit rot would be
+        f.write(raw)
+    assert view[0:4096] == bytes(raw[-10_000:][:4096])  # checked meanwhile
+    assert view[4096:8192]
+    with pytest.raises(SnapshotDamaged):
+        view[8192:12_288]  # the slice that completes the transfer
 
 
 def test_without_a_file_the_bytes_are_kept(tmp_path, warnings_logged):
