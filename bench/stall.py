@@ -15,9 +15,10 @@ node's loop, ``fork`` in a forked child), alternating when both are asked for:
 
 ``--install`` adds one more run: a follower is SIGKILLed before the load and restarted
 after it, so it catches up by installing the leader's newest snapshot (the whole data
-set); reported are the install's size, how long the follower took to catch up, and the
+set); reported are the install's size, how long the follower took to catch up, the
 longest turn its loop logged as standing still (``the loop stood still``: every turn
-longer than one heartbeat interval is logged; 0 when none was).
+longer than one heartbeat interval is logged; 0 when none was), and the leader's
+logged stalls over the whole run (the load included).
 
     python -m bench.stall [--keys 1000000] [--modes fork,inline] [--install] [--json]
 """
@@ -103,6 +104,7 @@ def run_install(keys: int, timeout_s: float = 300.0) -> dict[str, Any]:
                 probe.join(timeout=30)
                 term1 = _term(kv)
             follower_log = cluster.nodes[follower].tail(100_000)
+            leader_log = cluster.nodes[leader].tail(100_000)
             leader_logs = "\n".join(c.tail(100_000) for c in cluster.nodes.values())
     snaps = [int(b) for _i, b, _ms in SNAPSHOT_LOG_RE.findall(leader_logs)]
     stalls = [int(ms) for ms in STALL_LOG_RE.findall(follower_log)]
@@ -114,6 +116,7 @@ def run_install(keys: int, timeout_s: float = 300.0) -> dict[str, Any]:
         "caught_up_s": None if caught_up is None else round(caught_up, 2),
         "follower_stalls": len(stalls),
         "longest_loop_stop_ms": max(stalls, default=0),
+        "leader_stalls_ms": [int(ms) for ms in STALL_LOG_RE.findall(leader_log)],
         "slowest_probe_ms": round(worst[0] * 1000, 1),
     }
 
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "longest_snapshot_ms", "longest_loop_stop_ms", "slowest_probe_ms"]
     install_cols = ["mode", "keys_per_s", "elections", "installs", "largest_snapshot_bytes",
                     "caught_up_s", "follower_stalls", "longest_loop_stop_ms",
-                    "slowest_probe_ms"]
+                    "leader_stalls_ms", "slowest_probe_ms"]
     for wanted in (cols, install_cols):
         rows = [r for r in results if (r["mode"] == "install") == (wanted is install_cols)]
         if rows:
