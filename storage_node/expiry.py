@@ -131,14 +131,21 @@ class ExpiryIndex:
             raise ValueError("expiry state is not [keys, deadlines]")
         if len(keys) != len(deadlines):
             raise ValueError("expiry keys and deadlines do not match")
-        if keys and set(map(type, keys)) != {bytes}:
-            raise ValueError("expiry key is not bytes")
-        if deadlines and (set(map(type, deadlines)) != {int} or min(deadlines) <= 0):
-            raise ValueError("expiry deadline is not a positive int")
+        _check_loaded(keys, deadlines)
         index = cls()
         index._deadline.update(zip(keys, deadlines, strict=True))  # keep `deadlines` its alias
         index._rebuild()
         return index
+
+    def add_loaded(self, keys: Any, deadlines: Any) -> None:
+        """Add a slice of a snapshot's ``[keys, deadlines]`` (``snapshot_loader.py``
+        decodes a large one a slice per loop turn): the heap grows by pushes, never
+        by one rebuild of all of it. ``ValueError`` if the slice is malformed."""
+        _check_loaded(keys, deadlines)
+        self._deadline.update(zip(keys, deadlines, strict=True))
+        heap, push = self._heap, heapq.heappush
+        for pair in zip(deadlines, keys, strict=True):
+            push(heap, pair)
 
     def heap_len(self) -> int:
         """Pairs in the heap, stale ones included (for tests and the memory figure)."""
@@ -153,3 +160,11 @@ class ExpiryIndex:
 
     def __repr__(self) -> str:
         return f"ExpiryIndex({self._deadline!r})"
+
+
+def _check_loaded(keys: Any, deadlines: Any) -> None:
+    """``ValueError`` unless ``keys`` are bytes and ``deadlines`` positive ints."""
+    if keys and set(map(type, keys)) != {bytes}:
+        raise ValueError("expiry key is not bytes")
+    if deadlines and (set(map(type, deadlines)) != {int} or min(deadlines) <= 0):
+        raise ValueError("expiry deadline is not a positive int")

@@ -318,8 +318,9 @@ class KVStateMachine:
 
     def adopt(self, fmt: int, applied: int, table: KeyTable, rest: tuple[Any, ...]) -> None:
         """Replace the whole state by a decoded snapshot's: ``table`` holds its keys,
-        ``rest`` its parts after them (sessions, then ownership and deadlines by format),
-        checked here. ``RemoteProtocolError`` if malformed; then nothing changes."""
+        ``rest`` its parts after them (sessions, then ownership and deadlines by format;
+        the deadlines as their state or as an ``ExpiryIndex`` already built), checked
+        here. ``RemoteProtocolError`` if malformed; then nothing changes."""
         sessions_state, *rest_parts = rest
         sessions = SessionTable(
             self._sessions.replies_per_client_max,
@@ -331,9 +332,10 @@ class KVStateMachine:
         except ValueError as exc:
             raise RemoteProtocolError(str(exc)) from exc
         expiry = ExpiryIndex()
-        if len(rest_parts) > 1:  # format 4: deadlines (TTL)
+        if len(rest_parts) > 1:  # format 4: deadlines (TTL), or the loader's index of them
             try:
-                expiry = ExpiryIndex.from_state(rest_parts[1])
+                part = rest_parts[1]
+                expiry = part if type(part) is ExpiryIndex else ExpiryIndex.from_state(part)
             except ValueError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
         ownership = Ownership(self.ownership.shard_id, None)

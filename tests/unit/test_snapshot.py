@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import zlib
+from types import SimpleNamespace
 
 import pytest
 from loguru import logger
@@ -134,8 +137,9 @@ def test_a_mapped_snapshot_refuses_to_stream_data_damaged_on_disk(tmp_path):
 def test_a_large_mapped_snapshot_is_checked_off_the_loop_and_its_last_slice_waits_for_it(
         tmp_path, monkeypatch):
     """Above ``VERIFY_INLINE_BYTES`` the crc runs on a helper thread (it would stall
-    the leader's loop at every transfer): the first slices leave at once, and the one
-    that reaches the end (what a follower installs upon) raises if the file is damaged."""
+    the leader's loop at every transfer): the first slices leave while it runs, and the
+    one that reaches the end (what a follower installs upon) raises if the file is
+    damaged."""
     monkeypatch.setattr(snapshot_module, "VERIFY_INLINE_BYTES", 1000)
     data = os.urandom(10_000)
     path = save_snapshot(tmp_path, 5, 2, data)
@@ -146,8 +150,17 @@ def test_a_large_mapped_snapshot_is_checked_off_the_loop_and_its_last_slice_wait
     raw[-1] ^= 1
     with open(path, "r+b") as f:  # in place, as bit rot would be
         f.write(raw)
-    assert view[0:4096] == bytes(raw[-10_000:][:4096])  # checked meanwhile
-    assert view[4096:8192]
+    checking, release = threading.Event(), threading.Event()
+
+    def slow_crc32(data, value=0):
+        checking.set()
+        assert release.wait(10)
+        return zlib.crc32(data, value)
+
+    monkeypatch.setattr(snapshot_module, "zlib", SimpleNamespace(crc32=slow_crc32))
+    assert view[0:4096] == bytes(raw[-10_000:][:4096])  # the check has not answered yet
+    assert checking.wait(10) and view[4096:8192]
+    release.set()
     with pytest.raises(SnapshotDamaged):
         view[8192:12_288]  # the slice that completes the transfer
 

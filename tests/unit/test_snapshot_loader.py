@@ -93,9 +93,14 @@ def test_an_empty_snapshot_decodes_in_one_step():
      msgpack.packb([4, 5, [b"k"], [b"short"], [], None, [[], []]]),  # no version
      msgpack.packb([4, 5, [b"k", b"j"], [b"v" * 9], [], None, [[], []]]),  # one short
      msgpack.packb([4, -1, [], [], [], None, [[], []]]),  # a negative index
-     msgpack.packb([9, 5, [], [], [], None, [[], []]])[:-3]],  # cut short
+     msgpack.packb([9, 5, [], [], [], None, [[], []]])[:-3],  # cut short
+     msgpack.packb([4, 5, [], [], [], None, [[b"k"], [0]]]),  # a deadline of 0
+     msgpack.packb([4, 5, [], [], [], None, [[1], [T0]]]),  # a deadline's key not bytes
+     msgpack.packb([4, 5, [], [], [], None, [[b"k", b"j"], [T0]]]),  # one short
+     msgpack.packb([4, 5, [], [], [], None, [[b"k"]]])],  # no deadlines at all
     ids=["empty", "garbage", "no-parts", "fmt2-short", "fmt1-mismatch", "key-type",
-         "no-version", "count-mismatch", "negative", "truncated"],
+         "no-version", "count-mismatch", "negative", "truncated", "deadline-0",
+         "deadline-key-type", "deadline-count", "deadline-part"],
 )
 def test_a_malformed_snapshot_is_refused_and_the_state_is_untouched(data):
     d = Driver(_machine())
@@ -107,3 +112,15 @@ def test_a_malformed_snapshot_is_refused_and_the_state_is_untouched(data):
             pass
         d.sm.adopt(loader.fmt, loader.applied, loader.table, loader.rest)
     assert d.sm.snapshot_bytes() == before
+
+
+def test_deadlines_decoded_step_by_step_still_come_due_earliest_first():
+    """The TTL index is grown by heap pushes a slice at a time: what comes due, and
+    in which order, is what the one-call restore gives."""
+    d = _with_ttls(5)
+    stepped, steps = _load(d.sm.snapshot_bytes(), 3)
+    whole = _machine()
+    whole.restore(d.sm.snapshot_bytes())
+    assert steps > 20 // 3
+    assert stepped.expiry.due(T0 + 1010, 100) == whole.expiry.due(T0 + 1010, 100)
+    assert stepped.expiry.due(T0 + 1005, 3) == [b"ttl0", b"ttl1", b"ttl2"]
