@@ -167,6 +167,8 @@ class NodeDisk:
         todo.snapshot = None
         self._disk_snapshot_index = index
         self.node.stats.snapshot("installed", saving.size)
+        # from now on streamed from the file: the received bytes are freed once decoded
+        self.core.snapshot_saved(index, load_saved(self.config.data_dir, index))
         return True
 
     def _install_written(self, now: float) -> None:

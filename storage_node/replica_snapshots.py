@@ -43,6 +43,13 @@ class ReplicaSnapshots(ReplicaState):
         del self._log[: index - self.snap_index]
         self.snap_index, self.snap_term, self._snap_wire = index, term, data
 
+    def snapshot_saved(self, index: int, data: SnapshotData) -> None:
+        """The snapshot installed at ``index`` is on disk: stream it to followers from
+        ``data`` (the shell's map of the file) instead of the bytes received, which
+        are freed. A snapshot that is no longer the newest changes nothing."""
+        if index == self.snap_index and len(data) == len(self._snap_wire):
+            self._snap_wire = data
+
     def _send_snapshot_chunk(self, peer: str, pr: Progress, now: float) -> None:
         size = self.config.snapshot_chunk_bytes
         blob = self._snap_wire  # the configuration travels with it

@@ -266,6 +266,14 @@ def test_lagging_follower_catches_up_by_snapshot() -> None:
     g.advance(0.5)
     assert installed and installed[0][0] == snap_index and installed[0][2] == b"STATE"
     assert g.cores["c"].commit_index == leader.commit_index
+    # once on disk, the shell hands over its map of the file: what c streams from then
+    follower = g.cores["c"]
+    follower.snapshot_saved(snap_index - 1, b"OTHER")  # not the newest: nothing changes
+    assert follower._snap_wire == b"STATE"
+    follower.snapshot_saved(snap_index, b"STATE, longer")  # not what was installed
+    assert follower._snap_wire == b"STATE"
+    follower.snapshot_saved(snap_index, b"state")  # (the map reads the same bytes)
+    assert follower._snap_wire == b"state"
 
 
 def test_absurd_terms_are_ignored_not_adopted() -> None:

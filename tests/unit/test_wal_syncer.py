@@ -148,6 +148,9 @@ class Core:
     def persisted(self, index: int) -> None:
         self.persisted_calls.append(index)
 
+    def snapshot_saved(self, index: int, data: Any) -> None:
+        self.saved = (index, data)
+
 
 class Disk(NodeDisk):
     """``NodeDisk`` with a real WAL on a disk that stalls on demand, and no sockets."""
@@ -325,5 +328,9 @@ def test_a_snapshot_from_the_leader_is_written_off_the_loop_and_what_follows_wai
     assert node.wal.last_index == 12 and node.core.persisted_calls[-1] == 12
     assert node.sent == [ack(3), ack(10), ack(12)]
     assert snapshot_module.load_latest_snapshot(tmp_path) is not None
+    # the replica streams it from the file from now on: the received bytes can go
+    index, mapped = node.core.saved
+    assert index == 10 and isinstance(mapped, snapshot_module.MappedSnapshot)
+    assert mapped[0:100] == b"leader's state"
     node._syncer.close()  # type: ignore[union-attr]
     node.wal.close()
