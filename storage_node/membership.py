@@ -280,10 +280,7 @@ def snapshot_state(blob: Any) -> memoryview:
 
 def unwrap_snapshot(blob: bytes) -> tuple[Membership | None, bytes]:
     """(configuration or None for a snapshot written before configurations, state)."""
-    if blob[:4] != _SNAP_MAGIC or len(blob) < 8:
-        return None, blob
-    (n,) = struct.unpack(">I", blob[4:8])
-    return decode(blob[8 : 8 + n]), blob[8 + n :]
+    return snapshot_config(blob), bytes(snapshot_state(blob))
 
 
 # ---------------------------------------------------------------------- admin ops
