@@ -28,8 +28,15 @@ def _os_write(fd: int, data: bytes | memoryview) -> int:
     return os.write(fd, data)
 
 
+def _os_pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+    return os.pwrite(fd, data, offset)
+
+
+#: ``fdatasync`` where the platform has it: the data and what is needed to read it back
+#: (the file's size), not its timestamps, whose update would cost a journal commit per
+#: sync even when records overwrite the zero-filled tail (``wal_tail.py``).
 def _os_fsync(fd: int) -> None:
-    os.fsync(fd)
+    getattr(os, "fdatasync", os.fsync)(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +45,4 @@ class DiskIO:
 
     write: Callable[[int, bytes | memoryview], int] = _os_write
     fsync: Callable[[int], None] = _os_fsync
+    pwrite: Callable[[int, bytes | memoryview, int], int] = _os_pwrite

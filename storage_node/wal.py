@@ -11,6 +11,9 @@ Rules and invariants:
   ``never``), so a torn record can only ever sit in the last segment.
 - Every segment on disk holds at least one record, except an instant after it is
   created; recovery deletes an empty last segment.
+- Past its last record a segment holds only zeros (``wal_tail.py``: the tail is written
+  ahead, so a sync moves data and commits no file-size change); recovery reads an
+  all-zero rest as the end of the log. A roll and a clean ``close`` cut the zeros off.
 - Recovery: a short or bad record with nothing valid after it in the last segment is a
   torn tail (a write cut by a crash): truncated with a warning. A bad record in any other
   segment, or followed by a valid record, is corruption: ``CorruptLogError``, the node
@@ -23,9 +26,10 @@ Rules and invariants:
 - Appends continue ``last_index`` (``reset(i)`` restarts the log at ``i`` after a snapshot
   install). Only a log that recovered no entry at all accepts any first index: the WAL
   cannot know where the node's snapshot ends.
-- A full disk (``ENOSPC``/``EDQUOT`` from a write or a segment creation) is not fatal:
-  ``append`` takes the segment back to where the batch started (``ftruncate`` and
-  ``unlink`` need no space) and raises ``DiskFullError``; the log is as before the call
+- A full disk (``ENOSPC``/``EDQUOT`` from a write, the zero tail's growth or a segment
+  creation) is not fatal: ``append`` takes the segment back to where the batch started
+  (``ftruncate``, ``unlink`` and zeros over blocks already held need no space) and
+  raises ``DiskFullError``; the log is as before the call
   and the same entries can be appended again once there is space. Segments are written
   unbuffered (one ``write`` per batch), so a failed write leaves nothing queued in
   Python to be flushed later.
@@ -63,6 +67,7 @@ from zkv.storage_node.wal_records import (
     Segment,
     scan_segment,
 )
+from zkv.storage_node.wal_tail import ZeroTail
 
 WAL_DIR = "wal"
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
@@ -83,7 +88,8 @@ class WriteAheadLog:
         self._policy = policy
         self._segment_bytes_max = segment_bytes_max
         self._segments: list[Segment] = []
-        self._file: Any = None  # the last segment, open for appending, unbuffered
+        self._file: Any = None  # the last segment, open for writing, unbuffered
+        self._tail = ZeroTail(policy.mode is not FsyncMode.NEVER, self._io.pwrite)
         self._next_index = 1  # index the next append must carry, once known
         self._next_known = False  # False only while a log recovered empty is untouched
         self._dirty = False  # bytes written since the last fsync
@@ -125,10 +131,18 @@ class WriteAheadLog:
                 wal._segments.append(seg)
                 wal._next_index = seg.last_index + 1
         if wal._segments:
-            wal._file = open(wal._segments[-1].path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
+            wal._open_last()
             wal._next_known = True
         return wal, entries
 
+
+    def _open_last(self) -> None:
+        """Open the last segment for writing at the end of its records (its zero tail,
+        if any, stays: records are written over it)."""
+        seg = self._segments[-1]
+        self._file = open(seg.path, "r+b", buffering=0)  # noqa: SIM115 - owned by the WAL
+        self._file.seek(seg.size)
+        self._tail.opened(self._file.fileno())
 
     @property
     def first_index(self) -> int:
@@ -216,19 +230,24 @@ class WriteAheadLog:
         view = memoryview(b"".join(parts))
         fd, write = self._file.fileno(), self._io.write
         self._dirty = True
+        self._tail.reserve(fd, seg.size + size, self._segment_bytes_max)
         while view:
             view = view[write(fd, view) :]
         seg.size += size
 
-    def _mark(self) -> tuple[int, int, int]:
-        """Where the log ends now: (segments, last segment's size, its record count)."""
+    def _mark(self) -> tuple[int, int, int, int]:
+        """Where the log ends now: (segments, last segment's size, its record count,
+        its bytes on disk with the zero tail)."""
         seg = self._segments[-1] if self._segments else None
-        return len(self._segments), seg.size if seg else 0, len(seg.offsets) if seg else 0
+        if seg is None:
+            return 0, 0, 0, 0
+        return len(self._segments), seg.size, len(seg.offsets), self._tail.allocated
 
-    def _rollback(self, mark: tuple[int, int, int]) -> bool:
+    def _rollback(self, mark: tuple[int, int, int, int]) -> bool:
         """Take the disk and the index back to ``mark`` after a write that found no
-        space (truncating and unlinking need none). False if even that failed."""
-        count, size, records = mark
+        space (truncating, unlinking and zeroing held blocks need none). False if even
+        that failed."""
+        count, size, records, allocated = mark
         try:
             while len(self._segments) > count:
                 if self._file is not None:
@@ -237,12 +256,15 @@ class WriteAheadLog:
                 self._segments.pop().path.unlink(missing_ok=True)
             if self._segments:
                 seg = self._segments[-1]
+                # How far the batch wrote in this segment: the position of its open
+                # file, or its records' end if a roll closed it after a whole write.
+                written = self._file.tell() if self._file is not None else seg.size
                 del seg.offsets[records:]
                 seg.size = size
                 if self._file is None:
-                    self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
-                os.ftruncate(self._file.fileno(), size)
-                self._file.seek(size)  # a new segment is not O_APPEND: move back too
+                    self._file = open(seg.path, "r+b", buffering=0)  # noqa: SIM115 - owned by the WAL
+                self._tail.undo(self._file.fileno(), size, written, allocated)
+                self._file.seek(size)
         except OSError as exc:
             logger.error("WAL {}: could not undo a write that found no space: {}", self._dir, exc)
             return False
@@ -251,6 +273,7 @@ class WriteAheadLog:
     def _roll(self, first_index: int) -> Segment:
         """Close the current segment durably and start ``<first_index>.seg``."""
         if self._file is not None:
+            self._tail.trim(self._file.fileno(), self._segments[-1].size)
             if self._policy.mode is not FsyncMode.NEVER:
                 try:
                     self._io.fsync(self._file.fileno())
@@ -261,6 +284,7 @@ class WriteAheadLog:
             self._file = None
         seg = Segment(self._dir / segment_name(first_index), first_index)
         self._file = open(seg.path, "xb", buffering=0)  # noqa: SIM115 - owned by the WAL
+        self._tail.allocated = 0
         if self._policy.mode is not FsyncMode.NEVER:
             fsync_directory(self._dir)
         self._segments.append(seg)
@@ -337,7 +361,7 @@ class WriteAheadLog:
                     f.truncate(seg.size)
                     f.flush()
                     os.fsync(f.fileno())
-            self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115 - owned by the WAL
+            self._open_last()
         self._next_index = index
         self._next_known = True
         self._dirty = False
@@ -376,6 +400,8 @@ class WriteAheadLog:
         if self._file is None:
             return
         try:
+            if not self._broken and self._segments:
+                self._tail.trim(self._file.fileno(), self._segments[-1].size)
             if self._dirty and self._policy.mode is not FsyncMode.NEVER and not self._broken:
                 self._io.fsync(self._file.fileno())
                 self._dirty = False

@@ -4,7 +4,9 @@ A record is ``u32 length | u32 crc32(payload) | payload`` (little-endian, ``HEAD
 payload = msgpack ``[term, index, data]``; ``WriteAheadLog`` (``wal.py``) writes them.
 ``scan_segment`` reads a segment back. Rules: a record counts only if its length is
 plausible (<= ``RECORD_BYTES_MAX``), its checksum matches and its payload is an entry
-continuing the log; a bad record with nothing valid after it in the last segment is a
+continuing the log; in the last segment, zeros from there to the end of the file are the
+tail written ahead (``wal_tail.py``: a record's length is never 0), the clean end of the
+log; a bad record with nothing valid after it in the last segment is a
 torn tail and is truncated; any other bad record is corruption (``CorruptLogError``).
 Nothing here keeps state between calls.
 """
@@ -150,6 +152,8 @@ def scan_segment(path: Path, first: int, out: list[Entry], last: bool) -> Segmen
                         pos = end
                         expected += 1
                         continue
+        if last and buf.count(0, pos) == n - pos:
+            break  # the zero-filled tail written ahead of the records (``wal_tail.py``)
         size, parsed, reason = read_record(buf, pos)
         if parsed is None:
             _torn_tail_or_corrupt(path, buf, pos, expected, reason, last)

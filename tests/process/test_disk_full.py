@@ -86,7 +86,7 @@ def test_full_disk_stops_writes_with_disk_full_and_resumes_by_itself(
                 acked[f"before-{i}"] = b"b%d" % i
         filler = fill(small_disk)
 
-        # writes stop with the typed error (a few may still fit in a page's slack)
+        # writes stop with the typed error (a few still fit: the WAL's zero tail, wal_tail.py)
         started = time.monotonic()
         refused = None
         with KVClient(cluster.endpoints, timeout_s=1.0) as kv:

@@ -122,8 +122,8 @@ def wal_record_count(node_dir: Path) -> int:
         pos = 0
         while pos + 8 <= len(buf):
             (size, _) = struct.unpack_from("<II", buf, pos)
-            if pos + 8 + size > len(buf):
-                break
+            if size == 0 or pos + 8 + size > len(buf):
+                break  # (zeros: the tail the WAL writes ahead, storage_node/wal_tail.py)
             pos += 8 + size
             count += 1
     return count

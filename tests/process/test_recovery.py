@@ -45,6 +45,8 @@ def keep_wal_records_upto(node_dir: Path, last_index: int) -> int:
         pos = 0
         while pos + 8 <= len(buf):
             size, _ = struct.unpack_from("<II", buf, pos)
+            if size == 0:
+                break  # the zero-filled tail the WAL writes ahead (storage_node/wal_tail.py)
             _, index, _ = msgpack.unpackb(buf[pos + 8 : pos + 8 + size])
             if index > last_index:
                 break

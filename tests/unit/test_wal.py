@@ -22,6 +22,7 @@ from zkv.storage_node.wal import (
     is_disk_full,
     segment_name,
 )
+from zkv.storage_node.wal_tail import TAIL_BYTES
 
 ALWAYS = FsyncPolicy(FsyncMode.ALWAYS)
 NEVER = FsyncPolicy(FsyncMode.NEVER)
@@ -189,7 +190,10 @@ def test_every_cut_inside_the_last_record_is_a_torn_tail(tmp_path, warnings_logg
         assert recovered == items[:-1] + [replacement, Entry(2, 6, b"more")], cut
 
 
-def test_zero_filled_tail_is_torn(tmp_path, warnings_logged):
+def test_a_zero_filled_tail_is_the_end_of_the_log(tmp_path, warnings_logged):
+    """Zeros after the last record are the tail the WAL writes ahead (``wal_tail.py``),
+    as a crash leaves them: the clean end, no warning; records go over them, and a
+    clean close cuts what is left."""
     items = entries(1, 3)
     write_log(tmp_path, items)
     [seg] = segments(tmp_path)
@@ -198,9 +202,62 @@ def test_zero_filled_tail_is_torn(tmp_path, warnings_logged):
         f.write(b"\x00" * 4096)
     wal, recovered = reopen(tmp_path)
     assert recovered == items
-    assert seg.stat().st_size == size
-    assert warnings_logged
+    assert seg.stat().st_size == size + 4096
+    assert not warnings_logged
+    wal.append(entries(4, 2))
+    wal.sync(0.0)
+    assert seg.stat().st_size == size + 4096  # written over the zeros
+    assert reopen(tmp_path)[1] == entries(1, 5)  # (a second handle, as after a crash)
     wal.close()
+    assert seg.read_bytes().rstrip(b"\x00") == seg.read_bytes()
+    assert reopen(tmp_path)[1] == entries(1, 5)
+
+
+def test_the_tail_is_written_ahead_and_cut_at_close(tmp_path):
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS)
+    wal.append(entries(1, 3))
+    wal.sync(0.0)
+    [seg] = segments(tmp_path)
+    records = seg.read_bytes().rstrip(b"\x00")
+    assert seg.stat().st_size == len(records) + TAIL_BYTES
+    assert reopen(tmp_path)[1] == entries(1, 3)  # as a crash now would find it
+    wal.close()
+    assert seg.read_bytes() == records
+    never, _ = WriteAheadLog.open(tmp_path / "never", NEVER)
+    never.append(entries(1, 3))
+    assert segments(tmp_path / "never")[0].stat().st_size == len(records)  # no tail
+    never.close()
+
+
+def test_the_tail_stops_at_the_segment_limit(tmp_path):
+    wal, _ = reopen(tmp_path, segment_bytes_max=100)
+    for i in range(1, 11):
+        wal.append(entries(i, 1))
+        wal.sync(float(i))
+        assert all(p.stat().st_size <= 100 for p in segments(tmp_path))
+    *rolled, last = segments(tmp_path)
+    assert rolled and all(not p.read_bytes().endswith(b"\x00") for p in rolled)  # cut
+    assert last.stat().st_size == 100  # the last one's tail reaches the limit
+    assert reopen(tmp_path, segment_bytes_max=100)[1] == entries(1, 10)  # before close
+    wal.close()
+
+
+def test_a_torn_record_before_the_zero_tail_is_cut_with_the_zeros(tmp_path, warnings_logged):
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS)
+    wal.append(entries(1, 3))
+    wal.sync(0.0)
+    [seg] = segments(tmp_path)
+    end = len(seg.read_bytes().rstrip(b"\x00"))
+    with open(seg, "r+b") as f:  # a fourth record, cut by a crash, over the zeros
+        f.seek(end)
+        f.write(b"\x20\x00\x00\x00\x12\x34\x56\x78\x93\x01")
+    wal2, recovered = reopen(tmp_path)
+    assert recovered == entries(1, 3)
+    assert warnings_logged
+    assert seg.stat().st_size == end
+    wal2.append(entries(4, 1))
+    wal2.close()
+    assert reopen(tmp_path)[1] == entries(1, 4)
 
 
 def test_a_segment_with_only_a_torn_record_is_removed(tmp_path):
@@ -386,14 +443,16 @@ def test_compact_keeps_a_segment_that_is_partly_covered(tmp_path):
 
 @pytest.fixture
 def fsyncs(monkeypatch):
+    """Every durable sync: ``os.fsync`` or ``os.fdatasync`` (the WAL's)."""
     calls: list[int] = []
-    real = os.fsync
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
 
-    def counting_fsync(fd: int) -> None:
-        calls.append(fd)
-        real(fd)
+        def counting(fd: int, real=real) -> None:
+            calls.append(fd)
+            real(fd)
 
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+        monkeypatch.setattr(os, name, counting)
     return calls
 
 
@@ -508,6 +567,39 @@ def test_a_full_disk_leaves_the_log_as_it_was_and_usable(tmp_path, partial, segm
     wal.close()
     _, recovered = reopen(tmp_path, segment_bytes_max=segment_bytes_max)
     assert recovered == entries(1, 8)
+
+
+def test_a_full_disk_when_the_zero_tail_grows_leaves_the_log_as_it_was(tmp_path):
+    """The tail is written ahead (``wal_tail.py``): a full disk shows up when it grows,
+    and the batch is undone as for a failed record write."""
+    disk = FakeDisk()
+    grown: list[int] = []
+    no_room = False  # for new blocks: writes over the tail's zeros still work
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        grown.append(offset)
+        if no_room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.pwrite(fd, data, offset)
+
+    io = DiskIO(disk.write, disk.fsync, pwrite)
+    wal, _ = WriteAheadLog.open(tmp_path, ALWAYS, io=io)
+    wal.append(entries(1, 3))
+    wal.sync(0.0)
+    [seg] = segments(tmp_path)
+    before = seg.read_bytes()
+    assert grown and len(before) == TAIL_BYTES + len(before.rstrip(b"\x00"))
+    no_room = True
+    big = [Entry(1, 4, b"x" * TAIL_BYTES)]  # more than the tail holds: it must grow
+    with pytest.raises(DiskFullError, match="no space to append entries 4..4"):
+        wal.append(big)
+    assert seg.read_bytes() == before and wal.last_index == 3
+    wal.append(entries(4, 2))  # small ones still fit in the tail already written
+    no_room = False
+    wal.append([Entry(1, 6, b"x" * TAIL_BYTES)])
+    wal.sync(1.0)
+    wal.close()
+    assert reopen(tmp_path)[1] == entries(1, 5) + [Entry(1, 6, b"x" * TAIL_BYTES)]
 
 
 def test_a_full_disk_on_an_empty_log_removes_the_new_segment(tmp_path):
