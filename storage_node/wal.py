@@ -11,9 +11,9 @@ Rules and invariants:
   ``never``), so a torn record can only ever sit in the last segment.
 - Every segment on disk holds at least one record, except an instant after it is
   created; recovery deletes an empty last segment.
-- Past its last record a segment holds only zeros (``wal_tail.py``: the tail is written
-  ahead, so a sync moves data and commits no file-size change); recovery reads an
-  all-zero rest as the end of the log. A roll and a clean ``close`` cut the zeros off.
+- Past its last record the last segment holds only zeros (``wal_tail.py``: the tail is
+  written ahead, so a sync moves data and commits no file-size change); recovery reads
+  an all-zero rest as the end of the log. A roll and a clean ``close`` cut the zeros off.
 - Recovery: a short or bad record with nothing valid after it in the last segment is a
   torn tail (a write cut by a crash): truncated with a warning. A bad record in any other
   segment, or followed by a valid record, is corruption: ``CorruptLogError``, the node
@@ -134,7 +134,6 @@ class WriteAheadLog:
             wal._open_last()
             wal._next_known = True
         return wal, entries
-
 
     def _open_last(self) -> None:
         """Open the last segment for writing at the end of its records (its zero tail,
