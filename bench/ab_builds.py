@@ -1,5 +1,6 @@
-"""A/B of builds (or settings) on 2 shards x 3 replicas, writes only: which is faster on
-this machine, measured in one run.
+"""A/B of builds (or settings) on 2 shards x 3 replicas, writes only (``--shards``,
+``--replicas``, ``--read-ratio`` for other shapes, e.g. ``make bench``'s 1 x 1 fsync never
+with half gets): which is faster on this machine, measured in one run.
 
 Each ``--config NAME=ROOT[:VAR=VALUE,...]`` is a checkout with its own ``.venv`` (e.g.
 the previous release in a ``git worktree``) and environment variables for its
@@ -81,7 +82,8 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int,
     zkv = str(HERE / ".venv/bin/zkv")
     proc = subprocess.Popen(
         [str(root / ".venv/bin/zkv"), "cluster", "up", "--data-dir", data, "--port", str(port),
-         "--shards", "2", "--replicas", "3", "--fsync", env.get("FSYNC", args.fsync),
+         "--shards", str(args.shards), "--replicas", str(args.replicas),
+         "--fsync", env.get("FSYNC", args.fsync),
          "--heartbeat-ms", "100", "--election-timeout-ms", "1000"],
         # cwd: a checkout's processes start with `python -m`, which imports from the
         # working directory first
@@ -98,13 +100,14 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int,
         time.sleep(1.0)
         before = cluster_cpu_s(proc.pid)
         bench = subprocess.run(
-            [zkv, "--endpoint", endpoint, "bench", "--read-ratio", "0", "--concurrency",
+            [zkv, "--endpoint", endpoint, "bench", "--read-ratio", str(args.read_ratio),
+             "--concurrency",
              str(args.concurrency), "--duration", str(args.duration), "--warmup", "2", "--json"],
             capture_output=True, text=True, timeout=args.duration + 120)  # fmt: skip
         cpu = cluster_cpu_s(proc.pid) - before
         result = json.loads(bench.stdout)
         return {"name": name, "ops_s": result["ops_s"],
-                "p99_ms": result["latency_ms"]["put"]["p99"],
+                "p99_ms": result["latency_ms"]["all"]["p99"],
                 "cpu_us_per_write": cpu / max(result["ops"], 1) * 1e6,
                 "errors": result.get("errors", {})}
     finally:
@@ -127,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--concurrency", type=int, default=96)
     p.add_argument("--fsync", default="always")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--read-ratio", type=float, default=0.0,
+                   help="share of linearizable gets (then the CPU figure is per request)")
     p.add_argument("--port", type=int, default=17000, help="first broker port")
     args = p.parse_args(argv)
     results: list[dict[str, Any]] = []
