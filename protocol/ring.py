@@ -97,7 +97,7 @@ class RingConfig:
 class Ring:
     """Shard lookup over sorted tokens: ``shard_for`` is one hash and one bisect."""
 
-    __slots__ = ("config", "_tokens", "_owners")
+    __slots__ = ("config", "_tokens", "_owners", "_only")
 
     def __init__(self, config: RingConfig) -> None:
         if not config.shards:
@@ -116,12 +116,16 @@ class Ring:
         self.config = config
         self._tokens = [p >> bits for p in points]
         self._owners = [shards[p & mask] for p in points]
+        #: a ring of one shard owns every key: no hash to compute (1 x N clusters)
+        self._only = shards[0] if len(shards) == 1 else None
 
     @classmethod
     def of(cls, shards: Iterable[int], vnodes: int = DEFAULT_VNODES, epoch: int = 1) -> Ring:
         return cls(RingConfig(epoch, tuple(sorted(set(shards))), vnodes))
 
     def shard_for(self, key: bytes) -> int:
+        if self._only is not None:
+            return self._only
         i = bisect.bisect_left(self._tokens, position(key))
         return self._owners[i if i < len(self._owners) else 0]
 

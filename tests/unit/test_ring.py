@@ -175,3 +175,12 @@ def test_ring_matches_naive_on_random_seeds() -> None:
         for _ in range(50):
             key = rng.randbytes(rng.randint(0, 16))
             assert ring.shard_for(key) == naive_owner(sorted(shards), vnodes, key)
+
+
+def test_a_one_shard_ring_answers_without_hashing_as_the_tokens_would():
+    """The single-shard fast path agrees with the token lookup it skips."""
+    ring = Ring.of([7])
+    rng = random.Random(5)
+    for _ in range(2000):
+        key = rng.randbytes(rng.randrange(1, 40))
+        assert ring.shard_for(key) == 7 == ring.owner_of_position(position(key))
