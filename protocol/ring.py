@@ -95,7 +95,8 @@ class RingConfig:
 
 
 class Ring:
-    """Shard lookup over sorted tokens: ``shard_for`` is one hash and one bisect."""
+    """Shard lookup over sorted tokens: ``shard_for`` is one hash and one bisect (none
+    for a ring of one shard)."""
 
     __slots__ = ("config", "_tokens", "_owners", "_only")
 
