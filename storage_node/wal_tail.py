@@ -97,7 +97,7 @@ class ZeroTail:
         self.allocated = allocated
 
     def trim(self, fd: int, records_end: int) -> None:
-        """Cut the zeros off (a clean close): the file ends at its last record."""
+        """Cut the zeros off (a roll, a clean close): the file ends at its last record."""
         if self.allocated > records_end:
             os.ftruncate(fd, records_end)
         self.allocated = records_end
