@@ -10,7 +10,11 @@ Theory of operation (elections are started by brokers, voted by nodes under Raft
   * that leader is heard again, at its term or above, claiming no leadership: it stepped
     down (it lost its quorum, or no broker confirmed it). Asking at once costs nothing
     when the followers still hear it (they ignore the request until their lease runs
-    out) and saves an election timeout when they stopped hearing it long ago, or
+    out) and saves an election timeout when they stopped hearing it long ago. Unless it
+    handed leadership over (heartbeat ``handed_to`` names a node we hear): its target
+    is standing already, and a second candidate could only depose it (the transfer
+    vote names no leader, so no lease protects it); if it does not win, the leader's
+    silence makes the shard due an election timeout after its last claim, or
   * it never had a leader known to this broker, and either a majority of its members
     (``Heartbeat.members``) has been heard while none of them names a leader that might
     still lead (a fresh cluster elects at once, a 1-replica shard too; a name is stale
@@ -24,7 +28,8 @@ Theory of operation (elections are started by brokers, voted by nodes under Raft
   voter of the configuration it holds (heartbeat ``config_role``): without a leader,
   nodes may hold different configurations, a change having been under way. Never a node
   whose data dir may not vote, nor one outside the voters of its own configuration
-  (removed, or a learner): it would ignore the request. It carries the highest term the
+  (removed, or a learner), nor one that is stopping (heartbeat ``leaving``): it would
+  ignore the request. It carries the highest term the
   broker has seen in the shard; a node above that term, or hearing a live leader, ignores
   it, so a redundant request (several brokers, stale view) is harmless.
 - While the shard stays leaderless, the request is repeated at most once per heartbeat
@@ -165,10 +170,14 @@ class FailureDetector:
             if now - view.leader_last_seen >= timeout:
                 return "leader silent"
             last = view.last_leader_id
+            live_ids = {r.heartbeat.node_id for r in live}
             for r in live:
                 hb = r.heartbeat
                 if (hb.node_id == last and hb.role is not Role.LEADER
                         and hb.term >= view.leader_term and r.last_seen > view.leader_last_seen):
+                    target = hb.extra.get("handed_to")
+                    if isinstance(target, str) and target in live_ids:
+                        return ""  # a handover: its target stands now ("leader silent" if not)
                     return "leader stepped down"
             return ""
         members = set(view.members)
@@ -202,7 +211,8 @@ class FailureDetector:
         # a node whose data dir may not vote (storage_node/identity.py), or that is no
         # voter of its own configuration (removed, or a learner), would ignore us
         pool = [r for r in pool if r.heartbeat.extra.get("voter", True) is not False
-                and r.heartbeat.extra.get("config_role", "voter") == "voter"]
+                and r.heartbeat.extra.get("config_role", "voter") == "voter"
+                and not r.heartbeat.extra.get("leaving")]  # stopping: it never stands
         if not pool:
             return None
         pool.sort(key=_rank)

@@ -185,6 +185,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         core = self.core
         if not self._stop_deadline:
             self._stop_deadline = now + 2 * self.config.election_timeout_ms / 1000
+            core.leave()  # never stand again: we would exit mid-term
             if core.role is Role.LEADER and core.transfer_leadership("", now):
                 self.log.info("stopping: handing leadership of shard {} over",
                               self.config.shard_id)

@@ -69,7 +69,7 @@ from zkv.storage_node.disk_full import DiskFullGate
 from zkv.storage_node.node_requests import Frames, NodeCoreConfig, Pending, RequestCore
 from zkv.storage_node.node_snapshots import SnapshotDecisions, SnapshotTask
 from zkv.storage_node.push import command_for, not_leader_ack
-from zkv.storage_node.replica import Ready
+from zkv.storage_node.replica import Ready, Replica
 from zkv.storage_node.snapshot_loader import SnapshotLoader
 from zkv.storage_node.ttl_requests import sweep_command
 
@@ -387,5 +387,18 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
             ring, cfg.heartbeat_ms,
             {**cfg.info, "data_bytes": state.data_bytes, "max_data_bytes": cfg.max_data_bytes,
              "disk_full": self.disk_full, **self.identity_extra, **self.keys_extra,
-             "learners": list(conf.learners), "config_role": role},
+             "learners": list(conf.learners), "config_role": role,
+             **self._leaving_extra(replica)},
         )  # fmt: skip
+
+    @staticmethod
+    def _leaving_extra(replica: Replica) -> dict[str, object]:
+        """A stopping node says so (brokers never ask it to stand), and whom it handed
+        leadership to while that voter's election may run (brokers wait for it rather
+        than start another: ``broker/failure_detector.py``). Absent otherwise."""
+        extra: dict[str, object] = {}
+        if replica.leaving:
+            extra["leaving"] = True
+        if replica.handed_to:
+            extra["handed_to"] = replica.handed_to
+        return extra

@@ -248,7 +248,8 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
             return
         if isinstance(msg, TimeoutNow):
             if (msg.term == self.term and sender == self.leader_id and self.voter
-                    and self.node_id in self._voters and self.role is Role.FOLLOWER):
+                    and self.node_id in self._voters and self.role is Role.FOLLOWER
+                    and not self.leaving):
                 self._become_candidate(now, transfer=True)
             return
         if isinstance(msg, VoteRequest):

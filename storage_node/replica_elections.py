@@ -39,8 +39,8 @@ class ReplicaElections(ReplicaState):
 
     def campaign(self, now: float, known_term: int = 0) -> None:
         """The broker thinks our leader is gone: start a pre-vote."""
-        if not self.voter or self.node_id not in self._voters:
-            return  # an empty data dir, a learner or a removed node must never lead
+        if not self.voter or self.node_id not in self._voters or self.leaving:
+            return  # an empty data dir, a learner, a removed or a stopping node never leads
         if self.role is Role.LEADER or self._prevote:
             return
         if self._in_lease(now):

@@ -23,6 +23,10 @@ single-server changes through the log, and why, are in ``membership.py``; here:
   leader sends it ``TimeoutNow`` and replicates nothing newer (a voter holding more than
   the target would refuse it its vote); it campaigns at once (``replica_elections.py``).
   A transfer that does not complete within ``election_timeout`` is given up.
+- A stopping node (``leave``, on SIGTERM) never stands again and ignores TimeoutNow:
+  its campaign could only depose the voter it handed over to, or win and then leave
+  the shard leaderless. Its heartbeats say ``leaving``, and ``handed_to`` while its
+  target's transfer election may run, so brokers neither ask it nor race the target.
 """
 
 from __future__ import annotations
@@ -212,10 +216,29 @@ class ReplicaMembership(ReplicaState):
         self._maybe_send_timeout_now()
         return True
 
+    def leave(self) -> None:
+        """This node is stopping: it never stands for election again. A node that won
+        and then exited would leave its shard leaderless until its voters' leases on
+        it ran out (an election timeout); worse, its campaign could depose the voter it
+        just handed leadership to. TimeoutNow is ignored too; votes are still given."""
+        self.leaving = True
+
+    @property
+    def handed_to(self) -> str:
+        """The voter we sent TimeoutNow to, while its transfer election may be running
+        (we no longer lead, and no term after that election's has begun); else "".
+        Heartbeats carry it, so a broker that hears us step down waits for that voter
+        instead of starting a competing election (``broker/failure_detector.py``)."""
+        target, term = self._handed
+        if not target or self.role is Role.LEADER or self.term > term + 1:
+            return ""
+        return target
+
     def _maybe_send_timeout_now(self) -> None:
         pr = self._progress.get(self._transfer_to)
         if pr is not None and pr.match_index >= self.last_index:
             self._send(self._transfer_to, TimeoutNow(self.term, self.node_id))
+            self._handed = (self._transfer_to, self.term)
             self._transfer_to = ""
             # Replicate nothing newer from here: a voter that received more than the
             # target holds when it campaigns would refuse it its vote. What we append

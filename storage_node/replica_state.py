@@ -97,6 +97,10 @@ class ReplicaState:
         self._transfer_to = ""
         self._transfer_started = 0.0
         self._frozen_at = 0  # > 0: replicate nothing past it (TimeoutNow sent)
+        #: whom our last TimeoutNow went to, and our term then (``handed_to``)
+        self._handed: tuple[str, int] = ("", 0)
+        #: the node is stopping (``leave``): it never stands again
+        self.leaving = False
         self._last_heartbeat = -1e18
         self._read_seq = 0
         self._reads_unsent: list[tuple[object, int]] = []  # (token, commit at arrival)

@@ -275,6 +275,49 @@ def test_a_node_that_may_not_vote_is_never_asked_to_stand() -> None:
     assert alone.run(3.0, [wiped]) == []
 
 
+def test_a_leader_handing_over_is_not_raced_by_a_campaign() -> None:
+    """Found by the rolling-restart test: a leader stopping on SIGTERM steps down when
+    its successor's transfer vote reaches it, and says whom it handed over to
+    (``handed_to``). A broker that hears the step-down before the successor's first
+    heartbeat as leader must wait for it: the campaign it used to send at once (to the
+    old leader, the most up-to-date) deposed the successor."""
+    import dataclasses
+
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2, log=(2, 30)), hb("s0r1", term=2), hb("s0r2", term=2))
+    assert c.tick() == []
+    c.now = 0.1
+    leaving = dataclasses.replace(hb("s0r0", F, 3, log=(2, 31)),
+                                  extra={"leaving": True, "handed_to": "s0r1"})
+    c.beat(leaving, hb("s0r1", Role.CANDIDATE, 3), hb("s0r2", term=3))
+    assert c.tick() == []
+    c.now = 0.15
+    c.beat(hb("s0r1", L, 3))
+    assert c.tick() == []
+
+
+def test_a_handover_that_never_completes_elects_after_the_timeout_but_not_the_leaver() -> None:
+    import dataclasses
+
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2, log=(2, 30)), hb("s0r1", term=2), hb("s0r2", term=2))
+    c.now = 0.1
+    leaving = dataclasses.replace(hb("s0r0", F, 3, log=(2, 31)),
+                                  extra={"leaving": True, "handed_to": "s0r1"})
+    sent = c.run(2.0, [leaving, hb("s0r1", term=3), hb("s0r2", term=3)])
+    assert sent and sent[0][0] == pytest.approx(1.0)  # an election timeout after its claim
+    assert {node for _, node, _ in sent} <= {"s0r1", "s0r2"}
+
+
+def test_a_leaving_node_is_never_asked_to_stand() -> None:
+    import dataclasses
+
+    c = Cluster()
+    leaving = dataclasses.replace(hb("s0r0", log=(1, 50)), extra={"leaving": True})
+    sent = c.run(3.0, [leaving, hb("s0r1", log=(1, 10))])
+    assert sent and {node for _, node, _ in sent} == {"s0r1"}
+
+
 def test_a_named_leader_not_heard_yet_still_waits() -> None:
     c = Cluster()
     c.beat(hb("s0r1", term=4, leader="s0r0"), hb("s0r2", term=4, leader="s0r0"))
@@ -332,3 +375,14 @@ def test_with_no_leader_a_voter_of_a_newer_configuration_is_asked() -> None:
     sent = c.run(4.0, beats)
     asked = [n for _, n, _ in sent]
     assert asked and asked[0] == "s0r5" and "s0r4" not in asked
+
+
+def test_a_malformed_handed_to_is_read_as_none() -> None:
+    import dataclasses
+
+    c = Cluster()
+    c.beat(hb("s0r0", L, 2), hb("s0r1", term=2))
+    c.now = 0.1
+    c.beat(dataclasses.replace(hb("s0r0", F, 2), extra={"handed_to": ["s0r1"]}),
+           hb("s0r1", term=2))
+    assert [n for n, _ in c.tick()] == ["s0r0"]  # a plain step-down

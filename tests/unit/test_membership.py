@@ -711,3 +711,32 @@ def test_the_operator_is_told_why_a_change_was_refused_until_the_wait_ran_out(
     with pytest.raises(ValueError, match="the leader's last answer: removing b would leave"):
         ops.run(kv, args, lambda _: None)  # type: ignore[arg-type]
     assert kv.timeouts and all(t is not None and t <= 1.0 for t in kv.timeouts)
+
+
+def test_a_leaving_leader_that_handed_over_never_stands_again() -> None:
+    """Found by the rolling-restart test (a 740 ms gap): a leader stopping on SIGTERM
+    handed over to c; a broker heard it step down before it heard c lead and asked it to
+    stand. Both other voters had just voted for c (a transfer vote names no leader, so
+    no lease held them), granted its pre-vote and vote at the next term, and c stepped
+    down; then the old leader exited, and the shard had no leader until the leases ran
+    out. A leaving node now never stands, and says whom it handed over to."""
+    g = _ready_group()
+    a, b, c = (g.cores[n] for n in "abc")
+    a.leave()
+    assert a.transfer_leadership("c", g.now)
+    [(_, to, timeout_now)] = g.process("a")
+    assert to == "c"
+    c.step("a", timeout_now, g.now)
+    requests = [(to, m) for _, to, m in g.process("c")]
+    for to, m in requests:  # the transfer vote reaches both voters
+        g.cores[to].step("c", m, g.now)
+    replies = g.process("a") + g.process("b")
+    assert a.role is Role.FOLLOWER and a.handed_to == "c"
+    a.campaign(g.now, a.term)  # the broker's order, from the step-down it heard
+    late = g.process("a")
+    assert late == []  # no pre-vote, no vote request
+    for frm, to, m in replies:
+        g.cores[to].step(frm, m, g.now)
+    g.process("c")
+    g.settle()
+    assert g.leader() == "c" and c.term == 2
