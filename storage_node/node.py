@@ -28,7 +28,7 @@ from loguru import logger
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
-from zkv.protocol.messages import MigrateAck, PeerMessage, Role
+from zkv.protocol.messages import MigrateAck, PeerMessage
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.protocol.security import peer_node_id
 from zkv.protocol.timing import ELECTION_TIMEOUT_MS, HEARTBEAT_MS
@@ -36,6 +36,7 @@ from zkv.storage_node import durable_state, identity, peer_link
 from zkv.storage_node import membership as mship
 from zkv.storage_node.disk_full import Unpersisted
 from zkv.storage_node.fsync_policy import FsyncMode, FsyncPolicy
+from zkv.storage_node.graceful_stop import GracefulStop
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
 from zkv.storage_node.node_disk import NodeDisk
 from zkv.storage_node.node_identity import NodeIdentity
@@ -115,8 +116,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._peer_conf: mship.Membership | None = None  # the one peer sockets follow
         self._keys_conf: mship.Membership | None = None  # the committed one keys follow
         self._stop_requested = False
-        self._stop_deadline = 0.0
-        self._stop_after = 0.0
+        self._graceful_stop = GracefulStop(config.shard_id, config.heartbeat_ms,
+                                           config.election_timeout_ms)
         #: what a full disk refused, retried every DISK_RETRY_S (disk_full.py)
         self._unpersisted = Unpersisted()
         #: the leader's snapshot being written on a helper thread, and the acks and
@@ -178,27 +179,9 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
 
     def stop(self) -> None:
         """Exit soon; a leader first hands leadership to an up-to-date voter (SIGTERM),
-        so a planned restart costs a round trip, not an election timeout."""
+        so a planned restart costs a round trip, not an election timeout
+        (``graceful_stop.py`` decides when to exit)."""
         self._stop_requested = True
-
-    def _check_stop(self, now: float) -> None:
-        core = self.core
-        if not self._stop_deadline:
-            self._stop_deadline = now + 2 * self.config.election_timeout_ms / 1000
-            core.leave()  # never stand again: we would exit mid-term
-            if core.role is Role.LEADER and core.transfer_leadership("", now):
-                self.log.info("stopping: handing leadership of shard {} over",
-                              self.config.shard_id)
-                return
-            self._stop_deadline = now  # nobody to hand over to
-        if core.role is Role.LEADER and now < self._stop_deadline:
-            return
-        if not self._stop_after:
-            # one more heartbeat interval: our last votes, acks and NOT_LEADER replies
-            # leave before the sockets close (they close with linger 0)
-            self._stop_after = now + self.config.heartbeat_ms / 1000
-        elif now >= self._stop_after:
-            self._running = False
 
     # ------------------------------------------------------------------ loop
 
@@ -232,8 +215,8 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                         self._drain_migrate_acks(sock, now)
                 # the replica's timers, the availability rule, the expiry sweep (TTL)
                 node.tick(now, ts_ms)
-                if self._stop_requested:
-                    self._check_stop(now)
+                if self._stop_requested and self._graceful_stop.due(self.core, now, node.notes):
+                    self._running = False
                 self._handle_ready(now)
                 batches = node.pump_tasks(now)
                 if batches:

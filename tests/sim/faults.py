@@ -46,6 +46,10 @@ KINDS = {"crash": 3, "crash_leader": 3, "crash_all": 1, "isolate_leader": 4, "sp
          "cut": 1, "pause": 2, "pause_leader": 2, "mute_leader": 2, "deaf_leader": 2,
          "half_open": 2, "misroute": 2, "torn_write": 2, "snapshot_power_loss": 1,
          "disk_full": 2, "corrupt_snapshot": 1, "lose_disk": 2}
+#: drawn only when a run names them (``fault_kinds``): appended with weight 0 otherwise,
+#: so every seed of the full plan draws the faults it drew before they existed.
+#: ``stop``/``stop_leader``: SIGTERM, a leader handing over first (``graceful_stop.py``)
+OPT_IN = {"stop_leader": 3, "stop": 1}
 #: one-way cuts between the leader and every broker
 ONE_WAY = ("mute_leader", "deaf_leader")
 #: faults that last 2-8 s (the others 0.3-4 s)
@@ -73,9 +77,10 @@ class FaultPlan:
             loss_p=rng.choice([0.0, 0.0, 0.01, 0.05, 0.15]),
             dup_p=rng.choice([0.0, 0.0, 0.02, 0.1]),
         )
-        kinds, weights = list(KINDS), list(KINDS.values())
+        kinds, weights = [*KINDS, *OPT_IN], [*KINDS.values(), *[0] * len(OPT_IN)]
         if cfg.fault_kinds:
-            weights = [KINDS[k] if k in cfg.fault_kinds else 0 for k in kinds]
+            every = {**KINDS, **OPT_IN}
+            weights = [every[k] if k in cfg.fault_kinds else 0 for k in kinds]
         t = rng.uniform(1.0, 3.0)
         end = cfg.duration_s - 2.0 if any(weights) else 0.0  # ("membership",) alone
         while t < end:
@@ -104,15 +109,18 @@ class FaultPlan:
             w.availability.on_fault()
         w.faults_log.append(f"{w.now:.2f}s {kind} {victim.id} for {length:.2f}s")
         w.trace.append((w.now, "FAULT", (kind, victim.id, round(length, 2))))
-        if kind in ("crash", "crash_leader"):
+        if kind in ("stop", "stop_leader"):  # SIGTERM: a leader hands over first
+            if victim.up and victim.stopping is None:
+                victim.terminate(length)
+        elif kind in ("crash", "crash_leader"):
             if victim.up:
                 victim.crash()
-                w.at(w.now + length, self._restart, victim.id)
+                w.at(w.now + length, self.restart, victim.id)
         elif kind == "crash_all":
             for node in w.nodes.values():
                 if node.up:
                     node.crash()
-                    w.at(w.now + length + w.fault_rng.uniform(0, 0.5), self._restart, node.id)
+                    w.at(w.now + length + w.fault_rng.uniform(0, 0.5), self.restart, node.id)
         elif kind == "isolate_leader":
             others = [n for n in ids if n != victim.id] + w.brokers
             w.net.isolate(victim.id, others)
@@ -179,7 +187,7 @@ class FaultPlan:
         else:
             if victim.up:
                 victim.crash()
-                w.at(w.now + length, self._restart, victim.id)
+                w.at(w.now + length, self.restart, victim.id)
             if kind == "lose_disk":
                 victim.lose_disk()
             elif victim.disk.damage_snapshot():
@@ -218,9 +226,9 @@ class FaultPlan:
     def powered_off(self, node: SimNode) -> None:
         """The node lost power in the middle of a write (``SimDisk.arm``)."""
         w = self.w
-        w.at(w.now + w.fault_rng.uniform(0.3, 4.0), self._restart, node.id)
+        w.at(w.now + w.fault_rng.uniform(0.3, 4.0), self.restart, node.id)
 
-    def _restart(self, node_id: str) -> None:
+    def restart(self, node_id: str) -> None:
         w = self.w
         node = w.nodes.get(node_id)  # None: the operator removed it and stopped it
         if node is not None and not node.up:

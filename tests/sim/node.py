@@ -33,6 +33,7 @@ from zkv.protocol import codec
 from zkv.protocol.messages import AppendReply, Heartbeat, MigrateAck, PeerMessage, VoteReply
 from zkv.protocol.ring import Ring, RingConfig
 from zkv.storage_node.disk_full import Unpersisted
+from zkv.storage_node.graceful_stop import GracefulStop
 from zkv.storage_node.identity import Identity, IdentityState, initial_members
 from zkv.storage_node.membership import unwrap_snapshot
 from zkv.storage_node.node_core import NodeCore, NodeCoreConfig
@@ -86,6 +87,8 @@ class SimNode:
         self.whole = True
         self.at_risk = False
         self.refusal: Refusal | None = None
+        #: a SIGTERM in progress (``graceful_stop.py``), and how long the node stays down
+        self.stopping: tuple[GracefulStop, float] | None = None
         self._reset_disk_shell()
 
     def _reset_disk_shell(self) -> None:
@@ -163,7 +166,16 @@ class SimNode:
 
     def crash(self) -> None:
         self.node = None
+        self.stopping = None
         self.disk.crash()
+
+    def terminate(self, down_s: float) -> None:
+        """SIGTERM: the node hands over if it leads, exits when ``GracefulStop`` says,
+        keeps its disk as it is (a process exit loses no page cache) and is started
+        again ``down_s`` after it exited."""
+        w = self.world
+        self.stopping = (GracefulStop(self.shard_id, w.cfg.heartbeat_ms,
+                                      w.cfg.election_timeout_ms), down_s)
 
     def lose_disk(self) -> None:
         """The disk is gone (the node must be down): it restarts empty, a non-voter."""
@@ -189,9 +201,30 @@ class SimNode:
             self._turn()
             if self.node is None:
                 return  # the power failed during the turn
+            if self.stopping is not None and self._exits():
+                return
             if w.cfg.fsync == "never" and w.rng.random() < 0.05:
                 self.disk.flush()
         w.at(max(w.now, self.paused_until) + w.cfg.tick_ms / 1000, self._tick, inc)
+
+    def _exits(self) -> bool:
+        """Ask the stop in progress whether to exit now (as ``StorageNode.run`` does
+        once per turn); if so the process is gone and its restart is scheduled."""
+        assert self.stopping is not None and self.node is not None
+        w = self.world
+        stop, down_s = self.stopping
+        notes: list[str] = []
+        if not stop.due(self.node.replica, w.now, notes):
+            for note in notes:
+                w.trace.append((w.now, f"{self.id} stop", note))
+                w.count("handover")
+            return False
+        w.trace.append((w.now, "EXIT", self.id))
+        w.count("graceful stop")
+        self.node = None
+        self.stopping = None
+        w.at(w.now + down_s, w.faults.restart, self.id)
+        return True
 
     def deliver(self, src: str, msg: Any) -> None:
         node = self.node

@@ -227,6 +227,19 @@ def test_connection_faults_keep_every_invariant():
     assert sum(r.stats["net"].misrouted for r in results) > 100
 
 
+STOP_KINDS = ("stop_leader", "stop", "crash_leader", "isolate_leader", "split", "pause_leader")
+
+
+def test_graceful_stops_keep_every_invariant():
+    """SIGTERM (``storage_node/graceful_stop.py``: a leader hands over, the node leaves
+    and exits, then restarts on its disk) among crashes, partitions and pauses: every
+    invariant holds, and leaders really handed over and nodes really exited."""
+    results = [run_seed(s, fault_kinds=STOP_KINDS) for s in range(24)]
+    assert all(r.ok for r in results), _report(results)
+    seen = _disk_events(results)
+    assert seen.get("handover", 0) > 10 and seen.get("graceful stop", 0) > 10, seen
+
+
 def test_the_harness_catches_a_node_that_votes_after_losing_its_disk(monkeypatch):
     """Invariant 7: a data dir that came back empty must not vote or ack as a voter. An
     identity rule that lets it (as the release before identities did) is caught."""
