@@ -29,6 +29,13 @@ EXIT_NEGATIVE = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_INTERRUPTED = 130
+#: A failpoint, as etcd's gofail: with ``ZKV_FAILPOINT_ADMIN_EXIT`` set to a progress line's
+#: beginning, ``zkv admin`` exits with ``EXIT_FAILPOINT`` right after printing that line,
+#: without cleanup, as a coordinator SIGKILLed at that exact step would. Tests use it
+#: (``zkv admin resume`` must finish the change); a signal sent on seeing the line races
+#: the coordinator, which may finish a small change first.
+FAILPOINT_ADMIN_EXIT = "ZKV_FAILPOINT_ADMIN_EXIT"
+EXIT_FAILPOINT = 137
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,8 +280,12 @@ def _admin(args: argparse.Namespace) -> int:
     from zkv.ops import cluster
     from zkv.ops.rebalance import Rebalancer
 
+    exit_after = os.environ.get(FAILPOINT_ADMIN_EXIT, "")
+
     def say(line: str) -> None:
         print(f"zkv admin: {line}", file=sys.stderr, flush=True)
+        if exit_after and line.startswith(exit_after):
+            os._exit(EXIT_FAILPOINT)  # no cleanup, as if SIGKILLed at this very step
 
     with KVClient(args.endpoint, timeout_s=max(args.timeout, 30.0), keys=args.keys_dir) as kv:
         if args.admin_command == "snapshot":

@@ -38,6 +38,7 @@ from tests.support import lincheck
 from tests.support.cli import ZkvCli
 from tests.support.history import History
 from zkv.client import KVClient
+from zkv.client.cli import EXIT_FAILPOINT, FAILPOINT_ADMIN_EXIT
 from zkv.ops.cluster import LocalCluster
 from zkv.protocol.admin import AdminInfo, AdminInfoReply
 from zkv.protocol.errors import KVError
@@ -128,9 +129,11 @@ class Faults:
 def add_shard_by_cli(cluster: LocalCluster, kill_on: str, lines: list[str],
                      faults: Faults) -> int:
     """``zkv admin add-shard --data-dir`` as a subprocess, playing the ``zkv cluster up``
-    supervisor (start the nodes it adds to cluster.json); SIGKILL it on its first progress
-    line starting with ``kill_on``; then ``zkv admin resume``, which must finish the
-    change. Returns the new shard id."""
+    supervisor (start the nodes it adds to cluster.json); it dies as if SIGKILLed right
+    after its first progress line starting with ``kill_on`` (the CLI's failpoint: a kill
+    sent on reading the line raced the coordinator, which could finish the small change
+    first); then ``zkv admin resume``, which must finish the change. Returns the new
+    shard id."""
     prefix = "zkv admin: "
     endpoint = ["--endpoint", cluster.endpoint]
 
@@ -140,11 +143,14 @@ def add_shard_by_cli(cluster: LocalCluster, kill_on: str, lines: list[str],
             cluster.sync_spec()
         return text.startswith(kill_on)
 
-    with ZkvCli("admin", "add-shard", "--data-dir", str(cluster.data_dir), *endpoint) as cli:
+    with ZkvCli("admin", "add-shard", "--data-dir", str(cluster.data_dir), *endpoint,
+                env={FAILPOINT_ADMIN_EXIT: kill_on}) as cli:
         hit = cli.follow(on_line, timeout_s=60)
-        code = cli.kill() if hit is not None else cli.wait(10)
+        code = cli.wait(10)
         lines += [f"add-shard: {line.removeprefix(prefix)}" for line in cli.lines]
     assert hit is not None, f"add-shard never printed {kill_on!r} (exit {code}): {cli.lines}"
+    assert code == EXIT_FAILPOINT, (code, cli.lines)
+    assert cli.lines[-1] == hit, cli.lines  # nothing after the line it died on
     faults.injected.append(f"SIGKILL coordinator after {hit.removeprefix(prefix)!r}")
     new = max(cluster.shard_ids)
     with ZkvCli("admin", "resume", *endpoint) as cli:

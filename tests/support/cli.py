@@ -29,14 +29,14 @@ class CliTimeout(AssertionError):
 
 
 class ZkvCli:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.argv = [sys.executable, "-m", "zkv.client.cli", *args]
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
             self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
