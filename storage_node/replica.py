@@ -167,12 +167,13 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
                 if (self._transfer_to or self._frozen_at) and (
                     now - self._transfer_started >= self._election_s):
                     self._transfer_to, self._frozen_at = "", 0  # no takeover: give up
-        elif (self._prevote or self.role is Role.CANDIDATE) and (
-            now - self._election_started >= self._election_s
-        ):
-            self._prevote = False
-            if self.role is Role.CANDIDATE:
-                self.role = Role.FOLLOWER
+        elif self._prevote or self.role is Role.CANDIDATE:
+            if now - self._election_started >= self._election_s:
+                self._prevote = False
+                if self.role is Role.CANDIDATE:
+                    self.role = Role.FOLLOWER
+            else:
+                self.ask_again(now)
         due = self._campaign_due
         if due is not None and self.role is not Role.LEADER:
             if now >= due[0]:

@@ -13,6 +13,11 @@ with the changes zkv's design asks for):
   still hears the leader is kept for an election timeout and started when that lease
   runs out (``Replica.tick``). It refuses a candidate whose log is behind
   its own (last term, then last index). Term and vote are persisted before answering.
+- A (pre-)candidate asks the peers that have not granted it again every heartbeat
+  interval while its election runs (``ask_again``), with the very same request: Raft
+  retries an RPC that got no answer, and a vote is idempotent (a voter grants again the
+  candidate it voted for at that term; a pre-vote changes nothing). On a lossy network
+  one lost request or reply used to cost the election a whole election timeout.
 - A candidate sent by ``TimeoutNow`` (leadership transfer, ``replica_membership.py``)
   skips the pre-vote and its requests say ``transfer``, so voters grant them despite the
   live leader.
@@ -61,12 +66,29 @@ class ReplicaElections(ReplicaState):
         self._prevote_term = max(self.term, known_term) + 1
         self._votes = {self.node_id}
         self._election_started = now
-        request = VoteRequest(
+        self._ask(VoteRequest(
             self._prevote_term, self.node_id, self.last_index, self.last_term, True
-        )
+        ), now)
+        self._check_prevote(now)
+
+    def _ask(self, request: VoteRequest, now: float) -> None:
+        self._vote_request, self._vote_asked_at = request, now
         for peer in self._peers:
             self._send(peer, request)
-        self._check_prevote(now)
+
+    def ask_again(self, now: float) -> None:
+        """A heartbeat after the last ask, while the election runs: ask again the
+        peers whose grant has not come (lost on the way, or its reply was)."""
+        request = self._vote_request
+        if request is None or now - self._vote_asked_at < self._heartbeat_s:
+            return
+        if not (self._prevote or self.role is Role.CANDIDATE):
+            self._vote_request = None
+            return
+        self._vote_asked_at = now
+        for peer in self._peers:
+            if peer not in self._votes:
+                self._send(peer, request)
 
     def _in_lease(self, now: float) -> bool:
         """True while we are or hear a live leader: votes are then refused."""
@@ -125,11 +147,9 @@ class ReplicaElections(ReplicaState):
         self.leader_id = ""
         self._votes = {self.node_id}
         self._election_started = now
-        request = VoteRequest(
+        self._ask(VoteRequest(
             self.term, self.node_id, self.last_index, self.last_term, False, transfer
-        )
-        for peer in self._peers:
-            self._send(peer, request)
+        ), now)
         if self._won():
             self._become_leader(now)
 

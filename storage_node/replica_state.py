@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from zkv.protocol.messages import AppendReply, Entry, PeerMessage, Role
+from zkv.protocol.messages import AppendReply, Entry, PeerMessage, Role, VoteRequest
 from zkv.storage_node import membership as mship
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.membership import Membership
@@ -90,6 +90,10 @@ class ReplicaState:
         self._prevote_term = 0
         self._votes: set[str] = set()
         self._election_started = 0.0
+        #: the (pre-)vote request of the election running, asked again every heartbeat
+        #: of the peers that have not granted it (``ReplicaElections.ask_again``)
+        self._vote_request: VoteRequest | None = None
+        self._vote_asked_at = 0.0
         # leader
         self._progress: dict[str, Progress] = {}
         self._became_leader_at = 0.0

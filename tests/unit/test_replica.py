@@ -359,3 +359,68 @@ def test_a_vote_from_an_older_node_without_a_candidate_still_counts() -> None:
     c = _candidate_in_term_2()
     c.step("b", VoteReply(2, "b", True, False), 10.0)
     assert c.role is Role.LEADER
+
+
+def _vote_requests(out: list[tuple[str, str, object]], pre_vote: bool) -> list[str]:
+    return [to for _, to, m in out if type(m) is VoteRequest and m.pre_vote is pre_vote]
+
+
+def test_a_lost_pre_vote_is_asked_again_a_heartbeat_later_not_an_election_later() -> None:
+    """With message loss, one lost pre-vote request or reply used to cost a whole election
+    timeout: the pre-candidate waited for the broker to ask again. It now asks the peers
+    that have not granted again every heartbeat interval (Raft retries an RPC that got
+    no answer), so the election ends a heartbeat after the loss."""
+    g = Group()
+    g.down.add("c")
+    g.cut.add(frozenset(("a", "b")))  # the pre-vote to b is lost
+    g.elect("a")
+    assert g.leader() is None
+    g.cut.clear()
+    g.advance(0.15)  # more than a heartbeat (100 ms), far less than an election (0.7 s)
+    assert g.leader() == "a" and g.cores["a"].term == 1
+
+
+def test_a_lost_vote_is_asked_again_with_the_same_term() -> None:
+    """The same for the real vote: the candidate asks again at its term, the voter that
+    already granted it grants again (idempotent), and nobody's term moves."""
+    g = Group()
+    g.down.add("c")
+    a = g.cores["a"]
+    a.campaign(g.now)
+    out = g.process("a")
+    assert sorted(_vote_requests(out, True)) == ["b", "c"]
+    g.cores["b"].step("a", next(m for _, to, m in out if to == "b"), g.now)  # type: ignore[arg-type]
+    for _, _, m in g.process("b"):
+        a.step("b", m, g.now)  # type: ignore[arg-type]
+    out = g.process("a")
+    assert a.role is Role.CANDIDATE and a.term == 1
+    request = next(m for _, to, m in out if to == "b")
+    g.cores["b"].step("a", request, g.now)  # type: ignore[arg-type]
+    g.process("b")  # b grants; its reply is lost
+    assert g.cores["b"].voted_for == "a"
+    g.now = 0.11
+    a.tick(g.now)
+    again = g.process("a")
+    assert sorted(_vote_requests(again, False)) == ["b", "c"]  # not yet granted: asked again
+    assert all(m.term == 1 for _, _, m in again)  # type: ignore[attr-defined]
+    g.cores["b"].step("a", next(m for _, to, m in again if to == "b"), g.now)  # type: ignore[arg-type]
+    for _, _, m in g.process("b"):
+        a.step("b", m, g.now)  # type: ignore[arg-type]
+    g.settle()
+    assert g.leader() == "a" and {c.term for n, c in g.cores.items() if n != "c"} == {1}
+
+
+def test_vote_requests_are_not_repeated_faster_than_a_heartbeat_nor_past_the_election() -> None:
+    g = Group()
+    g.down.update(("b", "c"))
+    a = g.cores["a"]
+    a.campaign(g.now)
+    assert len(_vote_requests(g.process("a"), True)) == 2
+    sent = 0
+    for i in range(1, 60):  # 20 ms ticks up to 1.2 s: the election times out at 0.7 s
+        g.now = i * 0.02
+        a.tick(g.now)
+        sent += len(_vote_requests(g.process("a"), True))
+    # a resend every 100 ms to each of 2 peers while the pre-vote runs (< 0.7 s)
+    assert 0 < sent <= 2 * 6, sent
+    assert a.role is Role.FOLLOWER and not a._prevote
