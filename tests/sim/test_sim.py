@@ -13,9 +13,11 @@ deterministic, so parallelism changes nothing but the wall time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
+from typing import Any
 
 import pytest
 
@@ -38,13 +40,13 @@ def _seeds() -> list[int]:
     return list(range(base, base + count))
 
 
-def _run_all(seeds: list[int]) -> list[SimResult]:
+def _run_all(seeds: list[int], **overrides: Any) -> list[SimResult]:
     workers = int(os.environ.get("SIM_WORKERS", os.cpu_count() or 1))
     if len(seeds) < 20 or workers <= 1:
-        return [run_seed(s) for s in seeds]
+        return [run_seed(s, **overrides) for s in seeds]
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers) as pool:
-        return pool.map(run_seed, seeds, chunksize=4)
+        return pool.map(functools.partial(run_seed, **overrides), seeds, chunksize=4)
 
 
 def _report(results: list[SimResult]) -> str:
@@ -249,8 +251,7 @@ def test_lost_votes_are_asked_again_so_a_lossy_election_ends_within_the_bound():
     waited a whole election timeout to try again), and the shard went 7.05 s without a
     usable leader against the lossy bound of 7.0 s. A (pre-)candidate now asks again,
     every heartbeat, the peers whose vote has not come (``replica_elections.py``)."""
-    every = (*KINDS, *OPT_IN, "membership")
-    results = [run_seed(s, fault_kinds=every) for s in range(24)]
+    results = _run_all(list(range(24)), fault_kinds=(*KINDS, *OPT_IN, "membership"))
     assert all(r.ok for r in results), _report(results)
 
 
