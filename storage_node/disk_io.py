@@ -39,6 +39,11 @@ def _os_fsync(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)
 
 
+def is_os_fsync(fsync: Callable[[int], None]) -> bool:
+    """Whether ``fsync`` is the operating system's (not a test's injected disk)."""
+    return fsync is _os_fsync
+
+
 @dataclass(frozen=True, slots=True)
 class DiskIO:
     """The calls a full or failing disk makes fail, so a unit test can inject them."""

@@ -20,6 +20,7 @@ from zkv.storage_node.fsync_policy import FsyncPolicy
 from zkv.storage_node.identity import DEFAULT_CLUSTER_ID
 from zkv.storage_node.node import NodeConfig, StorageNode
 from zkv.storage_node.snapshot_child import CAN_FORK
+from zkv.storage_node.wal_sync import WAL_SYNC_CHOICES, WAL_SYNC_DEFAULT
 
 
 def _peers(text: str) -> dict[str, str]:
@@ -92,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", type=_fsync, default=FsyncPolicy.parse("always"))
     p.add_argument("--snapshot-entries", type=_positive, default=50_000,
                    help="snapshot (and compact the log) after this many entries")
-    p.add_argument("--wal-sync", choices=("thread", "inline"),
-                   default=os.environ.get("ZKV_WAL_SYNC") or "thread",
-                   help="(env ZKV_WAL_SYNC) with --fsync always, where the WAL's fsync runs: on a helper thread "
-                   "(default: a disk that stalls for a moment does not stop heartbeats and "
-                   "acks, so it costs no election) or in the node's loop (5-8%% less CPU per "
-                   "write, for a disk that never stalls)")
+    p.add_argument("--wal-sync", choices=WAL_SYNC_CHOICES,
+                   default=os.environ.get("ZKV_WAL_SYNC") or WAL_SYNC_DEFAULT,
+                   help="(env ZKV_WAL_SYNC) with --fsync always, where the WAL's fsync runs: "
+                   "aio (default: Linux native AIO, the kernel syncs and signals the loop; "
+                   "the thread where that is unavailable) or thread (a helper thread): a "
+                   "disk that stalls for a moment stops neither heartbeats nor acks, so it "
+                   "costs no election; inline: in the node's loop, for a disk that never "
+                   "stalls")
     p.add_argument("--snapshot-mode", choices=("fork", "inline"),
                    default="fork" if CAN_FORK else "inline",
                    help="fork: a forked child writes snapshots, the loop never waits "
@@ -137,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
-    if args.wal_sync not in ("thread", "inline"):
-        logger.error("--wal-sync (or ZKV_WAL_SYNC) must be thread or inline, not {!r}",
-                     args.wal_sync)
+    if args.wal_sync not in WAL_SYNC_CHOICES:
+        logger.error("--wal-sync (or ZKV_WAL_SYNC) must be one of {}, not {!r}",
+                     ", ".join(WAL_SYNC_CHOICES), args.wal_sync)
         return 2
     if args.election_timeout_ms < 3 * args.heartbeat_ms:
         logger.error("--election-timeout-ms must be at least 3 x --heartbeat-ms")
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         fsync=args.fsync,
         snapshot_entries=args.snapshot_entries,
         background_snapshots=args.snapshot_mode == "fork",
-        wal_sync_thread=args.wal_sync == "thread",
+        wal_sync=args.wal_sync,
         snapshot_bytes=args.snapshot_bytes,
         max_data_bytes=args.max_data_bytes,
         heartbeat_ms=args.heartbeat_ms,

@@ -47,7 +47,7 @@ from zkv.storage_node.snapshot import BackgroundSave
 from zkv.storage_node.snapshot_child import CAN_FORK, SnapshotChild
 from zkv.storage_node.startup import recover
 from zkv.storage_node.state_machine import KVStateMachine
-from zkv.storage_node.wal_syncer import WalSyncer
+from zkv.storage_node.wal_sync import WAL_SYNC_DEFAULT, open_syncer
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 BATCH_MAX = 512  # messages drained from one socket per wake-up
@@ -68,8 +68,9 @@ class NodeConfig:
     snapshot_entries: int = 50_000
     #: write snapshots from a forked child, never stopping the loop (snapshot_child.py)
     background_snapshots: bool = CAN_FORK
-    #: fsync=always: fsync the WAL on a helper thread (wal_syncer.py), else in the loop
-    wal_sync_thread: bool = True
+    #: fsync=always: where the WAL's fsync runs (off the loop unless "inline";
+    #: wal_sync.py)
+    wal_sync: str = WAL_SYNC_DEFAULT
     #: also snapshot once the log since the last snapshot holds this many bytes of
     #: commands: near-1 MiB values would otherwise keep up to 50,000 MiB in memory
     snapshot_bytes: int = 64 * 1024 * 1024
@@ -130,11 +131,12 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
         self._snapshot_child: SnapshotChild | None = None  # writing one in the background
         #: the newest snapshot really on disk (what an append ack may count on)
         self._disk_snapshot_index = self.core.snap_index
-        #: fsync=always: the WAL is fsynced on a helper thread (wal_syncer.py); acks and
-        #: votes wait in ``_held`` (index they claim, messages) until it is durable
-        self._syncer = (WalSyncer(self.wal.fsync_call)
-                        if config.fsync.mode is FsyncMode.ALWAYS and config.wal_sync_thread
-                        else None)
+        #: fsync=always: the WAL is fsynced off the loop (wal_sync.py: Linux AIO or a
+        #: helper thread); acks and votes wait in ``_held`` (index they claim,
+        #: messages) until it is durable
+        self._syncer = (open_syncer(config.wal_sync, config.data_dir, self.wal.fsync_call,
+                                    self.log)
+                        if config.fsync.mode is FsyncMode.ALWAYS else None)
         self._synced_index = self.wal.last_index  # what recovery found is on disk
         self._unsynced_entries = 0
         self._held: deque[tuple[int, list[tuple[str, PeerMessage]]]] = deque()

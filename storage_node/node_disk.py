@@ -2,8 +2,8 @@
 
 A mixin of ``StorageNode``. ``_persist`` writes a ``ready`` round in the order the core
 needs (hard state, snapshot, truncation, new entries, then one sync: group commit; with
-``--fsync always`` the sync runs on a helper thread and what promises durable state
-waits for it, ``wal_syncer.py``);
+``--fsync always`` the sync runs off the loop, through Linux AIO or on a helper thread,
+and what promises durable state waits for it, ``wal_sync.py``);
 ``_maybe_snapshot`` writes the snapshots the core asks for and compacts the log. A
 snapshot installed from the leader is written on a helper thread (``BackgroundSave``):
 the log is reset and what followed it written once it is on disk, and the acks and
@@ -35,7 +35,8 @@ from zkv.storage_node.snapshot import (
 )
 from zkv.storage_node.snapshot_child import EXIT_DISK_FULL, SnapshotChild
 from zkv.storage_node.wal import is_disk_full
-from zkv.storage_node.wal_syncer import SyncDone, WalSyncer
+from zkv.storage_node.wal_sync import Syncer
+from zkv.storage_node.wal_syncer import SyncDone
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -66,7 +67,7 @@ class NodeDisk:
         _snapshot_retry_at: float
         _disk_snapshot_index: int
         _snapshot_child: SnapshotChild | None
-        _syncer: WalSyncer | None
+        _syncer: Syncer | None
         _synced_index: int
         _unsynced_entries: int
         _held: deque[tuple[int, list[tuple[str, PeerMessage]]]]
@@ -181,7 +182,7 @@ class NodeDisk:
     # ------------------------------------------------------------------ fsync off the loop
 
     def _start_sync(self, now: float) -> None:
-        """Hand what was written to the sync thread (wal_syncer.py), unless a sync is
+        """Hand what was written to the syncer (wal_sync.py), unless a sync is
         already running: the next one starts when it returns and covers all of it."""
         assert self._syncer is not None
         if self._syncer.in_flight is not None:
@@ -200,7 +201,7 @@ class NodeDisk:
             self._sync_finished(done, now)
 
     def _sync_collected(self, now: float) -> None:
-        """The loop saw the sync thread's signal."""
+        """The loop saw the syncer's signal (a finished sync)."""
         assert self._syncer is not None
         done = self._syncer.collect()
         if done is not None:

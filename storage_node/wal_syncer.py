@@ -1,5 +1,9 @@
 """fsync off the node's loop: the WAL's group commit runs on one helper thread.
 
+(``--wal-sync thread``, and wherever Linux AIO is unavailable: by default the kernel
+runs the same fsync, ``aio_syncer.py``, which spares the wake-ups of a Python thread;
+``wal_sync.py`` chooses. Both keep this contract.)
+
 Why: with ``--fsync always`` the loop used to wait in ``fsync`` once per turn. A disk
 that stalls (a journal commit, a neighbour's burst: 200-400 ms seen on a shared virtual
 disk, more elsewhere) then stopped everything the loop does, heartbeats included, and a

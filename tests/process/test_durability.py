@@ -141,14 +141,18 @@ def recovered_lines(cluster: LocalCluster, nid: str) -> list[tuple[int, ...]]:
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize(("replicas", "wal_sync"), [(1, "thread"), (3, "thread"),
+@pytest.mark.parametrize(("replicas", "wal_sync"), [(1, "aio"), (3, "aio"), (3, "thread"),
                                                     (3, "inline")])
 def test_acknowledged_writes_survive_sigkill_of_every_node(tmp_path: Path, replicas: int,
                                                            wal_sync: str) -> None:
-    """Both places the fsync may run (``--wal-sync``): on the sync thread (the
-    default) and in the node's loop."""
+    """Every place the fsync may run (``--wal-sync``): in the kernel through Linux AIO
+    (the default), on the sync thread, and in the node's loop."""
     with _cluster(tmp_path, replicas, ("--wal-sync", wal_sync)) as cluster:
         cluster.wait_ready(60)
+        for nid, node in cluster.nodes.items():  # each runs the fsync where it was asked
+            text = node.log_path.read_text(errors="replace")
+            assert (f"(--wal-sync {wal_sync})" in text
+                    or (wal_sync == "aio" and "Linux AIO fsync is not available" in text)), nid
         _, term = wait_leader(cluster)
         started = time.monotonic()
         versions = write_keys(cluster)
