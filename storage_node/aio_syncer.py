@@ -41,6 +41,7 @@ _SYSCALLS = {
 _IOCB_CMD_FDSYNC = 3
 _IOCB_FLAG_RESFD = 1
 PROBE_TIMEOUT_S = 2.0
+_ONE = ctypes.c_long(1)  # syscall arguments are C longs (variadic: no implicit width)
 _OS_FSYNC = DiskIO().fsync  # fdatasync, for a sync the kernel would not queue
 
 
@@ -84,11 +85,13 @@ class AioSyncer:
         if (not sys.platform.startswith("linux") or numbers is None
                 or sys.byteorder != "little" or not hasattr(os, "eventfd")):
             raise OSError(errno.ENOSYS, "no Linux AIO on this platform")
-        self._setup_nr, self._destroy_nr, self._getevents_nr, self._submit_nr = numbers
+        # as C longs once: a sync's two syscalls then build no argument objects
+        self._setup_nr, self._destroy_nr, self._getevents_nr, self._submit_nr = (
+            ctypes.c_long(n) for n in numbers)
         self._syscall = ctypes.CDLL(None, use_errno=True).syscall
         self._syscall.restype = ctypes.c_long
         self._ctx = ctypes.c_ulong(0)
-        if self._syscall(_long(self._setup_nr), _long(1), ctypes.byref(self._ctx)) != 0:
+        if self._syscall(self._setup_nr, _ONE, ctypes.byref(self._ctx)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"io_setup: {os.strerror(err)}")
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -138,7 +141,7 @@ class AioSyncer:
         if self._answered is not None:
             done, self._answered, self.in_flight = self._answered, None, None
             return done
-        got = self._syscall(_long(self._getevents_nr), self._ctx, _long(1), _long(1),
+        got = self._syscall(self._getevents_nr, self._ctx, _ONE, _ONE,
                             self._event, ctypes.byref(self._no_wait))
         if got < 0:
             err = ctypes.get_errno()
@@ -171,7 +174,7 @@ class AioSyncer:
     def close(self) -> SyncDone | None:
         """Finish the sync in flight, then release the AIO context and the eventfd."""
         done = self.wait()
-        self._syscall(_long(self._destroy_nr), self._ctx)
+        self._syscall(self._destroy_nr, self._ctx)
         with contextlib.suppress(OSError):
             os.close(self._efd)
         return done
@@ -197,7 +200,7 @@ class AioSyncer:
     def _submit(self, fd: int) -> OSError | None:
         """Queue an ``FDSYNC`` of ``fd`` signalling our eventfd; the refusal, if any."""
         self._iocb.aio_fildes = fd
-        if self._syscall(_long(self._submit_nr), self._ctx, _long(1), self._iocbs) == 1:
+        if self._syscall(self._submit_nr, self._ctx, _ONE, self._iocbs) == 1:
             return None
         err = ctypes.get_errno()
         return OSError(err, f"io_submit: {os.strerror(err)}")
@@ -209,10 +212,6 @@ class AioSyncer:
                         time.perf_counter() - self._started, error)
         self._fd, self.in_flight = -1, None
         return done
-
-
-def _long(value: int) -> ctypes.c_long:
-    return ctypes.c_long(value)
 
 
 def open_aio_syncer(directory: str | os.PathLike[str]) -> AioSyncer | None:
