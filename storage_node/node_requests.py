@@ -276,15 +276,21 @@ class RequestCore(MultiKeyRequests, AdminRequests, WatchRequests):
         ttl = type(req) is TtlRequest
         if req.consistency is Consistency.STALE or (
                 req.consistency is Consistency.LEADER and replica.role is Role.LEADER):
-            wait = self._answer_get(origin, ident, req.request_id, req.key, ttl)
-            if wait:  # rare: see ``_answer_get``
-                self.waiting_reads.append(
-                    (wait, Pending(origin, ident, req.request_id, req.key, ttl_read=ttl)))
+            self._read_now(origin, ident, req, ttl)
         elif replica.role is not Role.LEADER:
             self._reply(origin, ident, self.not_leader(req.request_id))
+        elif (index := replica.read_index_now()) is not None and index <= self.state.applied_index:
+            self._read_now(origin, ident, req, ttl)  # a single voter: confirmed as it arrives
         elif not replica.read_index(Pending(origin, ident, req.request_id, req.key,
                                             ttl_read=ttl), now):
             self._reply(origin, ident, ErrorReply(req.request_id, ErrorCode.UNAVAILABLE, "busy"))
+
+    def _read_now(self, origin: object, ident: bytes, req: GetRequest | TtlRequest,
+                  ttl: bool) -> None:
+        wait = self._answer_get(origin, ident, req.request_id, req.key, ttl)
+        if wait:  # rare: see ``_answer_get``
+            self.waiting_reads.append(
+                (wait, Pending(origin, ident, req.request_id, req.key, ttl_read=ttl)))
 
     def _answer_get(self, origin: object, ident: bytes, request_id: int, key: bytes,
                     ttl_read: bool = False) -> int:

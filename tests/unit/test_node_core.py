@@ -325,6 +325,37 @@ def test_a_linearizable_read_is_answered_only_after_its_index_is_applied() -> No
     assert replies(leader) == [GetReply(2, True, 2, b"v")]
 
 
+def test_a_single_voter_answers_a_linearizable_read_as_it_arrives() -> None:
+    """No ready round between the request and its reply (``Replica.read_index_now``);
+    with three voters the same read waits for its heartbeat round (test above)."""
+    cfg = NodeCoreConfig("a", 0, ("a",))
+    replica = Replica(ReplicaConfig("a", ("a",)), HardState(0, ""), [])
+    node = NodeCore(cfg, replica, KVStateMachine(shard_id=0, ring=RingConfig(1, (0,), 16)),
+                    Ring(RingConfig(1, (0,), 16)), LeaderTasks())
+    node.on_broker_frames(BROKER, [b"", *codec.encode(Campaign(0, 0, "b1"))], 0.0, 0)
+
+    def turn() -> None:
+        while node.has_ready():
+            nrd = node.ready()
+            node.replica.persisted(node.replica.last_index)
+            node.advance(nrd)
+        node.settle()
+
+    turn()
+    request(node, put(1))
+    turn()
+    assert replies(node) == [PutReply(1, 2)]
+    request(node, GetRequest(b"c1", 2, b"k"))
+    assert replies(node) == [GetReply(2, True, 2, b"v")]  # before any ready round
+    assert not node.has_ready() and node.waiting_reads == []
+    request(node, put(3, value=b"w"))  # proposed, not committed: not acknowledged yet
+    request(node, GetRequest(b"c1", 4, b"k"))
+    assert replies(node) == [GetReply(4, True, 2, b"v")]  # read index = the commit index
+    turn()
+    request(node, GetRequest(b"c1", 5, b"k"))
+    assert replies(node) == [PutReply(3, 3), GetReply(5, True, 3, b"w")]
+
+
 def test_a_queued_read_waits_for_apply() -> None:
     node = make_core("a")
     node.waiting_reads.append((5, _pending(node, 9, b"k")))

@@ -230,6 +230,39 @@ def test_linearizable_read_waits_for_majority_confirmation() -> None:
     assert [t for t, _ in g.reads["a"]] == ["r1"]
 
 
+def test_a_single_voter_confirms_a_read_as_it_arrives() -> None:
+    """Quorum 1: the leader's own ack is the majority ``_confirm_reads`` would count in
+    this turn's round, so a read needs no round, once a commit of its term says its
+    commit index is current."""
+    g = Group(("a",))
+    a = g.cores["a"]
+    assert a.read_index_now() is None  # not the leader yet
+    a.campaign(g.now)
+    assert a.role is Role.LEADER and a.read_index_now() is None  # its no-op not committed
+    g.settle()
+    assert a.commit_index == 1 and a.read_index_now() == 1
+    a.propose(b"w", g.now)
+    g.settle()
+    assert a.read_index_now() == 2
+
+
+def test_a_read_needs_its_round_with_more_than_one_voter() -> None:
+    g = Group()
+    g.elect("a")
+    g.advance(0.2)
+    assert g.cores["a"].role is Role.LEADER and g.cores["a"].read_index_now() is None
+    one = Group(("a",))
+    one.elect("a")
+    a = one.cores["a"]
+    one.down.add("d")
+    a.propose_membership(a.membership.add_learner("d", "tcp://d"), one.now)
+    one.settle()
+    assert a.read_index_now() is not None  # a learner does not vote: still quorum 1
+    a.propose_membership(a.membership.promote("d", "inc-d"), one.now)
+    # the voter being added counts from its entry on, before it commits: quorum 2
+    assert a.membership.voters == ("a", "d") and a.read_index_now() is None
+
+
 def test_reads_fail_when_leadership_is_lost() -> None:
     g = Group()
     g.elect("a")
