@@ -147,11 +147,11 @@ class Replica(ReplicaElections, ReplicaReplication, ReplicaMembership, ReplicaSn
         """The index a linearizable read arriving now may be served at, when no round
         is needed to confirm our leadership: we are the only voter (quorum 1, counting
         a voter being added), so ``_confirm_reads`` would confirm it in this turn's
-        ready round, and a commit of our own term says our commit index is current.
-        None otherwise: the read goes through ``read_index``."""
+        ready round, and a commit of our own term (so at or past our no-op) says our
+        commit index is current. None otherwise: the read goes through ``read_index``."""
         if (self.role is Role.LEADER and self._quorum == 1 and self.node_id in self._voters
                 and self.term_at(self.commit_index) == self.term):
-            return max(self.commit_index, self._noop_index)
+            return self.commit_index
         return None
 
     def vouch(self, node: str) -> None:
