@@ -210,8 +210,6 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                         self._drain_broker(sock, now, ts_ms)
                 if self.peer_router in events:
                     self._drain_peers(now)
-                if events:
-                    self._drain_peer_dealers(events, now)  # WrongNode refusals only
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
@@ -233,6 +231,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                     self._found()
                     self._follow_peer_keys()
                     self._follow_refusals(now)
+                    self._drain_peer_dealers(now)  # WrongNode refusals only
                     if syncer is None:
                         self.wal.sync(now)  # interval policy: sync even when idle
                     else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -201,7 +201,9 @@ class NodeSockets:
             self._peer_keys[peer] = (self._key_stamp(peer), key)
             self._monitors.watch(f"peer:{peer}", s)
         s.connect(endpoint)
-        self.poller.register(s, zmq.POLLIN)  # only a WrongNode ever comes back on it
+        # Not polled: only a WrongNode ever comes back on it (``_drain_peer_dealers``,
+        # once a heartbeat). Each zmq socket in the poll set costs two mailbox checks
+        # (getpid + poll) per turn, before and after the wait.
         return s
 
     def _key_stamp(self, peer: str) -> int:
@@ -279,15 +281,16 @@ class NodeSockets:
         self._monitors.forget(f"peer:{peer}")
         self._refused.forget(f"peer:{peer}")
         s = self.peer_socks.pop(peer)
-        self.poller.unregister(s)
         s.close(linger=0)
 
-    def _drain_peer_dealers(self, events: dict[Any, int], now: float) -> None:
-        """Our DEALERs to peers receive only ``WrongNode`` refusals: redial on those."""
+    def _drain_peer_dealers(self, now: float) -> None:
+        """Our DEALERs to peers receive only ``WrongNode`` refusals: redial on those.
+
+        Called once a heartbeat interval, not polled: a refusal waits at most that long
+        (redials are rate-limited to far less often anyway), and the loop's every turn
+        is spared two mailbox checks per peer."""
         redial = []
         for peer, sock in self.peer_socks.items():
-            if sock not in events:
-                continue
             while True:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
