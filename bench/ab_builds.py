@@ -9,7 +9,7 @@ of the configs; each run starts the config's own ``zkv cluster up`` (2 x 3, hear
 100 ms, election timeout 1000 ms) on a fresh data dir, loads it with *this* checkout's
 ``zkv bench`` (the same generator for all: it speaks protocol version 1, which every
 release reads), and measures the cluster's CPU (every process under the supervisor,
-from /proc). The best round of each config is compared.
+from /proc, user and system apart). The best round of each config is compared.
 
     git worktree add --detach /tmp/zkv-old f8a6183
     (cd /tmp/zkv-old && python3.11 -m venv .venv && .venv/bin/pip install -e .)
@@ -55,16 +55,18 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def cluster_cpu_s(root: int) -> float:
-    """User + system CPU seconds of ``root`` and every process under it."""
-    total = 0
+def cluster_cpu_s(root: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``root`` and every process under it (apart:
+    Python work and the kernel's for syscalls and wake-ups move differently)."""
+    user = system = 0
     for pid in _descendants(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / TICK, system / TICK
 
 
 def parse_config(text: str) -> tuple[str, Path, dict[str, str]]:
@@ -104,11 +106,13 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int,
              "--concurrency",
              str(args.concurrency), "--duration", str(args.duration), "--warmup", "2", "--json"],
             capture_output=True, text=True, timeout=args.duration + 120)  # fmt: skip
-        cpu = cluster_cpu_s(proc.pid) - before
+        after = cluster_cpu_s(proc.pid)
         result = json.loads(bench.stdout)
+        per_op = 1e6 / max(result["ops"], 1)
+        user, system = ((a - b) * per_op for a, b in zip(after, before, strict=True))
         return {"name": name, "ops_s": result["ops_s"],
                 "p99_ms": result["latency_ms"]["all"]["p99"],
-                "cpu_us_per_write": cpu / max(result["ops"], 1) * 1e6,
+                "cpu_us_per_write": user + system, "user_us": user, "sys_us": system,
                 "errors": result.get("errors", {})}
     finally:
         try:
@@ -120,6 +124,10 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int,
         except ProcessLookupError:
             pass  # it exited by itself
         shutil.rmtree(data, ignore_errors=True)
+
+
+def _split(result: dict[str, Any]) -> str:
+    return f"{result['user_us']:.0f}+{result['sys_us']:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: best {best['ops_s']:,.0f} writes/s (p99 {best['p99_ms']:.1f} ms), "
               f"{best['ops_s'] / base['ops_s']:.2f}x {args.config[0][0]}; rounds "
               f"{[round(x['ops_s']) for x in mine]}; cluster CPU us/write "
-              f"{[round(x['cpu_us_per_write']) for x in mine]}")
+              f"{[round(x['cpu_us_per_write']) for x in mine]} (user + system "
+              f"{', '.join(_split(x) for x in mine)})")
     return 0
 
 
