@@ -126,28 +126,52 @@ def _remove_gwbridge(client: docker.DockerClient) -> None:
         with contextlib.suppress(docker.errors.APIError):
             net.remove()
         time.sleep(0.5)
-    raise AssertionError(f"{GWBRIDGE}, made by the test's swarm, could not be removed")
+    raise AssertionError(
+        f"{GWBRIDGE}, made by the test's swarm, could not be removed"
+        + (" (no container is on it: dockerd has lost count of its endpoints, moby#37018; "
+           "restarting dockerd clears it)" if not _gwbridge_containers(client) else ""))
+
+
+def _gwbridge_containers(client: docker.DockerClient) -> list[str]:
+    with contextlib.suppress(docker.errors.NotFound):
+        net = client.networks.get(GWBRIDGE)
+        return [c.get("Name", "") for c in (net.attrs.get("Containers") or {}).values()]
+    return []
+
+
+#: how long the stack's networks may outlive its containers before we remove them: the
+#: swarm's task manager removes them itself, and removing one at the same moment races
+#: its endpoint deletions (dockerd logs "key modified ... retrying"); on a loaded engine
+#: that race once left docker_gwbridge counting an endpoint that no longer existed
+NETWORKS_LINGER_S = 20.0
 
 
 def _remove_stack(client: docker.DockerClient, wait_s: float = 120) -> None:
     """``docker stack rm``, then wait for its containers and networks to go (a network
-    still used by a task is not removed by ``stack rm``: removed again here), then
-    remove its volumes (local to this engine, left by ``stack rm``)."""
+    the swarm has not removed ``NETWORKS_LINGER_S`` after the last container is removed
+    here), then remove its volumes (local to this engine, left by ``stack rm``)."""
     _docker("stack", "rm", STACK, check=False)
     flt = {"label": f"{NAMESPACE}={STACK}"}
     deadline = time.monotonic() + wait_s
+    containers_gone_at: float | None = None
     while True:
         # sparse: no inspect per container, which fails for one removed meanwhile
         containers = client.containers.list(all=True, sparse=True, filters=flt)
         networks = client.networks.list(filters=flt)
         if not containers and not networks:
             break
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise AssertionError(f"stack {STACK} left {[c.id[:12] for c in containers]} and "
                                  f"{[n.name for n in networks]} after {wait_s:g}s")
-        for net in networks if not containers else []:
-            with contextlib.suppress(docker.errors.APIError):
-                net.remove()
+        if containers:
+            containers_gone_at = None
+        elif containers_gone_at is None:
+            containers_gone_at = now
+        elif now - containers_gone_at > NETWORKS_LINGER_S:
+            for net in networks:
+                with contextlib.suppress(docker.errors.APIError):
+                    net.remove()
         time.sleep(1.0)
     _remove_volumes(client)
 
