@@ -114,12 +114,14 @@ def single_node_swarm(client: docker.DockerClient) -> Iterator[str]:
 def _remove_gwbridge(client: docker.DockerClient) -> None:
     """The swarm made docker_gwbridge; after leaving, only the ingress sandbox's
     endpoint may still be on it (it goes asynchronously, or never): disconnected."""
+    names: list[str] = []
     for _ in range(30):
         try:
             net = client.networks.get(GWBRIDGE)
         except docker.errors.NotFound:
             return
-        for name in [c.get("Name", "") for c in (net.attrs.get("Containers") or {}).values()]:
+        names = [c.get("Name", "") for c in (net.attrs.get("Containers") or {}).values()]
+        for name in names:
             if name.endswith("ingress-sbox"):
                 with contextlib.suppress(docker.errors.APIError):
                     net.disconnect(name, force=True)
@@ -128,15 +130,8 @@ def _remove_gwbridge(client: docker.DockerClient) -> None:
         time.sleep(0.5)
     raise AssertionError(
         f"{GWBRIDGE}, made by the test's swarm, could not be removed"
-        + (" (no container is on it: dockerd has lost count of its endpoints, moby#37018; "
-           "restarting dockerd clears it)" if not _gwbridge_containers(client) else ""))
-
-
-def _gwbridge_containers(client: docker.DockerClient) -> list[str]:
-    with contextlib.suppress(docker.errors.NotFound):
-        net = client.networks.get(GWBRIDGE)
-        return [c.get("Name", "") for c in (net.attrs.get("Containers") or {}).values()]
-    return []
+        + ("" if names else " (no container is on it: dockerd has lost count of its "
+           "endpoints, moby#37018; restarting dockerd clears it)"))
 
 
 #: how long the stack's networks may outlive its containers before we remove them: the
