@@ -122,7 +122,8 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int,
             capture_output=True, text=True, timeout=args.duration + 120)  # fmt: skip
         after, machine_after = cluster_cpu_s(proc.pid), machine_busy_s()
         result = json.loads(bench.stdout)
-        per_op = 1e6 / max(result["ops"], 1)
+        # the CPU windows span the generator's warmup too: per request answered in them
+        per_op = 1e6 / max(result["ops"] + result.get("warmup_ops", 0), 1)
         user, system = ((a - b) * per_op for a, b in zip(after, before, strict=True))
         return {"name": name, "ops_s": result["ops_s"],
                 "p99_ms": result["latency_ms"]["all"]["p99"],

@@ -165,6 +165,7 @@ def generate(
     perf = time.perf_counter
     ok = 0
     err = 0
+    warm = 0  # answered during the warmup (not in the figures; see BenchResult)
 
     def send(w: _Window, now: float) -> None:
         rid = w.next_rid
@@ -214,6 +215,8 @@ def generate(
                         else:
                             ok += 1
                             lat[entry[1]].append(int((now - entry[0]) * 1e6))
+                    elif not code:
+                        warm += 1
                     send(w, now)
             now = perf()
             if now >= next_scan:
@@ -234,7 +237,8 @@ def generate(
         ctx.term()
     if tick is not None:
         tick(ok, err)
-    return {"lat": lat, "errors": errors, "ops": ok, "elapsed_s": min(perf(), end) - measure_from}
+    return {"lat": lat, "errors": errors, "ops": ok, "warmup_ops": warm,
+            "elapsed_s": min(perf(), end) - measure_from}
 
 
 def _expire(windows: list[_Window], cutoff: float) -> int:

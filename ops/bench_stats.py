@@ -55,6 +55,9 @@ class BenchResult:
     consistency: str
     ops: int
     ops_s: float
+    #: answered during the warmup, not in ``ops`` or the latencies: what a run cost
+    #: from its start to its end is per ``ops + warmup_ops`` (``bench/ab_builds.py``)
+    warmup_ops: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     latency_ms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -90,6 +93,7 @@ def merge(raws: list[dict[str, Any]], endpoint: str, concurrency: int, processes
     per_op: list[array[int]] = [array("q"), array("q")]
     errors: dict[str, int] = {}
     ops = 0
+    warmup_ops = sum(r.get("warmup_ops", 0) for r in raws)
     elapsed = max([r["elapsed_s"] for r in raws] or [duration_s]) or duration_s
     for raw in raws:
         ops += raw["ops"]
@@ -106,5 +110,6 @@ def merge(raws: list[dict[str, Any]], endpoint: str, concurrency: int, processes
         endpoint=endpoint, concurrency=concurrency, processes=processes,
         duration_s=round(elapsed, 3), value_size=workload.value_size,
         read_ratio=workload.read_ratio, consistency=level.name.lower(), ops=ops,
-        ops_s=ops / elapsed if elapsed > 0 else 0.0, errors=errors, latency_ms=latency,
+        ops_s=ops / elapsed if elapsed > 0 else 0.0, warmup_ops=warmup_ops, errors=errors,
+        latency_ms=latency,
     )

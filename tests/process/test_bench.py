@@ -41,6 +41,19 @@ def test_run_bench_against_fake_broker_is_bounded() -> None:
     assert "throughput" in r.format()
 
 
+def test_replies_during_the_warmup_are_counted_apart() -> None:
+    """What a run cost (``bench.ab_builds`` reads CPU from before the generator starts
+    to after it ends) is per request answered in all that time, the warmup's too."""
+    with FakeBroker() as b:
+        warm = run_bench(b.endpoint, concurrency=8, duration_s=0.5, warmup_s=0.5, keys=10,
+                         check=False)
+        cold = run_bench(b.endpoint, concurrency=8, duration_s=0.5, warmup_s=0, keys=10,
+                         check=False)
+    assert warm.warmup_ops > 50 and warm.ops > 50
+    assert cold.warmup_ops == 0
+    assert json.loads(json.dumps(warm.to_dict()))["warmup_ops"] == warm.warmup_ops
+
+
 def test_error_codes_and_lost_replies_are_counted() -> None:
     def hook(ident: bytes, msg: object, seen: int) -> object:
         if isinstance(msg, PutRequest):
