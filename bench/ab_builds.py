@@ -18,6 +18,10 @@ process is charged for). The best round of each config is compared.
     python -m bench.ab_builds --config old=/tmp/zkv-old --config new=. \\
         --config inline=.:ZKV_WAL_SYNC=inline --rounds 4 --duration 8
 
+``--concurrency 96,384,1536`` runs every config at each (in every round), and the
+verdict compares each config's best at any of them; ``--p99-ms 20`` adds each config's
+best among the runs whose p99 stayed within 20 ms.
+
 Every cluster is stopped (SIGTERM to its process group, then SIGKILL) and its data dir
 removed, even on Ctrl-C.
 """
@@ -92,7 +96,18 @@ def parse_config(text: str) -> tuple[str, Path, dict[str, str]]:
     return name, Path(root).resolve(), env
 
 
-def run_one(name: str, root: Path, env: dict[str, str], port: int,
+def parse_concurrencies(text: str) -> list[int]:
+    """``96`` or ``96,384,1536``: the requests in flight of each run."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N[,N...] with N >= 1, got {text!r}")
+    return values
+
+
+def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: int,
             args: argparse.Namespace) -> dict[str, Any]:
     data = tempfile.mkdtemp(prefix=f"zkv-ab-{name}-")
     zkv = str(HERE / ".venv/bin/zkv")
@@ -118,14 +133,14 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int,
         bench = subprocess.run(
             [zkv, "--endpoint", endpoint, "bench", "--read-ratio", str(args.read_ratio),
              "--concurrency",
-             str(args.concurrency), "--duration", str(args.duration), "--warmup", "2", "--json"],
+             str(concurrency), "--duration", str(args.duration), "--warmup", "2", "--json"],
             capture_output=True, text=True, timeout=args.duration + 120)  # fmt: skip
         after, machine_after = cluster_cpu_s(proc.pid), machine_busy_s()
         result = json.loads(bench.stdout)
         # the CPU windows span the generator's warmup too: per request answered in them
         per_op = 1e6 / max(result["ops"] + result.get("warmup_ops", 0), 1)
         user, system = ((a - b) * per_op for a, b in zip(after, before, strict=True))
-        return {"name": name, "ops_s": result["ops_s"],
+        return {"name": name, "concurrency": concurrency, "ops_s": result["ops_s"],
                 "p99_ms": result["latency_ms"]["all"]["p99"],
                 "cpu_us_per_write": user + system, "user_us": user, "sys_us": system,
                 "machine_us_per_write": (machine_after - machine_before) * per_op,
@@ -146,13 +161,70 @@ def _split(result: dict[str, Any]) -> str:
     return f"{result['user_us']:.0f}+{result['sys_us']:.0f}"
 
 
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(runs, key=lambda x: x["ops_s"]) if runs else None
+
+
+def summarize(results: list[dict[str, Any]], names: list[str],
+              p99_max_ms: float | None = None) -> list[str]:
+    """The verdict lines: per concurrency (when there are several), each config's best
+    round against the first config's at the same concurrency; then each config's best
+    at any concurrency (what "at the concurrency that gives the best throughput" asks)
+    against the first config's; with ``p99_max_ms``, also the best of the runs whose
+    p99 stayed within it."""
+    lines = []
+    base = names[0]
+    levels = sorted({x["concurrency"] for x in results})
+    if len(levels) > 1:
+        for level in levels:
+            at = [x for x in results if x["concurrency"] == level]
+            ref = _best([x for x in at if x["name"] == base])
+            cells = []
+            for name in names:
+                best = _best([x for x in at if x["name"] == name])
+                if best is None or ref is None:
+                    continue
+                cells.append(f"{name} {best['ops_s']:,.0f}/s p99 {best['p99_ms']:.1f} ms "
+                             f"({best['ops_s'] / ref['ops_s']:.2f}x)")
+            lines.append(f"{level} in flight: " + "; ".join(cells))
+    top = _best([x for x in results if x["name"] == base])
+    assert top is not None
+    for name in names:
+        mine = [x for x in results if x["name"] == name]
+        best = _best(mine)
+        assert best is not None
+        lines.append(
+            f"{name}: best {best['ops_s']:,.0f} writes/s at {best['concurrency']} in flight "
+            f"(p99 {best['p99_ms']:.1f} ms), {best['ops_s'] / top['ops_s']:.2f}x {base}; "
+            f"rounds {[round(x['ops_s']) for x in mine]}; cluster CPU us/write "
+            f"{[round(x['cpu_us_per_write']) for x in mine]} (user + system "
+            f"{', '.join(_split(x) for x in mine)}); machine CPU us/write "
+            f"{[round(x['machine_us_per_write']) for x in mine]}")
+    if p99_max_ms is not None:
+        within = [x for x in results if x["p99_ms"] <= p99_max_ms]
+        ref = _best([x for x in within if x["name"] == base])
+        for name in names:
+            best = _best([x for x in within if x["name"] == name])
+            if best is None:
+                lines.append(f"{name}: no run kept p99 <= {p99_max_ms:g} ms")
+                continue
+            ratio = f", {best['ops_s'] / ref['ops_s']:.2f}x {base}" if ref else ""
+            lines.append(f"{name} with p99 <= {p99_max_ms:g} ms: best {best['ops_s']:,.0f} "
+                         f"writes/s at {best['concurrency']} in flight (p99 "
+                         f"{best['p99_ms']:.1f} ms){ratio}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=parse_config, action="append", required=True,
                    help="NAME=ROOT[:VAR=VALUE,...] (repeat; the first is the baseline)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0)
-    p.add_argument("--concurrency", type=int, default=96)
+    p.add_argument("--concurrency", type=parse_concurrencies, default=[96],
+                   help="requests in flight; several (96,384,1536) run each config at each")
+    p.add_argument("--p99-ms", type=float, default=None,
+                   help="also report each config's best run whose p99 stayed within this")
     p.add_argument("--fsync", default="always")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--replicas", type=int, default=3)
@@ -164,20 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port
     for r in range(args.rounds):
         order = args.config if r % 2 == 0 else list(reversed(args.config))
-        for name, root, env in order:
-            port += 20
-            results.append(run_one(name, root, env, port, args))
-            print(json.dumps(results[-1]), flush=True)
-    base = max((x for x in results if x["name"] == args.config[0][0]), key=lambda x: x["ops_s"])
-    for name, _, _ in args.config:
-        mine = [x for x in results if x["name"] == name]
-        best = max(mine, key=lambda x: x["ops_s"])
-        print(f"{name}: best {best['ops_s']:,.0f} writes/s (p99 {best['p99_ms']:.1f} ms), "
-              f"{best['ops_s'] / base['ops_s']:.2f}x {args.config[0][0]}; rounds "
-              f"{[round(x['ops_s']) for x in mine]}; cluster CPU us/write "
-              f"{[round(x['cpu_us_per_write']) for x in mine]} (user + system "
-              f"{', '.join(_split(x) for x in mine)}); machine CPU us/write "
-              f"{[round(x['machine_us_per_write']) for x in mine]}")
+        for concurrency in args.concurrency:
+            for name, root, env in order:
+                port += 20
+                results.append(run_one(name, root, env, port, concurrency, args))
+                print(json.dumps(results[-1]), flush=True)
+    for line in summarize(results, [name for name, _, _ in args.config], args.p99_ms):
+        print(line)
     return 0
 
 

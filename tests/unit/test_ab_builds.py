@@ -1,0 +1,73 @@
+"""``bench.ab_builds``: the machine-wide CPU (/proc/stat's first line), the concurrency
+list, and the verdict at the concurrency that gives each config its best throughput."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+from bench.ab_builds import TICK, machine_busy_s, parse_concurrencies, summarize
+
+# cpu  user nice system idle iowait irq softirq steal guest guest_nice
+STAT = ("cpu  1000 20 300 5000 40 6 70 9 0 0\n"
+        "cpu0 500 10 150 2500 20 3 35 4 0 0\n")
+
+
+def test_busy_time_counts_user_system_and_interrupts_not_idle_iowait_or_steal() -> None:
+    assert machine_busy_s(STAT) == pytest.approx((1000 + 20 + 300 + 6 + 70) / TICK)
+
+
+def test_busy_time_reads_this_machine() -> None:
+    assert machine_busy_s() > 0
+
+
+def test_concurrencies_are_one_or_a_comma_list_of_positive_counts() -> None:
+    assert parse_concurrencies("96") == [96]
+    assert parse_concurrencies("96,384,1536") == [96, 384, 1536]
+    for bad in ("", "0", "96,x", "-4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_concurrencies(bad)
+
+
+def _run(name: str, concurrency: int, ops_s: float, p99_ms: float) -> dict[str, Any]:
+    return {"name": name, "concurrency": concurrency, "ops_s": ops_s, "p99_ms": p99_ms,
+            "cpu_us_per_write": 200.0, "user_us": 150.0, "sys_us": 50.0,
+            "machine_us_per_write": 250.0}
+
+
+RUNS = [
+    _run("always", 96, 7_000, 25.0), _run("never", 96, 10_000, 22.0),
+    _run("always", 1536, 19_000, 160.0), _run("never", 1536, 20_000, 230.0),
+    _run("always", 32, 3_700, 17.0), _run("never", 32, 5_300, 13.0),
+    _run("never", 64, 7_800, 18.0),
+]
+
+
+def test_each_config_is_judged_at_its_own_best_concurrency() -> None:
+    lines = summarize(RUNS, ["always", "never"])
+    assert "32 in flight: always 3,700/s p99 17.0 ms (1.00x); never 5,300/s" in lines[0]
+    best = [line for line in lines if line.startswith(("always:", "never:"))]
+    assert best[0].startswith("always: best 19,000 writes/s at 1536 in flight (p99 160.0 ms)")
+    assert best[1].startswith("never: best 20,000 writes/s at 1536 in flight (p99 230.0 ms), "
+                              "1.05x always")
+
+
+def test_the_p99_bound_picks_the_best_run_within_it_for_each_config() -> None:
+    lines = summarize(RUNS, ["always", "never"], p99_max_ms=20)
+    assert ("always with p99 <= 20 ms: best 3,700 writes/s at 32 in flight (p99 17.0 ms), "
+            "1.00x always") in lines
+    assert ("never with p99 <= 20 ms: best 7,800 writes/s at 64 in flight (p99 18.0 ms), "
+            "2.11x always") in lines
+
+
+def test_a_config_with_no_run_within_the_bound_says_so() -> None:
+    lines = summarize(RUNS, ["always", "never"], p99_max_ms=10)
+    assert "always: no run kept p99 <= 10 ms" in lines
+    assert "never: no run kept p99 <= 10 ms" in lines
+
+
+def test_one_concurrency_prints_no_per_concurrency_lines() -> None:
+    lines = summarize([r for r in RUNS if r["concurrency"] == 96], ["always", "never"])
+    assert len(lines) == 2 and lines[0].startswith("always: best 7,000 writes/s at 96")
