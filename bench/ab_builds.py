@@ -138,7 +138,7 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: 
         after, machine_after = cluster_cpu_s(proc.pid), machine_busy_s()
         result = json.loads(bench.stdout)
         # the CPU windows span the generator's warmup too: per request answered in them
-        per_op = 1e6 / max(result["ops"] + result.get("warmup_ops", 0), 1)
+        per_op = 1e6 / max(result["ops"] + result["warmup_ops"], 1)
         user, system = ((a - b) * per_op for a, b in zip(after, before, strict=True))
         return {"name": name, "concurrency": concurrency, "ops_s": result["ops_s"],
                 "p99_ms": result["latency_ms"]["all"]["p99"],

@@ -93,7 +93,7 @@ def merge(raws: list[dict[str, Any]], endpoint: str, concurrency: int, processes
     per_op: list[array[int]] = [array("q"), array("q")]
     errors: dict[str, int] = {}
     ops = 0
-    warmup_ops = sum(r.get("warmup_ops", 0) for r in raws)
+    warmup_ops = sum(r["warmup_ops"] for r in raws)
     elapsed = max([r["elapsed_s"] for r in raws] or [duration_s]) or duration_s
     for raw in raws:
         ops += raw["ops"]
