@@ -175,6 +175,10 @@ def test_round_trips_bench_reports_the_relay_the_disk_and_both_ratios(
     assert out["put_bound_ms"] == pytest.approx(2 * best["relay"] + best["fdatasync"])
     assert out["get_ratio"] == pytest.approx(best["get"] / best["relay"])
     assert isinstance(out["put_ok"], bool) and isinstance(out["get_ok"], bool)
+    shared = out["fdatasync_shared_p50_ms"]
+    assert shared > 0
+    assert out["put_ratio_shared_disk"] == pytest.approx(
+        best["put"] / (2 * best["relay"] + shared))
 
 
 def test_stall_bench_times_a_follower_that_catches_up_by_installing_a_snapshot() -> None:
