@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,17 @@ def _say(line: str) -> None:
     print(f"round_trips: {line}", file=sys.stderr, flush=True)
 
 
-def fdatasync_ms(directory: Path, count: int) -> list[float]:
+def fdatasync_ms(directory: Path, count: int,
+                 before_each: Callable[[], object] | None = None) -> list[float]:
     """Milliseconds of each ``write`` + ``fdatasync`` of one record appended to a file
-    in ``directory`` (removed afterwards)."""
+    in ``directory`` (removed afterwards); ``before_each`` is called untimed before
+    each one (``concurrent_fdatasync_ms``: a barrier)."""
     fd, name = tempfile.mkstemp(prefix="fdatasync-", dir=directory)
     try:
         times = []
         for _ in range(count):
+            if before_each is not None:
+                before_each()
             started = time.perf_counter()
             os.write(fd, RECORD)
             os.fdatasync(fd)
@@ -84,17 +89,7 @@ def concurrent_fdatasync_ms(directory: Path, writers: int, count: int) -> list[f
 
     def writer(mine: list[float]) -> None:
         try:
-            fd, name = tempfile.mkstemp(prefix="fdatasync-", dir=directory)
-            try:
-                for _ in range(count):
-                    barrier.wait()
-                    started = time.perf_counter()
-                    os.write(fd, RECORD)
-                    os.fdatasync(fd)
-                    mine.append((time.perf_counter() - started) * 1000)
-            finally:
-                os.close(fd)
-                os.unlink(name)
+            mine.extend(fdatasync_ms(directory, count, barrier.wait))
         except BaseException as exc:  # raised below, after the join
             errors.append(exc)
             barrier.abort()  # the others stop waiting for this one
