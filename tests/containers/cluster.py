@@ -263,6 +263,31 @@ def is_leader(role: Any) -> bool:
         return False
 
 
+def caught_up(nodes: list[dict[str, Any]], shard: int, node: str) -> tuple[bool, str | None]:
+    """Whether ``node`` is back in ``shard`` per one status answer, and the leader it was
+    judged against (the node claiming leadership at the highest term).
+
+    A follower is back once it has applied everything the leader has committed. A node
+    that restarted may also win the next election (a rolling upgrade's old leader often
+    does: its log is the longest); by Raft's election rule a leader holds every committed
+    entry, so it is back once it has applied what it has committed. A node still claiming
+    leadership at a lower term than the leader's is not back."""
+    me = next((n for n in nodes if n.get("node_id") == node), None)
+    leaders = [n for n in nodes if n.get("shard_id") == shard and is_leader(n.get("role"))]
+    if not leaders:
+        return False, None
+    leader = max(leaders, key=lambda n: n.get("term", 0))
+    leader_id = str(leader["node_id"])
+    if me is None:
+        return False, leader_id
+    if leader_id == node:
+        return me.get("applied_index", -1) >= me.get("commit_index", 0) > 0, leader_id
+    if is_leader(me.get("role")):
+        return False, leader_id
+    target = leader.get("commit_index", 0)
+    return me.get("applied_index", -1) >= target > 0, leader_id
+
+
 # --------------------------------------------------------------------------- the cluster
 
 
@@ -671,20 +696,18 @@ class ContainerCluster:
             time.sleep(0.1)
 
     def wait_caught_up(self, shard: int, node: str, timeout_s: float = 20.0) -> dict[str, Any]:
-        """Wait until ``node`` follows the shard's leader and has applied everything the
-        leader had committed; returns its status entry."""
+        """Wait until ``node`` is back in its shard (see ``caught_up``); returns its status
+        entry."""
         deadline = time.monotonic() + timeout_s
         me: dict[str, Any] | None = None
         leader = None
         while True:
             with contextlib.suppress(Exception):
-                nodes = {n["node_id"]: n for n in self.status()}
-                leader = self.leader_of(shard)
-                me = nodes.get(node)
-                if me and leader and leader != node and not is_leader(me.get("role")):
-                    target = nodes[leader].get("commit_index", 0)
-                    if me.get("applied_index", -1) >= target > 0:
-                        return me
+                nodes = self.status()
+                done, leader = caught_up(nodes, shard, node)
+                me = next((n for n in nodes if n.get("node_id") == node), None)
+                if done and me is not None:
+                    return me
             if time.monotonic() > deadline:
                 raise AssertionError(f"{node} did not catch up with {leader}: {me}")
             time.sleep(0.2)
