@@ -14,8 +14,9 @@ followers, then the leader), then the brokers one at a time. Each member is stop
 an orchestrator stops it (SIGTERM), its container replaced by this release's image on
 the same volume with this release's command (``--bootstrap`` too, as a compose file
 passes it on every start: it counts only on an empty data dir), and the next step
-starts once it is back (a node: caught up with its shard's leader; a broker: it lists
-every node and a leader per shard).
+starts once it is back (a node: caught up with its shard's leader, or elected leader
+again and applied what it committed; a broker: it lists every node and a leader per
+shard).
 
 At the end every container runs this release; every node adopted its data dir (it logs
 so, and ``zkv status`` shows it a voter with an incarnation); no write failed (clients
