@@ -16,6 +16,7 @@ import zmq
 
 from zkv.broker.bad_input import discard_rest
 from zkv.broker.server_security import unstamp
+from zkv.protocol.drain import more_waiting
 
 if TYPE_CHECKING:
     from zkv.broker.bad_input import WarningLimiter
@@ -60,7 +61,9 @@ class BackendRelay:
         sock = self.backend
         recv = sock.recv
         send = self.frontend.send
-        for _ in range(self.config.batch_max):
+        for i in range(self.config.batch_max):
+            if i == 1 and not more_waiting(sock):
+                return  # a lone reply: no empty receive's exception (protocol/drain.py)
             try:
                 node = recv(_NOBLOCK, False)
             except zmq.Again:

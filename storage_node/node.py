@@ -26,6 +26,7 @@ import zmq
 from loguru import logger
 
 from zkv.protocol import codec
+from zkv.protocol.drain import more_waiting
 from zkv.protocol.errors import RemoteProtocolError
 from zkv.protocol.limits import KEY_BYTES_MAX, VALUE_BYTES_MAX
 from zkv.protocol.messages import MigrateAck, PeerMessage
@@ -213,6 +214,11 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 for sock in self.migrate_socks.values():
                     if sock in events:
                         self._drain_migrate_acks(sock, now)
+                # what the messages decided goes out before the timers run: reads answered
+                # at once, appends of new writes, acks and replies of what committed
+                if node.has_ready():
+                    self._handle_ready(now)
+                self._flush()
                 # the replica's timers, the availability rule, the expiry sweep (TTL)
                 node.tick(now, ts_ms)
                 if self._stop_requested and self._graceful_stop.due(self.core, now, node.notes):
@@ -257,9 +263,12 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                          "heartbeat interval)", took * 1000, self.config.heartbeat_ms)
 
     def _drain_broker(self, sock: zmq.Socket, now: float, ts_ms: int) -> None:  # type: ignore[type-arg]
-        """Feed up to ``BATCH_MAX`` waiting messages to the core; bad ones are logged."""
+        """Feed up to ``BATCH_MAX`` waiting messages to the core; bad ones are logged.
+        After the first, ask whether another waits (``protocol/drain.py``)."""
         on_frames = self.node.on_broker_frames
-        for _ in range(BATCH_MAX):
+        for i in range(BATCH_MAX):
+            if i == 1 and not more_waiting(sock):
+                return
             try:
                 frames = _recv_frames(sock)
             except zmq.Again:
@@ -275,7 +284,9 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
     def _drain_peers(self, now: float) -> None:
         on_frames, router = self.node.on_peer_frames, self.peer_router
         secure = self.curve is not None
-        for _ in range(BATCH_MAX):
+        for i in range(BATCH_MAX):
+            if i == 1 and not more_waiting(router):
+                return
             try:
                 frames, key_node, announced = _recv_peer_frames(router, secure)
             except zmq.Again:
