@@ -16,7 +16,10 @@ neighbour does not pick the winner):
   pays; the printout adds the put's ratio with it in the bound, to tell the disk's share
   of the put from the processes';
 - **put**: one put at a time on 1 shard x 3 replicas, fsync always;
-- **get**: one linearizable get at a time on 1 shard x 1 replica.
+- **get**: one linearizable get at a time on 1 shard x 1 replica;
+- **put floor** (informational, not in a target): one put at a time through
+  ``bench/put_floor.py``, the put's path in bare pyzmq (the relay, a leader and two
+  followers that only write, fdatasync and ack): what the path costs with no Raft on it.
 
 Targets: put p50 <= 2 x relay p50 + fdatasync p50 (two hops out and back, one fsync on
 the critical path: the leader's and the followers' overlap); get p50 <= 1.2 x relay
@@ -43,6 +46,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.put_floor import Floor
 from bench.relay_baseline import Baseline
 from zkv.ops.bench import BenchResult, run_bench
 from zkv.ops.cluster import LocalCluster
@@ -120,7 +124,8 @@ def _one_at_a_time(endpoint: str, args: argparse.Namespace, read_ratio: float,
 
 def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     """Every side, alternating; the per-round p50s and the lowest of each."""
-    rounds: dict[str, list[float]] = {"relay": [], "fdatasync": [], "put": [], "get": []}
+    rounds: dict[str, list[float]] = {"relay": [], "fdatasync": [], "put": [], "get": [],
+                                      "put_floor": []}
     syncs: list[float] = []
     shared: list[float] = []  # each round's p50 of SHARED_DISK_WRITERS syncs at once
     with contextlib.ExitStack() as stack:
@@ -131,6 +136,7 @@ def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             data_dir / "1x1", shards=1, replicas=1, brokers=1, port=0, fsync="never",
             log_level="WARNING"))
         relay = stack.enter_context(Baseline())
+        floor = stack.enter_context(Floor(data_dir))
         for cluster in (three, one):
             cluster.wait_ready(READY_TIMEOUT_S)
         for i in range(args.rounds):
@@ -146,6 +152,8 @@ def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             rounds["put"].append(_p50(r, "put") or float("nan"))
             r = _one_at_a_time(one.endpoint, args, 1.0, check=True)
             rounds["get"].append(_p50(r, "get") or float("nan"))
+            r = _one_at_a_time(floor.endpoint, args, 0.0, check=False)
+            rounds["put_floor"].append(_p50(r, "put") or float("nan"))
     best = {k: min(v) for k, v in rounds.items()}
     put_bound = PUT_FACTOR * best["relay"] + best["fdatasync"]
     get_bound = GET_FACTOR * best["relay"]
@@ -160,6 +168,9 @@ def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         "put_bound_ms": put_bound,
         "get_bound_ms": get_bound,
         "put_ratio": best["put"] / put_bound,
+        # informational: the path's own floor, against the bound and against zkv's put
+        "put_floor_ratio": best["put_floor"] / put_bound,
+        "put_over_floor": best["put"] / best["put_floor"],
         "get_ratio": best["get"] / best["relay"],
         "put_ok": best["put"] <= put_bound,
         "get_ok": best["get"] <= get_bound,
@@ -192,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  fdatasync p50, {SHARED_DISK_WRITERS} at once  {out['fdatasync_shared_p50_ms']:.3f} ms "
           f"(informational: 1 x 3's replicas sync together on this disk; put with it in "
           f"the bound: {out['put_ratio_shared_disk']:.2f} of it)")
+    print(f"  put floor p50          {best['put_floor']:.3f} ms (informational: the put's path in "
+          f"bare pyzmq, only write + fdatasync + ack on it: {out['put_floor_ratio']:.2f} of the "
+          f"bound; zkv's put is {out['put_over_floor']:.2f} x it)")
     print(f"  get 1 x 1, linearizable p50  {best['get']:.3f} ms  = {out['get_ratio']:.2f} x relay "
           f"(target <= {GET_FACTOR}: {'ok' if out['get_ok'] else 'ABOVE TARGET'})")
     return 0

@@ -170,8 +170,10 @@ def test_round_trips_bench_reports_the_relay_the_disk_and_both_ratios(
                              "--syncs", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     best = out["best_p50_ms"]
-    assert set(best) == {"relay", "fdatasync", "put", "get"}
+    assert set(best) == {"relay", "fdatasync", "put", "get", "put_floor"}
     assert all(v > 0 for v in best.values()), best
+    assert out["put_floor_ratio"] == pytest.approx(best["put_floor"] / out["put_bound_ms"])
+    assert out["put_over_floor"] == pytest.approx(best["put"] / best["put_floor"])
     assert out["put_bound_ms"] == pytest.approx(2 * best["relay"] + best["fdatasync"])
     assert out["get_ratio"] == pytest.approx(best["get"] / best["relay"])
     assert isinstance(out["put_ok"], bool) and isinstance(out["get_ok"], bool)
@@ -179,6 +181,26 @@ def test_round_trips_bench_reports_the_relay_the_disk_and_both_ratios(
     assert shared > 0
     assert out["put_ratio_shared_disk"] == pytest.approx(
         best["put"] / (2 * best["relay"] + shared))
+
+
+def test_put_floor_acks_a_put_only_once_it_is_synced_by_a_majority(tmp_path: Path) -> None:
+    """``bench/put_floor.py`` is a floor only if it does the durable minimum: every
+    acknowledged put is in the leader's file and in at least one follower's (a follower
+    may still be syncing the last one); its files go when it stops."""
+    from bench.put_floor import Floor
+    from zkv.client import KVClient
+
+    keys = [f"floor-key-{i:02d}".encode() for i in range(20)]
+    with Floor(tmp_path) as floor, KVClient(floor.endpoint, timeout_s=5.0, retries=0) as client:
+        for i, key in enumerate(keys):
+            assert client.put(key, b"v" * 100) == i + 1
+        assert floor.dir is not None
+        files = {p.name: p.read_bytes() for p in floor.dir.iterdir()}
+    assert set(files) == {"floor-leader.log", "floor-f0.log", "floor-f1.log"}
+    assert all(key in files["floor-leader.log"] for key in keys)
+    # followers append in order: the one that acked the last put holds every put
+    assert any(all(key in files[f] for key in keys) for f in ("floor-f0.log", "floor-f1.log"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stall_bench_times_a_follower_that_catches_up_by_installing_a_snapshot() -> None:
