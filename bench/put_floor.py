@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -46,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import zmq
 
-from bench.relay_baseline import READY, STARTUP_S_MAX, WORKER_ID, relay
+from bench.relay_baseline import READY, WORKER_ID, kill_all, relay, wait_for_relay
 from zkv.ops.bench import run_bench
 from zkv.ops.cluster import free_port
 from zkv.protocol import codec
@@ -176,30 +175,16 @@ class Floor:
             self.procs.append(subprocess.Popen(
                 [*me, "--role", "leader", "--backend", backend, "--followers", *followers],
                 env=env))
-            _wait_ready(relay_proc)
+            wait_for_relay(relay_proc)
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.wait(timeout=5)
+        kill_all(self.procs)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _wait_ready(relay_proc: subprocess.Popen[bytes]) -> None:
-    """The relay prints ``ready`` once the leader has said hello to it."""
-    deadline = time.monotonic() + STARTUP_S_MAX
-    assert relay_proc.stdout is not None
-    os.set_blocking(relay_proc.stdout.fileno(), False)
-    while relay_proc.stdout.readline().strip() != b"ready":
-        if time.monotonic() > deadline or relay_proc.poll() is not None:
-            raise RuntimeError("the put floor's relay did not start")
-        time.sleep(0.02)
 
 
 def _put_p50(endpoint: str, duration_s: float) -> float:

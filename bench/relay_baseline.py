@@ -132,21 +132,33 @@ class Baseline:
         self.procs.append(relay_proc)
         self.procs.append(subprocess.Popen([*me, "--role", "worker", "--backend", backend],
                                            env=env))
-        deadline = time.monotonic() + STARTUP_S_MAX
-        assert relay_proc.stdout is not None
-        os.set_blocking(relay_proc.stdout.fileno(), False)
-        while relay_proc.stdout.readline().strip() != b"ready":
-            if time.monotonic() > deadline or relay_proc.poll() is not None:
-                self.__exit__()
-                raise RuntimeError("the baseline relay did not start")
-            time.sleep(0.02)
+        try:
+            wait_for_relay(relay_proc)
+        except RuntimeError:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.wait(timeout=5)
+        kill_all(self.procs)
+
+
+def wait_for_relay(relay_proc: subprocess.Popen[bytes]) -> None:
+    """The relay prints ``ready`` once its worker has said hello to it."""
+    deadline = time.monotonic() + STARTUP_S_MAX
+    assert relay_proc.stdout is not None
+    os.set_blocking(relay_proc.stdout.fileno(), False)
+    while relay_proc.stdout.readline().strip() != b"ready":
+        if time.monotonic() > deadline or relay_proc.poll() is not None:
+            raise RuntimeError("the relay did not start")
+        time.sleep(0.02)
+
+
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait(timeout=5)
 
 
 def run_baseline(*, duration_s: float = 5.0, concurrency: int = 64, value_size: int = 100,
