@@ -4,7 +4,9 @@ with half gets): which is faster on this machine, measured in one run.
 
 Each ``--config NAME=ROOT[:VAR=VALUE,...]`` is a checkout with its own ``.venv`` (e.g.
 the previous release in a ``git worktree``) and environment variables for its
-processes (``FSYNC=never`` is the ``--fsync`` flag instead). Rounds alternate the order
+processes (``FSYNC=never`` is the ``--fsync`` flag instead; ``DATA_ROOT=/dev/shm`` puts
+the config's data dir there instead of the temp dir, e.g. to tell a disk's cost from the
+code's: on tmpfs an fdatasync returns at once). Rounds alternate the order
 of the configs; each run starts the config's own ``zkv cluster up`` (2 x 3, heartbeat
 100 ms, election timeout 1000 ms) on a fresh data dir, loads it with *this* checkout's
 ``zkv bench`` (the same generator for all: it speaks protocol version 1, which every
@@ -107,9 +109,15 @@ def parse_concurrencies(text: str) -> list[int]:
     return values
 
 
+def make_data_dir(name: str, env: dict[str, str]) -> str:
+    """A fresh data dir for one run of config ``name``: under its ``DATA_ROOT`` if it
+    gives one (e.g. /dev/shm, where an fdatasync costs nothing), else the temp dir."""
+    return tempfile.mkdtemp(prefix=f"zkv-ab-{name}-", dir=env.get("DATA_ROOT"))
+
+
 def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: int,
             args: argparse.Namespace) -> dict[str, Any]:
-    data = tempfile.mkdtemp(prefix=f"zkv-ab-{name}-")
+    data = make_data_dir(name, env)
     zkv = str(HERE / ".venv/bin/zkv")
     proc = subprocess.Popen(
         [str(root / ".venv/bin/zkv"), "cluster", "up", "--data-dir", data, "--port", str(port),

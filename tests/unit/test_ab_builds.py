@@ -4,11 +4,20 @@ list, and the verdict at the concurrency that gives each config its best through
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.ab_builds import TICK, machine_busy_s, parse_concurrencies, summarize
+from bench.ab_builds import (
+    TICK,
+    machine_busy_s,
+    make_data_dir,
+    parse_concurrencies,
+    parse_config,
+    summarize,
+)
 
 # cpu  user nice system idle iowait irq softirq steal guest guest_nice
 STAT = ("cpu  1000 20 300 5000 40 6 70 9 0 0\n"
@@ -29,6 +38,19 @@ def test_concurrencies_are_one_or_a_comma_list_of_positive_counts() -> None:
     for bad in ("", "0", "96,x", "-4"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_concurrencies(bad)
+
+
+def test_a_config_may_put_its_data_dir_elsewhere(tmp_path: Path) -> None:
+    """``DATA_ROOT=/dev/shm`` tells the disk's cost from the code's (README: "The disk,
+    not the sync's code path")."""
+    name, _root, env = parse_config(f"shm=.:DATA_ROOT={tmp_path},FSYNC=always")
+    assert env == {"DATA_ROOT": str(tmp_path), "FSYNC": "always"}
+    assert Path(make_data_dir(name, env)).parent == tmp_path
+    default = Path(make_data_dir("disk", {}))
+    try:
+        assert default.parent == Path(tempfile.gettempdir())
+    finally:
+        default.rmdir()
 
 
 def _run(name: str, concurrency: int, ops_s: float, p99_ms: float) -> dict[str, Any]:
