@@ -134,7 +134,7 @@ class Baseline:
                                            env=env))
         try:
             wait_for_relay(relay_proc)
-        except RuntimeError:
+        except BaseException:  # a relay that never started, or Ctrl-C while waiting
             self.__exit__()
             raise
         return self
@@ -155,6 +155,7 @@ def wait_for_relay(relay_proc: subprocess.Popen[bytes]) -> None:
 
 
 def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL every process, then reap them all (a bench must leave none behind)."""
     for p in procs:
         p.kill()
     for p in procs:
