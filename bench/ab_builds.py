@@ -179,7 +179,8 @@ def summarize(results: list[dict[str, Any]], names: list[str],
     round against the first config's at the same concurrency; then each config's best
     at any concurrency (what "at the concurrency that gives the best throughput" asks)
     against the first config's; with ``p99_max_ms``, also the best of the runs whose
-    p99 stayed within it."""
+    p99 stayed within it. Results without the cluster's CPU (``bench.write_floor``'s)
+    report the machine's alone."""
     lines = []
     base = names[0]
     levels = sorted({x["concurrency"] for x in results})
@@ -201,12 +202,13 @@ def summarize(results: list[dict[str, Any]], names: list[str],
         mine = [x for x in results if x["name"] == name]
         best = _best(mine)
         assert best is not None
+        cluster = (f"cluster CPU us/write {[round(x['cpu_us_per_write']) for x in mine]} "
+                   f"(user + system {', '.join(_split(x) for x in mine)}); "
+                   if all("cpu_us_per_write" in x for x in mine) else "")
         lines.append(
             f"{name}: best {best['ops_s']:,.0f} writes/s at {best['concurrency']} in flight "
             f"(p99 {best['p99_ms']:.1f} ms), {best['ops_s'] / top['ops_s']:.2f}x {base}; "
-            f"rounds {[round(x['ops_s']) for x in mine]}; cluster CPU us/write "
-            f"{[round(x['cpu_us_per_write']) for x in mine]} (user + system "
-            f"{', '.join(_split(x) for x in mine)}); machine CPU us/write "
+            f"rounds {[round(x['ops_s']) for x in mine]}; {cluster}machine CPU us/write "
             f"{[round(x['machine_us_per_write']) for x in mine]}")
     if p99_max_ms is not None:
         within = [x for x in results if x["p99_ms"] <= p99_max_ms]

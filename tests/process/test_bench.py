@@ -203,6 +203,49 @@ def test_put_floor_acks_a_put_only_once_it_is_synced_by_a_majority(tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("mode", ["always", "direct"])
+def test_write_floor_acks_a_write_only_once_a_majority_of_its_shard_synced_it(
+    tmp_path: Path, mode: str,
+) -> None:
+    """``bench/write_floor.py`` (target 1's floor) is a floor only if it does the
+    durable minimum: every acknowledged put is in its leader's file and in at least one
+    of that leader's two followers' files; both leaders take writes; its files go when
+    it stops."""
+    from bench.write_floor import WriteFloor
+    from zkv.client import KVClient
+
+    keys = [f"write-floor-{i:02d}".encode() for i in range(20)]
+    with (WriteFloor(tmp_path, mode) as floor,
+          KVClient(floor.endpoint, timeout_s=5.0, retries=0) as client):
+        versions = [client.put(key, b"v" * 100) for key in keys]
+        assert floor.dir is not None
+        files = {p.name: p.read_bytes() for p in floor.dir.iterdir()}
+    assert all(v >= 1 for v in versions)
+    assert set(files) == {"floor-L0.log", "floor-L1.log", "floor-f00.log", "floor-f01.log",
+                          "floor-f10.log", "floor-f11.log"}
+    for leader in ("0", "1"):
+        mine = [key for key in keys if key in files[f"floor-L{leader}.log"]]
+        assert mine, f"leader {leader} took no write"
+        assert any(all(key in files[f"floor-f{leader}{j}.log"] for key in mine)
+                   for j in "01")
+    assert sum(key in files[f"floor-L{i}.log"] for i in "01" for key in keys) == len(keys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_floor_compares_fsync_always_and_never_at_each_concurrency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A short run of the whole comparison: every line of its verdict is there."""
+    from bench import write_floor
+
+    assert write_floor.main(["--data-dir", str(tmp_path), "--concurrency", "4,8",
+                             "--rounds", "1", "--duration", "0.5", "--warmup", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 in flight: never" in out and "8 in flight: never" in out
+    assert "never with p99 <= 20 ms: best" in out and "always with p99 <= 20 ms" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stall_bench_times_a_follower_that_catches_up_by_installing_a_snapshot() -> None:
     """``bench/stall.py --install`` briefly (120,000 keys: two snapshots on the leader):
     the restarted follower installs one and catches up, and the run stops by itself.

@@ -93,3 +93,15 @@ def test_a_config_with_no_run_within_the_bound_says_so() -> None:
 def test_one_concurrency_prints_no_per_concurrency_lines() -> None:
     lines = summarize([r for r in RUNS if r["concurrency"] == 96], ["always", "never"])
     assert len(lines) == 2 and lines[0].startswith("always: best 7,000 writes/s at 96")
+
+
+def test_runs_without_the_cluster_cpu_report_the_machine_cpu_alone() -> None:
+    """``bench.write_floor`` has no cluster to charge: its verdict lines leave that
+    figure out rather than print zeros."""
+    runs = [{k: v for k, v in r.items() if k not in ("cpu_us_per_write", "user_us", "sys_us")}
+            for r in RUNS]
+    lines = summarize(runs, ["never", "always"])
+    best = [line for line in lines if line.startswith(("always:", "never:"))]
+    assert all("cluster CPU" not in line and "machine CPU us/write [250" in line
+               for line in best), best
+    assert "cluster CPU us/write [200" in summarize(RUNS, ["never", "always"])[-1]
