@@ -28,7 +28,6 @@ import argparse
 import json
 import mmap
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import zmq
 
 from bench.ab_builds import machine_busy_s, parse_concurrencies, summarize
-from bench.put_floor import LOG_BYTES, _Log
-from bench.relay_baseline import READY, kill_all, wait_for_relay
+from bench.put_floor import LOG_BYTES, Floor, _Log
+from bench.relay_baseline import READY, wait_for_relay
 from zkv.ops.cluster import free_port
 from zkv.protocol import codec
 from zkv.protocol.errors import RemoteProtocolError
@@ -208,16 +207,15 @@ def follower(endpoint: str, data_dir: Path, name: str, sync: bool,
         sock.send_multipart([ident, tag])
 
 
-class WriteFloor:
-    """The relay, 2 leaders and 4 followers as child processes; a context manager."""
+class WriteFloor(Floor):
+    """The relay, 2 leaders and 4 followers as child processes; a context manager
+    (``put_floor.Floor``'s directory, endpoint and teardown)."""
 
     def __init__(self, data_dir: Path, mode: str = "always") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.data_dir, self.mode = data_dir, mode
-        self.dir: Path | None = None
-        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.procs: list[subprocess.Popen[bytes]] = []
+        super().__init__(data_dir, sync=mode != "never")
+        self.mode = mode
 
     def __enter__(self) -> WriteFloor:
         self.dir = Path(tempfile.mkdtemp(prefix="write-floor-", dir=self.data_dir))
@@ -245,11 +243,6 @@ class WriteFloor:
             self.__exit__()
             raise
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        kill_all(self.procs)
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 GENERATOR = """

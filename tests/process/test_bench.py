@@ -196,10 +196,14 @@ def test_put_floor_acks_a_put_only_once_it_is_synced_by_a_majority(tmp_path: Pat
             assert client.put(key, b"v" * 100) == i + 1
         assert floor.dir is not None
         files = {p.name: p.read_bytes() for p in floor.dir.iterdir()}
-    assert set(files) == {"floor-leader.log", "floor-f0.log", "floor-f1.log"}
+    # a follower slow to start (a loaded machine) may not have its file yet: a put
+    # waits for one follower, not both
+    assert ({"floor-leader.log"} <= set(files)
+            <= {"floor-leader.log", "floor-f0.log", "floor-f1.log"})
     assert all(key in files["floor-leader.log"] for key in keys)
     # followers append in order: the one that acked the last put holds every put
-    assert any(all(key in files[f] for key in keys) for f in ("floor-f0.log", "floor-f1.log"))
+    assert any(all(key in files.get(f, b"") for key in keys)
+               for f in ("floor-f0.log", "floor-f1.log"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -221,12 +225,15 @@ def test_write_floor_acks_a_write_only_once_a_majority_of_its_shard_synced_it(
         assert floor.dir is not None
         files = {p.name: p.read_bytes() for p in floor.dir.iterdir()}
     assert all(v >= 1 for v in versions)
-    assert set(files) == {"floor-L0.log", "floor-L1.log", "floor-f00.log", "floor-f01.log",
-                          "floor-f10.log", "floor-f11.log"}
+    # a follower that is slow to start (a loaded machine) may not have its file yet: a
+    # write waits for one follower of its shard, not both
+    assert ({"floor-L0.log", "floor-L1.log"} <= set(files)
+            <= {"floor-L0.log", "floor-L1.log", "floor-f00.log", "floor-f01.log",
+                "floor-f10.log", "floor-f11.log"})
     for leader in ("0", "1"):
         mine = [key for key in keys if key in files[f"floor-L{leader}.log"]]
         assert mine, f"leader {leader} took no write"
-        assert any(all(key in files[f"floor-f{leader}{j}.log"] for key in mine)
+        assert any(all(key in files.get(f"floor-f{leader}{j}.log", b"") for key in mine)
                    for j in "01")
     assert sum(key in files[f"floor-L{i}.log"] for i in "01" for key in keys) == len(keys)
     assert list(tmp_path.iterdir()) == []
