@@ -40,10 +40,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 def _descendants(root: int) -> list[int]:
@@ -107,6 +108,16 @@ def parse_concurrencies(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected N[,N...] with N >= 1, got {text!r}")
     return values
+
+
+def run_order(rounds: int, concurrencies: list[int], configs: list[T]) -> list[tuple[T, int]]:
+    """The runs of an alternating comparison, in order: every round runs each config at
+    each concurrency, the configs' order reversed every other round, so that neither
+    always runs first (after a quiet spell or right after the other's load)."""
+    return [(config, concurrency)
+            for r in range(rounds)
+            for concurrency in concurrencies
+            for config in (configs if r % 2 == 0 else configs[::-1])]
 
 
 def make_data_dir(name: str, env: dict[str, str]) -> str:
@@ -243,14 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=17000, help="first broker port")
     args = p.parse_args(argv)
     results: list[dict[str, Any]] = []
-    port = args.port
-    for r in range(args.rounds):
-        order = args.config if r % 2 == 0 else list(reversed(args.config))
-        for concurrency in args.concurrency:
-            for name, root, env in order:
-                port += 20
-                results.append(run_one(name, root, env, port, concurrency, args))
-                print(json.dumps(results[-1]), flush=True)
+    for i, ((name, root, env), concurrency) in enumerate(
+            run_order(args.rounds, args.concurrency, args.config)):
+        port = args.port + 20 * (i + 1)
+        results.append(run_one(name, root, env, port, concurrency, args))
+        print(json.dumps(results[-1]), flush=True)
     for line in summarize(results, [name for name, _, _ in args.config], args.p99_ms):
         print(line)
     return 0

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import zmq
 
-from bench.ab_builds import machine_busy_s, parse_concurrencies, summarize
+from bench.ab_builds import machine_busy_s, parse_concurrencies, run_order, summarize
 from bench.put_floor import LOG_BYTES, Floor, _Log
 from bench.relay_baseline import READY, wait_for_relay
 from zkv.ops.cluster import free_port
@@ -65,8 +65,9 @@ def parse_modes(text: str) -> list[str]:
 class _DirectLog:
     """``--direct``: the file opened ``O_DIRECT | O_DSYNC``, so one ``pwrite`` of the
     4 KiB blocks holding a batch is its write and its sync at once (no page cache, no
-    separate ``fdatasync``); the partial last block is kept and written again with the
-    next batch. The same zero-filled file as ``_Log``."""
+    separate ``fdatasync``: ``append``'s ``sync`` changes nothing); the partial last
+    block is kept and written again with the next batch. The same zero-filled file as
+    ``_Log``."""
 
     def __init__(self, path: Path) -> None:
         os.close(_Log(path).fd)
@@ -172,7 +173,7 @@ def leader(name: bytes, backend: str, followers: list[str], data_dir: Path,
                 payload = b"".join(records)
                 for peer in peers:
                     peer.send_multipart([tag, payload])
-                log.append(payload, sync and not direct)
+                log.append(payload, sync)
                 pending[seq] = batch
         for peer in peers:
             if peer in ready:
@@ -202,7 +203,7 @@ def follower(endpoint: str, data_dir: Path, name: str, sync: bool,
                 got.append(sock.recv_multipart(nb))
             except zmq.Again:
                 break
-        log.append(b"".join(payload for _, _, payload in got), sync and not direct)
+        log.append(b"".join(payload for _, _, payload in got), sync)
         ident, tag, _ = got[-1]
         sock.send_multipart([ident, tag])
 
@@ -305,12 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data_dir = args.data_dir or Path(tempfile.gettempdir())
     results = []
-    for r in range(args.rounds):
-        for concurrency in args.concurrency:
-            for mode in (args.modes if r % 2 == 0 else args.modes[::-1]):
-                results.append(run_one(data_dir, mode, concurrency, args.duration,
-                                       args.warmup))
-                print(json.dumps(results[-1]), flush=True)
+    for mode, concurrency in run_order(args.rounds, args.concurrency, args.modes):
+        results.append(run_one(data_dir, mode, concurrency, args.duration, args.warmup))
+        print(json.dumps(results[-1]), flush=True)
     for line in summarize(results, args.modes, args.p99_ms):
         print(line)
     return 0

@@ -16,6 +16,7 @@ from bench.ab_builds import (
     make_data_dir,
     parse_concurrencies,
     parse_config,
+    run_order,
     summarize,
 )
 
@@ -105,3 +106,15 @@ def test_runs_without_the_cluster_cpu_report_the_machine_cpu_alone() -> None:
     assert all("cluster CPU" not in line and "machine CPU us/write [250" in line
                for line in best), best
     assert "cluster CPU us/write [200" in summarize(RUNS, ["never", "always"])[-1]
+
+
+def test_rounds_alternate_which_config_runs_first_at_each_concurrency() -> None:
+    assert run_order(2, [32, 96], ["a", "b"]) == [
+        ("a", 32), ("b", 32), ("a", 96), ("b", 96),
+        ("b", 32), ("a", 32), ("b", 96), ("a", 96),
+    ]
+    assert run_order(3, [64], ["a", "b", "c"]) == [
+        ("a", 64), ("b", 64), ("c", 64), ("c", 64), ("b", 64), ("a", 64),
+        ("a", 64), ("b", 64), ("c", 64),
+    ]
+    assert run_order(0, [64], ["a"]) == []
