@@ -13,7 +13,10 @@ of the configs; each run starts the config's own ``zkv cluster up`` (2 x 3, hear
 release reads), and measures the cluster's CPU (every process under the supervisor,
 from /proc, user and system apart) and the whole machine's (/proc/stat: with the kernel
 threads that run fsyncs, the disk's interrupts and the load generator, which no cluster
-process is charged for). The best round of each config is compared.
+process is charged for), and the group commits of its storage nodes (their
+``/metrics``: fsyncs per write and entries per group commit, the figures that say what
+fsync always costs at a concurrency: README "Syncs per write, counted"). The best round
+of each config is compared.
 
     git worktree add --detach /tmp/zkv-old f8a6183
     (cd /tmp/zkv-old && python3.11 -m venv .venv && .venv/bin/pip install -e .)
@@ -33,14 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 HERE = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -90,6 +95,49 @@ def machine_busy_s(stat: str | None = None) -> float:
     return (user + nice + system + irq + softirq) / TICK
 
 
+#: a storage node's /metrics, as ``zkv cluster up`` prints it on stderr
+_NODE_METRICS = re.compile(r"metrics of (s\d+r\d+) on (http://\S+)")
+#: the WAL's group-commit counters a node exports: fsyncs, group commits, entries written
+WAL_SERIES = ("zkv_node_wal_fsync_seconds_count", "zkv_node_wal_batch_entries_count",
+              "zkv_node_wal_batch_entries_sum")
+
+
+def node_metrics_urls(stderr: str) -> dict[str, str]:
+    """Each storage node's /metrics URL from ``zkv cluster up``'s stderr (brokers and
+    a gateway left out); empty from a build that prints none."""
+    return dict(_NODE_METRICS.findall(stderr))
+
+
+def wal_counts(exposition: str) -> tuple[float, float, float]:
+    """``WAL_SERIES`` in one node's Prometheus text exposition, each summed over its
+    labels; 0 for a series it does not export."""
+    totals = dict.fromkeys(WAL_SERIES, 0.0)
+    for line in exposition.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals[WAL_SERIES[0]], totals[WAL_SERIES[1]], totals[WAL_SERIES[2]]
+
+
+def cluster_wal_counts(urls: dict[str, str]) -> tuple[float, float, float] | None:
+    """``wal_counts`` summed over the nodes; None if one does not answer (its figures
+    would be wrong, not merely missing)."""
+    if not urls:
+        return None
+    total = [0.0, 0.0, 0.0]
+    for url in urls.values():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        for i, value in enumerate(wal_counts(text)):
+            total[i] += value
+    return total[0], total[1], total[2]
+
+
 def parse_config(text: str) -> tuple[str, Path, dict[str, str]]:
     name, _, rest = text.partition("=")
     root, _, assignments = rest.partition(":")
@@ -128,6 +176,25 @@ def make_data_dir(name: str, env: dict[str, str]) -> str:
 
 def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: int,
             args: argparse.Namespace) -> dict[str, Any]:
+    # the cluster's stderr names each node's /metrics (read for the group commits)
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        return _measure(name, root, env, port, concurrency, args, stderr)
+
+
+def _wait_for_metrics_urls(stderr: IO[str], nodes: int, timeout: float = 10.0) -> dict[str, str]:
+    """The nodes' /metrics URLs once ``zkv cluster up`` has printed all ``nodes`` (it
+    does once every node is heard); what it printed by ``timeout`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stderr.seek(0)
+        urls = node_metrics_urls(stderr.read())
+        if len(urls) >= nodes or time.monotonic() > deadline:
+            return urls
+        time.sleep(0.2)
+
+
+def _measure(name: str, root: Path, env: dict[str, str], port: int, concurrency: int,
+             args: argparse.Namespace, stderr: IO[str]) -> dict[str, Any]:
     data = make_data_dir(name, env)
     zkv = str(HERE / ".venv/bin/zkv")
     proc = subprocess.Popen(
@@ -138,7 +205,7 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: 
         # cwd: a checkout's processes start with `python -m`, which imports from the
         # working directory first
         cwd=root, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        stderr=stderr, start_new_session=True)  # fmt: skip
     endpoint = f"tcp://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -148,6 +215,8 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: 
                 raise RuntimeError(f"{name}: the cluster did not serve within 90 s")
             time.sleep(0.5)
         time.sleep(1.0)
+        urls = _wait_for_metrics_urls(stderr, args.shards * args.replicas)
+        wal_before = cluster_wal_counts(urls)
         before, machine_before = cluster_cpu_s(proc.pid), machine_busy_s()
         bench = subprocess.run(
             [zkv, "--endpoint", endpoint, "bench", "--read-ratio", str(args.read_ratio),
@@ -155,15 +224,24 @@ def run_one(name: str, root: Path, env: dict[str, str], port: int, concurrency: 
              str(concurrency), "--duration", str(args.duration), "--warmup", "2", "--json"],
             capture_output=True, text=True, timeout=args.duration + 120)  # fmt: skip
         after, machine_after = cluster_cpu_s(proc.pid), machine_busy_s()
+        wal_after = cluster_wal_counts(urls)
         result = json.loads(bench.stdout)
         # the CPU windows span the generator's warmup too: per request answered in them
-        per_op = 1e6 / max(result["ops"] + result["warmup_ops"], 1)
+        answered = max(result["ops"] + result["warmup_ops"], 1)
+        per_op = 1e6 / answered
         user, system = ((a - b) * per_op for a, b in zip(after, before, strict=True))
-        return {"name": name, "concurrency": concurrency, "ops_s": result["ops_s"],
-                "p99_ms": result["latency_ms"]["all"]["p99"],
-                "cpu_us_per_write": user + system, "user_us": user, "sys_us": system,
-                "machine_us_per_write": (machine_after - machine_before) * per_op,
-                "errors": result.get("errors", {})}
+        run = {"name": name, "concurrency": concurrency, "ops_s": result["ops_s"],
+               "p99_ms": result["latency_ms"]["all"]["p99"],
+               "cpu_us_per_write": user + system, "user_us": user, "sys_us": system,
+               "machine_us_per_write": (machine_after - machine_before) * per_op,
+               "errors": result.get("errors", {})}
+        if wal_before is not None and wal_after is not None:
+            # the nodes publish their counters once per heartbeat: ~0.1 s of 10 s late
+            fsyncs, commits, entries = (a - b for a, b in zip(wal_after, wal_before,
+                                                             strict=True))
+            run["fsyncs_per_write"] = fsyncs / answered
+            run["entries_per_commit"] = entries / commits if commits else 0.0
+        return run
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -191,7 +269,7 @@ def summarize(results: list[dict[str, Any]], names: list[str],
     at any concurrency (what "at the concurrency that gives the best throughput" asks)
     against the first config's; with ``p99_max_ms``, also the best of the runs whose
     p99 stayed within it. Results without the cluster's CPU (``bench.write_floor``'s)
-    report the machine's alone."""
+    report the machine's alone; results with the nodes' group commits report them."""
     lines = []
     base = names[0]
     levels = sorted({x["concurrency"] for x in results})
@@ -216,11 +294,14 @@ def summarize(results: list[dict[str, Any]], names: list[str],
         cluster = (f"cluster CPU us/write {[round(x['cpu_us_per_write']) for x in mine]} "
                    f"(user + system {', '.join(_split(x) for x in mine)}); "
                    if all("cpu_us_per_write" in x for x in mine) else "")
+        wal = (f"; fsyncs per write {[round(x['fsyncs_per_write'], 3) for x in mine]}, "
+               f"entries per group commit {[round(x['entries_per_commit'], 1) for x in mine]}"
+               if all("fsyncs_per_write" in x for x in mine) else "")
         lines.append(
             f"{name}: best {best['ops_s']:,.0f} writes/s at {best['concurrency']} in flight "
             f"(p99 {best['p99_ms']:.1f} ms), {best['ops_s'] / top['ops_s']:.2f}x {base}; "
             f"rounds {[round(x['ops_s']) for x in mine]}; {cluster}machine CPU us/write "
-            f"{[round(x['machine_us_per_write']) for x in mine]}")
+            f"{[round(x['machine_us_per_write']) for x in mine]}{wal}")
     if p99_max_ms is not None:
         within = [x for x in results if x["p99_ms"] <= p99_max_ms]
         ref = _best([x for x in within if x["name"] == base])

@@ -253,6 +253,26 @@ def test_write_floor_compares_fsync_always_and_never_at_each_concurrency(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ab_builds_counts_the_nodes_group_commits(capsys: pytest.CaptureFixture[str]) -> None:
+    """A short A/B of this checkout against itself on 1 x 3 with fsync always: each run
+    reads its nodes' /metrics around the load, so it says how many fsyncs a write cost
+    and how many entries a group commit carried (README: "Syncs per write, counted")."""
+    from bench import ab_builds
+    from zkv.ops.cluster_spec import free_port_block
+
+    root = str(Path(__file__).resolve().parents[2])
+    assert ab_builds.main(["--config", f"a={root}", "--rounds", "1", "--duration", "1",
+                           "--concurrency", "8", "--shards", "1", "--replicas", "3",
+                           "--port", str(free_port_block(40))]) == 0
+    out = capsys.readouterr().out.splitlines()
+    run = json.loads(out[0])
+    # every write is an entry on each of the 3 nodes, a group commit writes at least one
+    # entry and (fsync always) syncs at most once: 0 < fsyncs per write <= 3
+    assert 0 < run["fsyncs_per_write"] <= 3, run
+    assert run["entries_per_commit"] >= 1, run
+    assert "fsyncs per write [" in out[-1] and "entries per group commit [" in out[-1]
+
+
 def test_stall_bench_times_a_follower_that_catches_up_by_installing_a_snapshot() -> None:
     """``bench/stall.py --install`` briefly (120,000 keys: two snapshots on the leader):
     the restarted follower installs one and catches up, and the run stops by itself.

@@ -1,5 +1,6 @@
 """``bench.ab_builds``: the machine-wide CPU (/proc/stat's first line), the concurrency
-list, and the verdict at the concurrency that gives each config its best throughput."""
+list, the nodes' group commits (their /metrics), and the verdict at the concurrency that
+gives each config its best throughput."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from bench.ab_builds import (
     TICK,
     machine_busy_s,
     make_data_dir,
+    node_metrics_urls,
     parse_concurrencies,
     parse_config,
     run_order,
     summarize,
+    wal_counts,
 )
 
 # cpu  user nice system idle iowait irq softirq steal guest guest_nice
@@ -118,3 +121,39 @@ def test_rounds_alternate_which_config_runs_first_at_each_concurrency() -> None:
         ("a", 64), ("b", 64), ("c", 64),
     ]
     assert run_order(0, [64], ["a"]) == []
+
+
+def test_the_nodes_metrics_urls_come_from_cluster_ups_stderr() -> None:
+    stderr = ("zkv cluster up: 2 shard(s) x 3 replica(s), 1 broker(s), data in /tmp/x\n"
+              "zkv cluster up: metrics of b0 on http://127.0.0.1:31101/metrics\n"
+              "zkv cluster up: metrics of s0r0 on http://127.0.0.1:27520/metrics\n"
+              "zkv cluster up: metrics of s1r2 on http://127.0.0.1:28187/metrics\n")
+    assert node_metrics_urls(stderr) == {"s0r0": "http://127.0.0.1:27520/metrics",
+                                         "s1r2": "http://127.0.0.1:28187/metrics"}
+    assert node_metrics_urls("zkv cluster up: serving on tcp://127.0.0.1:5555\n") == {}
+
+
+def test_wal_counts_sum_the_group_commit_series_over_their_labels() -> None:
+    exposition = """# HELP zkv_node_wal_fsync_seconds WAL fsync latency per group commit
+# TYPE zkv_node_wal_fsync_seconds histogram
+zkv_node_wal_fsync_seconds_bucket{le="0.001"} 40.0
+zkv_node_wal_fsync_seconds_count 50.0
+zkv_node_wal_fsync_seconds_sum 0.02
+zkv_node_wal_batch_entries_count{node="s0r0"} 60.0
+zkv_node_wal_batch_entries_count{node="s0r1"} 4.0
+zkv_node_wal_batch_entries_sum 640.0
+zkv_node_wal_batch_entries_sum_total 9.0
+zkv_node_raft_term 3.0
+"""
+    assert wal_counts(exposition) == (50.0, 64.0, 640.0)
+    assert wal_counts("# an exposition without them\nzkv_node_keys 0.0\n") == (0.0, 0.0, 0.0)
+
+
+def test_runs_with_the_nodes_group_commits_report_them() -> None:
+    """What fsync always costs at a concurrency is the syncs a write shares (README:
+    "Syncs per write, counted"); a run that could not read them says nothing of them."""
+    runs = [{**r, "fsyncs_per_write": 0.333, "entries_per_commit": 9.04} for r in RUNS]
+    lines = summarize(runs, ["always", "never"])
+    assert lines[-1].endswith("fsyncs per write [0.333, 0.333, 0.333, 0.333], "
+                              "entries per group commit [9.0, 9.0, 9.0, 9.0]"), lines[-1]
+    assert all("fsyncs" not in line for line in summarize(RUNS, ["always", "never"]))
