@@ -222,14 +222,20 @@ def decompose(data_dir: Path, rounds: int, duration_s: float) -> dict[str, float
     return {name: min(p50s) for name, p50s in sides.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_role_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments a floor's processes are started with (``Floor`` and its
+    subclasses): which role, its sockets and its name; ``bench`` is the comparison."""
     p.add_argument("--role", choices=["bench", "relay", "leader", "follower"], default="bench")
-    p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--endpoint")
     p.add_argument("--backend")
     p.add_argument("--followers", nargs="*", default=[])
     p.add_argument("--name", default="f")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_role_arguments(p)
+    p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--no-sync", action="store_true", help="no fdatasync (a diagnostic)")
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--decompose", action="store_true")

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import zmq
 
 from bench.ab_builds import machine_busy_s, parse_concurrencies, run_order, summarize
-from bench.put_floor import LOG_BYTES, Floor, _Log
+from bench.put_floor import LOG_BYTES, Floor, _Log, add_role_arguments
 from bench.relay_baseline import READY, wait_for_relay
 from zkv.ops.cluster import free_port
 from zkv.protocol import codec
@@ -278,12 +278,8 @@ def run_one(data_dir: Path, mode: str, concurrency: int, duration_s: float,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--role", choices=["bench", "relay", "leader", "follower"], default="bench")
+    add_role_arguments(p)
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--endpoint")
-    p.add_argument("--backend")
-    p.add_argument("--followers", nargs="*", default=[])
-    p.add_argument("--name", default="f")
     p.add_argument("--mode", choices=MODES, default="always",
                    help="a process's sync (its role's; --modes for the comparison)")
     p.add_argument("--modes", type=parse_modes, default=["never", "always"],
