@@ -19,7 +19,10 @@ neighbour does not pick the winner):
 - **get**: one linearizable get at a time on 1 shard x 1 replica;
 - **put floor** (informational, not in a target): one put at a time through
   ``bench/put_floor.py``, the put's path in bare pyzmq (the relay, a leader and two
-  followers that only write, fdatasync and ack): what the path costs with no Raft on it.
+  followers that only write, fdatasync and ack): what the path costs with no Raft on it;
+- **put floor, unsynced** (informational): the same path without its fdatasyncs. With
+  the floor beside it, it is both sides of the put's bound in every run: what the hops
+  alone leave of the bound, and what syncing on a majority of this one disk adds.
 
 Targets: put p50 <= 2 x relay p50 + fdatasync p50 (two hops out and back, one fsync on
 the critical path: the leader's and the followers' overlap); get p50 <= 1.2 x relay
@@ -125,7 +128,7 @@ def _one_at_a_time(endpoint: str, args: argparse.Namespace, read_ratio: float,
 def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     """Every side, alternating; the per-round p50s and the lowest of each."""
     rounds: dict[str, list[float]] = {"relay": [], "fdatasync": [], "put": [], "get": [],
-                                      "put_floor": []}
+                                      "put_floor": [], "put_floor_unsynced": []}
     syncs: list[float] = []
     shared: list[float] = []  # each round's p50 of SHARED_DISK_WRITERS syncs at once
     with contextlib.ExitStack() as stack:
@@ -137,6 +140,7 @@ def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             log_level="WARNING"))
         relay = stack.enter_context(Baseline())
         floor = stack.enter_context(Floor(data_dir))
+        unsynced = stack.enter_context(Floor(data_dir, sync=False))
         for cluster in (three, one):
             cluster.wait_ready(READY_TIMEOUT_S)
         for i in range(args.rounds):
@@ -154,6 +158,8 @@ def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             rounds["get"].append(_p50(r, "get") or float("nan"))
             r = _one_at_a_time(floor.endpoint, args, 0.0, check=False)
             rounds["put_floor"].append(_p50(r, "put") or float("nan"))
+            r = _one_at_a_time(unsynced.endpoint, args, 0.0, check=False)
+            rounds["put_floor_unsynced"].append(_p50(r, "put") or float("nan"))
     best = {k: min(v) for k, v in rounds.items()}
     put_bound = PUT_FACTOR * best["relay"] + best["fdatasync"]
     get_bound = GET_FACTOR * best["relay"]
@@ -171,6 +177,7 @@ def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         # informational: the path's own floor, against the bound and against zkv's put
         "put_floor_ratio": best["put_floor"] / put_bound,
         "put_over_floor": best["put"] / best["put_floor"],
+        "put_floor_unsynced_ratio": best["put_floor_unsynced"] / put_bound,
         "get_ratio": best["get"] / best["relay"],
         "put_ok": best["put"] <= put_bound,
         "get_ok": best["get"] <= get_bound,
@@ -206,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  put floor p50          {best['put_floor']:.3f} ms (informational: the put's path in "
           f"bare pyzmq, only write + fdatasync + ack on it: {out['put_floor_ratio']:.2f} of the "
           f"bound; zkv's put is {out['put_over_floor']:.2f} x it)")
+    print(f"  put floor, unsynced p50  {best['put_floor_unsynced']:.3f} ms (informational: the "
+          f"same path without its fdatasyncs: {out['put_floor_unsynced_ratio']:.2f} of the "
+          f"bound; syncing on a majority of this disk adds "
+          f"{best['put_floor'] - best['put_floor_unsynced']:.3f} ms)")
     print(f"  get 1 x 1, linearizable p50  {best['get']:.3f} ms  = {out['get_ratio']:.2f} x relay "
           f"(target <= {GET_FACTOR}: {'ok' if out['get_ok'] else 'ABOVE TARGET'})")
     return 0

@@ -170,9 +170,13 @@ def test_round_trips_bench_reports_the_relay_the_disk_and_both_ratios(
                              "--syncs", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     best = out["best_p50_ms"]
-    assert set(best) == {"relay", "fdatasync", "put", "get", "put_floor"}
+    assert set(best) == {"relay", "fdatasync", "put", "get", "put_floor",
+                         "put_floor_unsynced"}
     assert all(v > 0 for v in best.values()), best
     assert out["put_floor_ratio"] == pytest.approx(best["put_floor"] / out["put_bound_ms"])
+    # both sides of the put's bound: the same bare path with and without its syncs
+    assert out["put_floor_unsynced_ratio"] == pytest.approx(
+        best["put_floor_unsynced"] / out["put_bound_ms"])
     assert out["put_over_floor"] == pytest.approx(best["put"] / best["put_floor"])
     assert out["put_bound_ms"] == pytest.approx(2 * best["relay"] + best["fdatasync"])
     assert out["get_ratio"] == pytest.approx(best["get"] / best["relay"])
