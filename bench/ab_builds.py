@@ -15,7 +15,7 @@ from /proc, user and system apart) and the whole machine's (/proc/stat: with the
 threads that run fsyncs, the disk's interrupts and the load generator, which no cluster
 process is charged for), and the group commits of its storage nodes (their
 ``/metrics``: fsyncs per write and entries per group commit, the figures that say what
-fsync always costs at a concurrency: README "Syncs per write, counted"). The best round
+fsync always costs at a concurrency: docs/performance.md, "Syncs per write, counted"). The best round
 of each config is compared.
 
     git worktree add --detach /tmp/zkv-old f8a6183
