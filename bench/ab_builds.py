@@ -15,8 +15,8 @@ from /proc, user and system apart) and the whole machine's (/proc/stat: with the
 threads that run fsyncs, the disk's interrupts and the load generator, which no cluster
 process is charged for), and the group commits of its storage nodes (their
 ``/metrics``: fsyncs per write and entries per group commit, the figures that say what
-fsync always costs at a concurrency: docs/performance.md, "Syncs per write, counted"). The best round
-of each config is compared.
+fsync always costs at a concurrency: docs/performance.md, "Syncs per write,
+counted"). The best round of each config is compared.
 
     git worktree add --detach /tmp/zkv-old f8a6183
     (cd /tmp/zkv-old && python3.11 -m venv .venv && .venv/bin/pip install -e .)

@@ -260,7 +260,8 @@ def test_write_floor_compares_fsync_always_and_never_at_each_concurrency(
 def test_ab_builds_counts_the_nodes_group_commits(capsys: pytest.CaptureFixture[str]) -> None:
     """A short A/B of this checkout against itself on 1 x 3 with fsync always: each run
     reads its nodes' /metrics around the load, so it says how many fsyncs a write cost
-    and how many entries a group commit carried (docs/performance.md: "Syncs per write, counted")."""
+    and how many entries a group commit carried (docs/performance.md: "Syncs per write,
+    counted")."""
     from bench import ab_builds
     from zkv.ops.cluster_spec import free_port_block
 

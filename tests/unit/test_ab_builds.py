@@ -45,8 +45,8 @@ def test_concurrencies_are_one_or_a_comma_list_of_positive_counts() -> None:
 
 
 def test_a_config_may_put_its_data_dir_elsewhere(tmp_path: Path) -> None:
-    """``DATA_ROOT=/dev/shm`` tells the disk's cost from the code's (docs/performance.md: "The disk,
-    not the sync's code path")."""
+    """``DATA_ROOT=/dev/shm`` tells the disk's cost from the code's (docs/performance.md:
+    "The disk, not the sync's code path")."""
     name, _root, env = parse_config(f"shm=.:DATA_ROOT={tmp_path},FSYNC=always")
     assert env == {"DATA_ROOT": str(tmp_path), "FSYNC": "always"}
     assert Path(make_data_dir(name, env)).parent == tmp_path
@@ -150,8 +150,9 @@ zkv_node_raft_term 3.0
 
 
 def test_runs_with_the_nodes_group_commits_report_them() -> None:
-    """What fsync always costs at a concurrency is the syncs a write shares (docs/performance.md:
-    "Syncs per write, counted"); a run that could not read them says nothing of them."""
+    """What fsync always costs at a concurrency is the syncs a write shares
+    (docs/performance.md: "Syncs per write, counted"); a run that could not read them
+    says nothing of them."""
     runs = [{**r, "fsyncs_per_write": 0.333, "entries_per_commit": 9.04} for r in RUNS]
     lines = summarize(runs, ["always", "never"])
     assert lines[-1].endswith("fsyncs per write [0.333, 0.333, 0.333, 0.333], "
