@@ -138,6 +138,18 @@ def cluster_wal_counts(urls: dict[str, str]) -> tuple[float, float, float] | Non
     return total[0], total[1], total[2]
 
 
+def group_commit_figures(before: tuple[float, float, float] | None,
+                         after: tuple[float, float, float] | None,
+                         answered: int) -> dict[str, float]:
+    """Fsyncs per write and entries per group commit from ``cluster_wal_counts`` taken
+    around a run that answered ``answered`` writes; empty if either scrape failed."""
+    if before is None or after is None:
+        return {}
+    fsyncs, commits, entries = (a - b for a, b in zip(after, before, strict=True))
+    return {"fsyncs_per_write": fsyncs / answered,
+            "entries_per_commit": entries / commits if commits else 0.0}
+
+
 def parse_config(text: str) -> tuple[str, Path, dict[str, str]]:
     name, _, rest = text.partition("=")
     root, _, assignments = rest.partition(":")
@@ -230,18 +242,13 @@ def _measure(name: str, root: Path, env: dict[str, str], port: int, concurrency:
         answered = max(result["ops"] + result["warmup_ops"], 1)
         per_op = 1e6 / answered
         user, system = ((a - b) * per_op for a, b in zip(after, before, strict=True))
-        run = {"name": name, "concurrency": concurrency, "ops_s": result["ops_s"],
-               "p99_ms": result["latency_ms"]["all"]["p99"],
-               "cpu_us_per_write": user + system, "user_us": user, "sys_us": system,
-               "machine_us_per_write": (machine_after - machine_before) * per_op,
-               "errors": result.get("errors", {})}
-        if wal_before is not None and wal_after is not None:
-            # the nodes publish their counters once per heartbeat: ~0.1 s of 10 s late
-            fsyncs, commits, entries = (a - b for a, b in zip(wal_after, wal_before,
-                                                             strict=True))
-            run["fsyncs_per_write"] = fsyncs / answered
-            run["entries_per_commit"] = entries / commits if commits else 0.0
-        return run
+        # the nodes publish their counters once per heartbeat: ~0.1 s of 10 s late
+        return {"name": name, "concurrency": concurrency, "ops_s": result["ops_s"],
+                "p99_ms": result["latency_ms"]["all"]["p99"],
+                "cpu_us_per_write": user + system, "user_us": user, "sys_us": system,
+                "machine_us_per_write": (machine_after - machine_before) * per_op,
+                "errors": result.get("errors", {}),
+                **group_commit_figures(wal_before, wal_after, answered)}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -13,6 +13,7 @@ import pytest
 
 from bench.ab_builds import (
     TICK,
+    group_commit_figures,
     machine_busy_s,
     make_data_dir,
     node_metrics_urls,
@@ -147,6 +148,19 @@ zkv_node_raft_term 3.0
 """
     assert wal_counts(exposition) == (50.0, 64.0, 640.0)
     assert wal_counts("# an exposition without them\nzkv_node_keys 0.0\n") == (0.0, 0.0, 0.0)
+
+
+def test_group_commit_figures_are_the_counters_differences_per_write_and_per_commit() -> None:
+    """Two scrapes around a run (fsyncs, group commits, entries) and the writes answered
+    in it: what a write cost in syncs and what a group commit carried; nothing from a
+    run whose scrape failed, and 0 entries per commit for a run that committed none."""
+    before, after = (10.0, 20.0, 200.0), (40.0, 120.0, 1100.0)
+    assert group_commit_figures(before, after, answered=900) == {
+        "fsyncs_per_write": pytest.approx(30 / 900), "entries_per_commit": 9.0}
+    assert group_commit_figures(None, after, answered=900) == {}
+    assert group_commit_figures(before, None, answered=900) == {}
+    assert group_commit_figures(before, before, answered=1) == {
+        "fsyncs_per_write": 0.0, "entries_per_commit": 0.0}
 
 
 def test_runs_with_the_nodes_group_commits_report_them() -> None:
