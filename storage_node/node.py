@@ -219,8 +219,12 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 if node.has_ready():
                     self._handle_ready(now)
                 self._flush()
-                # the replica's timers, the availability rule, the expiry sweep (TTL)
-                node.tick(now, ts_ms)
+                # the replica's timers and the availability rule when due (TIMER_STEP_S),
+                # the expiry sweep (TTL) every turn
+                if node.timers_due(now):
+                    node.tick(now, ts_ms)
+                else:
+                    node.turn(now, ts_ms)
                 if self._stop_requested and self._graceful_stop.due(self.core, now, node.notes):
                     self._running = False
                 self._handle_ready(now)

@@ -76,6 +76,11 @@ from zkv.storage_node.ttl_requests import sweep_command
 #: Expiry sweep entries proposed per loop turn at most (each lists up to
 #: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
 SWEEPS_PER_TURN = 2
+#: The timers of ``tick`` run at most this often under load (the shell asks
+#: ``timers_due``): one turn per request at thousands a second paid ~8% of a node's CPU
+#: for timers whose deadlines are tens of milliseconds apart. An idle node's poll waits
+#: ``heartbeat_ms / 4`` (25 ms) between turns, so a 2 ms step delays no timer more.
+TIMER_STEP_S = 0.002
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
 _SEND_BEFORE_PERSIST = (AppendEntries, InstallSnapshot)
@@ -101,6 +106,8 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         #: the expiry sweep's per-turn state (``tick``): the turn's ``now``, sweeps proposed
         self._tick_now = 0.0
         self._sweeps_this_turn = 0
+        #: when ``timers_due`` next says the timers must run (``tick`` moves it)
+        self._timers_next = 0.0
         #: peer connections refused for reaching the wrong node (``peer_link``), the
         #: verdict per announcement, and when to redial a peer that was the wrong node
         self.misrouted = 0
@@ -114,8 +121,10 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         self.install_backlog: list[Any] = []
 
     def tick(self, now: float, ts_ms: int | None = None) -> None:
-        """Once per shell loop turn: the replica's timers, then the availability rule;
-        with the wall clock ``ts_ms``, the expiry sweep too (``ttl_requests.py``)."""
+        """The replica's timers, then the availability rule; with the wall clock
+        ``ts_ms``, the turn's expiry sweep too (``turn``). The simulator calls it every
+        step; the shell every turn that ``timers_due`` says, and ``turn`` on the others."""
+        self._timers_next = now + TIMER_STEP_S
         replica = self.replica
         replica.tick(now)
         if self.installing is not None:
@@ -127,11 +136,23 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         if self.parked_watches:
             self.expire_watches(now)
         if ts_ms is not None:
-            if ts_ms > self.wall_ms:
-                self.wall_ms = ts_ms
-            self._tick_now = now
-            self._sweeps_this_turn = 0
-            self._sweep(now)
+            self.turn(now, ts_ms)
+
+    def timers_due(self, now: float) -> bool:
+        """Whether the shell's turn at ``now`` must run ``tick``: ``TIMER_STEP_S`` since
+        the last, or at once while a snapshot install or a listing is in progress (each
+        step of theirs runs from the timers). Between, ``turn`` is enough: a timer is
+        at most ``TIMER_STEP_S`` late, where an idle node's poll waits longer."""
+        return now >= self._timers_next or self.busy()
+
+    def turn(self, now: float, ts_ms: int) -> None:
+        """Every loop turn: the wall clock ``ts_ms``, and the expiry sweep, whose chain
+        (``advance``) is bounded per turn, not per timer step."""
+        if ts_ms > self.wall_ms:
+            self.wall_ms = ts_ms
+        self._tick_now = now
+        self._sweeps_this_turn = 0
+        self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Propose the next expiry sweep: leader only, one entry in flight at a time,

@@ -365,6 +365,8 @@ class LeaderTasks:
 
     def busy(self) -> bool:
         """Still listing: the shell should come back at once rather than sleep."""
+        if not self.pushes and not self.drops:  # the usual case, asked twice a turn
+            return False
         return any(p.state == LISTING for p in self.pushes.values()) or any(
             not d.lister.done for d in self.drops.values())
 

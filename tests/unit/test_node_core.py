@@ -46,7 +46,7 @@ from zkv.protocol.timing import ELECTION_TIMEOUT_MS
 from zkv.storage_node.commands import RingSet
 from zkv.storage_node.durable_state import HardState
 from zkv.storage_node.membership import unwrap_snapshot
-from zkv.storage_node.node_core import NodeCore, NodeCoreConfig, Pending
+from zkv.storage_node.node_core import TIMER_STEP_S, NodeCore, NodeCoreConfig, Pending
 from zkv.storage_node.push import LeaderTasks
 from zkv.storage_node.replica import Replica, ReplicaConfig
 from zkv.storage_node.state_machine import KVStateMachine
@@ -558,6 +558,34 @@ def test_a_leader_no_broker_confirms_for_an_election_timeout_steps_down() -> Non
         shard.settle()
         shard.tick(0.1)
     assert leader.replica.role is Role.FOLLOWER and leader.replica.leader_id == "b"
+
+
+def test_the_shell_runs_the_timers_once_a_step_and_every_turn_while_busy() -> None:
+    """Issue 14: under load a node turns thousands of times a second; ``timers_due``
+    lets the shell run ``tick``'s timers once per ``TIMER_STEP_S`` and only ``turn`` (the
+    wall clock and the expiry sweep) between. A timer is then at most a step late: the
+    leader no broker confirms steps down at the first due tick after its deadline."""
+    shard = Shard()
+    shard.heard_by_broker = set(MEMBERS)
+    leader = shard.elect("a")
+    shard.tick(0.5)
+    shard.heard_by_broker = set()
+    t = shard.now
+    leader.tick(t, 1000)
+    assert not leader.timers_due(t)
+    assert not leader.timers_due(t + TIMER_STEP_S / 2)
+    assert leader.timers_due(t + TIMER_STEP_S)
+    leader.installing = (1, None)  # type: ignore[assignment]  # a snapshot install: every turn
+    assert leader.timers_due(t + TIMER_STEP_S / 2)
+    leader.installing = None
+    # past the availability deadline, ``turn`` alone changes nothing but the wall clock
+    late = t + ELECTION_TIMEOUT_MS / 1000 + 0.5
+    leader.turn(late, 2000)
+    assert leader.wall_ms == 2000
+    assert leader.replica.role is Role.LEADER
+    assert leader.timers_due(late)
+    leader.tick(late, 2000)
+    assert leader.replica.role is Role.FOLLOWER
 
 
 def test_a_node_never_confirmed_keeps_leading() -> None:
