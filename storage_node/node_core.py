@@ -140,10 +140,11 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
 
     def timers_due(self, now: float) -> bool:
         """Whether the shell's turn at ``now`` must run ``tick``: ``TIMER_STEP_S`` since
-        the last, or at once while a snapshot install or a listing is in progress (each
-        step of theirs runs from the timers). Between, ``turn`` is enough: a timer is
-        at most ``TIMER_STEP_S`` late, where an idle node's poll waits longer."""
-        return now >= self._timers_next or self.busy()
+        the last, or every turn while a snapshot install or a listing is in progress
+        (each step of theirs runs from the timers) or a leader has a membership change
+        to drive (``Replica.reconfiguring``). Between, ``turn`` is enough: a timer is at
+        most ``TIMER_STEP_S`` late, where an idle node's poll waits longer."""
+        return now >= self._timers_next or self.busy() or self.replica.reconfiguring()
 
     def turn(self, now: float, ts_ms: int) -> None:
         """Every loop turn: the wall clock ``ts_ms``, and the expiry sweep, whose chain

@@ -135,6 +135,24 @@ class ReplicaMembership(ReplicaState):
         self._note_configs([self._log[-1]])
         return index
 
+    def reconfiguring(self) -> bool:
+        """Leader with membership work for ``_drive_membership``: a learner to promote,
+        a replacement to finish, a wiped voter to re-admit. The shell then runs the
+        timers every turn (``NodeCore.timers_due``): under load a learner is within
+        ``promote_lag_max`` of the log only for moments, right after its acks."""
+        if self.role is not Role.LEADER:
+            return False
+        conf = self.membership
+        if conf.learners or conf.replaces:
+            return True
+        progress, me = self._progress, self.node_id
+        for voter in conf.voters:  # a voter whose data dir came back empty (``_counts``)
+            if voter != me:
+                pr = progress.get(voter)
+                if pr is None or not pr.voter:
+                    return True
+        return False
+
     def _drive_membership(self, now: float) -> None:
         """Leader: finish replacements, promote learners that caught up."""
         conf = self.membership

@@ -563,8 +563,9 @@ def test_a_leader_no_broker_confirms_for_an_election_timeout_steps_down() -> Non
 def test_the_shell_runs_the_timers_once_a_step_and_every_turn_while_busy() -> None:
     """Issue 14: under load a node turns thousands of times a second; ``timers_due``
     lets the shell run ``tick``'s timers once per ``TIMER_STEP_S`` and only ``turn`` (the
-    wall clock and the expiry sweep) between. A timer is then at most a step late: the
-    leader no broker confirms steps down at the first due tick after its deadline."""
+    wall clock and the expiry sweep) between, but every turn while an install, a
+    listing or a membership change is under way. A timer is then at most a step late:
+    the leader no broker confirms steps down at the first due tick after its deadline."""
     shard = Shard()
     shard.heard_by_broker = set(MEMBERS)
     leader = shard.elect("a")
@@ -572,12 +573,18 @@ def test_the_shell_runs_the_timers_once_a_step_and_every_turn_while_busy() -> No
     shard.heard_by_broker = set()
     t = shard.now
     leader.tick(t, 1000)
+    assert not leader.replica.reconfiguring()
     assert not leader.timers_due(t)
     assert not leader.timers_due(t + TIMER_STEP_S / 2)
     assert leader.timers_due(t + TIMER_STEP_S)
     leader.installing = (1, None)  # type: ignore[assignment]  # a snapshot install: every turn
     assert leader.timers_due(t + TIMER_STEP_S / 2)
     leader.installing = None
+    # a learner to promote: every turn, as a learner is caught up only for moments
+    leader.replica.propose_membership(leader.replica.membership.add_learner("d", "tcp://d"), t)
+    assert leader.replica.reconfiguring()
+    assert leader.timers_due(t + TIMER_STEP_S / 2)
+    assert not shard.nodes["b"].replica.reconfiguring()  # a follower drives nothing
     # past the availability deadline, ``turn`` alone changes nothing but the wall clock
     late = t + ELECTION_TIMEOUT_MS / 1000 + 0.5
     leader.turn(late, 2000)
