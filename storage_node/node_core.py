@@ -74,12 +74,13 @@ from zkv.storage_node.snapshot_loader import SnapshotLoader
 from zkv.storage_node.ttl_requests import sweep_command
 
 #: Expiry sweep entries proposed per loop turn at most (each lists up to
-#: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``tick``, one chained in ``advance``.
+#: ``ttl_commands.SWEEP_KEYS_MAX`` keys): one from ``turn``, one chained in ``advance``.
 SWEEPS_PER_TURN = 2
 #: The timers of ``tick`` run at most this often under load (the shell asks
 #: ``timers_due``): one turn per request at thousands a second paid ~8% of a node's CPU
-#: for timers whose deadlines are tens of milliseconds apart. An idle node's poll waits
-#: ``heartbeat_ms / 4`` (25 ms) between turns, so a 2 ms step delays no timer more.
+#: for timers whose deadlines are tens of milliseconds apart. A timer may now run up to
+#: 2 ms late under load, where an idle node's poll already waits ``heartbeat_ms / 4``
+#: (25 ms) between turns.
 TIMER_STEP_S = 0.002
 PEER_TYPES = frozenset({50, 51, 52, 53, 54, 55, TimeoutNow.TYPE})
 #: What a leader may send before its own log is durable (see the module docstring).
