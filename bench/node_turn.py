@@ -10,8 +10,8 @@ Two shapes alternate in one run, the best of ``--repeat`` timings each:
 
 - **timers every turn**: ``NodeCore.tick`` on every turn (the node's loop before
   ``timers_due``);
-- **timers paced**: ``tick`` when ``timers_due`` says (once per ``TIMER_STEP_S``), else
-  ``turn``, as the node's loop does now. Turns are ``--gap-us`` apart (a get's round
+- **timers paced**: ``tick_when_due``, as the node's loop does now: ``tick`` when
+  ``timers_due`` says (once per ``TIMER_STEP_S``), else ``turn``. Turns are ``--gap-us`` apart (a get's round
   trip), so about one turn in ``TIMER_STEP_S / gap`` runs the timers.
 
     python -m bench.node_turn [--turns 20000] [--repeat 5] [--gap-us 500] [--json]
@@ -82,10 +82,10 @@ def turn_fn(core: NodeCore, paced: bool, gap_s: float) -> Callable[[], None]:
             _ready_rounds(core)
         if not core.take_outgoing():
             raise RuntimeError("the get was not answered in its turn")
-        if not paced or core.timers_due(now):
-            core.tick(now, WALL_MS)
+        if paced:
+            core.tick_when_due(now, WALL_MS)
         else:
-            core.turn(now, WALL_MS)
+            core.tick(now, WALL_MS)
         _ready_rounds(core)
         core.pump_tasks(now)
         core.take_outgoing()

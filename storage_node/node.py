@@ -221,10 +221,7 @@ class StorageNode(NodeIdentity, NodeDisk, NodeSockets):
                 self._flush()
                 # the replica's timers and the availability rule when due (TIMER_STEP_S),
                 # the expiry sweep (TTL) every turn
-                if node.timers_due(now):
-                    node.tick(now, ts_ms)
-                else:
-                    node.turn(now, ts_ms)
+                node.tick_when_due(now, ts_ms)
                 if self._stop_requested and self._graceful_stop.due(self.core, now, node.notes):
                     self._running = False
                 self._handle_ready(now)

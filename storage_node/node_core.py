@@ -124,7 +124,7 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
     def tick(self, now: float, ts_ms: int | None = None) -> None:
         """The replica's timers, then the availability rule; with the wall clock
         ``ts_ms``, the turn's expiry sweep too (``turn``). The simulator calls it every
-        step; the shell every turn that ``timers_due`` says, and ``turn`` on the others."""
+        step; the shell through ``tick_when_due``, and ``turn`` on the other turns."""
         self._timers_next = now + TIMER_STEP_S
         replica = self.replica
         replica.tick(now)
@@ -146,6 +146,14 @@ class NodeCore(RequestCore, SnapshotDecisions, peer_link.PeerLinks):
         to drive (``Replica.reconfiguring``). Between, ``turn`` is enough: a timer is at
         most ``TIMER_STEP_S`` late, where an idle node's poll waits longer."""
         return now >= self._timers_next or self.busy() or self.replica.reconfiguring()
+
+    def tick_when_due(self, now: float, ts_ms: int) -> None:
+        """The shell's call once per loop turn: ``tick`` when ``timers_due``, else
+        ``turn``."""
+        if self.timers_due(now):
+            self.tick(now, ts_ms)
+        else:
+            self.turn(now, ts_ms)
 
     def turn(self, now: float, ts_ms: int) -> None:
         """Every loop turn: the wall clock ``ts_ms``, and the expiry sweep, whose chain

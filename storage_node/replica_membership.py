@@ -143,15 +143,8 @@ class ReplicaMembership(ReplicaState):
         if self.role is not Role.LEADER:
             return False
         conf = self.membership
-        if conf.learners or conf.replaces:
-            return True
-        progress, me = self._progress, self.node_id
-        for voter in conf.voters:  # a voter whose data dir came back empty (``_counts``)
-            if voter != me:
-                pr = progress.get(voter)
-                if pr is None or not pr.voter:
-                    return True
-        return False
+        # or a voter whose data dir came back empty
+        return bool(conf.learners or conf.replaces) or not all(map(self._counts, conf.voters))
 
     def _drive_membership(self, now: float) -> None:
         """Leader: finish replacements, promote learners that caught up."""

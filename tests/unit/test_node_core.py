@@ -591,7 +591,7 @@ def test_the_shell_runs_the_timers_once_a_step_and_every_turn_while_busy() -> No
     assert leader.wall_ms == 2000
     assert leader.replica.role is Role.LEADER
     assert leader.timers_due(late)
-    leader.tick(late, 2000)
+    leader.tick_when_due(late, 2000)  # the shell's call: due, so the timers run
     assert leader.replica.role is Role.FOLLOWER
 
 
